@@ -1,0 +1,21 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   - the main job: a real compression, printed report, ONNX model in out/demo
+#   make test   - the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m tunecomp_fx.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q

@@ -1,0 +1,1 @@
+"""ONNX export, ONNX Runtime verification and latency (installed as tunecomp_fx.export)."""

@@ -1,0 +1,41 @@
+"""One exception hierarchy: every failure a user can cause says what is wrong, where, and what to do."""
+
+
+class TunecompError(Exception):
+    """Base class of every error raised on purpose by tunecomp-fx."""
+
+
+class ConfigError(TunecompError, ValueError):
+    """A configuration value is out of range or of the wrong type."""
+
+
+class InputError(TunecompError, ValueError):
+    """Example inputs or data batches do not fit the model."""
+
+
+class CaptureError(TunecompError):
+    """Neither symbolic tracing nor torch.export could capture the model."""
+
+
+class SiteError(TunecompError):
+    """No compressible site was found, or every site was excluded."""
+
+
+class BudgetError(TunecompError):
+    """The parameter budget cannot be met."""
+
+
+class CalibrationError(TunecompError):
+    """Calibration data is empty or holds NaN/inf."""
+
+
+class TrainingError(TunecompError):
+    """The joint optimisation hit a non-finite loss or gradient, or a bad checkpoint."""
+
+
+class ExportError(TunecompError):
+    """ONNX export failed, or ONNX Runtime disagrees with PyTorch beyond tolerance."""
+
+
+class PassError(TunecompError):
+    """A graph pass broke one of the invariants it declares; the message names the pass."""
