@@ -1,1 +1,42 @@
-"""tunecomp-fx: joint fine-tuning and compression as a torch.fx pass pipeline."""
+"""tunecomp-fx: joint fine-tuning and compression as a torch.fx pass pipeline.
+
+    compact = tunecomp_fx.compress(model, example_inputs, ratio=0.4)
+    print(tunecomp_fx.get_report(compact))
+"""
+
+from tunecomp_fx.api import compress, finalize, get_report, prepare
+from tunecomp_fx.config import CompressionConfig
+from tunecomp_fx.errors import (
+    BudgetError,
+    CalibrationError,
+    CaptureError,
+    ConfigError,
+    ExportError,
+    InputError,
+    PassError,
+    SiteError,
+    TrainingError,
+    TunecompError,
+)
+from tunecomp_fx.report import CompressionReport
+from tunecomp_fx.sites import set_blend
+
+__all__ = [
+    "BudgetError",
+    "CalibrationError",
+    "CaptureError",
+    "CompressionConfig",
+    "CompressionReport",
+    "ConfigError",
+    "ExportError",
+    "InputError",
+    "PassError",
+    "SiteError",
+    "TrainingError",
+    "TunecompError",
+    "compress",
+    "finalize",
+    "get_report",
+    "prepare",
+    "set_blend",
+]

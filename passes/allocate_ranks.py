@@ -1,0 +1,147 @@
+"""Analysis: choose each compressed site's rank so that the kept parameters of the compressed sites
+meet (1 - ratio) of their dense size, never over it.
+
+Both strategies share one greedy fill: start every site small, then repeatedly grant the best
+next step (a block of `rank_multiple` ranks, or the switch to dense once a block would cross
+break-even) that still fits the budget; a last pass in single ranks closes a leftover gap.
+- uniform: the best step goes to the site furthest below its own share of the budget;
+- global: the best step recovers the most whitened singular-value energy per added parameter.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from tunecomp_fx.errors import BudgetError
+from tunecomp_fx.pipeline import GraphPass, PassContext, RankDecision
+from tunecomp_fx.sites import Site
+
+_RESIDUAL_GAP = 0.002  # fill in single ranks when more than this fraction of the budget is unused
+
+
+@dataclass
+class _State:
+    site: Site
+    rank: int
+    dense: bool = False
+
+    @property
+    def params(self) -> int:
+        return self.site.dense_params if self.dense else self.site.factorized_params(self.rank)
+
+
+def _next_step(state: _State, step: int) -> tuple[int, bool] | None:
+    """(new rank, dense?) of the state's next step, or None when it is already dense."""
+    if state.dense:
+        return None
+    rank = (state.rank // step + 1) * step
+    if rank >= state.site.break_even_rank:
+        return state.rank, True
+    return rank, False
+
+
+def allocate(
+    sites: list[Site],
+    kept_fraction: float,
+    rank_multiple: int,
+    priority: Callable[[_State, int, bool], float],
+) -> dict[str, RankDecision]:
+    budget = kept_fraction * sum(site.dense_params for site in sites)
+    states = {}
+    for site in sites:
+        if site.break_even_rank <= 1:
+            states[site.name] = _State(site, 0, dense=True)
+        else:
+            states[site.name] = _State(site, min(rank_multiple, site.break_even_rank - 1))
+    used = sum(state.params for state in states.values())
+    if used > budget:
+        raise BudgetError(
+            f"ratio={1 - kept_fraction:.3g} cannot be met: even the smallest ranks keep {used:,} of "
+            f"{sum(s.dense_params for s in sites):,} parameters (budget {budget:,.0f}), because sites that "
+            "cannot shrink stay dense. Use a smaller ratio, or exclude the sites that cannot shrink"
+        )
+    for step in (rank_multiple, 1):
+        if step == 1 and budget - used <= _RESIDUAL_GAP * budget:
+            break
+        heap: list[tuple[float, str]] = []
+
+        def push(state: _State) -> None:
+            move = _next_step(state, step)
+            if move is not None:
+                heapq.heappush(heap, (-priority(state, *move), state.site.name))
+
+        for state in states.values():
+            push(state)
+        while heap:
+            _, name = heapq.heappop(heap)
+            state = states[name]
+            rank, dense = _next_step(state, step)
+            grown = _State(state.site, rank, dense)
+            if used - state.params + grown.params > budget:
+                continue  # this site cannot take its next step; others still may
+            used += grown.params - state.params
+            states[name] = grown
+            push(grown)
+    return {
+        name: RankDecision(None, "past break-even: dense is no larger") if state.dense else RankDecision(state.rank)
+        for name, state in states.items()
+    }
+
+
+def uniform_priority(kept_fraction: float) -> Callable[[_State, int, bool], float]:
+    def priority(state: _State, rank: int, dense: bool) -> float:
+        share = kept_fraction * state.site.dense_params
+        return (share - state.params) / state.site.dense_params
+
+    return priority
+
+
+def global_priority(energies: dict[str, torch.Tensor]) -> Callable[[_State, int, bool], float]:
+    """Fraction of a site's whitened energy recovered per added parameter."""
+
+    def priority(state: _State, rank: int, dense: bool) -> float:
+        energy = energies[state.site.name]
+        end = len(energy) if dense else rank
+        cost = (state.site.dense_params if dense else state.site.factorized_params(rank)) - state.params
+        return float(energy[state.rank : end].sum()) / max(cost, 1)
+
+    return priority
+
+
+class AllocateRanks(GraphPass):
+    name = "allocate_ranks"
+    preserves_outputs = True
+
+    def requires(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:
+        if ctx.config.allocation == "global" and not ctx.decompositions:
+            return "global allocation needs the decompositions (run decompose_weights first)"
+        return None
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+        config = ctx.config
+        if config.allocation == "global":
+            energies = {}
+            for name, decomposition in ctx.decompositions.items():
+                squared = decomposition.singular_values.double() ** 2
+                energies[name] = squared / squared.sum().clamp_min(1e-300)
+            priority = global_priority(energies)
+        else:
+            priority = uniform_priority(config.kept_fraction)
+        ctx.ranks = allocate(ctx.compressed_sites, config.kept_fraction, config.rank_multiple, priority)
+        return gm
+
+    def ensures(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:
+        sites = ctx.compressed_sites
+        budget = ctx.config.kept_fraction * sum(s.dense_params for s in sites)
+        kept = sum(
+            s.dense_params if ctx.ranks[s.name].rank is None else s.factorized_params(ctx.ranks[s.name].rank)
+            for s in sites
+        )
+        if kept > budget:
+            return f"kept {kept:,} parameters, over the budget of {budget:,.0f}"
+        return None

@@ -1,0 +1,102 @@
+"""Analysis: stream calibration batches through the model once and accumulate, per site, the input
+second moment X^T X (float64 accumulation) and the number of rows. Observers are inserted as
+call_module nodes for the run and removed after it (the prepare/convert idea of torch.ao)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+from tqdm.auto import tqdm
+
+from tunecomp_fx.errors import CalibrationError
+from tunecomp_fx.inputs import call_model
+from tunecomp_fx.pipeline import GraphPass, PassContext
+
+_OBSERVERS = "_tunecomp_observers"
+
+
+@dataclass
+class InputCovariance:
+    """Sum of x x^T over every input row seen at a site, with the row count."""
+
+    gram: torch.Tensor  # (n, n), float64
+    rows: int
+    rows_per_sample: float  # rows per example (tokens), for MAC accounting
+
+    @property
+    def covariance(self) -> torch.Tensor:
+        return self.gram / max(self.rows, 1)
+
+
+class _Observer(nn.Module):
+    def __init__(self, site_name: str, features: int) -> None:
+        super().__init__()
+        self.site_name = site_name
+        self.gram = torch.zeros(features, features, dtype=torch.float64)
+        self.rows = 0
+        self.samples = 0
+        self.batch_index = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.detach().reshape(-1, x.shape[-1]).float()
+        if not torch.isfinite(rows).all():
+            raise CalibrationError(
+                f"calibration batch {self.batch_index} gives NaN or inf at the input of site '{self.site_name}'; "
+                "clean the calibration data (or the model's weights) before compressing"
+            )
+        # Gram in float32 through BLAS, accumulated across batches in float64.
+        self.gram += (rows.T @ rows).to(self.gram.device, torch.float64)
+        self.rows += rows.shape[0]
+        self.samples += x.shape[0] if x.dim() > 1 else 1
+        return x
+
+
+class CalibrateInputCovariance(GraphPass):
+    name = "calibrate_input_covariance"
+    preserves_outputs = True
+
+    def requires(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:
+        if not ctx.compressed_sites:
+            return "no sites to calibrate (run find_linear_sites first)"
+        if len(ctx.calibration) == 0:
+            raise CalibrationError("the calibration data is empty; pass at least one batch of example inputs")
+        return None
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+        nodes = {node.name: node for node in gm.graph.nodes}
+        observers = nn.Module()
+        gm.add_module(_OBSERVERS, observers)
+        inserted = []
+        for site in ctx.compressed_sites:
+            observer = _Observer(site.name, site.in_features)
+            observers.add_module(site.key, observer)
+            linear = nodes[site.node]
+            with gm.graph.inserting_before(linear):
+                observed = gm.graph.call_module(f"{_OBSERVERS}.{site.key}", (linear.args[0],))
+            linear.replace_input_with(linear.args[0], observed)
+            inserted.append(observed)
+        gm.recompile()
+        try:
+            with torch.no_grad():
+                for index, batch in enumerate(tqdm(ctx.calibration, desc="calibrate", leave=False, disable=len(ctx.calibration) < 4)):
+                    for observer in observers.children():
+                        observer.batch_index = index
+                    call_model(gm, batch)
+        finally:
+            for observed in inserted:
+                observed.replace_all_uses_with(observed.args[0])
+                gm.graph.erase_node(observed)
+            delattr(gm, _OBSERVERS)
+        for site in ctx.compressed_sites:
+            observer = observers.get_submodule(site.key)
+            if observer.rows == 0:
+                raise CalibrationError(f"site '{site.name}' saw no input during calibration; is it reachable from forward()?")
+            ctx.covariances[site.name] = InputCovariance(observer.gram, observer.rows, observer.rows / max(observer.samples, 1))
+        return gm
+
+    def ensures(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:
+        if any(name.startswith(_OBSERVERS) for name, _ in gm.named_modules()):
+            return "observers left in the graph"
+        return None

@@ -1,0 +1,51 @@
+"""Transform: a student whose kept rank r has r * (m + n) >= m * n is no smaller than a dense
+matrix and runs slower; replace its down/up pair by one linear with W = up @ down."""
+
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+
+from tunecomp_fx.pipeline import GraphPass, PassContext
+from tunecomp_fx.sites import LOWRANK_ROOT, student_nodes
+
+
+def past_break_even(down: nn.Linear, up: nn.Linear) -> bool:
+    rank, n, m = down.out_features, down.in_features, up.out_features
+    return rank * (m + n) >= m * n
+
+
+class DensifyPastBreakEven(GraphPass):
+    name = "densify_past_break_even"
+    preserves_outputs = True
+
+    def requires(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:
+        masked = [key for key, roles in student_nodes(gm).items() if "rank_mask" in roles]
+        return f"sites {masked[:3]} still hold rank masks (run eliminate_pruned_ranks first)" if masked else None
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+        for key, roles in student_nodes(gm).items():
+            if "down" not in roles or "up" not in roles:
+                continue
+            container = gm.get_submodule(f"{LOWRANK_ROOT}.{key}")
+            if not past_break_even(container.down, container.up):
+                continue
+            down, up = container.down, container.up
+            dense = nn.Linear(down.in_features, up.out_features, device=up.weight.device, dtype=up.weight.dtype)
+            with torch.no_grad():
+                dense.weight.copy_(up.weight.double().matmul(down.weight.double()).to(up.weight.dtype))
+                dense.bias.copy_(up.bias)
+            container.dense = dense
+            with gm.graph.inserting_before(roles["up"]):
+                node = gm.graph.call_module(f"{LOWRANK_ROOT}.{key}.dense", roles["down"].args)
+            roles["up"].replace_all_uses_with(node)
+            gm.graph.erase_node(roles["up"])
+            gm.graph.erase_node(roles["down"])
+            del container.down, container.up
+        return gm
+
+    def ensures(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:
+        for key, roles in student_nodes(gm).items():
+            if "down" in roles and past_break_even(gm.get_submodule(roles["down"].target), gm.get_submodule(roles["up"].target)):
+                return f"site '{key}' is factorized past break-even"
+        return None

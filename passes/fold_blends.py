@@ -1,0 +1,50 @@
+"""Transform: at alpha = 0 the blend is beta * student; fold beta into the student's up-projection,
+route the blend's users to the student and drop the blend and the teacher branch.
+
+Used by finalize, and by the joint trainer to take the teacher out of the compute once its
+weight reaches zero."""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from tunecomp_fx.pipeline import GraphPass, PassContext
+from tunecomp_fx.sites import LOWRANK_ROOT, student_nodes
+
+
+class FoldBlends(GraphPass):
+    name = "fold_blends"
+    preserves_outputs = True
+
+    def requires(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:
+        for key, roles in student_nodes(gm).items():
+            if "blend" in roles and gm.get_submodule(roles["blend"].target).alpha.item() != 0.0:
+                return (
+                    f"site '{key}' still blends in its teacher (alpha = "
+                    f"{gm.get_submodule(roles['blend'].target).alpha.item():.3g}); train to the end of the blend "
+                    "or call tunecomp_fx.set_blend(model, 0.0) before folding"
+                )
+        return None
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+        for key, roles in student_nodes(gm).items():
+            if "blend" not in roles:
+                continue
+            blend_node, teacher = roles["blend"], roles["teacher"]
+            student_out = blend_node.args[1]
+            beta = gm.get_submodule(blend_node.target).beta
+            up = gm.get_submodule(student_out.target)
+            with torch.no_grad():
+                up.weight.mul_(beta.to(up.weight.dtype))
+                up.bias.mul_(beta.to(up.bias.dtype))
+            blend_node.replace_all_uses_with(student_out)
+            gm.graph.erase_node(blend_node)
+            if not teacher.users:
+                gm.graph.erase_node(teacher)
+            delattr(gm.get_submodule(f"{LOWRANK_ROOT}.{key}"), "blend")
+        return gm
+
+    def ensures(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:
+        left = [key for key, roles in student_nodes(gm).items() if "blend" in roles]
+        return f"blends left at {left[:3]}" if left else None

@@ -1,0 +1,33 @@
+"""Transform: write each student's factors from its site's decomposition (the leading ranks) and
+copy the teacher's bias into the student's bias."""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from tunecomp_fx.pipeline import GraphPass, PassContext
+from tunecomp_fx.sites import site_container
+
+
+class InitializeStudents(GraphPass):
+    name = "initialize_students"
+    preserves_outputs = True  # blends still read only the teacher
+
+    def requires(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:
+        missing = [s.name for s in ctx.factorized_sites() if s.name not in ctx.decompositions]
+        return f"no decomposition for {missing[:3]} (run decompose_weights first)" if missing else None
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+        with torch.no_grad():
+            for site in ctx.factorized_sites():
+                student = site_container(gm, site)
+                decomposition = ctx.decompositions[site.name]
+                rank = student.down.out_features
+                student.down.weight.copy_(decomposition.down[:rank])
+                student.up.weight.copy_(decomposition.up[:, :rank])
+                if site.bias_target is not None:
+                    student.up.bias.copy_(gm.get_parameter(site.bias_target))
+                else:
+                    student.up.bias.zero_()
+        return gm

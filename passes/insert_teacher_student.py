@@ -1,0 +1,82 @@
+"""Transform: rewrite every factorized site into an explicit teacher/student subgraph.
+
+    x --> teacher (the original linear node, weights frozen) ------------------.
+    x --> lowrank.<site>.down --> mul(lowrank.<site>.rank_mask) --> lowrank.<site>.up --> lowrank.<site>.blend
+                                                                                          (alpha*teacher + beta*student)
+
+The student starts with `rank * (1 + rank_slack)` ranks (the slack is pruned during training);
+alpha starts at 1 and beta at 0, so the rewritten model computes exactly what the original did."""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+from torch import fx, nn
+
+from tunecomp_fx.pipeline import GraphPass, PassContext
+from tunecomp_fx.sites import LOWRANK_ROOT, Blend, Site
+
+
+def student_rank(site: Site, rank: int, slack: float) -> int:
+    return min(math.ceil(rank * (1.0 + slack)), min(site.in_features, site.out_features))
+
+
+def _new_student(site: Site, rank: int, weight: torch.Tensor) -> nn.Module:
+    container = nn.Module()
+    factory = {"device": weight.device, "dtype": weight.dtype}
+    container.down = nn.Linear(site.in_features, rank, bias=False, **factory)
+    container.up = nn.Linear(rank, site.out_features, bias=True, **factory)
+    container.register_buffer("rank_mask", torch.ones(rank, **factory))
+    container.blend = Blend().to(weight.device)
+    return container
+
+
+class InsertTeacherStudent(GraphPass):
+    name = "insert_teacher_student"
+    preserves_outputs = True  # alpha = 1, beta = 0
+
+    def requires(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:
+        if not ctx.ranks:
+            return "no rank decisions (run allocate_ranks first)"
+        if hasattr(gm, LOWRANK_ROOT):
+            return f"the graph already has '{LOWRANK_ROOT}' students"
+        return None
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+        nodes = {node.name: node for node in gm.graph.nodes}
+        root = nn.Module()
+        gm.add_module(LOWRANK_ROOT, root)
+        for site in ctx.factorized_sites():
+            weight = gm.get_parameter(site.weight_target)
+            rank = student_rank(site, ctx.ranks[site.name].rank, ctx.config.rank_slack)
+            root.add_module(site.key, _new_student(site, rank, weight))
+            for target in (site.weight_target, site.bias_target):
+                if target is not None:
+                    gm.get_parameter(target).requires_grad_(False)
+            teacher = nodes[site.node]
+            prefix = f"{LOWRANK_ROOT}.{site.key}"
+            graph = gm.graph
+            with graph.inserting_after(teacher):
+                down = graph.call_module(f"{prefix}.down", (teacher.args[0],))
+            with graph.inserting_after(down):
+                mask = graph.get_attr(f"{prefix}.rank_mask")
+            with graph.inserting_after(mask):
+                masked = graph.call_function(operator.mul, (down, mask))
+            with graph.inserting_after(masked):
+                up = graph.call_module(f"{prefix}.up", (masked,))
+            with graph.inserting_after(up):
+                blend = graph.call_module(f"{prefix}.blend", (teacher, up))
+            teacher.replace_all_uses_with(blend, delete_user_cb=lambda user: user is not blend)
+            for node, role in ((down, "down"), (masked, "rank_mask"), (up, "up"), (blend, "blend")):
+                node.meta["tunecomp"] = {"site": site.name, "role": role}
+            teacher.meta["tunecomp"] = {"site": site.name, "role": "teacher"}
+        return gm
+
+    def ensures(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:
+        blends = [n for n in gm.graph.nodes if n.meta.get("tunecomp", {}).get("role") == "blend"]
+        expected = len(ctx.factorized_sites())
+        if len(blends) != expected:
+            return f"{len(blends)} blend nodes for {expected} factorized sites"
+        return None

@@ -1,0 +1,206 @@
+"""The public entry points: prepare (capture + analysis + teacher/student rewrite), finalize
+(fold, prune, densify, clean up) and compress (both in a row), after the prepare/convert split
+of torch.ao.quantization.fx."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from tunecomp_fx.capture import capture, check_inputs_fit
+from tunecomp_fx.config import CompressionConfig
+from tunecomp_fx.errors import ConfigError, InputError, TunecompError
+from tunecomp_fx.inputs import Inputs, normalize_inputs
+from tunecomp_fx.metrics import count_macs, count_parameters
+from tunecomp_fx.passes.allocate_ranks import AllocateRanks
+from tunecomp_fx.passes.calibrate_input_covariance import CalibrateInputCovariance
+from tunecomp_fx.passes.decompose_weights import DecomposeWeights
+from tunecomp_fx.passes.densify_past_break_even import DensifyPastBreakEven
+from tunecomp_fx.passes.eliminate_dead_code import EliminateDeadCode
+from tunecomp_fx.passes.eliminate_pruned_ranks import EliminatePrunedRanks
+from tunecomp_fx.passes.find_linear_sites import FindLinearSites
+from tunecomp_fx.passes.fold_blends import FoldBlends
+from tunecomp_fx.passes.initialize_students import InitializeStudents
+from tunecomp_fx.passes.insert_teacher_student import InsertTeacherStudent
+from tunecomp_fx.pipeline import GraphPass, PassContext, PassRecord, run_passes
+from tunecomp_fx.report import CompressionReport, SiteRow
+from tunecomp_fx.sites import LOWRANK_ROOT, set_blend
+
+STATE_KEY = "tunecomp"  # prepared GraphModule.meta key holding the PreparedState
+REPORT_KEY = "tunecomp_report"  # compact GraphModule.meta key: the report as a plain dict
+CONFIG_KEY = "tunecomp_config"
+
+
+def prepare_passes() -> list[GraphPass]:
+    return [
+        FindLinearSites(),
+        CalibrateInputCovariance(),
+        DecomposeWeights(),
+        AllocateRanks(),
+        InsertTeacherStudent(),
+        InitializeStudents(),
+    ]
+
+
+def finalize_passes() -> list[GraphPass]:
+    return [FoldBlends(), EliminatePrunedRanks(), DensifyPastBreakEven(), EliminateDeadCode()]
+
+
+@dataclass
+class PreparedState:
+    """What finalize needs to know about a prepared model."""
+
+    context: PassContext
+    capture_path: str
+    capture_reason: str
+    example_inputs: Inputs
+    params_before: int
+    macs_before: int
+
+
+def _make_config(config: CompressionConfig | None, ratio: float | None, options: dict[str, Any]) -> CompressionConfig:
+    if config is None:
+        config = CompressionConfig(**({"ratio": ratio} if ratio is not None else {}), **options)
+    elif ratio is not None or options:
+        overrides = {**options, **({"ratio": ratio} if ratio is not None else {})}
+        config = replace(config, **overrides)
+    return config
+
+
+def prepare(
+    model: nn.Module,
+    example_inputs: Any,
+    ratio: float | None = None,
+    *,
+    config: CompressionConfig | None = None,
+    calib: Iterable[Any] | None = None,
+    progress: bool = False,
+    **options: Any,
+) -> fx.GraphModule:
+    """Capture `model` and rewrite every compressible linear site into a teacher/student subgraph
+    with activation-aware initialized students (alpha = 1: outputs equal the original's).
+
+    `calib` is an iterable of input batches (tuples or dicts) used for calibration; by default the
+    example inputs. Options are CompressionConfig fields (init=, allocation=, exclude=, ...)."""
+    try:
+        config = _make_config(config, ratio, options)
+    except TypeError as error:
+        raise ConfigError(f"{error}; see tunecomp_fx.CompressionConfig for the options") from error
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    inputs = normalize_inputs(example_inputs)
+    model = copy.deepcopy(model).eval()  # the user's model is never modified
+    start = time.perf_counter()
+    reference = check_inputs_fit(model, inputs)
+    params_before = count_parameters(model)
+    macs_before = count_macs(model, inputs)
+    captured = capture(model, inputs, reference)
+    if progress:
+        print(f"captured with {captured.path}: {captured.reason} ({time.perf_counter() - start:.1f} s)")
+    batches = [normalize_inputs(batch) for batch in calib] if calib is not None else [inputs]
+    context = PassContext(config=config, calibration=batches, check_inputs=inputs)
+    context.log.append(PassRecord("capture", time.perf_counter() - start, (), ()))
+    gm = run_passes(captured.graph_module, prepare_passes(), context, progress=progress)
+    # The covariances and full factorizations are large and have served their purpose.
+    context.covariances_rows = {name: c.rows_per_sample for name, c in context.covariances.items()}
+    context.covariances.clear()
+    context.decompositions.clear()
+    context.calibration = ()
+    gm.meta[STATE_KEY] = PreparedState(context, captured.path, captured.reason, inputs, params_before, macs_before)
+    return gm
+
+
+def prepared_state(prepared: fx.GraphModule) -> PreparedState:
+    state = prepared.meta.get(STATE_KEY) if isinstance(prepared, fx.GraphModule) else None
+    if state is None:
+        raise InputError("this model was not made by tunecomp_fx.prepare; call prepare(model, example_inputs) first")
+    return state
+
+
+def finalize(prepared: fx.GraphModule, *, inplace: bool = False, progress: bool = False) -> fx.GraphModule:
+    """Fold the blends (alpha must be 0), eliminate pruned ranks, turn sites past break-even back
+    into dense linears and remove dead code. The result holds only standard torch modules and ops;
+    its report is `tunecomp_fx.get_report(compact)`."""
+    state = prepared_state(prepared)
+    compact = prepared if inplace else copy.deepcopy(prepared)
+    compact.meta.pop(STATE_KEY, None)
+    context = state.context
+    compact = run_passes(compact, finalize_passes(), context, progress=progress)
+    report = build_report(compact, state)
+    compact.meta[REPORT_KEY] = report.to_dict()
+    compact.meta[CONFIG_KEY] = context.config.to_dict()
+    return compact
+
+
+def compress(
+    model: nn.Module,
+    example_inputs: Any,
+    ratio: float | None = None,
+    *,
+    config: CompressionConfig | None = None,
+    calib: Iterable[Any] | None = None,
+    progress: bool = False,
+    **options: Any,
+) -> fx.GraphModule:
+    """Training-free compression: prepare, set every blend to the student (alpha = 0), finalize."""
+    prepared = prepare(model, example_inputs, ratio, config=config, calib=calib, progress=progress, **options)
+    set_blend(prepared, 0.0)
+    return finalize(prepared, inplace=True, progress=progress)
+
+
+def get_report(compact: fx.GraphModule) -> CompressionReport:
+    data = getattr(compact, "meta", {}).get(REPORT_KEY)
+    if data is None:
+        raise InputError("this model has no tunecomp report; it was not made by tunecomp_fx.finalize or compress")
+    return CompressionReport.from_dict(data)
+
+
+def build_report(compact: fx.GraphModule, state: PreparedState) -> CompressionReport:
+    context = state.context
+    rows_per_sample = getattr(context, "covariances_rows", {})
+    lowrank = getattr(compact, LOWRANK_ROOT, None)
+    rows = []
+    for site in context.sites:
+        decision = context.ranks.get(site.name)
+        before = site.dense_params
+        rank = None
+        if site.status != "compress":
+            label, after, reason = site.status, before, site.reason
+        elif decision is None or decision.rank is None:
+            label, after, reason = "dense", before, decision.reason if decision else ""
+        else:
+            container = getattr(lowrank, site.key)
+            after = count_parameters(container)
+            if hasattr(container, "dense"):
+                label, reason = "dense", "kept rank past break-even after pruning"
+            else:
+                rank = container.down.out_features
+                label, reason = "rank", ""
+        tokens = rows_per_sample.get(site.name)
+        macs_before = int(tokens * site.in_features * site.out_features) if tokens else 0
+        macs_after = (
+            macs_before if rank is None else int(tokens * rank * (site.in_features + site.out_features)) if tokens else 0
+        )
+        rows.append(
+            SiteRow(site.name, site.form, site.out_features, site.in_features, label, rank, before, after, macs_before, macs_after, reason)
+        )
+    seconds: dict[str, float] = {}
+    for record in context.log:
+        seconds[record.name] = seconds.get(record.name, 0.0) + record.seconds
+    return CompressionReport(
+        ratio=context.config.ratio,
+        capture_path=state.capture_path,
+        capture_reason=state.capture_reason,
+        sites=tuple(rows),
+        model_params_before=state.params_before,
+        model_params_after=count_parameters(compact),
+        model_macs_before=state.macs_before,
+        model_macs_after=count_macs(compact, state.example_inputs),
+        pass_seconds=seconds,
+    )

@@ -1,0 +1,89 @@
+"""The one frozen configuration of a compression run, saved beside every artifact."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from tunecomp_fx.errors import ConfigError
+
+INITS = ("whitened", "svd", "asvd")
+ALLOCATIONS = ("uniform", "global")
+METHODS = ("tunecomp",)
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """What to compress and how.
+
+    ratio: fraction of the parameters of the compressed linear sites that is *removed*
+        (0.4 keeps 60% of them).
+    init: "whitened" (activation-aware SVD, the default), "svd" (plain) or "asvd" (diagonal scaling).
+    allocation: "uniform" (every site keeps the same fraction) or "global" (ranks go where they
+        recover the most whitened singular-value energy per parameter).
+    exclude: fnmatch patterns of site names left dense (e.g. "head", "*.fc2").
+    rank_multiple: ranks are rounded to a multiple of this where it costs little (fast kernels).
+    rank_slack: extra rank a student starts with, pruned away during joint training (0 when
+        training-free).
+    damping: relative diagonal damping of the input covariance before whitening.
+    """
+
+    ratio: float = 0.4
+    method: str = "tunecomp"
+    init: str = "whitened"
+    allocation: str = "uniform"
+    exclude: tuple[str, ...] = ()
+    rank_multiple: int = 8
+    rank_slack: float = 0.0
+    damping: float = 1e-6
+    check_numerics: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
+            raise ConfigError(
+                f"ratio must be a number in (0, 1), the fraction of parameters to remove; got {self.ratio!r}"
+            )
+        if not (0.0 < float(self.ratio) < 1.0) or math.isnan(self.ratio):
+            raise ConfigError(
+                f"ratio={self.ratio} is outside (0, 1): it is the fraction of the compressed layers' "
+                "parameters to remove, e.g. ratio=0.4 keeps 60% of them"
+            )
+        _check_choice("method", self.method, METHODS)
+        _check_choice("init", self.init, INITS)
+        _check_choice("allocation", self.allocation, ALLOCATIONS)
+        if isinstance(self.exclude, str):
+            object.__setattr__(self, "exclude", (self.exclude,))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        if self.rank_multiple < 1:
+            raise ConfigError(f"rank_multiple must be >= 1; got {self.rank_multiple}")
+        if self.rank_slack < 0:
+            raise ConfigError(f"rank_slack must be >= 0; got {self.rank_slack}")
+        if not self.damping > 0:
+            raise ConfigError(f"damping must be > 0; got {self.damping}")
+
+    @property
+    def kept_fraction(self) -> float:
+        return 1.0 - float(self.ratio)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["exclude"] = list(self.exclude)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CompressionConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown configuration keys {unknown}; known keys are {sorted(known)}")
+        values = dict(data)
+        if "exclude" in values:
+            values["exclude"] = tuple(values["exclude"])
+        return cls(**values)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(choices)}")

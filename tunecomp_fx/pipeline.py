@@ -1,0 +1,124 @@
+"""Pass infrastructure: a pass declares what it requires and ensures; the runner lints the graph
+after every pass, optionally checks numerics, logs what each pass added and removed, and names the
+pass in any error (after torch/fx/passes/infra)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import fx
+
+from tunecomp_fx.config import CompressionConfig
+from tunecomp_fx.errors import PassError, TunecompError
+from tunecomp_fx.inputs import Inputs, call_model, flatten_outputs
+from tunecomp_fx.sites import Site
+
+
+@dataclass(frozen=True)
+class RankDecision:
+    """What allocation decided for one site: a rank, or dense (rank None) with the reason."""
+
+    rank: int | None
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class PassRecord:
+    name: str
+    seconds: float
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+
+
+@dataclass
+class PassContext:
+    """State the passes share: analysis passes write it, transform passes read it."""
+
+    config: CompressionConfig
+    calibration: Sequence[Inputs] = ()
+    check_inputs: Inputs | None = None
+    sites: list[Site] = field(default_factory=list)
+    covariances: dict[str, Any] = field(default_factory=dict)
+    decompositions: dict[str, Any] = field(default_factory=dict)
+    ranks: dict[str, RankDecision] = field(default_factory=dict)
+    log: list[PassRecord] = field(default_factory=list)
+
+    @property
+    def compressed_sites(self) -> list[Site]:
+        return [s for s in self.sites if s.status == "compress"]
+
+    def factorized_sites(self) -> list[Site]:
+        return [s for s in self.compressed_sites if s.name in self.ranks and self.ranks[s.name].rank is not None]
+
+
+class GraphPass:
+    """A GraphModule-to-GraphModule step. Subclasses set `name`, implement `run`, and may override
+    `requires`/`ensures` (raise PassError or return a message string on violation)."""
+
+    name: ClassVar[str] = "pass"
+    preserves_outputs: ClassVar[bool] = False  # the runner checks this when config.check_numerics
+
+    def requires(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:
+        return None
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+        raise NotImplementedError
+
+    def ensures(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:
+        return None
+
+
+def run_passes(gm: fx.GraphModule, passes: Sequence[GraphPass], ctx: PassContext, progress: bool = False) -> fx.GraphModule:
+    for graph_pass in passes:
+        problem = graph_pass.requires(gm, ctx)
+        if problem:
+            raise PassError(f"pass '{graph_pass.name}' cannot run: {problem}")
+        reference = _outputs(gm, ctx) if _checks_numerics(graph_pass, ctx) else None
+        before = {n.name for n in gm.graph.nodes}
+        start = time.perf_counter()
+        try:
+            gm = graph_pass.run(gm, ctx)
+        except TunecompError:
+            raise
+        except Exception as error:
+            raise PassError(f"pass '{graph_pass.name}' failed: {type(error).__name__}: {error}") from error
+        try:
+            gm.graph.lint()
+        except Exception as error:
+            raise PassError(f"pass '{graph_pass.name}' left an invalid graph: {error}") from error
+        gm.recompile()
+        seconds = time.perf_counter() - start
+        problem = graph_pass.ensures(gm, ctx)
+        if problem:
+            raise PassError(f"pass '{graph_pass.name}' broke its guarantee: {problem}")
+        if reference is not None:
+            _check_same_outputs(graph_pass.name, reference, _outputs(gm, ctx))
+        after = {n.name for n in gm.graph.nodes}
+        ctx.log.append(PassRecord(graph_pass.name, seconds, tuple(sorted(after - before)), tuple(sorted(before - after))))
+        if progress:
+            print(f"  {graph_pass.name:<32} {seconds:7.2f} s  +{len(after - before)} / -{len(before - after)} nodes")
+    return gm
+
+
+def _checks_numerics(graph_pass: GraphPass, ctx: PassContext) -> bool:
+    return ctx.config.check_numerics and graph_pass.preserves_outputs and ctx.check_inputs is not None
+
+
+def _outputs(gm: fx.GraphModule, ctx: PassContext) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [t.detach().clone() for t in flatten_outputs(call_model(gm, ctx.check_inputs))]
+
+
+def _check_same_outputs(name: str, expected: list[torch.Tensor], actual: list[torch.Tensor]) -> None:
+    for index, (e, a) in enumerate(zip(expected, actual, strict=True)):
+        scale = e.abs().max().item() if e.numel() else 0.0
+        error = (e.float() - a.float()).abs().max().item() if e.numel() else 0.0
+        if not error <= 1e-4 * max(1.0, scale):
+            raise PassError(
+                f"pass '{name}' promises unchanged outputs, but output {index} moved by {error:.3g} "
+                f"(scale {scale:.3g})"
+            )

@@ -1,0 +1,96 @@
+"""A compressible linear site and the modules its teacher/student subgraph is built from."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+from torch import nn
+
+LOWRANK_ROOT = "lowrank"  # the submodule of the rewritten model that holds every site's student
+
+
+@dataclass(frozen=True)
+class Site:
+    """One linear map y = W x + b found in the captured graph.
+
+    `status` is "compress" for sites the passes rewrite, else the reason class for leaving it dense
+    ("excluded" by the user, "shared" weights), with the human reason in `reason`.
+    """
+
+    name: str
+    node: str
+    form: str  # "call_module", "F.linear" or "aten.linear"
+    in_features: int
+    out_features: int
+    weight_target: str
+    bias_target: str | None
+    status: str = "compress"
+    reason: str = ""
+
+    @property
+    def key(self) -> str:
+        """The site's name as an attribute name, for its container under `lowrank`."""
+        return re.sub(r"\W", "_", self.name)
+
+    @property
+    def dense_params(self) -> int:
+        bias = self.out_features if self.bias_target is not None else 0
+        return self.out_features * self.in_features + bias
+
+    def factorized_params(self, rank: int) -> int:
+        # The student carries its own bias of the full output width.
+        return rank * (self.in_features + self.out_features) + self.out_features
+
+    @property
+    def break_even_rank(self) -> int:
+        """Smallest rank at which the factorization holds as many weights as the dense matrix."""
+        m, n = self.out_features, self.in_features
+        return -(-(m * n) // (m + n))
+
+
+class Blend(nn.Module):
+    """The blend node of a site: alpha * teacher + beta * student, alpha/beta as buffers the
+    schedules write (power-preserving: alpha^2 + beta^2 = 1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("alpha", torch.ones(()))
+        self.register_buffer("beta", torch.zeros(()))
+
+    def forward(self, teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+        return self.alpha * teacher + self.beta * student
+
+
+def site_container(gm: nn.Module, site: Site) -> nn.Module:
+    return gm.get_submodule(f"{LOWRANK_ROOT}.{site.key}")
+
+
+def set_blend(gm: nn.Module, alpha: float) -> None:
+    """Set every blend of a prepared model to alpha, beta = sqrt(1 - alpha^2)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1]; got {alpha}")
+    beta = (1.0 - alpha * alpha) ** 0.5
+    for module in gm.modules():
+        if isinstance(module, Blend):
+            module.alpha.fill_(alpha)
+            module.beta.fill_(beta)
+
+
+def student_nodes(gm: fx.GraphModule) -> dict[str, dict[str, fx.Node]]:
+    """Each rewritten site's nodes by role (down, rank_mask, masked, up, blend, dense, teacher),
+    keyed by the site's container key, found from the targets under `lowrank`."""
+    prefix = f"{LOWRANK_ROOT}."
+    found: dict[str, dict[str, fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op in ("call_module", "get_attr") and isinstance(node.target, str) and node.target.startswith(prefix):
+            key, _, role = node.target[len(prefix) :].partition(".")
+            found.setdefault(key, {})[role] = node
+    for roles in found.values():
+        if "rank_mask" in roles:
+            roles["masked"] = next(iter(roles["rank_mask"].users))
+        if "blend" in roles:
+            roles["teacher"] = roles["blend"].args[0]
+    return found
