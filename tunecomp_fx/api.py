@@ -25,6 +25,7 @@ from tunecomp_fx.passes.densify_past_break_even import DensifyPastBreakEven
 from tunecomp_fx.passes.eliminate_dead_code import EliminateDeadCode
 from tunecomp_fx.passes.eliminate_pruned_ranks import EliminatePrunedRanks
 from tunecomp_fx.passes.find_linear_sites import FindLinearSites
+from tunecomp_fx.passes.fold_constant_biases import FoldConstantBiases
 from tunecomp_fx.passes.fold_blends import FoldBlends
 from tunecomp_fx.passes.initialize_students import InitializeStudents
 from tunecomp_fx.passes.insert_teacher_student import InsertTeacherStudent
@@ -39,6 +40,7 @@ CONFIG_KEY = "tunecomp_config"
 
 def prepare_passes() -> list[GraphPass]:
     return [
+        FoldConstantBiases(),
         FindLinearSites(),
         CalibrateInputCovariance(),
         DecomposeWeights(),
@@ -81,13 +83,17 @@ def prepare(
     config: CompressionConfig | None = None,
     calib: Iterable[Any] | None = None,
     progress: bool = False,
+    dynamic_dims: dict[str | int, dict[int, str]] | None = None,
     **options: Any,
 ) -> fx.GraphModule:
     """Capture `model` and rewrite every compressible linear site into a teacher/student subgraph
     with activation-aware initialized students (alpha = 1: outputs equal the original's).
 
     `calib` is an iterable of input batches (tuples or dicts) used for calibration; by default the
-    example inputs. Options are CompressionConfig fields (init=, allocation=, exclude=, ...)."""
+    example inputs. `dynamic_dims` names input axes that must stay dynamic when capture falls back
+    to torch.export, beyond the defaults of `tunecomp_fx.capture.dynamic_dims_of` (batch, and the
+    sequence of integer 2-D keyword inputs). Options are CompressionConfig fields (init=,
+    allocation=, exclude=, ...)."""
     try:
         config = _make_config(config, ratio, options)
     except TypeError as error:
@@ -100,7 +106,7 @@ def prepare(
     reference = check_inputs_fit(model, inputs)
     params_before = count_parameters(model)
     macs_before = count_macs(model, inputs)
-    captured = capture(model, inputs, reference)
+    captured = capture(model, inputs, reference, dynamic_dims)
     if progress:
         print(f"captured with {captured.path}: {captured.reason} ({time.perf_counter() - start:.1f} s)")
     batches = [normalize_inputs(batch) for batch in calib] if calib is not None else [inputs]
@@ -146,10 +152,13 @@ def compress(
     config: CompressionConfig | None = None,
     calib: Iterable[Any] | None = None,
     progress: bool = False,
+    dynamic_dims: dict[str | int, dict[int, str]] | None = None,
     **options: Any,
 ) -> fx.GraphModule:
     """Training-free compression: prepare, set every blend to the student (alpha = 0), finalize."""
-    prepared = prepare(model, example_inputs, ratio, config=config, calib=calib, progress=progress, **options)
+    prepared = prepare(
+        model, example_inputs, ratio, config=config, calib=calib, progress=progress, dynamic_dims=dynamic_dims, **options
+    )
     set_blend(prepared, 0.0)
     return finalize(prepared, inplace=True, progress=progress)
 
@@ -180,7 +189,7 @@ def build_report(compact: fx.GraphModule, state: PreparedState) -> CompressionRe
             if hasattr(container, "dense"):
                 label, reason = "dense", "kept rank past break-even after pruning"
             else:
-                rank = container.down.out_features
+                rank = container.down.weight.shape[0]
                 label, reason = "rank", ""
         tokens = rows_per_sample.get(site.name)
         macs_before = int(tokens * site.in_features * site.out_features) if tokens else 0

@@ -1,5 +1,6 @@
 """Model capture: symbolic tracing with a registry of leaf modules and wrapped functions, falling
-back to torch.export with a dynamic batch dimension. The result says which path was used and why."""
+back to torch.export with dynamic batch (and sequence) dimensions when tracing fails or hides
+compressible layers inside leaves. The result says which path was used and why."""
 
 from __future__ import annotations
 
@@ -10,7 +11,12 @@ import torch
 from torch import fx, nn
 
 from tunecomp_fx.errors import CaptureError, InputError
+from tunecomp_fx.forms import compressible_module, match_sites
 from tunecomp_fx.inputs import Inputs, call_model, flatten_outputs
+from tunecomp_fx.sites import Site
+
+BATCH, SEQUENCE = "batch", "sequence"
+DynamicDims = dict[str | int, dict[int, str]]  # input name (keyword) or position -> {dim: axis name}
 
 # Module types not to trace into, each with its reason (after timm's _features_fx registry).
 # Their own linear layers stay inside the leaf and are not compressible sites.
@@ -68,20 +74,98 @@ def symbolic_capture(model: nn.Module, inputs: Inputs) -> fx.GraphModule:
     return fx.GraphModule(tracer.root, graph, name)
 
 
-def export_capture(model: nn.Module, inputs: Inputs) -> fx.GraphModule:
-    batch = torch.export.Dim.AUTO
+def dynamic_dims_of(inputs: Inputs, dynamic_dims: Mapping[str | int, Mapping[int, str]] | None = None) -> DynamicDims:
+    """Dim 0 of every tensor input is the batch; dim 1 of an integer 2-D keyword input (token ids,
+    attention masks) is the sequence. `dynamic_dims` adds or renames axes, keyed by keyword name or
+    by position."""
+    keyword = isinstance(inputs, Mapping)
+    values = dict(inputs) if keyword else dict(enumerate(inputs))
+    dims: DynamicDims = {}
+    for key, value in values.items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            dims[key] = {0: BATCH}
+            if keyword and value.dim() == 2 and not value.dtype.is_floating_point:
+                dims[key][1] = SEQUENCE
+    for key, axes in (dynamic_dims or {}).items():
+        if key not in values:
+            raise InputError(f"dynamic_dims names input {key!r}, which is not among the example inputs")
+        dims.setdefault(key, {}).update(axes)
+    return dims
 
-    def dynamic(value: object) -> object:
-        return {0: batch} if isinstance(value, torch.Tensor) and value.dim() > 0 else None
+
+def export_capture(model: nn.Module, inputs: Inputs, dims: DynamicDims | None = None) -> fx.GraphModule:
+    """torch.export (non-strict) with every named axis dynamic (Dim.AUTO: equal axes are inferred)."""
+    dims = dynamic_dims_of(inputs) if dims is None else dims
+
+    def dynamic(key: str | int) -> object:
+        return {dim: torch.export.Dim.AUTO for dim in dims[key]} if key in dims else None
 
     if isinstance(inputs, Mapping):
         args, kwargs = (), dict(inputs)
-        shapes = {k: dynamic(v) for k, v in kwargs.items()}
+        shapes: object = {key: dynamic(key) for key in kwargs}
     else:
         args, kwargs = tuple(inputs), {}
-        shapes = tuple(dynamic(v) for v in args)
+        shapes = tuple(dynamic(index) for index in range(len(args)))
     program = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
     return program.module()
+
+
+def resized_inputs(inputs: Inputs, dims: DynamicDims, axis: str) -> Inputs:
+    """The inputs with every dim called `axis` resized, reusing existing slices so that token ids and
+    masks stay valid: the batch grows by one; other axes shrink by one unless shorter than 3."""
+
+    def resize(key: str | int, value: object) -> object:
+        for dim, name in dims.get(key, {}).items():
+            if name == axis:
+                size = value.shape[dim]
+                grow = axis == BATCH or size < 3
+                value = torch.cat([value, value.narrow(dim, 0, 1)], dim) if grow else value.narrow(dim, 0, size - 1)
+        return value
+
+    if isinstance(inputs, Mapping):
+        return {key: resize(key, value) for key, value in inputs.items()}
+    return tuple(resize(index, value) for index, value in enumerate(inputs))
+
+
+def _leaf_reason(module: nn.Module) -> str:
+    if type(module) in LEAF_MODULES:
+        return LEAF_MODULES[type(module)]
+    if type(module) in _timm_registry()[0]:
+        return "in timm's registry of modules fx cannot trace"
+    return "torch.nn modules are leaves of fx tracing"
+
+
+def hidden_layers(gm: fx.GraphModule) -> list[Site]:
+    """Compressible layers (nn.Linear, pointwise nn.Conv2d) that the captured graph does not expose as
+    sites: inside a leaf module, or with their weight handed to a function fx does not trace into.
+    They are sites with status "hidden" and the reason."""
+    exposed = {match.weight for match in match_sites(gm)}
+    found: dict[str, Site] = {}
+
+    def add(name: str, module: nn.Module, node: fx.Node, reason: str) -> None:
+        layout = compressible_module(module)
+        if layout is None or f"{name}.weight" in exposed or name in found:
+            return
+        out_features, in_features = module.weight.shape[:2]
+        bias = f"{name}.bias" if module.bias is not None else None
+        found[name] = Site(name, node.name, "call_module", in_features, out_features, f"{name}.weight", bias, "hidden", reason, layout=layout)
+
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and compressible_module(gm.get_submodule(node.target)) is None:
+            leaf = gm.get_submodule(node.target)
+            reason = f"inside leaf module {node.target} ({type(leaf).__name__}: {_leaf_reason(leaf)})"
+            for name, module in leaf.named_modules(prefix=node.target):
+                add(name, module, node, reason)
+        elif node.op == "get_attr" and node.target.endswith(".weight"):
+            owner = node.target.removesuffix(".weight")
+            try:
+                module = gm.get_submodule(owner)
+            except AttributeError:
+                continue
+            for user in node.users:
+                function = getattr(user.target, "__name__", str(user.target))
+                add(owner, module, user, f"weight passed to {function}, which fx does not trace into")
+    return list(found.values())
 
 
 def check_inputs_fit(model: nn.Module, inputs: Inputs) -> list[torch.Tensor]:
@@ -97,27 +181,48 @@ def check_inputs_fit(model: nn.Module, inputs: Inputs) -> list[torch.Tensor]:
         ) from error
 
 
-def capture(model: nn.Module, inputs: Inputs, reference: list[torch.Tensor] | None = None) -> Capture:
-    """Capture `model` as a GraphModule that reproduces it on `inputs`."""
+def capture(
+    model: nn.Module,
+    inputs: Inputs,
+    reference: list[torch.Tensor] | None = None,
+    dynamic_dims: Mapping[str | int, Mapping[int, str]] | None = None,
+) -> Capture:
+    """Capture `model` as a GraphModule that reproduces it on `inputs`.
+
+    Symbolic tracing comes first; torch.export is tried when tracing fails or leaves compressible
+    layers hidden inside leaf modules, and is used when it reproduces the model, also at new sizes
+    of every dynamic axis (`dynamic_dims_of`)."""
     if reference is None:
         reference = check_inputs_fit(model, inputs)
+    traced = None
     try:
-        gm = symbolic_capture(model, inputs)
-        _check_reproduces(gm, inputs, reference)
-        return Capture(gm, "symbolic_trace", "symbolic tracing succeeded")
+        traced = symbolic_capture(model, inputs)
+        _check_reproduces(traced, inputs, reference)
     except Exception as trace_error:
+        traced = None
         why = f"symbolic tracing failed ({type(trace_error).__name__}: {_first_line(trace_error)})"
+    else:
+        hidden = hidden_layers(traced)
+        if not hidden:
+            return Capture(traced, "symbolic_trace", "symbolic tracing succeeded")
+        holders = sorted({site.reason.split(" (")[0] for site in hidden})
+        why = f"symbolic tracing hides {len(hidden)} compressible layers ({'; '.join(holders[:3])}{'; ...' if len(holders) > 3 else ''})"
+    dims = dynamic_dims_of(inputs, dynamic_dims)
     try:
-        gm = export_capture(model, inputs)
-        _check_reproduces(gm, inputs, reference)
+        exported = export_capture(model, inputs, dims)
+        _check_reproduces(exported, inputs, reference)
+        _check_dynamic(model, exported, inputs, dims)
     except Exception as export_error:
+        export_why = f"torch.export failed ({type(export_error).__name__}: {_first_line(export_error)})"
+        if traced is not None:
+            return Capture(traced, "symbolic_trace", f"{why}; {export_why}, so they stay dense")
         raise CaptureError(
-            f"could not capture {model.__class__.__name__}: {why}; torch.export failed too "
-            f"({type(export_error).__name__}: {_first_line(export_error)}). Register the module that holds "
-            "the untraceable construct with tunecomp_fx.capture.register_leaf_module(Type, reason), or "
+            f"could not capture {model.__class__.__name__}: {why}; {export_why}. Register the module that "
+            "holds the untraceable construct with tunecomp_fx.capture.register_leaf_module(Type, reason), or "
             "remove data-dependent control flow from forward()"
         ) from export_error
-    return Capture(gm, "torch.export", f"{why}; used torch.export with a dynamic batch dimension")
+    axes = sorted({name for axes in dims.values() for name in axes.values()})
+    return Capture(exported, "torch.export", f"{why}; used torch.export with dynamic {' and '.join(axes)} dimensions")
 
 
 def _check_reproduces(gm: fx.GraphModule, inputs: Inputs, reference: list[torch.Tensor]) -> None:
@@ -128,6 +233,25 @@ def _check_reproduces(gm: fx.GraphModule, inputs: Inputs, reference: list[torch.
         for o, r in zip(outputs, reference)
     ):
         raise CaptureError("the captured graph does not reproduce the model's outputs")
+
+
+def _check_dynamic(model: nn.Module, gm: fx.GraphModule, inputs: Inputs, dims: DynamicDims) -> None:
+    """The exported graph must run, and match the model, at a new size of every dynamic axis: Dim.AUTO
+    specializes an axis silently when the model's code fixes it."""
+    for axis in sorted({name for axes in dims.values() for name in axes.values()}):
+        resized = resized_inputs(inputs, dims, axis)
+        try:
+            with torch.no_grad():
+                reference = flatten_outputs(call_model(model, resized))
+        except Exception:
+            continue  # the model itself does not take another size on this axis
+        try:
+            _check_reproduces(gm, resized, reference)
+        except Exception as error:
+            raise CaptureError(
+                f"the exported graph does not run at a new {axis} size ({_first_line(error)}): the model's "
+                f"code fixes that axis"
+            ) from error
 
 
 def _first_line(error: BaseException) -> str:

@@ -13,7 +13,7 @@ class SiteRow:
     form: str
     out_features: int
     in_features: int
-    decision: str  # "rank N", "dense", "excluded", "shared"
+    decision: str  # "rank", "dense", or why the site is left alone: "excluded", "shared", "hidden", "unsupported"
     rank: int | None
     params_before: int
     params_after: int
@@ -40,7 +40,7 @@ class CompressionReport:
 
     @property
     def compressed_rows(self) -> list[SiteRow]:
-        return [row for row in self.sites if row.decision not in ("excluded", "shared")]
+        return [row for row in self.sites if row.decision in ("rank", "dense")]
 
     @property
     def kept_fraction(self) -> float:
