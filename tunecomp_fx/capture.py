@@ -17,6 +17,9 @@ from tunecomp_fx.sites import Site
 
 BATCH, SEQUENCE = "batch", "sequence"
 DynamicDims = dict[str | int, dict[int, str]]  # input name (keyword) or position -> {dim: axis name}
+# GraphModule.meta key: the compressible layers of the captured model, {module path: layout}. A graph
+# keeps the module types only of the modules it calls, so they are recorded before capture.
+LAYERS_KEY = "tunecomp_layers"
 
 # Module types not to trace into, each with its reason (after timm's _features_fx registry).
 # Their own linear layers stay inside the leaf and are not compressible sites.
@@ -94,8 +97,13 @@ def dynamic_dims_of(inputs: Inputs, dynamic_dims: Mapping[str | int, Mapping[int
 
 
 def export_capture(model: nn.Module, inputs: Inputs, dims: DynamicDims | None = None) -> fx.GraphModule:
-    """torch.export (non-strict) with every named axis dynamic (Dim.AUTO: equal axes are inferred)."""
+    """torch.export (non-strict) with every named axis dynamic (Dim.AUTO: equal axes are inferred).
+    An axis of size 1 is grown first: torch.export specializes sizes 0 and 1."""
     dims = dynamic_dims_of(inputs) if dims is None else dims
+    values = inputs if isinstance(inputs, Mapping) else dict(enumerate(inputs))
+    for axis in _axes(dims):
+        if any(values[key].shape[dim] < 2 for key, axes in dims.items() for dim, name in axes.items() if name == axis):
+            inputs = resized_inputs(inputs, dims, axis)
 
     def dynamic(key: str | int) -> object:
         return {dim: torch.export.Dim.AUTO for dim in dims[key]} if key in dims else None
@@ -136,36 +144,46 @@ def _leaf_reason(module: nn.Module) -> str:
 
 
 def hidden_layers(gm: fx.GraphModule) -> list[Site]:
-    """Compressible layers (nn.Linear, pointwise nn.Conv2d) that the captured graph does not expose as
-    sites: inside a leaf module, or with their weight handed to a function fx does not trace into.
-    They are sites with status "hidden" and the reason."""
+    """Compressible layers of the captured model (nn.Linear, pointwise nn.Conv2d) that the graph does
+    not expose as sites: inside a leaf module, or with their weight handed to a function fx does not
+    trace into. They are sites with status "hidden" and the reason."""
+    layers = gm.meta.get(LAYERS_KEY)
+    if layers is None:
+        layers = {name: layout for name, module in gm.named_modules() if (layout := compressible_module(module))}
     exposed = {match.weight for match in match_sites(gm)}
-    found: dict[str, Site] = {}
-
-    def add(name: str, module: nn.Module, node: fx.Node, reason: str) -> None:
-        layout = compressible_module(module)
-        if layout is None or f"{name}.weight" in exposed or name in found:
-            return
-        out_features, in_features = module.weight.shape[:2]
-        bias = f"{name}.bias" if module.bias is not None else None
-        found[name] = Site(name, node.name, "call_module", in_features, out_features, f"{name}.weight", bias, "hidden", reason, layout=layout)
-
+    readers: dict[str, fx.Node] = {}
     for node in gm.graph.nodes:
-        if node.op == "call_module" and compressible_module(gm.get_submodule(node.target)) is None:
-            leaf = gm.get_submodule(node.target)
-            reason = f"inside leaf module {node.target} ({type(leaf).__name__}: {_leaf_reason(leaf)})"
-            for name, module in leaf.named_modules(prefix=node.target):
-                add(name, module, node, reason)
-        elif node.op == "get_attr" and node.target.endswith(".weight"):
-            owner = node.target.removesuffix(".weight")
-            try:
-                module = gm.get_submodule(owner)
-            except AttributeError:
-                continue
+        if node.op == "get_attr":
             for user in node.users:
-                function = getattr(user.target, "__name__", str(user.target))
-                add(owner, module, user, f"weight passed to {function}, which fx does not trace into")
-    return list(found.values())
+                readers.setdefault(node.target, user)
+    leaves = [node for node in gm.graph.nodes if node.op == "call_module"]
+    hidden = []
+    for name, layout in layers.items():
+        weight_target = f"{name}.weight"
+        if weight_target in exposed:
+            continue
+        leaf = next((node for node in leaves if name.startswith(f"{node.target}.")), None)
+        if leaf is not None:
+            module = gm.get_submodule(leaf.target)
+            node, reason = leaf, f"inside leaf module {leaf.target} ({type(module).__name__}: {_leaf_reason(module)})"
+        elif weight_target in readers:
+            node = readers[weight_target]
+            reader = getattr(node.target, "__name__", str(node.target))
+            node, reason = node, f"weight read by {reader}, which fx does not trace into"
+        else:
+            continue  # the graph does not use this layer
+        weight = gm.get_parameter(weight_target)
+        bias = f"{name}.bias" if _has_parameter(gm, f"{name}.bias") else None
+        hidden.append(Site(name, node.name, "call_module", weight.shape[1], weight.shape[0], weight_target, bias, "hidden", reason, layout=layout))
+    return hidden
+
+
+def _has_parameter(gm: fx.GraphModule, target: str) -> bool:
+    try:
+        gm.get_parameter(target)
+    except AttributeError:
+        return False
+    return True
 
 
 def check_inputs_fit(model: nn.Module, inputs: Inputs) -> list[torch.Tensor]:
@@ -194,9 +212,11 @@ def capture(
     of every dynamic axis (`dynamic_dims_of`)."""
     if reference is None:
         reference = check_inputs_fit(model, inputs)
+    layers = {name: layout for name, module in model.named_modules() if (layout := compressible_module(module))}
     traced = None
     try:
         traced = symbolic_capture(model, inputs)
+        traced.meta[LAYERS_KEY] = layers
         _check_reproduces(traced, inputs, reference)
     except Exception as trace_error:
         traced = None
@@ -210,6 +230,7 @@ def capture(
     dims = dynamic_dims_of(inputs, dynamic_dims)
     try:
         exported = export_capture(model, inputs, dims)
+        exported.meta[LAYERS_KEY] = layers
         _check_reproduces(exported, inputs, reference)
         _check_dynamic(model, exported, inputs, dims)
     except Exception as export_error:
@@ -221,8 +242,9 @@ def capture(
             "holds the untraceable construct with tunecomp_fx.capture.register_leaf_module(Type, reason), or "
             "remove data-dependent control flow from forward()"
         ) from export_error
-    axes = sorted({name for axes in dims.values() for name in axes.values()})
-    return Capture(exported, "torch.export", f"{why}; used torch.export with dynamic {' and '.join(axes)} dimensions")
+    axes = _axes(dims)
+    plural = "s" if len(axes) > 1 else ""
+    return Capture(exported, "torch.export", f"{why}; used torch.export with dynamic {' and '.join(axes)} dimension{plural}")
 
 
 def _check_reproduces(gm: fx.GraphModule, inputs: Inputs, reference: list[torch.Tensor]) -> None:
@@ -235,10 +257,14 @@ def _check_reproduces(gm: fx.GraphModule, inputs: Inputs, reference: list[torch.
         raise CaptureError("the captured graph does not reproduce the model's outputs")
 
 
+def _axes(dims: DynamicDims) -> list[str]:
+    return sorted({name for axes in dims.values() for name in axes.values()})
+
+
 def _check_dynamic(model: nn.Module, gm: fx.GraphModule, inputs: Inputs, dims: DynamicDims) -> None:
     """The exported graph must run, and match the model, at a new size of every dynamic axis: Dim.AUTO
     specializes an axis silently when the model's code fixes it."""
-    for axis in sorted({name for axes in dims.values() for name in axes.values()}):
+    for axis in _axes(dims):
         resized = resized_inputs(inputs, dims, axis)
         try:
             with torch.no_grad():
