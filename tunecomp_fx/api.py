@@ -105,8 +105,10 @@ def prepare(
     start = time.perf_counter()
     reference = check_inputs_fit(model, inputs)
     params_before = count_parameters(model)
-    macs_before = count_macs(model, inputs)
     captured = capture(model, inputs, reference, dynamic_dims)
+    # Counted on the captured graph, the same ops the compact model's count sees: the eager model may
+    # take fused kernels the counter misses (nn.MultiheadAttention's fast path in eval mode).
+    macs_before = count_macs(captured.graph_module, inputs)
     if progress:
         print(f"captured with {captured.path}: {captured.reason} ({time.perf_counter() - start:.1f} s)")
     batches = [normalize_inputs(batch) for batch in calib] if calib is not None else [inputs]
