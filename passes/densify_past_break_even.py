@@ -36,7 +36,7 @@ class DensifyPastBreakEven(GraphPass):
             with torch.no_grad():
                 product = up.weight.flatten(1).double() @ down.weight.flatten(1).double()
                 weight = product.reshape(up.weight.shape[:1] + down.weight.shape[1:]).to(up.weight.dtype)
-                container.dense = rebuilt(up, weight, up.bias)
+                container.dense = rebuilt(down, weight, up.bias)  # down's layout and stride, up's bias
             with gm.graph.inserting_before(roles["up"]):
                 node = gm.graph.call_module(f"{LOWRANK_ROOT}.{key}.dense", roles["down"].args)
             roles["up"].replace_all_uses_with(node)

@@ -55,9 +55,9 @@ class FindLinearSites(GraphPass):
                     bias_target=match.bias if isinstance(match.bias, str) else None,
                     status=site_status,
                     reason=reason,
-                    input_node=match.input.name,
                     entry_node=match.entry.name,
                     layout=match.layout,
+                    stride=match.stride,
                 )
             )
         ctx.sites = sites + hidden_layers(gm)

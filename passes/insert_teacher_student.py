@@ -15,7 +15,7 @@ import operator
 import torch
 from torch import fx, nn
 
-from tunecomp_fx.forms import LAYOUTS
+from tunecomp_fx.forms import LAYOUTS, site_input
 from tunecomp_fx.pipeline import GraphPass, PassContext
 from tunecomp_fx.sites import LOWRANK_ROOT, Blend, Site
 
@@ -25,11 +25,12 @@ def student_rank(site: Site, rank: int, slack: float) -> int:
 
 
 def _new_student(site: Site, rank: int, weight: torch.Tensor) -> nn.Module:
-    """down and up in the site's layout (nn.Linear, or 1x1 nn.Conv2d); the rank mask has shape
-    (rank,) or (rank, 1, 1), so that it broadcasts over the hidden activation either way."""
+    """down and up in the site's layout (nn.Linear, or 1x1 nn.Conv2d, down taking the site's
+    stride); the rank mask has shape (rank,) or (rank, 1, 1), so that it broadcasts over the hidden
+    activation either way."""
     layout = LAYOUTS[site.layout]
     container = nn.Module()
-    container.down = layout.make(site.in_features, rank, False, weight)
+    container.down = layout.make(site.in_features, rank, False, weight, site.stride)
     container.up = layout.make(rank, site.out_features, True, weight)
     container.register_buffer("rank_mask", torch.ones(layout.mask_shape(rank), device=weight.device, dtype=weight.dtype))
     container.blend = Blend().to(weight.device)
@@ -62,7 +63,7 @@ class InsertTeacherStudent(GraphPass):
             prefix = f"{LOWRANK_ROOT}.{site.key}"
             graph = gm.graph
             with graph.inserting_after(teacher):
-                down = graph.call_module(f"{prefix}.down", (nodes[site.input_node],))
+                down = graph.call_module(f"{prefix}.down", (site_input(nodes[site.entry_node]),))
             with graph.inserting_after(down):
                 mask = graph.get_attr(f"{prefix}.rank_mask")
             with graph.inserting_after(mask):

@@ -17,6 +17,7 @@ from torch import fx, nn
 
 import tunecomp_fx
 from tunecomp_fx.capture import LEAF_MODULES, dynamic_dims_of
+from tunecomp_fx.forms import site_input
 from tunecomp_fx.sites import Blend, student_nodes
 
 RATIO = 0.4
@@ -70,7 +71,8 @@ class HandWrittenLinear(nn.Module):
 
 
 class PointwiseCNN(nn.Module):
-    """Pointwise convolutions (sites) among a 3x3, a depthwise and a strided 1x1 convolution (not sites)."""
+    """Pointwise convolutions, one strided (sites), among a 3x3, a depthwise and a padded 1x1
+    convolution (not sites)."""
 
     def __init__(self, branch: bool = False) -> None:
         super().__init__()
@@ -80,13 +82,14 @@ class PointwiseCNN(nn.Module):
         self.norm = nn.BatchNorm2d(96)
         self.depthwise = nn.Conv2d(96, 96, 3, padding=1, groups=96)
         self.project = nn.Conv2d(96, 48, 1)
-        self.downsample = nn.Conv2d(48, 48, 1, stride=2)
-        self.head = nn.Linear(48, 10)
+        self.downsample = nn.Conv2d(48, 128, 1, stride=2)
+        self.padded = nn.Conv2d(128, 128, 1, padding=1)
+        self.head = nn.Linear(128, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _branch_on_shape(x) if self.branch else x
         x = torch.relu(self.norm(self.expand(self.stem(x))))
-        x = self.downsample(self.project(torch.relu(self.depthwise(x))))
+        x = self.padded(self.downsample(self.project(torch.relu(self.depthwise(x)))))
         return self.head(x.mean((2, 3)))
 
 
@@ -137,6 +140,8 @@ def test_site_form_rewrite_equivalence_and_budget(form):
     sites = [site for site in state.context.sites if site.layout == layout]
     assert sites and {site.form for site in sites} == forms
     assert all(site.status == "compress" for site in sites)
+    sites = [site for site in state.context.factorized_sites() if site.layout == layout]
+    assert sites
     student_type = nn.Conv2d if layout == "conv1x1" else nn.Linear
 
     # The rewritten pattern: teacher (the original output node) and down -> mask -> up, blended.
@@ -144,7 +149,8 @@ def test_site_form_rewrite_equivalence_and_budget(form):
     for site in sites:
         roles = nodes[site.key]
         teacher, down, mask, masked, up, blend = (roles[r] for r in ("teacher", "down", "rank_mask", "masked", "up", "blend"))
-        assert teacher.name == site.node and down.args[0].name == site.input_node
+        entry = next(node for node in prepared.graph.nodes if node.name == site.entry_node)
+        assert teacher.name == site.node and down.args[0] is site_input(entry)
         assert masked.target is operator.mul and masked.args == (down, mask)
         assert up.args == (masked,) and blend.args == (teacher, up)
         assert list(teacher.users) == [blend]
@@ -170,21 +176,30 @@ def test_site_form_rewrite_equivalence_and_budget(form):
 
     # The compact pattern: each factorized site is down -> up of its layout, the teacher is gone.
     compact_nodes = student_nodes(compact)
-    assert all(type(compact.get_submodule(compact_nodes[site.key]["down"].target)) is student_type for site in sites)
+    assert all(
+        type(compact.get_submodule(compact_nodes[site.key]["down" if "down" in compact_nodes[site.key] else "dense"].target))
+        is student_type
+        for site in sites
+    )
     for key, roles in compact_nodes.items():
         assert set(roles) in ({"down", "up"}, {"dense"})
         if "down" in roles:
             assert roles["up"].args == (roles["down"],)
             assert type(compact.get_submodule(roles["down"].target)) is type(compact.get_submodule(roles["up"].target))
     assert not any(isinstance(m, Blend) for m in compact.modules())
+    teacher_weights = {site.weight_target for site in sites}
+    assert not teacher_weights & {name for name, _ in compact.named_parameters()}
     report = tunecomp_fx.get_report(compact)
     assert 1 - RATIO - 0.05 <= report.kept_fraction <= 1 - RATIO + 1e-9
 
 
-def test_pointwise_cnn_leaves_non_pointwise_convolutions_alone():
+def test_pointwise_cnn_sites_and_the_strided_one():
     _, prepared = _prepare(PointwiseCNN, _images())
-    names = {site.name for site in prepared.meta["tunecomp"].context.sites}
-    assert names == {"expand", "project", "head"}  # not stem (3x3), depthwise (groups) or downsample (stride 2)
+    sites = {site.name: site for site in prepared.meta["tunecomp"].context.sites}
+    assert set(sites) == {"expand", "project", "downsample", "head"}  # not stem (3x3), depthwise, padded
+    assert sites["downsample"].stride == 2 and sites["project"].stride == 1
+    student = prepared.get_submodule(f"lowrank.{sites['downsample'].key}")
+    assert student.down.stride == (2, 2) and student.up.stride == (1, 1)
 
 
 class TiedLanguageModel(nn.Module):

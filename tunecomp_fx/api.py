@@ -199,7 +199,9 @@ def build_report(compact: fx.GraphModule, state: PreparedState) -> CompressionRe
             macs_before if rank is None else int(tokens * rank * (site.in_features + site.out_features)) if tokens else 0
         )
         rows.append(
-            SiteRow(site.name, site.form, site.out_features, site.in_features, label, rank, before, after, macs_before, macs_after, reason)
+            SiteRow(
+                site.name, site.form, site.out_features, site.in_features, label, rank, before, after, macs_before, macs_after, reason, site.layout
+            )
         )
     seconds: dict[str, float] = {}
     for record in context.log:

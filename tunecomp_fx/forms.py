@@ -5,7 +5,8 @@ A site is a linear map over the features of its input x, with its weight held as
 - layout "linear": features on the last dim, W is (out, in): `nn.Linear`, `F.linear`, `aten.linear`,
   and `x @ W.T (+ b)`;
 - layout "conv1x1": channels of (N, C, H, W), W is (out, in, 1, 1): a pointwise `nn.Conv2d`, `F.conv2d`
-  or `aten.conv2d` (kernel 1, stride 1, no padding, one group).
+  or `aten.conv2d` (kernel 1, no padding, one group). A stride s (ResNet's downsampling shortcut) is
+  the map of x[..., ::s, ::s]: the student's down convolution takes the stride.
 Every pass that builds, slices or densifies a student goes through `Layout`, so the two layouts share
 one mechanism: a student is down (in -> r) then up (r -> out), two modules of the site's layout.
 """
@@ -29,18 +30,20 @@ class Layout:
     feature_dim: int  # counted from the end: -1 for (..., features), -3 for (N, C, H, W)
     module_type: type[nn.Module]
 
-    def rows(self, x: torch.Tensor) -> torch.Tensor:
-        """The input as (positions, features): one row per token or pixel."""
+    def rows(self, x: torch.Tensor, stride: int = 1) -> torch.Tensor:
+        """The input as (positions, features): one row per token, or per pixel the site reads."""
+        if stride > 1:
+            x = x[..., ::stride, ::stride]
         return x.movedim(self.feature_dim, -1).reshape(-1, x.shape[self.feature_dim])
 
     def mask_shape(self, rank: int) -> tuple[int, ...]:
         """A per-rank mask that broadcasts over the student's hidden activation."""
         return (rank,) + (1,) * (-1 - self.feature_dim)
 
-    def make(self, in_features: int, out_features: int, bias: bool, like: torch.Tensor) -> nn.Module:
+    def make(self, in_features: int, out_features: int, bias: bool, like: torch.Tensor, stride: int = 1) -> nn.Module:
         factory = {"device": like.device, "dtype": like.dtype}
         if self.module_type is nn.Conv2d:
-            return nn.Conv2d(in_features, out_features, 1, bias=bias, **factory)
+            return nn.Conv2d(in_features, out_features, 1, stride=stride, bias=bias, **factory)
         return nn.Linear(in_features, out_features, bias=bias, **factory)
 
 
@@ -56,8 +59,9 @@ def layout_of(module: nn.Module) -> Layout:
 
 
 def rebuilt(like: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
-    """A new module of `like`'s layout holding `weight` (out, in[, 1, 1]) and `bias`."""
-    module = layout_of(like).make(weight.shape[1], weight.shape[0], bias is not None, weight)
+    """A new module of `like`'s layout (and stride) holding `weight` (out, in[, 1, 1]) and `bias`."""
+    stride = like.stride[0] if isinstance(like, nn.Conv2d) else 1
+    module = layout_of(like).make(weight.shape[1], weight.shape[0], bias is not None, weight, stride)
     with torch.no_grad():
         module.weight.copy_(weight.reshape(module.weight.shape))
         if bias is not None:
@@ -71,16 +75,21 @@ class SiteMatch:
 
     form: str
     layout: str
-    input: fx.Node  # x
-    entry: fx.Node  # the node that reads x
+    entry: fx.Node  # the node that reads x (`site_input`)
     output: fx.Node  # the node whose value is y
     weight: str  # target of the weight parameter
     bias: str | fx.Node | None  # target of the bias parameter, or the node computing it
     nodes: tuple[fx.Node, ...]  # every node of the site, the weight's get_attr included
+    stride: int = 1  # of a pointwise convolution
 
 
 def _argument(node: fx.Node, index: int, name: str, default: object = None) -> object:
     return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+
+
+def site_input(entry: fx.Node) -> fx.Node:
+    """x, as the entry node of a site reads it now (a rewrite of an earlier site may have changed it)."""
+    return _argument(entry, 0, "input")
 
 
 def _bias(node: object) -> str | fx.Node | None:
@@ -99,12 +108,15 @@ def _is_parameter(gm: fx.GraphModule, node: object) -> bool:
     return True
 
 
-def _is_pointwise_conv(weight: torch.Tensor, stride: object, padding: object, groups: object) -> bool:
-    def ones(value: object) -> bool:
-        return all(v == 1 for v in value) if isinstance(value, (list, tuple)) else value == 1
-
-    no_padding = padding in ("valid", "same") or all(p == 0 for p in (padding if isinstance(padding, (list, tuple)) else [padding]))
-    return weight.dim() == 4 and tuple(weight.shape[2:]) == (1, 1) and ones(stride) and no_padding and groups == 1
+def pointwise_stride(weight: torch.Tensor, stride: object, padding: object, groups: object) -> int | None:
+    """The stride of a convolution that is a linear map over channels (1x1 kernel, no padding, one
+    group, the same stride both ways), else None."""
+    strides = set(stride) if isinstance(stride, (list, tuple)) else {stride}
+    paddings = set(padding) if isinstance(padding, (list, tuple)) else {padding}
+    no_padding = paddings <= {0, "valid"} or (paddings == {"same"} and strides == {1})
+    if weight.dim() == 4 and tuple(weight.shape[2:]) == (1, 1) and len(strides) == 1 and no_padding and groups == 1:
+        return int(next(iter(strides)))
+    return None
 
 
 def compressible_module(module: nn.Module) -> str | None:
@@ -115,7 +127,7 @@ def compressible_module(module: nn.Module) -> str | None:
         isinstance(module, nn.Conv2d)
         and type(module).forward is nn.Conv2d.forward
         and type(module)._conv_forward is nn.Conv2d._conv_forward
-        and _is_pointwise_conv(module.weight, module.stride, module.padding, module.groups)
+        and pointwise_stride(module.weight, module.stride, module.padding, module.groups) is not None
     ):
         return "conv1x1"
     return None
@@ -129,7 +141,8 @@ def _module_site(gm: fx.GraphModule, node: fx.Node) -> SiteMatch | None:
     if layout is None:
         return None
     bias = f"{node.target}.bias" if module.bias is not None else None
-    return SiteMatch("call_module", layout, node.args[0], node, node, f"{node.target}.weight", bias, (node,))
+    stride = module.stride[0] if layout == "conv1x1" else 1
+    return SiteMatch("call_module", layout, node, node, f"{node.target}.weight", bias, (node,), stride)
 
 
 _LINEAR_FUNCTIONS = {F.linear: "F.linear", aten.linear.default: "aten.linear"}
@@ -144,11 +157,12 @@ def _function_site(gm: fx.GraphModule, node: fx.Node) -> SiteMatch | None:
         return None
     bias = _argument(node, 2, "bias")
     if node.target in _LINEAR_FUNCTIONS:
-        return SiteMatch(_LINEAR_FUNCTIONS[node.target], "linear", x, node, node, weight.target, _bias(bias), (node, weight))
+        return SiteMatch(_LINEAR_FUNCTIONS[node.target], "linear", node, node, weight.target, _bias(bias), (node, weight))
     stride, padding = _argument(node, 3, "stride", 1), _argument(node, 4, "padding", 0)
-    if not _is_pointwise_conv(gm.get_parameter(weight.target), stride, padding, _argument(node, 6, "groups", 1)):
+    stride = pointwise_stride(gm.get_parameter(weight.target), stride, padding, _argument(node, 6, "groups", 1))
+    if stride is None:
         return None
-    return SiteMatch(_CONV_FUNCTIONS[node.target], "conv1x1", x, node, node, weight.target, _bias(bias), (node, weight))
+    return SiteMatch(_CONV_FUNCTIONS[node.target], "conv1x1", node, node, weight.target, _bias(bias), (node, weight), stride)
 
 
 _MATMULS = {operator.matmul, torch.matmul, aten.matmul.default}
@@ -190,8 +204,8 @@ def _matmul_site(gm: fx.GraphModule, node: fx.Node) -> SiteMatch | None:
     if add is not None and _is_call(add, _ADDS, "add") and len(add.args) == 2 and not add.kwargs:
         bias = add.args[1] if add.args[0] is node else add.args[0]
         if _is_parameter(gm, bias) and tuple(gm.get_parameter(bias.target).shape) == (out_features,):
-            return SiteMatch("matmul", "linear", x, node, add, weight.target, bias.target, nodes + (add, bias))
-    return SiteMatch("matmul", "linear", x, node, node, weight.target, None, nodes)
+            return SiteMatch("matmul", "linear", node, add, weight.target, bias.target, nodes + (add, bias))
+    return SiteMatch("matmul", "linear", node, node, weight.target, None, nodes)
 
 
 SITE_RULES: tuple[Callable[[fx.GraphModule, fx.Node], SiteMatch | None], ...] = (_module_site, _function_site, _matmul_site)

@@ -20,6 +20,7 @@ class SiteRow:
     macs_before: int  # per example
     macs_after: int
     reason: str = ""
+    layout: str = "linear"  # "linear" or "conv1x1" (a pointwise convolution)
 
     @property
     def kept_fraction(self) -> float:
