@@ -202,6 +202,33 @@ def test_pointwise_cnn_sites_and_the_strided_one():
     assert student.down.stride == (2, 2) and student.up.stride == (1, 1)
 
 
+class Asserting(Linears):
+    """torch._assert on a size: fx records it as a call, symbolic tracing goes through."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch._assert(x.shape[-1] == 48, "expects 48 features")
+        return super().forward(x)
+
+
+class IteratingProxy(Linears):
+    """Iterates over a traced value: symbolic tracing cannot, torch.export unrolls the loop."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([part * (index + 1) for index, part in enumerate(x.split(24, dim=-1))], dim=-1)
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("factory, path", [(Asserting, "symbolic_trace"), (IteratingProxy, "torch.export")])
+def test_capture_path_of_untraceable_constructs(factory, path):
+    inputs = _tokens()
+    model, prepared = _prepare(factory, inputs)
+    state = prepared.meta["tunecomp"]
+    assert state.capture_path == path
+    assert {site.name for site in state.context.compressed_sites} == {"fc1", "fc2"}
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(*inputs), model(*inputs), atol=ALPHA_ONE_ATOL, rtol=0)
+
+
 class TiedLanguageModel(nn.Module):
     """An embedding tied to the output head, and one linear applied twice."""
 
