@@ -108,7 +108,6 @@ def prepare(
     context.log.append(PassRecord("capture", time.perf_counter() - start, (), ()))
     gm = run_passes(captured.graph_module, prepare_passes(), context, progress=progress)
     # The covariances and full factorizations are large and have served their purpose.
-    context.covariances_rows = {name: c.rows_per_sample for name, c in context.covariances.items()}
     context.covariances.clear()
     context.decompositions.clear()
     context.calibration = ()
@@ -163,7 +162,7 @@ def get_report(compact: fx.GraphModule) -> CompressionReport:
 
 def build_report(compact: fx.GraphModule, state: PreparedState) -> CompressionReport:
     context = state.context
-    rows_per_sample = getattr(context, "covariances_rows", {})
+    rows_per_sample = context.rows_per_sample
     lowrank = getattr(compact, LOWRANK_ROOT, None)
     rows = []
     for site in context.sites:
