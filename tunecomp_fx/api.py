@@ -203,4 +203,5 @@ def build_report(compact: fx.GraphModule, state: PreparedState) -> CompressionRe
         model_macs_before=state.macs_before,
         model_macs_after=count_macs(compact, state.example_inputs),
         pass_seconds=seconds,
+        pass_log=tuple(context.log),
     )
