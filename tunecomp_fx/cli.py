@@ -93,11 +93,11 @@ def _load(args: argparse.Namespace) -> LoadedModel:
 
 
 def run_compress(args: argparse.Namespace) -> int:
+    config = _config(args)  # check the options before the slow imports and model load
     from tunecomp_fx.api import compress, get_report
     from tunecomp_fx.export.artifacts import save_compact
     from tunecomp_fx.plots import plot_rank_allocation
 
-    config = _config(args)  # check the options before the (slow) model load
     loaded = _load(args)
     compact = compress(loaded.model, loaded.example_inputs, config=config, progress=True)
     report = get_report(compact)
@@ -113,6 +113,7 @@ def run_compress(args: argparse.Namespace) -> int:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
+    config = _config(args)
     from tunecomp_fx.api import finalize, get_report, prepare
     from tunecomp_fx.capture import capture
     from tunecomp_fx.inspect import (
@@ -126,7 +127,6 @@ def run_inspect(args: argparse.Namespace) -> int:
     )
     from tunecomp_fx.sites import set_blend
 
-    config = _config(args)
     loaded = _load(args)
     captured = capture(copy.deepcopy(loaded.model), loaded.example_inputs)
     prepared = prepare(loaded.model, loaded.example_inputs, config=config, progress=True)

@@ -223,7 +223,7 @@ def site_subgraph(model: fx.GraphModule, site_name: str) -> str:
     for node in nodes:
         args = ", ".join([_format_arg(a) for a in node.args] + [f"{k}={_format_arg(v)}" for k, v in node.kwargs.items()])
         call = f"{node.op} {_target_name(node)}" + (f"({args})" if node.op != "get_attr" else "")
-        notes = [f"[{_role(node)}]" if _role(node) else "", _describe_attribute(model, node), _shape(node) or ""]
+        notes = [f"[{_role(node)}]" if _role(node) else "", _describe_attribute(model, node) or _shape(node) or ""]
         rows.append((f"%{node.name} = {call}", "  ".join(n for n in notes if n)))
     width = max(len(text) for text, _ in rows)
     lines += [f"  {text.ljust(width)}  {notes}".rstrip() for text, notes in rows]

@@ -53,12 +53,20 @@ def _close_names(name: str, names: Sequence[str]) -> str:
     return f"; did you mean {', '.join(close)}?" if close else ""
 
 
-def _pretrained_failure(spec: str, error: Exception) -> InputError:
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return InputError(
-        f"could not load pretrained weights for {spec} ({type(error).__name__}: {first}); without network "
-        "access put the weights in the local cache (HF_HOME / TORCH_HOME) or drop --pretrained for random init"
-    )
+def _construct(spec: str, pretrained: bool, build: Callable[[], nn.Module]) -> nn.Module:
+    """Call a library's model constructor; its failures become errors that say what to change."""
+    try:
+        return build()
+    except TypeError as error:
+        raise InputError(f"{spec} does not take these --model-kwargs: {error}") from error
+    except Exception as error:
+        if not pretrained:
+            raise
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(
+            f"could not load pretrained weights for {spec} ({type(error).__name__}: {first}); without network "
+            "access put the weights in the local cache (HF_HOME / TORCH_HOME) or drop --pretrained for random init"
+        ) from error
 
 
 def _image_inputs(channels_hw: Sequence[int], shape: tuple[int, ...] | None) -> tuple[torch.Tensor]:
@@ -70,14 +78,7 @@ def _load_timm(name: str, shape: tuple[int, ...] | None, pretrained: bool, kwarg
 
     if not timm.is_model(name):
         raise InputError(f"timm has no model '{name}'{_close_names(name, timm.list_models())}")
-    try:
-        model = timm.create_model(name, pretrained=pretrained, **kwargs)
-    except TypeError as error:
-        raise InputError(f"timm:{name} does not take these --model-kwargs: {error}") from error
-    except Exception as error:
-        if pretrained:
-            raise _pretrained_failure(f"timm:{name}", error) from error
-        raise
+    model = _construct(f"timm:{name}", pretrained, lambda: timm.create_model(name, pretrained=pretrained, **kwargs))
     channels, height, width = timm.data.resolve_model_data_config(model)["input_size"]
     if "img_size" in kwargs:  # the config keeps the pretrained size; the model was built for this one
         size = kwargs["img_size"]
@@ -91,14 +92,8 @@ def _load_torchvision(name: str, shape: tuple[int, ...] | None, pretrained: bool
     names = torchvision.models.list_models()
     if name not in names:
         raise InputError(f"torchvision has no model '{name}'{_close_names(name, names)}")
-    try:
-        model = torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None, **kwargs)
-    except TypeError as error:
-        raise InputError(f"torchvision:{name} does not take these --model-kwargs: {error}") from error
-    except Exception as error:
-        if pretrained:
-            raise _pretrained_failure(f"torchvision:{name}", error) from error
-        raise
+    weights = "DEFAULT" if pretrained else None
+    model = _construct(f"torchvision:{name}", pretrained, lambda: torchvision.models.get_model(name, weights=weights, **kwargs))
     return LoadedModel(model, _image_inputs((3, 224, 224), shape), f"torchvision:{name}")
 
 
@@ -117,10 +112,10 @@ def _load_huggingface(folder: Path, shape: tuple[int, ...] | None, kwargs: dict[
         size = getattr(config, "image_size", 224)
         inputs: Inputs = {"pixel_values": _image_inputs((getattr(config, "num_channels", 3), size, size), shape)[0]}
     else:
-        longest = getattr(config, "max_position_embeddings", _DEFAULT_SEQUENCE)
-        batch, length = shape if shape is not None else (1, min(_DEFAULT_SEQUENCE, longest))
         if shape is not None and len(shape) != 2:
             raise InputError(f"a text model takes --input-shape BATCH,SEQUENCE; got {','.join(map(str, shape))}")
+        longest = getattr(config, "max_position_embeddings", _DEFAULT_SEQUENCE)
+        batch, length = shape if shape is not None else (1, min(_DEFAULT_SEQUENCE, longest))
         inputs = {
             "input_ids": torch.randint(0, config.vocab_size, (batch, length)),
             "attention_mask": torch.ones(batch, length, dtype=torch.long),
