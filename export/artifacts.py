@@ -35,7 +35,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import fx
-from torch.export._unlift import _StatefulGraphModule
 
 from tunecomp_fx.api import CONFIG_KEY, REPORT_KEY, get_report
 from tunecomp_fx.errors import ExportError, InputError
@@ -78,16 +77,16 @@ def _every_dim_auto(inputs: Inputs) -> object:
 
 @contextmanager
 def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode for the duration; a module made by torch.export has its mode fixed and refuses .eval()."""
-    if isinstance(model, _StatefulGraphModule):
-        yield
-        return
-    was_training = model.training
-    model.eval()
+    """Eval mode for every submodule, restored afterwards. Sets the flags directly: modules made by
+    torch.export refuse .eval() (their dropout mode was fixed when they were captured)."""
+    modes = {module: module.training for module in model.modules()}
+    for module in modes:
+        module.training = False
     try:
         yield
     finally:
-        model.train(was_training)
+        for module, training in modes.items():
+            module.training = training
 
 
 def _plain(value: object) -> object:

@@ -102,6 +102,7 @@ def run_compress(args: argparse.Namespace) -> int:
     compact = compress(loaded.model, loaded.example_inputs, config=config, progress=True)
     report = get_report(compact)
     output = Path(args.output)
+    print(f"saving to {output}: torch.export program, safetensors weights, then a reload check")
     saved = save_compact(compact, output, loaded.example_inputs)
     plot = plot_rank_allocation(report, output / "rank_allocation.png")
     print()
@@ -153,6 +154,12 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def describe_export(result: Any) -> str:
+    """One line for a tunecomp_fx.export.ExportResult: the file, the exporter, the verification."""
+    errors = "; ".join(f"{shapes}: {error:.1e}" for shapes, error in result.max_errors.items()) or "not verified"
+    return f"wrote {result.path} ({result.exporter} exporter); ONNX Runtime vs PyTorch max abs error {errors}"
+
+
 def run_export(args: argparse.Namespace) -> int:
     from tunecomp_fx import export
     from tunecomp_fx.export.artifacts import load_compact, load_inputs
@@ -163,9 +170,7 @@ def run_export(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output else folder / "model.onnx"
     if not hasattr(export, "to_onnx"):
         raise TunecompError("this build of tunecomp_fx has no ONNX exporter (tunecomp_fx.export.to_onnx)")
-    result = export.to_onnx(model, inputs, output, verify=not args.no_verify)
-    print(result)
-    print(f"wrote {output}")
+    print(describe_export(export.to_onnx(model, inputs, output, verify=not args.no_verify)))
     if args.latency > 0:
         latency = export.ort_latency(output, inputs, repeats=args.latency)
         print(f"ONNX Runtime latency: median {latency.median_ms:.3f} ms over {args.latency} runs")

@@ -55,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
 
     from tunecomp_fx import export
     from tunecomp_fx.api import compress, get_report
+    from tunecomp_fx.cli import describe_export
     from tunecomp_fx.export.artifacts import save_compact
     from tunecomp_fx.plots import plot_rank_allocation
 
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     paths = {"original": output / "original.onnx", "compact": output / "compact.onnx"}
     for label, module in (("original", model), ("compact", compact)):
         print(f"\nexporting the {label} model to ONNX")
-        print(export.to_onnx(module, example, paths[label]))
+        print(describe_export(export.to_onnx(module, example, paths[label])))
     print(f"\ntiming ONNX Runtime: {args.repeats} interleaved runs of each model")
     comparison = export.compare_latency(paths, example, baseline="original", repeats=args.repeats)
     counts = {
