@@ -94,8 +94,10 @@ def _plain(value: object) -> object:
     so a library's class (a Hugging Face ModelOutput) would make loading need that library."""
     if isinstance(value, Mapping):
         return {key: _plain(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_plain(item) for item in value) if type(value) in (list, tuple) else tuple(_plain(v) for v in value)
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    if isinstance(value, tuple):  # a namedtuple too
+        return tuple(_plain(item) for item in value)
     return value
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from tunecomp_fx.errors import InputError
 from tunecomp_fx.model_spec import load_model, parse_shape
