@@ -10,12 +10,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
-import torch
 from torch import fx, nn
 
 from tunecomp_fx.capture import capture, check_inputs_fit
 from tunecomp_fx.config import CompressionConfig
-from tunecomp_fx.errors import ConfigError, InputError, TunecompError
+from tunecomp_fx.errors import ConfigError, InputError
 from tunecomp_fx.inputs import Inputs, normalize_inputs
 from tunecomp_fx.metrics import count_macs, count_parameters
 from tunecomp_fx.passes.allocate_ranks import AllocateRanks
@@ -202,4 +201,5 @@ def build_report(compact: fx.GraphModule, state: PreparedState) -> CompressionRe
         model_macs_before=state.macs_before,
         model_macs_after=count_macs(compact, state.example_inputs),
         pass_seconds=seconds,
+        pass_log=tuple(context.log),
     )
