@@ -1,6 +1,6 @@
 """tunecomp-fx: joint fine-tuning and compression as a torch.fx pass pipeline.
 
-    compact = tunecomp_fx.compress(model, example_inputs, ratio=0.4)                 # training-free
+    compact = tunecomp_fx.compress(model, example_inputs, ratio=0.4)  # training-free
     compact = tunecomp_fx.compress(model, example_inputs, ratio=0.4, data=loader, steps=1000)  # joint
     print(tunecomp_fx.get_report(compact))
 """

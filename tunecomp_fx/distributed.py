@@ -59,18 +59,18 @@ def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def shard(data: Iterable[Any], setup: Distributed, seed: int) -> Iterable[Any]:
+def shard(data: Iterable[Any], group: Distributed, seed: int) -> Iterable[Any]:
     """Give each rank its share of a DataLoader over a map-style dataset with a default sampler
     (rebuilt with a DistributedSampler, as Lightning does); other data is taken as already sharded:
     every rank must then yield the same number of batches."""
-    if not setup.enabled or not isinstance(data, DataLoader):
+    if not group.enabled or not isinstance(data, DataLoader):
         return data
     if isinstance(data.sampler, DistributedSampler) or not isinstance(data.sampler, (RandomSampler, SequentialSampler)):
         return data
     sampler = DistributedSampler(
         data.dataset,
-        num_replicas=setup.world_size,
-        rank=setup.rank,
+        num_replicas=group.world_size,
+        rank=group.rank,
         shuffle=isinstance(data.sampler, RandomSampler),
         seed=seed,
     )
@@ -87,9 +87,9 @@ def shard(data: Iterable[Any], setup: Distributed, seed: int) -> Iterable[Any]:
     )
 
 
-def wrap(model: nn.Module, setup: Distributed, device: torch.device) -> nn.Module:
+def wrap(model: nn.Module, group: Distributed, device: torch.device) -> nn.Module:
     """DistributedDataParallel around `model` (it broadcasts rank 0's state on construction)."""
-    if not setup.enabled:
+    if not group.enabled:
         return model
     return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
@@ -109,6 +109,6 @@ def sum_over_ranks(values: Sequence[float], device: torch.device) -> list[float]
     return total.tolist()
 
 
-def teardown(setup: Distributed) -> None:
-    if setup.created_group and dist.is_initialized():
+def teardown(group: Distributed) -> None:
+    if group.created_group and dist.is_initialized():
         dist.destroy_process_group()

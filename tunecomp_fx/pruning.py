@@ -114,15 +114,17 @@ class RankPruner:
         used = self.kept_params()
         if used <= target:
             return counts
-        # Ascending by the share of its site's squared importance a rank carries, per parameter.
-        candidates = []
+        # Kept ranks in ascending order of the share of their site's squared importance they
+        # carry, per parameter they cost.
+        scores, owners = [], []
         for index, student in enumerate(self.students):
             energy = student.importance().double().pow(2)
-            share = energy / energy.sum().clamp_min(1e-300)
-            cost = student.site.in_features + student.site.out_features
-            candidates += [(float(value) / cost, index) for value in share[student.mask > 0]]
-        candidates.sort()
-        for _, index in candidates:
+            share = energy / energy.sum().clamp_min(1e-300) / (student.site.in_features + student.site.out_features)
+            kept = share[student.mask > 0]
+            scores.append(kept.cpu())
+            owners.append(torch.full((kept.numel(),), index))
+        order = torch.cat(scores).argsort(stable=True)
+        for index in torch.cat(owners)[order].tolist():
             if used <= target:
                 break
             if counts[index] <= 1:

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from tunecomp_fx import distributed
 from tunecomp_fx.api import finalize, prepare, prepared_state
-from tunecomp_fx.config import CompressionConfig
+from tunecomp_fx.config import CompressionConfig, reject_unknown_keys
 from tunecomp_fx.errors import ConfigError, InputError, TrainingError
 from tunecomp_fx.inputs import Inputs, call_model, normalize_inputs
 from tunecomp_fx.mode import set_training_mode
@@ -131,10 +131,7 @@ class TrainingConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainingConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown training options {unknown}; known options are {sorted(known)}")
+        reject_unknown_keys(cls, data, "training options")
         return cls(**data)
 
 
@@ -168,8 +165,9 @@ class StepHook:
             loss.backward(); optimizer.step(); optimizer.zero_grad()
             hook.step()
 
-    Build the optimizer over the trainable parameters only (the teachers are frozen and leave
-    the model after the blend)."""
+    Put the model in train mode first with tunecomp_fx.mode.set_training_mode(prepared, True)
+    (it also handles graphs captured by torch.export), and build the optimizer over the trainable
+    parameters only (the teachers are frozen and leave the model after the blend)."""
 
     def __init__(self, prepared: fx.GraphModule, config: TrainingConfig | None = None, *, total_steps: int | None = None, **options: Any) -> None:
         self.config = training_config(config, options)
@@ -228,8 +226,8 @@ class StepHook:
             return
         teacher, student = args
         target = teacher.detach().float()
-        error = (student.float() - target).pow(2).sum()
-        self._site_losses.append(error / target.pow(2).sum().clamp_min(1e-12))
+        error = torch.linalg.vector_norm(student.float() - target).square()
+        self._site_losses.append(error / torch.linalg.vector_norm(target).square().clamp_min(1e-12))
 
     def _apply(self) -> None:
         step, schedules = self.step_count, self.schedules
