@@ -144,9 +144,26 @@ def compress(
     config: CompressionConfig | None = None,
     calib: Iterable[Any] | None = None,
     progress: bool = False,
+    data: Iterable[Any] | None = None,
+    eval_data: Iterable[Any] | None = None,
+    steps: int | None = None,
+    epochs: float | None = None,
     **options: Any,
 ) -> fx.GraphModule:
-    """Training-free compression: prepare, set every blend to the student (alpha = 0), finalize."""
+    """Without `data`: training-free compression (prepare, set every blend to the student, finalize).
+
+    With `data` (batches of (inputs, targets)): joint fine-tuning and compression for `steps` or
+    `epochs` (prepare with slack rank -> JointTrainer -> finalize); options may then also be
+    TrainingConfig fields (lr=, blend=, ...) and JointTrainer's (loss_fn=, checkpoint_dir=, ...)."""
+    if data is not None:
+        from tunecomp_fx.train import joint_compress  # the driver builds on prepare/finalize here
+
+        return joint_compress(
+            model, example_inputs, ratio, config=config, calib=calib, progress=progress,
+            data=data, eval_data=eval_data, steps=steps, epochs=epochs, **options,
+        )
+    if eval_data is not None or steps is not None or epochs is not None:
+        raise ConfigError("eval_data, steps and epochs apply to joint training: pass the training batches as data=")
     prepared = prepare(model, example_inputs, ratio, config=config, calib=calib, progress=progress, **options)
     set_blend(prepared, 0.0)
     return finalize(prepared, inplace=True, progress=progress)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,14 +75,19 @@ class CompressionConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CompressionConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown configuration keys {unknown}; known keys are {sorted(known)}")
+        reject_unknown_keys(cls, data, "configuration keys")
         values = dict(data)
         if "exclude" in values:
             values["exclude"] = tuple(values["exclude"])
         return cls(**values)
+
+
+def reject_unknown_keys(cls: type, data: Iterable[str], what: str) -> None:
+    """ConfigError naming the keys of `data` that are not fields of the dataclass `cls`."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown {what} {unknown}; known {what} are {sorted(known)}")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
