@@ -189,6 +189,8 @@ def build_report(compact: fx.GraphModule, state: PreparedState) -> CompressionRe
             label, after, reason = site.status, before, site.reason
         elif decision is None or decision.rank is None:
             label, after, reason = "dense", before, decision.reason if decision else ""
+        elif not hasattr(lowrank, site.key):
+            label, after, reason = "removed", 0, "its output is unused: removed as dead code"
         else:
             container = getattr(lowrank, site.key)
             after = count_parameters(container)
@@ -200,7 +202,7 @@ def build_report(compact: fx.GraphModule, state: PreparedState) -> CompressionRe
         tokens = rows_per_sample.get(site.name)
         macs_before = int(tokens * site.in_features * site.out_features) if tokens else 0
         macs_after = (
-            macs_before if rank is None else int(tokens * rank * (site.in_features + site.out_features)) if tokens else 0
+            0 if label == "removed" else macs_before if rank is None else int(tokens * rank * (site.in_features + site.out_features)) if tokens else 0
         )
         rows.append(
             SiteRow(site.name, site.form, site.out_features, site.in_features, label, rank, before, after, macs_before, macs_after, reason)
