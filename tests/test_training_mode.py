@@ -42,8 +42,6 @@ def test_dropout_follows_the_mode_on_both_capture_paths(untraceable: bool) -> No
     path = prepared.meta["tunecomp"].capture_path
     assert path == ("torch.export" if untraceable else "symbolic_trace")
     if untraceable:
-        with pytest.raises(NotImplementedError):
-            prepared.train()
         assert _dropout_flags(prepared) == [False]  # captured in eval mode
     x = task.test[0][:16]
     set_training_mode(prepared, True)
@@ -68,3 +66,27 @@ def test_joint_training_runs_on_an_exported_graph() -> None:
     compact = tunecomp_fx.finalize(trained)
     assert tunecomp_fx.get_report(compact).kept_fraction <= 0.5
     assert compact(task.test[0]).shape == (len(task.test[0]), 10)
+
+
+class FunctionalDropoutNet(nn.Module):
+    """F.dropout(training=self.training): symbolic tracing records the flag it saw (False here)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(64, 128)
+        self.fc2 = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.dropout(F.relu(self.fc1(x)), p=0.5, training=self.training))
+
+
+def test_functional_dropout_flag_baked_by_tracing_follows_the_mode() -> None:
+    task = digits_task()
+    torch.manual_seed(0)
+    prepared = tunecomp_fx.prepare(FunctionalDropoutNet(), task.example_inputs(), 0.5)
+    x = task.test[0][:16]
+    assert torch.equal(prepared(x), prepared(x))  # captured in eval mode: the flag is False
+    set_training_mode(prepared, True)
+    assert not torch.equal(prepared(x), prepared(x))
+    set_training_mode(prepared, False)
+    assert torch.equal(prepared(x), prepared(x))
