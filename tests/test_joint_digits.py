@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from joint_task import accuracy, digits_task, endless, fine_tune, fresh, single_thread  # noqa: F401
+from tests.joint_task import accuracy, digits_task, endless, fine_tune, fresh, single_thread  # noqa: F401
 
 import tunecomp_fx
 from tunecomp_fx import StepHook, TrainingConfig, get_report

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from joint_task import digits_task, single_thread  # noqa: F401
+from tests.joint_task import digits_task, single_thread  # noqa: F401
 from torch import nn
 from torch.utils.data import DataLoader
 

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 import torch
 import torch.nn.functional as F
-from joint_task import digits_task, endless, fresh, single_thread  # noqa: F401
+from tests.joint_task import digits_task, endless, fresh, single_thread  # noqa: F401
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import tunecomp_fx

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from joint_task import digits_task, fresh, single_thread  # noqa: F401
+from tests.joint_task import digits_task, fresh, single_thread  # noqa: F401
 
 import tunecomp_fx
 from tunecomp_fx import ConfigError, JointTrainer

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from joint_task import digits_task, single_thread  # noqa: F401
+from tests.joint_task import digits_task, single_thread  # noqa: F401
 from torch import nn
 
 import tunecomp_fx

@@ -168,3 +168,10 @@ def test_union_needs_labels_and_no_slack() -> None:
         tunecomp_fx.prepare(fresh("mlp"), task.example_inputs(), 0.5, method="union", calib=[task.train[0][:64]])
     with pytest.raises(ConfigError, match="rank_slack must be 0"):
         CompressionConfig(method="union", rank_slack=0.25)
+
+
+def test_cli_union_says_it_needs_labelled_data(capsys: pytest.CaptureFixture[str]) -> None:
+    from tunecomp_fx.cli import main
+
+    assert main(["compress", "tests.cli_models:two_layer", "--method", "union"]) != 0
+    assert "needs labelled batches" in capsys.readouterr().err
