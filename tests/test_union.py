@@ -161,11 +161,11 @@ def test_core_only_training_changes_only_cores_and_finalize_matches_at_alpha_zer
 
 
 def test_union_needs_labels_and_no_slack() -> None:
-    task = digits_task()
+    model, x = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)), torch.randn(8, 64)
     with pytest.raises(CalibrationError, match="labelled"):
-        tunecomp_fx.prepare(fresh("mlp"), task.example_inputs(), 0.5, method="union")
+        tunecomp_fx.prepare(model, (x,), 0.5, method="union")
     with pytest.raises(CalibrationError, match=r"\(inputs, targets\)"):
-        tunecomp_fx.prepare(fresh("mlp"), task.example_inputs(), 0.5, method="union", calib=[task.train[0][:64]])
+        tunecomp_fx.prepare(model, (x,), 0.5, method="union", calib=[x])
     with pytest.raises(ConfigError, match="rank_slack must be 0"):
         CompressionConfig(method="union", rank_slack=0.25)
 
