@@ -5,6 +5,8 @@ Per model, ratio and seed, the same step budget and learning rate:
   tunecomp   - compress(..., data=) with the default method (rank slack, pruning, both factors train);
   union      - compress(..., method="union", allocation="global", data=): fixed bases, trained cores;
   union_lr3  - the same with 3x the learning rate (only the small cores train);
+  union_lr3_densehead - union_lr3 with the classifier head left dense (exclude=), so the new
+               classes are not confined to a fixed output basis;
   sequential - plain fine-tuning for half the steps, training-free compression (whitened SVD),
                fine-tuning of the compact model for the other half.
 Then, on the transformer at ratio 0.5, the trainable parameter count of the prepared models and
@@ -35,7 +37,8 @@ from tunecomp_fx import StepHook  # noqa: E402
 from tunecomp_fx.sites import LOWRANK_ROOT  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("tunecomp", "union", "union_lr3", "sequential")
+METHODS = ("tunecomp", "union", "union_lr3", "union_lr3_densehead", "sequential")
+HEADS = ("head", "4")  # the transformer's and the MLP's classifier
 
 
 def run_method(method: str, kind: str, ratio: float, steps: int, lr: float, seed: int) -> tuple[float, float]:
@@ -47,7 +50,9 @@ def run_method(method: str, kind: str, ratio: float, steps: int, lr: float, seed
         compact = fine_tune(compact, task.loader(seed=seed), steps - steps // 2, lr, seed)
     else:
         options = {"method": "union", "allocation": "global"} if method.startswith("union") else {}
-        lr = 3 * lr if method == "union_lr3" else lr
+        lr = 3 * lr if method.startswith("union_lr3") else lr
+        if method == "union_lr3_densehead":
+            options["exclude"] = HEADS
         compact = tunecomp_fx.compress(
             fresh(kind), task.example_inputs(), ratio, data=task.loader(seed=seed), steps=steps, lr=lr,
             warmup=0, seed=seed, **options,

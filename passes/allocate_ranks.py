@@ -7,7 +7,8 @@ break-even) that still fits the budget; a last pass in single ranks closes a lef
 - uniform: the best step goes to the site furthest below its own share of the budget;
 - global: the best step recovers the most whitened singular-value energy per added parameter.
 A site's rank never exceeds the number of components its decomposition has (method="union":
-the size of its union of subspaces; the default method: min(in, out), never binding).
+the size of its union of subspaces; the default method: min(in, out), never binding); past
+that, as past break-even, the only step left is to keep the site dense.
 """
 
 from __future__ import annotations
@@ -42,10 +43,10 @@ class _State:
 
 def _next_step(state: _State, step: int) -> tuple[int, bool] | None:
     """(new rank, dense?) of the state's next step, or None when it is already dense."""
-    if state.dense or state.rank >= state.cap:
+    if state.dense:
         return None
     rank = (state.rank // step + 1) * step
-    if rank >= state.site.break_even_rank:
+    if rank >= state.site.break_even_rank or state.rank >= state.cap:
         return state.rank, True
     return min(rank, state.cap), False
 
