@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -14,17 +14,20 @@ from torch import fx, nn
 
 from tunecomp_fx.capture import capture, check_inputs_fit
 from tunecomp_fx.config import CompressionConfig
-from tunecomp_fx.errors import ConfigError, InputError
+from tunecomp_fx.errors import CalibrationError, ConfigError, InputError
 from tunecomp_fx.inputs import Inputs, normalize_inputs
 from tunecomp_fx.metrics import count_macs, count_parameters
 from tunecomp_fx.passes.allocate_ranks import AllocateRanks
+from tunecomp_fx.passes.build_union_bases import BuildUnionBases
 from tunecomp_fx.passes.calibrate_input_covariance import CalibrateInputCovariance
+from tunecomp_fx.passes.calibrate_output_gradients import CalibrateOutputGradients
 from tunecomp_fx.passes.decompose_weights import DecomposeWeights
 from tunecomp_fx.passes.densify_past_break_even import DensifyPastBreakEven
 from tunecomp_fx.passes.eliminate_dead_code import EliminateDeadCode
 from tunecomp_fx.passes.eliminate_pruned_ranks import EliminatePrunedRanks
 from tunecomp_fx.passes.find_linear_sites import FindLinearSites
 from tunecomp_fx.passes.fold_blends import FoldBlends
+from tunecomp_fx.passes.fold_cores import FoldCores
 from tunecomp_fx.passes.initialize_students import InitializeStudents
 from tunecomp_fx.passes.insert_teacher_student import InsertTeacherStudent
 from tunecomp_fx.pipeline import GraphPass, PassContext, PassRecord, run_passes
@@ -36,19 +39,16 @@ REPORT_KEY = "tunecomp_report"  # compact GraphModule.meta key: the report as a 
 CONFIG_KEY = "tunecomp_config"
 
 
-def prepare_passes() -> list[GraphPass]:
-    return [
-        FindLinearSites(),
-        CalibrateInputCovariance(),
-        DecomposeWeights(),
-        AllocateRanks(),
-        InsertTeacherStudent(),
-        InitializeStudents(),
-    ]
+def prepare_passes(method: str = "tunecomp") -> list[GraphPass]:
+    if method == "union":
+        analysis: list[GraphPass] = [CalibrateInputCovariance(), CalibrateOutputGradients(), BuildUnionBases()]
+    else:
+        analysis = [CalibrateInputCovariance(), DecomposeWeights()]
+    return [FindLinearSites(), *analysis, AllocateRanks(), InsertTeacherStudent(), InitializeStudents()]
 
 
 def finalize_passes() -> list[GraphPass]:
-    return [FoldBlends(), EliminatePrunedRanks(), DensifyPastBreakEven(), EliminateDeadCode()]
+    return [FoldBlends(), FoldCores(), EliminatePrunedRanks(), DensifyPastBreakEven(), EliminateDeadCode()]
 
 
 @dataclass
@@ -80,13 +80,16 @@ def prepare(
     config: CompressionConfig | None = None,
     calib: Iterable[Any] | None = None,
     progress: bool = False,
+    loss_fn: Callable[[Any, Any], Any] | None = None,
     **options: Any,
 ) -> fx.GraphModule:
     """Capture `model` and rewrite every compressible linear site into a teacher/student subgraph
     with activation-aware initialized students (alpha = 1: outputs equal the original's).
 
     `calib` is an iterable of input batches (tuples or dicts) used for calibration; by default the
-    example inputs. Options are CompressionConfig fields (init=, allocation=, exclude=, ...)."""
+    example inputs. method="union" needs labelled batches instead, (inputs, targets) pairs, and
+    differentiates `loss_fn(outputs, targets)` (default cross-entropy) at every site.
+    Options are CompressionConfig fields (init=, allocation=, exclude=, method=, ...)."""
     try:
         config = _make_config(config, ratio, options)
     except TypeError as error:
@@ -102,16 +105,39 @@ def prepare(
     captured = capture(model, inputs, reference)
     if progress:
         print(f"captured with {captured.path}: {captured.reason} ({time.perf_counter() - start:.1f} s)")
-    batches = [normalize_inputs(batch) for batch in calib] if calib is not None else [inputs]
-    context = PassContext(config=config, calibration=batches, check_inputs=inputs)
+    if config.method == "union":
+        batches, targets = _labelled(calib)
+    else:
+        batches, targets = ([normalize_inputs(batch) for batch in calib] if calib is not None else [inputs]), []
+    context = PassContext(config=config, calibration=batches, calibration_targets=targets, check_inputs=inputs, loss_fn=loss_fn)
     context.log.append(PassRecord("capture", time.perf_counter() - start, (), ()))
-    gm = run_passes(captured.graph_module, prepare_passes(), context, progress=progress)
+    gm = run_passes(captured.graph_module, prepare_passes(config.method), context, progress=progress)
     # The covariances and full factorizations are large and have served their purpose.
     context.covariances.clear()
+    context.gradient_covariances.clear()
     context.decompositions.clear()
-    context.calibration = ()
+    context.calibration = context.calibration_targets = ()
     gm.meta[STATE_KEY] = PreparedState(context, captured.path, captured.reason, inputs, params_before, macs_before)
     return gm
+
+
+def _labelled(calib: Iterable[Any] | None) -> tuple[list[Inputs], list[Any]]:
+    """Split labelled calibration batches into inputs and targets."""
+    if calib is None:
+        raise CalibrationError(
+            "method='union' calibrates on the loss's gradients and needs labelled batches: pass "
+            "calib=[(inputs, targets), ...], or data= to compress (its first batches are used)"
+        )
+    batches, targets = [], []
+    for index, batch in enumerate(calib):
+        if not isinstance(batch, (list, tuple)) or len(batch) != 2:
+            raise CalibrationError(
+                f"method='union' needs (inputs, targets) calibration batches; batch {index} is a "
+                f"{type(batch).__name__}" + (f" of length {len(batch)}" if isinstance(batch, (list, tuple)) else "")
+            )
+        batches.append(normalize_inputs(batch[0]))
+        targets.append(batch[1])
+    return batches, targets
 
 
 def prepared_state(prepared: fx.GraphModule) -> PreparedState:

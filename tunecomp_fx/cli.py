@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from tunecomp_fx.config import ALLOCATIONS, INITS, METHODS, CompressionConfig
-from tunecomp_fx.errors import InputError, TunecompError
+from tunecomp_fx.errors import CalibrationError, InputError, TunecompError
 from tunecomp_fx.model_spec import SPEC_HELP, LoadedModel, load_model, parse_shape
 
 PROG = "tunecomp-fx"
@@ -57,7 +57,13 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--ratio", type=float, default=0.4, help="fraction of the compressed layers' parameters to remove (default 0.4)"
     )
-    group.add_argument("--method", choices=METHODS, default="tunecomp", help="compression method (default tunecomp)")
+    group.add_argument(
+        "--method",
+        choices=METHODS,
+        default="tunecomp",
+        help="compression method (default tunecomp); union needs labelled calibration data, which only the "
+        "Python API takes (tunecomp_fx.compress(..., method='union', calib=[(inputs, targets), ...]))",
+    )
     group.add_argument("--init", choices=INITS, default="whitened", help="student initialization (default whitened)")
     group.add_argument(
         "--allocation", choices=ALLOCATIONS, default="uniform", help="how ranks are spread over sites (default uniform)"
@@ -69,6 +75,12 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace) -> CompressionConfig:
+    if args.method == "union":
+        raise CalibrationError(
+            "--method union calibrates on the loss's gradients and needs labelled batches, which the command "
+            "line does not take (it compresses on random example inputs); use the Python API: "
+            "tunecomp_fx.compress(model, inputs, ratio, method='union', calib=[(inputs, targets), ...]) or data=loader"
+        )
     return CompressionConfig(
         ratio=args.ratio,
         method=args.method,

@@ -12,7 +12,7 @@ from tunecomp_fx.errors import ConfigError
 
 INITS = ("whitened", "svd", "asvd")
 ALLOCATIONS = ("uniform", "global")
-METHODS = ("tunecomp",)
+METHODS = ("tunecomp", "union")
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,9 @@ class CompressionConfig:
 
     ratio: fraction of the parameters of the compressed linear sites that is *removed*
         (0.4 keeps 60% of them).
+    method: "tunecomp" (activation-aware factors, both trained, slack ranks pruned) or "union"
+        (task-aware union of subspaces: fixed orthonormal bases around a trained core; needs
+        labelled calibration batches; no rank slack).
     init: "whitened" (activation-aware SVD, the default), "svd" (plain) or "asvd" (diagonal scaling).
     allocation: "uniform" (every site keeps the same fraction) or "global" (ranks go where they
         recover the most whitened singular-value energy per parameter).
@@ -61,6 +64,11 @@ class CompressionConfig:
             raise ConfigError(f"rank_multiple must be >= 1; got {self.rank_multiple}")
         if self.rank_slack < 0:
             raise ConfigError(f"rank_slack must be >= 0; got {self.rank_slack}")
+        if self.method == "union" and self.rank_slack != 0:
+            raise ConfigError(
+                f"method='union' trains a fixed-rank core between fixed bases and prunes no ranks; "
+                f"rank_slack must be 0 (got {self.rank_slack})"
+            )
         if not self.damping > 0:
             raise ConfigError(f"damping must be > 0; got {self.damping}")
 

@@ -7,6 +7,11 @@ rises so that the surviving ranks shrink from the slack rank to the parameter bu
 exactly when p = 1. Pruned ranks are masked in `lowrank.<site>.rank_mask` (masks only ever shrink);
 finalize's eliminate_pruned_ranks slices them away.
 
+method="union" students start at their allocated rank (rank_slack must be 0 there): their
+kept parameters never exceed the budget, so no rank of theirs is ever masked. (The importance
+above would not suit them anyway: their factors are fixed orthonormal bases, the weight is in
+the core.)
+
 This changes buffer values on the live model every step, not the graph, so it is not a GraphPass
 (a pass would lint and recompile an unchanged graph each step).
 

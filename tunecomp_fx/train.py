@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import itertools
 import math
 import os
 import random
@@ -42,6 +43,7 @@ from tunecomp_fx.schedules import BLENDS, LR_DECAYS, Schedules, steps_of
 from tunecomp_fx.sites import Blend, set_blend
 
 DEFAULT_RANK_SLACK = 0.25  # extra rank students start with when trained (pruned away by the blend's end)
+UNION_CALIBRATION_BATCHES = 8  # training batches method="union" calibrates on when given no calib
 CHECKPOINT_FORMAT = "tunecomp-checkpoint/1"
 TRAINING_KEY = "tunecomp_training"  # compact GraphModule.meta key: training config and history
 _KEEP_CHECKPOINTS = 2
@@ -177,6 +179,8 @@ class StepHook:
         self.schedules = self.config.schedules(total)
         self.model = prepared
         self.context = prepared_state(prepared).context
+        if self.config.hardshrink > 0 and self.context.config.method == "union":
+            raise ConfigError("hardshrink would shrink the fixed bases of method='union'; use hardshrink=0")
         self.pruner = RankPruner(prepared, self.context, self.config.rank_selection)
         self.step_count = 0
         self.teacher_removed = False
@@ -669,14 +673,20 @@ def joint_compress(
     compression = {k: v for k, v in options.items() if k in compression_fields}
     training = {k: v for k, v in options.items() if k in training_fields}
     trainer_options = {k: v for k, v in options.items() if k in _TRAINER_OPTIONS}
-    if config is None:
+    method = config.method if config is not None else compression.get("method", "tunecomp")
+    if config is None and method != "union":  # union trains fixed-rank cores: no slack to prune
         compression.setdefault("rank_slack", DEFAULT_RANK_SLACK)
+    if method == "union" and calib is None:
+        calib = list(itertools.islice(iter(data), UNION_CALIBRATION_BATCHES))
     for name, value in (("steps", steps), ("epochs", epochs)):
         if value is not None:
             training[name] = value
     training_cfg = training_config(trainer_options.pop("training", None), training)
     resume = trainer_options.pop("resume", None)
-    prepared = prepare(model, example_inputs, ratio, config=config, calib=calib, progress=progress, **compression)
+    prepared = prepare(
+        model, example_inputs, ratio, config=config, calib=calib, progress=progress,
+        loss_fn=trainer_options.get("loss_fn"), **compression,
+    )
     original = copy.deepcopy(model).eval() if training_cfg.logit_distill > 0 else None
     trainer = JointTrainer(
         prepared, training_cfg, data=data, eval_data=eval_data, original=original, progress=progress, **trainer_options
