@@ -1,5 +1,6 @@
 """Transform: write each student's factors from its site's decomposition (the leading ranks) and
-copy the teacher's bias into the student's bias."""
+copy the teacher's bias into the student's bias; a student with a core (method="union") gets the
+fixed bases as factors and the diagonal of the projected W0 as its core."""
 
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ class InitializeStudents(GraphPass):
                 rank = student.down.weight.shape[0]
                 student.down.weight.copy_(decomposition.down[:rank].reshape(student.down.weight.shape))
                 student.up.weight.copy_(decomposition.up[:, :rank].reshape(student.up.weight.shape))
+                if hasattr(student, "core"):
+                    student.core.weight.copy_(torch.diag(decomposition.core[:rank]).reshape(student.core.weight.shape))
                 if site.bias_target is not None:
                     student.up.bias.copy_(gm.get_parameter(site.bias_target))
                 else:

@@ -5,7 +5,12 @@
                                                                                           (alpha*teacher + beta*student)
 
 The student starts with `rank * (1 + rank_slack)` ranks (the slack is pruned during training);
-alpha starts at 1 and beta at 0, so the rewritten model computes exactly what the original did."""
+alpha starts at 1 and beta at 0, so the rewritten model computes exactly what the original did.
+
+method="union" puts a trainable core between fixed orthonormal bases:
+    down (V^T, frozen) --> lowrank.<site>.core (rank x rank, trained) --> mul(rank_mask) --> up (U, frozen; bias trained)
+The mask sits on the core's output, where the default method's sits on down's, so finalize's
+fold_cores (core into down) leaves the default method's student behind."""
 
 from __future__ import annotations
 
@@ -24,14 +29,18 @@ def student_rank(site: Site, rank: int, slack: float) -> int:
     return min(math.ceil(rank * (1.0 + slack)), min(site.in_features, site.out_features))
 
 
-def _new_student(site: Site, rank: int, weight: torch.Tensor) -> nn.Module:
-    """down and up in the site's layout (nn.Linear, or 1x1 nn.Conv2d, down taking the site's
-    stride); the rank mask has shape (rank,) or (rank, 1, 1), so that it broadcasts over the hidden
-    activation either way."""
+def _new_student(site: Site, rank: int, weight: torch.Tensor, core: bool) -> nn.Module:
+    """down and up (and core) in the site's layout (nn.Linear, or 1x1 nn.Conv2d, down taking the
+    site's stride); the rank mask has shape (rank,) or (rank, 1, 1), so that it broadcasts over the
+    hidden activation either way."""
     layout = LAYOUTS[site.layout]
     container = nn.Module()
     container.down = layout.make(site.in_features, rank, False, weight, site.stride)
     container.up = layout.make(rank, site.out_features, True, weight)
+    if core:
+        container.core = layout.make(rank, rank, False, weight)
+        container.down.weight.requires_grad_(False)
+        container.up.weight.requires_grad_(False)
     container.register_buffer("rank_mask", torch.ones(layout.mask_shape(rank), device=weight.device, dtype=weight.dtype))
     container.blend = Blend().to(weight.device)
     return container
@@ -55,7 +64,8 @@ class InsertTeacherStudent(GraphPass):
         for site in ctx.factorized_sites():
             weight = gm.get_parameter(site.weight_target)
             rank = student_rank(site, ctx.ranks[site.name].rank, ctx.config.rank_slack)
-            root.add_module(site.key, _new_student(site, rank, weight))
+            core = ctx.config.method == "union"
+            root.add_module(site.key, _new_student(site, rank, weight, core))
             for target in (site.weight_target, site.bias_target):
                 if target is not None:
                     gm.get_parameter(target).requires_grad_(False)
@@ -64,10 +74,15 @@ class InsertTeacherStudent(GraphPass):
             graph = gm.graph
             with graph.inserting_after(teacher):
                 down = graph.call_module(f"{prefix}.down", (site_input(nodes[site.entry_node]),))
-            with graph.inserting_after(down):
+            projected = down
+            if core:
+                with graph.inserting_after(down):
+                    projected = graph.call_module(f"{prefix}.core", (down,))
+                projected.meta["tunecomp"] = {"site": site.name, "role": "core"}
+            with graph.inserting_after(projected):
                 mask = graph.get_attr(f"{prefix}.rank_mask")
             with graph.inserting_after(mask):
-                masked = graph.call_function(operator.mul, (down, mask))
+                masked = graph.call_function(operator.mul, (projected, mask))
             with graph.inserting_after(masked):
                 up = graph.call_module(f"{prefix}.up", (masked,))
             with graph.inserting_after(up):

@@ -440,3 +440,50 @@ def test_dict_and_tuple_results_are_compressed():
         result = compact(*inputs)
     assert set(result) == {"features", "pair"} and result["pair"][0].shape == (4, 12, 40)
     assert isinstance(compact, fx.GraphModule)
+
+
+def _labelled_images(count: int = 64, batch: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(count, 3, 8, 8, generator=generator)
+    labels = torch.randint(0, 10, (count,), generator=generator)
+    return [(images[i : i + batch], labels[i : i + batch]) for i in range(0, count, batch)]
+
+
+def _conv_students(compact: fx.GraphModule) -> dict[str, tuple[nn.Module, nn.Module]]:
+    return {
+        key: (compact.get_submodule(roles["down"].target), compact.get_submodule(roles["up"].target))
+        for key, roles in student_nodes(compact).items()
+        if "down" in roles and isinstance(compact.get_submodule(roles["down"].target), nn.Conv2d)
+    }
+
+
+def test_joint_training_prunes_pointwise_convolution_ranks_to_the_budget():
+    torch.manual_seed(0)
+    data = _labelled_images()
+    compact = tunecomp_fx.compress(PointwiseCNN().eval(), (data[0][0],), ratio=RATIO, data=data, steps=8, rank_slack=0.5)
+    report = tunecomp_fx.get_report(compact)
+    assert 1 - RATIO - 0.05 <= report.kept_fraction <= 1 - RATIO + 1e-9
+    students = _conv_students(compact)
+    assert students  # the pointwise convolutions stay two 1x1 convolutions after pruning
+    ranks = {row.name.replace(".", "_"): row.rank for row in report.sites if row.rank is not None}
+    for key, (down, up) in students.items():
+        assert down.kernel_size == (1, 1) and down.out_channels == up.in_channels == ranks[key]
+    with torch.no_grad():
+        assert compact(data[1][0]).shape == (16, 10)
+
+
+def test_union_method_on_pointwise_convolutions():
+    torch.manual_seed(0)
+    data = _labelled_images()
+    model = PointwiseCNN().eval()
+    prepared = tunecomp_fx.prepare(model, (data[0][0],), ratio=RATIO, method="union", calib=data[:2])
+    cores = [prepared.get_submodule(f"lowrank.{site.key}.core") for site in prepared.meta["tunecomp"].context.factorized_sites()]
+    assert any(isinstance(core, nn.Conv2d) for core in cores)
+    x = data[2][0]
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(x), model(x), atol=ALPHA_ONE_ATOL, rtol=0)
+        tunecomp_fx.set_blend(prepared, 0.0)
+        at_zero = prepared(x)
+        compact = tunecomp_fx.finalize(prepared)
+        torch.testing.assert_close(compact(x), at_zero, atol=FINALIZE_ATOL, rtol=1e-4)
+    assert _conv_students(compact)

@@ -40,9 +40,13 @@ class PassContext:
 
     config: CompressionConfig
     calibration: Sequence[Inputs] = ()
+    calibration_targets: Sequence[Any] = ()  # labels of the calibration batches (method="union")
+    loss_fn: Any = None  # loss(outputs, targets) for gradient calibration; None: cross-entropy
     check_inputs: Inputs | None = None
     sites: list[Site] = field(default_factory=list)
     covariances: dict[str, Any] = field(default_factory=dict)
+    gradient_covariances: dict[str, Any] = field(default_factory=dict)  # of the loss at each site's output
+    rows_per_sample: dict[str, float] = field(default_factory=dict)  # input rows (tokens) per example
     decompositions: dict[str, Any] = field(default_factory=dict)
     ranks: dict[str, RankDecision] = field(default_factory=dict)
     log: list[PassRecord] = field(default_factory=list)
