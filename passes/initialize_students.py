@@ -24,11 +24,11 @@ class InitializeStudents(GraphPass):
             for site in ctx.factorized_sites():
                 student = site_container(gm, site)
                 decomposition = ctx.decompositions[site.name]
-                rank = student.down.out_features
-                student.down.weight.copy_(decomposition.down[:rank])
-                student.up.weight.copy_(decomposition.up[:, :rank])
+                rank = student.down.weight.shape[0]
+                student.down.weight.copy_(decomposition.down[:rank].reshape(student.down.weight.shape))
+                student.up.weight.copy_(decomposition.up[:, :rank].reshape(student.up.weight.shape))
                 if hasattr(student, "core"):
-                    student.core.weight.copy_(torch.diag(decomposition.core[:rank]))
+                    student.core.weight.copy_(torch.diag(decomposition.core[:rank]).reshape(student.core.weight.shape))
                 if site.bias_target is not None:
                     student.up.bias.copy_(gm.get_parameter(site.bias_target))
                 else:

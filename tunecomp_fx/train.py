@@ -657,6 +657,7 @@ def joint_compress(
     eval_data: Iterable[Any] | None,
     steps: int | None,
     epochs: float | None,
+    dynamic_dims: dict[str | int, dict[int, str]] | None = None,
     **options: Any,
 ) -> fx.GraphModule:
     """prepare (students with slack rank) -> JointTrainer -> finalize. Options are CompressionConfig
@@ -685,7 +686,7 @@ def joint_compress(
     resume = trainer_options.pop("resume", None)
     prepared = prepare(
         model, example_inputs, ratio, config=config, calib=calib, progress=progress,
-        loss_fn=trainer_options.get("loss_fn"), **compression,
+        loss_fn=trainer_options.get("loss_fn"), dynamic_dims=dynamic_dims, **compression,
     )
     original = copy.deepcopy(model).eval() if training_cfg.logit_distill > 0 else None
     trainer = JointTrainer(
