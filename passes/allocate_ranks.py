@@ -1,7 +1,7 @@
 """Analysis: choose each compressed site's rank so that the kept parameters of the compressed sites
 meet (1 - ratio) of their dense size, never over it.
 
-Both strategies share one greedy fill: start every site small, then repeatedly grant the best
+Both strategies share one greedy fill: start every site at rank 1, then repeatedly grant the best
 next step (a block of `rank_multiple` ranks, or the switch to dense once a block would cross
 break-even) that still fits the budget; a last pass in single ranks closes a leftover gap.
 - uniform: the best step goes to the site furthest below its own share of the budget;
@@ -21,7 +21,9 @@ from tunecomp_fx.errors import BudgetError
 from tunecomp_fx.pipeline import GraphPass, PassContext, RankDecision
 from tunecomp_fx.sites import Site
 
-_RESIDUAL_GAP = 0.002  # fill in single ranks when more than this fraction of the budget is unused
+# Ranks stay multiples of `rank_multiple` unless that leaves more than this fraction of the compressed
+# sites' dense size unused; then a last fill in single ranks closes the gap (the target is within 1%).
+_RESIDUAL_GAP = 0.005
 
 
 @dataclass
@@ -51,22 +53,23 @@ def allocate(
     rank_multiple: int,
     priority: Callable[[_State, int, bool], float],
 ) -> dict[str, RankDecision]:
-    budget = kept_fraction * sum(site.dense_params for site in sites)
+    total = sum(site.dense_params for site in sites)
+    budget = kept_fraction * total
     states = {}
     for site in sites:
         if site.break_even_rank <= 1:
             states[site.name] = _State(site, 0, dense=True)
         else:
-            states[site.name] = _State(site, min(rank_multiple, site.break_even_rank - 1))
+            states[site.name] = _State(site, 1)
     used = sum(state.params for state in states.values())
     if used > budget:
         raise BudgetError(
-            f"ratio={1 - kept_fraction:.3g} cannot be met: even the smallest ranks keep {used:,} of "
-            f"{sum(s.dense_params for s in sites):,} parameters (budget {budget:,.0f}), because sites that "
-            "cannot shrink stay dense. Use a smaller ratio, or exclude the sites that cannot shrink"
+            f"ratio={1 - kept_fraction:.3g} cannot be met: rank 1 everywhere (and dense where no rank saves "
+            f"parameters) already keeps {used:,} of {total:,} parameters "
+            f"(budget {budget:,.0f}). Use a smaller ratio, or exclude the sites too small to shrink"
         )
     for step in (rank_multiple, 1):
-        if step == 1 and budget - used <= _RESIDUAL_GAP * budget:
+        if step == 1 and budget - used <= _RESIDUAL_GAP * total:
             break
         heap: list[tuple[float, str]] = []
 

@@ -23,7 +23,6 @@ class InputCovariance:
 
     gram: torch.Tensor  # (n, n), float64
     rows: int
-    rows_per_sample: float  # rows per example (tokens), for MAC accounting
 
     @property
     def covariance(self) -> torch.Tensor:
@@ -93,7 +92,8 @@ class CalibrateInputCovariance(GraphPass):
             observer = observers.get_submodule(site.key)
             if observer.rows == 0:
                 raise CalibrationError(f"site '{site.name}' saw no input during calibration; is it reachable from forward()?")
-            ctx.covariances[site.name] = InputCovariance(observer.gram, observer.rows, observer.rows / max(observer.samples, 1))
+            ctx.covariances[site.name] = InputCovariance(observer.gram, observer.rows)
+            ctx.rows_per_sample[site.name] = observer.rows / max(observer.samples, 1)
         return gm
 
     def ensures(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:

@@ -10,12 +10,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
-import torch
 from torch import fx, nn
 
 from tunecomp_fx.capture import capture, check_inputs_fit
 from tunecomp_fx.config import CompressionConfig
-from tunecomp_fx.errors import ConfigError, InputError, TunecompError
+from tunecomp_fx.errors import ConfigError, InputError
 from tunecomp_fx.inputs import Inputs, normalize_inputs
 from tunecomp_fx.metrics import count_macs, count_parameters
 from tunecomp_fx.passes.allocate_ranks import AllocateRanks
@@ -108,7 +107,6 @@ def prepare(
     context.log.append(PassRecord("capture", time.perf_counter() - start, (), ()))
     gm = run_passes(captured.graph_module, prepare_passes(), context, progress=progress)
     # The covariances and full factorizations are large and have served their purpose.
-    context.covariances_rows = {name: c.rows_per_sample for name, c in context.covariances.items()}
     context.covariances.clear()
     context.decompositions.clear()
     context.calibration = ()
@@ -180,7 +178,7 @@ def get_report(compact: fx.GraphModule) -> CompressionReport:
 
 def build_report(compact: fx.GraphModule, state: PreparedState) -> CompressionReport:
     context = state.context
-    rows_per_sample = getattr(context, "covariances_rows", {})
+    rows_per_sample = context.rows_per_sample
     lowrank = getattr(compact, LOWRANK_ROOT, None)
     rows = []
     for site in context.sites:
@@ -220,4 +218,5 @@ def build_report(compact: fx.GraphModule, state: PreparedState) -> CompressionRe
         model_macs_before=state.macs_before,
         model_macs_after=count_macs(compact, state.example_inputs),
         pass_seconds=seconds,
+        pass_log=tuple(context.log),
     )

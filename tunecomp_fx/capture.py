@@ -64,8 +64,8 @@ def symbolic_capture(model: nn.Module, inputs: Inputs) -> fx.GraphModule:
         params = inspect.signature(model.forward).parameters
         concrete_args = {name: p.default for name, p in params.items() if name not in inputs and p.default is not inspect.Parameter.empty}
     graph = tracer.trace(model, concrete_args=concrete_args)
-    name = model.__class__.__name__
-    return fx.GraphModule(tracer.root, graph, name)
+    graph._tracer_cls = None  # so that pickles of the result never reference this module
+    return fx.GraphModule(tracer.root, graph, model.__class__.__name__)
 
 
 def export_capture(model: nn.Module, inputs: Inputs) -> fx.GraphModule:
@@ -81,7 +81,18 @@ def export_capture(model: nn.Module, inputs: Inputs) -> fx.GraphModule:
         args, kwargs = tuple(inputs), {}
         shapes = tuple(dynamic(v) for v in args)
     program = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
-    return program.module()
+    return _plain_graph_module(program.module())
+
+
+def _plain_graph_module(module: fx.GraphModule) -> fx.GraphModule:
+    """ExportedProgram.module() holds shape-guard hooks that cannot be pickled; rebuild it as a plain
+    GraphModule (same graph, pytree calling convention kept) without the guard call."""
+    graph = module.graph
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            graph.erase_node(node)
+    graph._tracer_cls = None
+    return fx.GraphModule(module, graph, module.__class__.__name__)
 
 
 def check_inputs_fit(model: nn.Module, inputs: Inputs) -> list[torch.Tensor]:

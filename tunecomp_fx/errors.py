@@ -39,3 +39,7 @@ class ExportError(TunecompError):
 
 class PassError(TunecompError):
     """A graph pass broke one of the invariants it declares; the message names the pass."""
+
+
+class DataError(TunecompError):
+    """A bundled model or data set is missing or malformed; the message names the package to install."""

@@ -43,6 +43,7 @@ class PassContext:
     check_inputs: Inputs | None = None
     sites: list[Site] = field(default_factory=list)
     covariances: dict[str, Any] = field(default_factory=dict)
+    rows_per_sample: dict[str, float] = field(default_factory=dict)  # input rows (tokens) per example
     decompositions: dict[str, Any] = field(default_factory=dict)
     ranks: dict[str, RankDecision] = field(default_factory=dict)
     log: list[PassRecord] = field(default_factory=list)

@@ -1,0 +1,372 @@
+"""Export a model to one ONNX file with dynamic batch (and sequence) axes, verified in ONNX Runtime.
+
+Exporter choice (measured on torch 2.14.1): the torch.export-based exporter (`dynamo=True`) handles
+`symbolic_trace` GraphModules, `torch.export(...).module()` GraphModules, timm ViTs and HF BERT alike,
+and emits a graph with BatchNorm already folded. The legacy TorchScript exporter fails on the first
+two out of the box and on timm's fx-traced ViT, but it does trace data-dependent Python control flow
+(one branch baked in) where torch.export refuses; so it is the fallback, never the first choice.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from os import PathLike
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from tunecomp_fx.errors import ConfigError, ExportError, InputError
+from tunecomp_fx.modes import eval_mode
+
+from ._ort import cpu_session, to_numpy
+
+ExampleInputs = Sequence[torch.Tensor] | Mapping[str, torch.Tensor]
+DynamicAxes = dict[str, dict[int, str]]
+
+BATCH_AXIS = "batch"
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What `to_onnx` wrote and how well ONNX Runtime agreed with PyTorch.
+
+    `max_errors` maps a description of the input shapes (e.g. "x=3x16") to the largest absolute
+    difference over all outputs at those shapes; it is empty when verification was skipped.
+    `external_data` names side files holding weights: empty unless the model is over ONNX's 2 GB limit.
+    """
+
+    path: Path
+    exporter: str
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    dynamic_axes: DynamicAxes
+    max_errors: dict[str, float]
+    external_data: tuple[str, ...]
+
+
+def to_onnx(
+    model: nn.Module,
+    example_inputs: ExampleInputs,
+    path: str | PathLike[str],
+    *,
+    dynamic_dims: Mapping[str, Mapping[int, str]] | None = None,
+    verify: bool = True,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+    opset: int | None = None,
+) -> ExportResult:
+    """Write `model` to `path` as ONNX and (by default) check ONNX Runtime against PyTorch at two shapes.
+
+    Dim 0 of every input is a dynamic batch axis; `dynamic_dims` names more per input, e.g.
+    `{"input_ids": {1: "sequence"}, "attention_mask": {1: "sequence"}}`. Positional inputs are named
+    after the parameters of `model.forward`. The model runs in eval mode throughout; its mode is
+    restored afterwards.
+    """
+    keyword = isinstance(example_inputs, Mapping)
+    names, tensors = _named_inputs(model, example_inputs)
+    axes = _dynamic_axes(names, tensors, dynamic_dims)
+    path = Path(path)
+    flat_model = _FlatOutputs(model, names, keyword)
+    with eval_mode(model), torch.no_grad():
+        try:
+            flat_model.output_names = [name for name, _ in flat_model.named_outputs(*tensors)]
+        except Exception as error:
+            raise InputError(f"the model fails on example_inputs: {_first_line(error)}") from error
+        if not flat_model.output_names:
+            raise InputError("the model returns no tensor on example_inputs, so there is nothing to export")
+        exporter = _export(flat_model, tensors, path, axes, opset)
+        max_errors = _verify(flat_model, path, names, tensors, axes, atol, rtol) if verify else {}
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return ExportResult(
+        path=path,
+        exporter=exporter,
+        input_names=tuple(value.name for value in proto.graph.input),
+        output_names=tuple(value.name for value in proto.graph.output),
+        dynamic_axes=_symbolic_axes(proto),
+        max_errors=max_errors,
+        external_data=_external_data_files(proto),
+    )
+
+
+class _FlatOutputs(nn.Module):
+    """Calls the model with positional tensors and returns its outputs as one flat tuple of tensors.
+
+    Exporting this wrapper instead of the model gives both exporters the same plain signature, and
+    makes the ONNX outputs line up one to one with the tensors verification compares against.
+    """
+
+    def __init__(self, model: nn.Module, input_names: list[str], keyword: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.input_names = input_names
+        self.keyword = keyword
+        self.output_names: list[str] = []
+        self.training = False
+
+    def train(self, mode: bool = True) -> _FlatOutputs:
+        # `eval_mode` owns the wrapped model's mode; exporters that toggle it would reach torch.export
+        # GraphModules, which raise on `.train()`.
+        return self
+
+    def named_outputs(self, *tensors: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        outputs = self.model(**dict(zip(self.input_names, tensors))) if self.keyword else self.model(*tensors)
+        return _flatten_outputs(outputs)
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(tensor for _, tensor in self.named_outputs(*tensors))
+
+
+def _flatten_outputs(outputs: object, prefix: str | None = None) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs of a tensor, tuple/list, dict or HF ModelOutput (a dict), nested.
+
+    Dict outputs keep their keys as names ("logits"); positions become "output_0", "output_1", ...
+    """
+    if isinstance(outputs, torch.Tensor):
+        return [(prefix or "output", outputs)]
+    if isinstance(outputs, Mapping):
+        children = [(str(key) if prefix is None else f"{prefix}_{key}", value) for key, value in outputs.items()]
+    elif isinstance(outputs, (tuple, list)):
+        children = [(f"{prefix or 'output'}_{index}", value) for index, value in enumerate(outputs)]
+    else:
+        return []  # None and Python scalars have no ONNX counterpart
+    return [pair for name, value in children for pair in _flatten_outputs(value, name)]
+
+
+def _named_inputs(model: nn.Module, example_inputs: ExampleInputs) -> tuple[list[str], list[torch.Tensor]]:
+    if isinstance(example_inputs, Mapping):
+        names, tensors = [str(name) for name in example_inputs], list(example_inputs.values())
+    elif isinstance(example_inputs, Sequence):
+        tensors = list(example_inputs)
+        names = _positional_names(model, len(tensors))
+    else:
+        raise InputError(
+            "example_inputs must be a tuple of tensors or a dict of keyword tensors, "
+            f"got {type(example_inputs).__name__}"
+        )
+    if not tensors or not all(isinstance(tensor, torch.Tensor) for tensor in tensors):
+        raise InputError(
+            "example_inputs must hold at least one tensor and only tensors; "
+            "fix other arguments inside the model (e.g. with functools.partial) before export"
+        )
+    return names, tensors
+
+
+def _positional_names(model: nn.Module, count: int) -> list[str]:
+    """The names of `model.forward`'s first `count` parameters, else input_0, input_1, ..."""
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        parameters = []
+    positional = [
+        parameter.name
+        for parameter in parameters
+        if parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD)
+    ]
+    return positional[:count] if len(positional) >= count else [f"input_{index}" for index in range(count)]
+
+
+def _dynamic_axes(
+    names: list[str], tensors: list[torch.Tensor], dynamic_dims: Mapping[str, Mapping[int, str]] | None
+) -> DynamicAxes:
+    """Dim 0 of every input is the batch axis; `dynamic_dims` adds (or renames) axes per input."""
+    axes: DynamicAxes = {name: {0: BATCH_AXIS} for name, tensor in zip(names, tensors) if tensor.dim() > 0}
+    ranks = dict(zip(names, (tensor.dim() for tensor in tensors)))
+    for name, dims in (dynamic_dims or {}).items():
+        if name not in ranks:
+            raise ConfigError(f"dynamic_dims names input {name!r}, but the inputs are {names}")
+        for axis, axis_name in dims.items():
+            if not -ranks[name] <= axis < ranks[name]:
+                raise ConfigError(
+                    f"dynamic_dims[{name!r}] has axis {axis}, but that input has {ranks[name]} dims"
+                )
+            axes.setdefault(name, {})[axis % ranks[name]] = str(axis_name)
+    return axes
+
+
+def _export(
+    flat_model: _FlatOutputs, tensors: list[torch.Tensor], path: Path, axes: DynamicAxes, opset: int | None
+) -> str:
+    """Try the exporters in order of preference; return the name of the one that worked."""
+    failures: list[str] = []
+    for exporter_name, export in _EXPORTERS:
+        try:
+            export(flat_model, tensors, path, axes, opset)
+        except Exception as error:
+            failures.append(f"{exporter_name}: {_first_line(error)}")
+            continue
+        if failures:
+            warnings.warn(
+                f"exported with the {exporter_name} exporter because {'; '.join(failures)}", stacklevel=3
+            )
+        return exporter_name
+    raise ExportError(
+        "ONNX export failed with every exporter tried: "
+        + "; ".join(failures)
+        + ". Replace the op named there with ones ONNX supports, and keep data-dependent Python "
+        "control flow out of the model so that torch.export can capture it."
+    )
+
+
+def _export_dynamo(
+    flat_model: _FlatOutputs, tensors: list[torch.Tensor], path: Path, axes: DynamicAxes, opset: int | None
+) -> None:
+    # String axis names become Dim.DYNAMIC (ranges inferred, e.g. sequence <= 512 for BERT) and are
+    # written to the ONNX file under these names.
+    dynamic_shapes = {"tensors": tuple(axes.get(name) for name in flat_model.input_names)}
+    with warnings.catch_warnings():
+        # Inputs sharing an axis name trigger one of these per name; it is what we asked for.
+        warnings.filterwarnings("ignore", message="# The axis name: .* will not be used")
+        torch.onnx.export(
+            flat_model,
+            tuple(tensors),
+            str(path),
+            dynamo=True,
+            verbose=False,
+            input_names=flat_model.input_names,
+            output_names=flat_model.output_names,
+            dynamic_shapes=dynamic_shapes,
+            opset_version=opset,
+            # One self-contained file; the exporter still splits weights out past the 2 GB protobuf limit.
+            external_data=False,
+        )
+
+
+def _export_torchscript(
+    flat_model: _FlatOutputs, tensors: list[torch.Tensor], path: Path, axes: DynamicAxes, opset: int | None
+) -> None:
+    with warnings.catch_warnings():
+        # The exporter and its helpers announce their own deprecation; choosing it as fallback is deliberate.
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        torch.onnx.export(
+            flat_model,
+            tuple(tensors),
+            str(path),
+            dynamo=False,
+            input_names=flat_model.input_names,
+            output_names=flat_model.output_names,
+            dynamic_axes=axes,
+            opset_version=opset,
+        )
+
+
+_EXPORTERS: tuple[tuple[str, Callable[..., None]], ...] = (
+    ("dynamo", _export_dynamo),
+    ("torchscript", _export_torchscript),
+)
+
+
+def _verify(
+    flat_model: _FlatOutputs,
+    path: Path,
+    names: list[str],
+    tensors: list[torch.Tensor],
+    axes: DynamicAxes,
+    atol: float,
+    rtol: float,
+) -> dict[str, float]:
+    """Max abs error of ONNX Runtime against PyTorch at the example shapes, then at one more size
+    per dynamic axis name."""
+    session = cpu_session(path)
+    onnx_names = [value.name for value in session.get_inputs()]
+    max_errors: dict[str, float] = {}
+    for variant in [tensors] + [_resized(names, tensors, axes, axis_name) for axis_name in _axis_names(axes)]:
+        shapes = ", ".join(f"{name}={'x'.join(map(str, tensor.shape))}" for name, tensor in zip(names, variant))
+        feed = {name: to_numpy(tensor) for name, tensor in zip(names, variant) if name in onnx_names}
+        try:
+            actual = session.run(None, feed)
+        except Exception as error:
+            raise ExportError(
+                f"ONNX Runtime fails on {path} at input shapes {shapes}: {_first_line(error)}. "
+                "A dynamic axis was probably baked in as a constant; "
+                "check the model for shape-dependent Python code."
+            ) from error
+        expected = flat_model(*variant)
+        max_errors[shapes] = max(
+            _max_error(output_name, got, want, shapes, atol, rtol)
+            for output_name, got, want in zip(flat_model.output_names, actual, expected, strict=True)
+        )
+    return max_errors
+
+
+def _axis_names(axes: DynamicAxes) -> list[str]:
+    return list(dict.fromkeys(axis_name for dims in axes.values() for axis_name in dims.values()))
+
+
+def _resized(
+    names: list[str], tensors: list[torch.Tensor], axes: DynamicAxes, axis_name: str
+) -> list[torch.Tensor]:
+    """The inputs with every axis called `axis_name` resized by one, reusing existing slices so that
+    token ids and masks stay valid: the batch grows; other axes shrink (staying within limits such as
+    a maximum sequence length) unless they are too short to."""
+    resized = []
+    for name, tensor in zip(names, tensors):
+        for axis, this_name in axes.get(name, {}).items():
+            if this_name == axis_name:
+                size = tensor.shape[axis]
+                if axis_name == BATCH_AXIS or size <= 2:
+                    tensor = torch.cat([tensor, tensor.narrow(axis, 0, 1)], dim=axis)
+                else:
+                    tensor = tensor.narrow(axis, 0, size - 1)
+        resized.append(tensor)
+    return resized
+
+
+def _max_error(
+    output_name: str, actual: np.ndarray, expected: torch.Tensor, shapes: str, atol: float, rtol: float
+) -> float:
+    want = expected.detach().cpu().to(torch.float64).numpy()
+    got = np.asarray(actual, dtype=np.float64)
+    if got.shape != want.shape:
+        raise ExportError(
+            f"output {output_name!r} has shape {got.shape} in ONNX Runtime but {want.shape} in PyTorch "
+            f"at input shapes {shapes}; a dynamic axis was probably exported as a constant."
+        )
+    error = np.abs(got - want)
+    error[np.isnan(got) & np.isnan(want)] = 0.0
+    max_error = float(error.max()) if error.size else 0.0
+    if not np.isclose(got, want, rtol=rtol, atol=atol, equal_nan=True).all():
+        raise ExportError(
+            f"ONNX Runtime disagrees with PyTorch on output {output_name!r} at input shapes {shapes}: "
+            f"max abs error {max_error:.3g} exceeds atol + rtol*|ref| (atol={atol:g}, rtol={rtol:g}). "
+            "Look for an op whose ONNX translation differs (re-export with verify=False and compare "
+            "layer outputs), a model captured in training mode (dropout), or loosen atol/rtol if the "
+            "gap is expected, e.g. from reduced precision."
+        )
+    return max_error
+
+
+def _symbolic_axes(proto: onnx.ModelProto) -> DynamicAxes:
+    axes: DynamicAxes = {}
+    for value in proto.graph.input:
+        shape = value.type.tensor_type.shape.dim
+        dims = {index: dim.dim_param for index, dim in enumerate(shape) if dim.dim_param}
+        if dims:
+            axes[value.name] = dims
+    return axes
+
+
+def _external_data_files(proto: onnx.ModelProto) -> tuple[str, ...]:
+    locations = {
+        entry.value
+        for tensor in proto.graph.initializer
+        if tensor.data_location == onnx.TensorProto.EXTERNAL
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
+    return tuple(sorted(locations))
+
+
+def _first_line(error: BaseException) -> str:
+    """`Type: first line` of the root cause, without terminal colour codes (the dynamo exporter adds some)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"

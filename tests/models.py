@@ -1,0 +1,67 @@
+"""Small models shared by the tests: each exercises a site form or a capture path."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MLP(nn.Module):
+    """Two nn.Linear sites and one F.linear site on a parameter."""
+
+    def __init__(self, width: int = 64, hidden: int = 96, classes: int = 10) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.head_weight = nn.Parameter(torch.randn(classes, hidden) / hidden**0.5)
+        self.head_bias = nn.Parameter(torch.zeros(classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.fc1(x))
+        x = torch.relu(self.fc2(x)) + x
+        return F.linear(x, self.head_weight, self.head_bias)
+
+
+class AttentionBlock(nn.Module):
+    def __init__(self, dim: int = 64, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.fc1 = nn.Linear(dim, 4 * dim)
+        self.fc2 = nn.Linear(4 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        attention = F.scaled_dot_product_attention(q, k, v)
+        x = x + self.proj(attention.transpose(1, 2).reshape(b, t, d))
+        return x + self.fc2(F.gelu(self.fc1(x)))
+
+
+class ShapeBranching(nn.Module):
+    """Python control flow on a tensor value: symbolic tracing fails, torch.export handles it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(32, 64)
+        self.fc2 = nn.Linear(64, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        if h.shape[-1] > 16:  # a proxy bool: symbolic tracing cannot evaluate this
+            h = torch.relu(h)
+        return self.fc2(h)
+
+
+class NoLinear(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x) * 2
+
+
+def anisotropic_inputs(batch: int, width: int, seed: int = 0) -> torch.Tensor:
+    """Inputs whose channel scales span three orders of magnitude."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, width, generator=generator) * torch.logspace(-1.5, 1.5, width)
