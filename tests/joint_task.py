@@ -128,7 +128,7 @@ def fresh(kind: str) -> nn.Module:
 
 
 @pytest.fixture
-def single_thread():
+def single_thread() -> Iterator[None]:
     """These models are tiny: one thread is faster, and immune to OpenMP spin-waits when the
     machine's cores are shared."""
     threads = torch.get_num_threads()

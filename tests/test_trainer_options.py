@@ -99,3 +99,12 @@ def test_bad_batches_are_named() -> None:
     trainer = JointTrainer(prepared, data=[task.test[0]], steps=2, progress=False)
     with pytest.raises(tunecomp_fx.InputError, match=r"\(inputs, targets\) pairs"):
         trainer.fit()
+
+
+def test_bf16_autocast_path_runs_on_cpu() -> None:
+    # On CUDA bf16 autocast is the default; on CPU it is opt-in, which exercises the same path here.
+    trainer = _trainer(bf16=True)
+    assert trainer.bf16
+    trainer.fit()
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in trainer.history)
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # autocast, not a cast
