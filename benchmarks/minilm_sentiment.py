@@ -43,6 +43,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "init=svd": {"init": "svd"},
     "rank_selection=site": {"rank_selection": "site"},
 }
+METHODS = ("ft", "joint", "ft_c_ft", "ft_svd", "c_ft")
 PROFILES = {
     "quick": {"max_length": 32, "batch_size": 16, "steps": 32, "lr": 2e-4, "repeats": 5, "ablation_ratios": (0.5,)},
     "full": {"max_length": 64, "batch_size": 32, "steps": 1500, "lr": 1e-4, "repeats": 30, "ablation_ratios": (0.3, 0.5, 0.7)},
@@ -54,6 +55,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="the 2-core CPU profile")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.7, 0.3], help="in the order run")
     parser.add_argument("--ablations", nargs="*", default=None, help=f"subset of {list(ABLATIONS)} (default all)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="a subset, to split a run over processes")
     parser.add_argument("--steps", type=int, help="override the profile's S")
     parser.add_argument("--test-limit", type=int, help="evaluate on the first N test texts (smoke runs only)")
     parser.add_argument("--output", default="benchmarks/results/minilm_sentiment")
@@ -91,6 +93,7 @@ def main() -> int:
         (output / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 
     def timed(fn: Any, *a: Any, **k: Any) -> tuple[Any, float]:
+        task.train.generator.manual_seed(0)  # every method sees the same batches in the same order
         start = time.perf_counter()
         value = fn(*a, **k)
         return value, time.perf_counter() - start
@@ -106,23 +109,29 @@ def main() -> int:
             training=dataclasses.replace(recipe, **training), **compression,
         )
 
-    ft, seconds = timed(finetune, copy.deepcopy(task.model), task.train, recipe, desc="ft")
-    record("ft", 0.0, ft, seconds)
-    ft_half, half_seconds = timed(finetune, copy.deepcopy(task.model), task.train, half, desc="ft S/2")
+    methods = set(args.methods)
+    if methods & {"ft", "ft_svd"}:
+        ft, seconds = timed(finetune, copy.deepcopy(task.model), task.train, recipe, desc="ft")
+        record("ft", 0.0, ft, seconds)
+    if "ft_c_ft" in methods:
+        ft_half, half_seconds = timed(finetune, copy.deepcopy(task.model), task.train, half, desc="ft S/2")
     for ratio in args.ratios:
-        model, more = timed(joint, ratio)  # the headline comparison first: joint, then the best sequential
-        record("joint", ratio, model, more)
-        sequential, more = timed(finetune, squeeze(ft_half, ratio), task.train, half, desc=f"ft_c_ft {ratio}")
-        record("ft_c_ft", ratio, sequential, half_seconds + more)
-        # Latency right after each ratio, so that a run cut short still has it for the ratios it did.
-        latency = onnx_latency(
-            {"ft": ft, f"joint@{ratio}": model, f"ft_c_ft@{ratio}": sequential}, task.example,
-            output / "onnx", baseline="ft", repeats=profile["repeats"],
-        )
-        results.setdefault("latency", {}).update({f"{label}|{ratio}": t for label, t in latency.items()})
-        record("ft_svd", ratio, squeeze(ft, ratio), seconds)
-        trained, more = timed(finetune, squeeze(task.model, ratio), task.train, recipe, desc=f"c_ft {ratio}")
-        record("c_ft", ratio, trained, more)
+        compact = {}
+        if "joint" in methods:  # the headline comparison first: joint, then the best sequential
+            compact[f"joint@{ratio}"], more = timed(joint, ratio)
+            record("joint", ratio, compact[f"joint@{ratio}"], more)
+        if "ft_c_ft" in methods:
+            compact[f"ft_c_ft@{ratio}"], more = timed(finetune, squeeze(ft_half, ratio), task.train, half, desc=f"ft_c_ft {ratio}")
+            record("ft_c_ft", ratio, compact[f"ft_c_ft@{ratio}"], half_seconds + more)
+        if "ft" in methods:  # latency right after each ratio, so that a run cut short has it for the ratios done
+            latency = onnx_latency({"ft": ft, **compact}, task.example, output / "onnx", baseline="ft", repeats=profile["repeats"])
+            results.setdefault("latency", {}).update({f"{label}|{ratio}": t for label, t in latency.items()})
+            write_table(results, output)
+        if "ft_svd" in methods:
+            record("ft_svd", ratio, squeeze(ft, ratio), seconds)
+        if "c_ft" in methods:
+            trained, more = timed(finetune, squeeze(task.model, ratio), task.train, recipe, desc=f"c_ft {ratio}")
+            record("c_ft", ratio, trained, more)
         write_table(results, output)
     for ratio in profile["ablation_ratios"]:
         for name in args.ablations if args.ablations is not None else ABLATIONS:
@@ -145,6 +154,8 @@ def write_table(results: dict[str, Any], output: Path) -> None:
         )
     macs = {f"{r['method']}@{r['ratio']}": r["macs_fraction"] for r in rows}
     macs["ft"] = 1.0
+    if not rows:
+        return
     if "latency" in results:
         lines += ["", "| model | b1 ms | b1 speedup | b32 ms | b32 speedup | MAC bound | b32 fraction of bound |", "|---|---|---|---|---|---|---|"]
         for key, t in results["latency"].items():

@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     output.mkdir(parents=True, exist_ok=True)
     steps = 2 if args.quick else args.steps
     limits = {"max_length": 16, "train_limit": 64, "test_limit": 64} if args.quick else {"max_length": 32}
-    task = sentiment_task(batch_size=16, **limits)
+    task = sentiment_task(batch_size=16, seed=0, **limits)
     recipe = TrainingConfig(steps=steps, lr=2e-4)
     print(
         f"all-MiniLM-L6-v2 on Rotten Tomatoes: {len(task.test.dataset)} test texts, {task.max_length} tokens, "
@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"\n1/3 fine-tuning the uncompressed model ({steps} steps): the reference")
     reference = finetune(copy.deepcopy(task.model), task.train, recipe, desc="fine-tune")
+    task.train.generator.manual_seed(0)  # the joint run sees the same batches in the same order
     print(f"\n2/3 joint fine-tuning and compression at ratio {args.ratio} ({steps} steps)")
     compact = compress(
         task.model, task.example, args.ratio, calib=task.calibration, data=task.train, training=recipe, progress=True
