@@ -55,14 +55,17 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="the 2-core CPU profile")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.7, 0.3], help="in the order run")
     parser.add_argument("--ablations", nargs="*", default=None, help=f"subset of {list(ABLATIONS)} (default all)")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="a subset, to split a run over processes")
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS, help="a subset, to split a run over processes")
     parser.add_argument("--steps", type=int, help="override the profile's S")
+    parser.add_argument("--ablation-ratios", type=float, nargs="*", help="override the profile's ablation ratios")
     parser.add_argument("--test-limit", type=int, help="evaluate on the first N test texts (smoke runs only)")
     parser.add_argument("--output", default="benchmarks/results/minilm_sentiment")
     args = parser.parse_args()
     profile = dict(PROFILES["quick" if args.quick else "full"])
     if args.steps:
         profile["steps"] = args.steps
+    if args.ablation_ratios is not None:
+        profile["ablation_ratios"] = tuple(args.ablation_ratios)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(torch.get_num_threads())
@@ -156,7 +159,7 @@ def write_table(results: dict[str, Any], output: Path) -> None:
     macs["ft"] = 1.0
     if not rows:
         return
-    if "latency" in results:
+    if results.get("latency"):
         lines += ["", "| model | b1 ms | b1 speedup | b32 ms | b32 speedup | MAC bound | b32 fraction of bound |", "|---|---|---|---|---|---|---|"]
         for key, t in results["latency"].items():
             label = key.split("|")[0]
