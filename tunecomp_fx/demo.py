@@ -17,7 +17,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 
 from tunecomp_fx.report import format_table
 
