@@ -17,7 +17,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-
 from tunecomp_fx.report import format_table
 
 SUMMARY = "jointly fine-tune and compress MiniLM for sentiment; ONNX model and before/after table"
