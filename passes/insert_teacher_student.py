@@ -16,7 +16,7 @@ import torch
 from torch import fx, nn
 
 from tunecomp_fx.pipeline import GraphPass, PassContext
-from tunecomp_fx.sites import LOWRANK_ROOT, Blend, Site
+from tunecomp_fx.sites import LOWRANK_ROOT, Blend, Site, student_nodes
 
 
 def student_rank(site: Site, rank: int, slack: float) -> int:
@@ -75,8 +75,20 @@ class InsertTeacherStudent(GraphPass):
         return gm
 
     def ensures(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:
-        blends = [n for n in gm.graph.nodes if n.meta.get("tunecomp", {}).get("role") == "blend"]
-        expected = len(ctx.factorized_sites())
-        if len(blends) != expected:
-            return f"{len(blends)} blend nodes for {expected} factorized sites"
+        found = student_nodes(gm)
+        sites = ctx.factorized_sites()
+        if len(found) != len(sites):
+            return f"{len(found)} students for {len(sites)} factorized sites"
+        for site in sites:
+            roles = found.get(site.key, {})
+            missing = sorted({"down", "rank_mask", "masked", "up", "blend"} - set(roles))
+            if missing:
+                return f"the student of site '{site.name}' lacks its {missing} nodes"
+            teacher = roles["teacher"]
+            if teacher.name != site.node or roles["down"].args[0] is not teacher.args[0]:
+                return f"the student of site '{site.name}' does not read the teacher's input"
+            if roles["masked"].args != (roles["down"], roles["rank_mask"]) or roles["up"].args != (roles["masked"],):
+                return f"the student of site '{site.name}' is not down -> mul(rank_mask) -> up"
+            if list(teacher.users) != [roles["blend"]] or roles["blend"].args != (teacher, roles["up"]):
+                return f"the teacher of site '{site.name}' is not read by its blend alone"
         return None

@@ -15,7 +15,7 @@ from torch import fx, nn
 
 from tunecomp_fx.capture import capture, check_inputs_fit
 from tunecomp_fx.config import CompressionConfig
-from tunecomp_fx.errors import ConfigError, InputError, TunecompError
+from tunecomp_fx.errors import ConfigError, InputError, PassError, TunecompError
 from tunecomp_fx.inputs import Inputs, normalize_inputs
 from tunecomp_fx.metrics import count_macs, count_parameters
 from tunecomp_fx.passes.allocate_ranks import AllocateRanks
@@ -103,7 +103,12 @@ def prepare(
     captured = capture(model, inputs, reference)
     if progress:
         print(f"captured with {captured.path}: {captured.reason} ({time.perf_counter() - start:.1f} s)")
-    batches = [normalize_inputs(batch) for batch in calib] if calib is not None else [inputs]
+    if calib is not None and not isinstance(calib, Iterable):
+        raise InputError(f"calib must be an iterable of input batches (tuples or dicts); got {type(calib).__name__}")
+    if calib is None:
+        batches = [inputs]
+    else:
+        batches = [normalize_inputs(batch, f"calibration batch {index}") for index, batch in enumerate(calib)]
     context = PassContext(config=config, calibration=batches, check_inputs=inputs)
     context.log.append(PassRecord("capture", time.perf_counter() - start, (), ()))
     gm = run_passes(captured.graph_module, prepare_passes(), context, progress=progress)
@@ -131,6 +136,7 @@ def finalize(prepared: fx.GraphModule, *, inplace: bool = False, progress: bool 
     compact.meta.pop(STATE_KEY, None)
     context = state.context
     compact = run_passes(compact, finalize_passes(), context, progress=progress)
+    _check_package_free(compact)
     report = build_report(compact, state)
     compact.meta[REPORT_KEY] = report.to_dict()
     compact.meta[CONFIG_KEY] = context.config.to_dict()
@@ -151,6 +157,18 @@ def compress(
     prepared = prepare(model, example_inputs, ratio, config=config, calib=calib, progress=progress, **options)
     set_blend(prepared, 0.0)
     return finalize(prepared, inplace=True, progress=progress)
+
+
+def _check_package_free(compact: fx.GraphModule) -> None:
+    """The compact model must load and run without this package: no module or function of ours is left."""
+    ours = [f"module '{name}' ({type(m).__name__})" for name, m in compact.named_modules() if _is_ours(type(m))]
+    ours += [f"node '{n.name}' ({n.target})" for n in compact.graph.nodes if n.op == "call_function" and _is_ours(n.target)]
+    if ours:
+        raise PassError(f"finalize left parts of tunecomp_fx in the compact model: {', '.join(ours[:3])}")
+
+
+def _is_ours(thing: object) -> bool:
+    return (getattr(thing, "__module__", None) or "").startswith("tunecomp_fx")
 
 
 def get_report(compact: fx.GraphModule) -> CompressionReport:
@@ -187,7 +205,10 @@ def build_report(compact: fx.GraphModule, state: PreparedState) -> CompressionRe
             macs_before if rank is None else int(tokens * rank * (site.in_features + site.out_features)) if tokens else 0
         )
         rows.append(
-            SiteRow(site.name, site.form, site.out_features, site.in_features, label, rank, before, after, macs_before, macs_after, reason)
+            SiteRow(
+                site.name, site.form, site.out_features, site.in_features, label, rank, before, after,
+                macs_before, macs_after, reason, context.init_errors.get(site.name),
+            )
         )
     seconds: dict[str, float] = {}
     for record in context.log:

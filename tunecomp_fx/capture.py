@@ -3,14 +3,17 @@ back to torch.export with a dynamic batch dimension. The result says which path 
 
 from __future__ import annotations
 
+import linecache
+import os
+import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
 
-from tunecomp_fx.errors import CaptureError, InputError
-from tunecomp_fx.inputs import Inputs, call_model, flatten_outputs
+from tunecomp_fx.errors import CaptureError, InputError, first_line
+from tunecomp_fx.inputs import Inputs, call_model, describe_inputs, flatten_outputs, named_tensors
 
 # Module types not to trace into, each with its reason (after timm's _features_fx registry).
 # Their own linear layers stay inside the leaf and are not compressible sites.
@@ -69,6 +72,16 @@ def symbolic_capture(model: nn.Module, inputs: Inputs) -> fx.GraphModule:
 
 
 def export_capture(model: nn.Module, inputs: Inputs) -> fx.GraphModule:
+    doubled = _batch_of_two(inputs)
+    if doubled is not inputs:
+        try:
+            return _export(model, doubled)
+        except Exception:
+            pass  # dim 0 cannot grow here: capture at the size given, where torch.export fixes it
+    return _export(model, inputs)
+
+
+def _export(model: nn.Module, inputs: Inputs) -> fx.GraphModule:
     batch = torch.export.Dim.AUTO
 
     def dynamic(value: object) -> object:
@@ -84,6 +97,23 @@ def export_capture(model: nn.Module, inputs: Inputs) -> fx.GraphModule:
     return _plain_graph_module(program.module())
 
 
+def _batch_of_two(inputs: Inputs) -> Inputs:
+    """torch.export specializes a dimension of size 1 to the constant 1 (its 0/1 specialization), so
+    a batch of one would give a graph that runs only at batch size 1 (reshapes bake it in). When every
+    batched input has batch size 1, capture on each repeated twice instead (the capture is still
+    checked against the model on the original inputs); returns `inputs` itself otherwise."""
+    tensors = [t for _, t in named_tensors(inputs) if t.dim() > 0]
+    if not tensors or any(t.shape[0] != 1 for t in tensors):
+        return inputs
+
+    def doubled(value: object) -> object:
+        return torch.cat([value, value]) if isinstance(value, torch.Tensor) and value.dim() > 0 else value
+
+    if isinstance(inputs, Mapping):
+        return {key: doubled(value) for key, value in inputs.items()}
+    return tuple(doubled(value) for value in inputs)
+
+
 def _plain_graph_module(module: fx.GraphModule) -> fx.GraphModule:
     """ExportedProgram.module() holds shape-guard hooks that cannot be pickled; rebuild it as a plain
     GraphModule (same graph, pytree calling convention kept) without the guard call."""
@@ -96,16 +126,53 @@ def _plain_graph_module(module: fx.GraphModule) -> fx.GraphModule:
 
 
 def check_inputs_fit(model: nn.Module, inputs: Inputs) -> list[torch.Tensor]:
-    """Run the model once on the example inputs; a failure is the user's input, not our bug."""
+    """Check the model holds real weights and the inputs sit on its device, then run it once on the
+    example inputs; a failure is the user's input, not our bug."""
+    _check_materialized(model)
+    _check_same_device(model, inputs)
     try:
         with torch.no_grad():
             return flatten_outputs(call_model(model, inputs))
     except Exception as error:
         raise InputError(
-            f"the example inputs do not fit the model ({type(error).__name__}: {_first_line(error)}). "
+            f"the example inputs do not fit the model ({type(error).__name__}: {first_line(error)}). "
+            f"Got {describe_inputs(inputs)}; the model's weights are {_describe_weights(model)}. "
             "Pass a tuple of tensors in the order of forward()'s arguments, or a dict of keyword tensors, "
             "with the shapes, dtypes and device the model expects"
         ) from error
+
+
+def _check_materialized(model: nn.Module) -> None:
+    on_meta = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if on_meta:
+        raise InputError(
+            f"{len(on_meta)} parameters and buffers of {model.__class__.__name__} are on the meta device "
+            f"(e.g. '{on_meta[0]}'): they have shapes but no values, so there is nothing to compress. "
+            "Materialize the weights first, e.g. model.to_empty(device='cpu') then "
+            "model.load_state_dict(state_dict), or load the model without device='meta'"
+        )
+
+
+def _check_same_device(model: nn.Module, inputs: Inputs) -> None:
+    devices = {t.device for t in (*model.parameters(), *model.buffers())}
+    if len(devices) != 1:
+        return  # no weights, or a model spread over devices on purpose: let the model decide
+    device = devices.pop()
+    for name, tensor in named_tensors(inputs):
+        if tensor.device != device:
+            raise InputError(
+                f"example input {name} is on device '{tensor.device}' but the model's weights are on '{device}'; "
+                f"move the inputs with .to('{device}') (or the model with .to('{tensor.device}'))"
+            )
+
+
+def _describe_weights(model: nn.Module) -> str:
+    weights = list(model.parameters())
+    if not weights:
+        return "absent (the model has no parameters)"
+    dtypes = sorted({str(w.dtype) for w in weights})
+    devices = sorted({str(w.device) for w in weights})
+    return f"{'/'.join(dtypes)} on {'/'.join(devices)}"
 
 
 def capture(model: nn.Module, inputs: Inputs, reference: list[torch.Tensor] | None = None) -> Capture:
@@ -116,19 +183,31 @@ def capture(model: nn.Module, inputs: Inputs, reference: list[torch.Tensor] | No
         gm = symbolic_capture(model, inputs)
         _check_reproduces(gm, inputs, reference)
         return Capture(gm, "symbolic_trace", "symbolic tracing succeeded")
-    except Exception as trace_error:
-        why = f"symbolic tracing failed ({type(trace_error).__name__}: {_first_line(trace_error)})"
+    except Exception as error:
+        trace_error = error
+        why = f"symbolic tracing failed ({type(error).__name__}: {first_line(error)})"
     try:
         gm = export_capture(model, inputs)
         _check_reproduces(gm, inputs, reference)
     except Exception as export_error:
+        where = _user_code(export_error, model) or _user_code(trace_error, model)
         raise CaptureError(
             f"could not capture {model.__class__.__name__}: {why}; torch.export failed too "
-            f"({type(export_error).__name__}: {_first_line(export_error)}). Register the module that holds "
-            "the untraceable construct with tunecomp_fx.capture.register_leaf_module(Type, reason), or "
-            "remove data-dependent control flow from forward()"
+            f"({type(export_error).__name__}: {first_line(export_error)})."
+            + (f" The construct that stops both is at {where}." if where else "")
+            + " Rewrite it without Python control flow on tensor values (e.g. torch.where instead of "
+            "`if tensor:`), or register the module that holds it with "
+            "tunecomp_fx.capture.register_leaf_module(Type, reason) so that it stays one opaque call"
         ) from export_error
-    return Capture(gm, "torch.export", f"{why}; used torch.export with a dynamic batch dimension")
+    batch = "a dynamic batch dimension" if _dynamic_batch(gm) else (
+        "the batch size of the example inputs fixed (dim 0 cannot vary in this model): the result runs only at that size"
+    )
+    return Capture(gm, "torch.export", f"{why}; used torch.export with {batch}")
+
+
+def _dynamic_batch(gm: fx.GraphModule) -> bool:
+    inputs = [node.meta.get("val") for node in gm.graph.nodes if node.op == "placeholder"]
+    return any(isinstance(v, torch.Tensor) and v.dim() > 0 and isinstance(v.shape[0], torch.SymInt) for v in inputs)
 
 
 def _check_reproduces(gm: fx.GraphModule, inputs: Inputs, reference: list[torch.Tensor]) -> None:
@@ -141,6 +220,30 @@ def _check_reproduces(gm: fx.GraphModule, inputs: Inputs, reference: list[torch.
         raise CaptureError("the captured graph does not reproduce the model's outputs")
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+_LIBRARY_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
+
+
+def _user_code(error: BaseException, model: nn.Module) -> str | None:
+    """Where in the model's own code `error` (or its cause) was raised: file:line, the module's name
+    and class, and the line of source; None when no frame of the traceback is the model's code."""
+    module_names = {id(module): name for name, module in model.named_modules()}
+    innermost = None
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        for frame, line in traceback.walk_tb(error.__traceback__):
+            filename = frame.f_code.co_filename
+            if filename.startswith(_LIBRARY_DIRS) or not os.path.isfile(filename):
+                continue
+            code = frame.f_code
+            owner = frame.f_locals.get(code.co_varnames[0]) if code.co_argcount else None
+            innermost = (filename, line, code.co_name, owner)
+        error = error.__cause__ or error.__context__
+    if innermost is None:
+        return None
+    filename, line, function, owner = innermost
+    source = linecache.getline(filename, line).strip()
+    if isinstance(owner, nn.Module) and id(owner) in module_names:
+        name = module_names[id(owner)]
+        function = f"{type(owner).__name__}.{function}" + (f" of module '{name}'" if name else " (the root module)")
+    return f"{filename}:{line} in {function}: `{source}`"

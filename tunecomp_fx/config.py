@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from typing import Any
 
 from tunecomp_fx.errors import ConfigError
@@ -12,6 +13,7 @@ from tunecomp_fx.errors import ConfigError
 INITS = ("whitened", "svd", "asvd")
 ALLOCATIONS = ("uniform", "global")
 METHODS = ("tunecomp",)
+CHECK_NUMERICS_ENV = "TUNECOMP_CHECK_NUMERICS"
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,9 @@ class CompressionConfig:
     rank_slack: extra rank a student starts with, pruned away during joint training (0 when
         training-free).
     damping: relative diagonal damping of the input covariance before whitening.
+    check_numerics: after every pass that promises unchanged outputs, run the model on the example
+        inputs and compare (slower; default on when the environment sets TUNECOMP_CHECK_NUMERICS=1,
+        as the test suite does).
     """
 
     ratio: float = 0.4
@@ -38,7 +43,7 @@ class CompressionConfig:
     rank_multiple: int = 8
     rank_slack: float = 0.0
     damping: float = 1e-6
-    check_numerics: bool = False
+    check_numerics: bool = field(default_factory=lambda: os.environ.get(CHECK_NUMERICS_ENV) == "1")
 
     def __post_init__(self) -> None:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):

@@ -20,6 +20,7 @@ class SiteRow:
     macs_before: int  # per example
     macs_after: int
     reason: str = ""
+    init_error: float | None = None  # ||(W - BA) X|| / ||W X|| of the initialized student, on calibration data
 
     @property
     def kept_fraction(self) -> float:
@@ -92,11 +93,12 @@ class CompressionReport:
                     f"{row.params_before:,}",
                     f"{row.params_after:,}",
                     f"{row.kept_fraction:.3f}",
+                    "-" if row.init_error is None else f"{row.init_error:.3g}",
                 ]
             )
         return rows
 
-    _HEADER = ["site", "shape", "decision", "params before", "params after", "kept"]
+    _HEADER = ["site", "shape", "decision", "params before", "params after", "kept", "init error"]
 
     def _summary_lines(self) -> list[str]:
         return [
@@ -106,6 +108,15 @@ class CompressionReport:
             f"whole model: params {self.model_params_before:,} -> {self.model_params_after:,} "
             f"(x{self.param_ratio:.3f}); MACs {self.model_macs_before:,} -> {self.model_macs_after:,} "
             f"(x{self.mac_ratio:.3f})",
+        ] + self._init_error_lines()
+
+    def _init_error_lines(self) -> list[str]:
+        errors = [row.init_error for row in self.sites if row.init_error is not None]
+        if not errors:
+            return []
+        return [
+            f"initialized students reproduce their teachers within a relative error ||(W - BA) X|| / ||W X|| "
+            f"of {max(errors):.3g} (mean {sum(errors) / len(errors):.3g}) on the calibration data"
         ]
 
     def to_markdown(self) -> str:
