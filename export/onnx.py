@@ -13,8 +13,7 @@ import inspect
 import re
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 
 from tunecomp_fx.errors import ConfigError, ExportError, InputError
+from tunecomp_fx.modes import eval_mode
 
 from ._ort import cpu_session, to_numpy
 
@@ -76,7 +76,7 @@ def to_onnx(
     path = Path(path)
     _check_writable(path)
     flat_model = _FlatOutputs(model, names, keyword)
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         try:
             flat_model.output_names = [name for name, _ in flat_model.named_outputs(*tensors)]
         except Exception as error:
@@ -135,7 +135,7 @@ class _FlatOutputs(nn.Module):
         self.training = False
 
     def train(self, mode: bool = True) -> _FlatOutputs:
-        # `_eval_mode` owns the wrapped model's mode; exporters that toggle it would reach torch.export
+        # `eval_mode` owns the wrapped model's mode; exporters that toggle it would reach torch.export
         # GraphModules, which raise on `.train()`.
         return self
 
@@ -212,23 +212,6 @@ def _dynamic_axes(
                 )
             axes.setdefault(name, {})[axis % ranks[name]] = str(axis_name)
     return axes
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode for every submodule, restored exactly afterwards.
-
-    Sets the flags directly because GraphModules from torch.export refuse `.train()`/`.eval()`;
-    their dropout mode was fixed when they were captured.
-    """
-    modes = {module: module.training for module in model.modules()}
-    for module in modes:
-        module.training = False
-    try:
-        yield
-    finally:
-        for module, training in modes.items():
-            module.training = training
 
 
 def _export(

@@ -6,6 +6,9 @@ next step (a block of `rank_multiple` ranks, or the switch to dense once a block
 break-even) that still fits the budget; a last pass in single ranks closes a leftover gap.
 - uniform: the best step goes to the site furthest below its own share of the budget;
 - global: the best step recovers the most whitened singular-value energy per added parameter.
+A site's rank never exceeds the number of components its decomposition has (method="union":
+the size of its union of subspaces; the default method: min(in, out), never binding); past
+that, as past break-even, the only step left is to keep the site dense.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ _RESIDUAL_GAP = 0.005
 class _State:
     site: Site
     rank: int
+    cap: int  # the largest rank the site's decomposition offers
     dense: bool = False
 
     @property
@@ -42,9 +46,9 @@ def _next_step(state: _State, step: int) -> tuple[int, bool] | None:
     if state.dense:
         return None
     rank = (state.rank // step + 1) * step
-    if rank >= state.site.break_even_rank:
+    if rank >= state.site.break_even_rank or state.rank >= state.cap:
         return state.rank, True
-    return rank, False
+    return min(rank, state.cap), False
 
 
 def allocate(
@@ -52,15 +56,17 @@ def allocate(
     kept_fraction: float,
     rank_multiple: int,
     priority: Callable[[_State, int, bool], float],
+    caps: dict[str, int] | None = None,
 ) -> dict[str, RankDecision]:
     total = sum(site.dense_params for site in sites)
     budget = kept_fraction * total
     states = {}
     for site in sites:
+        cap = (caps or {}).get(site.name, min(site.in_features, site.out_features))
         if site.break_even_rank <= 1:
-            states[site.name] = _State(site, 0, dense=True)
+            states[site.name] = _State(site, 0, cap, dense=True)
         else:
-            states[site.name] = _State(site, 1)
+            states[site.name] = _State(site, 1, cap)
     used = sum(state.params for state in states.values())
     if used > budget:
         raise BudgetError(_unreachable(states, kept_fraction, used, total, budget))
@@ -80,7 +86,7 @@ def allocate(
             _, name = heapq.heappop(heap)
             state = states[name]
             rank, dense = _next_step(state, step)
-            grown = _State(state.site, rank, dense)
+            grown = _State(state.site, rank, state.cap, dense)
             if used - state.params + grown.params > budget:
                 continue  # this site cannot take its next step; others still may
             used += grown.params - state.params
@@ -148,7 +154,8 @@ class AllocateRanks(GraphPass):
             priority = global_priority(energies)
         else:
             priority = uniform_priority(config.kept_fraction)
-        ctx.ranks = allocate(ctx.compressed_sites, config.kept_fraction, config.rank_multiple, priority)
+        caps = {name: len(decomposition.singular_values) for name, decomposition in ctx.decompositions.items()}
+        ctx.ranks = allocate(ctx.compressed_sites, config.kept_fraction, config.rank_multiple, priority, caps)
         return gm
 
     def ensures(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:

@@ -56,7 +56,7 @@ def whitening_factor(covariance: torch.Tensor, damping: float) -> tuple[torch.Te
 
 
 @contextmanager
-def _single_thread() -> Iterator[None]:
+def single_thread() -> Iterator[None]:
     # Threaded LAPACK eigensolvers stall on OpenMP barriers for matrices of this size (192 x 192
     # took 1-2.5 s on 2 busy cores against 5 ms on one thread); one thread is never slower here.
     threads = torch.get_num_threads()
@@ -67,8 +67,8 @@ def _single_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _eigh_descending(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    with _single_thread():
+def eigh_descending(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with single_thread():
         eigenvalues, vectors = torch.linalg.eigh((gram + gram.T) / 2)
     sigma = eigenvalues.flip(0).clamp_min(0).sqrt()
     return sigma, vectors.flip(1)
@@ -107,7 +107,7 @@ def decompose(weight: torch.Tensor, covariance: torch.Tensor | None, init: str, 
         diagonal = None
     if m <= n:
         metric = damped(covariance, damping) if diagonal is None else torch.diag(diagonal**2)
-        sigma, u = _eigh_descending(w @ metric @ w.T)
+        sigma, u = eigh_descending(w @ metric @ w.T)
         scale = _balance(sigma)
         up, down = u * scale, (u / scale).T @ w
     else:
@@ -117,7 +117,7 @@ def decompose(weight: torch.Tensor, covariance: torch.Tensor | None, init: str, 
         else:
             whitened = w * diagonal
             apply_inverse = lambda x: x / diagonal  # noqa: E731
-        sigma, v = _eigh_descending(whitened.T @ whitened)
+        sigma, v = eigh_descending(whitened.T @ whitened)
         scale = _balance(sigma)
         up, down = (whitened @ v) / scale, apply_inverse((v * scale).T)
     dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32

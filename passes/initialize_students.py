@@ -1,11 +1,15 @@
 """Transform: write each student's factors from its site's decomposition (the leading ranks), copy
 the teacher's bias into the student's bias, and record how well each student reproduces its
-teacher on the calibration data (the relative activation-weighted error of the written factors)."""
+teacher on the calibration data (the relative activation-weighted error of the written factors).
+A student with a core (method="union") gets the fixed bases as factors and the diagonal of the
+projected W0 as its core."""
 
 from __future__ import annotations
 
+import math
+
 import torch
-from torch import fx
+from torch import fx, nn
 
 from tunecomp_fx.pipeline import GraphPass, PassContext
 from tunecomp_fx.sites import site_container
@@ -22,6 +26,14 @@ def activation_error(weight: torch.Tensor, approx: torch.Tensor, covariance: tor
     error = ((e.float() @ c) * e.float()).sum().double().clamp_min(0)
     total = ((w.float() @ c) * w.float()).sum().double()
     return float((error / total).sqrt()) if total > 0 else 0.0
+
+
+def student_weight(student: nn.Module) -> torch.Tensor:
+    """The student's linear map up @ (core @) down, in float64."""
+    down = student.down.weight.double()
+    if hasattr(student, "core"):
+        down = student.core.weight.double() @ down
+    return student.up.weight.double() @ down
 
 
 def _tolerance(dtype: torch.dtype) -> float:
@@ -46,23 +58,25 @@ class InitializeStudents(GraphPass):
                 rank = student.down.out_features
                 student.down.weight.copy_(decomposition.down[:rank])
                 student.up.weight.copy_(decomposition.up[:, :rank])
+                if hasattr(student, "core"):
+                    student.core.weight.copy_(torch.diag(decomposition.core[:rank]))
                 if site.bias_target is not None:
                     student.up.bias.copy_(gm.get_parameter(site.bias_target))
                 else:
                     student.up.bias.zero_()
                 ctx.init_errors[site.name] = activation_error(
-                    gm.get_parameter(site.weight_target),
-                    student.up.weight.double() @ student.down.weight.double(),
-                    ctx.covariances[site.name].covariance,
+                    gm.get_parameter(site.weight_target), student_weight(student), ctx.covariances[site.name].covariance
                 )
         return gm
 
     def ensures(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:
-        # Each student is a projection of its teacher's weight, so its error never exceeds the zero
-        # student's (1) by more than rounding; NaN, inf or worse means broken factors.
+        # A factorized student is an output-side projection of its teacher's weight (in the metric its
+        # init uses), so its error never exceeds the zero student's (1) by more than rounding. A union
+        # student also projects the input side, which may cost more than 1; it must still be finite.
         for site in ctx.factorized_sites():
             error = ctx.init_errors.get(site.name)
-            limit = 1.0 + _tolerance(gm.get_parameter(site.weight_target).dtype)
-            if error is None or not error <= limit:
+            projected = not hasattr(site_container(gm, site), "core")
+            limit = 1.0 + _tolerance(gm.get_parameter(site.weight_target).dtype) if projected else math.inf
+            if error is None or not error <= limit or not math.isfinite(error):
                 return f"student of site '{site.name}' has initialization error {error} (expected <= {limit:.3g})"
         return None

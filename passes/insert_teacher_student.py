@@ -5,7 +5,12 @@
                                                                                           (alpha*teacher + beta*student)
 
 The student starts with `rank * (1 + rank_slack)` ranks (the slack is pruned during training);
-alpha starts at 1 and beta at 0, so the rewritten model computes exactly what the original did."""
+alpha starts at 1 and beta at 0, so the rewritten model computes exactly what the original did.
+
+method="union" puts a trainable core between fixed orthonormal bases:
+    down (V^T, frozen) --> lowrank.<site>.core (rank x rank, trained) --> mul(rank_mask) --> up (U, frozen; bias trained)
+The mask sits on the core's output, where the default method's sits on down's, so finalize's
+fold_cores (core into down) leaves the default method's student behind."""
 
 from __future__ import annotations
 
@@ -23,11 +28,15 @@ def student_rank(site: Site, rank: int, slack: float) -> int:
     return min(math.ceil(rank * (1.0 + slack)), min(site.in_features, site.out_features))
 
 
-def _new_student(site: Site, rank: int, weight: torch.Tensor) -> nn.Module:
+def _new_student(site: Site, rank: int, weight: torch.Tensor, core: bool) -> nn.Module:
     container = nn.Module()
     factory = {"device": weight.device, "dtype": weight.dtype}
     container.down = nn.Linear(site.in_features, rank, bias=False, **factory)
     container.up = nn.Linear(rank, site.out_features, bias=True, **factory)
+    if core:
+        container.core = nn.Linear(rank, rank, bias=False, **factory)
+        container.down.weight.requires_grad_(False)
+        container.up.weight.requires_grad_(False)
     container.register_buffer("rank_mask", torch.ones(rank, **factory))
     container.blend = Blend().to(weight.device)
     return container
@@ -51,7 +60,8 @@ class InsertTeacherStudent(GraphPass):
         for site in ctx.factorized_sites():
             weight = gm.get_parameter(site.weight_target)
             rank = student_rank(site, ctx.ranks[site.name].rank, ctx.config.rank_slack)
-            root.add_module(site.key, _new_student(site, rank, weight))
+            core = ctx.config.method == "union"
+            root.add_module(site.key, _new_student(site, rank, weight, core))
             for target in (site.weight_target, site.bias_target):
                 if target is not None:
                     gm.get_parameter(target).requires_grad_(False)
@@ -60,10 +70,15 @@ class InsertTeacherStudent(GraphPass):
             graph = gm.graph
             with graph.inserting_after(teacher):
                 down = graph.call_module(f"{prefix}.down", (teacher.args[0],))
-            with graph.inserting_after(down):
+            projected = down
+            if core:
+                with graph.inserting_after(down):
+                    projected = graph.call_module(f"{prefix}.core", (down,))
+                projected.meta["tunecomp"] = {"site": site.name, "role": "core"}
+            with graph.inserting_after(projected):
                 mask = graph.get_attr(f"{prefix}.rank_mask")
             with graph.inserting_after(mask):
-                masked = graph.call_function(operator.mul, (down, mask))
+                masked = graph.call_function(operator.mul, (projected, mask))
             with graph.inserting_after(masked):
                 up = graph.call_module(f"{prefix}.up", (masked,))
             with graph.inserting_after(up):
@@ -87,8 +102,12 @@ class InsertTeacherStudent(GraphPass):
             teacher = roles["teacher"]
             if teacher.name != site.node or roles["down"].args[0] is not teacher.args[0]:
                 return f"the student of site '{site.name}' does not read the teacher's input"
-            if roles["masked"].args != (roles["down"], roles["rank_mask"]) or roles["up"].args != (roles["masked"],):
-                return f"the student of site '{site.name}' is not down -> mul(rank_mask) -> up"
+            # method="union" puts its core between down and the mask
+            masked_input = roles.get("core", roles["down"])
+            if "core" in roles and roles["core"].args != (roles["down"],):
+                return f"the core of site '{site.name}' does not read its down-projection"
+            if roles["masked"].args != (masked_input, roles["rank_mask"]) or roles["up"].args != (roles["masked"],):
+                return f"the student of site '{site.name}' is not down -> {'core -> ' * ('core' in roles)}mul(rank_mask) -> up"
             if list(teacher.users) != [roles["blend"]] or roles["blend"].args != (teacher, roles["up"]):
                 return f"the teacher of site '{site.name}' is not read by its blend alone"
         return None

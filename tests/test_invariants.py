@@ -12,6 +12,7 @@ from torch import fx, nn
 
 import tunecomp_fx
 from tunecomp_fx.api import finalize_passes
+from tunecomp_fx.mode import set_training_mode
 from tunecomp_fx.passes.allocate_ranks import AllocateRanks
 from tunecomp_fx.passes.decompose_weights import DecomposeWeights
 from tunecomp_fx.passes.eliminate_dead_code import EliminateDeadCode
@@ -108,3 +109,30 @@ def test_runner_checks_numerics_with_a_tolerance_for_the_dtype(dtype, harmless, 
         run_passes(model, [_ScaleFirstWeight(harmful)], ctx)
     unchecked = PassContext(config=tunecomp_fx.CompressionConfig(check_numerics=False), check_inputs=ctx.check_inputs)
     run_passes(model, [_ScaleFirstWeight(harmful)], unchecked)  # only when asked
+
+
+class _DropoutNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(16, 32)
+        self.norm = nn.BatchNorm1d(32)
+        self.drop = nn.Dropout(0.5)
+        self.fc2 = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.drop(torch.relu(self.norm(self.fc1(x)))))
+
+
+def test_numerics_check_runs_in_eval_mode_and_leaves_the_mode_and_statistics_alone():
+    """During training the model is in train mode: the check must neither see dropout's noise nor
+    update batch-norm statistics, and must hand the model back in train mode."""
+    torch.manual_seed(0)
+    prepared = tunecomp_fx.prepare(_DropoutNorm().eval(), (torch.randn(8, 16),), ratio=0.5, check_numerics=True)
+    tunecomp_fx.set_blend(prepared, 0.0)
+    set_training_mode(prepared, True)
+    statistics = prepared.get_submodule("norm").running_mean.clone()
+    run_passes(prepared, [FoldBlends()], context(prepared))  # outputs compared before and after
+    assert prepared.training and prepared.get_submodule("drop").training
+    torch.testing.assert_close(prepared.get_submodule("norm").running_mean, statistics, atol=0, rtol=0)
+    x = torch.randn(8, 16)
+    assert not torch.equal(prepared(x), prepared(x))  # dropout still draws

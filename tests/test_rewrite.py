@@ -173,3 +173,25 @@ def test_invariant_checks_run_after_every_pass_when_asked():
                                      "allocate_ranks", "insert_teacher_student", "initialize_students"]
     inserted = next(r for r in log if r.name == "insert_teacher_student")
     assert len(inserted.added) == 3 * 5 and not inserted.removed  # down, mask, mul, up, blend per site
+
+
+class _UnusedBranch(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = nn.Linear(32, 32)
+        self.unused = nn.Linear(32, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.unused(x)  # computed and thrown away
+        return self.used(x)
+
+
+def test_site_whose_output_is_unused_is_removed_and_reported():
+    torch.manual_seed(0)
+    model = _UnusedBranch().eval()
+    x = torch.randn(4, 32)
+    compact = tunecomp_fx.compress(model, (x,), ratio=0.5)
+    rows = {row.name: row for row in tunecomp_fx.get_report(compact).sites}
+    assert rows["unused"].decision == "removed" and rows["unused"].params_after == 0
+    assert rows["used"].decision == "rank"
+    assert not hasattr(compact.get_submodule("lowrank"), "unused")

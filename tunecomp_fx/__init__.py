@@ -1,6 +1,7 @@
 """tunecomp-fx: joint fine-tuning and compression as a torch.fx pass pipeline.
 
-    compact = tunecomp_fx.compress(model, example_inputs, ratio=0.4)
+    compact = tunecomp_fx.compress(model, example_inputs, ratio=0.4)  # training-free
+    compact = tunecomp_fx.compress(model, example_inputs, ratio=0.4, data=loader, steps=1000)  # joint
     print(tunecomp_fx.get_report(compact))
 """
 
@@ -20,6 +21,7 @@ from tunecomp_fx.errors import (
 )
 from tunecomp_fx.report import CompressionReport
 from tunecomp_fx.sites import set_blend
+from tunecomp_fx.train import JointTrainer, StepHook, TrainingConfig
 
 __all__ = [
     "BudgetError",
@@ -30,8 +32,11 @@ __all__ = [
     "ConfigError",
     "ExportError",
     "InputError",
+    "JointTrainer",
     "PassError",
     "SiteError",
+    "StepHook",
+    "TrainingConfig",
     "TrainingError",
     "TunecompError",
     "compress",

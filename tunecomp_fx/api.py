@@ -6,26 +6,28 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
-import torch
 from torch import fx, nn
 
 from tunecomp_fx.capture import capture, check_inputs_fit
 from tunecomp_fx.config import CompressionConfig
-from tunecomp_fx.errors import ConfigError, InputError, PassError, TunecompError
+from tunecomp_fx.errors import CalibrationError, ConfigError, InputError, PassError
 from tunecomp_fx.inputs import Inputs, normalize_inputs
 from tunecomp_fx.metrics import count_macs, count_parameters
 from tunecomp_fx.passes.allocate_ranks import AllocateRanks
+from tunecomp_fx.passes.build_union_bases import BuildUnionBases
 from tunecomp_fx.passes.calibrate_input_covariance import CalibrateInputCovariance
+from tunecomp_fx.passes.calibrate_output_gradients import CalibrateOutputGradients
 from tunecomp_fx.passes.decompose_weights import DecomposeWeights
 from tunecomp_fx.passes.densify_past_break_even import DensifyPastBreakEven
 from tunecomp_fx.passes.eliminate_dead_code import EliminateDeadCode
 from tunecomp_fx.passes.eliminate_pruned_ranks import EliminatePrunedRanks
 from tunecomp_fx.passes.find_linear_sites import FindLinearSites
 from tunecomp_fx.passes.fold_blends import FoldBlends
+from tunecomp_fx.passes.fold_cores import FoldCores
 from tunecomp_fx.passes.initialize_students import InitializeStudents
 from tunecomp_fx.passes.insert_teacher_student import InsertTeacherStudent
 from tunecomp_fx.pipeline import GraphPass, PassContext, PassRecord, run_passes
@@ -37,19 +39,16 @@ REPORT_KEY = "tunecomp_report"  # compact GraphModule.meta key: the report as a 
 CONFIG_KEY = "tunecomp_config"
 
 
-def prepare_passes() -> list[GraphPass]:
-    return [
-        FindLinearSites(),
-        CalibrateInputCovariance(),
-        DecomposeWeights(),
-        AllocateRanks(),
-        InsertTeacherStudent(),
-        InitializeStudents(),
-    ]
+def prepare_passes(method: str = "tunecomp") -> list[GraphPass]:
+    if method == "union":
+        analysis: list[GraphPass] = [CalibrateInputCovariance(), CalibrateOutputGradients(), BuildUnionBases()]
+    else:
+        analysis = [CalibrateInputCovariance(), DecomposeWeights()]
+    return [FindLinearSites(), *analysis, AllocateRanks(), InsertTeacherStudent(), InitializeStudents()]
 
 
 def finalize_passes() -> list[GraphPass]:
-    return [FoldBlends(), EliminatePrunedRanks(), DensifyPastBreakEven(), EliminateDeadCode()]
+    return [FoldBlends(), FoldCores(), EliminatePrunedRanks(), DensifyPastBreakEven(), EliminateDeadCode()]
 
 
 @dataclass
@@ -81,13 +80,16 @@ def prepare(
     config: CompressionConfig | None = None,
     calib: Iterable[Any] | None = None,
     progress: bool = False,
+    loss_fn: Callable[[Any, Any], Any] | None = None,
     **options: Any,
 ) -> fx.GraphModule:
     """Capture `model` and rewrite every compressible linear site into a teacher/student subgraph
     with activation-aware initialized students (alpha = 1: outputs equal the original's).
 
     `calib` is an iterable of input batches (tuples or dicts) used for calibration; by default the
-    example inputs. Options are CompressionConfig fields (init=, allocation=, exclude=, ...)."""
+    example inputs. method="union" needs labelled batches instead, (inputs, targets) pairs, and
+    differentiates `loss_fn(outputs, targets)` (default cross-entropy) at every site.
+    Options are CompressionConfig fields (init=, allocation=, exclude=, method=, ...)."""
     try:
         config = _make_config(config, ratio, options)
     except TypeError as error:
@@ -105,19 +107,41 @@ def prepare(
         print(f"captured with {captured.path}: {captured.reason} ({time.perf_counter() - start:.1f} s)")
     if calib is not None and not isinstance(calib, Iterable):
         raise InputError(f"calib must be an iterable of input batches (tuples or dicts); got {type(calib).__name__}")
-    if calib is None:
-        batches = [inputs]
+    if config.method == "union":
+        batches, targets = _labelled(calib)
+    elif calib is None:
+        batches, targets = [inputs], []
     else:
-        batches = [normalize_inputs(batch, f"calibration batch {index}") for index, batch in enumerate(calib)]
-    context = PassContext(config=config, calibration=batches, check_inputs=inputs)
+        batches, targets = [normalize_inputs(batch, f"calibration batch {index}") for index, batch in enumerate(calib)], []
+    context = PassContext(config=config, calibration=batches, calibration_targets=targets, check_inputs=inputs, loss_fn=loss_fn)
     context.log.append(PassRecord("capture", time.perf_counter() - start, (), ()))
-    gm = run_passes(captured.graph_module, prepare_passes(), context, progress=progress)
+    gm = run_passes(captured.graph_module, prepare_passes(config.method), context, progress=progress)
     # The covariances and full factorizations are large and have served their purpose.
     context.covariances.clear()
+    context.gradient_covariances.clear()
     context.decompositions.clear()
-    context.calibration = ()
+    context.calibration = context.calibration_targets = ()
     gm.meta[STATE_KEY] = PreparedState(context, captured.path, captured.reason, inputs, params_before, macs_before)
     return gm
+
+
+def _labelled(calib: Iterable[Any] | None) -> tuple[list[Inputs], list[Any]]:
+    """Split labelled calibration batches into inputs and targets."""
+    if calib is None:
+        raise CalibrationError(
+            "method='union' calibrates on the loss's gradients and needs labelled batches: pass "
+            "calib=[(inputs, targets), ...], or data= to compress (its first batches are used)"
+        )
+    batches, targets = [], []
+    for index, batch in enumerate(calib):
+        if not isinstance(batch, (list, tuple)) or len(batch) != 2:
+            raise CalibrationError(
+                f"method='union' needs (inputs, targets) calibration batches; batch {index} is a "
+                f"{type(batch).__name__}" + (f" of length {len(batch)}" if isinstance(batch, (list, tuple)) else "")
+            )
+        batches.append(normalize_inputs(batch[0]))
+        targets.append(batch[1])
+    return batches, targets
 
 
 def prepared_state(prepared: fx.GraphModule) -> PreparedState:
@@ -151,9 +175,26 @@ def compress(
     config: CompressionConfig | None = None,
     calib: Iterable[Any] | None = None,
     progress: bool = False,
+    data: Iterable[Any] | None = None,
+    eval_data: Iterable[Any] | None = None,
+    steps: int | None = None,
+    epochs: float | None = None,
     **options: Any,
 ) -> fx.GraphModule:
-    """Training-free compression: prepare, set every blend to the student (alpha = 0), finalize."""
+    """Without `data`: training-free compression (prepare, set every blend to the student, finalize).
+
+    With `data` (batches of (inputs, targets)): joint fine-tuning and compression for `steps` or
+    `epochs` (prepare with slack rank -> JointTrainer -> finalize); options may then also be
+    TrainingConfig fields (lr=, blend=, ...) and JointTrainer's (loss_fn=, checkpoint_dir=, ...)."""
+    if data is not None:
+        from tunecomp_fx.train import joint_compress  # the driver builds on prepare/finalize here
+
+        return joint_compress(
+            model, example_inputs, ratio, config=config, calib=calib, progress=progress,
+            data=data, eval_data=eval_data, steps=steps, epochs=epochs, **options,
+        )
+    if eval_data is not None or steps is not None or epochs is not None:
+        raise ConfigError("eval_data, steps and epochs apply to joint training: pass the training batches as data=")
     prepared = prepare(model, example_inputs, ratio, config=config, calib=calib, progress=progress, **options)
     set_blend(prepared, 0.0)
     return finalize(prepared, inplace=True, progress=progress)
@@ -191,6 +232,8 @@ def build_report(compact: fx.GraphModule, state: PreparedState) -> CompressionRe
             label, after, reason = site.status, before, site.reason
         elif decision is None or decision.rank is None:
             label, after, reason = "dense", before, decision.reason if decision else ""
+        elif not hasattr(lowrank, site.key):
+            label, after, reason = "removed", 0, "its output is unused: removed as dead code"
         else:
             container = getattr(lowrank, site.key)
             after = count_parameters(container)
@@ -202,7 +245,7 @@ def build_report(compact: fx.GraphModule, state: PreparedState) -> CompressionRe
         tokens = rows_per_sample.get(site.name)
         macs_before = int(tokens * site.in_features * site.out_features) if tokens else 0
         macs_after = (
-            macs_before if rank is None else int(tokens * rank * (site.in_features + site.out_features)) if tokens else 0
+            0 if label == "removed" else macs_before if rank is None else int(tokens * rank * (site.in_features + site.out_features)) if tokens else 0
         )
         rows.append(
             SiteRow(
@@ -223,4 +266,5 @@ def build_report(compact: fx.GraphModule, state: PreparedState) -> CompressionRe
         model_macs_before=state.macs_before,
         model_macs_after=count_macs(compact, state.example_inputs),
         pass_seconds=seconds,
+        pass_log=tuple(context.log),
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,7 +13,7 @@ from tunecomp_fx.errors import ConfigError
 
 INITS = ("whitened", "svd", "asvd")
 ALLOCATIONS = ("uniform", "global")
-METHODS = ("tunecomp",)
+METHODS = ("tunecomp", "union")
 CHECK_NUMERICS_ENV = "TUNECOMP_CHECK_NUMERICS"
 
 
@@ -22,6 +23,9 @@ class CompressionConfig:
 
     ratio: fraction of the parameters of the compressed linear sites that is *removed*
         (0.4 keeps 60% of them).
+    method: "tunecomp" (activation-aware factors, both trained, slack ranks pruned) or "union"
+        (task-aware union of subspaces: fixed orthonormal bases around a trained core; needs
+        labelled calibration batches; no rank slack).
     init: "whitened" (activation-aware SVD, the default), "svd" (plain) or "asvd" (diagonal scaling).
     allocation: "uniform" (every site keeps the same fraction) or "global" (ranks go where they
         recover the most whitened singular-value energy per parameter).
@@ -65,6 +69,11 @@ class CompressionConfig:
             raise ConfigError(f"rank_multiple must be >= 1; got {self.rank_multiple}")
         if self.rank_slack < 0:
             raise ConfigError(f"rank_slack must be >= 0; got {self.rank_slack}")
+        if self.method == "union" and self.rank_slack != 0:
+            raise ConfigError(
+                f"method='union' trains a fixed-rank core between fixed bases and prunes no ranks; "
+                f"rank_slack must be 0 (got {self.rank_slack})"
+            )
         if not self.damping > 0:
             raise ConfigError(f"damping must be > 0; got {self.damping}")
 
@@ -79,14 +88,19 @@ class CompressionConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CompressionConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown configuration keys {unknown}; known keys are {sorted(known)}")
+        reject_unknown_keys(cls, data, "configuration keys")
         values = dict(data)
         if "exclude" in values:
             values["exclude"] = tuple(values["exclude"])
         return cls(**values)
+
+
+def reject_unknown_keys(cls: type, data: Iterable[str], what: str) -> None:
+    """ConfigError naming the keys of `data` that are not fields of the dataclass `cls`."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown {what} {unknown}; known {what} are {sorted(known)}")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -15,6 +15,7 @@ from torch import fx
 from tunecomp_fx.config import CompressionConfig
 from tunecomp_fx.errors import PassError, TunecompError
 from tunecomp_fx.inputs import Inputs, call_model, flatten_outputs
+from tunecomp_fx.mode import evaluating
 from tunecomp_fx.sites import Site
 
 
@@ -40,9 +41,12 @@ class PassContext:
 
     config: CompressionConfig
     calibration: Sequence[Inputs] = ()
+    calibration_targets: Sequence[Any] = ()  # labels of the calibration batches (method="union")
+    loss_fn: Any = None  # loss(outputs, targets) for gradient calibration; None: cross-entropy
     check_inputs: Inputs | None = None
     sites: list[Site] = field(default_factory=list)
     covariances: dict[str, Any] = field(default_factory=dict)
+    gradient_covariances: dict[str, Any] = field(default_factory=dict)  # of the loss at each site's output
     rows_per_sample: dict[str, float] = field(default_factory=dict)  # input rows (tokens) per example
     decompositions: dict[str, Any] = field(default_factory=dict)
     ranks: dict[str, RankDecision] = field(default_factory=dict)
@@ -112,7 +116,8 @@ def _checks_numerics(graph_pass: GraphPass, ctx: PassContext) -> bool:
 
 
 def _outputs(gm: fx.GraphModule, ctx: PassContext) -> list[torch.Tensor]:
-    with torch.no_grad():
+    # In eval mode: dropout would make two runs differ, and batch norm would update its statistics.
+    with evaluating(gm), torch.no_grad():
         return [t.detach().clone() for t in flatten_outputs(call_model(gm, ctx.check_inputs))]
 
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
+
+from tunecomp_fx.pipeline import PassRecord
 
 
 @dataclass(frozen=True)
@@ -13,7 +17,7 @@ class SiteRow:
     form: str
     out_features: int
     in_features: int
-    decision: str  # "rank N", "dense", "excluded", "shared"
+    decision: str  # "rank", "dense", "excluded", "shared"
     rank: int | None
     params_before: int
     params_after: int
@@ -25,6 +29,12 @@ class SiteRow:
     @property
     def kept_fraction(self) -> float:
         return self.params_after / self.params_before if self.params_before else 1.0
+
+    @property
+    def break_even_rank(self) -> int:
+        """Smallest rank at which a factorization holds as many weights as the dense matrix."""
+        m, n = self.out_features, self.in_features
+        return -(-(m * n) // (m + n))
 
 
 @dataclass(frozen=True)
@@ -38,6 +48,7 @@ class CompressionReport:
     model_macs_before: int
     model_macs_after: int
     pass_seconds: dict[str, float] = field(default_factory=dict)
+    pass_log: tuple[PassRecord, ...] = ()  # every pass in order, with the nodes it added and removed
 
     @property
     def compressed_rows(self) -> list[SiteRow]:
@@ -68,6 +79,7 @@ class CompressionReport:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["sites"] = [asdict(row) for row in self.sites]
+        data["pass_log"] = [asdict(record) for record in self.pass_log]
         data["totals"] = self.totals()
         return data
 
@@ -75,37 +87,59 @@ class CompressionReport:
     def from_dict(cls, data: dict[str, Any]) -> CompressionReport:
         values = {k: v for k, v in data.items() if k != "totals"}
         values["sites"] = tuple(SiteRow(**row) for row in data["sites"])
+        values["pass_log"] = tuple(
+            PassRecord(r["name"], r["seconds"], tuple(r["added"]), tuple(r["removed"])) for r in data.get("pass_log", ())
+        )
         return cls(**values)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
+    def save(self, folder: str | Path) -> tuple[Path, Path]:
+        """Write report.json and report.md into `folder`; returns their paths."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        json_path, markdown_path = folder / "report.json", folder / "report.md"
+        json_path.write_text(self.to_json() + "\n")
+        markdown_path.write_text(self.to_markdown())
+        return json_path, markdown_path
+
+    _HEADER = ["site", "shape", "rank", "kept", "params before", "params after", "MACs before", "MACs after", "init error", "note"]
+    _LEFT_ALIGNED = {0, 1, 9}
+
     def _table_rows(self) -> list[list[str]]:
         rows = []
         for row in self.sites:
-            decision = f"rank {row.rank}" if row.rank is not None else row.decision
-            decision += f" ({row.reason})" if row.reason else ""
+            if row.rank is not None:
+                note = f"break-even rank {row.break_even_rank}"
+            else:
+                note = f"{row.decision}: {row.reason}" if row.reason else row.decision
             rows.append(
                 [
                     row.name,
                     f"{row.out_features}x{row.in_features}",
-                    decision,
+                    str(row.rank) if row.rank is not None else "-",
+                    f"{row.kept_fraction:.3f}",
                     f"{row.params_before:,}",
                     f"{row.params_after:,}",
-                    f"{row.kept_fraction:.3f}",
+                    _human(row.macs_before),
+                    _human(row.macs_after),
                     "-" if row.init_error is None else f"{row.init_error:.3g}",
+                    note,
                 ]
             )
         return rows
 
-    _HEADER = ["site", "shape", "decision", "params before", "params after", "kept", "init error"]
-
     def _summary_lines(self) -> list[str]:
+        rows = self.compressed_rows
+        site_macs_before = sum(r.macs_before for r in rows)
+        site_macs_after = sum(r.macs_after for r in rows)
         return [
             f"capture: {self.capture_path} ({self.capture_reason})",
-            f"compressed sites: {len(self.compressed_rows)} of {len(self.sites)}; "
+            f"compressed sites: {len(rows)} of {len(self.sites)}; "
             f"kept fraction {self.kept_fraction:.4f} (target {1 - self.ratio:.4f}, ratio={self.ratio})",
-            f"whole model: params {self.model_params_before:,} -> {self.model_params_after:,} "
+            f"compressed sites' MACs per example: {_human(site_macs_before)} -> {_human(site_macs_after)}",
+            f"whole model on the example inputs: params {self.model_params_before:,} -> {self.model_params_after:,} "
             f"(x{self.param_ratio:.3f}); MACs {self.model_macs_before:,} -> {self.model_macs_after:,} "
             f"(x{self.mac_ratio:.3f})",
         ] + self._init_error_lines()
@@ -119,14 +153,40 @@ class CompressionReport:
             f"of {max(errors):.3g} (mean {sum(errors) / len(errors):.3g}) on the calibration data"
         ]
 
+    def pass_table(self) -> list[list[str]]:
+        header = ["pass", "seconds", "nodes added", "nodes removed"]
+        return [header] + [[r.name, f"{r.seconds:.2f}", str(len(r.added)), str(len(r.removed))] for r in self.pass_log]
+
     def to_markdown(self) -> str:
-        lines = ["| " + " | ".join(self._HEADER) + " |", "|" + "---|" * len(self._HEADER)]
-        lines += ["| " + " | ".join(cells) + " |" for cells in self._table_rows()]
-        return "\n".join(lines + [""] + [f"- {line}" for line in self._summary_lines()]) + "\n"
+        lines = ["# Compression report", "", *[f"- {line}" for line in self._summary_lines()], "", "## Sites", ""]
+        lines += _markdown_table([self._HEADER] + self._table_rows())
+        if self.pass_log:
+            lines += ["", "## Passes", ""] + _markdown_table(self.pass_table())
+        return "\n".join(lines) + "\n"
 
     def __str__(self) -> str:
-        rows = [self._HEADER] + self._table_rows()
-        widths = [max(len(r[i]) for r in rows) for i in range(len(self._HEADER))]
-        text = ["  ".join(cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths))) for r in rows]
-        text.insert(1, "  ".join("-" * w for w in widths))
-        return "\n".join(text + [""] + self._summary_lines())
+        return "\n".join(format_table([self._HEADER] + self._table_rows(), self._LEFT_ALIGNED) + [""] + self._summary_lines())
+
+
+def format_table(rows: list[list[str]], left_aligned: Collection[int] = (0,)) -> list[str]:
+    """A plain-text table: the first row is the header, underlined; numbers are right-aligned."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(cell.ljust(w) if i in left_aligned else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths))).rstrip()
+        for r in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
+def _markdown_table(rows: list[list[str]]) -> list[str]:
+    cells = [[cell.replace("|", "\\|") for cell in row] for row in rows]
+    return ["| " + " | ".join(cells[0]) + " |", "|" + "---|" * len(cells[0])] + ["| " + " | ".join(r) + " |" for r in cells[1:]]
+
+
+def _human(count: int) -> str:
+    """1234567 -> '1.23M': MAC counts read at a glance."""
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(count) >= size:
+            return f"{count / size:.3g}{unit}"
+    return str(count)

@@ -1,0 +1,121 @@
+"""Analysis: stream labelled calibration batches through the model with the loss and accumulate, per
+site, the second moment of the gradient of the loss with respect to the site's output
+(pre-activation), G = sum g g^T over output rows, in float64 (method="union").
+
+Observers are inserted after each site's linear node for the run and removed after it; they keep
+the site outputs of one batch so that torch.autograd.grad returns every site's gradient at once
+without touching any parameter's .grad. Gradients are taken per example (the batch-mean loss
+times the batch size), so G estimates the per-example Fisher of the site's output."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from tunecomp_fx.passes.calibrate_input_covariance import InputCovariance
+from tunecomp_fx.errors import CalibrationError
+from tunecomp_fx.inputs import call_model
+from tunecomp_fx.pipeline import GraphPass, PassContext
+
+_OBSERVERS = "_tunecomp_gradient_observers"
+
+
+class _OutputKeeper(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.outputs: list[torch.Tensor] = []
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        self.outputs.append(y)
+        return y
+
+
+@contextmanager
+def _site_weights_require_grad(gm: fx.GraphModule, ctx: PassContext) -> Iterator[None]:
+    """Site outputs need a graph to differentiate through, even for a frozen model."""
+    weights = [gm.get_parameter(site.weight_target) for site in ctx.compressed_sites]
+    flags = [w.requires_grad for w in weights]
+    for weight in weights:
+        weight.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for weight, flag in zip(weights, flags):
+            weight.requires_grad_(flag)
+
+
+class CalibrateOutputGradients(GraphPass):
+    name = "calibrate_output_gradients"
+    preserves_outputs = True
+
+    def requires(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:
+        if not ctx.compressed_sites:
+            return "no sites to calibrate (run find_linear_sites first)"
+        if len(ctx.calibration_targets) != len(ctx.calibration) or not ctx.calibration_targets:
+            raise CalibrationError(
+                "gradient calibration needs labelled batches: pass calib=[(inputs, targets), ...] "
+                "(or data= to compress, whose first batches are used)"
+            )
+        return None
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+        from tunecomp_fx.train import prediction  # the driver's view of a model's outputs
+
+        loss_fn = ctx.loss_fn or F.cross_entropy
+        nodes = {node.name: node for node in gm.graph.nodes}
+        keepers = nn.Module()
+        gm.add_module(_OBSERVERS, keepers)
+        inserted = []
+        for site in ctx.compressed_sites:
+            keepers.add_module(site.key, _OutputKeeper())
+            linear = nodes[site.node]
+            with gm.graph.inserting_after(linear):
+                kept = gm.graph.call_module(f"{_OBSERVERS}.{site.key}", (linear,))
+            linear.replace_all_uses_with(kept, delete_user_cb=lambda user: user is not kept)
+            inserted.append(kept)
+        gm.recompile()
+        sites = ctx.compressed_sites
+        grams = {s.name: torch.zeros(s.out_features, s.out_features, dtype=torch.float64) for s in sites}
+        rows = dict.fromkeys(grams, 0)
+        try:
+            with _site_weights_require_grad(gm, ctx), torch.enable_grad():
+                for index, (batch, targets) in enumerate(zip(ctx.calibration, ctx.calibration_targets)):
+                    outputs = prediction(call_model(gm, batch))
+                    loss = loss_fn(outputs, targets) * (targets.shape[0] if targets.dim() else 1)
+                    kept = [keepers.get_submodule(s.key).outputs for s in sites]
+                    flat = [y for ys in kept for y in ys]
+                    gradients = torch.autograd.grad(loss, flat, allow_unused=True)
+                    position = 0
+                    for site, ys in zip(sites, kept):
+                        for g in gradients[position : position + len(ys)]:
+                            if g is None:
+                                continue
+                            g = g.detach().reshape(-1, site.out_features).float()
+                            if not torch.isfinite(g).all():
+                                raise CalibrationError(
+                                    f"calibration batch {index} gives NaN or inf gradients at the output of site "
+                                    f"'{site.name}'; check the labels and the loss"
+                                )
+                            grams[site.name] += (g.T @ g).to(torch.float64).cpu()
+                            rows[site.name] += g.shape[0]
+                        position += len(ys)
+                        ys.clear()
+        finally:
+            for kept_node in inserted:
+                kept_node.replace_all_uses_with(kept_node.args[0])
+                gm.graph.erase_node(kept_node)
+            delattr(gm, _OBSERVERS)
+        for site in sites:
+            if rows[site.name] == 0:
+                raise CalibrationError(f"the loss does not depend on site '{site.name}'; no gradient reached it")
+            ctx.gradient_covariances[site.name] = InputCovariance(grams[site.name], rows[site.name])
+        return gm
+
+    def ensures(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:
+        if any(name.startswith(_OBSERVERS) for name, _ in gm.named_modules()):
+            return "gradient observers left in the graph"
+        return None

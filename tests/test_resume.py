@@ -1,0 +1,135 @@
+"""Checkpoints: an interrupted run resumed from its last checkpoint ends with exactly the weights
+of an uninterrupted run (CPU, fixed seed); a checkpoint of another config or model is refused;
+NaN/inf stops the run with the step named and no checkpoint written for it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tests.joint_task import digits_task, single_thread  # noqa: F401
+from torch import nn
+from torch.utils.data import DataLoader
+
+import tunecomp_fx
+from tunecomp_fx import JointTrainer, TrainingError
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+STEPS, BLEND = 40, 20
+
+
+class DropoutMLP(nn.Module):
+    """Dropout draws on the RNG; the unused `aux` norm is dead code whose trainable parameters
+    leave the model with the teachers (eliminate_dead_code), and so leave the optimizer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(64, 128)
+        self.fc2 = nn.Linear(128, 128)
+        self.head = nn.Linear(128, 10)
+        self.drop = nn.Dropout(0.2)
+        self.aux = nn.LayerNorm(64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.aux(x)
+        h = self.drop(F.relu(self.fc1(x)))
+        return self.head(self.drop(F.relu(self.fc2(h))))
+
+
+class Interrupted:
+    """The training data, cut off (as by Ctrl-C) after `after` batches."""
+
+    def __init__(self, loader: DataLoader, after: int) -> None:
+        self.loader, self.after, self.count = loader, after, 0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.loader:
+            if self.count == self.after:
+                raise KeyboardInterrupt
+            self.count += 1
+            yield batch
+
+
+def _trainer(data: Any, checkpoints: Path, **options: Any) -> JointTrainer:
+    task = digits_task()
+    torch.manual_seed(123)
+    model = DropoutMLP()
+    prepared = tunecomp_fx.prepare(model, task.example_inputs(), 0.5, rank_slack=0.25)
+    settings = {"steps": STEPS, "blend_steps": BLEND, "lr": 1e-3, "warmup": 5, **options}
+    return JointTrainer(prepared, data=data, checkpoint_dir=checkpoints, checkpoint_every=5, progress=False, **settings)
+
+
+def _loader() -> DataLoader:
+    return digits_task().loader(batch_size=64)  # shuffled by torch's global RNG
+
+
+@pytest.mark.parametrize("interrupt_after", [13, 33], ids=["during-blend", "after-teacher-removal"])
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tmp_path: Path, interrupt_after: int) -> None:
+    full = _trainer(_loader(), tmp_path / "full")
+    full.fit()
+    assert "aux.weight" not in dict(full.model.named_parameters())
+
+    broken = _trainer(Interrupted(_loader(), interrupt_after), tmp_path / "broken")
+    with pytest.raises(KeyboardInterrupt):
+        broken.fit()
+    latest = sorted((tmp_path / "broken").glob("step_*.pt"))[-1]
+    assert latest.name == f"step_{(interrupt_after // 5) * 5:07d}.pt"
+
+    resumed = _trainer(_loader(), tmp_path / "broken")
+    resumed.fit(resume=tmp_path / "broken")
+    expected, actual = full.model.state_dict(), resumed.model.state_dict()
+    assert expected.keys() == actual.keys()
+    assert any(key.endswith("rank_mask") for key in actual)
+    for key in expected:
+        assert torch.equal(expected[key], actual[key]), key
+    assert resumed.history == full.history
+
+
+def test_resume_with_another_config_or_model_is_refused(tmp_path: Path) -> None:
+    broken = _trainer(Interrupted(_loader(), 7), tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        broken.fit()
+    with pytest.raises(TrainingError, match=r"different training config.*'lr': \(0.001, 0.002\)"):
+        _trainer(_loader(), tmp_path, lr=2e-3).fit(resume=tmp_path)
+    task = digits_task()
+    other = tunecomp_fx.prepare(DropoutMLP(), task.example_inputs(), 0.4, rank_slack=0.25)
+    trainer = JointTrainer(other, data=_loader(), steps=STEPS, blend_steps=BLEND, lr=1e-3, warmup=5, progress=False)
+    with pytest.raises(TrainingError, match="different model or compression"):
+        trainer.fit(resume=tmp_path)
+    with pytest.raises(TrainingError, match="does not exist"):
+        _trainer(_loader(), tmp_path).fit(resume=tmp_path / "missing.pt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TrainingError, match=r"no checkpoint \(step_\*.pt\) in"):
+        _trainer(_loader(), tmp_path).fit(resume=tmp_path / "empty")
+
+
+def test_non_finite_loss_stops_at_its_step_without_writing_a_checkpoint(tmp_path: Path) -> None:
+    calls = {"n": 0}
+
+    def loss_fn(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        loss = F.cross_entropy(outputs, targets)
+        return loss * float("nan") if calls["n"] == 12 else loss
+
+    with pytest.raises(TrainingError, match="the loss is nan at step 12 of 40"):
+        _trainer(_loader(), tmp_path, loss_fn=loss_fn).fit()
+    assert [p.name for p in sorted(tmp_path.glob("step_*.pt"))] == ["step_0000005.pt", "step_0000010.pt"]
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_non_finite_gradient_with_a_finite_loss_stops_too(tmp_path: Path) -> None:
+    def loss_fn(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        # sqrt at 0 has an infinite derivative: the loss stays finite, its gradient does not.
+        return F.cross_entropy(outputs, targets) + (outputs.sum() * 0).sqrt()
+
+    with pytest.raises(TrainingError, match="gradients are non-finite .* at step 1 of 40"):
+        _trainer(_loader(), tmp_path, loss_fn=loss_fn).fit()
+    assert not list(tmp_path.glob("step_*.pt"))

@@ -1,0 +1,91 @@
+"""The blend, distillation and learning-rate schedules, and TrainingConfig validation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from tunecomp_fx import ConfigError, TrainingConfig
+from tunecomp_fx.schedules import BLENDS, blend_alpha, blend_beta, steps_of
+
+
+@pytest.mark.parametrize("kind", BLENDS)
+@pytest.mark.parametrize("length", [1, 7, 100])
+def test_alpha_starts_at_one_falls_monotonically_and_is_exactly_zero_from_T(kind: str, length: int) -> None:
+    alphas = [blend_alpha(kind, t, length) for t in range(length + 5)]
+    assert alphas[0] == 1.0
+    assert all(a >= b for a, b in zip(alphas, alphas[1:]))
+    assert all(0.0 <= a <= 1.0 for a in alphas)
+    assert alphas[length - 1] > 0.0
+    assert all(a == 0.0 for a in alphas[length:])  # exactly, so the teachers can leave at step T
+
+
+@pytest.mark.parametrize("kind", BLENDS)
+def test_blend_preserves_power(kind: str) -> None:
+    for t in range(0, 51):
+        alpha = blend_alpha(kind, t, 50)
+        assert math.isclose(alpha**2 + blend_beta(alpha) ** 2, 1.0, abs_tol=1e-12)
+
+
+def test_sin_schedule_is_the_method_formula() -> None:
+    for t in range(0, 40):
+        assert blend_alpha("sin", t, 40) == pytest.approx(max(0.0, 1 - math.sin(math.pi * t / 80)), abs=1e-15)
+
+
+def test_steps_or_fraction_of_the_run() -> None:
+    assert steps_of(30, 200) == 30
+    assert steps_of(0.25, 200) == 50
+    assert steps_of(1.0, 200) == 200
+    schedules = TrainingConfig(steps=200, blend_steps=0.25).schedules(200)
+    assert schedules.blend_steps == 50
+    assert schedules.alpha(50) == 0.0 and schedules.alpha(49) > 0.0
+
+
+def test_distillation_weight_decays_to_zero_with_the_blend() -> None:
+    schedules = TrainingConfig(steps=100, blend_steps=40, distill_weight=2.0).schedules(100)
+    weights = [schedules.distill(t) for t in range(101)]
+    assert weights[0] == 2.0
+    assert all(a >= b for a, b in zip(weights, weights[1:]))
+    assert weights[40:] == [0.0] * 61
+    assert schedules.progress(0) == 0.0 and schedules.progress(40) == 1.0
+
+
+def test_learning_rate_warms_up_then_decays() -> None:
+    schedules = TrainingConfig(steps=100, warmup=10).schedules(100)
+    factors = [schedules.lr_factor(t) for t in range(100)]
+    assert factors[:10] == sorted(factors[:10]) and factors[0] < 0.2
+    assert factors[10] == 1.0
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    assert factors[-1] < 0.01
+    constant = TrainingConfig(steps=100, warmup=0, lr_decay="constant").schedules(100)
+    assert {constant.lr_factor(t) for t in range(100)} == {1.0}
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"steps": 10, "epochs": 1}, "not both"),
+        ({"steps": 0}, "positive int"),
+        ({"blend": "exp"}, "blend='exp'"),
+        ({"blend_steps": 1.5}, "fraction of the run"),
+        ({"rank_selection": "random"}, "rank_selection"),
+        ({"lr": 0.0}, "lr must be > 0"),
+        ({"accumulate": 0}, "accumulate"),
+    ],
+)
+def test_bad_training_options_raise_config_error(options: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        TrainingConfig(**options)
+
+
+def test_blend_longer_than_the_run_is_refused() -> None:
+    with pytest.raises(ConfigError, match="after the run's 100 steps"):
+        TrainingConfig(steps=100, blend_steps=150).schedules(100)
+
+
+def test_config_round_trips_through_a_dict() -> None:
+    config = TrainingConfig(steps=300, lr=3e-4, blend="cosine", blend_steps=120, max_grad_norm=None)
+    assert TrainingConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ConfigError, match="unknown training options"):
+        TrainingConfig.from_dict({**config.to_dict(), "momentum": 0.9})

@@ -1,0 +1,110 @@
+"""JointTrainer options: gradient accumulation, epochs, logit distillation, element-wise
+hard-shrink, periodic evaluation and the progress bar."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from tests.joint_task import digits_task, fresh, single_thread  # noqa: F401
+
+import tunecomp_fx
+from tunecomp_fx import ConfigError, JointTrainer
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _trainer(batch_size: int = 64, seed: int = 0, **options: Any) -> JointTrainer:
+    task = digits_task()
+    prepared = tunecomp_fx.prepare(fresh("mlp"), task.example_inputs(), 0.5, rank_slack=0.25)
+    settings = {"steps": 10, "blend_steps": 5, "lr": 1e-3, "progress": False, **options}
+    return JointTrainer(prepared, data=task.loader(batch_size, seed=seed), **settings)
+
+
+def test_gradient_accumulation_matches_the_large_batch() -> None:
+    # Without the feature loss (a per-batch ratio), two micro-batches of 32 are one batch of 64
+    # (8 steps stay inside the first epoch, whose batches are all full).
+    large = _trainer(64, steps=8, blend_steps=4, distill_weight=0.0).fit()
+    accumulated = _trainer(32, steps=8, blend_steps=4, accumulate=2, distill_weight=0.0).fit()
+    for (name, a), (_, b) in zip(large.state_dict().items(), accumulated.state_dict().items()):
+        assert torch.allclose(a, b, atol=2e-5), name
+
+
+def test_epochs_set_the_run_length() -> None:
+    trainer = _trainer(steps=None, epochs=2, accumulate=3)
+    assert trainer.total_steps == 6  # 9 batches of 64 per epoch
+    trainer.fit()
+    assert trainer.hook.step_count == 6 and trainer.hook.teacher_removed
+
+
+def test_logit_distillation_against_the_original_model() -> None:
+    with pytest.raises(ConfigError, match="original=model"):
+        _trainer(logit_distill=1.0)
+    plain = _trainer()
+    plain.fit()
+    distilled = _trainer(logit_distill=1.0, original=fresh("mlp"))
+    distilled.fit()
+    # At step 0 (alpha = 1) the prepared model computes the original's logits: the KL term is 0.
+    assert distilled.history[0]["loss"] == pytest.approx(plain.history[0]["loss"], abs=1e-6)
+    assert distilled.history[-1]["loss"] != pytest.approx(plain.history[-1]["loss"], abs=1e-6)
+
+
+def test_elementwise_hardshrink_zeroes_small_factor_entries() -> None:
+    trained = _trainer(hardshrink=0.5).fit()
+    factors = [p for name, p in trained.named_parameters() if name.endswith(("down.weight", "up.weight"))]
+    zero = sum(int((p == 0).sum()) for p in factors) / sum(p.numel() for p in factors)
+    assert zero > 0.2
+    untouched = _trainer().fit()
+    assert all(int((p == 0).sum()) == 0 for n, p in untouched.named_parameters() if n.endswith("down.weight"))
+
+
+def test_periodic_evaluation_and_progress_bar(capsys: pytest.CaptureFixture[str]) -> None:
+    task = digits_task()
+    trainer = _trainer(eval_data=[task.test], eval_every=4, progress=True)
+    trainer.fit()
+    evaluated = [record["step"] for record in trainer.history if "accuracy" in record]
+    assert evaluated == [4, 8, 10]
+    bar = capsys.readouterr().err
+    assert "10/10" in bar and "alpha=0.000" in bar and "kept=0.4" in bar and "accuracy=" in bar
+
+
+def test_custom_loss_and_metric_see_the_logits_of_model_outputs() -> None:
+    class Wrapped(torch.nn.Module):
+        """Returns a dict with logits, like a Hugging Face model."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = fresh("mlp")
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"logits": self.inner(x)}
+
+    task = digits_task()
+    prepared = tunecomp_fx.prepare(Wrapped(), task.example_inputs(), 0.5, rank_slack=0.25)
+
+    def top2(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return (logits.topk(2).indices == targets[:, None]).any(dim=1).float().mean()
+
+    trainer = JointTrainer(
+        prepared, data=task.loader(seed=0), eval_data=[task.test], metric_fn=top2, steps=6, lr=1e-3, progress=False
+    )
+    trainer.fit()
+    assert "top2" in trainer.history[-1] and 0.0 <= trainer.history[-1]["top2"] <= 1.0
+
+
+def test_bad_batches_are_named() -> None:
+    task = digits_task()
+    prepared = tunecomp_fx.prepare(fresh("mlp"), task.example_inputs(), 0.5)
+    trainer = JointTrainer(prepared, data=[task.test[0]], steps=2, progress=False)
+    with pytest.raises(tunecomp_fx.InputError, match=r"\(inputs, targets\) pairs"):
+        trainer.fit()
+
+
+def test_bf16_autocast_path_runs_on_cpu() -> None:
+    # On CUDA bf16 autocast is the default; on CPU it is opt-in, which exercises the same path here.
+    trainer = _trainer(bf16=True)
+    assert trainer.bf16
+    trainer.fit()
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in trainer.history)
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # autocast, not a cast

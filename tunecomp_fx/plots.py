@@ -1,0 +1,112 @@
+"""PNG plots where a table is hard to read: rank allocation per site, the blend and distillation
+schedules, training loss and eval curves. Each takes plain data (a report, lists of numbers, a list
+of dicts) so that any loop can call it, and returns the path written.
+
+Figures are drawn with matplotlib's object API on the Agg canvas: no pyplot global state, no
+display needed, and the user's own backend choice is left alone."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from tunecomp_fx.errors import InputError
+from tunecomp_fx.report import CompressionReport
+
+_DPI = 110
+
+
+def _save(figure: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.tight_layout()
+    FigureCanvasAgg(figure).print_png(str(path))
+    return path
+
+
+def plot_rank_allocation(report: CompressionReport, path: str | Path) -> Path:
+    """Per site: the kept rank against the break-even rank and the full rank (top), and the kept
+    fraction of parameters against the target (bottom). Sites left dense are drawn at full rank, grey."""
+    rows = list(report.sites)
+    if not rows:
+        raise InputError("the report has no sites to plot")
+    positions = list(range(len(rows)))
+    full = [min(r.out_features, r.in_features) for r in rows]
+    factorized = [r.rank is not None for r in rows]
+    figure = Figure(figsize=(max(8.0, 0.22 * len(rows) + 2.0), 7.0), dpi=_DPI)
+    ranks, kept = figure.subplots(2, 1, sharex=True)
+    ranks.bar(positions, full, color="#eeeeee", edgecolor="#bbbbbb", label="full rank")
+    ranks.bar(
+        positions,
+        [r.rank if r.rank is not None else f for r, f in zip(rows, full)],
+        color=["#3182bd" if f else "#969696" for f in factorized],
+        label="kept rank (blue) / left dense (grey)",
+    )
+    ranks.scatter(positions, [r.break_even_rank for r in rows], marker="_", s=120, color="#de2d26", zorder=3, label="break-even rank")
+    ranks.set_ylabel("rank")
+    ranks.set_title(f"Rank allocation, ratio={report.ratio} ({sum(factorized)} of {len(rows)} sites factorized)")
+    ranks.legend(loc="upper right", fontsize=8)
+    kept.bar(positions, [r.kept_fraction for r in rows], color=["#3182bd" if f else "#969696" for f in factorized])
+    kept.axhline(1.0 - report.ratio, color="#de2d26", linestyle="--", label=f"target {1 - report.ratio:.2f}")
+    kept.axhline(report.kept_fraction, color="#31a354", linestyle=":", label=f"achieved {report.kept_fraction:.3f}")
+    kept.set_ylabel("kept fraction of params")
+    kept.set_ylim(0, 1.05)
+    kept.legend(loc="upper right", fontsize=8)
+    kept.set_xticks(positions, [r.name for r in rows], rotation=90, fontsize=7)
+    return _save(figure, path)
+
+
+def plot_schedules(
+    steps: Sequence[float],
+    alpha: Sequence[float],
+    beta: Sequence[float],
+    path: str | Path,
+    *,
+    distill_weight: Sequence[float] | None = None,
+) -> Path:
+    """The blend weights alpha (teacher) and beta (student), and the distillation weight, per step."""
+    series = {"alpha (teacher)": alpha, "beta (student)": beta}
+    if distill_weight is not None:
+        series["distillation weight"] = distill_weight
+    for label, values in series.items():
+        if len(values) != len(steps):
+            raise InputError(f"{label} has {len(values)} values for {len(steps)} steps; give one value per step")
+    if not steps:
+        raise InputError("no steps to plot")
+    figure = Figure(figsize=(7.0, 4.0), dpi=_DPI)
+    axes = figure.subplots()
+    for (label, values), style in zip(series.items(), ("-", "--", ":")):
+        axes.plot(steps, values, style, linewidth=2, label=label)
+    axes.set_xlabel("step")
+    axes.set_ylabel("weight")
+    axes.set_title("Blend and distillation schedules")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    return _save(figure, path)
+
+
+def plot_training_curves(history: Sequence[Mapping[str, float | None]], path: str | Path) -> Path:
+    """Training loss per step and, from the entries that have one, the eval metric; `history` is a
+    list of {"step": int, "loss": float, "eval": float or None} (extra keys are ignored)."""
+    if not history:
+        raise InputError("the training history is empty")
+    missing = [i for i, entry in enumerate(history) if "step" not in entry or "loss" not in entry]
+    if missing:
+        raise InputError(f"history entries {missing[:5]} lack 'step' or 'loss'; each entry is {{step, loss, eval}}")
+    evals = [(e["step"], e["eval"]) for e in history if e.get("eval") is not None]
+    figure = Figure(figsize=(7.0, 6.0 if evals else 3.5), dpi=_DPI)
+    axes = figure.subplots(2 if evals else 1, 1, sharex=True, squeeze=False)[:, 0]
+    steps = [e["step"] for e in history]
+    axes[0].plot(steps, [e["loss"] for e in history], color="#3182bd", linewidth=1.5)
+    axes[0].set_ylabel("training loss")
+    axes[0].set_title("Training")
+    axes[0].grid(alpha=0.3)
+    if evals:
+        axes[1].plot([s for s, _ in evals], [v for _, v in evals], "o-", color="#31a354")
+        axes[1].set_ylabel("eval")
+        axes[1].grid(alpha=0.3)
+    axes[-1].set_xlabel("step")
+    return _save(figure, path)

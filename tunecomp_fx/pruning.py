@@ -1,0 +1,154 @@
+"""Rank pruning of the students during the blend (DESIGN.md section 2).
+
+Every student starts with slack rank. The importance of rank i of a student is
+||B[:, i]|| * ||A[i, :]|| (B = up.weight, A = down.weight; at initialization, the whitened singular
+value of the rank). As the blend progresses (p from 0 to 1) a threshold on the importances
+rises so that the surviving ranks shrink from the slack rank to the parameter budget, reached
+exactly when p = 1. Pruned ranks are masked in `lowrank.<site>.rank_mask` (masks only ever shrink);
+finalize's eliminate_pruned_ranks slices them away.
+
+method="union" students start at their allocated rank (rank_slack must be 0 there): their
+kept parameters never exceed the budget, so no rank of theirs is ever masked. (The importance
+above would not suit them anyway: their factors are fixed orthonormal bases, the weight is in
+the core.)
+
+This changes buffer values on the live model every step, not the graph, so it is not a GraphPass
+(a pass would lint and recompile an unchanged graph each step).
+
+Two ways to place the threshold:
+- "site": each student follows its own kept-rank schedule from its slack rank to the rank
+  allocation chose for it (the threshold is the importance of its k_t-th rank);
+- "global": one threshold over importances normalized per site (the fraction of the site's
+  squared importance a rank carries, per parameter it costs), chosen so the total kept
+  parameters follow the schedule to the budget; ranks may move between sites.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tunecomp_fx.errors import ConfigError
+from tunecomp_fx.pipeline import PassContext
+from tunecomp_fx.sites import Site, site_container
+
+SELECTIONS = ("site", "global")
+
+
+def kept_site_params(site: Site, rank: int) -> int:
+    """Parameters a compressed site holds after finalize at kept `rank`: the factorization, or a
+    dense linear with bias once the rank is past break-even (densify_past_break_even)."""
+    return min(site.factorized_params(rank), site.out_features * (site.in_features + 1))
+
+
+@dataclass
+class _Student:
+    site: Site
+    module: nn.Module  # the site's container: down, rank_mask, up
+    start_rank: int
+    target_rank: int
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.module.rank_mask
+
+    @property
+    def kept(self) -> int:
+        return int(self.mask.count_nonzero())
+
+    def importance(self) -> torch.Tensor:
+        """||B[:, i]|| * ||A[i, :]|| per rank; 0 for masked ranks."""
+        with torch.no_grad():
+            up = self.module.up.weight.float().norm(dim=0)
+            down = self.module.down.weight.float().norm(dim=1)
+            return up * down * self.mask.float()
+
+
+class RankPruner:
+    """Shrinks the rank masks of a prepared model's students on the blend's progress."""
+
+    def __init__(self, prepared: nn.Module, context: PassContext, selection: str = "site") -> None:
+        if selection not in SELECTIONS:
+            raise ConfigError(f"rank_selection={selection!r} is not one of {', '.join(SELECTIONS)}")
+        self.selection = selection
+        factorized = context.factorized_sites()
+        self.students = []
+        for site in factorized:
+            module = site_container(prepared, site)
+            self.students.append(_Student(site, module, module.rank_mask.numel(), context.ranks[site.name].rank))
+        dense_sites = [s for s in context.compressed_sites if s not in factorized]
+        self.fixed_params = sum(site.dense_params for site in dense_sites)
+        self.dense_total = sum(site.dense_params for site in context.compressed_sites)
+        self.budget = context.config.kept_fraction * self.dense_total
+        self.start_params = self.fixed_params + sum(kept_site_params(s.site, s.start_rank) for s in self.students)
+
+    def kept_params(self) -> int:
+        """Parameters the compressed sites would hold if finalized now."""
+        return self.fixed_params + sum(kept_site_params(s.site, s.kept) for s in self.students)
+
+    def kept_fraction(self) -> float:
+        return self.kept_params() / max(self.dense_total, 1)
+
+    def update(self, progress: float) -> None:
+        """Mask ranks so that the kept parameters follow `progress` (0: slack rank, 1: budget)."""
+        progress = min(max(progress, 0.0), 1.0)
+        if self.selection == "site":
+            keep = self._site_counts(progress)
+        else:
+            keep = self._global_counts(progress)
+        with torch.no_grad():
+            for student, count in zip(self.students, keep):
+                if count >= student.kept:
+                    continue
+                chosen = student.importance().topk(count).indices
+                mask = torch.zeros_like(student.mask)
+                mask[chosen] = 1
+                student.mask.mul_(mask)
+
+    def _site_counts(self, progress: float) -> list[int]:
+        return [
+            s.target_rank + math.ceil((s.start_rank - s.target_rank) * (1.0 - progress) - 1e-9) for s in self.students
+        ]
+
+    def _global_counts(self, progress: float) -> list[int]:
+        target = self.start_params - (self.start_params - self.budget) * progress
+        counts = [s.kept for s in self.students]
+        used = self.kept_params()
+        if used <= target:
+            return counts
+        # Kept ranks in ascending order of the share of their site's squared importance they
+        # carry, per parameter they cost.
+        scores, owners = [], []
+        for index, student in enumerate(self.students):
+            energy = student.importance().double().pow(2)
+            share = energy / energy.sum().clamp_min(1e-300) / (student.site.in_features + student.site.out_features)
+            kept = share[student.mask > 0]
+            scores.append(kept.cpu())
+            owners.append(torch.full((kept.numel(),), index))
+        order = torch.cat(scores).argsort(stable=True)
+        for index in torch.cat(owners)[order].tolist():
+            if used <= target:
+                break
+            if counts[index] <= 1:
+                continue  # every student keeps a rank, so the graph keeps its shape
+            site = self.students[index].site
+            used -= kept_site_params(site, counts[index]) - kept_site_params(site, counts[index] - 1)
+            counts[index] -= 1
+        return counts
+
+    def shrink_elements(self, level: float) -> None:
+        """Element-wise hard-shrink of the factors: zero entries below `level` times the factor's
+        RMS. Keeps the method's description; only rank pruning shrinks the deployed model."""
+        if level <= 0:
+            return
+        with torch.no_grad():
+            for student in self.students:
+                for weight in (student.module.down.weight, student.module.up.weight):
+                    threshold = level * weight.float().pow(2).mean().sqrt()
+                    weight.mul_(weight.abs() >= threshold)
+
+    def masks(self) -> list[torch.Tensor]:
+        return [s.mask for s in self.students]
