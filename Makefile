@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   - the main job: a real compression, printed report, ONNX model in out/demo
+#   make demo   - the main job: joint fine-tuning + compression of MiniLM on Rotten Tomatoes, ONNX model in out/demo
 #   make test   - the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python

@@ -11,6 +11,7 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from tunecomp_fx.errors import CalibrationError, TunecompError, first_line
+from tunecomp_fx.forms import LAYOUTS, Layout, site_input
 from tunecomp_fx.inputs import Inputs, call_model, describe_inputs
 from tunecomp_fx.pipeline import GraphPass, PassContext
 
@@ -30,16 +31,18 @@ class InputCovariance:
 
 
 class _Observer(nn.Module):
-    def __init__(self, site_name: str, features: int) -> None:
+    def __init__(self, site_name: str, features: int, layout: Layout, stride: int) -> None:
         super().__init__()
         self.site_name = site_name
+        self.layout = layout
+        self.stride = stride
         self.gram = torch.zeros(features, features, dtype=torch.float64)
         self.rows = 0
         self.samples = 0
         self.batch_index = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.detach().reshape(-1, x.shape[-1]).float()
+        rows = self.layout.rows(x.detach(), self.stride).float()
         if not torch.isfinite(rows).all():
             raise CalibrationError(
                 f"calibration batch {self.batch_index} gives NaN or inf at the input of site '{self.site_name}'; "
@@ -82,12 +85,13 @@ class CalibrateInputCovariance(GraphPass):
         gm.add_module(_OBSERVERS, observers)
         inserted = []
         for site in ctx.compressed_sites:
-            observer = _Observer(site.name, site.in_features)
+            observer = _Observer(site.name, site.in_features, LAYOUTS[site.layout], site.stride)
             observers.add_module(site.key, observer)
-            linear = nodes[site.node]
-            with gm.graph.inserting_before(linear):
-                observed = gm.graph.call_module(f"{_OBSERVERS}.{site.key}", (linear.args[0],))
-            linear.replace_input_with(linear.args[0], observed)
+            entry = nodes[site.entry_node]
+            x = site_input(entry)
+            with gm.graph.inserting_before(entry):
+                observed = gm.graph.call_module(f"{_OBSERVERS}.{site.key}", (x,))
+            entry.replace_input_with(x, observed)
             inserted.append(observed)
         gm.recompile()
         try:

@@ -140,7 +140,7 @@ class DecomposeWeights(GraphPass):
         for site in tqdm(sites, desc="decompose", leave=False, disable=len(sites) < 8):
             covariance = ctx.covariances.get(site.name)
             ctx.decompositions[site.name] = decompose(
-                gm.get_parameter(site.weight_target),
+                gm.get_parameter(site.weight_target).flatten(1),  # (out, in) in every layout
                 covariance.covariance if covariance is not None else None,
                 ctx.config.init,
                 ctx.config.damping,

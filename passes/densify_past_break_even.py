@@ -1,17 +1,19 @@
 """Transform: a student whose kept rank r has r * (m + n) >= m * n is no smaller than a dense
-matrix and runs slower; replace its down/up pair by one linear with W = up @ down."""
+matrix and runs slower; replace its down/up pair by one module of its layout with W = up @ down."""
 
 from __future__ import annotations
 
 import torch
 from torch import fx, nn
 
+from tunecomp_fx.forms import rebuilt
 from tunecomp_fx.pipeline import GraphPass, PassContext
 from tunecomp_fx.sites import LOWRANK_ROOT, student_nodes
 
 
-def past_break_even(down: nn.Linear, up: nn.Linear) -> bool:
-    rank, n, m = down.out_features, down.in_features, up.out_features
+def past_break_even(down: nn.Module, up: nn.Module) -> bool:
+    rank, n = down.weight.shape[:2]
+    m = up.weight.shape[0]
     return rank * (m + n) >= m * n
 
 
@@ -31,11 +33,10 @@ class DensifyPastBreakEven(GraphPass):
             if not past_break_even(container.down, container.up):
                 continue
             down, up = container.down, container.up
-            dense = nn.Linear(down.in_features, up.out_features, device=up.weight.device, dtype=up.weight.dtype)
             with torch.no_grad():
-                dense.weight.copy_(up.weight.double().matmul(down.weight.double()).to(up.weight.dtype))
-                dense.bias.copy_(up.bias)
-            container.dense = dense
+                product = up.weight.flatten(1).double() @ down.weight.flatten(1).double()
+                weight = product.reshape(up.weight.shape[:1] + down.weight.shape[1:]).to(up.weight.dtype)
+                container.dense = rebuilt(down, weight, up.bias)  # down's layout and stride, up's bias
             with gm.graph.inserting_before(roles["up"]):
                 node = gm.graph.call_module(f"{LOWRANK_ROOT}.{key}.dense", roles["down"].args)
             roles["up"].replace_all_uses_with(node)

@@ -29,11 +29,11 @@ def activation_error(weight: torch.Tensor, approx: torch.Tensor, covariance: tor
 
 
 def student_weight(student: nn.Module) -> torch.Tensor:
-    """The student's linear map up @ (core @) down, in float64."""
-    down = student.down.weight.double()
+    """The student's linear map up @ (core @) down as an (out, in) matrix in float64, in every layout."""
+    down = student.down.weight.double().flatten(1)
     if hasattr(student, "core"):
-        down = student.core.weight.double() @ down
-    return student.up.weight.double() @ down
+        down = student.core.weight.double().flatten(1) @ down
+    return student.up.weight.double().flatten(1) @ down
 
 
 def _tolerance(dtype: torch.dtype) -> float:
@@ -55,17 +55,17 @@ class InitializeStudents(GraphPass):
             for site in ctx.factorized_sites():
                 student = site_container(gm, site)
                 decomposition = ctx.decompositions[site.name]
-                rank = student.down.out_features
-                student.down.weight.copy_(decomposition.down[:rank])
-                student.up.weight.copy_(decomposition.up[:, :rank])
+                rank = student.down.weight.shape[0]
+                student.down.weight.copy_(decomposition.down[:rank].reshape(student.down.weight.shape))
+                student.up.weight.copy_(decomposition.up[:, :rank].reshape(student.up.weight.shape))
                 if hasattr(student, "core"):
-                    student.core.weight.copy_(torch.diag(decomposition.core[:rank]))
+                    student.core.weight.copy_(torch.diag(decomposition.core[:rank]).reshape(student.core.weight.shape))
                 if site.bias_target is not None:
                     student.up.bias.copy_(gm.get_parameter(site.bias_target))
                 else:
                     student.up.bias.zero_()
                 ctx.init_errors[site.name] = activation_error(
-                    gm.get_parameter(site.weight_target), student_weight(student), ctx.covariances[site.name].covariance
+                    gm.get_parameter(site.weight_target).flatten(1), student_weight(student), ctx.covariances[site.name].covariance
                 )
         return gm
 

@@ -20,6 +20,7 @@ import operator
 import torch
 from torch import fx, nn
 
+from tunecomp_fx.forms import LAYOUTS, site_input
 from tunecomp_fx.pipeline import GraphPass, PassContext
 from tunecomp_fx.sites import LOWRANK_ROOT, Blend, Site, student_nodes
 
@@ -29,15 +30,18 @@ def student_rank(site: Site, rank: int, slack: float) -> int:
 
 
 def _new_student(site: Site, rank: int, weight: torch.Tensor, core: bool) -> nn.Module:
+    """down and up in the site's layout (nn.Linear, or 1x1 nn.Conv2d, down taking the site's
+    stride); the rank mask has shape (rank,) or (rank, 1, 1), so that it broadcasts over the hidden
+    activation either way. With a core (method="union") only the core trains between fixed bases."""
+    layout = LAYOUTS[site.layout]
     container = nn.Module()
-    factory = {"device": weight.device, "dtype": weight.dtype}
-    container.down = nn.Linear(site.in_features, rank, bias=False, **factory)
-    container.up = nn.Linear(rank, site.out_features, bias=True, **factory)
+    container.down = layout.make(site.in_features, rank, False, weight, site.stride)
+    container.up = layout.make(rank, site.out_features, True, weight)
     if core:
-        container.core = nn.Linear(rank, rank, bias=False, **factory)
+        container.core = layout.make(rank, rank, False, weight)
         container.down.weight.requires_grad_(False)
         container.up.weight.requires_grad_(False)
-    container.register_buffer("rank_mask", torch.ones(rank, **factory))
+    container.register_buffer("rank_mask", torch.ones(layout.mask_shape(rank), device=weight.device, dtype=weight.dtype))
     container.blend = Blend().to(weight.device)
     return container
 
@@ -69,7 +73,7 @@ class InsertTeacherStudent(GraphPass):
             prefix = f"{LOWRANK_ROOT}.{site.key}"
             graph = gm.graph
             with graph.inserting_after(teacher):
-                down = graph.call_module(f"{prefix}.down", (teacher.args[0],))
+                down = graph.call_module(f"{prefix}.down", (site_input(nodes[site.entry_node]),))
             projected = down
             if core:
                 with graph.inserting_after(down):
@@ -91,6 +95,7 @@ class InsertTeacherStudent(GraphPass):
 
     def ensures(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:
         found = student_nodes(gm)
+        nodes = {node.name: node for node in gm.graph.nodes}
         sites = ctx.factorized_sites()
         if len(found) != len(sites):
             return f"{len(found)} students for {len(sites)} factorized sites"
@@ -100,8 +105,8 @@ class InsertTeacherStudent(GraphPass):
             if missing:
                 return f"the student of site '{site.name}' lacks its {missing} nodes"
             teacher = roles["teacher"]
-            if teacher.name != site.node or roles["down"].args[0] is not teacher.args[0]:
-                return f"the student of site '{site.name}' does not read the teacher's input"
+            if teacher.name != site.node or roles["down"].args[0] is not site_input(nodes[site.entry_node]):
+                return f"the student of site '{site.name}' does not read the site's input"
             # method="union" puts its core between down and the mask
             masked_input = roles.get("core", roles["down"])
             if "core" in roles and roles["core"].args != (roles["down"],):

@@ -134,13 +134,15 @@ def test_export_writes_an_onnx_model_that_matches(compressed, tmp_path: Path) ->
 
 
 def test_demo_quick(tmp_path: Path) -> None:
-    done = _run("demo", "--quick", "--repeats", "3", "-o", str(tmp_path))
+    done = _run("demo", "--quick", "--repeats", "2", "-o", str(tmp_path))
     assert done.returncode == 0, done.stderr
-    for name in ("compact/program.pt2", "compact/report.md", "rank_allocation.png", "original.onnx", "compact.onnx", "latency.json"):
+    for name in ("model.onnx", "original.onnx", "config.json", "report.json", "report.md"):
         assert (tmp_path / name).is_file(), name
-    rows = json.loads((tmp_path / "latency.json").read_text())
-    assert [r["model"] for r in rows] == ["original", "compact"] and rows[1]["params"] < rows[0]["params"]
-    assert "ORT median ms" in done.stdout
+    rows = json.loads((tmp_path / "report.json").read_text())["before_after"]
+    assert rows["compressed"]["params"] < rows["original"]["params"]
+    assert rows["compressed"]["macs"] < 0.8 * rows["original"]["macs"]  # ratio 0.4 of the linear layers
+    assert json.loads((tmp_path / "config.json").read_text())["compression"]["ratio"] == 0.4
+    assert "ORT b32 ms" in done.stdout and "compressed" in done.stdout
 
 
 # (arguments, exit code, the one line expected on stderr)

@@ -26,6 +26,7 @@ from tunecomp_fx.passes.densify_past_break_even import DensifyPastBreakEven
 from tunecomp_fx.passes.eliminate_dead_code import EliminateDeadCode
 from tunecomp_fx.passes.eliminate_pruned_ranks import EliminatePrunedRanks
 from tunecomp_fx.passes.find_linear_sites import FindLinearSites
+from tunecomp_fx.passes.fold_constant_biases import FoldConstantBiases
 from tunecomp_fx.passes.fold_blends import FoldBlends
 from tunecomp_fx.passes.fold_cores import FoldCores
 from tunecomp_fx.passes.initialize_students import InitializeStudents
@@ -44,7 +45,7 @@ def prepare_passes(method: str = "tunecomp") -> list[GraphPass]:
         analysis: list[GraphPass] = [CalibrateInputCovariance(), CalibrateOutputGradients(), BuildUnionBases()]
     else:
         analysis = [CalibrateInputCovariance(), DecomposeWeights()]
-    return [FindLinearSites(), *analysis, AllocateRanks(), InsertTeacherStudent(), InitializeStudents()]
+    return [FoldConstantBiases(), FindLinearSites(), *analysis, AllocateRanks(), InsertTeacherStudent(), InitializeStudents()]
 
 
 def finalize_passes() -> list[GraphPass]:
@@ -81,6 +82,7 @@ def prepare(
     calib: Iterable[Any] | None = None,
     progress: bool = False,
     loss_fn: Callable[[Any, Any], Any] | None = None,
+    dynamic_dims: dict[str | int, dict[int, str]] | None = None,
     **options: Any,
 ) -> fx.GraphModule:
     """Capture `model` and rewrite every compressible linear site into a teacher/student subgraph
@@ -89,7 +91,9 @@ def prepare(
     `calib` is an iterable of input batches (tuples or dicts) used for calibration; by default the
     example inputs. method="union" needs labelled batches instead, (inputs, targets) pairs, and
     differentiates `loss_fn(outputs, targets)` (default cross-entropy) at every site.
-    Options are CompressionConfig fields (init=, allocation=, exclude=, method=, ...)."""
+    `dynamic_dims` names input axes that must stay dynamic when capture falls back to torch.export,
+    beyond the defaults of `tunecomp_fx.capture.dynamic_dims_of` (batch, and the sequence of integer
+    2-D keyword inputs). Options are CompressionConfig fields (init=, allocation=, exclude=, method=, ...)."""
     try:
         config = _make_config(config, ratio, options)
     except TypeError as error:
@@ -101,8 +105,10 @@ def prepare(
     start = time.perf_counter()
     reference = check_inputs_fit(model, inputs)
     params_before = count_parameters(model)
-    macs_before = count_macs(model, inputs)
-    captured = capture(model, inputs, reference)
+    captured = capture(model, inputs, reference, dynamic_dims)
+    # Counted on the captured graph, the same ops the compact model's count sees: the eager model may
+    # take fused kernels the counter misses (nn.MultiheadAttention's fast path in eval mode).
+    macs_before = count_macs(captured.graph_module, inputs)
     if progress:
         print(f"captured with {captured.path}: {captured.reason} ({time.perf_counter() - start:.1f} s)")
     if calib is not None and not isinstance(calib, Iterable):
@@ -179,6 +185,7 @@ def compress(
     eval_data: Iterable[Any] | None = None,
     steps: int | None = None,
     epochs: float | None = None,
+    dynamic_dims: dict[str | int, dict[int, str]] | None = None,
     **options: Any,
 ) -> fx.GraphModule:
     """Without `data`: training-free compression (prepare, set every blend to the student, finalize).
@@ -191,11 +198,13 @@ def compress(
 
         return joint_compress(
             model, example_inputs, ratio, config=config, calib=calib, progress=progress,
-            data=data, eval_data=eval_data, steps=steps, epochs=epochs, **options,
+            data=data, eval_data=eval_data, steps=steps, epochs=epochs, dynamic_dims=dynamic_dims, **options,
         )
     if eval_data is not None or steps is not None or epochs is not None:
         raise ConfigError("eval_data, steps and epochs apply to joint training: pass the training batches as data=")
-    prepared = prepare(model, example_inputs, ratio, config=config, calib=calib, progress=progress, **options)
+    prepared = prepare(
+        model, example_inputs, ratio, config=config, calib=calib, progress=progress, dynamic_dims=dynamic_dims, **options
+    )
     set_blend(prepared, 0.0)
     return finalize(prepared, inplace=True, progress=progress)
 
@@ -240,7 +249,7 @@ def build_report(compact: fx.GraphModule, state: PreparedState) -> CompressionRe
             if hasattr(container, "dense"):
                 label, reason = "dense", "kept rank past break-even after pruning"
             else:
-                rank = container.down.out_features
+                rank = container.down.weight.shape[0]
                 label, reason = "rank", ""
         tokens = rows_per_sample.get(site.name)
         macs_before = int(tokens * site.in_features * site.out_features) if tokens else 0
@@ -250,7 +259,7 @@ def build_report(compact: fx.GraphModule, state: PreparedState) -> CompressionRe
         rows.append(
             SiteRow(
                 site.name, site.form, site.out_features, site.in_features, label, rank, before, after,
-                macs_before, macs_after, reason, context.init_errors.get(site.name),
+                macs_before, macs_after, reason, site.layout, context.init_errors.get(site.name),
             )
         )
     seconds: dict[str, float] = {}

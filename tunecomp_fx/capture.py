@@ -1,5 +1,6 @@
 """Model capture: symbolic tracing with a registry of leaf modules and wrapped functions, falling
-back to torch.export with a dynamic batch dimension. The result says which path was used and why."""
+back to torch.export with dynamic batch (and sequence) dimensions when tracing fails or hides
+compressible layers inside leaves. The result says which path was used and why."""
 
 from __future__ import annotations
 
@@ -13,7 +14,15 @@ import torch
 from torch import fx, nn
 
 from tunecomp_fx.errors import CaptureError, InputError, first_line
+from tunecomp_fx.forms import compressible_module, match_sites
 from tunecomp_fx.inputs import Inputs, call_model, describe_inputs, flatten_outputs, named_tensors
+from tunecomp_fx.sites import Site
+
+BATCH, SEQUENCE = "batch", "sequence"
+DynamicDims = dict[str | int, dict[int, str]]  # input name (keyword) or position -> {dim: axis name}
+# GraphModule.meta key: the compressible layers of the captured model, {module path: layout}. A graph
+# keeps the module types only of the modules it calls, so they are recorded before capture.
+LAYERS_KEY = "tunecomp_layers"
 
 # Module types not to trace into, each with its reason (after timm's _features_fx registry).
 # Their own linear layers stay inside the leaf and are not compressible sites.
@@ -71,47 +80,45 @@ def symbolic_capture(model: nn.Module, inputs: Inputs) -> fx.GraphModule:
     return fx.GraphModule(tracer.root, graph, model.__class__.__name__)
 
 
-def export_capture(model: nn.Module, inputs: Inputs) -> fx.GraphModule:
-    doubled = _batch_of_two(inputs)
-    if doubled is not inputs:
-        try:
-            return _export(model, doubled)
-        except Exception:
-            pass  # dim 0 cannot grow here: capture at the size given, where torch.export fixes it
-    return _export(model, inputs)
+def dynamic_dims_of(inputs: Inputs, dynamic_dims: Mapping[str | int, Mapping[int, str]] | None = None) -> DynamicDims:
+    """Dim 0 of every tensor input is the batch; dim 1 of an integer 2-D keyword input (token ids,
+    attention masks) is the sequence. `dynamic_dims` adds or renames axes, keyed by keyword name or
+    by position."""
+    keyword = isinstance(inputs, Mapping)
+    values = dict(inputs) if keyword else dict(enumerate(inputs))
+    dims: DynamicDims = {}
+    for key, value in values.items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            dims[key] = {0: BATCH}
+            if keyword and value.dim() == 2 and not value.dtype.is_floating_point:
+                dims[key][1] = SEQUENCE
+    for key, axes in (dynamic_dims or {}).items():
+        if key not in values:
+            raise InputError(f"dynamic_dims names input {key!r}, which is not among the example inputs")
+        dims.setdefault(key, {}).update(axes)
+    return dims
 
 
-def _export(model: nn.Module, inputs: Inputs) -> fx.GraphModule:
-    batch = torch.export.Dim.AUTO
+def export_capture(model: nn.Module, inputs: Inputs, dims: DynamicDims | None = None) -> fx.GraphModule:
+    """torch.export (non-strict) with every named axis dynamic (Dim.AUTO: equal axes are inferred).
+    An axis of size 1 is grown first: torch.export specializes sizes 0 and 1."""
+    dims = dynamic_dims_of(inputs) if dims is None else dims
+    values = inputs if isinstance(inputs, Mapping) else dict(enumerate(inputs))
+    for axis in _axes(dims):
+        if any(values[key].shape[dim] < 2 for key, axes in dims.items() for dim, name in axes.items() if name == axis):
+            inputs = resized_inputs(inputs, dims, axis)
 
-    def dynamic(value: object) -> object:
-        return {0: batch} if isinstance(value, torch.Tensor) and value.dim() > 0 else None
+    def dynamic(key: str | int) -> object:
+        return {dim: torch.export.Dim.AUTO for dim in dims[key]} if key in dims else None
 
     if isinstance(inputs, Mapping):
         args, kwargs = (), dict(inputs)
-        shapes = {k: dynamic(v) for k, v in kwargs.items()}
+        shapes: object = {key: dynamic(key) for key in kwargs}
     else:
         args, kwargs = tuple(inputs), {}
-        shapes = tuple(dynamic(v) for v in args)
+        shapes = tuple(dynamic(index) for index in range(len(args)))
     program = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
     return _plain_graph_module(program.module())
-
-
-def _batch_of_two(inputs: Inputs) -> Inputs:
-    """torch.export specializes a dimension of size 1 to the constant 1 (its 0/1 specialization), so
-    a batch of one would give a graph that runs only at batch size 1 (reshapes bake it in). When every
-    batched input has batch size 1, capture on each repeated twice instead (the capture is still
-    checked against the model on the original inputs); returns `inputs` itself otherwise."""
-    tensors = [t for _, t in named_tensors(inputs) if t.dim() > 0]
-    if not tensors or any(t.shape[0] != 1 for t in tensors):
-        return inputs
-
-    def doubled(value: object) -> object:
-        return torch.cat([value, value]) if isinstance(value, torch.Tensor) and value.dim() > 0 else value
-
-    if isinstance(inputs, Mapping):
-        return {key: doubled(value) for key, value in inputs.items()}
-    return tuple(doubled(value) for value in inputs)
 
 
 def _plain_graph_module(module: fx.GraphModule) -> fx.GraphModule:
@@ -123,6 +130,74 @@ def _plain_graph_module(module: fx.GraphModule) -> fx.GraphModule:
             graph.erase_node(node)
     graph._tracer_cls = None
     return fx.GraphModule(module, graph, module.__class__.__name__)
+
+
+def resized_inputs(inputs: Inputs, dims: DynamicDims, axis: str) -> Inputs:
+    """The inputs with every dim called `axis` resized, reusing existing slices so that token ids and
+    masks stay valid: the batch grows by one; other axes shrink by one unless shorter than 3."""
+
+    def resize(key: str | int, value: object) -> object:
+        for dim, name in dims.get(key, {}).items():
+            if name == axis:
+                size = value.shape[dim]
+                grow = axis == BATCH or size < 3
+                value = torch.cat([value, value.narrow(dim, 0, 1)], dim) if grow else value.narrow(dim, 0, size - 1)
+        return value
+
+    if isinstance(inputs, Mapping):
+        return {key: resize(key, value) for key, value in inputs.items()}
+    return tuple(resize(index, value) for index, value in enumerate(inputs))
+
+
+def _leaf_reason(module: nn.Module) -> str:
+    if type(module) in LEAF_MODULES:
+        return LEAF_MODULES[type(module)]
+    if type(module) in _timm_registry()[0]:
+        return "in timm's registry of modules fx cannot trace"
+    return "torch.nn modules are leaves of fx tracing"
+
+
+def hidden_layers(gm: fx.GraphModule) -> list[Site]:
+    """Compressible layers of the captured model (nn.Linear, pointwise nn.Conv2d) that the graph does
+    not expose as sites: inside a leaf module, or with their weight handed to a function fx does not
+    trace into. They are sites with status "hidden" and the reason."""
+    layers = gm.meta.get(LAYERS_KEY)
+    if layers is None:
+        layers = {name: layout for name, module in gm.named_modules() if (layout := compressible_module(module))}
+    exposed = {match.weight for match in match_sites(gm)}
+    readers: dict[str, fx.Node] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            for user in node.users:
+                readers.setdefault(node.target, user)
+    leaves = [node for node in gm.graph.nodes if node.op == "call_module"]
+    hidden = []
+    for name, layout in layers.items():
+        weight_target = f"{name}.weight"
+        if weight_target in exposed:
+            continue
+        leaf = next((node for node in leaves if name.startswith(f"{node.target}.")), None)
+        if leaf is not None:
+            module = gm.get_submodule(leaf.target)
+            node, reason = leaf, f"inside leaf module {leaf.target} ({type(module).__name__}: {_leaf_reason(module)})"
+        elif weight_target in readers:
+            node = readers[weight_target]
+            reader = getattr(node.target, "__name__", str(node.target))
+            node, reason = node, f"weight read by {reader}, which fx does not trace into"
+        else:
+            continue  # the graph does not use this layer
+        weight = gm.get_parameter(weight_target)
+        bias = f"{name}.bias" if _has_parameter(gm, f"{name}.bias") else None
+        hidden.append(Site(name, node.name, "call_module", weight.shape[1], weight.shape[0], weight_target, bias, "hidden", reason, layout=layout))
+    return hidden
+
+
+def _has_parameter(gm: fx.GraphModule, target: str) -> bool:
+    try:
+        gm.get_parameter(target)
+    except AttributeError:
+        return False
+    return True
 
 
 def check_inputs_fit(model: nn.Module, inputs: Inputs) -> list[torch.Tensor]:
@@ -175,39 +250,55 @@ def _describe_weights(model: nn.Module) -> str:
     return f"{'/'.join(dtypes)} on {'/'.join(devices)}"
 
 
-def capture(model: nn.Module, inputs: Inputs, reference: list[torch.Tensor] | None = None) -> Capture:
-    """Capture `model` as a GraphModule that reproduces it on `inputs`."""
+def capture(
+    model: nn.Module,
+    inputs: Inputs,
+    reference: list[torch.Tensor] | None = None,
+    dynamic_dims: Mapping[str | int, Mapping[int, str]] | None = None,
+) -> Capture:
+    """Capture `model` as a GraphModule that reproduces it on `inputs`.
+
+    Symbolic tracing comes first; torch.export is tried when tracing fails or leaves compressible
+    layers hidden inside leaf modules, and is used when it reproduces the model, also at new sizes
+    of every dynamic axis (`dynamic_dims_of`)."""
     if reference is None:
         reference = check_inputs_fit(model, inputs)
+    layers = {name: layout for name, module in model.named_modules() if (layout := compressible_module(module))}
+    traced = trace_error = None
     try:
-        gm = symbolic_capture(model, inputs)
-        _check_reproduces(gm, inputs, reference)
-        return Capture(gm, "symbolic_trace", "symbolic tracing succeeded")
+        traced = symbolic_capture(model, inputs)
+        traced.meta[LAYERS_KEY] = layers
+        _check_reproduces(traced, inputs, reference)
     except Exception as error:
-        trace_error = error
+        traced, trace_error = None, error
         why = f"symbolic tracing failed ({type(error).__name__}: {first_line(error)})"
+    else:
+        hidden = hidden_layers(traced)
+        if not hidden:
+            return Capture(traced, "symbolic_trace", "symbolic tracing succeeded")
+        holders = sorted({site.reason.split(" (")[0] for site in hidden})
+        why = f"symbolic tracing hides {len(hidden)} compressible layers ({'; '.join(holders[:3])}{'; ...' if len(holders) > 3 else ''})"
+    dims = dynamic_dims_of(inputs, dynamic_dims)
     try:
-        gm = export_capture(model, inputs)
-        _check_reproduces(gm, inputs, reference)
+        exported = export_capture(model, inputs, dims)
+        exported.meta[LAYERS_KEY] = layers
+        _check_reproduces(exported, inputs, reference)
+        _check_dynamic(model, exported, inputs, dims)
     except Exception as export_error:
+        export_why = f"torch.export failed ({type(export_error).__name__}: {first_line(export_error)})"
+        if traced is not None:
+            return Capture(traced, "symbolic_trace", f"{why}; {export_why}, so they stay dense")
         where = _user_code(export_error, model) or _user_code(trace_error, model)
         raise CaptureError(
-            f"could not capture {model.__class__.__name__}: {why}; torch.export failed too "
-            f"({type(export_error).__name__}: {first_line(export_error)})."
+            f"could not capture {model.__class__.__name__}: {why}; {export_why}."
             + (f" The construct that stops both is at {where}." if where else "")
             + " Rewrite it without Python control flow on tensor values (e.g. torch.where instead of "
             "`if tensor:`), or register the module that holds it with "
             "tunecomp_fx.capture.register_leaf_module(Type, reason) so that it stays one opaque call"
         ) from export_error
-    batch = "a dynamic batch dimension" if _dynamic_batch(gm) else (
-        "the batch size of the example inputs fixed (dim 0 cannot vary in this model): the result runs only at that size"
-    )
-    return Capture(gm, "torch.export", f"{why}; used torch.export with {batch}")
-
-
-def _dynamic_batch(gm: fx.GraphModule) -> bool:
-    inputs = [node.meta.get("val") for node in gm.graph.nodes if node.op == "placeholder"]
-    return any(isinstance(v, torch.Tensor) and v.dim() > 0 and isinstance(v.shape[0], torch.SymInt) for v in inputs)
+    axes = _axes(dims)
+    plural = "s" if len(axes) > 1 else ""
+    return Capture(exported, "torch.export", f"{why}; used torch.export with dynamic {' and '.join(axes)} dimension{plural}")
 
 
 def _check_reproduces(gm: fx.GraphModule, inputs: Inputs, reference: list[torch.Tensor]) -> None:
@@ -220,10 +311,33 @@ def _check_reproduces(gm: fx.GraphModule, inputs: Inputs, reference: list[torch.
         raise CaptureError("the captured graph does not reproduce the model's outputs")
 
 
+def _axes(dims: DynamicDims) -> list[str]:
+    return sorted({name for axes in dims.values() for name in axes.values()})
+
+
+def _check_dynamic(model: nn.Module, gm: fx.GraphModule, inputs: Inputs, dims: DynamicDims) -> None:
+    """The exported graph must run, and match the model, at a new size of every dynamic axis: Dim.AUTO
+    specializes an axis silently when the model's code fixes it."""
+    for axis in _axes(dims):
+        resized = resized_inputs(inputs, dims, axis)
+        try:
+            with torch.no_grad():
+                reference = flatten_outputs(call_model(model, resized))
+        except Exception:
+            continue  # the model itself does not take another size on this axis
+        try:
+            _check_reproduces(gm, resized, reference)
+        except Exception as error:
+            raise CaptureError(
+                f"the exported graph does not run at a new {axis} size ({first_line(error)}): the model's "
+                f"code fixes that axis"
+            ) from error
+
+
 _LIBRARY_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
 
 
-def _user_code(error: BaseException, model: nn.Module) -> str | None:
+def _user_code(error: BaseException | None, model: nn.Module) -> str | None:
     """Where in the model's own code `error` (or its cause) was raised: file:line, the module's name
     and class, and the line of source; None when no frame of the traceback is the model's code."""
     module_names = {id(module): name for name, module in model.named_modules()}

@@ -20,7 +20,7 @@ from torch import fx, nn
 
 from tunecomp_fx.api import REPORT_KEY, STATE_KEY, get_report, prepared_state
 from tunecomp_fx.errors import InputError
-from tunecomp_fx.passes.find_linear_sites import linear_weight_targets
+from tunecomp_fx.forms import match_site
 from tunecomp_fx.pipeline import PassRecord
 from tunecomp_fx.report import format_table
 from tunecomp_fx.sites import LOWRANK_ROOT, Blend
@@ -56,7 +56,7 @@ def format_pass_log(records: Iterable[PassRecord], *, names: int = 0) -> str:
 def _is_linear(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module":
         return isinstance(gm.get_submodule(node.target), nn.Linear)
-    return linear_weight_targets(gm, node) is not None
+    return match_site(gm, node) is not None
 
 
 def graph_summary(gm: fx.GraphModule) -> dict[str, int]:
@@ -192,8 +192,8 @@ def _site_nodes(gm: fx.GraphModule, name: str) -> list[fx.Node]:
     }
     if not chosen:  # a site left dense: its original linear node
         for node in gm.graph.nodes:
-            targets = linear_weight_targets(gm, node)
-            if targets is not None and targets[0] == f"{name}.weight":
+            match = match_site(gm, node)
+            if match is not None and match.weight == f"{name}.weight":
                 chosen.add(node)
     # The weights a chosen node reads through get_attr belong to the site too.
     chosen |= {n for node in list(chosen) for n in node.all_input_nodes if n.op == "get_attr" and set(n.users) <= chosen}

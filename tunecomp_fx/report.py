@@ -17,13 +17,14 @@ class SiteRow:
     form: str
     out_features: int
     in_features: int
-    decision: str  # "rank", "dense", "excluded", "shared"
+    decision: str  # "rank", "dense", "removed", or why the site is left alone: "excluded", "shared", "hidden", "unsupported"
     rank: int | None
     params_before: int
     params_after: int
     macs_before: int  # per example
     macs_after: int
     reason: str = ""
+    layout: str = "linear"  # "linear" or "conv1x1" (a pointwise convolution)
     init_error: float | None = None  # ||(W - BA) X|| / ||W X|| of the initialized student, on calibration data
 
     @property
@@ -52,7 +53,7 @@ class CompressionReport:
 
     @property
     def compressed_rows(self) -> list[SiteRow]:
-        return [row for row in self.sites if row.decision not in ("excluded", "shared")]
+        return [row for row in self.sites if row.decision in ("rank", "dense")]
 
     @property
     def kept_fraction(self) -> float:

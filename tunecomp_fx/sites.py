@@ -18,19 +18,25 @@ LOWRANK_ROOT = "lowrank"  # the submodule of the rewritten model that holds ever
 class Site:
     """One linear map y = W x + b found in the captured graph.
 
+    `node` computes y (the teacher), `entry_node` reads x (`tunecomp_fx.forms.site_input`); they
+    differ only for `x @ W.T + b`, whose entry is the matmul. `layout` is a key of `tunecomp_fx.forms.LAYOUTS`.
     `status` is "compress" for sites the passes rewrite, else the reason class for leaving it dense
-    ("excluded" by the user, "shared" weights), with the human reason in `reason`.
+    ("excluded" by the user, "shared" weights, "hidden" inside a leaf module or an opaque function),
+    with the human reason in `reason`.
     """
 
     name: str
     node: str
-    form: str  # "call_module", "F.linear" or "aten.linear"
+    form: str  # "call_module", "F.linear", "aten.linear", "F.conv2d", "aten.conv2d" or "matmul"
     in_features: int
     out_features: int
     weight_target: str
     bias_target: str | None
     status: str = "compress"
     reason: str = ""
+    entry_node: str = ""
+    layout: str = "linear"
+    stride: int = 1  # a strided pointwise convolution reads x[..., ::stride, ::stride]
 
     @property
     def key(self) -> str:

@@ -1,0 +1,231 @@
+"""The forms a compressible site takes in a captured graph, as a rule table (pattern, then callback),
+and the two feature layouts a site's student is built in.
+
+A site is a linear map over the features of its input x, with its weight held as a parameter:
+- layout "linear": features on the last dim, W is (out, in): `nn.Linear`, `F.linear`, `aten.linear`,
+  and `x @ W.T (+ b)`;
+- layout "conv1x1": channels of (N, C, H, W), W is (out, in, 1, 1): a pointwise `nn.Conv2d`, `F.conv2d`
+  or `aten.conv2d` (kernel 1, no padding, one group). A stride s (ResNet's downsampling shortcut) is
+  the map of x[..., ::s, ::s]: the student's down convolution takes the stride.
+Every pass that builds, slices or densifies a student goes through `Layout`, so the two layouts share
+one mechanism: a student is down (in -> r) then up (r -> out), two modules of the site's layout.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    feature_dim: int  # counted from the end: -1 for (..., features), -3 for (N, C, H, W)
+    module_type: type[nn.Module]
+
+    def rows(self, x: torch.Tensor, stride: int = 1) -> torch.Tensor:
+        """The input as (positions, features): one row per token, or per pixel the site reads."""
+        if stride > 1:
+            x = x[..., ::stride, ::stride]
+        return x.movedim(self.feature_dim, -1).reshape(-1, x.shape[self.feature_dim])
+
+    def mask_shape(self, rank: int) -> tuple[int, ...]:
+        """A per-rank mask that broadcasts over the student's hidden activation."""
+        return (rank,) + (1,) * (-1 - self.feature_dim)
+
+    def make(self, in_features: int, out_features: int, bias: bool, like: torch.Tensor, stride: int = 1) -> nn.Module:
+        factory = {"device": like.device, "dtype": like.dtype}
+        if self.module_type is nn.Conv2d:
+            return nn.Conv2d(in_features, out_features, 1, stride=stride, bias=bias, **factory)
+        return nn.Linear(in_features, out_features, bias=bias, **factory)
+
+
+LAYOUTS = {layout.name: layout for layout in (Layout("linear", -1, nn.Linear), Layout("conv1x1", -3, nn.Conv2d))}
+
+
+def layout_of(module: nn.Module) -> Layout:
+    """The layout of a student module (nn.Linear or 1x1 nn.Conv2d)."""
+    for layout in LAYOUTS.values():
+        if type(module) is layout.module_type:
+            return layout
+    raise TypeError(f"{type(module).__name__} is not a student module (nn.Linear or 1x1 nn.Conv2d)")
+
+
+def rebuilt(like: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """A new module of `like`'s layout (and stride) holding `weight` (out, in[, 1, 1]) and `bias`."""
+    stride = like.stride[0] if isinstance(like, nn.Conv2d) else 1
+    module = layout_of(like).make(weight.shape[1], weight.shape[0], bias is not None, weight, stride)
+    with torch.no_grad():
+        module.weight.copy_(weight.reshape(module.weight.shape))
+        if bias is not None:
+            module.bias.copy_(bias)
+    return module
+
+
+@dataclass(frozen=True)
+class SiteMatch:
+    """A linear map found at a node: y = W x (+ b)."""
+
+    form: str
+    layout: str
+    entry: fx.Node  # the node that reads x (`site_input`)
+    output: fx.Node  # the node whose value is y
+    weight: str  # target of the weight parameter
+    bias: str | fx.Node | None  # target of the bias parameter, or the node computing it
+    nodes: tuple[fx.Node, ...]  # every node of the site, the weight's get_attr included
+    stride: int = 1  # of a pointwise convolution
+
+
+def _argument(node: fx.Node, index: int, name: str, default: object = None) -> object:
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+
+
+def site_input(entry: fx.Node) -> fx.Node:
+    """x, as the entry node of a site reads it now (a rewrite of an earlier site may have changed it)."""
+    return _argument(entry, 0, "input")
+
+
+def _bias(node: object) -> str | fx.Node | None:
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        return node.target
+    return node if isinstance(node, fx.Node) else None
+
+
+def _is_parameter(gm: fx.GraphModule, node: object) -> bool:
+    if not (isinstance(node, fx.Node) and node.op == "get_attr"):
+        return False
+    try:
+        gm.get_parameter(node.target)
+    except AttributeError:
+        return False
+    return True
+
+
+def pointwise_stride(weight: torch.Tensor, stride: object, padding: object, groups: object) -> int | None:
+    """The stride of a convolution that is a linear map over channels (1x1 kernel, no padding, one
+    group, the same stride both ways), else None."""
+    strides = set(stride) if isinstance(stride, (list, tuple)) else {stride}
+    paddings = set(padding) if isinstance(padding, (list, tuple)) else {padding}
+    no_padding = paddings <= {0, "valid"} or (paddings == {"same"} and strides == {1})
+    if weight.dim() == 4 and tuple(weight.shape[2:]) == (1, 1) and len(strides) == 1 and no_padding and groups == 1:
+        return int(next(iter(strides)))
+    return None
+
+
+def compressible_module(module: nn.Module) -> str | None:
+    """The layout of a module whose forward is a plain linear map over features, else None."""
+    if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
+        return "linear"
+    if (
+        isinstance(module, nn.Conv2d)
+        and type(module).forward is nn.Conv2d.forward
+        and type(module)._conv_forward is nn.Conv2d._conv_forward
+        and pointwise_stride(module.weight, module.stride, module.padding, module.groups) is not None
+    ):
+        return "conv1x1"
+    return None
+
+
+def _module_site(gm: fx.GraphModule, node: fx.Node) -> SiteMatch | None:
+    if node.op != "call_module" or not node.args:
+        return None
+    module = gm.get_submodule(node.target)
+    layout = compressible_module(module)
+    if layout is None:
+        return None
+    bias = f"{node.target}.bias" if module.bias is not None else None
+    stride = module.stride[0] if layout == "conv1x1" else 1
+    return SiteMatch("call_module", layout, node, node, f"{node.target}.weight", bias, (node,), stride)
+
+
+_LINEAR_FUNCTIONS = {F.linear: "F.linear", aten.linear.default: "aten.linear"}
+_CONV_FUNCTIONS = {F.conv2d: "F.conv2d", torch.conv2d: "F.conv2d", aten.conv2d.default: "aten.conv2d"}
+
+
+def _function_site(gm: fx.GraphModule, node: fx.Node) -> SiteMatch | None:
+    if node.op != "call_function" or not (node.target in _LINEAR_FUNCTIONS or node.target in _CONV_FUNCTIONS):
+        return None
+    x, weight = _argument(node, 0, "input"), _argument(node, 1, "weight")
+    if not isinstance(x, fx.Node) or not _is_parameter(gm, weight):
+        return None
+    bias = _argument(node, 2, "bias")
+    if node.target in _LINEAR_FUNCTIONS:
+        return SiteMatch(_LINEAR_FUNCTIONS[node.target], "linear", node, node, weight.target, _bias(bias), (node, weight))
+    stride, padding = _argument(node, 3, "stride", 1), _argument(node, 4, "padding", 0)
+    stride = pointwise_stride(gm.get_parameter(weight.target), stride, padding, _argument(node, 6, "groups", 1))
+    if stride is None:
+        return None
+    return SiteMatch(_CONV_FUNCTIONS[node.target], "conv1x1", node, node, weight.target, _bias(bias), (node, weight), stride)
+
+
+_MATMULS = {operator.matmul, torch.matmul, aten.matmul.default}
+_ADDS = {operator.add, torch.add, aten.add.Tensor}
+
+
+def _is_call(node: fx.Node, functions: set[Callable], method: str) -> bool:
+    return (node.op == "call_function" and node.target in functions) or (node.op == "call_method" and node.target == method)
+
+
+def _transposed_parameter(gm: fx.GraphModule, node: object) -> fx.Node | None:
+    """W's get_attr when `node` is W.T / W.t() / W.transpose(0, 1) / W.permute(1, 0) of a 2-D parameter."""
+    if not isinstance(node, fx.Node) or not node.args or not _is_parameter(gm, node.args[0]):
+        return None
+    weight = node.args[0]
+    if gm.get_parameter(weight.target).dim() != 2:
+        return None
+    rest = tuple(node.args[1:])
+    transposes = (
+        (node.op == "call_function" and node.target is getattr and rest in (("T",), ("mT",)))
+        or _is_call(node, {torch.t, aten.t.default, aten.numpy_T.default}, "t")
+        or (_is_call(node, {torch.transpose, aten.transpose.int}, "transpose") and {d % 2 for d in rest} == {0, 1})
+        or (_is_call(node, {torch.permute, aten.permute.default}, "permute") and tuple(rest[0] if len(rest) == 1 else rest) == (1, 0))
+    )
+    return weight if transposes else None
+
+
+def _matmul_site(gm: fx.GraphModule, node: fx.Node) -> SiteMatch | None:
+    """x @ W.T, and x @ W.T + b with b a 1-D parameter: a linear map of x written out by hand."""
+    if not _is_call(node, _MATMULS, "matmul") or len(node.args) != 2 or node.kwargs:
+        return None
+    x, transposed = node.args
+    weight = _transposed_parameter(gm, transposed)
+    if weight is None or not isinstance(x, fx.Node) or x.op == "get_attr":
+        return None
+    out_features = gm.get_parameter(weight.target).shape[0]
+    nodes = (node, transposed, weight)
+    add = next(iter(node.users)) if len(node.users) == 1 else None
+    if add is not None and _is_call(add, _ADDS, "add") and len(add.args) == 2 and not add.kwargs:
+        bias = add.args[1] if add.args[0] is node else add.args[0]
+        if _is_parameter(gm, bias) and tuple(gm.get_parameter(bias.target).shape) == (out_features,):
+            return SiteMatch("matmul", "linear", node, add, weight.target, bias.target, nodes + (add, bias))
+    return SiteMatch("matmul", "linear", node, node, weight.target, None, nodes)
+
+
+SITE_RULES: tuple[Callable[[fx.GraphModule, fx.Node], SiteMatch | None], ...] = (_module_site, _function_site, _matmul_site)
+
+
+def match_site(gm: fx.GraphModule, node: fx.Node) -> SiteMatch | None:
+    """The site whose output is computed at `node`'s rule, if any rule matches it."""
+    for rule in SITE_RULES:
+        match = rule(gm, node)
+        if match is not None:
+            return match
+    return None
+
+
+def match_sites(gm: fx.GraphModule) -> list[SiteMatch]:
+    """Every site of the graph, in graph order; a node belongs to at most one site."""
+    matches, taken = [], set()
+    for node in gm.graph.nodes:
+        match = match_site(gm, node) if node not in taken else None
+        if match is not None:
+            matches.append(match)
+            taken.update(match.nodes)
+    return matches
