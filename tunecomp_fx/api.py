@@ -14,7 +14,7 @@ from torch import fx, nn
 
 from tunecomp_fx.capture import capture, check_inputs_fit
 from tunecomp_fx.config import CompressionConfig
-from tunecomp_fx.errors import CalibrationError, ConfigError, InputError
+from tunecomp_fx.errors import CalibrationError, ConfigError, InputError, PassError
 from tunecomp_fx.inputs import Inputs, normalize_inputs
 from tunecomp_fx.metrics import count_macs, count_parameters
 from tunecomp_fx.passes.allocate_ranks import AllocateRanks
@@ -111,10 +111,14 @@ def prepare(
     macs_before = count_macs(captured.graph_module, inputs)
     if progress:
         print(f"captured with {captured.path}: {captured.reason} ({time.perf_counter() - start:.1f} s)")
+    if calib is not None and not isinstance(calib, Iterable):
+        raise InputError(f"calib must be an iterable of input batches (tuples or dicts); got {type(calib).__name__}")
     if config.method == "union":
         batches, targets = _labelled(calib)
+    elif calib is None:
+        batches, targets = [inputs], []
     else:
-        batches, targets = ([normalize_inputs(batch) for batch in calib] if calib is not None else [inputs]), []
+        batches, targets = [normalize_inputs(batch, f"calibration batch {index}") for index, batch in enumerate(calib)], []
     context = PassContext(config=config, calibration=batches, calibration_targets=targets, check_inputs=inputs, loss_fn=loss_fn)
     context.log.append(PassRecord("capture", time.perf_counter() - start, (), ()))
     gm = run_passes(captured.graph_module, prepare_passes(config.method), context, progress=progress)
@@ -162,6 +166,7 @@ def finalize(prepared: fx.GraphModule, *, inplace: bool = False, progress: bool 
     compact.meta.pop(STATE_KEY, None)
     context = state.context
     compact = run_passes(compact, finalize_passes(), context, progress=progress)
+    _check_package_free(compact)
     report = build_report(compact, state)
     compact.meta[REPORT_KEY] = report.to_dict()
     compact.meta[CONFIG_KEY] = context.config.to_dict()
@@ -204,6 +209,18 @@ def compress(
     return finalize(prepared, inplace=True, progress=progress)
 
 
+def _check_package_free(compact: fx.GraphModule) -> None:
+    """The compact model must load and run without this package: no module or function of ours is left."""
+    ours = [f"module '{name}' ({type(m).__name__})" for name, m in compact.named_modules() if _is_ours(type(m))]
+    ours += [f"node '{n.name}' ({n.target})" for n in compact.graph.nodes if n.op == "call_function" and _is_ours(n.target)]
+    if ours:
+        raise PassError(f"finalize left parts of tunecomp_fx in the compact model: {', '.join(ours[:3])}")
+
+
+def _is_ours(thing: object) -> bool:
+    return (getattr(thing, "__module__", None) or "").startswith("tunecomp_fx")
+
+
 def get_report(compact: fx.GraphModule) -> CompressionReport:
     data = getattr(compact, "meta", {}).get(REPORT_KEY)
     if data is None:
@@ -241,7 +258,8 @@ def build_report(compact: fx.GraphModule, state: PreparedState) -> CompressionRe
         )
         rows.append(
             SiteRow(
-                site.name, site.form, site.out_features, site.in_features, label, rank, before, after, macs_before, macs_after, reason, site.layout
+                site.name, site.form, site.out_features, site.in_features, label, rank, before, after,
+                macs_before, macs_after, reason, site.layout, context.init_errors.get(site.name),
             )
         )
     seconds: dict[str, float] = {}
