@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -73,6 +74,7 @@ def to_onnx(
     names, tensors = _named_inputs(model, example_inputs)
     axes = _dynamic_axes(names, tensors, dynamic_dims)
     path = Path(path)
+    _check_writable(path)
     flat_model = _FlatOutputs(model, names, keyword)
     with eval_mode(model), torch.no_grad():
         try:
@@ -94,6 +96,27 @@ def to_onnx(
         max_errors=max_errors,
         external_data=_external_data_files(proto),
     )
+
+
+def _check_writable(path: Path) -> None:
+    """Fail before the (slow) export when the file cannot be written; create missing folders."""
+    if path.is_dir():
+        raise ExportError(f"{path} is a folder; give to_onnx a file path such as {path / 'model.onnx'}")
+    existing = next(parent for parent in path.absolute().parents if parent.exists())
+    if not existing.is_dir():
+        raise ExportError(
+            f"cannot write the ONNX file {path}: {existing} is a file, not a folder, so the output folder is "
+            "not writable. Choose an output folder you can write to"
+        )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as error:
+        raise ExportError(
+            f"cannot write the ONNX file {path}: the folder {path.parent} is not writable "
+            f"({type(error).__name__}: {error.strerror or error}). Choose an output folder you can write to"
+        ) from error
 
 
 class _FlatOutputs(nn.Module):

@@ -69,11 +69,7 @@ def allocate(
             states[site.name] = _State(site, 1, cap)
     used = sum(state.params for state in states.values())
     if used > budget:
-        raise BudgetError(
-            f"ratio={1 - kept_fraction:.3g} cannot be met: rank 1 everywhere (and dense where no rank saves "
-            f"parameters) already keeps {used:,} of {total:,} parameters "
-            f"(budget {budget:,.0f}). Use a smaller ratio, or exclude the sites too small to shrink"
-        )
+        raise BudgetError(_unreachable(states, kept_fraction, used, total, budget))
     for step in (rank_multiple, 1):
         if step == 1 and budget - used <= _RESIDUAL_GAP * total:
             break
@@ -100,6 +96,23 @@ def allocate(
         name: RankDecision(None, "past break-even: dense is no larger") if state.dense else RankDecision(state.rank)
         for name, state in states.items()
     }
+
+
+def _unreachable(states: dict[str, _State], kept_fraction: float, used: int, total: int, budget: float) -> str:
+    past = [f"{s.site.name} ({s.site.out_features}x{s.site.in_features})" for s in states.values() if s.dense]
+    ratio = f"ratio={1 - kept_fraction:.3g} cannot be met"
+    if len(past) == len(states):
+        return (
+            f"{ratio}: every compressed site is past break-even (even rank 1 holds as many parameters as the "
+            f"dense matrix): {', '.join(past[:5])}{' ...' if len(past) > 5 else ''}. Layers this narrow cannot "
+            "be shrunk by factorization, so this model has nothing to compress at any ratio"
+        )
+    dense = f"; {len(past)} sites past break-even stay dense ({', '.join(past[:3])})" if past else ""
+    return (
+        f"{ratio}: rank 1 everywhere already keeps {used:,} of {total:,} parameters (budget {budget:,.0f}){dense}. "
+        f"The largest reachable ratio is {1 - used / total:.3g}: use a smaller ratio, or exclude the sites "
+        "too small to shrink"
+    )
 
 
 def uniform_priority(kept_fraction: float) -> Callable[[_State, int, bool], float]:
@@ -147,6 +160,12 @@ class AllocateRanks(GraphPass):
 
     def ensures(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:
         sites = ctx.compressed_sites
+        for site in sites:
+            decision = ctx.ranks.get(site.name)
+            if decision is None:
+                return f"no rank decision for site '{site.name}'"
+            if decision.rank is not None and not 1 <= decision.rank < site.break_even_rank:
+                return f"site '{site.name}' got rank {decision.rank}, outside [1, break-even {site.break_even_rank})"
         budget = ctx.config.kept_fraction * sum(s.dense_params for s in sites)
         kept = sum(
             s.dense_params if ctx.ranks[s.name].rank is None else s.factorized_params(ctx.ranks[s.name].rank)

@@ -10,9 +10,9 @@ import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
-from tunecomp_fx.errors import CalibrationError
+from tunecomp_fx.errors import CalibrationError, TunecompError, first_line
 from tunecomp_fx.forms import LAYOUTS, Layout, site_input
-from tunecomp_fx.inputs import call_model
+from tunecomp_fx.inputs import Inputs, call_model, describe_inputs
 from tunecomp_fx.pipeline import GraphPass, PassContext
 
 _OBSERVERS = "_tunecomp_observers"
@@ -55,6 +55,19 @@ class _Observer(nn.Module):
         return x
 
 
+def _calibrate_on(gm: fx.GraphModule, batch: Inputs, index: int) -> None:
+    try:
+        call_model(gm, batch)
+    except TunecompError:
+        raise
+    except Exception as error:
+        raise CalibrationError(
+            f"calibration batch {index} does not fit the model ({type(error).__name__}: {first_line(error)}); "
+            f"it holds {describe_inputs(batch)}. Give calibration batches the form of the example inputs "
+            "(same arguments, feature sizes, dtypes and device)"
+        ) from error
+
+
 class CalibrateInputCovariance(GraphPass):
     name = "calibrate_input_covariance"
     preserves_outputs = True
@@ -86,7 +99,7 @@ class CalibrateInputCovariance(GraphPass):
                 for index, batch in enumerate(tqdm(ctx.calibration, desc="calibrate", leave=False, disable=len(ctx.calibration) < 4)):
                     for observer in observers.children():
                         observer.batch_index = index
-                    call_model(gm, batch)
+                    _calibrate_on(gm, batch, index)
         finally:
             for observed in inserted:
                 observed.replace_all_uses_with(observed.args[0])
@@ -103,4 +116,10 @@ class CalibrateInputCovariance(GraphPass):
     def ensures(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:
         if any(name.startswith(_OBSERVERS) for name, _ in gm.named_modules()):
             return "observers left in the graph"
+        for site in ctx.compressed_sites:
+            covariance = ctx.covariances.get(site.name)
+            if covariance is None or covariance.gram.shape != (site.in_features, site.in_features):
+                return f"no {site.in_features}x{site.in_features} input covariance for site '{site.name}'"
+            if not torch.isfinite(covariance.gram).all():
+                return f"the input covariance of site '{site.name}' holds NaN or inf (float64 overflow?)"
         return None

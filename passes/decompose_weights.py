@@ -78,9 +78,23 @@ def _balance(sigma: torch.Tensor) -> torch.Tensor:
     return sigma.clamp_min(_RELATIVE_FLOOR * sigma[0].clamp_min(1e-300)).sqrt()
 
 
+def _unit_scale(covariance: torch.Tensor | None) -> torch.Tensor | None:
+    """The covariance over its mean diagonal, or None when the inputs are all zero.
+
+    The optimum B A does not depend on the metric's scale, but the balance of the factors does:
+    inputs of size k give |B| ~ sqrt(k) and |A| ~ 1/sqrt(k), which overflow float16 for small k.
+    On all-zero inputs every factorization is optimal; the plain SVD is the sensible one."""
+    if covariance is None:
+        return None
+    c = covariance.to(torch.float64)
+    mean = c.diagonal().mean()
+    return c / mean if mean > 0 else None
+
+
 def decompose(weight: torch.Tensor, covariance: torch.Tensor | None, init: str, damping: float) -> Decomposition:
     w = weight.detach().to(torch.float64)
     m, n = w.shape
+    covariance = _unit_scale(covariance)
     used = damping
     if init == "svd" or covariance is None:
         diagonal = torch.ones(n, dtype=torch.float64, device=w.device)
@@ -132,3 +146,15 @@ class DecomposeWeights(GraphPass):
                 ctx.config.damping,
             )
         return gm
+
+    def ensures(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:
+        for site in ctx.compressed_sites:
+            d = ctx.decompositions.get(site.name)
+            if d is None:
+                return f"no decomposition for site '{site.name}'"
+            k = d.singular_values.numel()
+            if d.up.shape != (site.out_features, k) or d.down.shape != (k, site.in_features):
+                return f"factors of site '{site.name}' have shapes {tuple(d.up.shape)} and {tuple(d.down.shape)}"
+            if not (torch.isfinite(d.up).all() and torch.isfinite(d.down).all()):
+                return f"factors of site '{site.name}' hold NaN or inf"
+        return None

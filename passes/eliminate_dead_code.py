@@ -39,5 +39,6 @@ class EliminateDeadCode(GraphPass):
 
     def ensures(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:
         used = _used_attributes(gm)
-        unused = [name for name, _ in gm.named_parameters(remove_duplicate=False) if name not in used]
-        return f"unused parameters left: {unused[:3]}" if unused else None
+        held = [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
+        unused = [name for name, _ in held if name not in used]
+        return f"unused parameters or buffers left: {unused[:3]}" if unused else None

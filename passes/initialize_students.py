@@ -1,14 +1,44 @@
-"""Transform: write each student's factors from its site's decomposition (the leading ranks) and
-copy the teacher's bias into the student's bias; a student with a core (method="union") gets the
-fixed bases as factors and the diagonal of the projected W0 as its core."""
+"""Transform: write each student's factors from its site's decomposition (the leading ranks), copy
+the teacher's bias into the student's bias, and record how well each student reproduces its
+teacher on the calibration data (the relative activation-weighted error of the written factors).
+A student with a core (method="union") gets the fixed bases as factors and the diagonal of the
+projected W0 as its core."""
 
 from __future__ import annotations
 
+import math
+
 import torch
-from torch import fx
+from torch import fx, nn
 
 from tunecomp_fx.pipeline import GraphPass, PassContext
 from tunecomp_fx.sites import site_container
+
+
+def activation_error(weight: torch.Tensor, approx: torch.Tensor, covariance: torch.Tensor) -> float:
+    """||(W - approx) X||_F / ||W X||_F over the inputs X whose second moment is `covariance`
+    (C = X^T X / N): sqrt(tr(E C E^T) / tr(W C W^T)), 0 when W X = 0."""
+    w = weight.detach().double()
+    e = w - approx.detach().double()
+    c = covariance.to(w.device, torch.float32)
+    # The difference is taken in float64 (it cancels at high rank); the products in float32 are
+    # accurate relative to each trace and several times faster than float64 on large layers.
+    error = ((e.float() @ c) * e.float()).sum().double().clamp_min(0)
+    total = ((w.float() @ c) * w.float()).sum().double()
+    return float((error / total).sqrt()) if total > 0 else 0.0
+
+
+def student_weight(student: nn.Module) -> torch.Tensor:
+    """The student's linear map up @ (core @) down as an (out, in) matrix in float64, in every layout."""
+    down = student.down.weight.double().flatten(1)
+    if hasattr(student, "core"):
+        down = student.core.weight.double().flatten(1) @ down
+    return student.up.weight.double().flatten(1) @ down
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    """How far past 1 (the error of a zero student) rounding of the factors may take the error."""
+    return 1e-3 + 16 * torch.finfo(dtype).eps
 
 
 class InitializeStudents(GraphPass):
@@ -16,8 +46,9 @@ class InitializeStudents(GraphPass):
     preserves_outputs = True  # blends still read only the teacher
 
     def requires(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:
-        missing = [s.name for s in ctx.factorized_sites() if s.name not in ctx.decompositions]
-        return f"no decomposition for {missing[:3]} (run decompose_weights first)" if missing else None
+        analysed = ctx.decompositions.keys() & ctx.covariances.keys()
+        missing = [s.name for s in ctx.factorized_sites() if s.name not in analysed]
+        return f"no decomposition or covariance for {missing[:3]} (run the analysis passes first)" if missing else None
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         with torch.no_grad():
@@ -33,4 +64,19 @@ class InitializeStudents(GraphPass):
                     student.up.bias.copy_(gm.get_parameter(site.bias_target))
                 else:
                     student.up.bias.zero_()
+                ctx.init_errors[site.name] = activation_error(
+                    gm.get_parameter(site.weight_target).flatten(1), student_weight(student), ctx.covariances[site.name].covariance
+                )
         return gm
+
+    def ensures(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:
+        # A factorized student is an output-side projection of its teacher's weight (in the metric its
+        # init uses), so its error never exceeds the zero student's (1) by more than rounding. A union
+        # student also projects the input side, which may cost more than 1; it must still be finite.
+        for site in ctx.factorized_sites():
+            error = ctx.init_errors.get(site.name)
+            projected = not hasattr(site_container(gm, site), "core")
+            limit = 1.0 + _tolerance(gm.get_parameter(site.weight_target).dtype) if projected else math.inf
+            if error is None or not error <= limit or not math.isfinite(error):
+                return f"student of site '{site.name}' has initialization error {error} (expected <= {limit:.3g})"
+        return None

@@ -22,7 +22,7 @@ from torch import fx, nn
 
 from tunecomp_fx.forms import LAYOUTS, site_input
 from tunecomp_fx.pipeline import GraphPass, PassContext
-from tunecomp_fx.sites import LOWRANK_ROOT, Blend, Site
+from tunecomp_fx.sites import LOWRANK_ROOT, Blend, Site, student_nodes
 
 
 def student_rank(site: Site, rank: int, slack: float) -> int:
@@ -30,9 +30,9 @@ def student_rank(site: Site, rank: int, slack: float) -> int:
 
 
 def _new_student(site: Site, rank: int, weight: torch.Tensor, core: bool) -> nn.Module:
-    """down and up (and core) in the site's layout (nn.Linear, or 1x1 nn.Conv2d, down taking the
-    site's stride); the rank mask has shape (rank,) or (rank, 1, 1), so that it broadcasts over the
-    hidden activation either way."""
+    """down and up in the site's layout (nn.Linear, or 1x1 nn.Conv2d, down taking the site's
+    stride); the rank mask has shape (rank,) or (rank, 1, 1), so that it broadcasts over the hidden
+    activation either way. With a core (method="union") only the core trains between fixed bases."""
     layout = LAYOUTS[site.layout]
     container = nn.Module()
     container.down = layout.make(site.in_features, rank, False, weight, site.stride)
@@ -94,8 +94,25 @@ class InsertTeacherStudent(GraphPass):
         return gm
 
     def ensures(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:
-        blends = [n for n in gm.graph.nodes if n.meta.get("tunecomp", {}).get("role") == "blend"]
-        expected = len(ctx.factorized_sites())
-        if len(blends) != expected:
-            return f"{len(blends)} blend nodes for {expected} factorized sites"
+        found = student_nodes(gm)
+        nodes = {node.name: node for node in gm.graph.nodes}
+        sites = ctx.factorized_sites()
+        if len(found) != len(sites):
+            return f"{len(found)} students for {len(sites)} factorized sites"
+        for site in sites:
+            roles = found.get(site.key, {})
+            missing = sorted({"down", "rank_mask", "masked", "up", "blend"} - set(roles))
+            if missing:
+                return f"the student of site '{site.name}' lacks its {missing} nodes"
+            teacher = roles["teacher"]
+            if teacher.name != site.node or roles["down"].args[0] is not site_input(nodes[site.entry_node]):
+                return f"the student of site '{site.name}' does not read the site's input"
+            # method="union" puts its core between down and the mask
+            masked_input = roles.get("core", roles["down"])
+            if "core" in roles and roles["core"].args != (roles["down"],):
+                return f"the core of site '{site.name}' does not read its down-projection"
+            if roles["masked"].args != (masked_input, roles["rank_mask"]) or roles["up"].args != (roles["masked"],):
+                return f"the student of site '{site.name}' is not down -> {'core -> ' * ('core' in roles)}mul(rank_mask) -> up"
+            if list(teacher.users) != [roles["blend"]] or roles["blend"].args != (teacher, roles["up"]):
+                return f"the teacher of site '{site.name}' is not read by its blend alone"
         return None

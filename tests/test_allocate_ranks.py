@@ -45,8 +45,12 @@ def test_site_that_cannot_shrink_stays_dense_and_is_charged():
 
 def test_impossible_budget_is_a_budget_error():
     sites = [_site("a", 1, 50), _site("b", 2, 2)]  # neither can shrink
-    with pytest.raises(BudgetError, match="cannot be met.*smaller ratio"):
+    with pytest.raises(BudgetError, match=r"every compressed site is past break-even.*a \(1x50\), b \(2x2\)"):
         allocate(sites, 0.5, 8, uniform_priority(0.5))
+    # c shrinks, but dense a (51) and rank-1 c (72) keep 123 of 311 weights: at most ratio 0.605.
+    sites = [_site("a", 1, 50), _site("c", 4, 64)]
+    with pytest.raises(BudgetError, match=r"ratio=0\.7 cannot be met.*largest reachable ratio is 0\.605.*smaller ratio"):
+        allocate(sites, 0.3, 8, uniform_priority(0.3))
 
 
 def test_global_gives_rank_to_the_flat_spectrum():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -69,7 +70,7 @@ def test_compress_writes_the_compact_model_report_and_plot(compressed) -> None:
     assert [p["name"] for p in report["pass_log"]][0] == "capture"
     assert json.loads((output / "config.json").read_text())["ratio"] == 0.5
     markdown = (output / "report.md").read_text()
-    assert "| fc1 | 96x64 | 16 | 0.426 | 6,240 | 2,656 | 6.14k | 2.56k | break-even rank 39 |" in markdown
+    assert re.search(r"\| fc1 \| 96x64 \| 16 \| 0\.426 \| 6,240 \| 2,656 \| 6\.14k \| 2\.56k \| [\d.e+-]+ \| break-even rank 39 \|", markdown)
     assert "| insert_teacher_student |" in markdown
     assert (output / "rank_allocation.png").read_bytes()[:8] == PNG_SIGNATURE
     assert "fc1   96x64    16  0.426" in done.stdout and "saved (reload checked" in done.stdout
@@ -133,13 +134,15 @@ def test_export_writes_an_onnx_model_that_matches(compressed, tmp_path: Path) ->
 
 
 def test_demo_quick(tmp_path: Path) -> None:
-    done = _run("demo", "--quick", "--repeats", "3", "-o", str(tmp_path))
+    done = _run("demo", "--quick", "--repeats", "2", "-o", str(tmp_path))
     assert done.returncode == 0, done.stderr
-    for name in ("compact/program.pt2", "compact/report.md", "rank_allocation.png", "original.onnx", "compact.onnx", "latency.json"):
+    for name in ("model.onnx", "original.onnx", "config.json", "report.json", "report.md"):
         assert (tmp_path / name).is_file(), name
-    rows = json.loads((tmp_path / "latency.json").read_text())
-    assert [r["model"] for r in rows] == ["original", "compact"] and rows[1]["params"] < rows[0]["params"]
-    assert "ORT median ms" in done.stdout
+    rows = json.loads((tmp_path / "report.json").read_text())["before_after"]
+    assert rows["compressed"]["params"] < rows["original"]["params"]
+    assert rows["compressed"]["macs"] < 0.8 * rows["original"]["macs"]  # ratio 0.4 of the linear layers
+    assert json.loads((tmp_path / "config.json").read_text())["compression"]["ratio"] == 0.4
+    assert "ORT b32 ms" in done.stdout and "compressed" in done.stdout
 
 
 # (arguments, exit code, the one line expected on stderr)

@@ -109,6 +109,9 @@ def test_tokenize_pads_to_longest_and_truncates(minilm: tuple) -> None:
     assert short["attention_mask"][0].sum() < short["attention_mask"][1].sum()
     long = data.tokenize(tokenizer, ["word " * 200, "short"], max_length=16)
     assert {tuple(t.shape) for t in long.values()} == {(2, 16)}
+    fixed = data.tokenize(tokenizer, ["good", "bad"], max_length=24, fixed_length=True)
+    assert {tuple(t.shape) for t in fixed.values()} == {(2, 24)}
+    assert fixed["attention_mask"].sum(dim=1).tolist() == [3, 3]  # [CLS] word [SEP], the rest padding
 
 
 def test_loader_batches_run_through_the_classifier(minilm: tuple, rotten: data.TextSplits) -> None:

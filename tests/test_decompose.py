@@ -1,5 +1,6 @@
 """Activation-aware initialization: the whitened factors are the rank-r optimum of
-||(W - B A) X||_F, beat plain SVD on anisotropic inputs, and survive singular covariances."""
+||(W - B A) X||_F, beat plain SVD on anisotropic inputs, survive singular, ill-conditioned and
+all-zero covariances, and are computed in float64 for half-precision weights."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from tunecomp_fx.passes.decompose_weights import decompose, whitening_factor
+from tunecomp_fx.passes.initialize_students import activation_error
 from tests.models import anisotropic_inputs
 
 
@@ -79,3 +81,66 @@ def test_full_rank_factors_reproduce_the_weight():
     d = decompose(weight, (x.T @ x / len(x)).double(), "whitened", damping=1e-8)
     torch.testing.assert_close(d.up @ d.down, weight, atol=1e-4, rtol=1e-4)
     assert (d.singular_values[:-1] >= d.singular_values[1:]).all()
+
+
+def _ill_conditioned(kind: str, n: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(4)
+    if kind == "condition_1e13":
+        q = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))[0]
+        return q @ torch.diag(torch.logspace(0, -13, n, dtype=torch.float64)) @ q.T
+    few = torch.randn(3, n, generator=generator, dtype=torch.float64)
+    if kind == "rank_3":  # exactly singular: three samples
+        return few.T @ few / 3
+    if kind == "negative_eigenvalue_noise":  # a singular covariance plus symmetric rounding noise
+        noise = torch.randn(n, n, generator=generator, dtype=torch.float64) * 1e-9
+        return few.T @ few / 3 + noise + noise.T
+    if kind == "zero_channel":
+        x = anisotropic_inputs(200, n, seed=4).double()
+        x[:, 5] = 0
+        return x.T @ x / len(x)
+    if kind == "all_zero":  # a site whose input is always zero (e.g. behind a dead ReLU)
+        return torch.zeros(n, n, dtype=torch.float64)
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["condition_1e13", "rank_3", "negative_eigenvalue_noise", "zero_channel", "all_zero"])
+@pytest.mark.parametrize("shape", [(24, 48), (48, 24)])
+@pytest.mark.parametrize("init", ["whitened", "asvd"])
+def test_ill_conditioned_covariances_give_finite_factors(kind, shape, init):
+    torch.manual_seed(5)
+    weight = torch.randn(*shape)
+    covariance = _ill_conditioned(kind, shape[1])
+    d = decompose(weight, covariance, init, damping=1e-6)
+    assert torch.isfinite(d.up).all() and torch.isfinite(d.down).all() and torch.isfinite(d.singular_values).all()
+    # All ranks together give the weight back, whatever the conditioning.
+    torch.testing.assert_close(d.up @ d.down, weight, atol=1e-4, rtol=1e-4)
+    # A truncation is a projection of W: never worse than the zero matrix on these inputs, and the
+    # whitened one at least as good as the plain SVD (up to the damping).
+    rank = 6
+    ours = activation_error(weight, d.up[:, :rank] @ d.down[:rank], covariance)
+    plain = decompose(weight, None, "svd", damping=1e-6)
+    svd = activation_error(weight, plain.up[:, :rank] @ plain.down[:rank], covariance)
+    assert ours <= 1.0 + 1e-6
+    if init == "whitened":
+        assert ours <= svd + 1e-4, (ours, svd)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(24, 48), (48, 24)])
+def test_half_precision_factors_are_computed_in_float64_and_balanced(dtype, shape):
+    torch.manual_seed(6)
+    weight = torch.randn(*shape).to(dtype)
+    x = anisotropic_inputs(300, shape[1], seed=6).double()
+    covariance = x.T @ x / len(x)
+    d = decompose(weight, covariance, "whitened", damping=1e-6)
+    assert d.up.dtype == d.down.dtype == dtype and d.singular_values.dtype == torch.float64
+    reference = decompose(weight.double(), covariance, "whitened", damping=1e-6)
+    # The half-precision factors are the float64 ones rounded once.
+    torch.testing.assert_close(d.down, reference.down.to(dtype), atol=0, rtol=0)
+    # Tiny inputs (activations of size 1e-8) change neither the factors nor their range: the metric's
+    # scale is divided out, so float16 does not overflow.
+    tiny = decompose(weight, covariance * 1e-16, "whitened", damping=1e-6)
+    assert torch.isfinite(tiny.up).all() and torch.isfinite(tiny.down).all()
+    torch.testing.assert_close(tiny.down.double(), d.down.double(), atol=2e-2, rtol=2e-2)
+    error = activation_error(weight, d.up.double() @ d.down.double(), covariance)
+    assert error <= 8 * torch.finfo(dtype).eps  # full rank: only the rounding of the factors

@@ -11,7 +11,7 @@ from tunecomp_fx.report import CompressionReport, SiteRow
 
 def _report() -> CompressionReport:
     rows = (
-        SiteRow("blocks.0.mlp.fc1", "call_module", 768, 192, "rank", 88, 148_224, 85_248, 197 * 768 * 192, 197 * 88 * 960),
+        SiteRow("blocks.0.mlp.fc1", "call_module", 768, 192, "rank", 88, 148_224, 85_248, 197 * 768 * 192, 197 * 88 * 960, init_error=0.1234),
         SiteRow("blocks.0.mlp.fc2", "aten.linear", 192, 768, "dense", None, 147_648, 147_648, 197 * 768 * 192, 197 * 768 * 192, "kept rank past break-even after pruning"),
         SiteRow("head", "F.linear", 10, 192, "excluded", None, 1_930, 1_930, 1_920, 1_920, "excluded by the user's pattern"),
     )
@@ -21,10 +21,10 @@ def _report() -> CompressionReport:
 
 def test_table_has_macs_ranks_and_reasons() -> None:
     text = str(_report()).splitlines()
-    assert text[0].split() == ["site", "shape", "rank", "kept", "params", "before", "params", "after", "MACs", "before", "MACs", "after", "note"]
-    assert text[2].split() == ["blocks.0.mlp.fc1", "768x192", "88", "0.575", "148,224", "85,248", "29M", "16.6M", "break-even", "rank", "154"]
-    assert text[3].endswith("29M  dense: kept rank past break-even after pruning")
-    assert text[4].endswith("1.92k  excluded: excluded by the user's pattern")
+    assert text[0].split() == ["site", "shape", "rank", "kept", "params", "before", "params", "after", "MACs", "before", "MACs", "after", "init", "error", "note"]
+    assert text[2].split() == ["blocks.0.mlp.fc1", "768x192", "88", "0.575", "148,224", "85,248", "29M", "16.6M", "0.123", "break-even", "rank", "154"]
+    assert text[3].endswith("29M           -  dense: kept rank past break-even after pruning")
+    assert text[4].endswith("1.92k           -  excluded: excluded by the user's pattern")
     assert "compressed sites: 2 of 3; kept fraction 0.7872 (target 0.6000, ratio=0.4)" in text
     assert "compressed sites' MACs per example: 58.1M -> 45.7M" in text
 
@@ -32,8 +32,8 @@ def test_table_has_macs_ranks_and_reasons() -> None:
 def test_markdown_has_site_and_pass_tables() -> None:
     markdown = _report().to_markdown()
     assert markdown.startswith("# Compression report\n")
-    assert "| blocks.0.mlp.fc1 | 768x192 | 88 | 0.575 | 148,224 | 85,248 | 29M | 16.6M | break-even rank 154 |" in markdown
-    assert "| head | 10x192 | - | 1.000 | 1,930 | 1,930 | 1.92k | 1.92k | excluded: excluded by the user's pattern |" in markdown
+    assert "| blocks.0.mlp.fc1 | 768x192 | 88 | 0.575 | 148,224 | 85,248 | 29M | 16.6M | 0.123 | break-even rank 154 |" in markdown
+    assert "| head | 10x192 | - | 1.000 | 1,930 | 1,930 | 1.92k | 1.92k | - | excluded: excluded by the user's pattern |" in markdown
     assert "## Passes" in markdown and "| insert_teacher_student | 0.50 | 2 | 0 |" in markdown
 
 

@@ -14,7 +14,7 @@ from torch import fx, nn
 
 from tunecomp_fx.capture import capture, check_inputs_fit
 from tunecomp_fx.config import CompressionConfig
-from tunecomp_fx.errors import CalibrationError, ConfigError, InputError
+from tunecomp_fx.errors import CalibrationError, ConfigError, InputError, PassError
 from tunecomp_fx.inputs import Inputs, normalize_inputs
 from tunecomp_fx.metrics import count_macs, count_parameters
 from tunecomp_fx.passes.allocate_ranks import AllocateRanks
@@ -81,8 +81,8 @@ def prepare(
     config: CompressionConfig | None = None,
     calib: Iterable[Any] | None = None,
     progress: bool = False,
-    dynamic_dims: dict[str | int, dict[int, str]] | None = None,
     loss_fn: Callable[[Any, Any], Any] | None = None,
+    dynamic_dims: dict[str | int, dict[int, str]] | None = None,
     **options: Any,
 ) -> fx.GraphModule:
     """Capture `model` and rewrite every compressible linear site into a teacher/student subgraph
@@ -93,8 +93,7 @@ def prepare(
     differentiates `loss_fn(outputs, targets)` (default cross-entropy) at every site.
     `dynamic_dims` names input axes that must stay dynamic when capture falls back to torch.export,
     beyond the defaults of `tunecomp_fx.capture.dynamic_dims_of` (batch, and the sequence of integer
-    2-D keyword inputs). Options are CompressionConfig fields (init=, allocation=, exclude=,
-    method=, ...)."""
+    2-D keyword inputs). Options are CompressionConfig fields (init=, allocation=, exclude=, method=, ...)."""
     try:
         config = _make_config(config, ratio, options)
     except TypeError as error:
@@ -112,10 +111,14 @@ def prepare(
     macs_before = count_macs(captured.graph_module, inputs)
     if progress:
         print(f"captured with {captured.path}: {captured.reason} ({time.perf_counter() - start:.1f} s)")
+    if calib is not None and not isinstance(calib, Iterable):
+        raise InputError(f"calib must be an iterable of input batches (tuples or dicts); got {type(calib).__name__}")
     if config.method == "union":
         batches, targets = _labelled(calib)
+    elif calib is None:
+        batches, targets = [inputs], []
     else:
-        batches, targets = ([normalize_inputs(batch) for batch in calib] if calib is not None else [inputs]), []
+        batches, targets = [normalize_inputs(batch, f"calibration batch {index}") for index, batch in enumerate(calib)], []
     context = PassContext(config=config, calibration=batches, calibration_targets=targets, check_inputs=inputs, loss_fn=loss_fn)
     context.log.append(PassRecord("capture", time.perf_counter() - start, (), ()))
     gm = run_passes(captured.graph_module, prepare_passes(config.method), context, progress=progress)
@@ -163,6 +166,7 @@ def finalize(prepared: fx.GraphModule, *, inplace: bool = False, progress: bool 
     compact.meta.pop(STATE_KEY, None)
     context = state.context
     compact = run_passes(compact, finalize_passes(), context, progress=progress)
+    _check_package_free(compact)
     report = build_report(compact, state)
     compact.meta[REPORT_KEY] = report.to_dict()
     compact.meta[CONFIG_KEY] = context.config.to_dict()
@@ -177,11 +181,11 @@ def compress(
     config: CompressionConfig | None = None,
     calib: Iterable[Any] | None = None,
     progress: bool = False,
-    dynamic_dims: dict[str | int, dict[int, str]] | None = None,
     data: Iterable[Any] | None = None,
     eval_data: Iterable[Any] | None = None,
     steps: int | None = None,
     epochs: float | None = None,
+    dynamic_dims: dict[str | int, dict[int, str]] | None = None,
     **options: Any,
 ) -> fx.GraphModule:
     """Without `data`: training-free compression (prepare, set every blend to the student, finalize).
@@ -193,8 +197,8 @@ def compress(
         from tunecomp_fx.train import joint_compress  # the driver builds on prepare/finalize here
 
         return joint_compress(
-            model, example_inputs, ratio, config=config, calib=calib, progress=progress, dynamic_dims=dynamic_dims,
-            data=data, eval_data=eval_data, steps=steps, epochs=epochs, **options,
+            model, example_inputs, ratio, config=config, calib=calib, progress=progress,
+            data=data, eval_data=eval_data, steps=steps, epochs=epochs, dynamic_dims=dynamic_dims, **options,
         )
     if eval_data is not None or steps is not None or epochs is not None:
         raise ConfigError("eval_data, steps and epochs apply to joint training: pass the training batches as data=")
@@ -203,6 +207,18 @@ def compress(
     )
     set_blend(prepared, 0.0)
     return finalize(prepared, inplace=True, progress=progress)
+
+
+def _check_package_free(compact: fx.GraphModule) -> None:
+    """The compact model must load and run without this package: no module or function of ours is left."""
+    ours = [f"module '{name}' ({type(m).__name__})" for name, m in compact.named_modules() if _is_ours(type(m))]
+    ours += [f"node '{n.name}' ({n.target})" for n in compact.graph.nodes if n.op == "call_function" and _is_ours(n.target)]
+    if ours:
+        raise PassError(f"finalize left parts of tunecomp_fx in the compact model: {', '.join(ours[:3])}")
+
+
+def _is_ours(thing: object) -> bool:
+    return (getattr(thing, "__module__", None) or "").startswith("tunecomp_fx")
 
 
 def get_report(compact: fx.GraphModule) -> CompressionReport:
@@ -242,7 +258,8 @@ def build_report(compact: fx.GraphModule, state: PreparedState) -> CompressionRe
         )
         rows.append(
             SiteRow(
-                site.name, site.form, site.out_features, site.in_features, label, rank, before, after, macs_before, macs_after, reason, site.layout
+                site.name, site.form, site.out_features, site.in_features, label, rank, before, after,
+                macs_before, macs_after, reason, site.layout, context.init_errors.get(site.name),
             )
         )
     seconds: dict[str, float] = {}

@@ -4,15 +4,18 @@ compressible layers inside leaves. The result says which path was used and why."
 
 from __future__ import annotations
 
+import linecache
+import os
+import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
 
-from tunecomp_fx.errors import CaptureError, InputError
+from tunecomp_fx.errors import CaptureError, InputError, first_line
 from tunecomp_fx.forms import compressible_module, match_sites
-from tunecomp_fx.inputs import Inputs, call_model, flatten_outputs
+from tunecomp_fx.inputs import Inputs, call_model, describe_inputs, flatten_outputs, named_tensors
 from tunecomp_fx.sites import Site
 
 BATCH, SEQUENCE = "batch", "sequence"
@@ -198,16 +201,53 @@ def _has_parameter(gm: fx.GraphModule, target: str) -> bool:
 
 
 def check_inputs_fit(model: nn.Module, inputs: Inputs) -> list[torch.Tensor]:
-    """Run the model once on the example inputs; a failure is the user's input, not our bug."""
+    """Check the model holds real weights and the inputs sit on its device, then run it once on the
+    example inputs; a failure is the user's input, not our bug."""
+    _check_materialized(model)
+    _check_same_device(model, inputs)
     try:
         with torch.no_grad():
             return flatten_outputs(call_model(model, inputs))
     except Exception as error:
         raise InputError(
-            f"the example inputs do not fit the model ({type(error).__name__}: {_first_line(error)}). "
+            f"the example inputs do not fit the model ({type(error).__name__}: {first_line(error)}). "
+            f"Got {describe_inputs(inputs)}; the model's weights are {_describe_weights(model)}. "
             "Pass a tuple of tensors in the order of forward()'s arguments, or a dict of keyword tensors, "
             "with the shapes, dtypes and device the model expects"
         ) from error
+
+
+def _check_materialized(model: nn.Module) -> None:
+    on_meta = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if on_meta:
+        raise InputError(
+            f"{len(on_meta)} parameters and buffers of {model.__class__.__name__} are on the meta device "
+            f"(e.g. '{on_meta[0]}'): they have shapes but no values, so there is nothing to compress. "
+            "Materialize the weights first, e.g. model.to_empty(device='cpu') then "
+            "model.load_state_dict(state_dict), or load the model without device='meta'"
+        )
+
+
+def _check_same_device(model: nn.Module, inputs: Inputs) -> None:
+    devices = {t.device for t in (*model.parameters(), *model.buffers())}
+    if len(devices) != 1:
+        return  # no weights, or a model spread over devices on purpose: let the model decide
+    device = devices.pop()
+    for name, tensor in named_tensors(inputs):
+        if tensor.device != device:
+            raise InputError(
+                f"example input {name} is on device '{tensor.device}' but the model's weights are on '{device}'; "
+                f"move the inputs with .to('{device}') (or the model with .to('{tensor.device}'))"
+            )
+
+
+def _describe_weights(model: nn.Module) -> str:
+    weights = list(model.parameters())
+    if not weights:
+        return "absent (the model has no parameters)"
+    dtypes = sorted({str(w.dtype) for w in weights})
+    devices = sorted({str(w.device) for w in weights})
+    return f"{'/'.join(dtypes)} on {'/'.join(devices)}"
 
 
 def capture(
@@ -224,14 +264,14 @@ def capture(
     if reference is None:
         reference = check_inputs_fit(model, inputs)
     layers = {name: layout for name, module in model.named_modules() if (layout := compressible_module(module))}
-    traced = None
+    traced = trace_error = None
     try:
         traced = symbolic_capture(model, inputs)
         traced.meta[LAYERS_KEY] = layers
         _check_reproduces(traced, inputs, reference)
-    except Exception as trace_error:
-        traced = None
-        why = f"symbolic tracing failed ({type(trace_error).__name__}: {_first_line(trace_error)})"
+    except Exception as error:
+        traced, trace_error = None, error
+        why = f"symbolic tracing failed ({type(error).__name__}: {first_line(error)})"
     else:
         hidden = hidden_layers(traced)
         if not hidden:
@@ -245,13 +285,16 @@ def capture(
         _check_reproduces(exported, inputs, reference)
         _check_dynamic(model, exported, inputs, dims)
     except Exception as export_error:
-        export_why = f"torch.export failed ({type(export_error).__name__}: {_first_line(export_error)})"
+        export_why = f"torch.export failed ({type(export_error).__name__}: {first_line(export_error)})"
         if traced is not None:
             return Capture(traced, "symbolic_trace", f"{why}; {export_why}, so they stay dense")
+        where = _user_code(export_error, model) or _user_code(trace_error, model)
         raise CaptureError(
-            f"could not capture {model.__class__.__name__}: {why}; {export_why}. Register the module that "
-            "holds the untraceable construct with tunecomp_fx.capture.register_leaf_module(Type, reason), or "
-            "remove data-dependent control flow from forward()"
+            f"could not capture {model.__class__.__name__}: {why}; {export_why}."
+            + (f" The construct that stops both is at {where}." if where else "")
+            + " Rewrite it without Python control flow on tensor values (e.g. torch.where instead of "
+            "`if tensor:`), or register the module that holds it with "
+            "tunecomp_fx.capture.register_leaf_module(Type, reason) so that it stays one opaque call"
         ) from export_error
     axes = _axes(dims)
     plural = "s" if len(axes) > 1 else ""
@@ -286,11 +329,35 @@ def _check_dynamic(model: nn.Module, gm: fx.GraphModule, inputs: Inputs, dims: D
             _check_reproduces(gm, resized, reference)
         except Exception as error:
             raise CaptureError(
-                f"the exported graph does not run at a new {axis} size ({_first_line(error)}): the model's "
+                f"the exported graph does not run at a new {axis} size ({first_line(error)}): the model's "
                 f"code fixes that axis"
             ) from error
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+_LIBRARY_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
+
+
+def _user_code(error: BaseException | None, model: nn.Module) -> str | None:
+    """Where in the model's own code `error` (or its cause) was raised: file:line, the module's name
+    and class, and the line of source; None when no frame of the traceback is the model's code."""
+    module_names = {id(module): name for name, module in model.named_modules()}
+    innermost = None
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        for frame, line in traceback.walk_tb(error.__traceback__):
+            filename = frame.f_code.co_filename
+            if filename.startswith(_LIBRARY_DIRS) or not os.path.isfile(filename):
+                continue
+            code = frame.f_code
+            owner = frame.f_locals.get(code.co_varnames[0]) if code.co_argcount else None
+            innermost = (filename, line, code.co_name, owner)
+        error = error.__cause__ or error.__context__
+    if innermost is None:
+        return None
+    filename, line, function, owner = innermost
+    source = linecache.getline(filename, line).strip()
+    if isinstance(owner, nn.Module) and id(owner) in module_names:
+        name = module_names[id(owner)]
+        function = f"{type(owner).__name__}.{function}" + (f" of module '{name}'" if name else " (the root module)")
+    return f"{filename}:{line} in {function}: `{source}`"

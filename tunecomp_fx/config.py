@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tunecomp_fx.errors import ConfigError
@@ -13,6 +14,7 @@ from tunecomp_fx.errors import ConfigError
 INITS = ("whitened", "svd", "asvd")
 ALLOCATIONS = ("uniform", "global")
 METHODS = ("tunecomp", "union")
+CHECK_NUMERICS_ENV = "TUNECOMP_CHECK_NUMERICS"
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,9 @@ class CompressionConfig:
     rank_slack: extra rank a student starts with, pruned away during joint training (0 when
         training-free).
     damping: relative diagonal damping of the input covariance before whitening.
+    check_numerics: after every pass that promises unchanged outputs, run the model on the example
+        inputs and compare (slower; default on when the environment sets TUNECOMP_CHECK_NUMERICS=1,
+        as the test suite does).
     """
 
     ratio: float = 0.4
@@ -42,7 +47,7 @@ class CompressionConfig:
     rank_multiple: int = 8
     rank_slack: float = 0.0
     damping: float = 1e-6
-    check_numerics: bool = False
+    check_numerics: bool = field(default_factory=lambda: os.environ.get(CHECK_NUMERICS_ENV) == "1")
 
     def __post_init__(self) -> None:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):

@@ -158,13 +158,15 @@ def load_minilm_classifier(
 
 
 def tokenize(
-    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int = 128
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int = 128, fixed_length: bool = False
 ) -> dict[str, torch.Tensor]:
     """The model's input tensors for `texts` (input_ids, token_type_ids if the model takes them,
-    attention_mask), padded to the longest text and truncated to `max_length` tokens."""
+    attention_mask), padded to the longest text (to `max_length` with `fixed_length`, so that every
+    batch has one sequence length) and truncated to `max_length` tokens."""
     if not texts:
         raise InputError("no texts to tokenize; pass at least one")
-    encoded = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    padding = "max_length" if fixed_length else True
+    encoded = tokenizer(list(texts), padding=padding, truncation=True, max_length=max_length, return_tensors="pt")
     return {name: encoded[name] for name in tokenizer.model_input_names if name in encoded}
 
 
@@ -174,10 +176,11 @@ class TextCollator:
 
     tokenizer: PreTrainedTokenizerBase
     max_length: int = 128
+    fixed_length: bool = False
 
     def __call__(self, batch: Sequence[tuple[str, int]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         texts, labels = zip(*batch)
-        return tokenize(self.tokenizer, texts, self.max_length), torch.tensor(labels, dtype=torch.long)
+        return tokenize(self.tokenizer, texts, self.max_length, self.fixed_length), torch.tensor(labels, dtype=torch.long)
 
 
 def _tensor_splits(

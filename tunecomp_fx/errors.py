@@ -43,3 +43,9 @@ class PassError(TunecompError):
 
 class DataError(TunecompError):
     """A bundled model or data set is missing or malformed; the message names the package to install."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (or its type's name), for messages that quote a cause."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -14,7 +14,7 @@ from tunecomp_fx.errors import InputError
 Inputs = Union[tuple[Any, ...], Mapping[str, Any]]
 
 
-def normalize_inputs(example_inputs: Any) -> Inputs:
+def normalize_inputs(example_inputs: Any, what: str = "example_inputs") -> Inputs:
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
     if isinstance(example_inputs, Mapping):
@@ -22,7 +22,7 @@ def normalize_inputs(example_inputs: Any) -> Inputs:
     if isinstance(example_inputs, (list, tuple)):
         return tuple(example_inputs)
     raise InputError(
-        f"example_inputs must be a tensor, a tuple of positional tensors or a dict of keyword tensors; "
+        f"{what} must be a tensor, a tuple of positional tensors or a dict of keyword tensors; "
         f"got {type(example_inputs).__name__}"
     )
 
@@ -46,6 +46,13 @@ def flatten_outputs(outputs: Any) -> list[torch.Tensor]:
     return []
 
 
-def tensors_of(inputs: Inputs) -> list[torch.Tensor]:
-    values = inputs.values() if isinstance(inputs, Mapping) else inputs
-    return [v for v in values if isinstance(v, torch.Tensor)]
+def named_tensors(inputs: Inputs) -> list[tuple[str, torch.Tensor]]:
+    """The tensor inputs with names for messages: '#0', '#1', ... positionally, 'key' by keyword."""
+    items = [(repr(k), v) for k, v in inputs.items()] if isinstance(inputs, Mapping) else [(f"#{i}", v) for i, v in enumerate(inputs)]
+    return [(name, value) for name, value in items if isinstance(value, torch.Tensor)]
+
+
+def describe_inputs(inputs: Inputs) -> str:
+    """E.g. "inputs #0: torch.float32 [4, 64] on cpu", for messages about inputs that do not fit."""
+    described = [f"{name}: {t.dtype} {list(t.shape)} on {t.device}" for name, t in named_tensors(inputs)]
+    return "inputs " + ", ".join(described) if described else "no tensor inputs"

@@ -54,6 +54,8 @@ def format_pass_log(records: Iterable[PassRecord], *, names: int = 0) -> str:
 
 
 def _is_linear(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), nn.Linear)
     return match_site(gm, node) is not None
 
 

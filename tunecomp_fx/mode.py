@@ -11,6 +11,9 @@ in eval mode) cannot be turned back on.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
@@ -32,6 +35,26 @@ def set_training_mode(model: nn.Module, training: bool) -> None:
         module.training = training
     if isinstance(model, fx.GraphModule) and _set_dropout_nodes(model.graph, training):
         model.recompile()
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Eval mode (module flags and dropout nodes) inside the block; afterwards exactly the modes of
+    before, even where module flags and dropout nodes disagreed (a fresh torch.export capture)."""
+    flags = {module: module.training for module in model.modules()}
+    graph = model.graph if isinstance(model, fx.GraphModule) else None
+    dropouts = {n: (n.args, n.kwargs) for n in graph.nodes if n.op == "call_function" and n.target in _DROPOUT_OPS} if graph else {}
+    set_training_mode(model, False)
+    try:
+        yield
+    finally:
+        for module, training in flags.items():
+            module.training = training
+        changed = [n for n, (args, kwargs) in dropouts.items() if (n.args, n.kwargs) != (args, kwargs)]
+        for node in changed:
+            node.args, node.kwargs = dropouts[node]
+        if changed:
+            model.recompile()
 
 
 def _set_dropout_nodes(graph: fx.Graph, training: bool) -> bool:

@@ -30,6 +30,7 @@ class SiteRow:
     macs_after: int
     reason: str = ""
     layout: str = "linear"  # "linear" or "conv1x1" (a pointwise convolution)
+    init_error: float | None = None  # ||(W - BA) X|| / ||W X|| of the initialized student, on calibration data
 
     @property
     def kept_fraction(self) -> float:
@@ -109,8 +110,8 @@ class CompressionReport:
         markdown_path.write_text(self.to_markdown())
         return json_path, markdown_path
 
-    _HEADER = ["site", "shape", "rank", "kept", "params before", "params after", "MACs before", "MACs after", "note"]
-    _LEFT_ALIGNED = {0, 1, 8}
+    _HEADER = ["site", "shape", "rank", "kept", "params before", "params after", "MACs before", "MACs after", "init error", "note"]
+    _LEFT_ALIGNED = {0, 1, 9}
 
     def _table_rows(self) -> list[list[str]]:
         rows = []
@@ -129,6 +130,7 @@ class CompressionReport:
                     f"{row.params_after:,}",
                     _human(row.macs_before),
                     _human(row.macs_after),
+                    "-" if row.init_error is None else f"{row.init_error:.3g}",
                     note,
                 ]
             )
@@ -146,6 +148,15 @@ class CompressionReport:
             f"whole model on the example inputs: params {self.model_params_before:,} -> {self.model_params_after:,} "
             f"(x{self.param_ratio:.3f}); MACs {self.model_macs_before:,} -> {self.model_macs_after:,} "
             f"(x{self.mac_ratio:.3f})",
+        ] + self._init_error_lines()
+
+    def _init_error_lines(self) -> list[str]:
+        errors = [row.init_error for row in self.sites if row.init_error is not None]
+        if not errors:
+            return []
+        return [
+            f"initialized students reproduce their teachers within a relative error ||(W - BA) X|| / ||W X|| "
+            f"of {max(errors):.3g} (mean {sum(errors) / len(errors):.3g}) on the calibration data"
         ]
 
     def pass_table(self) -> list[list[str]]:

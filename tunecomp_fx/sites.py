@@ -9,6 +9,8 @@ import torch
 from torch import fx
 from torch import nn
 
+from tunecomp_fx.errors import ConfigError
+
 LOWRANK_ROOT = "lowrank"  # the submodule of the rewritten model that holds every site's student
 
 
@@ -77,7 +79,7 @@ def site_container(gm: nn.Module, site: Site) -> nn.Module:
 def set_blend(gm: nn.Module, alpha: float) -> None:
     """Set every blend of a prepared model to alpha, beta = sqrt(1 - alpha^2)."""
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1]; got {alpha}")
+        raise ConfigError(f"alpha must be in [0, 1] (1: the teacher alone, 0: the student alone); got {alpha}")
     beta = (1.0 - alpha * alpha) ** 0.5
     for module in gm.modules():
         if isinstance(module, Blend):

@@ -359,6 +359,16 @@ def _retain_live_parameters(optimizer: torch.optim.Optimizer, model: nn.Module) 
         group["params"] = [p for p in group["params"] if id(p) in live]
 
 
+def build_optimizer(model: nn.Module, config: TrainingConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, without weight decay on biases and norms."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for _, p in named if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
+
+
 def fingerprint(prepared: fx.GraphModule) -> dict[str, Any]:
     """What a checkpoint must match to be resumed into this prepared model."""
     context = prepared_state(prepared).context
@@ -440,12 +450,7 @@ class JointTrainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     def _optimizer(self) -> torch.optim.AdamW:
-        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for _, p in named if p.dim() >= 2], "weight_decay": self.config.weight_decay},
-            {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.config.lr)
+        return build_optimizer(self.model, self.config)
 
     def fit(self, resume: str | os.PathLike[str] | None = None) -> fx.GraphModule:
         """Train to the end of the run; returns the prepared model, teachers removed, in eval mode
@@ -653,11 +658,11 @@ def joint_compress(
     config: CompressionConfig | None,
     calib: Iterable[Any] | None,
     progress: bool,
-    dynamic_dims: dict[str | int, dict[int, str]] | None = None,
     data: Iterable[Any],
     eval_data: Iterable[Any] | None,
     steps: int | None,
     epochs: float | None,
+    dynamic_dims: dict[str | int, dict[int, str]] | None = None,
     **options: Any,
 ) -> fx.GraphModule:
     """prepare (students with slack rank) -> JointTrainer -> finalize. Options are CompressionConfig
@@ -685,8 +690,8 @@ def joint_compress(
     training_cfg = training_config(trainer_options.pop("training", None), training)
     resume = trainer_options.pop("resume", None)
     prepared = prepare(
-        model, example_inputs, ratio, config=config, calib=calib, progress=progress, dynamic_dims=dynamic_dims,
-        loss_fn=trainer_options.get("loss_fn"), **compression,
+        model, example_inputs, ratio, config=config, calib=calib, progress=progress,
+        loss_fn=trainer_options.get("loss_fn"), dynamic_dims=dynamic_dims, **compression,
     )
     original = copy.deepcopy(model).eval() if training_cfg.logit_distill > 0 else None
     trainer = JointTrainer(

@@ -1,0 +1,193 @@
+"""Joint fine-tuning + compression against the sequential pipelines, on a real pretrained model.
+
+all-MiniLM-L6-v2 (captured with torch.export) fine-tuned for Rotten Tomatoes sentiment. Every method
+gets the same S optimizer steps on the same batches (same seed, same recipe: tunecomp_fx.finetune
+uses the joint driver's optimizer and schedules):
+  ft          fine-tune only, S steps (the uncompressed reference)
+  ft_svd      fine-tune S, then training-free compression (activation-whitened SVD)
+  ft_c_ft     fine-tune S/2, compress, fine-tune the compact model S/2 (the strongest sequential)
+  c_ft        compress the pretrained model, fine-tune the compact model S
+  joint       tunecomp_fx.compress(..., data=train, steps=S) with the default TrainingConfig
+  joint[...]  ablation variants (one option changed), at the ablation ratios
+Test accuracy on the full test split; parameters and MACs from the compression report (MACs for
+one text of max_length tokens); ONNX Runtime latency (1 thread, interleaved) at batch 1 and 32.
+
+    python benchmarks/minilm_sentiment.py --quick      # 2-core CPU profile
+    python benchmarks/minilm_sentiment.py              # full profile (GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunecomp_fx import TrainingConfig, compress, get_report
+from tunecomp_fx.finetune import evaluate, finetune
+from tunecomp_fx.metrics import count_macs, count_parameters
+from tunecomp_fx.sentiment import onnx_latency, sentiment_task
+
+# One option changed against the default joint run each.
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "blend=linear": {"blend": "linear"},
+    "T=0.25": {"blend_steps": 0.25},
+    "distill=0": {"distill_weight": 0.0},
+    "logit_distill=1": {"logit_distill": 1.0},
+    "init=svd": {"init": "svd"},
+    "rank_selection=site": {"rank_selection": "site"},
+}
+METHODS = ("ft", "joint", "ft_c_ft", "ft_svd", "c_ft")
+PROFILES = {
+    "quick": {"max_length": 32, "batch_size": 16, "steps": 32, "lr": 2e-4, "repeats": 5, "ablation_ratios": (0.5,)},
+    "full": {"max_length": 64, "batch_size": 32, "steps": 1500, "lr": 1e-4, "repeats": 30, "ablation_ratios": (0.3, 0.5, 0.7)},
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="the 2-core CPU profile")
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.7, 0.3], help="in the order run")
+    parser.add_argument("--ablations", nargs="*", default=None, help=f"subset of {list(ABLATIONS)} (default all)")
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS, help="a subset, to split a run over processes")
+    parser.add_argument("--steps", type=int, help="override the profile's S")
+    parser.add_argument("--ablation-ratios", type=float, nargs="*", help="override the profile's ablation ratios")
+    parser.add_argument("--test-limit", type=int, help="evaluate on the first N test texts (smoke runs only)")
+    parser.add_argument("--output", default="benchmarks/results/minilm_sentiment")
+    args = parser.parse_args()
+    profile = dict(PROFILES["quick" if args.quick else "full"])
+    if args.steps:
+        profile["steps"] = args.steps
+    if args.ablation_ratios is not None:
+        profile["ablation_ratios"] = tuple(args.ablation_ratios)
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(torch.get_num_threads())
+    task = sentiment_task(max_length=profile["max_length"], batch_size=profile["batch_size"], test_limit=args.test_limit)
+    steps = profile["steps"]
+    recipe = TrainingConfig(steps=steps, lr=profile["lr"])
+    half = dataclasses.replace(recipe, steps=steps // 2)
+    results: dict[str, Any] = {
+        "command": " ".join(["python", *sys.argv]),
+        "profile": profile,
+        "recipe": recipe.to_dict(),
+        "test_texts": len(task.test.dataset),
+        "rows": [],
+    }
+    params_before = count_parameters(task.model)
+    macs_before = count_macs(task.model, task.example)
+
+    def record(method: str, ratio: float, model: torch.nn.Module, seconds: float, **extra: Any) -> None:
+        params = count_parameters(model)
+        macs = get_report(model).model_macs_after if ratio else macs_before
+        row = {
+            "method": method, "ratio": ratio, "accuracy": evaluate(model, task.test), "params": params,
+            "params_fraction": params / params_before, "macs": macs, "macs_fraction": macs / macs_before,
+            "train_seconds": seconds, **extra,
+        }
+        results["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        (output / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+
+    def timed(fn: Any, *a: Any, **k: Any) -> tuple[Any, float]:
+        task.train.generator.manual_seed(0)  # every method sees the same batches in the same order
+        start = time.perf_counter()
+        value = fn(*a, **k)
+        return value, time.perf_counter() - start
+
+    def squeeze(model: torch.nn.Module, ratio: float, **options: Any) -> torch.nn.Module:
+        return compress(model, task.example, ratio, calib=task.calibration, **options)
+
+    def joint(ratio: float, **options: Any) -> torch.nn.Module:
+        training = {k: v for k, v in options.items() if k in {f.name for f in dataclasses.fields(TrainingConfig)}}
+        compression = {k: v for k, v in options.items() if k not in training}
+        return compress(
+            task.model, task.example, ratio, calib=task.calibration, data=task.train, progress=True,
+            training=dataclasses.replace(recipe, **training), **compression,
+        )
+
+    methods = set(args.methods)
+    if methods & {"ft", "ft_svd"}:
+        ft, seconds = timed(finetune, copy.deepcopy(task.model), task.train, recipe, desc="ft")
+        record("ft", 0.0, ft, seconds)
+    if "ft_c_ft" in methods:
+        ft_half, half_seconds = timed(finetune, copy.deepcopy(task.model), task.train, half, desc="ft S/2")
+    for ratio in args.ratios:
+        compact = {}
+        if "joint" in methods:  # the headline comparison first: joint, then the best sequential
+            compact[f"joint@{ratio}"], more = timed(joint, ratio)
+            record("joint", ratio, compact[f"joint@{ratio}"], more)
+        if "ft_c_ft" in methods:
+            compact[f"ft_c_ft@{ratio}"], more = timed(finetune, squeeze(ft_half, ratio), task.train, half, desc=f"ft_c_ft {ratio}")
+            record("ft_c_ft", ratio, compact[f"ft_c_ft@{ratio}"], half_seconds + more)
+        if "ft" in methods:  # latency right after each ratio, so that a run cut short has it for the ratios done
+            latency = onnx_latency({"ft": ft, **compact}, task.example, output / "onnx", baseline="ft", repeats=profile["repeats"])
+            results.setdefault("latency", {}).update({f"{label}|{ratio}": t for label, t in latency.items()})
+            write_table(results, output)
+        if "ft_svd" in methods:
+            record("ft_svd", ratio, squeeze(ft, ratio), seconds)
+        if "c_ft" in methods:
+            trained, more = timed(finetune, squeeze(task.model, ratio), task.train, recipe, desc=f"c_ft {ratio}")
+            record("c_ft", ratio, trained, more)
+        write_table(results, output)
+    for ratio in profile["ablation_ratios"]:
+        for name in args.ablations if args.ablations is not None else ABLATIONS:
+            model, more = timed(joint, ratio, **ABLATIONS[name])
+            record(f"joint[{name}]", ratio, model, more)
+            write_table(results, output)
+    write_table(results, output)
+    return 0
+
+
+def write_table(results: dict[str, Any], output: Path) -> None:
+    """results.md (accuracy table, latency table) and accuracy_vs_params.png."""
+    rows = results["rows"]
+    lines = [f"Command: `{results['command']}`", "", f"Profile: {results['profile']}", ""]
+    lines += ["| method | ratio | test acc | params | params kept | MACs kept |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['ratio']} | {100 * r['accuracy']:.2f} | {r['params']:,} | "
+            f"{100 * r['params_fraction']:.1f}% | {100 * r['macs_fraction']:.1f}% |"
+        )
+    macs = {f"{r['method']}@{r['ratio']}": r["macs_fraction"] for r in rows}
+    macs["ft"] = 1.0
+    if not rows:
+        return
+    if results.get("latency"):
+        lines += ["", "| model | b1 ms | b1 speedup | b32 ms | b32 speedup | MAC bound | b32 fraction of bound |", "|---|---|---|---|---|---|---|"]
+        for key, t in results["latency"].items():
+            label = key.split("|")[0]
+            bound = 1.0 / macs[label]
+            lines.append(
+                f"| {label} | {t['batch1_ms']:.2f} | x{t['batch1_speedup']:.2f} | {t['batch32_ms']:.1f} | "
+                f"x{t['batch32_speedup']:.2f} | x{bound:.2f} | {100 * t['batch32_speedup'] / bound:.0f}% |"
+            )
+    (output / "results.md").write_text("\n".join(lines) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for method in dict.fromkeys(r["method"] for r in rows if r["ratio"]):
+        points = sorted((r["params"], 100 * r["accuracy"]) for r in rows if r["method"] == method)
+        axes.plot(*zip(*points), marker="o", label=method)
+    for r in rows:
+        if r["method"] == "ft":
+            axes.axhline(100 * r["accuracy"], color="gray", linestyle="--", label="ft (uncompressed)")
+    axes.set_xlabel("kept parameters")
+    axes.set_ylabel("test accuracy (%)")
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(output / "accuracy_vs_params.png", dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

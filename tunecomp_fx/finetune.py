@@ -1,0 +1,78 @@
+"""Plain fine-tuning and evaluation, with the joint driver's recipe (the sequential baselines).
+
+`finetune` trains every parameter of an uncompressed model, or of a compact GraphModule, with the
+same optimizer (AdamW, no decay on biases and norms), learning-rate schedule, clipping and seeding
+as `JointTrainer`, so that a baseline differs from the joint run only in what it does to the model.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from tunecomp_fx.errors import InputError
+from tunecomp_fx.inputs import call_model
+from tunecomp_fx.mode import set_training_mode
+from tunecomp_fx.train import TrainingConfig, _DataCursor, accuracy, build_optimizer, prediction, split_batch
+
+
+def finetune(
+    model: nn.Module,
+    data: Iterable[Any],
+    config: TrainingConfig,
+    *,
+    loss_fn: Callable[[Any, Any], torch.Tensor] = F.cross_entropy,
+    progress: bool = True,
+    desc: str = "fine-tune",
+) -> nn.Module:
+    """Train all of `model` in place for `config.steps` optimizer steps on (inputs, targets) batches;
+    returns it in eval mode."""
+    if config.steps is None:
+        raise InputError("plain fine-tuning needs config.steps")
+    device = next(model.parameters()).device
+    schedules = config.schedules(config.steps)
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    model.requires_grad_(True)
+    optimizer = build_optimizer(model, config)
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    cursor = _DataCursor(data)
+    set_training_mode(model, True)
+    for step in tqdm(range(config.steps), disable=not progress, desc=desc):
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * schedules.lr_factor(step)
+        for _ in range(config.accumulate):
+            inputs, targets = split_batch(cursor.next(), device)
+            loss = loss_fn(prediction(call_model(model, inputs)), targets)
+            (loss / config.accumulate).backward()
+        if config.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    set_training_mode(model, False)
+    return model
+
+
+def evaluate(model: nn.Module, data: Iterable[Any], metric_fn: Callable[[Any, Any], Any] = accuracy) -> float:
+    """The batch-size weighted mean of `metric_fn` over `data`, in eval mode without gradients."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    set_training_mode(model, False)
+    total, count = 0.0, 0
+    try:
+        with torch.no_grad():
+            for batch in data:
+                inputs, targets = split_batch(batch, device)
+                total += float(metric_fn(prediction(call_model(model, inputs)), targets)) * len(targets)
+                count += len(targets)
+    finally:
+        set_training_mode(model, was_training)
+    if count == 0:
+        raise InputError("the evaluation data yielded no batches")
+    return total / count
