@@ -487,3 +487,32 @@ def test_union_method_on_pointwise_convolutions():
         compact = tunecomp_fx.finalize(prepared)
         torch.testing.assert_close(compact(x), at_zero, atol=FINALIZE_ATOL, rtol=1e-4)
     assert _conv_students(compact)
+
+
+def test_union_gradient_covariance_of_a_pointwise_convolution_is_over_channels():
+    from tunecomp_fx.capture import capture
+    from tunecomp_fx.config import CompressionConfig
+    from tunecomp_fx.passes.calibrate_output_gradients import CalibrateOutputGradients
+    from tunecomp_fx.passes.find_linear_sites import FindLinearSites
+    from tunecomp_fx.pipeline import PassContext, run_passes
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(8, 16, 1), nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.tanh(self.conv(x)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model, x, targets = Net().eval(), torch.randn(4, 8, 5, 5), torch.tensor([0, 1, 2, 0])
+    context = PassContext(config=CompressionConfig(method="union"), calibration=[(x,)], calibration_targets=[targets])
+    run_passes(capture(model, (x,)).graph_module, [FindLinearSites(), CalibrateOutputGradients()], context)
+    # By hand: the gradient of the summed loss at the convolution's output, one row per pixel.
+    y = model.conv(x)
+    y.retain_grad()
+    (F.cross_entropy(model.head(torch.tanh(y).mean((2, 3))), targets) * len(targets)).backward()
+    rows = y.grad.permute(0, 2, 3, 1).reshape(-1, 16).double()
+    found = context.gradient_covariances["conv"]
+    assert found.rows == 4 * 5 * 5
+    torch.testing.assert_close(found.gram, rows.T @ rows, rtol=1e-5, atol=1e-12)
