@@ -42,6 +42,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "logit_distill=1": {"logit_distill": 1.0},
     "init=svd": {"init": "svd"},
     "rank_selection=site": {"rank_selection": "site"},
+    "allocation=global": {"allocation": "global"},
 }
 METHODS = ("ft", "joint", "ft_c_ft", "ft_svd", "c_ft")
 PROFILES = {

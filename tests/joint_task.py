@@ -15,6 +15,9 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from tunecomp_fx import TrainingConfig
+from tunecomp_fx.finetune import finetune
+
 
 @dataclass(frozen=True)
 class Task:
@@ -83,33 +86,13 @@ class TinyTransformer(nn.Module):
         return self.head(self.norm(self.blocks(tokens)).mean(dim=1))
 
 
-def fine_tune(model: nn.Module, data: DataLoader, steps: int, lr: float, seed: int = 0) -> nn.Module:
-    """Plain full fine-tuning with AdamW under the same step budget (and cosine decay) as the joint run."""
-    torch.manual_seed(seed)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-    step = 0
-    while step < steps:
-        for inputs, targets in data:
-            loss = F.cross_entropy(model(inputs), targets)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            step += 1
-            if step == steps:
-                break
-    return model.eval()
-
-
 @functools.cache
 def pretrained(kind: str) -> nn.Module:
     task = digits_task()
     torch.manual_seed(0)
     model = mlp() if kind == "mlp" else TinyTransformer()
     loader = DataLoader(TensorDataset(*task.pretrain), batch_size=64, shuffle=True)
-    return fine_tune(model, loader, 300, 2e-3)
+    return finetune(model, loader, TrainingConfig(steps=300, lr=2e-3, warmup=0, max_grad_norm=None), progress=False)
 
 
 def endless(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

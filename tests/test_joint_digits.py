@@ -7,10 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.joint_task import accuracy, digits_task, endless, fine_tune, fresh, single_thread  # noqa: F401
+from tests.joint_task import accuracy, digits_task, endless, fresh, single_thread  # noqa: F401
 
 import tunecomp_fx
 from tunecomp_fx import StepHook, TrainingConfig, get_report
+from tunecomp_fx.finetune import finetune
 from tunecomp_fx.sites import Blend
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -24,7 +25,7 @@ RATIO = 0.5
 def test_joint_compression_is_within_margin_of_plain_fine_tuning(kind: str) -> None:
     task = digits_task()
     assert accuracy(fresh(kind), task.test) < 0.05  # the new task really is new to the model
-    plain = accuracy(fine_tune(fresh(kind), task.loader(seed=0), STEPS, 1e-3), task.test)
+    plain = accuracy(finetune(fresh(kind), task.loader(seed=0), TrainingConfig(steps=STEPS, lr=1e-3, warmup=0), progress=False), task.test)
     compact = tunecomp_fx.compress(
         fresh(kind), task.example_inputs(), RATIO, data=task.loader(seed=0), eval_data=[task.test],
         steps=STEPS, lr=1e-3, warmup=0,
