@@ -1,34 +1,56 @@
-"""Merge the quick profile run split over processes (benchmarks/results/minilm_sentiment*) into one
-results.json / results.md / accuracy_vs_params.png under benchmarks/results/minilm_sentiment/ (a later
-row of the same method and ratio wins).
+"""Merge runs of benchmarks/minilm_sentiment.py split over processes (same profile, e.g. with
+--methods or --ablations subsets) into one results.json / results.md / accuracy_vs_params.png.
+A later part's row of the same method and ratio wins.
 
-    python benchmarks/merge_partial_runs.py
+    python benchmarks/merge_partial_runs.py OUTPUT PART_FOLDER [PART_FOLDER ...] [--note TEXT]
 """
-import json, sys
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
 from pathlib import Path
-sys.path.insert(0, "benchmarks")
-from minilm_sentiment import write_table
-main = json.loads(Path("benchmarks/results/minilm_sentiment/results.json").read_text())
-parts = [main]
-for extra in ("minilm_sentiment_r07", "minilm_sentiment_ablation"):
-    path = Path(f"benchmarks/results/{extra}/results.json")
-    if path.exists():
-        parts.append(json.loads(path.read_text()))
-merged = dict(main)
-merged["command"] = " ; ".join(dict.fromkeys(c for p in parts for c in p["command"].split(" ; ")))
-rows = {}
-for p in parts:
-    for row in p["rows"]:
-        rows[(row["method"], row["ratio"])] = row
-merged["rows"] = list(rows.values())
-merged["note"] = ("two processes of the same profile and seed; the first was stopped after the ft row to give the CPU to the second "
-                  "(ratio 0.7, joint and ft_c_ft). In these runs the loader's generator was not reseeded per method: ft and ft S/2 saw "
-                  "the first batches of the seeded order, joint the batches after ft S/2 (fixed in the harness since).")
-for p in parts:
-    merged.setdefault("latency", {}).update(p.get("latency", {}))
-out = Path("benchmarks/results/minilm_sentiment")
-(out / "results.json").write_text(json.dumps(merged, indent=2) + "\n")
-write_table(merged, out)
-print((out / "results.md").read_text())
-md = out / "results.md"
-md.write_text(md.read_text() + "\nNote: " + merged["note"] + "\n")
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+from minilm_sentiment import write_table  # noqa: E402
+
+
+RECIPE_KEYS = ("max_length", "batch_size", "steps", "lr")  # what makes rows comparable
+
+
+def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    recipes = {tuple(p["profile"][key] for key in RECIPE_KEYS) for p in parts}
+    if len(recipes) > 1:
+        raise SystemExit(f"the parts differ in {RECIPE_KEYS}: {sorted(recipes)}; their rows are not comparable")
+    merged = dict(parts[0])
+    merged["profile"] = {key: parts[0]["profile"][key] for key in RECIPE_KEYS}  # the parts' run lists differ
+    merged["command"] = " ; ".join(dict.fromkeys(c for p in parts for c in p["command"].split(" ; ")))
+    rows = {(row["method"], row["ratio"]): row for p in parts for row in p["rows"]}
+    merged["rows"] = list(rows.values())
+    merged["latency"] = {key: value for p in parts for key, value in p.get("latency", {}).items()}
+    return merged
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("output", type=Path)
+    parser.add_argument("parts", type=Path, nargs="+", help="folders holding a results.json each")
+    parser.add_argument("--note", help="a sentence appended to results.md (how the parts were run)")
+    args = parser.parse_args()
+    merged = merge([json.loads((part / "results.json").read_text()) for part in args.parts])
+    if args.note:
+        merged["note"] = args.note
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / "results.json").write_text(json.dumps(merged, indent=2) + "\n")
+    write_table(merged, args.output)
+    if args.note:
+        table = args.output / "results.md"
+        table.write_text(table.read_text() + f"\nNote: {args.note}\n")
+    print((args.output / "results.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

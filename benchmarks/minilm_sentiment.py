@@ -8,6 +8,10 @@ uses the joint driver's optimizer and schedules):
   ft_c_ft     fine-tune S/2, compress, fine-tune the compact model S/2 (the strongest sequential)
   c_ft        compress the pretrained model, fine-tune the compact model S
   joint       tunecomp_fx.compress(..., data=train, steps=S) with the default TrainingConfig
+  union       tunecomp_fx.compress(..., method="union", data=train, steps=S): core-only training
+              between fixed task-aware bases, calibrated on labelled training batches, at 3x the
+              learning rate (only the small cores train; 3x won on the digits task, see
+              benchmarks/results/union_vs_default.md)
   joint[...]  ablation variants (one option changed), at the ablation ratios
 Test accuracy on the full test split; parameters and MACs from the compression report (MACs for
 one text of max_length tokens); ONNX Runtime latency (1 thread, interleaved) at batch 1 and 32.
@@ -43,11 +47,22 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "init=svd": {"init": "svd"},
     "rank_selection=site": {"rank_selection": "site"},
     "allocation=global": {"allocation": "global"},
+    "rank_slack=0": {"rank_slack": 0.0},
+    "rank_slack=0,T=0.25": {"rank_slack": 0.0, "blend_steps": 0.25},
+    "T=0.1": {"blend_steps": 0.1},
+    "seed=1": {"seed": 1},  # the same run with another shuffle and dropout: the noise between runs
 }
-METHODS = ("ft", "joint", "ft_c_ft", "ft_svd", "c_ft")
+METHODS = ("ft", "joint", "ft_c_ft", "ft_svd", "c_ft", "union")
+UNION_LR_FACTOR = 3.0
 PROFILES = {
-    "quick": {"max_length": 32, "batch_size": 16, "steps": 32, "lr": 2e-4, "repeats": 5, "ablation_ratios": (0.5,)},
-    "full": {"max_length": 64, "batch_size": 32, "steps": 1500, "lr": 1e-4, "repeats": 30, "ablation_ratios": (0.3, 0.5, 0.7)},
+    "quick": {
+        "max_length": 32, "batch_size": 16, "steps": 240, "lr": 2e-4, "repeats": 5, "ablation_ratios": (0.5,),
+        "ablations": ("distill=0", "blend=linear", "init=svd"),
+    },
+    "full": {
+        "max_length": 64, "batch_size": 32, "steps": 600, "lr": 1e-4, "repeats": 10, "ablation_ratios": (0.7,),
+        "ablations": tuple(ABLATIONS),
+    },
 }
 
 
@@ -55,11 +70,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the 2-core CPU profile")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.7, 0.3], help="in the order run")
-    parser.add_argument("--ablations", nargs="*", default=None, help=f"subset of {list(ABLATIONS)} (default all)")
+    parser.add_argument("--ablations", nargs="*", default=None, help=f"subset of {list(ABLATIONS)} (default: the profile's)")
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS, help="a subset, to split a run over processes")
     parser.add_argument("--steps", type=int, help="override the profile's S")
     parser.add_argument("--ablation-ratios", type=float, nargs="*", help="override the profile's ablation ratios")
     parser.add_argument("--test-limit", type=int, help="evaluate on the first N test texts (smoke runs only)")
+    parser.add_argument("--device", default="cpu", help="where to calibrate, train and evaluate (ONNX Runtime always runs on the CPU)")
     parser.add_argument("--output", default="benchmarks/results/minilm_sentiment")
     args = parser.parse_args()
     profile = dict(PROFILES["quick" if args.quick else "full"])
@@ -71,6 +87,9 @@ def main() -> int:
     output.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(torch.get_num_threads())
     task = sentiment_task(max_length=profile["max_length"], batch_size=profile["batch_size"], test_limit=args.test_limit)
+    task.model.to(args.device)
+    task.example = {name: value.to(args.device) for name, value in task.example.items()}
+    task.calibration = [{name: value.to(args.device) for name, value in batch.items()} for batch in task.calibration]
     steps = profile["steps"]
     recipe = TrainingConfig(steps=steps, lr=profile["lr"])
     half = dataclasses.replace(recipe, steps=steps // 2)
@@ -79,6 +98,8 @@ def main() -> int:
         "profile": profile,
         "recipe": recipe.to_dict(),
         "test_texts": len(task.test.dataset),
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "torch": torch.__version__,
         "rows": [],
     }
     params_before = count_parameters(task.model)
@@ -108,8 +129,10 @@ def main() -> int:
     def joint(ratio: float, **options: Any) -> torch.nn.Module:
         training = {k: v for k, v in options.items() if k in {f.name for f in dataclasses.fields(TrainingConfig)}}
         compression = {k: v for k, v in options.items() if k not in training}
+        if compression.get("method") != "union":  # union calibrates on labelled training batches
+            compression["calib"] = task.calibration
         return compress(
-            task.model, task.example, ratio, calib=task.calibration, data=task.train, progress=True,
+            task.model, task.example, ratio, data=task.train, progress=True, device=args.device,
             training=dataclasses.replace(recipe, **training), **compression,
         )
 
@@ -136,9 +159,12 @@ def main() -> int:
         if "c_ft" in methods:
             trained, more = timed(finetune, squeeze(task.model, ratio), task.train, recipe, desc=f"c_ft {ratio}")
             record("c_ft", ratio, trained, more)
+        if "union" in methods:
+            trained, more = timed(joint, ratio, method="union", lr=UNION_LR_FACTOR * recipe.lr)
+            record("union", ratio, trained, more)
         write_table(results, output)
     for ratio in profile["ablation_ratios"]:
-        for name in args.ablations if args.ablations is not None else ABLATIONS:
+        for name in args.ablations if args.ablations is not None else profile["ablations"]:
             model, more = timed(joint, ratio, **ABLATIONS[name])
             record(f"joint[{name}]", ratio, model, more)
             write_table(results, output)

@@ -66,8 +66,8 @@ def build_union(
     weight: torch.Tensor, input_covariance: torch.Tensor, gradient_covariance: torch.Tensor, width: int
 ) -> UnionDecomposition:
     w = weight.detach().to(torch.float64)
-    c = input_covariance.to(torch.float64)
-    g = gradient_covariance.to(torch.float64)
+    c = input_covariance.to(w.device, torch.float64)  # calibration accumulates on the CPU
+    g = gradient_covariance.to(w.device, torch.float64)
     with single_thread():
         left, _, right_t = torch.linalg.svd(w, full_matrices=False)
         v = union_basis(leading_eigenvectors(c, width), right_t[:width].T)

@@ -78,15 +78,16 @@ def _balance(sigma: torch.Tensor) -> torch.Tensor:
     return sigma.clamp_min(_RELATIVE_FLOOR * sigma[0].clamp_min(1e-300)).sqrt()
 
 
-def _unit_scale(covariance: torch.Tensor | None) -> torch.Tensor | None:
-    """The covariance over its mean diagonal, or None when the inputs are all zero.
+def _unit_scale(covariance: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """The covariance over its mean diagonal on `device` (the weight's: calibration accumulates on
+    the CPU), or None when the inputs are all zero.
 
     The optimum B A does not depend on the metric's scale, but the balance of the factors does:
     inputs of size k give |B| ~ sqrt(k) and |A| ~ 1/sqrt(k), which overflow float16 for small k.
     On all-zero inputs every factorization is optimal; the plain SVD is the sensible one."""
     if covariance is None:
         return None
-    c = covariance.to(torch.float64)
+    c = covariance.to(device, torch.float64)
     mean = c.diagonal().mean()
     return c / mean if mean > 0 else None
 
@@ -94,7 +95,7 @@ def _unit_scale(covariance: torch.Tensor | None) -> torch.Tensor | None:
 def decompose(weight: torch.Tensor, covariance: torch.Tensor | None, init: str, damping: float) -> Decomposition:
     w = weight.detach().to(torch.float64)
     m, n = w.shape
-    covariance = _unit_scale(covariance)
+    covariance = _unit_scale(covariance, w.device)
     used = damping
     if init == "svd" or covariance is None:
         diagonal = torch.ones(n, dtype=torch.float64, device=w.device)

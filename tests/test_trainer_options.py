@@ -104,7 +104,11 @@ def test_bad_batches_are_named() -> None:
 def test_bf16_autocast_path_runs_on_cpu() -> None:
     # On CUDA bf16 autocast is the default; on CPU it is opt-in, which exercises the same path here.
     trainer = _trainer(bf16=True)
-    assert trainer.bf16
+    autocast_in_training_steps: list[bool] = []  # (the numerics checks of passes run forwards too)
+    trainer.model.register_forward_pre_hook(
+        lambda module, args: autocast_in_training_steps.append(torch.is_autocast_enabled("cpu")) if torch.is_grad_enabled() else None
+    )
     trainer.fit()
+    assert len(autocast_in_training_steps) == trainer.total_steps and all(autocast_in_training_steps)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in trainer.history)
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # autocast, not a cast

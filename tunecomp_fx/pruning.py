@@ -86,9 +86,17 @@ class RankPruner:
         self.budget = context.config.kept_fraction * self.dense_total
         self.start_params = self.fixed_params + sum(kept_site_params(s.site, s.start_rank) for s in self.students)
 
-    def kept_params(self) -> int:
-        """Parameters the compressed sites would hold if finalized now."""
-        return self.fixed_params + sum(kept_site_params(s.site, s.kept) for s in self.students)
+    def kept_counts(self) -> list[int]:
+        """Kept ranks per student, read in one device transfer (a GPU sync per student per step
+        cost more than the step's pruning arithmetic)."""
+        if not self.students:
+            return []
+        return torch.stack([s.mask.count_nonzero() for s in self.students]).tolist()
+
+    def kept_params(self, counts: list[int] | None = None) -> int:
+        """Parameters the compressed sites would hold if finalized now (or at kept `counts`)."""
+        counts = self.kept_counts() if counts is None else counts
+        return self.fixed_params + sum(kept_site_params(s.site, c) for s, c in zip(self.students, counts))
 
     def kept_fraction(self) -> float:
         return self.kept_params() / max(self.dense_total, 1)
@@ -96,13 +104,11 @@ class RankPruner:
     def update(self, progress: float) -> None:
         """Mask ranks so that the kept parameters follow `progress` (0: slack rank, 1: budget)."""
         progress = min(max(progress, 0.0), 1.0)
-        if self.selection == "site":
-            keep = self._site_counts(progress)
-        else:
-            keep = self._global_counts(progress)
+        counts = self.kept_counts()
+        keep = self._site_counts(progress) if self.selection == "site" else self._global_counts(progress, counts)
         with torch.no_grad():
-            for student, count in zip(self.students, keep):
-                if count >= student.kept:
+            for student, count, kept in zip(self.students, keep, counts):
+                if count >= kept:
                     continue
                 chosen = student.importance().topk(count).indices
                 mask = torch.zeros_like(student.mask)
@@ -114,23 +120,23 @@ class RankPruner:
             s.target_rank + math.ceil((s.start_rank - s.target_rank) * (1.0 - progress) - 1e-9) for s in self.students
         ]
 
-    def _global_counts(self, progress: float) -> list[int]:
+    def _global_counts(self, progress: float, counts: list[int]) -> list[int]:
         target = self.start_params - (self.start_params - self.budget) * progress
-        counts = [s.kept for s in self.students]
-        used = self.kept_params()
+        counts = list(counts)
+        used = self.kept_params(counts)
         if used <= target:
             return counts
         # Kept ranks in ascending order of the share of their site's squared importance they
-        # carry, per parameter they cost.
-        scores, owners = [], []
-        for index, student in enumerate(self.students):
+        # carry, per parameter they cost (masked ranks score inf and are skipped).
+        scores = []
+        for student in self.students:
             energy = student.importance().double().pow(2)
             share = energy / energy.sum().clamp_min(1e-300) / (student.site.in_features + student.site.out_features)
-            kept = share[student.mask > 0]
-            scores.append(kept.cpu())
-            owners.append(torch.full((kept.numel(),), index))
-        order = torch.cat(scores).argsort(stable=True)
-        for index in torch.cat(owners)[order].tolist():
+            scores.append(torch.where(student.mask > 0, share, math.inf))
+        flat = torch.cat(scores).cpu()  # the one transfer
+        owners = torch.cat([torch.full((s.mask.numel(),), i) for i, s in enumerate(self.students)])
+        order = flat.argsort(stable=True)
+        for index in owners[order[flat[order].isfinite()]].tolist():
             if used <= target:
                 break
             if counts[index] <= 1:

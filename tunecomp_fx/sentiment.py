@@ -67,7 +67,7 @@ def onnx_latency(
         export.to_onnx(model, dict(example), paths[label])
     results: dict[str, dict[str, Any]] = {label: {} for label in models}
     for size in batch_sizes:
-        inputs = {name: value[:1].expand(size, *value.shape[1:]).contiguous().numpy() for name, value in example.items()}
+        inputs = {name: value[:1].expand(size, *value.shape[1:]).contiguous().cpu().numpy() for name, value in example.items()}
         comparison = export.compare_latency(paths, inputs, baseline=baseline, repeats=repeats, threads=threads, warmup=2)
         for label, result in comparison.results.items():
             results[label][f"batch{size}_ms"] = result.median_ms

@@ -359,6 +359,12 @@ def _retain_live_parameters(optimizer: torch.optim.Optimizer, model: nn.Module) 
         group["params"] = [p for p in group["params"] if id(p) in live]
 
 
+def autocast(config: TrainingConfig, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """bfloat16 autocast when config.bf16 says so (None: on CUDA only)."""
+    enabled = config.bf16 if config.bf16 is not None else device.type == "cuda"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
 def build_optimizer(model: nn.Module, config: TrainingConfig) -> torch.optim.AdamW:
     """AdamW over the trainable parameters, without weight decay on biases and norms."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -432,7 +438,6 @@ class JointTrainer:
         self.progress = progress and self.setup.is_main
         self.total_steps = self._total_steps()
         self.hook = StepHook(prepared, self.config, total_steps=self.total_steps)
-        self.bf16 = self.config.bf16 if self.config.bf16 is not None else self.device.type == "cuda"
         self.history: list[dict[str, float]] = []
 
     def _total_steps(self) -> int:
@@ -447,7 +452,7 @@ class JointTrainer:
         return max(1, round(self.config.epochs * batches / self.config.accumulate))
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+        return autocast(self.config, self.device)
 
     def _optimizer(self) -> torch.optim.AdamW:
         return build_optimizer(self.model, self.config)
@@ -682,8 +687,9 @@ def joint_compress(
     method = config.method if config is not None else compression.get("method", "tunecomp")
     if config is None and method != "union":  # union trains fixed-rank cores: no slack to prune
         compression.setdefault("rank_slack", DEFAULT_RANK_SLACK)
-    if method == "union" and calib is None:
-        calib = list(itertools.islice(iter(data), UNION_CALIBRATION_BATCHES))
+    if method == "union" and calib is None:  # labelled training batches, where the model is
+        device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
+        calib = [_to_device(batch, device) for batch in itertools.islice(iter(data), UNION_CALIBRATION_BATCHES)]
     for name, value in (("steps", steps), ("epochs", epochs)):
         if value is not None:
             training[name] = value
