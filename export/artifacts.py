@@ -6,7 +6,7 @@ A saved folder holds:
     model.safetensors   the weights, keyed by the program's state_dict names
     inputs.safetensors  the example inputs (metadata: positional or keyword, and their order)
     config.json         the CompressionConfig
-    report.json, report.md
+    report.json, report.md  the report (and the joint run's config and per-step history, when trained)
 
 Loading it without this package (what `load_compact` does, less the report):
 
@@ -39,6 +39,7 @@ from tunecomp_fx.api import CONFIG_KEY, REPORT_KEY, get_report
 from tunecomp_fx.errors import ExportError, InputError
 from tunecomp_fx.modes import eval_mode
 from tunecomp_fx.inputs import Inputs, call_model, flatten_outputs, normalize_inputs
+from tunecomp_fx.train import TRAINING_KEY
 
 PROGRAM_FILE = "program.pt2"
 WEIGHTS_FILE = "model.safetensors"
@@ -172,7 +173,7 @@ def save_compact(compact: fx.GraphModule, folder: str | Path, example_inputs: ob
     save_file(weights, str(folder / WEIGHTS_FILE), metadata={"program": PROGRAM_FILE})
     _save_inputs(inputs, folder / INPUTS_FILE)
     (folder / CONFIG_FILE).write_text(json.dumps(compact.meta.get(CONFIG_KEY, {}), indent=2) + "\n")
-    report_files = report.save(folder)
+    report_files = report.save(folder, training=compact.meta.get(TRAINING_KEY))
 
     with torch.no_grad():
         expected = flatten_outputs(call_model(compact, inputs))
@@ -197,4 +198,6 @@ def load_compact(folder: str | Path) -> fx.GraphModule:
     for key, file in ((REPORT_KEY, "report.json"), (CONFIG_KEY, CONFIG_FILE)):
         if (folder / file).is_file():
             model.meta[key] = json.loads((folder / file).read_text())
+    if "training" in model.meta.get(REPORT_KEY, {}):
+        model.meta[TRAINING_KEY] = model.meta[REPORT_KEY].pop("training")
     return model

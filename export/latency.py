@@ -10,6 +10,7 @@ from os import PathLike
 import numpy as np
 
 from tunecomp_fx.errors import ConfigError
+from tunecomp_fx.progress import progress_bar
 
 from ._ort import Inputs, cpu_session, make_feed
 
@@ -40,10 +41,11 @@ def ort_latency(
     warmup: int = 5,
     repeats: int = 30,
     threads: int | None = None,
+    progress: bool = False,
 ) -> LatencyResult:
     """Time ONNX Runtime on `inputs` (keyed by ONNX input name, or positional) after `warmup` untimed runs."""
     return compare_latency(
-        {"model": path}, inputs, baseline="model", warmup=warmup, repeats=repeats, threads=threads
+        {"model": path}, inputs, baseline="model", warmup=warmup, repeats=repeats, threads=threads, progress=progress
     ).results["model"]
 
 
@@ -55,11 +57,12 @@ def compare_latency(
     warmup: int = 5,
     repeats: int = 30,
     threads: int | None = None,
+    progress: bool = False,
 ) -> LatencyComparison:
     """Time several ONNX models on the same inputs, round-robin, so that load spikes hit all of them alike.
 
     Every session is built once before any timing; the order within a round rotates so that no model
-    always runs right after the same neighbour.
+    always runs right after the same neighbour. `progress` shows a bar over the rounds (warm-up and timed).
     """
     if baseline not in paths_by_label:
         raise ConfigError(f"baseline {baseline!r} is not one of the labels {list(paths_by_label)}")
@@ -72,16 +75,20 @@ def compare_latency(
         runs[label] = lambda session=session, feed=feed: session.run(None, feed)
 
     labels = list(runs)
-    for _ in range(warmup):
-        for label in labels:
-            runs[label]()
     samples_ms: dict[str, list[float]] = {label: [] for label in labels}
-    for round_index in range(repeats):
-        shift = round_index % len(labels)
-        for label in labels[shift:] + labels[:shift]:
-            start = time.perf_counter()
-            runs[label]()
-            samples_ms[label].append((time.perf_counter() - start) * 1e3)
+    with progress_bar(total=warmup + repeats, desc="latency (warm-up)", leave=False, enabled=progress) as bar:
+        for _ in range(warmup):
+            for label in labels:
+                runs[label]()
+            bar.update()
+        bar.set_description("latency")
+        for round_index in range(repeats):
+            shift = round_index % len(labels)
+            for label in labels[shift:] + labels[:shift]:
+                start = time.perf_counter()
+                runs[label]()
+                samples_ms[label].append((time.perf_counter() - start) * 1e3)
+            bar.update()  # between rounds, outside the timed calls
 
     results = {label: _summarize(samples) for label, samples in samples_ms.items()}
     base_median = results[baseline].median_ms

@@ -22,9 +22,11 @@ import numpy as np
 import onnx
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from tunecomp_fx.errors import ConfigError, ExportError, InputError
 from tunecomp_fx.modes import eval_mode
+from tunecomp_fx.progress import progress_bar
 
 from ._ort import cpu_session, to_numpy
 
@@ -62,13 +64,14 @@ def to_onnx(
     atol: float = 1e-4,
     rtol: float = 1e-3,
     opset: int | None = None,
+    progress: bool = False,
 ) -> ExportResult:
     """Write `model` to `path` as ONNX and (by default) check ONNX Runtime against PyTorch at two shapes.
 
     Dim 0 of every input is a dynamic batch axis; `dynamic_dims` names more per input, e.g.
     `{"input_ids": {1: "sequence"}, "attention_mask": {1: "sequence"}}`. Positional inputs are named
     after the parameters of `model.forward`. The model runs in eval mode throughout; its mode is
-    restored afterwards.
+    restored afterwards. `progress` shows a bar over the stages (export, each verified shape).
     """
     keyword = isinstance(example_inputs, Mapping)
     names, tensors = _named_inputs(model, example_inputs)
@@ -83,8 +86,11 @@ def to_onnx(
             raise InputError(f"the model fails on example_inputs: {_first_line(error)}") from error
         if not flat_model.output_names:
             raise InputError("the model returns no tensor on example_inputs, so there is nothing to export")
-        exporter = _export(flat_model, tensors, path, axes, opset)
-        max_errors = _verify(flat_model, path, names, tensors, axes, atol, rtol) if verify else {}
+        stages = 1 + (1 + len(_axis_names(axes)) if verify else 0)
+        with progress_bar(total=stages, desc="ONNX export", leave=False, enabled=progress) as bar:
+            exporter = _export(flat_model, tensors, path, axes, opset)
+            bar.update()
+            max_errors = _verify(flat_model, path, names, tensors, axes, atol, rtol, bar) if verify else {}
 
     proto = onnx.load(str(path), load_external_data=False)
     return ExportResult(
@@ -294,14 +300,16 @@ def _verify(
     axes: DynamicAxes,
     atol: float,
     rtol: float,
+    bar: tqdm,
 ) -> dict[str, float]:
     """Max abs error of ONNX Runtime against PyTorch at the example shapes, then at one more size
-    per dynamic axis name."""
+    per dynamic axis name; `bar` advances once per shape."""
     session = cpu_session(path)
     onnx_names = [value.name for value in session.get_inputs()]
     max_errors: dict[str, float] = {}
     for variant in [tensors] + [_resized(names, tensors, axes, axis_name) for axis_name in _axis_names(axes)]:
         shapes = ", ".join(f"{name}={'x'.join(map(str, tensor.shape))}" for name, tensor in zip(names, variant))
+        bar.set_description(f"ONNX Runtime check at {shapes}")
         feed = {name: to_numpy(tensor) for name, tensor in zip(names, variant) if name in onnx_names}
         try:
             actual = session.run(None, feed)
@@ -316,6 +324,7 @@ def _verify(
             _max_error(output_name, got, want, shapes, atol, rtol)
             for output_name, got, want in zip(flat_model.output_names, actual, expected, strict=True)
         )
+        bar.update()
     return max_errors
 
 

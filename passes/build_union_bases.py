@@ -22,11 +22,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx
-from tqdm.auto import tqdm
 
 from tunecomp_fx.errors import CalibrationError
 from tunecomp_fx.passes.decompose_weights import eigh_descending, single_thread
 from tunecomp_fx.pipeline import GraphPass, PassContext
+from tunecomp_fx.progress import progress_bar
 from tunecomp_fx.sites import Site
 
 _DEPENDENT = 1e-6  # QR diagonal entries below this fraction of the largest mark a direction already spanned
@@ -100,7 +100,7 @@ class BuildUnionBases(GraphPass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         sites = ctx.compressed_sites
-        for site in tqdm(sites, desc="union bases", leave=False, disable=len(sites) < 8):
+        for site in progress_bar(sites, desc="union bases", leave=False, enabled=len(sites) >= 8):
             ctx.decompositions[site.name] = build_union(
                 gm.get_parameter(site.weight_target).flatten(1),  # (out, in) in every layout
                 ctx.covariances[site.name].covariance,

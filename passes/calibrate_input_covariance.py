@@ -8,12 +8,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
-from tqdm.auto import tqdm
 
 from tunecomp_fx.errors import CalibrationError, TunecompError, first_line
 from tunecomp_fx.forms import LAYOUTS, Layout, site_input
 from tunecomp_fx.inputs import Inputs, call_model, describe_inputs
 from tunecomp_fx.pipeline import GraphPass, PassContext
+from tunecomp_fx.progress import progress_bar
 
 _OBSERVERS = "_tunecomp_observers"
 
@@ -96,7 +96,7 @@ class CalibrateInputCovariance(GraphPass):
         gm.recompile()
         try:
             with torch.no_grad():
-                for index, batch in enumerate(tqdm(ctx.calibration, desc="calibrate", leave=False, disable=len(ctx.calibration) < 4)):
+                for index, batch in enumerate(progress_bar(ctx.calibration, desc="calibrate", leave=False, enabled=len(ctx.calibration) >= 4)):
                     for observer in observers.children():
                         observer.batch_index = index
                     _calibrate_on(gm, batch, index)

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx
-from tqdm.auto import tqdm
 
 from tunecomp_fx.pipeline import GraphPass, PassContext
+from tunecomp_fx.progress import progress_bar
 
 _DAMPING_STEPS = 4  # each retry multiplies the damping by 100
 _RELATIVE_FLOOR = 1e-12  # singular values below this fraction of the largest are balanced as if this size
@@ -138,7 +138,7 @@ class DecomposeWeights(GraphPass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         sites = ctx.compressed_sites
-        for site in tqdm(sites, desc="decompose", leave=False, disable=len(sites) < 8):
+        for site in progress_bar(sites, desc="decompose", leave=False, enabled=len(sites) >= 8):
             covariance = ctx.covariances.get(site.name)
             ctx.decompositions[site.name] = decompose(
                 gm.get_parameter(site.weight_target).flatten(1),  # (out, in) in every layout

@@ -48,7 +48,8 @@ def test_hugging_face_folder_spec(tmp_path: Path) -> None:
         load_model(str(tmp_path / "empty"))
 
 
-def test_factory_spec() -> None:
+def test_factory_spec(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(Path(__file__).parent)  # a user's module is found on the working directory
     loaded = load_model("cli_models:two_layer")
     assert loaded.example_inputs[0].shape == (4, 64)
     assert load_model("cli_models:two_layer_without_inputs", input_shape=(5, 64)).example_inputs[0].shape == (5, 64)

@@ -7,16 +7,27 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 from tunecomp_fx.config import ALLOCATIONS, INITS, METHODS, CompressionConfig
-from tunecomp_fx.errors import CalibrationError, InputError, TunecompError
+from tunecomp_fx.data_spec import DATA_HELP, named_dataset
+from tunecomp_fx.errors import CalibrationError, ConfigError, InputError, TunecompError
+from tunecomp_fx.inputs import Inputs
 from tunecomp_fx.model_spec import SPEC_HELP, LoadedModel, load_model, parse_shape
+from tunecomp_fx.schedules import BLENDS
+from tunecomp_fx.train import DEFAULT_RANK_SLACK, TRAINING_KEY, TrainingConfig
 
 PROG = "tunecomp-fx"
+CALIBRATION_BATCHES = 8  # training batches a trained compress calibrates on
+BATCH_SIZE = 32  # of a named data set
+EVALUATIONS = 10  # evaluations per run when --eval-data is given without --eval-every
+# The training options, all None unless given, so that any of them without --data is an error.
+TRAINING_OPTIONS = ("steps", "epochs", "lr", "blend", "blend_steps", "batch_size", "eval_data", "eval_every")
+_NOT_IN_TRAINING_CONFIG = ("batch_size", "eval_data", "eval_every")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -61,8 +72,8 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
         "--method",
         choices=METHODS,
         default="tunecomp",
-        help="compression method (default tunecomp); union needs labelled calibration data, which only the "
-        "Python API takes (tunecomp_fx.compress(..., method='union', calib=[(inputs, targets), ...]))",
+        help="compression method (default tunecomp); union calibrates on the loss's gradients and needs "
+        "labelled data: compress --data",
     )
     group.add_argument("--init", choices=INITS, default="whitened", help="student initialization (default whitened)")
     group.add_argument(
@@ -74,13 +85,67 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--rank-multiple", type=int, default=8, help="round ranks to a multiple of this (default 8)")
 
 
-def _config(args: argparse.Namespace) -> CompressionConfig:
-    if args.method == "union":
-        raise CalibrationError(
-            "--method union calibrates on the loss's gradients and needs labelled batches, which the command "
-            "line does not take (it compresses on random example inputs); use the Python API: "
-            "tunecomp_fx.compress(model, inputs, ratio, method='union', calib=[(inputs, targets), ...]) or data=loader"
-        )
+def _steps_or_fraction(text: str) -> int | float:
+    """'200' -> 200 steps, '0.5' -> half the run."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    raise argparse.ArgumentTypeError(f"{text!r} is neither a step count (e.g. 200) nor a fraction of the run (e.g. 0.5)")
+
+
+def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = TrainingConfig()
+    group = parser.add_argument_group("joint training (with --data; without it, compress is training-free)")
+    group.add_argument(
+        "--data",
+        metavar="SPEC",
+        help=f"labelled training batches, trained on with cross-entropy: {DATA_HELP}. A named set is shaped to "
+        "the model's example inputs (images resized or flattened; texts tokenized by a Hugging Face folder's "
+        "tokenizer to the --input-shape sequence length); calibration uses its first batches",
+    )
+    group.add_argument(
+        "--eval-data", metavar="SPEC", help="evaluation batches, same kinds (a named set gives its validation split): accuracy during the run"
+    )
+    group.add_argument("--steps", type=int, metavar="N", help="optimizer steps (or --epochs)")
+    group.add_argument("--epochs", type=float, metavar="E", help="passes over the training data (or --steps)")
+    group.add_argument("--batch-size", type=int, help=f"batch size of a named data set (default {BATCH_SIZE})")
+    group.add_argument("--lr", type=float, help=f"peak AdamW learning rate (default {defaults.lr:g})")
+    group.add_argument("--blend", choices=BLENDS, help=f"schedule of the teacher-to-student blend (default {defaults.blend})")
+    group.add_argument(
+        "--blend-steps",
+        type=_steps_or_fraction,
+        metavar="T",
+        help=f"steps (int) or fraction of the run (float) until the teachers are gone (default {defaults.blend_steps})",
+    )
+    group.add_argument(
+        "--eval-every", type=int, metavar="N", help=f"evaluate every N steps (default: {EVALUATIONS} times per run)"
+    )
+
+
+def _training(args: argparse.Namespace) -> TrainingConfig | None:
+    """The run's TrainingConfig with --data, None without (then no training option may be given)."""
+    given = {name: getattr(args, name) for name in TRAINING_OPTIONS if getattr(args, name) is not None}
+    if args.data is None:
+        if given:
+            options = ", ".join(f"--{name.replace('_', '-')}" for name in given)
+            verb = "applies" if len(given) == 1 else "apply"
+            raise ConfigError(f"{options} {verb} to joint training: give the training data with --data (e.g. --data digits)")
+        return None
+    named_dataset(args.data)  # a misspelt name fails before the model loads
+    if args.steps is None and args.epochs is None:
+        raise ConfigError("give the length of the joint run: --steps N or --epochs E")
+    if args.eval_every is not None and args.eval_data is None:
+        raise ConfigError("--eval-every needs evaluation batches: give --eval-data")
+    fields = {name: value for name, value in given.items() if name not in _NOT_IN_TRAINING_CONFIG}
+    return TrainingConfig(**fields, seed=args.seed)
+
+
+def _config(args: argparse.Namespace, trains: bool) -> CompressionConfig:
+    if args.method == "union" and not trains:
+        where = "give them with --data SPEC --steps N" if args.command == "compress" else "inspect takes none; use compress --data SPEC --steps N"
+        raise CalibrationError(f"--method union calibrates on the loss's gradients and needs labelled batches: {where}")
     return CompressionConfig(
         ratio=args.ratio,
         method=args.method,
@@ -88,6 +153,8 @@ def _config(args: argparse.Namespace) -> CompressionConfig:
         allocation=args.allocation,
         exclude=tuple(args.exclude),
         rank_multiple=args.rank_multiple,
+        # Trained students start with slack rank that the run prunes; union trains fixed-rank cores.
+        rank_slack=DEFAULT_RANK_SLACK if trains and args.method != "union" else 0.0,
     )
 
 
@@ -105,28 +172,81 @@ def _load(args: argparse.Namespace) -> LoadedModel:
 
 
 def run_compress(args: argparse.Namespace) -> int:
-    config = _config(args)  # check the options before the slow imports and model load
+    training = _training(args)  # check the options before the slow imports and model load
+    config = _config(args, trains=training is not None)
     from tunecomp_fx.api import compress, get_report
     from tunecomp_fx.export.artifacts import save_compact
-    from tunecomp_fx.plots import plot_rank_allocation
+    from tunecomp_fx.plots import plot_joint_training, plot_rank_allocation
+    from tunecomp_fx.report import training_summary
 
     loaded = _load(args)
-    compact = compress(loaded.model, loaded.example_inputs, config=config, progress=True)
+    if training is None:
+        compact, example = compress(loaded.model, loaded.example_inputs, config=config, progress=True), loaded.example_inputs
+    else:
+        compact, example = _train(args, loaded, config, training)
     report = get_report(compact)
     output = Path(args.output)
     print(f"saving to {output}: torch.export program, safetensors weights, then a reload check")
-    saved = save_compact(compact, output, loaded.example_inputs)
-    plot = plot_rank_allocation(report, output / "rank_allocation.png")
+    saved = save_compact(compact, output, example)
+    plots = [plot_rank_allocation(report, output / "rank_allocation.png")]
+    trained = compact.meta.get(TRAINING_KEY)
+    if trained is not None:
+        plots += plot_joint_training(trained, output)
     print()
     print(report)
+    if trained is not None:
+        print("\n".join(training_summary(trained)))
     print(f"\nsaved (reload checked, max abs error {saved.max_abs_error:.2g}):")
-    for path in (*saved.files, plot):
+    for path in (*saved.files, *plots):
         print(f"  {path}")
     return 0
 
 
+def _train(
+    args: argparse.Namespace, loaded: LoadedModel, config: CompressionConfig, training: TrainingConfig
+) -> tuple[Any, Inputs]:
+    """Joint fine-tuning and compression on --data; returns the compact model and its example inputs
+    (two rows of the first training batch: real data, and a batch torch.export keeps dynamic)."""
+    from tunecomp_fx.api import compress
+    from tunecomp_fx.data_spec import calibration_batches, check_model_fits, first_rows, load_batches
+
+    shaping = {
+        "model_spec": args.model, "example_inputs": loaded.example_inputs, "batch_size": args.batch_size or BATCH_SIZE,
+        "seed": args.seed,
+    }  # fmt: skip
+    data = load_batches(args.data, split="train", **shaping)
+    print(f"data: {data.source}")
+    check_model_fits(loaded.model, data, f"--data {args.data}")
+    evaluation = None
+    if args.eval_data is not None:
+        evaluation = load_batches(args.eval_data, split="validation", **shaping)
+        print(f"eval data: {evaluation.source}")
+        check_model_fits(loaded.model, evaluation, f"--eval-data {args.eval_data}")
+    example = first_rows(data.first[0], 2)
+    calib = calibration_batches(data, CALIBRATION_BATCHES, labelled=config.method == "union")
+    compact = compress(
+        loaded.model, example, config=config, calib=calib, data=data.data,
+        eval_data=evaluation.data if evaluation else None, training=training,
+        eval_every=_eval_every(args, training, data.data) if evaluation else None, progress=True,
+    )  # fmt: skip
+    compact.meta[TRAINING_KEY].update(data=data.source, eval_data=evaluation.source if evaluation else None)
+    return compact, example
+
+
+def _eval_every(args: argparse.Namespace, training: TrainingConfig, data: Any) -> int | None:
+    if args.eval_every is not None:
+        return args.eval_every
+    if training.steps is not None:
+        total = training.steps
+    elif hasattr(data, "__len__"):
+        total = round(training.epochs * len(data))
+    else:
+        return None  # the driver asks for --steps on data without a length
+    return max(1, total // EVALUATIONS)
+
+
 def run_inspect(args: argparse.Namespace) -> int:
-    config = _config(args)
+    config = _config(args, trains=False)
     from tunecomp_fx.api import finalize, get_report, prepare
     from tunecomp_fx.capture import capture
     from tunecomp_fx.inspect import (
@@ -182,9 +302,9 @@ def run_export(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output else folder / "model.onnx"
     if not hasattr(export, "to_onnx"):
         raise TunecompError("this build of tunecomp_fx has no ONNX exporter (tunecomp_fx.export.to_onnx)")
-    print(describe_export(export.to_onnx(model, inputs, output, verify=not args.no_verify)))
+    print(describe_export(export.to_onnx(model, inputs, output, verify=not args.no_verify, progress=True)))
     if args.latency > 0:
-        latency = export.ort_latency(output, inputs, repeats=args.latency)
+        latency = export.ort_latency(output, inputs, repeats=args.latency, progress=True)
         print(f"ONNX Runtime latency: median {latency.median_ms:.3f} ms over {args.latency} runs")
     return 0
 
@@ -210,12 +330,15 @@ def build_parser() -> argparse.ArgumentParser:
     compress = commands.add_parser(
         "compress",
         help="compress a model and save it with its report",
-        description="Compress a model (training-free: calibrate, initialize the low-rank students, allocate "
-        "ranks, finalize) and save the compact model (program.pt2 + model.safetensors), its example inputs, "
-        "config, report (JSON, markdown) and a rank-allocation plot.",
+        description="Compress a model and save the compact model (program.pt2 + model.safetensors), its example "
+        "inputs, config, report (JSON, markdown) and a rank-allocation plot. Without --data it is training-free "
+        "(calibrate on the example inputs, initialize the low-rank students, allocate ranks, finalize); with "
+        "--data it fine-tunes and compresses jointly, and also saves the training history in the report and "
+        "plots of the blend/distillation schedules (schedules.png) and of the loss and accuracy (training.png).",
     )
     _add_model_arguments(compress)
     _add_config_arguments(compress)
+    _add_training_arguments(compress)
     compress.add_argument("-o", "--output", default="tunecomp-out", help="output folder (default ./tunecomp-out)")
     compress.set_defaults(handler=run_compress)
 
@@ -265,6 +388,8 @@ def _one_line(error: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not sys.stderr.isatty():  # the Hugging Face libraries' bars too stay out of logs (read when first imported)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         return args.handler(args)
     except KeyboardInterrupt:

@@ -46,7 +46,7 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def _close_names(name: str, names: Sequence[str]) -> str:
+def close_names(name: str, names: Sequence[str]) -> str:
     import difflib
 
     close = difflib.get_close_matches(name, names, n=4, cutoff=0.6)
@@ -77,7 +77,7 @@ def _load_timm(name: str, shape: tuple[int, ...] | None, pretrained: bool, kwarg
     import timm
 
     if not timm.is_model(name):
-        raise InputError(f"timm has no model '{name}'{_close_names(name, timm.list_models())}")
+        raise InputError(f"timm has no model '{name}'{close_names(name, timm.list_models())}")
     model = _construct(f"timm:{name}", pretrained, lambda: timm.create_model(name, pretrained=pretrained, **kwargs))
     channels, height, width = timm.data.resolve_model_data_config(model)["input_size"]
     if "img_size" in kwargs:  # the config keeps the pretrained size; the model was built for this one
@@ -91,7 +91,7 @@ def _load_torchvision(name: str, shape: tuple[int, ...] | None, pretrained: bool
 
     names = torchvision.models.list_models()
     if name not in names:
-        raise InputError(f"torchvision has no model '{name}'{_close_names(name, names)}")
+        raise InputError(f"torchvision has no model '{name}'{close_names(name, names)}")
     weights = "DEFAULT" if pretrained else None
     model = _construct(f"torchvision:{name}", pretrained, lambda: torchvision.models.get_model(name, weights=weights, **kwargs))
     return LoadedModel(model, _image_inputs((3, 224, 224), shape), f"torchvision:{name}")
@@ -123,17 +123,25 @@ def _load_huggingface(folder: Path, shape: tuple[int, ...] | None, kwargs: dict[
     return LoadedModel(model, inputs, f"Hugging Face folder {folder} ({architecture})")
 
 
-def _load_factory(spec: str, shape: tuple[int, ...] | None, kwargs: dict[str, Any]) -> LoadedModel:
+def import_object(spec: str, role: str, expected: str) -> Any:
+    """The object a `module.path:name` spec names, imported from the working directory too. `role`
+    ("model spec", "data spec") and `expected` (what the name should be) word the errors."""
     module_name, _, attribute = spec.rpartition(":")
     if os.getcwd() not in sys.path:  # console scripts do not put the working directory on sys.path
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
-        raise InputError(f"cannot import '{module_name}' for model spec {spec}: {error}") from error
-    factory: Callable[..., Any] | None = getattr(module, attribute, None)
+        raise InputError(f"cannot import '{module_name}' for {role} {spec}: {error}") from error
+    if not hasattr(module, attribute):
+        raise InputError(f"'{module_name}' has no {expected} '{attribute}' ({role} {spec})")
+    return getattr(module, attribute)
+
+
+def _load_factory(spec: str, shape: tuple[int, ...] | None, kwargs: dict[str, Any]) -> LoadedModel:
+    factory: Callable[..., Any] = import_object(spec, "model spec", "callable")
     if not callable(factory):
-        raise InputError(f"'{module_name}' has no callable '{attribute}' (model spec {spec})")
+        raise InputError(f"{spec} is a {type(factory).__name__}, not a callable that returns a model")
     made = factory(**kwargs)
     model, inputs = made if isinstance(made, tuple) and len(made) == 2 else (made, None)
     if not isinstance(model, nn.Module):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -88,15 +89,15 @@ def plot_schedules(
     return _save(figure, path)
 
 
-def plot_training_curves(history: Sequence[Mapping[str, float | None]], path: str | Path) -> Path:
+def plot_training_curves(history: Sequence[Mapping[str, float | None]], path: str | Path, *, metric: str = "eval") -> Path:
     """Training loss per step and, from the entries that have one, the eval metric; `history` is a
-    list of {"step": int, "loss": float, "eval": float or None} (extra keys are ignored)."""
+    list of {"step": int, "loss": float, metric: float or None} (extra keys are ignored)."""
     if not history:
         raise InputError("the training history is empty")
     missing = [i for i, entry in enumerate(history) if "step" not in entry or "loss" not in entry]
     if missing:
-        raise InputError(f"history entries {missing[:5]} lack 'step' or 'loss'; each entry is {{step, loss, eval}}")
-    evals = [(e["step"], e["eval"]) for e in history if e.get("eval") is not None]
+        raise InputError(f"history entries {missing[:5]} lack 'step' or 'loss'; each entry is {{step, loss, {metric}}}")
+    evals = [(e["step"], e[metric]) for e in history if e.get(metric) is not None]
     figure = Figure(figsize=(7.0, 6.0 if evals else 3.5), dpi=_DPI)
     axes = figure.subplots(2 if evals else 1, 1, sharex=True, squeeze=False)[:, 0]
     steps = [e["step"] for e in history]
@@ -106,7 +107,29 @@ def plot_training_curves(history: Sequence[Mapping[str, float | None]], path: st
     axes[0].grid(alpha=0.3)
     if evals:
         axes[1].plot([s for s, _ in evals], [v for _, v in evals], "o-", color="#31a354")
-        axes[1].set_ylabel("eval")
+        axes[1].set_ylabel(metric)
         axes[1].grid(alpha=0.3)
     axes[-1].set_xlabel("step")
     return _save(figure, path)
+
+
+def plot_joint_training(training: Mapping[str, Any], folder: str | Path) -> tuple[Path, Path]:
+    """schedules.png and training.png in `folder`, from what the joint driver records in
+    `compact.meta[tunecomp_fx.train.TRAINING_KEY]`: {"config": TrainingConfig dict, "history": [...],
+    "metric": name of the eval metric in the history}."""
+    from tunecomp_fx.train import TrainingConfig
+
+    history = training.get("history") or []
+    if not history:
+        raise InputError("the joint run recorded no history to plot")
+    total = int(history[-1]["step"])
+    schedules = TrainingConfig.from_dict(training["config"]).schedules(total)
+    steps = list(range(total + 1))
+    folder = Path(folder)
+    return (
+        plot_schedules(
+            steps, [schedules.alpha(t) for t in steps], [schedules.beta(t) for t in steps], folder / "schedules.png",
+            distill_weight=[schedules.distill(t) for t in steps],
+        ),
+        plot_training_curves(history, folder / "training.png", metric=training.get("metric", "eval")),
+    )

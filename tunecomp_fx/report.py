@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tunecomp_fx.pipeline import PassRecord
+from tunecomp_fx.schedules import steps_of
 
 
 # Decisions of sites the passes leave as they are: excluded by the user, shared or tied weights,
@@ -91,7 +92,7 @@ class CompressionReport:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CompressionReport:
-        values = {k: v for k, v in data.items() if k != "totals"}
+        values = {k: v for k, v in data.items() if k not in ("totals", "training")}
         values["sites"] = tuple(SiteRow(**row) for row in data["sites"])
         values["pass_log"] = tuple(
             PassRecord(r["name"], r["seconds"], tuple(r["added"]), tuple(r["removed"])) for r in data.get("pass_log", ())
@@ -101,13 +102,18 @@ class CompressionReport:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
-    def save(self, folder: str | Path) -> tuple[Path, Path]:
-        """Write report.json and report.md into `folder`; returns their paths."""
+    def save(self, folder: str | Path, training: Mapping[str, Any] | None = None) -> tuple[Path, Path]:
+        """Write report.json and report.md into `folder`; returns their paths. `training` is what the
+        joint driver records (config, per-step history): saved under "training" and summarized."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         json_path, markdown_path = folder / "report.json", folder / "report.md"
-        json_path.write_text(self.to_json() + "\n")
-        markdown_path.write_text(self.to_markdown())
+        data = self.to_dict() if training is None else {**self.to_dict(), "training": dict(training)}
+        json_path.write_text(json.dumps(data, indent=2) + "\n")
+        markdown = self.to_markdown()
+        if training is not None:
+            markdown += "\n## Training\n\n" + "\n".join(f"- {line}" for line in training_summary(training)) + "\n"
+        markdown_path.write_text(markdown)
         return json_path, markdown_path
 
     _HEADER = ["site", "shape", "rank", "kept", "params before", "params after", "MACs before", "MACs after", "init error", "note"]
@@ -172,6 +178,27 @@ class CompressionReport:
 
     def __str__(self) -> str:
         return "\n".join(format_table([self._HEADER] + self._table_rows(), self._LEFT_ALIGNED) + [""] + self._summary_lines())
+
+
+def training_summary(training: Mapping[str, Any]) -> list[str]:
+    """Lines describing a joint run from what the driver records: its length and recipe, the loss
+    at the start and the end, and the last evaluation."""
+    config, history = training["config"], training["history"]
+    metric = training.get("metric", "eval")
+    if not history:
+        return ["joint training: no steps recorded"]
+    total = history[-1]["step"]
+    lines = [
+        f"joint training: {total} steps, lr {config['lr']:g}, {config['blend']} blend from teacher to student over "
+        f"the first {steps_of(config['blend_steps'], total)}, distillation weight {config['distill_weight']:g}"
+    ]
+    if training.get("data"):
+        lines.append(f"data: {training['data']}" + (f"; evaluated on {training['eval_data']}" if training.get("eval_data") else ""))
+    lines.append(f"training loss {history[0]['loss']:.4g} (step 1) -> {history[-1]['loss']:.4g} (step {total})")
+    evaluated = [entry for entry in history if entry.get(metric) is not None]
+    if evaluated:
+        lines.append(f"{metric} {evaluated[-1][metric]:.4f} at step {evaluated[-1]['step']} ({len(evaluated)} evaluations)")
+    return lines
 
 
 def format_table(rows: list[list[str]], left_aligned: Collection[int] = (0,)) -> list[str]:

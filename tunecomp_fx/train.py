@@ -27,7 +27,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from tqdm.auto import tqdm
 
 from tunecomp_fx import distributed
 from tunecomp_fx.api import finalize, prepare, prepared_state
@@ -38,6 +37,7 @@ from tunecomp_fx.mode import set_training_mode
 from tunecomp_fx.passes.eliminate_dead_code import EliminateDeadCode
 from tunecomp_fx.passes.fold_blends import FoldBlends
 from tunecomp_fx.pipeline import run_passes
+from tunecomp_fx.progress import progress_bar
 from tunecomp_fx.pruning import SELECTIONS, RankPruner
 from tunecomp_fx.schedules import BLENDS, LR_DECAYS, Schedules, steps_of
 from tunecomp_fx.sites import Blend, set_blend
@@ -487,7 +487,7 @@ class JointTrainer:
         set_training_mode(self.model, True)
         network = distributed.wrap(self.model, self.setup, self.device)
         trainable = [p for group in optimizer.param_groups for p in group["params"]]
-        bar = tqdm(total=self.total_steps, initial=hook.step_count, disable=not self.progress, desc="joint")
+        bar = progress_bar(total=self.total_steps, initial=hook.step_count, enabled=self.progress, desc="joint")
         while hook.step_count < self.total_steps:
             step = hook.step_count
             for group in optimizer.param_groups:
@@ -704,5 +704,5 @@ def joint_compress(
         prepared, training_cfg, data=data, eval_data=eval_data, original=original, progress=progress, **trainer_options
     )
     compact = finalize(trainer.fit(resume=resume), inplace=True, progress=progress)
-    compact.meta[TRAINING_KEY] = {"config": trainer.config.to_dict(), "history": trainer.history}
+    compact.meta[TRAINING_KEY] = {"config": trainer.config.to_dict(), "history": trainer.history, "metric": trainer.metric_name}
     return compact
