@@ -3,6 +3,8 @@ hard-shrink, periodic evaluation and the progress bar."""
 
 from __future__ import annotations
 
+import sys
+
 from typing import Any
 
 import pytest
@@ -59,7 +61,8 @@ def test_elementwise_hardshrink_zeroes_small_factor_entries() -> None:
     assert all(int((p == 0).sum()) == 0 for n, p in untouched.named_parameters() if n.endswith("down.weight"))
 
 
-def test_periodic_evaluation_and_progress_bar(capsys: pytest.CaptureFixture[str]) -> None:
+def test_periodic_evaluation_and_progress_bar(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # bars show on terminals only
     task = digits_task()
     trainer = _trainer(eval_data=[task.test], eval_every=4, progress=True)
     trainer.fit()
