@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -23,13 +24,28 @@ from tunecomp_fx.train import CHECKPOINT_FORMAT, latest_checkpoint
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
-BATCH_DELAY = 0.02  # seconds per batch: the 40-step run takes at least 0.8 s, long enough to kill mid-run
-DEADLINE = 60.0  # seconds any one wait may take before the test fails (a hung worker)
+BATCH_DELAY = 0.05  # seconds per batch: steps 10 to 40 take at least 1.5 s, time enough to kill the run mid-way
+DEADLINE = 600.0  # seconds any one wait may take before the test fails (a hung worker; a loaded machine is slow)
 
 
-def _worker(checkpoints: Path, out: Path, *options: str) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "tests.killed_run_worker", str(checkpoints), str(out), *options]
-    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+Worker = Callable[..., "subprocess.Popen[bytes]"]
+
+
+@pytest.fixture
+def worker() -> Iterator[Worker]:
+    """Starts tests/killed_run_worker.py processes; kills those still running when the test ends."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(checkpoints: Path, out: Path, *options: str) -> subprocess.Popen[bytes]:
+        command = [sys.executable, "-m", "tests.killed_run_worker", str(checkpoints), str(out), *options]
+        started.append(subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        return started[-1]
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def _wait_for(condition: object, process: subprocess.Popen[bytes]) -> None:
@@ -62,13 +78,13 @@ def _every_checkpoint_loads(checkpoints: Path) -> int:
     return _step(latest_checkpoint(checkpoints))
 
 
-def test_run_killed_mid_write_and_mid_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path: Path) -> None:
+def test_run_killed_mid_write_and_mid_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path: Path, worker: Worker) -> None:
     checkpoints, out = tmp_path / "checkpoints", tmp_path / "out.pt"
 
     # 1. Killed in the middle of writing its second checkpoint (step 10): the half-written
     #    temporary file is not a checkpoint, and the first one (step 5) is still the latest.
     stalled = tmp_path / "stalled"
-    first = _worker(checkpoints, out, "--stall-at-checkpoint", "2", "--stalled", str(stalled))
+    first = worker(checkpoints, out, "--stall-at-checkpoint", "2", "--stalled", str(stalled))
     _wait_for(stalled.exists, first)
     _kill(first)
     partial = checkpoints / "step_0000010.pt.partial"
@@ -79,9 +95,9 @@ def test_run_killed_mid_write_and_mid_run_resumes_to_the_weights_of_an_uninterru
 
     # 2. Resumed, then killed at a random moment after it wrote a checkpoint of its own (between
     #    steps or during a write); meanwhile the latest checkpoint is read as often as possible.
-    second = _worker(checkpoints, out, "--resume", "--batch-delay", str(BATCH_DELAY))
+    second = worker(checkpoints, out, "--resume", "--batch-delay", str(BATCH_DELAY))
     _wait_for((checkpoints / "step_0000010.pt").exists, second)
-    delay = random.uniform(0.0, 0.4)  # the run has >= 0.6 s left after step 10
+    delay = random.uniform(0.0, 0.4)
     until = time.monotonic() + delay
     seen = set()
     while time.monotonic() < until:
@@ -93,7 +109,7 @@ def test_run_killed_mid_write_and_mid_run_resumes_to_the_weights_of_an_uninterru
     assert 10 <= reached < 40 and seen <= set(range(10, reached + 1, 5)), (delay, seen, reached)
 
     # 3. Resumed again to the end.
-    third = _worker(checkpoints, out, "--resume")
+    third = worker(checkpoints, out, "--resume")
     output = third.communicate(timeout=DEADLINE)[0].decode()
     assert third.returncode == 0, output
     resumed = torch.load(out, weights_only=True)
