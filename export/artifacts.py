@@ -37,6 +37,7 @@ from torch import fx
 
 from tunecomp_fx.api import CONFIG_KEY, REPORT_KEY, get_report
 from tunecomp_fx.errors import ExportError, InputError
+from tunecomp_fx.folders import check_writable_folder
 from tunecomp_fx.modes import eval_mode
 from tunecomp_fx.inputs import Inputs, call_model, flatten_outputs, normalize_inputs
 from tunecomp_fx.train import TRAINING_KEY
@@ -163,7 +164,7 @@ def save_compact(compact: fx.GraphModule, folder: str | Path, example_inputs: ob
     report = get_report(compact)
     inputs = normalize_inputs(example_inputs)
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    check_writable_folder(folder, f"the compact model to {folder}", ExportError)
     program = export_program(compact, inputs)
     weights = _unshared(program.state_dict)
     for name, tensor in program.state_dict.items():

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import inspect
 import re
-import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tunecomp_fx.errors import ConfigError, ExportError, InputError
+from tunecomp_fx.folders import check_writable_folder
 from tunecomp_fx.modes import eval_mode
 from tunecomp_fx.progress import progress_bar
 
@@ -108,21 +108,7 @@ def _check_writable(path: Path) -> None:
     """Fail before the (slow) export when the file cannot be written; create missing folders."""
     if path.is_dir():
         raise ExportError(f"{path} is a folder; give to_onnx a file path such as {path / 'model.onnx'}")
-    existing = next(parent for parent in path.absolute().parents if parent.exists())
-    if not existing.is_dir():
-        raise ExportError(
-            f"cannot write the ONNX file {path}: {existing} is a file, not a folder, so the output folder is "
-            "not writable. Choose an output folder you can write to"
-        )
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path.parent):
-            pass
-    except OSError as error:
-        raise ExportError(
-            f"cannot write the ONNX file {path}: the folder {path.parent} is not writable "
-            f"({type(error).__name__}: {error.strerror or error}). Choose an output folder you can write to"
-        ) from error
+    check_writable_folder(path.parent, f"the ONNX file {path}", ExportError)
 
 
 class _FlatOutputs(nn.Module):

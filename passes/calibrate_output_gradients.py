@@ -64,7 +64,7 @@ class CalibrateOutputGradients(GraphPass):
         return None
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-        from tunecomp_fx.train import prediction  # the driver's view of a model's outputs
+        from tunecomp_fx.train import checked_loss, prediction  # the driver's view of outputs and losses
 
         loss_fn = ctx.loss_fn or F.cross_entropy
         nodes = {node.name: node for node in gm.graph.nodes}
@@ -86,7 +86,8 @@ class CalibrateOutputGradients(GraphPass):
             with _site_weights_require_grad(gm, ctx), torch.enable_grad():
                 for index, (batch, targets) in enumerate(zip(ctx.calibration, ctx.calibration_targets)):
                     outputs = prediction(call_model(gm, batch))
-                    loss = loss_fn(outputs, targets) * (targets.shape[0] if targets.dim() else 1)
+                    where = f"on calibration batch {index} (gradient calibration of method='union')"
+                    loss = checked_loss(loss_fn(outputs, targets), where) * (targets.shape[0] if targets.dim() else 1)
                     kept = [keepers.get_submodule(s.key).outputs for s in sites]
                     flat = [y for ys in kept for y in ys]
                     gradients = torch.autograd.grad(loss, flat, allow_unused=True)

@@ -72,11 +72,30 @@ class InitializeStudents(GraphPass):
     def ensures(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:
         # A factorized student is an output-side projection of its teacher's weight (in the metric its
         # init uses), so its error never exceeds the zero student's (1) by more than rounding. A union
-        # student also projects the input side, which may cost more than 1; it must still be finite.
+        # student projects both sides in the plain metric: it is a sum of SVD components of U U^T W V V^T,
+        # which is orthogonal to W - U U^T W V V^T, so <W - S, S> = 0 and ||W - S||_F <= ||W||_F. (Its
+        # activation-weighted error may exceed 1; it must be finite.)
         for site in ctx.factorized_sites():
             error = ctx.init_errors.get(site.name)
-            projected = not hasattr(site_container(gm, site), "core")
-            limit = 1.0 + _tolerance(gm.get_parameter(site.weight_target).dtype) if projected else math.inf
+            student = site_container(gm, site)
+            weight = gm.get_parameter(site.weight_target)
+            tolerance = _tolerance(weight.dtype)
+            union = hasattr(student, "core")
+            if union:
+                overlap = _overlap(weight.flatten(1), student_weight(student))
+                if not abs(overlap) <= tolerance:
+                    return (
+                        f"union student of site '{site.name}' is not a projection of its teacher's weight W: "
+                        f"<W - S, S> / ||W||^2 = {overlap:.3g} (expected 0 within {tolerance:.3g})"
+                    )
+            limit = math.inf if union else 1.0 + tolerance
             if error is None or not error <= limit or not math.isfinite(error):
                 return f"student of site '{site.name}' has initialization error {error} (expected <= {limit:.3g})"
         return None
+
+
+def _overlap(weight: torch.Tensor, approx: torch.Tensor) -> float:
+    """<W - S, S>_F / ||W||_F^2 in float64: 0 when S is an orthogonal projection of W."""
+    w, s = weight.detach().double(), approx.detach().double()
+    total = w.square().sum()
+    return float(((w - s) * s).sum() / total) if total > 0 else 0.0

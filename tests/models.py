@@ -56,6 +56,35 @@ class ShapeBranching(nn.Module):
         return self.fc2(h)
 
 
+class Gain(nn.Module):
+    """A user's own layer, registered as a leaf module by the tests that use it."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, width))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h * self.gain
+
+
+def soft_clip(h: torch.Tensor) -> torch.Tensor:
+    """A user's own function, registered as a wrapped function by the tests that use it."""
+    return 3 * torch.tanh(h / 3)
+
+
+class UserLeaves(nn.Module):
+    """An MLP with a user's leaf module and a user's function between its linear layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(64, 96)
+        self.gain = Gain(96)
+        self.fc2 = nn.Linear(96, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(soft_clip(self.gain(self.fc1(x))))
+
+
 class NoLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.tanh(x) * 2

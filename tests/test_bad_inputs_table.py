@@ -1,9 +1,6 @@
 """Every bad input a user can give the core gets its own exception from tunecomp_fx.errors, with a
 message that says what is wrong, where, and what to do. One row per bad input; the README's section
-"When something is wrong" lists the same rows for users (checked below).
-
-Rows that need the training driver (an empty data loader, a loss that is not a scalar, a checkpoint
-from another model or config) are added with it."""
+"When something is wrong" lists the same rows for users (checked below)."""
 
 from __future__ import annotations
 
@@ -15,7 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 import tunecomp_fx
 from tunecomp_fx import (
@@ -27,9 +26,11 @@ from tunecomp_fx import (
     InputError,
     PassError,
     SiteError,
+    TrainingError,
     TunecompError,
 )
 from tunecomp_fx.export import to_onnx
+from tunecomp_fx.export.artifacts import save_compact
 from tests.models import MLP, NoLinear
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -87,6 +88,39 @@ class Bottleneck(nn.Module):
         return self.down(x)
 
 
+def batches(count: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(torch.randn(8, 64), torch.randint(0, 10, (8,))) for _ in range(count)]
+
+
+def train(**options: object) -> object:
+    """A two-step joint run of the MLP."""
+    return compress(**{"data": batches(), "steps": 2, **options})
+
+
+def empty_loader() -> DataLoader:
+    return DataLoader(TensorDataset(torch.randn(5, 64), torch.randint(0, 10, (5,))), batch_size=8, drop_last=True)
+
+
+def per_sample_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(outputs, targets, reduction="none")
+
+
+def resumed(checkpoints: Path, **changed: object) -> object:
+    """Resume, with `changed` options, from the checkpoints of a run of the MLP with the default ones."""
+    train(checkpoint_dir=checkpoints, checkpoint_every=1)
+    return train(resume=checkpoints, **changed)
+
+
+def not_a_checkpoint(tmp_path: Path, content: object) -> Path:
+    """A file named like a checkpoint: empty (content None), or a torch file of `content`."""
+    path = tmp_path / "other.pt"
+    if content is None:
+        path.write_text("")
+    else:
+        torch.save(content, path)
+    return path
+
+
 def prepared_at(alpha: float) -> torch.fx.GraphModule:
     prepared = tunecomp_fx.prepare(MLP(), (x(),), ratio=0.4)
     tunecomp_fx.set_blend(prepared, alpha)
@@ -117,6 +151,9 @@ class Row:
 
 NAN_CALIB = [(x(),), (torch.full((4, 64), float("nan")),)]
 INF_CALIB = [(x(),), (torch.full((4, 64), float("inf")),)]
+NOT_SCALAR = ("it must return a scalar \\(0-dim\\) tensor", "reduction='mean'")
+FRESH_RUN = "start a fresh run without resume="
+RESUME_FROM = "give resume= a run's checkpoint_dir"
 OUTSIDE = (r"outside \(0, 1\)", "fraction of the compressed layers' parameters to remove", r"ratio=0\.4 keeps 60%")
 
 ROWS = [
@@ -181,6 +218,44 @@ ROWS = [
     Row("ONNX output folder that is not writable", "onnx_folder_read_only",
         lambda tmp: to_onnx(MLP(), (x(),), unwritable_folder(tmp)), ExportError,
         ("cannot write the ONNX file", "read_only is not writable", "PermissionError", "Choose an output folder"), root_skips=True),
+    Row("save_compact output folder that is not writable", "save_compact_folder_is_a_file",
+        lambda tmp: save_compact(compress(), under_a_file(tmp).parent, (x(),)), ExportError,
+        ("cannot write the compact model to .*file", "file is a file, not a folder", "Choose an output folder you can write to")),
+    Row("empty training data", "data_empty", lambda _: train(data=empty_loader()), InputError,
+        (r"the training data \(data=\) yielded no batches", "at least one batch", "drop_last=True")),
+    Row("training data that is used up after one pass", "data_one_pass", lambda _: train(data=iter(batches()), steps=3), InputError,
+        ("yielded no batches in pass 2", "a generator or iterator is used up after one pass", "can be iterated again")),
+    Row("loss that returns a non-scalar", "loss_per_sample", lambda _: train(loss_fn=per_sample_loss), TrainingError,
+        (r"loss_fn returned a tensor of shape \[8\] at step 1 of 2", *NOT_SCALAR)),
+    Row("loss that returns a non-scalar", "loss_not_tensor", lambda _: train(loss_fn=lambda outputs, targets: 1.0), TrainingError,
+        ("loss_fn returned a float at step 1 of 2", *NOT_SCALAR)),
+    Row("loss that returns a non-scalar", "loss_per_sample_union_calibration", lambda _: train(loss_fn=per_sample_loss, method="union"),
+        TrainingError, (r"loss_fn returned a tensor of shape \[8\] on calibration batch 0", "method='union'", *NOT_SCALAR)),
+    Row("checkpoint from another training config", "resume_other_config", lambda tmp: resumed(tmp, lr=1e-3), TrainingError,
+        (r"step_0000002\.pt was written with a different training config", r"'lr': \(0\.0001, 0\.001\)",
+         "Resume with the training options it was written with", FRESH_RUN)),
+    Row("checkpoint from another model or compression", "resume_other_model", lambda tmp: resumed(tmp, model=MLP(hidden=80)),
+        TrainingError, (r"step_0000002\.pt was written for a different model or compression",
+                        r"parameters \(fc1\.bias: \[96\] -> \[80\], fc1\.weight: \[96, 64\] -> \[80, 64\]",
+                        "Prepare the same model with the same options", FRESH_RUN)),
+    Row("checkpoint from another model or compression", "resume_other_ratio", lambda tmp: resumed(tmp, ratio=0.5), TrainingError,
+        ("written for a different model or compression", r"compression_config \(ratio: 0\.4 -> 0\.5\)", r"ranks \(fc1: \d+ -> \d+",
+         "Prepare the same model with the same options", FRESH_RUN)),
+    Row("resume from a file that is not a checkpoint", "resume_unreadable", lambda tmp: train(resume=not_a_checkpoint(tmp, None)),
+        TrainingError, (r"cannot read checkpoint .*other\.pt \(EOFError\)", RESUME_FROM)),
+    Row("resume from a file that is not a checkpoint", "resume_other_file", lambda tmp: train(resume=not_a_checkpoint(tmp, {"a": 1})),
+        TrainingError, (r"other\.pt is not a tunecomp checkpoint", RESUME_FROM)),
+    Row("resume from a checkpoint that does not exist", "resume_missing", lambda tmp: train(resume=tmp / "step_0000002.pt"),
+        TrainingError, (r"checkpoint .*step_0000002\.pt does not exist", RESUME_FROM)),
+    Row("resume from a folder without checkpoints", "resume_empty_folder", lambda tmp: train(resume=tmp), TrainingError,
+        (r"no checkpoint \(step_\*\.pt\) in", "the run wrote none there", "Give resume= the checkpoint_dir of the run")),
+    Row("checkpoint folder that is not writable", "checkpoint_dir_is_a_file",
+        lambda tmp: train(checkpoint_dir=under_a_file(tmp).parent, checkpoint_every=1), TrainingError,
+        ("cannot write checkpoints to checkpoint_dir=", "file is a file, not a folder", "Choose an output folder you can write to")),
+    Row("checkpoint folder that is not writable", "checkpoint_dir_read_only",
+        lambda tmp: train(checkpoint_dir=unwritable_folder(tmp).parent, checkpoint_every=1), TrainingError,
+        ("cannot write checkpoints to checkpoint_dir=", "read_only is not writable", "PermissionError", "Choose an output folder"),
+        root_skips=True),
     Row("ONNX output path that is a folder", "onnx_path_is_folder", lambda tmp: to_onnx(MLP(), (x(),), tmp), ExportError,
         ("is a folder", "model.onnx")),
 ]

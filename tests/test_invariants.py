@@ -60,6 +60,17 @@ def test_initialize_students_checks_the_error_of_each_student(prepared):
     assert "student of site 'fc2' has initialization error nan" in InitializeStudents().ensures(prepared, ctx)
 
 
+def test_initialize_students_checks_that_a_union_student_is_a_projection_of_its_teacher():
+    torch.manual_seed(0)
+    calib = [(torch.randn(16, 64), torch.randint(0, 10, (16,)))]
+    prepared = tunecomp_fx.prepare(MLP().eval(), (calib[0][0],), ratio=0.5, method="union", calib=calib)
+    ctx = context(prepared)
+    assert InitializeStudents().ensures(prepared, ctx) is None
+    with torch.no_grad():
+        prepared.get_submodule("lowrank.fc2.core").weight.mul_(1.5)  # a core off the projection of W
+    assert "union student of site 'fc2' is not a projection of its teacher's weight" in InitializeStudents().ensures(prepared, ctx)
+
+
 def test_decompose_weights_checks_for_finite_factors(prepared):
     ctx = context(prepared)
     DecomposeWeights().run(prepared, ctx)  # prepare dropped the factors; compute them again

@@ -1,6 +1,7 @@
 """Numerical robustness end to end: half-precision models compress with float64 decompositions and
-keep their dtype; every student's initialization error is measured and reported; a site whose input
-is always zero does not break the factorization."""
+keep their dtype; every student's initialization error is measured and reported (method="union"'s
+too: zero when the union spans the weight, at most plain truncation's at the union's full size); a
+site whose input is always zero does not break the factorization."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from torch import nn
 
 import tunecomp_fx
 from tunecomp_fx.config import CompressionConfig
+from tunecomp_fx.passes.build_union_bases import build_union
+from tunecomp_fx.passes.initialize_students import activation_error
 from tests.models import MLP, AttentionBlock
 
 
@@ -70,6 +73,38 @@ def test_init_error_is_the_relative_error_on_the_calibration_activations():
     approx = student.up.weight @ student.down.weight
     direct = ((model.fc1.weight - approx) @ x.T).norm() / (model.fc1.weight @ x.T).norm()
     assert state.context.init_errors["fc1"] == pytest.approx(direct.item(), rel=1e-4)
+
+
+def test_union_init_reproduces_a_teacher_whose_weight_its_union_spans():
+    """The union holds each weight's leading singular directions (as many as the site's rank share):
+    when every weight has a lower rank, U U^T W V V^T = W and the union students reproduce their
+    teachers: the report's init error is 0 up to rounding, as the default method's at full rank."""
+    torch.manual_seed(0)
+    model = MLP().eval()
+    with torch.no_grad():
+        for weight in (model.fc1.weight, model.fc2.weight, model.head_weight):
+            out_features, in_features = weight.shape
+            weight.copy_(torch.randn(out_features, 3) @ torch.randn(3, in_features) / in_features**0.5)
+    calib = [(torch.randn(64, 64), torch.randint(0, 10, (64,))) for _ in range(2)]
+    report = tunecomp_fx.get_report(tunecomp_fx.compress(model, (calib[0][0],), ratio=0.5, method="union", calib=calib))
+    assert [row.rank is not None and row.rank >= 3 for row in report.sites] == [True] * 3
+    assert all(row.init_error < 1e-5 for row in report.sites), [row.init_error for row in report.sites]
+
+
+def test_union_at_its_full_size_is_within_the_error_of_plain_truncation_to_its_width():
+    """U and V contain the top-`width` singular vectors of W, so the projection U U^T W V V^T (the
+    union student at full size) is at least as close to W as the rank-`width` SVD truncation."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(48, 40, generator=generator, dtype=torch.float64)
+    x, g = torch.randn(200, 40, generator=generator, dtype=torch.float64), torch.randn(200, 48, generator=generator, dtype=torch.float64)
+    plain = torch.eye(40, dtype=torch.float64)  # activation_error in the plain Frobenius metric
+    for width in (2, 5, 12):
+        union = build_union(weight, x.T @ x / 200, g.T @ g / 200, width)
+        student = union.up @ torch.diag(union.core) @ union.down
+        u, s, v_t = torch.linalg.svd(weight)
+        truncated = u[:, :width] @ torch.diag(s[:width]) @ v_t[:width]
+        assert union.core.shape[0] > width  # the covariances add directions to the weight's own
+        assert activation_error(weight, student, plain) <= activation_error(weight, truncated, plain) + 1e-12, width
 
 
 class DeadBranch(nn.Module):

@@ -6,14 +6,18 @@ import operator
 import pickle
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch import fx, nn
 
 import tunecomp_fx
+from tunecomp_fx.capture import LEAF_MODULES, WRAPPED_FUNCTIONS
 from tunecomp_fx.sites import Blend, student_nodes
-from tests.models import MLP, AttentionBlock, ShapeBranching
+from tests.models import MLP, AttentionBlock, Gain, ShapeBranching, UserLeaves, soft_clip
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # Tolerances: the rewrite at alpha = 1 multiplies the teacher by exactly 1 and adds 0 * student,
 # so it is exact up to float32 rounding; finalize re-associates the student's scaling and slicing.
@@ -133,11 +137,23 @@ def test_site_past_break_even_becomes_one_dense_linear():
     assert {decisions[s.name] for s in past} == {"dense"} and {decisions[s.name] for s in kept} == {"rank"}
 
 
-def test_compact_model_pickles_and_loads_without_the_package(tmp_path):
+@pytest.mark.parametrize("user_leaves", [False, True], ids=["torch-only", "user-leaves"])
+def test_compact_model_pickles_and_loads_without_the_package(tmp_path, monkeypatch, user_leaves):
+    """The compact model holds torch modules and ops, and the modules and functions that capture
+    kept opaque (user leaves and wrapped functions) as the user's own: it loads wherever torch
+    and those can be imported."""
     torch.manual_seed(0)
-    model = MLP().eval()
+    model = (UserLeaves if user_leaves else MLP)().eval()
+    if user_leaves:
+        monkeypatch.setitem(LEAF_MODULES, Gain, "test: a user's leaf module")
+        monkeypatch.setitem(WRAPPED_FUNCTIONS, soft_clip, "test: a user's wrapped function")
     x = torch.randn(5, 64)
     compact = tunecomp_fx.compress(model, (x,), ratio=0.4)
+    modules = {_package(type(m)) for m in compact.modules()}
+    functions = {_package(n.target) for n in compact.graph.nodes if n.op == "call_function"}
+    assert modules == {"torch"} | ({"tests"} if user_leaves else set())
+    assert functions <= {"torch", "_operator"} | ({"tests"} if user_leaves else set())
+    assert any(n.target is soft_clip for n in compact.graph.nodes) == user_leaves
     torch.save(compact, tmp_path / "compact.pt")
     torch.save(x, tmp_path / "x.pt")
     with torch.no_grad():
@@ -145,6 +161,7 @@ def test_compact_model_pickles_and_loads_without_the_package(tmp_path):
     script = (
         "import sys, torch\n"
         "sys.modules['tunecomp_fx'] = None  # any import of the package now fails\n"
+        f"sys.path.insert(0, r'{ROOT}')  # the user's code: tests.models\n"
         f"m = torch.load(r'{tmp_path}/compact.pt', weights_only=False)\n"
         f"x = torch.load(r'{tmp_path}/x.pt'); e = torch.load(r'{tmp_path}/expected.pt')\n"
         "torch.testing.assert_close(m(x), e)\n"
@@ -154,6 +171,11 @@ def test_compact_model_pickles_and_loads_without_the_package(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
     assert b"tunecomp_fx" not in pickle.dumps(compact.meta)
+
+
+def _package(thing: object) -> str:
+    """The top-level package a class or function comes from."""
+    return thing.__module__.split(".")[0]
 
 
 def test_user_model_is_left_untouched():

@@ -30,7 +30,8 @@ class CalibrationError(TunecompError):
 
 
 class TrainingError(TunecompError):
-    """The joint optimisation hit a non-finite loss or gradient, or a bad checkpoint."""
+    """The joint optimisation hit a non-finite loss or gradient or a loss that is not a scalar, or a
+    checkpoint (or checkpoint folder) that cannot be used."""
 
 
 class ExportError(TunecompError):

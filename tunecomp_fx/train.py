@@ -31,7 +31,8 @@ from torch import fx, nn
 from tunecomp_fx import distributed
 from tunecomp_fx.api import finalize, prepare, prepared_state
 from tunecomp_fx.config import CompressionConfig, reject_unknown_keys
-from tunecomp_fx.errors import ConfigError, InputError, TrainingError
+from tunecomp_fx.errors import ConfigError, InputError, TrainingError, first_line
+from tunecomp_fx.folders import check_writable_folder
 from tunecomp_fx.inputs import Inputs, call_model, normalize_inputs
 from tunecomp_fx.mode import set_training_mode
 from tunecomp_fx.passes.eliminate_dead_code import EliminateDeadCode
@@ -47,6 +48,8 @@ UNION_CALIBRATION_BATCHES = 8  # training batches method="union" calibrates on w
 CHECKPOINT_FORMAT = "tunecomp-checkpoint/1"
 TRAINING_KEY = "tunecomp_training"  # compact GraphModule.meta key: training config and history
 _KEEP_CHECKPOINTS = 2
+_RESUME_FROM = "give resume= a run's checkpoint_dir (its newest complete step_*.pt is used) or one of those files"
+_START_AFRESH = "start a fresh run without resume= (in another checkpoint_dir, to keep these checkpoints)"
 
 
 @dataclass(frozen=True)
@@ -254,6 +257,41 @@ class StepHook:
         self.close()  # no teacher, no feature loss: the model carries no hooks of ours any more
 
 
+def no_batches(epoch: int = 0) -> InputError:
+    """The error for training data that yields no batch when a new pass over it begins."""
+    if epoch > 0:
+        return InputError(
+            f"the training data (data=) yielded no batches in pass {epoch + 1} over it, after yielding batches in the "
+            "first: a generator or iterator is used up after one pass. Pass data that can be iterated again "
+            "(a DataLoader or a list of batches), or fewer steps"
+        )
+    return InputError(
+        "the training data (data=) yielded no batches. Pass an iterable of (inputs, targets) batches with at least "
+        "one batch (a DataLoader with drop_last=True yields none when the data set is smaller than its batch_size)"
+    )
+
+
+def check_training_data(data: Iterable[Any]) -> None:
+    """Fail before any work when `data` has a length and it is 0 (other iterables are checked when read)."""
+    try:
+        empty = len(data) == 0  # type: ignore[arg-type]
+    except TypeError:
+        return
+    if empty:
+        raise no_batches()
+
+
+def checked_loss(loss: Any, where: str) -> torch.Tensor:
+    """`loss` (what loss_fn returned `where`) if it is a scalar tensor; else the error saying what it is."""
+    if isinstance(loss, torch.Tensor) and loss.dim() == 0:
+        return loss
+    got = f"a tensor of shape {list(loss.shape)}" if isinstance(loss, torch.Tensor) else f"a {type(loss).__name__}"
+    raise TrainingError(
+        f"loss_fn returned {got} {where}; it must return a scalar (0-dim) tensor to differentiate. Reduce it over the "
+        "batch, e.g. with .mean() or reduction='mean'"
+    )
+
+
 class _DataCursor:
     """Endless batches over epochs of `data`, resumable exactly: a position is (epoch, batches
     consumed) plus the RNG state the epoch's iterator was opened with, so a resume reopens the
@@ -274,7 +312,7 @@ class _DataCursor:
                 batch = next(self._iterator)
             except StopIteration:
                 if self.index == 0:
-                    raise TrainingError("the training data yielded no batches") from None
+                    raise no_batches(self.epoch) from None
                 self.epoch, self.index, self._iterator = self.epoch + 1, 0, None
                 continue
             self.index += 1
@@ -421,6 +459,7 @@ class JointTrainer:
             raise ConfigError("logit_distill > 0 needs the original model: pass original=model")
         if checkpoint_every is not None and checkpoint_dir is None:
             raise ConfigError("checkpoint_every needs a checkpoint_dir")
+        check_training_data(data)
         for name, value in (("eval_every", eval_every), ("checkpoint_every", checkpoint_every)):
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be >= 1; got {value}")
@@ -435,6 +474,8 @@ class JointTrainer:
         self.eval_every = eval_every
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.checkpoint_every = checkpoint_every
+        if self.checkpoint_dir is not None and self.setup.is_main:
+            check_writable_folder(self.checkpoint_dir, f"checkpoints to checkpoint_dir={self.checkpoint_dir}", TrainingError)
         self.progress = progress and self.setup.is_main
         self.total_steps = self._total_steps()
         self.hook = StepHook(prepared, self.config, total_steps=self.total_steps)
@@ -529,7 +570,8 @@ class JointTrainer:
 
     def _loss(self, outputs: Any, inputs: Inputs, targets: Any) -> torch.Tensor:
         predicted = prediction(outputs)
-        loss = self.loss_fn(predicted, targets) + self.hook.distill_loss()
+        where = f"at step {self.hook.step_count + 1} of {self.total_steps}"
+        loss = checked_loss(self.loss_fn(predicted, targets), where) + self.hook.distill_loss()
         if self.config.logit_distill > 0:
             with torch.no_grad():
                 reference = prediction(call_model(self.original, inputs))
@@ -618,25 +660,42 @@ class JointTrainer:
         try:
             payload = torch.load(path, map_location=self.device, weights_only=True)
         except Exception as error:
-            raise TrainingError(f"cannot read checkpoint {path}: {type(error).__name__}: {error}") from error
+            detail = first_line(error)
+            reason = detail if detail == type(error).__name__ else f"{type(error).__name__}: {detail}"
+            raise TrainingError(f"cannot read checkpoint {path} ({reason}); {_RESUME_FROM}") from error
         if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-            raise TrainingError(f"{path} is not a tunecomp checkpoint ({CHECKPOINT_FORMAT})")
+            raise TrainingError(f"{path} is not a tunecomp checkpoint ({CHECKPOINT_FORMAT}); {_RESUME_FROM}")
         saved = TrainingConfig.from_dict(payload["training_config"])
         if saved != self.config:
             changed = {k: (v, getattr(self.config, k)) for k, v in saved.to_dict().items() if getattr(self.config, k) != v}
-            raise TrainingError(f"{path} was written with a different training config (saved, now): {changed}")
-        if payload["fingerprint"] != self.fingerprint:
-            mismatched = sorted(k for k in self.fingerprint if payload["fingerprint"].get(k) != self.fingerprint[k])
             raise TrainingError(
-                f"{path} was written for a different model or compression (differs in {', '.join(mismatched)}); "
-                "prepare the same model with the same options to resume"
+                f"{path} was written with a different training config (saved, now): {changed}. Resume with the "
+                f"training options it was written with, or {_START_AFRESH}"
+            )
+        if payload["fingerprint"] != self.fingerprint:
+            saved_print = payload["fingerprint"]
+            mismatched = [
+                f"{key} ({_differences(saved_print.get(key, {}), now)})"
+                for key, now in self.fingerprint.items() if saved_print.get(key) != now
+            ]
+            raise TrainingError(
+                f"{path} was written for a different model or compression; saved -> now: {'; '.join(mismatched)}. "
+                f"Prepare the same model with the same options to resume, or {_START_AFRESH}"
             )
         if payload["world_size"] != self.setup.world_size or payload["total_steps"] != self.total_steps:
             raise TrainingError(
                 f"{path} comes from a run of {payload['total_steps']} steps on {payload['world_size']} processes; "
-                f"this run has {self.total_steps} steps on {self.setup.world_size}"
+                f"this run has {self.total_steps} steps on {self.setup.world_size}. Resume with the same run length "
+                f"and number of processes, or {_START_AFRESH}"
             )
         return payload
+
+
+def _differences(saved: Mapping[str, Any], now: Mapping[str, Any], shown: int = 3) -> str:
+    """The first `shown` entries in which two dicts differ, as 'key: saved -> now'."""
+    keys = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+    listed = ", ".join(f"{k}: {saved.get(k, 'absent')} -> {now.get(k, 'absent')}" for k in keys[:shown])
+    return listed + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
 
 
 def latest_checkpoint(path: str | os.PathLike[str]) -> Path:
@@ -645,10 +704,13 @@ def latest_checkpoint(path: str | os.PathLike[str]) -> Path:
     if path.is_dir():
         found = sorted(path.glob("step_*.pt"))
         if not found:
-            raise TrainingError(f"no checkpoint (step_*.pt) in {path}")
+            raise TrainingError(
+                f"no checkpoint (step_*.pt) in {path}: the run wrote none there (its first is written at step "
+                "checkpoint_every). Give resume= the checkpoint_dir of the run to continue, or start it without resume="
+            )
         return found[-1]
     if not path.exists():
-        raise TrainingError(f"checkpoint {path} does not exist")
+        raise TrainingError(f"checkpoint {path} does not exist; {_RESUME_FROM}")
     return path
 
 
@@ -673,6 +735,7 @@ def joint_compress(
     """prepare (students with slack rank) -> JointTrainer -> finalize. Options are CompressionConfig
     fields, TrainingConfig fields, or JointTrainer's loss_fn, metric_fn, device, eval_every,
     checkpoint_dir, checkpoint_every, plus resume= and training=TrainingConfig(...)."""
+    check_training_data(data)
     compression_fields = {f.name for f in dataclasses.fields(CompressionConfig)}
     training_fields = {f.name for f in dataclasses.fields(TrainingConfig)}
     unknown = sorted(set(options) - compression_fields - training_fields - _TRAINER_OPTIONS)
