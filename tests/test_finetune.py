@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from tests.joint_task import digits_task, fresh
 from tunecomp_fx import TrainingConfig, compress
-from tunecomp_fx.errors import InputError
+from tunecomp_fx.errors import InputError, TrainingError
 from tunecomp_fx.finetune import evaluate, finetune
 
 
@@ -45,3 +45,9 @@ def test_finetune_trains_a_compact_graph_module() -> None:
 def test_finetune_needs_a_step_count() -> None:
     with pytest.raises(InputError, match="steps"):
         finetune(fresh("mlp"), _loader(), TrainingConfig(epochs=1.0), progress=False)
+
+
+def test_finetune_rejects_a_loss_that_is_not_a_scalar() -> None:
+    per_sample = torch.nn.CrossEntropyLoss(reduction="none")
+    with pytest.raises(TrainingError, match=r"loss_fn returned a tensor of shape \[64\] at step 1; it must return a scalar"):
+        finetune(fresh("mlp"), _loader(), TrainingConfig(steps=2, lr=1e-3), loss_fn=per_sample, progress=False)

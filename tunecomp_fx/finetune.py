@@ -19,7 +19,16 @@ from tqdm.auto import tqdm
 from tunecomp_fx.errors import InputError
 from tunecomp_fx.inputs import call_model
 from tunecomp_fx.mode import set_training_mode
-from tunecomp_fx.train import TrainingConfig, _DataCursor, accuracy, autocast, build_optimizer, prediction, split_batch
+from tunecomp_fx.train import (
+    TrainingConfig,
+    _DataCursor,
+    accuracy,
+    autocast,
+    build_optimizer,
+    checked_loss,
+    prediction,
+    split_batch,
+)
 
 
 def finetune(
@@ -50,7 +59,7 @@ def finetune(
         for _ in range(config.accumulate):
             inputs, targets = split_batch(cursor.next(), device)
             with autocast(config, device):
-                loss = loss_fn(prediction(call_model(model, inputs)), targets)
+                loss = checked_loss(loss_fn(prediction(call_model(model, inputs)), targets), f"at step {step + 1}")
             (loss / config.accumulate).backward()
         if config.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
