@@ -1,5 +1,15 @@
-"""GPU step time (run on the lent machine after `source benchmarks/gpu/setup.sh`) of the joint driver against plain fine-tuning (MiniLM, batch 32 x 64 tokens)."""
-import copy, time, dataclasses, json, sys, torch
+"""GPU step time of the joint driver against plain fine-tuning (MiniLM, batch 32 x 64 tokens, ratio 0.5).
+
+Run on the lent machine after `source benchmarks/gpu/setup.sh`; results in
+benchmarks/results/minilm_sentiment_gpu/step_time.md."""
+
+import copy
+import dataclasses
+import json
+import time
+
+import torch
+
 from tunecomp_fx import TrainingConfig, prepare, JointTrainer
 from tunecomp_fx.finetune import finetune
 from tunecomp_fx.sentiment import sentiment_task
