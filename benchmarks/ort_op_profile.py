@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from tunecomp_fx.export import cpu_session
+
 MATMUL_OPS = ("MatMul", "FusedMatMul", "Gemm", "MatMulInteger")
 
 
@@ -30,7 +32,7 @@ def op_times(path: Path, batch: int, length: int, runs: int) -> dict[str, float]
     options.intra_op_num_threads = 1
     options.enable_profiling = True
     options.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "profile")
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = cpu_session(path, options=options)
     feeds = {i.name: np.ones((batch, length), dtype=np.int64) for i in session.get_inputs()}
     session.run(None, feeds)  # warm-up, profiled too: subtracted below by counting runs
     for _ in range(runs):

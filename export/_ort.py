@@ -15,12 +15,25 @@ ArrayLike = np.ndarray | torch.Tensor
 Inputs = Mapping[str, ArrayLike] | Sequence[ArrayLike]
 
 
-def cpu_session(path: str | PathLike[str], threads: int | None = None) -> ort.InferenceSession:
-    """An InferenceSession on the CPU provider; `threads` caps intra-op threads (None: ORT's default)."""
-    options = ort.SessionOptions()
+# ONNX Runtime graph fusions that make float32 models slower on its CPU provider. SkipLayerNormFusion
+# (residual Add + LayerNormalization into one SkipLayerNormalization kernel): on all-MiniLM-L6-v2 at
+# batch 32 x 32 tokens (ORT 1.32, 1 thread) the fused kernels took 28 ms where LayerNormalization
+# takes 3, and every model ran in 6-16% less time without the fusion, the compressed ones most
+# (benchmarks/results/minilm_sentiment/ort_fusions.md).
+SLOW_CPU_FUSIONS = ("SkipLayerNormFusion",)
+
+
+def cpu_session(
+    path: str | PathLike[str], threads: int | None = None, options: ort.SessionOptions | None = None
+) -> ort.InferenceSession:
+    """An InferenceSession on the CPU provider without SLOW_CPU_FUSIONS; `threads` caps intra-op
+    threads (None: ORT's default); `options` for anything else (profiling, say)."""
+    options = options or ort.SessionOptions()
     if threads is not None:
         options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        str(path), options, providers=["CPUExecutionProvider"], disabled_optimizers=list(SLOW_CPU_FUSIONS)
+    )
 
 
 def to_numpy(value: ArrayLike) -> np.ndarray:

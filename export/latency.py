@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from os import PathLike
 
 import numpy as np
+import onnxruntime as ort
 
 from tunecomp_fx.errors import ConfigError
 from tunecomp_fx.progress import progress_bar
@@ -50,7 +51,7 @@ def ort_latency(
 
 
 def compare_latency(
-    paths_by_label: Mapping[str, str | PathLike[str]],
+    paths_by_label: Mapping[str, str | PathLike[str] | ort.InferenceSession],
     inputs: Inputs,
     *,
     baseline: str,
@@ -61,8 +62,9 @@ def compare_latency(
 ) -> LatencyComparison:
     """Time several ONNX models on the same inputs, round-robin, so that load spikes hit all of them alike.
 
-    Every session is built once before any timing; the order within a round rotates so that no model
-    always runs right after the same neighbour. `progress` shows a bar over the rounds (warm-up and timed).
+    A value is an ONNX file (opened with `cpu_session`, `threads` intra-op threads) or a session
+    opened by the caller (to compare session options). Every session is built once before any timing;
+    the order within a round rotates so that no model always runs right after the same neighbour. `progress` shows a bar over the rounds (warm-up and timed).
     """
     if baseline not in paths_by_label:
         raise ConfigError(f"baseline {baseline!r} is not one of the labels {list(paths_by_label)}")
@@ -70,7 +72,7 @@ def compare_latency(
         raise ConfigError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
     runs: dict[str, Callable[[], object]] = {}
     for label, path in paths_by_label.items():
-        session = cpu_session(path, threads)
+        session = path if isinstance(path, ort.InferenceSession) else cpu_session(path, threads)
         feed = make_feed(session, inputs)
         runs[label] = lambda session=session, feed=feed: session.run(None, feed)
 

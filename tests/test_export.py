@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunecomp_fx.errors import ConfigError, ExportError, InputError
-from tunecomp_fx.export import compare_latency, ort_latency, to_onnx
+from tunecomp_fx.export import compare_latency, cpu_session, ort_latency, to_onnx
 
 ATOL, RTOL = 1e-4, 1e-3
 
@@ -253,3 +253,52 @@ def test_compare_latency_finds_the_model_doing_a_quarter_of_the_work_faster(wide
     assert comparison.speedups["wide"] == 1.0
     # Ideal is 4x (measured 3.9-4.0x on a loaded 2-core machine); 2x leaves room for noise.
     assert comparison.speedups["narrow"] > 2.0
+
+
+def _residual_layer_norm_onnx(path: Path) -> Path:
+    """LayerNormalization(x + residual): the pattern ORT's SkipLayerNormFusion rewrites."""
+    hidden = 64
+    rng = np.random.default_rng(0)
+    scale = onnx.numpy_helper.from_array(rng.standard_normal(hidden, dtype=np.float32), "scale")
+    bias = onnx.numpy_helper.from_array(rng.standard_normal(hidden, dtype=np.float32), "bias")
+    nodes = [
+        onnx.helper.make_node("Add", ["x", "residual"], ["sum"]),
+        onnx.helper.make_node("LayerNormalization", ["sum", "scale", "bias"], ["output"], axis=-1, epsilon=1e-5),
+    ]
+    inputs = [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, ["batch", 8, hidden]) for name in ("x", "residual")]
+    outputs = [onnx.helper.make_tensor_value_info("output", onnx.TensorProto.FLOAT, ["batch", 8, hidden])]
+    graph = onnx.helper.make_graph(nodes, "residual_layer_norm", inputs, outputs, [scale, bias])
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def _optimized_op_types(path: Path, tmp_path: Path, open_session) -> set[str]:
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / f"optimized_{open_session.__name__}.onnx")
+    open_session(path, options)
+    return {node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node}
+
+
+def _ort_default(path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _tunecomp(path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
+    return cpu_session(path, options=options)
+
+
+def test_cpu_session_keeps_add_and_layer_norm_that_ort_would_fuse(tmp_path):
+    path = _residual_layer_norm_onnx(tmp_path / "residual_layer_norm.onnx")
+    assert "SkipLayerNormalization" in _optimized_op_types(path, tmp_path, _ort_default)  # ORT's default fuses them
+    assert _optimized_op_types(path, tmp_path, _tunecomp) == {"Add", "LayerNormalization"}
+    feed = {"x": np.random.randn(2, 8, 64).astype(np.float32), "residual": np.random.randn(2, 8, 64).astype(np.float32)}
+    fused, unfused = (_ort_default(path, ort.SessionOptions()).run(None, feed)[0], cpu_session(path).run(None, feed)[0])
+    np.testing.assert_allclose(unfused, fused, atol=1e-5, rtol=1e-5)
+
+
+def test_compare_latency_times_sessions_the_caller_opened(wide_and_narrow):
+    sessions = {"default": _ort_default(wide_and_narrow["wide"], ort.SessionOptions()), "tunecomp": cpu_session(wide_and_narrow["narrow"], 1)}
+
+    comparison = compare_latency(sessions, [torch.randn(64, 512)], baseline="default", repeats=5, threads=1)
+
+    assert set(comparison.results) == {"default", "tunecomp"} and comparison.results["tunecomp"].repeats == 5
