@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -48,8 +49,13 @@ def test_schedule_plot_with_synthetic_schedules(tmp_path: Path) -> None:
     steps = list(range(total + 1))
     alpha = [max(0.0, 1 - math.sin(math.pi * t / (2 * total))) for t in steps]
     beta = [math.sqrt(1 - a * a) for a in alpha]
-    distill = [a for a in alpha]
-    _assert_real_png(plot_schedules(steps, alpha, beta, tmp_path / "schedules.png", distill_weight=distill), 600, 350)
+    distill = [a for a in alpha]  # weight 1: the same curve as alpha
+    path = plot_schedules(steps, alpha, beta, tmp_path / "schedules.png", distill_weight=distill)
+    _assert_real_png(path, 600, 350)
+    with Image.open(path) as image:  # the distillation weight (green) is drawn in its own lower panel, not under alpha
+        pixels = np.asarray(image.convert("RGB")).astype(int)
+    green = (np.abs(pixels - np.array([44, 160, 44])).sum(axis=-1) < 40).nonzero()[0]
+    assert len(green) > 200 and green.min() > pixels.shape[0] // 2
     with pytest.raises(tunecomp_fx.InputError, match="beta \\(student\\) has 3 values for 201 steps"):
         plot_schedules(steps, alpha, beta[:3], tmp_path / "bad.png")
 

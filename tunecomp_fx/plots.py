@@ -77,15 +77,21 @@ def plot_schedules(
             raise InputError(f"{label} has {len(values)} values for {len(steps)} steps; give one value per step")
     if not steps:
         raise InputError("no steps to plot")
-    figure = Figure(figsize=(7.0, 4.0), dpi=_DPI)
-    axes = figure.subplots()
-    for (label, values), style in zip(series.items(), ("-", "--", ":")):
-        axes.plot(steps, values, style, linewidth=2, label=label)
-    axes.set_xlabel("step")
-    axes.set_ylabel("weight")
-    axes.set_title("Blend and distillation schedules")
-    axes.grid(alpha=0.3)
-    axes.legend()
+    # The distillation weight is w * alpha: drawn on the blend's axes it would hide under alpha when w = 1.
+    panels = 2 if distill_weight is not None else 1
+    figure = Figure(figsize=(7.0, 2.5 + 1.5 * panels), dpi=_DPI)
+    axes = figure.subplots(panels, 1, sharex=True, squeeze=False)[:, 0]
+    axes[0].plot(steps, alpha, "-", linewidth=2, label="alpha (teacher)")
+    axes[0].plot(steps, beta, "--", linewidth=2, label="beta (student)")
+    axes[0].set_ylabel("blend weight")
+    axes[0].set_title("Blend and distillation schedules")
+    if distill_weight is not None:
+        axes[1].plot(steps, distill_weight, ":", linewidth=2, color="tab:green", label="distillation weight")
+        axes[1].set_ylabel("distillation weight")
+    for panel in axes:
+        panel.grid(alpha=0.3)
+        panel.legend()
+    axes[-1].set_xlabel("step")
     return _save(figure, path)
 
 
