@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import unittest.mock
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +96,15 @@ def batches(count: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
 def train(**options: object) -> object:
     """A two-step joint run of the MLP."""
     return compress(**{"data": batches(), "steps": 2, **options})
+
+
+def train_unprepared(**options: object) -> object:
+    """`train`, failing if it gets as far as prepare: what it rejects is rejected before any work."""
+    def no_prepare(*args: object, **kwargs: object) -> None:
+        raise AssertionError("prepare ran before the bad option was rejected")
+
+    with unittest.mock.patch("tunecomp_fx.train.prepare", no_prepare):
+        return train(**options)
 
 
 def empty_loader() -> DataLoader:
@@ -250,10 +260,10 @@ ROWS = [
     Row("resume from a folder without checkpoints", "resume_empty_folder", lambda tmp: train(resume=tmp), TrainingError,
         (r"no checkpoint \(step_\*\.pt\) in", "the run wrote none there", "Give resume= the checkpoint_dir of the run")),
     Row("checkpoint folder that is not writable", "checkpoint_dir_is_a_file",
-        lambda tmp: train(checkpoint_dir=under_a_file(tmp).parent, checkpoint_every=1), TrainingError,
+        lambda tmp: train_unprepared(checkpoint_dir=under_a_file(tmp).parent, checkpoint_every=1), TrainingError,
         ("cannot write checkpoints to checkpoint_dir=", "file is a file, not a folder", "Choose an output folder you can write to")),
     Row("checkpoint folder that is not writable", "checkpoint_dir_read_only",
-        lambda tmp: train(checkpoint_dir=unwritable_folder(tmp).parent, checkpoint_every=1), TrainingError,
+        lambda tmp: train_unprepared(checkpoint_dir=unwritable_folder(tmp).parent, checkpoint_every=1), TrainingError,
         ("cannot write checkpoints to checkpoint_dir=", "read_only is not writable", "PermissionError", "Choose an output folder"),
         root_skips=True),
     Row("ONNX output path that is a folder", "onnx_path_is_folder", lambda tmp: to_onnx(MLP(), (x(),), tmp), ExportError,

@@ -21,7 +21,7 @@ from tunecomp_fx.export.artifacts import load_compact, load_inputs
 from tunecomp_fx.progress import progress_bar
 from tunecomp_fx.train import TRAINING_KEY
 
-DIGITS_RUN = ["cli_models:two_layer", "--ratio", "0.5", "--data", "digits", "--eval-data", "digits", "--steps", "3"]
+DIGITS_RUN = ["cli_models:two_layer", "--ratio", "0.5", "--data", "digits", "--eval-data", "digits", "--steps", "3", "--blend-mix", "power"]
 UNION_RUN = ["cli_models:two_layer", "--ratio", "0.5", "--method", "union", "--data", "cli_models:digits_batches", "--steps", "2"]
 
 # (arguments after `compress`, exit code, text of the one line expected on stderr)
@@ -49,6 +49,8 @@ BAD_ARGUMENTS = {
                         "the model predicts 2 classes but --data digits has 10: build it with 10 outputs"),
     "blend steps not a number": (["cli_models:two_layer", "--data", "digits", "--steps", "2", "--blend-steps", "half"], 2,
                                  "argument --blend-steps: 'half' is neither a step count"),
+    "blend mix not a choice": (["cli_models:two_layer", "--data", "digits", "--steps", "2", "--blend-mix", "sum"], 2,
+                               "argument --blend-mix: invalid choice: 'sum' (choose from 'convex', 'power')"),
     "eval every without eval data": (["cli_models:two_layer", "--data", "digits", "--steps", "2", "--eval-every", "1"], 1,
                                      "--eval-every needs evaluation batches: give --eval-data"),
 }  # fmt: skip
@@ -79,7 +81,7 @@ def test_compress_with_data_trains_and_writes_history_and_plots(runs) -> None:
         _assert_real_png(output / plot, 600, 350)
     report = json.loads((output / "report.json").read_text())
     training = report["training"]
-    assert training["config"]["steps"] == 3 and training["metric"] == "accuracy"
+    assert training["config"]["steps"] == 3 and training["config"]["blend_mix"] == "power" and training["metric"] == "accuracy"
     assert training["data"].startswith("digits (8x8 digits (scikit-learn), train split, 1,258 examples)")
     assert "validation split, 180 examples" in training["eval_data"]
     history = training["history"]
@@ -92,7 +94,7 @@ def test_compress_with_data_trains_and_writes_history_and_plots(runs) -> None:
     assert history[0]["kept"] > 0.5 >= history[-1]["kept"]
     assert report["totals"]["kept_fraction"] <= 0.5
     markdown = (output / "report.md").read_text()
-    assert "## Training" in markdown and "- joint training: 3 steps, lr 0.0001, sin blend" in markdown
+    assert "## Training" in markdown and "- joint training: 3 steps, lr 0.0001, sin blend (power mix) from teacher to student" in markdown
     assert "joint training: 3 steps" in done.stdout and f"accuracy {history[-1]['accuracy']:.4f} at step 3" in done.stdout
     # Real data as example inputs: two rows of flattened digits in [0, 1].
     (example,) = load_inputs(output)

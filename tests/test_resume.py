@@ -133,3 +133,24 @@ def test_non_finite_gradient_with_a_finite_loss_stops_too(tmp_path: Path) -> Non
     with pytest.raises(TrainingError, match="gradients are non-finite .* at step 1 of 40"):
         _trainer(_loader(), tmp_path, loss_fn=loss_fn).fit()
     assert not list(tmp_path.glob("step_*.pt"))
+
+
+def test_a_checkpoint_reaches_the_disk_before_it_replaces_the_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fsync of the written file, then the atomic rename, then fsync of the folder (so that the
+    rename survives a power loss too); the file loads with what was saved."""
+    import os
+
+    from tunecomp_fx.train import save_durably
+
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda src, dst: (events.append(("replace", str(dst))), real_replace(src, dst))[1])
+    path = tmp_path / "step_0000003.pt"
+
+    save_durably({"step": 3, "weight": torch.arange(4.0)}, path)
+
+    assert events == [("fsync", f"{path}.partial"), ("replace", str(path)), ("fsync", str(tmp_path))]
+    loaded = torch.load(path, weights_only=True)
+    assert loaded["step"] == 3 and torch.equal(loaded["weight"], torch.arange(4.0))
+    assert not Path(f"{path}.partial").exists()

@@ -74,6 +74,20 @@ def test_alpha_one_equals_original_and_finalize_equals_alpha_zero(model_factory,
         torch.testing.assert_close(compact(*fresh), at_zero, atol=FINALIZE_ATOL, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mix, beta", [("convex", 0.75), ("power", (1 - 0.25**2) ** 0.5)])
+def test_mid_blend_mixes_teacher_and_student_by_the_mix(mix, beta):
+    """One site, so the output is alpha * teacher + beta * student exactly (float32 rounding)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64)).eval()
+    x = torch.randn(16, 64)
+    prepared = _prepared(model, (x,))
+    with torch.no_grad():
+        tunecomp_fx.set_blend(prepared, 0.0)
+        student = prepared(x)
+        tunecomp_fx.set_blend(prepared, 0.25, mix)
+        torch.testing.assert_close(prepared(x), 0.25 * model(x) + beta * student, atol=ALPHA_ONE_ATOL, rtol=1e-6)
+
+
 def test_finalize_refuses_while_teacher_is_blended():
     prepared = _prepared(MLP().eval(), (torch.randn(16, 64),))
     tunecomp_fx.set_blend(prepared, 0.3)

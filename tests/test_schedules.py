@@ -7,7 +7,7 @@ import math
 import pytest
 
 from tunecomp_fx import ConfigError, TrainingConfig
-from tunecomp_fx.schedules import BLENDS, blend_alpha, blend_beta, steps_of
+from tunecomp_fx.schedules import BLENDS, MIXES, blend_alpha, blend_beta, steps_of
 
 
 @pytest.mark.parametrize("kind", BLENDS)
@@ -22,10 +22,24 @@ def test_alpha_starts_at_one_falls_monotonically_and_is_exactly_zero_from_T(kind
 
 
 @pytest.mark.parametrize("kind", BLENDS)
-def test_blend_preserves_power(kind: str) -> None:
+def test_power_mix_preserves_power_and_convex_mix_sums_to_one(kind: str) -> None:
     for t in range(0, 51):
         alpha = blend_alpha(kind, t, 50)
-        assert math.isclose(alpha**2 + blend_beta(alpha) ** 2, 1.0, abs_tol=1e-12)
+        assert math.isclose(alpha**2 + blend_beta(alpha, "power") ** 2, 1.0, abs_tol=1e-12)
+        assert math.isclose(alpha + blend_beta(alpha, "convex"), 1.0, abs_tol=1e-12)
+
+
+@pytest.mark.parametrize("mix", MIXES)
+def test_schedules_use_the_configured_mix(mix: str) -> None:
+    schedules = TrainingConfig(steps=100, blend_steps=40, blend_mix=mix).schedules(100)
+    assert schedules.beta(0) == 0.0 and schedules.beta(40) == 1.0
+    alpha = schedules.alpha(20)
+    assert schedules.beta(20) == pytest.approx(1 - alpha if mix == "convex" else math.sqrt(1 - alpha**2), abs=1e-15)
+
+
+def test_unknown_mix_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"blend_mix='sum' is not one of convex, power"):
+        TrainingConfig(steps=10, blend_mix="sum")
 
 
 def test_sin_schedule_is_the_method_formula() -> None:

@@ -18,7 +18,7 @@ from tunecomp_fx.data_spec import DATA_HELP, named_dataset
 from tunecomp_fx.errors import CalibrationError, ConfigError, InputError, TunecompError
 from tunecomp_fx.inputs import Inputs
 from tunecomp_fx.model_spec import SPEC_HELP, LoadedModel, load_model, parse_shape
-from tunecomp_fx.schedules import BLENDS
+from tunecomp_fx.schedules import BLENDS, MIXES
 from tunecomp_fx.train import DEFAULT_RANK_SLACK, TRAINING_KEY, TrainingConfig
 
 PROG = "tunecomp-fx"
@@ -26,7 +26,7 @@ CALIBRATION_BATCHES = 8  # training batches a trained compress calibrates on
 BATCH_SIZE = 32  # of a named data set
 EVALUATIONS = 10  # evaluations per run when --eval-data is given without --eval-every
 # The training options, all None unless given, so that any of them without --data is an error.
-TRAINING_OPTIONS = ("steps", "epochs", "lr", "blend", "blend_steps", "batch_size", "eval_data", "eval_every")
+TRAINING_OPTIONS = ("steps", "epochs", "lr", "blend", "blend_mix", "blend_steps", "batch_size", "eval_data", "eval_every")
 _NOT_IN_TRAINING_CONFIG = ("batch_size", "eval_data", "eval_every")
 
 
@@ -113,6 +113,9 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch-size", type=int, help=f"batch size of a named data set (default {BATCH_SIZE})")
     group.add_argument("--lr", type=float, help=f"peak AdamW learning rate (default {defaults.lr:g})")
     group.add_argument("--blend", choices=BLENDS, help=f"schedule of the teacher-to-student blend (default {defaults.blend})")
+    group.add_argument(
+        "--blend-mix", choices=MIXES, help=f"the student's blend weight: 1 - alpha or sqrt(1 - alpha^2) (default {defaults.blend_mix})"
+    )
     group.add_argument(
         "--blend-steps",
         type=_steps_or_fraction,

@@ -189,7 +189,7 @@ def training_summary(training: Mapping[str, Any]) -> list[str]:
         return ["joint training: no steps recorded"]
     total = history[-1]["step"]
     lines = [
-        f"joint training: {total} steps, lr {config['lr']:g}, {config['blend']} blend from teacher to student over "
+        f"joint training: {total} steps, lr {config['lr']:g}, {config['blend']} blend ({config['blend_mix']} mix) from teacher to student over "
         f"the first {steps_of(config['blend_steps'], total)}, distillation weight {config['distill_weight']:g}"
     ]
     if training.get("data"):

@@ -2,7 +2,10 @@
 distributed rank compute the same values from the step alone).
 
 - blend: alpha_t falls from 1 to exactly 0 at step T ("sin": 1 - sin(pi t / 2T), "linear", "cosine");
-  beta_t = sqrt(1 - alpha_t^2) keeps alpha^2 + beta^2 = 1.
+  beta_t = 1 - alpha_t (mix "convex", the default: a student starts as an approximation of its
+  teacher, so the blend keeps the site's output at its scale), or sqrt(1 - alpha_t^2) (mix "power",
+  alpha^2 + beta^2 = 1, right for uncorrelated outputs; on correlated ones it scales a site's output
+  by up to sqrt(2) in mid-blend). The MiniLM benchmark's seeds favour convex (README).
 - progress p_t = 1 - alpha_t, in [0, 1]: drives the feature-distillation weight (w * alpha_t, zero
   once the teacher is gone) and rank pruning (the students shrink from their slack rank to the
   budget as they take over, done exactly when the blend is).
@@ -18,6 +21,8 @@ from tunecomp_fx.errors import ConfigError
 
 BLENDS = ("sin", "linear", "cosine")
 LR_DECAYS = ("cosine", "linear", "constant")
+MIXES = ("convex", "power")
+DEFAULT_MIX = "convex"
 
 
 def blend_alpha(kind: str, step: int, length: int) -> float:
@@ -36,9 +41,13 @@ def blend_alpha(kind: str, step: int, length: int) -> float:
     raise ConfigError(f"blend={kind!r} is not one of {', '.join(BLENDS)}")
 
 
-def blend_beta(alpha: float) -> float:
-    """Student weight that preserves power: alpha^2 + beta^2 = 1."""
-    return math.sqrt(max(0.0, 1.0 - alpha * alpha))
+def blend_beta(alpha: float, mix: str = DEFAULT_MIX) -> float:
+    """Student weight: 1 - alpha ("convex") or sqrt(1 - alpha^2) ("power": alpha^2 + beta^2 = 1)."""
+    if mix == "convex":
+        return 1.0 - alpha
+    if mix == "power":
+        return math.sqrt(max(0.0, 1.0 - alpha * alpha))
+    raise ConfigError(f"blend_mix={mix!r} is not one of {', '.join(MIXES)}")
 
 
 def steps_of(value: int | float, total: int) -> int:
@@ -57,6 +66,7 @@ class Schedules:
     total: int
     blend: str
     blend_steps: int
+    mix: str
     warmup_steps: int
     lr_decay: str
     distill_weight: float
@@ -65,7 +75,7 @@ class Schedules:
         return blend_alpha(self.blend, step, self.blend_steps)
 
     def beta(self, step: int) -> float:
-        return blend_beta(self.alpha(step))
+        return blend_beta(self.alpha(step), self.mix)
 
     def progress(self, step: int) -> float:
         """How far the student has taken over: 0 at the start, 1 from the end of the blend."""

@@ -10,6 +10,7 @@ from torch import fx
 from torch import nn
 
 from tunecomp_fx.errors import ConfigError
+from tunecomp_fx.schedules import DEFAULT_MIX, blend_beta
 
 LOWRANK_ROOT = "lowrank"  # the submodule of the rewritten model that holds every site's student
 
@@ -61,7 +62,7 @@ class Site:
 
 class Blend(nn.Module):
     """The blend node of a site: alpha * teacher + beta * student, alpha/beta as buffers the
-    schedules write (power-preserving: alpha^2 + beta^2 = 1)."""
+    schedules write (beta from alpha by the run's blend_mix)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -76,11 +77,12 @@ def site_container(gm: nn.Module, site: Site) -> nn.Module:
     return gm.get_submodule(f"{LOWRANK_ROOT}.{site.key}")
 
 
-def set_blend(gm: nn.Module, alpha: float) -> None:
-    """Set every blend of a prepared model to alpha, beta = sqrt(1 - alpha^2)."""
+def set_blend(gm: nn.Module, alpha: float, mix: str = DEFAULT_MIX) -> None:
+    """Set every blend of a prepared model to alpha, and beta = 1 - alpha (mix "convex") or
+    sqrt(1 - alpha^2) ("power")."""
     if not 0.0 <= alpha <= 1.0:
         raise ConfigError(f"alpha must be in [0, 1] (1: the teacher alone, 0: the student alone); got {alpha}")
-    beta = (1.0 - alpha * alpha) ** 0.5
+    beta = blend_beta(alpha, mix)
     for module in gm.modules():
         if isinstance(module, Blend):
             module.alpha.fill_(alpha)

@@ -40,7 +40,7 @@ from tunecomp_fx.passes.fold_blends import FoldBlends
 from tunecomp_fx.pipeline import run_passes
 from tunecomp_fx.progress import progress_bar
 from tunecomp_fx.pruning import SELECTIONS, RankPruner
-from tunecomp_fx.schedules import BLENDS, LR_DECAYS, Schedules, steps_of
+from tunecomp_fx.schedules import BLENDS, DEFAULT_MIX, LR_DECAYS, MIXES, Schedules, steps_of
 from tunecomp_fx.sites import Blend, set_blend
 
 DEFAULT_RANK_SLACK = 0.25  # extra rank students start with when trained (pruned away by the blend's end)
@@ -62,6 +62,8 @@ class TrainingConfig:
     accumulate: micro-batches per optimizer step; max_grad_norm: clipping (None: no clipping).
     blend: "sin" (alpha = 1 - sin(pi t / 2T)), "linear" or "cosine"; blend_steps: T, in steps (int)
         or as a fraction of the run (float). The teachers leave the compute at step T.
+    blend_mix: the student's weight beta in the blend, "convex" (1 - alpha, the default: keeps a
+        site's output at its scale while the student approximates it) or "power" (sqrt(1 - alpha^2)).
     distill_weight: initial weight of the layer-wise feature loss, which decays with alpha.
     logit_distill, temperature: weight of a KL loss against the original model's outputs (0: off).
     rank_selection: "global" (one threshold over per-site normalized importances, so ranks move to
@@ -83,6 +85,7 @@ class TrainingConfig:
     max_grad_norm: float | None = 1.0
     blend: str = "sin"
     blend_steps: int | float = 0.5
+    blend_mix: str = DEFAULT_MIX
     distill_weight: float = 1.0
     logit_distill: float = 0.0
     temperature: float = 2.0
@@ -115,7 +118,7 @@ class TrainingConfig:
                 raise ConfigError(f"{name} must be >= 0; got {getattr(self, name)}")
         if not self.temperature > 0:
             raise ConfigError(f"temperature must be > 0; got {self.temperature}")
-        for name, choices in (("blend", BLENDS), ("lr_decay", LR_DECAYS), ("rank_selection", SELECTIONS)):
+        for name, choices in (("blend", BLENDS), ("blend_mix", MIXES), ("lr_decay", LR_DECAYS), ("rank_selection", SELECTIONS)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {', '.join(choices)}")
 
@@ -129,7 +132,7 @@ class TrainingConfig:
             )
         if warmup_steps >= total:
             raise ConfigError(f"warmup={self.warmup} covers the whole run of {total} steps")
-        return Schedules(total, self.blend, blend_steps, warmup_steps, self.lr_decay, self.distill_weight)
+        return Schedules(total, self.blend, blend_steps, self.blend_mix, warmup_steps, self.lr_decay, self.distill_weight)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -216,7 +219,7 @@ class StepHook:
         before loading the model's state dict, which holds the masks and blend values."""
         self.step_count = int(state["step"])
         if not self.teacher_removed:
-            set_blend(self.model, self.alpha)
+            set_blend(self.model, self.alpha, self.schedules.mix)
             if self.alpha == 0.0:
                 self._remove_teacher()
 
@@ -240,7 +243,7 @@ class StepHook:
         step, schedules = self.step_count, self.schedules
         alpha = schedules.alpha(step)
         if not self.teacher_removed:
-            set_blend(self.model, alpha)
+            set_blend(self.model, alpha, schedules.mix)
         if step <= schedules.blend_steps:
             self.pruner.update(schedules.progress(step))
             distributed.broadcast_(self.pruner.masks())  # rank 0 decides
@@ -255,6 +258,26 @@ class StepHook:
         assert model is self.model, "fold_blends and eliminate_dead_code rewrite the model in place"
         self.teacher_removed = True
         self.close()  # no teacher, no feature loss: the model carries no hooks of ours any more
+
+
+def check_checkpoint_dir(folder: str | os.PathLike[str]) -> None:
+    check_writable_folder(Path(folder), f"checkpoints to checkpoint_dir={folder}", TrainingError)
+
+
+def save_durably(payload: Any, path: Path) -> None:
+    """torch.save to `path` so that neither a crash nor a power loss leaves a truncated file there:
+    written beside it, flushed to disk, renamed over it atomically, and the rename flushed too."""
+    partial = path.with_suffix(path.suffix + ".partial")
+    with open(partial, "wb") as handle:
+        torch.save(payload, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(partial, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def no_batches(epoch: int = 0) -> InputError:
@@ -475,7 +498,7 @@ class JointTrainer:
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.checkpoint_every = checkpoint_every
         if self.checkpoint_dir is not None and self.setup.is_main:
-            check_writable_folder(self.checkpoint_dir, f"checkpoints to checkpoint_dir={self.checkpoint_dir}", TrainingError)
+            check_checkpoint_dir(self.checkpoint_dir)
         self.progress = progress and self.setup.is_main
         self.total_steps = self._total_steps()
         self.hook = StepHook(prepared, self.config, total_steps=self.total_steps)
@@ -648,10 +671,7 @@ class JointTrainer:
             "history": self.history,
         }
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        path = self.checkpoint_dir / f"step_{self.hook.step_count:07d}.pt"
-        partial = path.with_suffix(".pt.partial")
-        torch.save(payload, partial)
-        os.replace(partial, path)  # atomic: a crash mid-write never leaves a truncated checkpoint
+        save_durably(payload, self.checkpoint_dir / f"step_{self.hook.step_count:07d}.pt")
         for old in sorted(self.checkpoint_dir.glob("step_*.pt"))[:-_KEEP_CHECKPOINTS]:
             old.unlink()
 
@@ -758,6 +778,8 @@ def joint_compress(
             training[name] = value
     training_cfg = training_config(trainer_options.pop("training", None), training)
     resume = trainer_options.pop("resume", None)
+    if trainer_options.get("checkpoint_dir") is not None:  # before prepare's minutes of work, not after
+        check_checkpoint_dir(trainer_options["checkpoint_dir"])
     prepared = prepare(
         model, example_inputs, ratio, config=config, calib=calib, progress=progress,
         loss_fn=trainer_options.get("loss_fn"), dynamic_dims=dynamic_dims, **compression,
