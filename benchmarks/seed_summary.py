@@ -1,0 +1,85 @@
+"""Accuracy over seeds: runs of benchmarks/minilm_sentiment.py made with different --seed values (the
+batch order and dropout), same profile, summarized per method and ratio, with each method's paired
+difference against a reference method (same seed, same batches).
+
+    python benchmarks/seed_summary.py OUTPUT.md RUN_FOLDER [RUN_FOLDER ...] [--reference ft_c_ft]
+
+A run folder holds a results.json; a run without a "seed" in its recipe is seed 0. The default
+joint run's rows are labelled with the blend mix their recipe had, joint[blend_mix=...], so that runs
+made before and after the default changed from "power" to "convex" line up (a recipe without
+blend_mix predates the option and ran "power").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+RECIPE_KEYS = ("max_length", "batch_size", "steps", "lr")  # what makes runs comparable
+
+
+def label(method: str, recipe: dict[str, object]) -> str:
+    return f"joint[blend_mix={recipe.get('blend_mix', 'power')}]" if method == "joint" else method
+
+
+def mean_and_error(values: list[float]) -> str:
+    """Mean, and its standard error when there are two or more values."""
+    if len(values) < 2:
+        return f"{statistics.mean(values):+.2f}" if values else ""
+    return f"{statistics.mean(values):+.2f} ± {statistics.stdev(values) / len(values) ** 0.5:.2f}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("output", type=Path)
+    parser.add_argument("runs", type=Path, nargs="+")
+    parser.add_argument("--reference", default="ft_c_ft", help="the method every paired difference is taken against")
+    parser.add_argument("--methods", nargs="+", help="the rows to show, by label (default: all)")
+    parser.add_argument("--note", help="a paragraph appended to the summary (how the runs were made)")
+    args = parser.parse_args()
+    runs = [json.loads((folder / "results.json").read_text()) for folder in args.runs]
+    recipes = {tuple(run["profile"][key] for key in RECIPE_KEYS) for run in runs}
+    if len(recipes) > 1:
+        raise SystemExit(f"the runs differ in {RECIPE_KEYS}: {sorted(recipes)}; their accuracies are not comparable")
+    accuracy: dict[tuple[str, float], dict[int, float]] = defaultdict(dict)
+    for run in runs:
+        seed = run["recipe"].get("seed", 0)
+        for row in run["rows"]:
+            accuracy[(label(row["method"], run["recipe"]), row["ratio"])][seed] = 100 * row["accuracy"]
+    seeds = sorted({seed for by_seed in accuracy.values() for seed in by_seed})
+    lines = [
+        f"Command: `python {shlex.join(sys.argv)}`",
+        "",
+        f"Runs: {', '.join(run['command'] for run in runs)}",
+        "",
+        f"Test accuracy (%) per seed; mean over the seeds; paired difference against {args.reference} at the same "
+        "ratio (or uncompressed) and seed: mean ± standard error over the seeds both have.",
+        "",
+        f"| method | ratio | {' | '.join(f'seed {s}' for s in seeds)} | mean | minus {args.reference} |",
+        "|---|---|" + "---|" * (len(seeds) + 2),
+    ]
+    for (method, ratio), by_seed in sorted(accuracy.items(), key=lambda item: (item[0][1], item[0][0])):
+        if args.methods and method not in args.methods:
+            continue
+        # an uncompressed reference (ft, ratio 0) is the reference at every ratio
+        reference = accuracy.get((args.reference, ratio)) or accuracy.get((args.reference, 0.0), {})
+        paired = [by_seed[s] - reference[s] for s in seeds if s in by_seed and s in reference]
+        cells = [f"{by_seed[s]:.2f}" if s in by_seed else "" for s in seeds]
+        mean = f"{statistics.mean(by_seed.values()):.2f}"
+        difference = mean_and_error(paired) if by_seed is not reference else ""
+        lines.append(f"| {method} | {ratio} | {' | '.join(cells)} | {mean} | {difference} |")
+    if args.note:
+        lines += ["", args.note]
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
