@@ -64,7 +64,8 @@ def compare_latency(
 
     A value is an ONNX file (opened with `cpu_session`, `threads` intra-op threads) or a session
     opened by the caller (to compare session options). Every session is built once before any timing;
-    the order within a round rotates so that no model always runs right after the same neighbour. `progress` shows a bar over the rounds (warm-up and timed).
+    the order within a round rotates so that no model always runs right after the same neighbour.
+    `progress` shows a bar over the rounds (warm-up and timed).
     """
     if baseline not in paths_by_label:
         raise ConfigError(f"baseline {baseline!r} is not one of the labels {list(paths_by_label)}")

@@ -103,3 +103,10 @@ def test_config_round_trips_through_a_dict() -> None:
     assert TrainingConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ConfigError, match="unknown training options"):
         TrainingConfig.from_dict({**config.to_dict(), "momentum": 0.9})
+
+
+def test_a_config_saved_before_blend_mix_existed_reads_as_the_power_mix_it_ran() -> None:
+    saved = TrainingConfig(steps=10).to_dict()
+    del saved["blend_mix"]
+    assert TrainingConfig.from_dict(saved).blend_mix == "power"
+    assert TrainingConfig.from_dict(TrainingConfig(steps=10).to_dict()) == TrainingConfig(steps=10)

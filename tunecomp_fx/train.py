@@ -140,7 +140,8 @@ class TrainingConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainingConfig:
         reject_unknown_keys(cls, data, "training options")
-        return cls(**data)
+        # saved before blend_mix existed: those runs blended with the power mix
+        return cls(**{"blend_mix": "power", **data})
 
 
 def training_config(config: TrainingConfig | None, options: Mapping[str, Any]) -> TrainingConfig:
