@@ -51,6 +51,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "rank_slack=0": {"rank_slack": 0.0},
     "rank_slack=0,T=0.25": {"rank_slack": 0.0, "blend_steps": 0.25},
     "T=0.1": {"blend_steps": 0.1},
+    "distill=0,T=0.25": {"distill_weight": 0.0, "blend_steps": 0.25},
     "seed=1": {"seed": 1},  # the same run with another shuffle and dropout: the noise between runs
 }
 METHODS = ("ft", "joint", "ft_c_ft", "ft_svd", "c_ft", "union")

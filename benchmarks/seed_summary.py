@@ -7,7 +7,8 @@ difference against a reference method (same seed, same batches).
 A run folder holds a results.json; a run without a "seed" in its recipe is seed 0. The default
 joint run's rows are labelled with the blend mix their recipe had, joint[blend_mix=...], so that runs
 made before and after the default changed from "power" to "convex" line up (a recipe without
-blend_mix predates the option and ran "power").
+blend_mix predates the option and ran "power"); an ablation made under the power mix gets
+",blend_mix=power" added to its label, so that it is not taken for the same ablation under convex.
 """
 
 from __future__ import annotations
@@ -24,7 +25,12 @@ RECIPE_KEYS = ("max_length", "batch_size", "steps", "lr")  # what makes runs com
 
 
 def label(method: str, recipe: dict[str, object]) -> str:
-    return f"joint[blend_mix={recipe.get('blend_mix', 'power')}]" if method == "joint" else method
+    mix = recipe.get("blend_mix", "power")
+    if method == "joint":
+        return f"joint[blend_mix={mix}]"
+    if method.startswith("joint[") and mix == "power" and "blend_mix" not in method:
+        return f"{method[:-1]},blend_mix=power]"  # an ablation made while power was the default
+    return method
 
 
 def mean_and_error(values: list[float]) -> str:
