@@ -1,9 +1,9 @@
 """Where ONNX Runtime spends its time, by operator type: what compressing the linear layers can
 speed up (MatMul / Gemm) and what it leaves as it is (normalization, activations, attention glue).
 
-Runs the models with ONNX Runtime's profiler (CPU, 1 thread, interleaved) on a batch of token ids, sums kernel
-times per operator type, and compares every model with the first one: total speedup, MatMul-only
-speedup, and, given each model's fraction of the baseline's MACs (--macs-kept), the MAC bound
+Runs the models with ONNX Runtime's profiler (CPU, 1 thread, interleaved) on a batch of token ids,
+sums kernel times per operator type, and compares every model with the first one: total speedup,
+MatMul-only speedup, and, given each model's fraction of the baseline's MACs (--macs-kept), the MAC bound
 (1 / fraction) beside the ceiling left when only MatMul time shrinks by that fraction and the other
 operators take what they took in the baseline (Amdahl's law).
 
