@@ -22,7 +22,7 @@ from torch import fx, nn
 
 from tunecomp_fx.forms import LAYOUTS, site_input
 from tunecomp_fx.pipeline import GraphPass, PassContext
-from tunecomp_fx.sites import LOWRANK_ROOT, Blend, Site, student_nodes
+from tunecomp_fx.sites import LOWRANK_ROOT, Blend, Site, student_nodes, teacher_parameters
 
 
 def student_rank(site: Site, rank: int, slack: float) -> int:
@@ -66,9 +66,8 @@ class InsertTeacherStudent(GraphPass):
             rank = student_rank(site, ctx.ranks[site.name].rank, ctx.config.rank_slack)
             core = ctx.config.method == "union"
             root.add_module(site.key, _new_student(site, rank, weight, core))
-            for target in (site.weight_target, site.bias_target):
-                if target is not None:
-                    gm.get_parameter(target).requires_grad_(False)
+            for parameter in teacher_parameters(gm, [site]):
+                parameter.requires_grad_(False)
             teacher = nodes[site.node]
             prefix = f"{LOWRANK_ROOT}.{site.key}"
             graph = gm.graph

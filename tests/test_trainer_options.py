@@ -1,5 +1,5 @@
 """JointTrainer options: gradient accumulation, epochs, logit distillation, element-wise
-hard-shrink, periodic evaluation and the progress bar."""
+hard-shrink, trainable teachers, periodic evaluation and the progress bar."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ import torch
 from tests.joint_task import digits_task, fresh, single_thread  # noqa: F401
 
 import tunecomp_fx
-from tunecomp_fx import ConfigError, JointTrainer
+from tunecomp_fx import ConfigError, JointTrainer, TrainingConfig
+from tunecomp_fx.api import prepared_state
+from tunecomp_fx.sites import teacher_parameters
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -59,6 +61,42 @@ def test_elementwise_hardshrink_zeroes_small_factor_entries() -> None:
     assert zero > 0.2
     untouched = _trainer().fit()
     assert all(int((p == 0).sum()) == 0 for n, p in untouched.named_parameters() if n.endswith("down.weight"))
+
+
+def _teachers(trainer: JointTrainer) -> list[torch.nn.Parameter]:
+    return teacher_parameters(trainer.model, prepared_state(trainer.model).context.factorized_sites())
+
+
+@pytest.mark.parametrize("train_teachers", [False, True])
+def test_teachers_train_only_when_asked(train_teachers: bool) -> None:
+    trainer = _trainer(train_teachers=train_teachers)
+    teachers = _teachers(trainer)
+    before = [p.detach().clone() for p in teachers]
+    assert len(teachers) == 4 and all(p.requires_grad == train_teachers for p in teachers)  # 2 factorized sites
+    trained = trainer.fit()
+    changed = [not torch.equal(p, b) for p, b in zip(teachers, before)]
+    assert changed == [train_teachers] * len(teachers)
+    assert trainer.hook.teacher_removed and not {id(p) for p in teachers} & {id(p) for p in trained.parameters()}
+    compact = tunecomp_fx.finalize(trained)
+    assert torch.isfinite(compact(digits_task().test[0])).all()
+
+
+def test_a_trained_teacher_is_not_pulled_toward_its_student() -> None:
+    # A task loss with no gradient: only the feature loss trains. Its target (the teacher's output)
+    # is detached, so the last site's teacher gets no gradient at all; the first one's does, through
+    # the input it gives the second site's student, as every parameter before a site does.
+    trainer = _trainer(train_teachers=True, weight_decay=0.0, loss_fn=lambda outputs, targets: 0.0 * outputs.sum())
+    sites = prepared_state(trainer.model).context.factorized_sites()
+    first, last = (teacher_parameters(trainer.model, [site]) for site in (sites[0], sites[-1]))
+    before = {id(p): p.detach().clone() for p in first + last}
+    trainer.fit()
+    assert all(torch.equal(p, before[id(p)]) for p in last)
+    assert not torch.equal(first[0], before[id(first[0])])
+
+
+def test_train_teachers_must_be_a_bool() -> None:
+    with pytest.raises(ConfigError, match="train_teachers must be True or False"):
+        TrainingConfig(train_teachers="yes")  # type: ignore[arg-type]
 
 
 def test_periodic_evaluation_and_progress_bar(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:

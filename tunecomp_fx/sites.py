@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +72,11 @@ class Blend(nn.Module):
 
     def forward(self, teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
         return self.alpha * teacher + self.beta * student
+
+
+def teacher_parameters(gm: nn.Module, sites: Iterable[Site]) -> list[nn.Parameter]:
+    """The weight and bias the teachers of `sites` read (insert_teacher_student freezes them)."""
+    return [gm.get_parameter(target) for site in sites for target in (site.weight_target, site.bias_target) if target]
 
 
 def site_container(gm: nn.Module, site: Site) -> nn.Module:

@@ -41,7 +41,7 @@ from tunecomp_fx.pipeline import run_passes
 from tunecomp_fx.progress import progress_bar
 from tunecomp_fx.pruning import SELECTIONS, RankPruner
 from tunecomp_fx.schedules import BLENDS, DEFAULT_MIX, LR_DECAYS, MIXES, Schedules, steps_of
-from tunecomp_fx.sites import Blend, set_blend
+from tunecomp_fx.sites import Blend, set_blend, teacher_parameters
 
 DEFAULT_RANK_SLACK = 0.25  # extra rank students start with when trained (pruned away by the blend's end)
 UNION_CALIBRATION_BATCHES = 8  # training batches method="union" calibrates on when given no calib
@@ -71,6 +71,9 @@ class TrainingConfig:
         (each student shrinks to the rank allocation gave it).
     hardshrink: element-wise hard-shrink of the factors, in units of each factor's RMS, rising
         with the blend (0: off).
+    train_teachers: the teachers' weights train too until they leave (their task gradient scaled
+        by alpha), so the students distill from a model that fine-tunes; False (the default, as in
+        DESIGN.md): the pretrained teachers stay frozen.
     seed: seeds torch's RNG at the start of a fresh run (shuffling, dropout).
     bf16: autocast to bfloat16 (None: on CUDA only).
     """
@@ -91,6 +94,7 @@ class TrainingConfig:
     temperature: float = 2.0
     rank_selection: str = "global"
     hardshrink: float = 0.0
+    train_teachers: bool = False
     seed: int = 0
     bf16: bool | None = None
 
@@ -116,6 +120,8 @@ class TrainingConfig:
         for name in ("weight_decay", "distill_weight", "logit_distill", "hardshrink"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name} must be >= 0; got {getattr(self, name)}")
+        if not isinstance(self.train_teachers, bool):
+            raise ConfigError(f"train_teachers must be True or False; got {self.train_teachers!r}")
         if not self.temperature > 0:
             raise ConfigError(f"temperature must be > 0; got {self.temperature}")
         for name, choices in (("blend", BLENDS), ("blend_mix", MIXES), ("lr_decay", LR_DECAYS), ("rank_selection", SELECTIONS)):
@@ -176,7 +182,8 @@ class StepHook:
 
     Put the model in train mode first with tunecomp_fx.mode.set_training_mode(prepared, True)
     (it also handles graphs captured by torch.export), and build the optimizer over the trainable
-    parameters only (the teachers are frozen and leave the model after the blend)."""
+    parameters only, after making the hook (the teachers are frozen unless train_teachers=True, and
+    leave the model after the blend)."""
 
     def __init__(self, prepared: fx.GraphModule, config: TrainingConfig | None = None, *, total_steps: int | None = None, **options: Any) -> None:
         self.config = training_config(config, options)
@@ -189,6 +196,9 @@ class StepHook:
         if self.config.hardshrink > 0 and self.context.config.method == "union":
             raise ConfigError("hardshrink would shrink the fixed bases of method='union'; use hardshrink=0")
         self.pruner = RankPruner(prepared, self.context, self.config.rank_selection)
+        if self.config.train_teachers:
+            for parameter in teacher_parameters(prepared, self.context.factorized_sites()):
+                parameter.requires_grad_(True)
         self.step_count = 0
         self.teacher_removed = False
         self._site_losses: list[torch.Tensor] = []
