@@ -2,8 +2,9 @@
 fine-tuned for Rotten Tomatoes sentiment (both installed offline, DESIGN.md section 7), and the
 ONNX Runtime latency of its compressed versions.
 
-Every batch is padded to one fixed `max_length`: the model is captured by torch.export with only
-the batch dimension dynamic, so calibration, training and evaluation all use one sequence length.
+Every batch is padded to one fixed `max_length`, so that calibration, training, evaluation and the
+latency measurement all see one sequence length (the torch.export capture itself keeps the batch and
+sequence dimensions dynamic).
 """
 
 from __future__ import annotations
