@@ -38,6 +38,7 @@ from tunecomp_fx import TrainingConfig, compress, get_report
 from tunecomp_fx.finetune import evaluate, finetune
 from tunecomp_fx.metrics import count_macs, count_parameters
 from tunecomp_fx.sentiment import onnx_latency, sentiment_task
+from tunecomp_fx.train import DEFAULT_RANK_SLACK
 
 # One option changed against the default joint run each.
 ABLATIONS: dict[str, dict[str, Any]] = {
@@ -108,6 +109,7 @@ def main() -> int:
         "test_texts": len(task.test.dataset),
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "torch": torch.__version__,
+        "default_rank_slack": DEFAULT_RANK_SLACK,  # a compression default, not in the recipe
         "rows": [],
     }
     params_before = count_parameters(task.model)

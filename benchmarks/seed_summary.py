@@ -4,11 +4,14 @@ difference against a reference method (same seed, same batches).
 
     python benchmarks/seed_summary.py OUTPUT.md RUN_FOLDER [RUN_FOLDER ...] [--reference ft_c_ft]
 
-A run folder holds a results.json; a run without a "seed" in its recipe is seed 0. The default
-joint run's rows are labelled with the blend mix their recipe had, joint[blend_mix=...], so that runs
-made before and after the default changed from "power" to "convex" line up (a recipe without
-blend_mix predates the option and ran "power"); an ablation made under the power mix gets
-",blend_mix=power" added to its label, so that it is not taken for the same ablation under convex.
+A run folder holds a results.json; a run without a "seed" in its recipe is seed 0. Labels name a
+joint run by what differs from one fixed configuration, the convex blend mix with rank_slack=0.25,
+so that runs made under different defaults line up: the default joint run is joint[blend_mix=convex]
+under those defaults, joint[blend_mix=power] before the mix changed (a recipe without blend_mix
+predates the option and ran "power"), joint[rank_slack=0.5] after the slack changed (a run without
+default_rank_slack predates that and ran 0.25); an ablation made under another default gets that
+default added to its label (joint[T=0.25,blend_mix=power]), so that it is not taken for the same
+ablation under the fixed configuration.
 """
 
 from __future__ import annotations
@@ -20,17 +23,25 @@ import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 RECIPE_KEYS = ("max_length", "batch_size", "steps", "lr")  # what makes runs comparable
+FIXED_RANK_SLACK = 0.25  # the rank_slack of the configuration labels are relative to
 
 
-def label(method: str, recipe: dict[str, object]) -> str:
-    mix = recipe.get("blend_mix", "power")
+def label(method: str, run: dict[str, Any]) -> str:
+    """The row label of `method` in `run`: joint runs named by what differs from the fixed configuration."""
+    if not method.startswith("joint"):
+        return method
+    mix = run["recipe"].get("blend_mix", "power")
+    slack = run.get("default_rank_slack", FIXED_RANK_SLACK)
+    defaults = [f"blend_mix={mix}"] if mix == "power" else []
+    defaults += [f"rank_slack={slack:g}"] if slack != FIXED_RANK_SLACK else []
     if method == "joint":
-        return f"joint[blend_mix={mix}]"
-    if method.startswith("joint[") and mix == "power" and "blend_mix" not in method:
-        return f"{method[:-1]},blend_mix=power]"  # an ablation made while power was the default
-    return method
+        return f"joint[{','.join(defaults) or 'blend_mix=convex'}]"
+    changed = method[len("joint[") : -1]
+    inherited = [d for d in defaults if d.partition("=")[0] not in changed]  # an ablation's own option wins
+    return f"joint[{','.join([changed, *inherited])}]"
 
 
 def mean_and_error(values: list[float]) -> str:
@@ -56,7 +67,7 @@ def main() -> int:
     for run in runs:
         seed = run["recipe"].get("seed", 0)
         for row in run["rows"]:
-            accuracy[(label(row["method"], run["recipe"]), row["ratio"])][seed] = 100 * row["accuracy"]
+            accuracy[(label(row["method"], run), row["ratio"])][seed] = 100 * row["accuracy"]
     seeds = sorted({seed for by_seed in accuracy.values() for seed in by_seed})
     lines = [
         f"Command: `python {shlex.join(sys.argv)}`",

@@ -19,7 +19,7 @@ from tests.test_plots import _assert_real_png
 from tunecomp_fx.cli import main
 from tunecomp_fx.export.artifacts import load_compact, load_inputs
 from tunecomp_fx.progress import progress_bar
-from tunecomp_fx.train import TRAINING_KEY
+from tunecomp_fx.train import DEFAULT_RANK_SLACK, TRAINING_KEY
 
 DIGITS_RUN = ["cli_models:two_layer", "--ratio", "0.5", "--data", "digits", "--eval-data", "digits", "--steps", "3", "--blend-mix", "power"]
 UNION_RUN = ["cli_models:two_layer", "--ratio", "0.5", "--method", "union", "--data", "cli_models:digits_batches", "--steps", "2"]
@@ -90,7 +90,7 @@ def test_compress_with_data_trains_and_writes_history_and_plots(runs) -> None:
     assert [entry["alpha"] for entry in history] == pytest.approx([1 - math.sin(math.pi / 4), 0.0, 0.0])
     assert all(math.isfinite(entry["loss"]) and 0.0 <= entry["accuracy"] <= 1.0 for entry in history)
     # Trained students start with slack rank that the run prunes down to the budget.
-    assert json.loads((output / "config.json").read_text())["rank_slack"] == 0.25
+    assert json.loads((output / "config.json").read_text())["rank_slack"] == DEFAULT_RANK_SLACK == 0.5
     assert history[0]["kept"] > 0.5 >= history[-1]["kept"]
     assert report["totals"]["kept_fraction"] <= 0.5
     markdown = (output / "report.md").read_text()
