@@ -51,6 +51,14 @@ BAD_ARGUMENTS = {
                                  "argument --blend-steps: 'half' is neither a step count"),
     "blend mix not a choice": (["cli_models:two_layer", "--data", "digits", "--steps", "2", "--blend-mix", "sum"], 2,
                                "argument --blend-mix: invalid choice: 'sum' (choose from 'convex', 'power')"),
+    "rank slack without data": (["cli_models:two_layer", "--rank-slack", "0.5"], 1,
+                                "--rank-slack applies to joint training: give the training data with --data"),
+    "negative rank slack": (["cli_models:two_layer", "--data", "digits", "--steps", "2", "--rank-slack", "-1"], 1,
+                            "rank_slack must be >= 0; got -1.0"),
+    "rank slack for union": ([*UNION_RUN[:-4], "--data", "digits", "--steps", "2", "--rank-slack", "0.5"], 1,
+                             "method='union' trains a fixed-rank core between fixed bases and prunes no ranks; rank_slack must be 0"),
+    "negative distill weight": (["cli_models:two_layer", "--data", "digits", "--steps", "2", "--distill-weight", "-0.5"], 1,
+                                "distill_weight must be >= 0; got -0.5"),
     "eval every without eval data": (["cli_models:two_layer", "--data", "digits", "--steps", "2", "--eval-every", "1"], 1,
                                      "--eval-every needs evaluation batches: give --eval-data"),
 }  # fmt: skip
@@ -113,6 +121,17 @@ def test_union_trains_on_a_users_loader(runs) -> None:
     assert report["training"]["data"] == "cli_models:digits_batches"
     assert [entry["step"] for entry in report["training"]["history"]] == [1, 2]
     assert (output / "training.png").stat().st_size > 15_000
+
+
+def test_training_options_reach_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(TESTS)
+    options = ["--rank-slack", "0", "--distill-weight", "0.25", "--train-teachers"]
+    assert main(["compress", "cli_models:two_layer", "--ratio", "0.5", "--data", "digits", "--steps", "2", *options, "-o", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "config.json").read_text())["rank_slack"] == 0.0
+    training = json.loads((tmp_path / "report.json").read_text())["training"]
+    assert training["config"]["distill_weight"] == 0.25 and training["config"]["train_teachers"] is True
+    # No slack: the students start at their budget instead of above it.
+    assert training["history"][0]["kept"] <= 0.5
 
 
 def test_text_data_is_tokenized_for_a_hugging_face_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -26,8 +26,11 @@ CALIBRATION_BATCHES = 8  # training batches a trained compress calibrates on
 BATCH_SIZE = 32  # of a named data set
 EVALUATIONS = 10  # evaluations per run when --eval-data is given without --eval-every
 # The training options, all None unless given, so that any of them without --data is an error.
-TRAINING_OPTIONS = ("steps", "epochs", "lr", "blend", "blend_mix", "blend_steps", "batch_size", "eval_data", "eval_every")
-_NOT_IN_TRAINING_CONFIG = ("batch_size", "eval_data", "eval_every")
+TRAINING_OPTIONS = (
+    "steps", "epochs", "lr", "blend", "blend_mix", "blend_steps", "distill_weight", "train_teachers", "rank_slack",
+    "batch_size", "eval_data", "eval_every",
+)  # fmt: skip
+_NOT_IN_TRAINING_CONFIG = ("rank_slack", "batch_size", "eval_data", "eval_every")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -123,6 +126,25 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"steps (int) or fraction of the run (float) until the teachers are gone (default {defaults.blend_steps})",
     )
     group.add_argument(
+        "--distill-weight",
+        type=float,
+        metavar="W",
+        help=f"initial weight of the layer-wise feature loss, decaying with the blend (default {defaults.distill_weight:g})",
+    )
+    group.add_argument(
+        "--train-teachers",
+        action="store_true",
+        default=None,
+        help="train the teachers' weights too until they leave (default: the pretrained teachers stay frozen)",
+    )
+    group.add_argument(
+        "--rank-slack",
+        type=float,
+        metavar="S",
+        help=f"extra rank a student starts with, as a fraction of its budget, pruned away by the end of the blend "
+        f"(default {DEFAULT_RANK_SLACK:g}; 0 with --method union, which trains fixed-rank cores)",
+    )
+    group.add_argument(
         "--eval-every", type=int, metavar="N", help=f"evaluate every N steps (default: {EVALUATIONS} times per run)"
     )
 
@@ -156,9 +178,16 @@ def _config(args: argparse.Namespace, trains: bool) -> CompressionConfig:
         allocation=args.allocation,
         exclude=tuple(args.exclude),
         rank_multiple=args.rank_multiple,
-        # Trained students start with slack rank that the run prunes; union trains fixed-rank cores.
-        rank_slack=DEFAULT_RANK_SLACK if trains and args.method != "union" else 0.0,
+        rank_slack=_rank_slack(args, trains),
     )
+
+
+def _rank_slack(args: argparse.Namespace, trains: bool) -> float:
+    """--rank-slack as given; by default trained students start with slack rank that the run prunes,
+    and union's fixed-rank cores (or a training-free run) have none."""
+    if getattr(args, "rank_slack", None) is not None:  # inspect has no training options
+        return args.rank_slack
+    return DEFAULT_RANK_SLACK if trains and args.method != "union" else 0.0
 
 
 def _load(args: argparse.Namespace) -> LoadedModel:
