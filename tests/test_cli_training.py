@@ -55,7 +55,7 @@ BAD_ARGUMENTS = {
                                 "--rank-slack applies to joint training: give the training data with --data"),
     "negative rank slack": (["cli_models:two_layer", "--data", "digits", "--steps", "2", "--rank-slack", "-1"], 1,
                             "rank_slack must be >= 0; got -1.0"),
-    "rank slack for union": ([*UNION_RUN[:-4], "--data", "digits", "--steps", "2", "--rank-slack", "0.5"], 1,
+    "rank slack for union": (["cli_models:two_layer", "--method", "union", "--data", "digits", "--steps", "2", "--rank-slack", "0.5"], 1,
                              "method='union' trains a fixed-rank core between fixed bases and prunes no ranks; rank_slack must be 0"),
     "negative distill weight": (["cli_models:two_layer", "--data", "digits", "--steps", "2", "--distill-weight", "-0.5"], 1,
                                 "distill_weight must be >= 0; got -0.5"),
