@@ -11,7 +11,9 @@ under those defaults, joint[blend_mix=power] before the mix changed (a recipe wi
 predates the option and ran "power"), joint[rank_slack=0.5] after the slack changed (a run without
 default_rank_slack predates that and ran 0.25); an ablation made under another default gets that
 default added to its label (joint[T=0.25,blend_mix=power]), so that it is not taken for the same
-ablation under the fixed configuration.
+ablation under the fixed configuration. The fixed configuration blends over half the run; a run whose
+recipe leaves blend_steps to the ratio (None: min(ratio, 0.5)) is labelled T=0.3 at ratio 0.3, the same
+label as that ablation under the fixed blend.
 """
 
 from __future__ import annotations
@@ -27,15 +29,19 @@ from typing import Any
 
 RECIPE_KEYS = ("max_length", "batch_size", "steps", "lr")  # what makes runs comparable
 FIXED_RANK_SLACK = 0.25  # the rank_slack of the configuration labels are relative to
+FIXED_BLEND_STEPS = 0.5  # and its blend length, as a fraction of the run
 
 
-def label(method: str, run: dict[str, Any]) -> str:
-    """The row label of `method` in `run`: joint runs named by what differs from the fixed configuration."""
+def label(method: str, run: dict[str, Any], ratio: float) -> str:
+    """The row label of `method` in `run` at `ratio`: joint runs named by what differs from the fixed configuration."""
     if not method.startswith("joint"):
         return method
     mix = run["recipe"].get("blend_mix", "power")
     slack = run.get("default_rank_slack", FIXED_RANK_SLACK)
-    defaults = [f"blend_mix={mix}"] if mix == "power" else []
+    blend = run["recipe"].get("blend_steps", FIXED_BLEND_STEPS)
+    blend = min(ratio, FIXED_BLEND_STEPS) if blend is None else blend  # TrainingConfig.for_ratio's rule
+    defaults = [f"T={blend:g}"] if blend != FIXED_BLEND_STEPS else []
+    defaults += [f"blend_mix={mix}"] if mix == "power" else []
     defaults += [f"rank_slack={slack:g}"] if slack != FIXED_RANK_SLACK else []
     if method == "joint":
         return f"joint[{','.join(defaults) or 'blend_mix=convex'}]"
@@ -67,7 +73,7 @@ def main() -> int:
     for run in runs:
         seed = run["recipe"].get("seed", 0)
         for row in run["rows"]:
-            accuracy[(label(row["method"], run), row["ratio"])][seed] = 100 * row["accuracy"]
+            accuracy[(label(row["method"], run, row["ratio"]), row["ratio"])][seed] = 100 * row["accuracy"]
     seeds = sorted({seed for by_seed in accuracy.values() for seed in by_seed})
     lines = [
         f"Command: `python {shlex.join(sys.argv)}`",

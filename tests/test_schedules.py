@@ -66,13 +66,13 @@ def test_distillation_weight_decays_to_zero_with_the_blend() -> None:
 
 
 def test_learning_rate_warms_up_then_decays() -> None:
-    schedules = TrainingConfig(steps=100, warmup=10).schedules(100)
+    schedules = TrainingConfig(steps=100, warmup=10, blend_steps=0.5).schedules(100)
     factors = [schedules.lr_factor(t) for t in range(100)]
     assert factors[:10] == sorted(factors[:10]) and factors[0] < 0.2
     assert factors[10] == 1.0
     assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
     assert factors[-1] < 0.01
-    constant = TrainingConfig(steps=100, warmup=0, lr_decay="constant").schedules(100)
+    constant = TrainingConfig(steps=100, warmup=0, lr_decay="constant", blend_steps=0.5).schedules(100)
     assert {constant.lr_factor(t) for t in range(100)} == {1.0}
 
 
@@ -110,3 +110,20 @@ def test_a_config_saved_before_blend_mix_existed_reads_as_the_power_mix_it_ran()
     del saved["blend_mix"]
     assert TrainingConfig.from_dict(saved).blend_mix == "power"
     assert TrainingConfig.from_dict(TrainingConfig(steps=10).to_dict()) == TrainingConfig(steps=10)
+
+
+@pytest.mark.parametrize(("ratio", "fraction"), [(0.2, 0.2), (0.3, 0.3), (0.5, 0.5), (0.7, 0.5), (0.9, 0.5)])
+def test_default_blend_lasts_the_removed_fraction_at_most_half_the_run(ratio: float, fraction: float) -> None:
+    config = TrainingConfig(steps=200).for_ratio(ratio)
+    assert config.blend_steps == fraction
+    assert config.schedules(200).blend_steps == round(200 * fraction)
+
+
+def test_a_given_blend_length_is_kept_at_any_ratio() -> None:
+    for given in (0.8, 0.1, 30):
+        assert TrainingConfig(steps=200, blend_steps=given).for_ratio(0.3).blend_steps == given
+
+
+def test_unresolved_default_blend_has_no_schedules() -> None:
+    with pytest.raises(ConfigError, match=r"call for_ratio\(ratio\) first"):
+        TrainingConfig(steps=100).schedules(100)

@@ -35,6 +35,18 @@ def test_gradient_accumulation_matches_the_large_batch() -> None:
         assert torch.allclose(a, b, atol=2e-5), name
 
 
+@pytest.mark.parametrize(("ratio", "teachers_leave_after"), [(0.3, 6), (0.7, 10)])
+def test_default_blend_follows_the_ratio(ratio: float, teachers_leave_after: int) -> None:
+    task = digits_task()
+    prepared = tunecomp_fx.prepare(fresh("mlp"), task.example_inputs(), ratio, rank_slack=0.25)
+    trainer = JointTrainer(prepared, data=task.loader(64, seed=0), steps=20, lr=1e-3, progress=False)
+    assert trainer.config.blend_steps == min(ratio, 0.5)  # what reports and checkpoints record
+    trainer.fit()
+    alphas = [record["alpha"] for record in trainer.history]
+    assert alphas.index(0.0) + 1 == teachers_leave_after and all(a > 0 for a in alphas[: teachers_leave_after - 1])
+    assert trainer.hook.teacher_removed
+
+
 def test_epochs_set_the_run_length() -> None:
     trainer = _trainer(steps=None, epochs=2, accumulate=3)
     assert trainer.total_steps == 6  # 9 batches of 64 per epoch

@@ -123,7 +123,7 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
         "--blend-steps",
         type=_steps_or_fraction,
         metavar="T",
-        help=f"steps (int) or fraction of the run (float) until the teachers are gone (default {defaults.blend_steps})",
+        help="steps (int) or fraction of the run (float) until the teachers are gone (default: the --ratio, at most 0.5)",
     )
     group.add_argument(
         "--distill-weight",

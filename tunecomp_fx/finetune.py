@@ -7,6 +7,7 @@ as `JointTrainer`, so that a baseline differs from the joint run only in what it
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -45,7 +46,7 @@ def finetune(
     if config.steps is None:
         raise InputError("plain fine-tuning needs config.steps")
     device = next(model.parameters()).device
-    schedules = config.schedules(config.steps)
+    schedules = dataclasses.replace(config, blend_steps=0).schedules(config.steps)  # no blend here: the lr schedule only
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     model.requires_grad_(True)

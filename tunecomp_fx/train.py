@@ -44,6 +44,7 @@ from tunecomp_fx.schedules import BLENDS, DEFAULT_MIX, LR_DECAYS, MIXES, Schedul
 from tunecomp_fx.sites import Blend, set_blend, teacher_parameters
 
 DEFAULT_RANK_SLACK = 0.5  # extra rank students start with when trained, pruned away by the blend's end (README: 0.5 won at 0.7)
+LONGEST_DEFAULT_BLEND = 0.5  # the default blend lasts the ratio's fraction of the run, at most this (README: "Evidence for the defaults")
 UNION_CALIBRATION_BATCHES = 8  # training batches method="union" calibrates on when given no calib
 CHECKPOINT_FORMAT = "tunecomp-checkpoint/1"
 TRAINING_KEY = "tunecomp_training"  # compact GraphModule.meta key: training config and history
@@ -61,7 +62,9 @@ class TrainingConfig:
         run (float); lr_decay: "cosine", "linear" or "constant" after warm-up.
     accumulate: micro-batches per optimizer step; max_grad_norm: clipping (None: no clipping).
     blend: "sin" (alpha = 1 - sin(pi t / 2T)), "linear" or "cosine"; blend_steps: T, in steps (int)
-        or as a fraction of the run (float). The teachers leave the compute at step T.
+        or as a fraction of the run (float); None (the default) takes the fraction the compression
+        removes, at most half the run (`for_ratio`): milder compression hands over sooner. The
+        teachers leave the compute at step T.
     blend_mix: the student's weight beta in the blend, "convex" (1 - alpha, the default: keeps a
         site's output at its scale while the student approximates it) or "power" (sqrt(1 - alpha^2)).
     distill_weight: initial weight of the layer-wise feature loss, which decays with alpha.
@@ -87,7 +90,7 @@ class TrainingConfig:
     accumulate: int = 1
     max_grad_norm: float | None = 1.0
     blend: str = "sin"
-    blend_steps: int | float = 0.5
+    blend_steps: int | float | None = None
     blend_mix: str = DEFAULT_MIX
     distill_weight: float = 1.0
     logit_distill: float = 0.0
@@ -107,6 +110,8 @@ class TrainingConfig:
             raise ConfigError(f"epochs must be > 0; got {self.epochs!r}")
         for name in ("warmup", "blend_steps"):
             value = getattr(self, name)
+            if value is None and name == "blend_steps":
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ConfigError(f"{name} must be a step count (int) or a fraction of the run (float); got {value!r}")
             if isinstance(value, float) and value > 1:
@@ -128,7 +133,15 @@ class TrainingConfig:
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {', '.join(choices)}")
 
+    def for_ratio(self, ratio: float) -> TrainingConfig:
+        """This config with the default blend length set for a run compressing by `ratio`."""
+        if self.blend_steps is not None:
+            return self
+        return dataclasses.replace(self, blend_steps=min(float(ratio), LONGEST_DEFAULT_BLEND))
+
     def schedules(self, total: int) -> Schedules:
+        if self.blend_steps is None:
+            raise ConfigError("blend_steps=None is set by the compression ratio: call for_ratio(ratio) first")
         blend_steps = steps_of(self.blend_steps, total)
         warmup_steps = steps_of(self.warmup, total)
         if blend_steps > total:
@@ -186,13 +199,13 @@ class StepHook:
     leave the model after the blend)."""
 
     def __init__(self, prepared: fx.GraphModule, config: TrainingConfig | None = None, *, total_steps: int | None = None, **options: Any) -> None:
-        self.config = training_config(config, options)
+        self.context = prepared_state(prepared).context
+        self.config = training_config(config, options).for_ratio(self.context.config.ratio)
         total = total_steps if total_steps is not None else self.config.steps
         if total is None:
             raise ConfigError("the hook needs the run's length: pass steps= (or total_steps=)")
         self.schedules = self.config.schedules(total)
         self.model = prepared
-        self.context = prepared_state(prepared).context
         if self.config.hardshrink > 0 and self.context.config.method == "union":
             raise ConfigError("hardshrink would shrink the fixed bases of method='union'; use hardshrink=0")
         self.pruner = RankPruner(prepared, self.context, self.config.rank_selection)
@@ -513,6 +526,7 @@ class JointTrainer:
         self.progress = progress and self.setup.is_main
         self.total_steps = self._total_steps()
         self.hook = StepHook(prepared, self.config, total_steps=self.total_steps)
+        self.config = self.hook.config  # the blend length resolved for the ratio: what checkpoints and reports record
         self.history: list[dict[str, float]] = []
 
     def _total_steps(self) -> int:
@@ -696,13 +710,7 @@ class JointTrainer:
             raise TrainingError(f"cannot read checkpoint {path} ({reason}); {_RESUME_FROM}") from error
         if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
             raise TrainingError(f"{path} is not a tunecomp checkpoint ({CHECKPOINT_FORMAT}); {_RESUME_FROM}")
-        saved = TrainingConfig.from_dict(payload["training_config"])
-        if saved != self.config:
-            changed = {k: (v, getattr(self.config, k)) for k, v in saved.to_dict().items() if getattr(self.config, k) != v}
-            raise TrainingError(
-                f"{path} was written with a different training config (saved, now): {changed}. Resume with the "
-                f"training options it was written with, or {_START_AFRESH}"
-            )
+        # the model and compression first: the default blend length derives from the ratio
         if payload["fingerprint"] != self.fingerprint:
             saved_print = payload["fingerprint"]
             mismatched = [
@@ -712,6 +720,13 @@ class JointTrainer:
             raise TrainingError(
                 f"{path} was written for a different model or compression; saved -> now: {'; '.join(mismatched)}. "
                 f"Prepare the same model with the same options to resume, or {_START_AFRESH}"
+            )
+        saved = TrainingConfig.from_dict(payload["training_config"])
+        if saved != self.config:
+            changed = {k: (v, getattr(self.config, k)) for k, v in saved.to_dict().items() if getattr(self.config, k) != v}
+            raise TrainingError(
+                f"{path} was written with a different training config (saved, now): {changed}. Resume with the "
+                f"training options it was written with, or {_START_AFRESH}"
             )
         if payload["world_size"] != self.setup.world_size or payload["total_steps"] != self.total_steps:
             raise TrainingError(
