@@ -33,6 +33,7 @@ from torch import nn
 
 from tunecomp_fx import TrainingConfig, compress
 from tunecomp_fx.finetune import evaluate, finetune
+from tunecomp_fx.forms import rebuilt
 from tunecomp_fx.metrics import count_macs
 from tunecomp_fx.sentiment import SentimentTask, onnx_latency, sentiment_task
 
@@ -43,12 +44,7 @@ OUTPUT = Path("benchmarks/results/structured_width_probe")
 def sliced(linear: nn.Linear, rows: torch.Tensor | None = None, columns: torch.Tensor | None = None) -> nn.Linear:
     weight = linear.weight if rows is None else linear.weight[rows]
     weight = weight if columns is None else weight[:, columns]
-    bias = linear.bias if rows is None else linear.bias[rows]
-    new = nn.Linear(weight.shape[1], weight.shape[0])
-    with torch.no_grad():
-        new.weight.copy_(weight)
-        new.bias.copy_(bias)
-    return new
+    return rebuilt(linear, weight, linear.bias if rows is None else linear.bias[rows])
 
 
 def importances(model: nn.Module, calibration: list[dict[str, torch.Tensor]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
