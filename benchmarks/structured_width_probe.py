@@ -7,6 +7,9 @@ measures what issue 4 asks at ratio 0.7 (30% of the MACs kept):
   ffn30+lowrank_attn 30% of the FFN neurons kept (dense), attention sites low-rank at 0.7
   ffn50+lowrank      50% of the FFN neurons kept, then every site low-rank at 0.55
   ffn30+heads4       30% of the FFN neurons and 4 of the 12 heads per layer kept, all dense
+and, for latency, tunecomp's own neuron pruning (prune_neurons, which this probe led to):
+  prune_neurons=0.5  half of every FFN's neurons pruned, the rest low-rank, all at ratio 0.7
+  prune_neurons=0.3  30% of the neurons pruned, likewise
 Neurons are ranked by E|GELU(h_j)| * ||W_down[:, j]|| and heads by E||context_h|| * ||W_out[:, h]||
 on the calibration batches.
 
@@ -39,6 +42,7 @@ from tunecomp_fx.sentiment import SentimentTask, onnx_latency, sentiment_task
 
 FFN_SITES = ("*intermediate.dense", "*layer.?.output.dense")
 OUTPUT = Path("benchmarks/results/structured_width_probe")
+TUNECOMP_PRUNING = (0.5, 0.3)  # its joint runs are minilm_sentiment.py's ablations prune_neurons=0.5 / 0.3
 
 
 def sliced(linear: nn.Linear, rows: torch.Tensor | None = None, columns: torch.Tensor | None = None) -> nn.Linear:
@@ -106,6 +110,7 @@ def forms(task: SentimentTask) -> dict[str, Callable[..., nn.Module]]:
         "ffn30+lowrank_attn": lambda **o: compress(pruned_widths(base, calibration, 0.3), example, 0.7, calib=calibration, exclude=FFN_SITES, **o),
         "ffn50+lowrank": lambda **o: compress(pruned_widths(base, calibration, 0.5), example, 0.55, calib=calibration, **o),
         "ffn30+heads4": lambda: pruned_widths(base, calibration, 0.3, heads_kept=4),
+        **{f"prune_neurons={p}": (lambda p=p, **o: compress(base, example, 0.7, calib=calibration, prune_neurons=p, **o)) for p in TUNECOMP_PRUNING},
     }
 
 
@@ -114,6 +119,7 @@ def main() -> int:
     parser.add_argument("what", choices=("latency", "train"))
     parser.add_argument("--seed", type=int, default=0, help="of the batch order and the runs (train)")
     parser.add_argument("--repeats", type=int, default=10, help="interleaved ORT timing rounds (latency)")
+    parser.add_argument("--json", default="latency.json", help="file name of the latency results, in the results folder")
     args = parser.parse_args()
     OUTPUT.mkdir(parents=True, exist_ok=True)
     task = sentiment_task(max_length=32, batch_size=16)  # minilm_sentiment.py's quick profile and head
@@ -128,11 +134,12 @@ def main() -> int:
             rows[name] = {"mac_bound": bound, **latency[name], **{
                 f"batch{b}_of_bound": latency[name][f"batch{b}_speedup"] / bound for b in (1, 32)}}
             print(name, json.dumps(rows[name]), flush=True)
-        (OUTPUT / "latency.json").write_text(json.dumps(rows, indent=2) + "\n")
+        (OUTPUT / args.json).write_text(json.dumps(rows, indent=2) + "\n")
         return 0
     recipe = TrainingConfig(steps=240, lr=2e-4, seed=args.seed)
     runs: dict[str, Callable[[], nn.Module]] = {
-        **{f"{name}/c_ft": (lambda make=make: finetune(make(), task.train, recipe, progress=False)) for name, make in built.items()},
+        **{f"{name}/c_ft": (lambda make=make: finetune(make(), task.train, recipe, progress=False))
+           for name, make in built.items() if not name.startswith("prune_neurons")},
         "ffn50+joint": lambda: built["ffn50+lowrank"](data=task.train, training=recipe),
     }
     rows = []

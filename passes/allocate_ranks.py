@@ -58,7 +58,7 @@ def allocate(
     priority: Callable[[_State, int, bool], float],
     caps: dict[str, int] | None = None,
 ) -> dict[str, RankDecision]:
-    total = sum(site.dense_params for site in sites)
+    total = sum(site.unpruned_params for site in sites)  # the ratio is of the layers before neuron pruning
     budget = kept_fraction * total
     states = {}
     for site in sites:
@@ -117,8 +117,8 @@ def _unreachable(states: dict[str, _State], kept_fraction: float, used: int, tot
 
 def uniform_priority(kept_fraction: float) -> Callable[[_State, int, bool], float]:
     def priority(state: _State, rank: int, dense: bool) -> float:
-        share = kept_fraction * state.site.dense_params
-        return (share - state.params) / state.site.dense_params
+        share = kept_fraction * state.site.unpruned_params
+        return (share - state.params) / state.site.unpruned_params
 
     return priority
 
@@ -133,6 +133,18 @@ def global_priority(energies: dict[str, torch.Tensor]) -> Callable[[_State, int,
         return float(energy[state.rank : end].sum()) / max(cost, 1)
 
     return priority
+
+
+def _hidden_width_sites(ctx: PassContext) -> list[Site]:
+    names = {name for width in ctx.hidden_widths for name in (width.up, width.down)}
+    return [site for site in ctx.compressed_sites if site.name in names]
+
+
+def _kept_params(site: Site, rank: int | None) -> int:
+    """Parameters after finalize: dense, or the factors unless they are past break-even (densified)."""
+    if rank is None or rank >= site.break_even_rank:
+        return site.dense_params
+    return site.factorized_params(rank)
 
 
 class AllocateRanks(GraphPass):
@@ -156,21 +168,28 @@ class AllocateRanks(GraphPass):
             priority = uniform_priority(config.kept_fraction)
         caps = {name: len(decomposition.singular_values) for name, decomposition in ctx.decompositions.items()}
         ctx.ranks = allocate(ctx.compressed_sites, config.kept_fraction, config.rank_multiple, priority, caps)
+        # A site of a pruned hidden width needs a student even when it stays dense: the student computes
+        # the kept neurons alone. At full rank it is past break-even, so finalize densifies it.
+        for site in _hidden_width_sites(ctx):
+            if ctx.ranks[site.name].rank is None:
+                ctx.ranks[site.name] = RankDecision(min(site.in_features, site.out_features), "kept neurons, dense")
         return gm
 
     def ensures(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:
         sites = ctx.compressed_sites
+        full_rank = {site.name for site in _hidden_width_sites(ctx)}
         for site in sites:
             decision = ctx.ranks.get(site.name)
             if decision is None:
                 return f"no rank decision for site '{site.name}'"
-            if decision.rank is not None and not 1 <= decision.rank < site.break_even_rank:
-                return f"site '{site.name}' got rank {decision.rank}, outside [1, break-even {site.break_even_rank})"
-        budget = ctx.config.kept_fraction * sum(s.dense_params for s in sites)
-        kept = sum(
-            s.dense_params if ctx.ranks[s.name].rank is None else s.factorized_params(ctx.ranks[s.name].rank)
-            for s in sites
-        )
+            if site.name in full_rank:
+                bound, limit = f"full rank {min(site.in_features, site.out_features)}]", min(site.in_features, site.out_features) + 1
+            else:
+                bound, limit = f"break-even {site.break_even_rank})", site.break_even_rank
+            if decision.rank is not None and not 1 <= decision.rank < limit:
+                return f"site '{site.name}' got rank {decision.rank}, outside [1, {bound}"
+        budget = ctx.config.kept_fraction * sum(s.unpruned_params for s in sites)
+        kept = sum(_kept_params(s, ctx.ranks[s.name].rank) for s in sites)
         if kept > budget:
             return f"kept {kept:,} parameters, over the budget of {budget:,.0f}"
         return None

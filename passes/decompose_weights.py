@@ -141,7 +141,7 @@ class DecomposeWeights(GraphPass):
         for site in progress_bar(sites, desc="decompose", leave=False, enabled=len(sites) >= 8):
             covariance = ctx.covariances.get(site.name)
             ctx.decompositions[site.name] = decompose(
-                gm.get_parameter(site.weight_target).flatten(1),  # (out, in) in every layout
+                site.weight(gm),  # (out, in) in every layout, the kept neurons only
                 covariance.covariance if covariance is not None else None,
                 ctx.config.init,
                 ctx.config.damping,

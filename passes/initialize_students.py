@@ -60,12 +60,13 @@ class InitializeStudents(GraphPass):
                 student.up.weight.copy_(decomposition.up[:, :rank].reshape(student.up.weight.shape))
                 if hasattr(student, "core"):
                     student.core.weight.copy_(torch.diag(decomposition.core[:rank]).reshape(student.core.weight.shape))
-                if site.bias_target is not None:
-                    student.up.bias.copy_(gm.get_parameter(site.bias_target))
+                bias = site.bias(gm)
+                if bias is not None:
+                    student.up.bias.copy_(bias)
                 else:
                     student.up.bias.zero_()
                 ctx.init_errors[site.name] = activation_error(
-                    gm.get_parameter(site.weight_target).flatten(1), student_weight(student), ctx.covariances[site.name].covariance
+                    site.weight(gm), student_weight(student), ctx.covariances[site.name].covariance
                 )
         return gm
 
@@ -78,11 +79,11 @@ class InitializeStudents(GraphPass):
         for site in ctx.factorized_sites():
             error = ctx.init_errors.get(site.name)
             student = site_container(gm, site)
-            weight = gm.get_parameter(site.weight_target)
+            weight = site.weight(gm)
             tolerance = _tolerance(weight.dtype)
             union = hasattr(student, "core")
             if union:
-                overlap = _overlap(weight.flatten(1), student_weight(student))
+                overlap = _overlap(weight, student_weight(student))
                 if not abs(overlap) <= tolerance:
                     return (
                         f"union student of site '{site.name}' is not a projection of its teacher's weight W: "

@@ -10,7 +10,14 @@ alpha starts at 1 and beta at 0, so the rewritten model computes exactly what th
 method="union" puts a trainable core between fixed orthonormal bases:
     down (V^T, frozen) --> lowrank.<site>.core (rank x rank, trained) --> mul(rank_mask) --> up (U, frozen; bias trained)
 The mask sits on the core's output, where the default method's sits on down's, so finalize's
-fold_cores (core into down) leaves the default method's student behind."""
+fold_cores (core into down) leaves the default method's student behind.
+
+A pruned hidden width (prune_neurons) gets one student path for the pair, blended at the down site
+only: the up site's student computes the kept neurons, a copy of the elementwise nodes acts on them,
+and the down site's student reads that copy:
+    x --> teacher up --> gelu --> teacher down ----------------------------------------------.
+    x --> up site's student (kept rows) --> gelu (copy) --> down site's student (kept columns) --> blend
+so the teacher path keeps the full width until the blend drops it."""
 
 from __future__ import annotations
 
@@ -22,14 +29,14 @@ from torch import fx, nn
 
 from tunecomp_fx.forms import LAYOUTS, site_input
 from tunecomp_fx.pipeline import GraphPass, PassContext
-from tunecomp_fx.sites import LOWRANK_ROOT, Blend, Site, student_nodes, teacher_parameters
+from tunecomp_fx.sites import LOWRANK_ROOT, Blend, HiddenWidth, Site, student_nodes, teacher_parameters
 
 
 def student_rank(site: Site, rank: int, slack: float) -> int:
     return min(math.ceil(rank * (1.0 + slack)), min(site.in_features, site.out_features))
 
 
-def _new_student(site: Site, rank: int, weight: torch.Tensor, core: bool) -> nn.Module:
+def _new_student(site: Site, rank: int, weight: torch.Tensor, core: bool, blended: bool) -> nn.Module:
     """down and up in the site's layout (nn.Linear, or 1x1 nn.Conv2d, down taking the site's
     stride); the rank mask has shape (rank,) or (rank, 1, 1), so that it broadcasts over the hidden
     activation either way. With a core (method="union") only the core trains between fixed bases."""
@@ -42,7 +49,8 @@ def _new_student(site: Site, rank: int, weight: torch.Tensor, core: bool) -> nn.
         container.down.weight.requires_grad_(False)
         container.up.weight.requires_grad_(False)
     container.register_buffer("rank_mask", torch.ones(layout.mask_shape(rank), device=weight.device, dtype=weight.dtype))
-    container.blend = Blend().to(weight.device)
+    if blended:  # the up site of a pruned hidden width is blended at its down site
+        container.blend = Blend().to(weight.device)
     return container
 
 
@@ -59,20 +67,23 @@ class InsertTeacherStudent(GraphPass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         nodes = {node.name: node for node in gm.graph.nodes}
+        widths = {width.up: width for width in ctx.hidden_widths}
+        student_inputs: dict[str, fx.Node] = {}  # down site of a hidden width -> its student's input
         root = nn.Module()
         gm.add_module(LOWRANK_ROOT, root)
         for site in ctx.factorized_sites():
             weight = gm.get_parameter(site.weight_target)
             rank = student_rank(site, ctx.ranks[site.name].rank, ctx.config.rank_slack)
             core = ctx.config.method == "union"
-            root.add_module(site.key, _new_student(site, rank, weight, core))
+            root.add_module(site.key, _new_student(site, rank, weight, core, blended=site.name not in widths))
             for parameter in teacher_parameters(gm, [site]):
                 parameter.requires_grad_(False)
             teacher = nodes[site.node]
             prefix = f"{LOWRANK_ROOT}.{site.key}"
             graph = gm.graph
             with graph.inserting_after(teacher):
-                down = graph.call_module(f"{prefix}.down", (site_input(nodes[site.entry_node]),))
+                x = student_inputs.get(site.name, site_input(nodes[site.entry_node]))
+                down = graph.call_module(f"{prefix}.down", (x,))
             projected = down
             if core:
                 with graph.inserting_after(down):
@@ -84,11 +95,16 @@ class InsertTeacherStudent(GraphPass):
                 masked = graph.call_function(operator.mul, (projected, mask))
             with graph.inserting_after(masked):
                 up = graph.call_module(f"{prefix}.up", (masked,))
-            with graph.inserting_after(up):
-                blend = graph.call_module(f"{prefix}.blend", (teacher, up))
-            teacher.replace_all_uses_with(blend, delete_user_cb=lambda user: user is not blend)
-            for node, role in ((down, "down"), (masked, "rank_mask"), (up, "up"), (blend, "blend")):
+            for node, role in ((down, "down"), (masked, "rank_mask"), (up, "up")):
                 node.meta["tunecomp"] = {"site": site.name, "role": role}
+            if site.name in widths:
+                width = widths[site.name]
+                student_inputs[width.down] = _copy_elementwise(graph, nodes, teacher, up, width)
+            else:
+                with graph.inserting_after(up):
+                    blend = graph.call_module(f"{prefix}.blend", (teacher, up))
+                teacher.replace_all_uses_with(blend, delete_user_cb=lambda user: user is not blend)
+                blend.meta["tunecomp"] = {"site": site.name, "role": "blend"}
             teacher.meta["tunecomp"] = {"site": site.name, "role": "teacher"}
         return gm
 
@@ -96,15 +112,24 @@ class InsertTeacherStudent(GraphPass):
         found = student_nodes(gm)
         nodes = {node.name: node for node in gm.graph.nodes}
         sites = ctx.factorized_sites()
+        widths = {width.up: width for width in ctx.hidden_widths}
+        hidden_inputs = {width.down: widths[width.up] for width in ctx.hidden_widths}
         if len(found) != len(sites):
             return f"{len(found)} students for {len(sites)} factorized sites"
         for site in sites:
             roles = found.get(site.key, {})
-            missing = sorted({"down", "rank_mask", "masked", "up", "blend"} - set(roles))
+            expected = {"down", "rank_mask", "masked", "up"} | (set() if site.name in widths else {"blend"})
+            missing = sorted(expected - set(roles))
             if missing:
                 return f"the student of site '{site.name}' lacks its {missing} nodes"
-            teacher = roles["teacher"]
-            if teacher.name != site.node or roles["down"].args[0] is not site_input(nodes[site.entry_node]):
+            if site.name in widths:
+                if "blend" in roles or len(roles["up"].users) != 1:
+                    return f"the student of site '{site.name}' must feed its hidden width's elementwise copy alone, unblended"
+            student_input = roles["down"].args[0]
+            if site.name in hidden_inputs:
+                if student_input.meta.get("tunecomp") != {"site": hidden_inputs[site.name].up, "role": "hidden"}:
+                    return f"the student of site '{site.name}' does not read its hidden width's student path"
+            elif student_input is not site_input(nodes[site.entry_node]):
                 return f"the student of site '{site.name}' does not read the site's input"
             # method="union" puts its core between down and the mask
             masked_input = roles.get("core", roles["down"])
@@ -112,6 +137,23 @@ class InsertTeacherStudent(GraphPass):
                 return f"the core of site '{site.name}' does not read its down-projection"
             if roles["masked"].args != (masked_input, roles["rank_mask"]) or roles["up"].args != (roles["masked"],):
                 return f"the student of site '{site.name}' is not down -> {'core -> ' * ('core' in roles)}mul(rank_mask) -> up"
+            if site.name in widths:
+                continue
+            teacher = roles["teacher"]
+            if teacher.name != site.node:
+                return f"the blend of site '{site.name}' does not read the site's output"
             if list(teacher.users) != [roles["blend"]] or roles["blend"].args != (teacher, roles["up"]):
                 return f"the teacher of site '{site.name}' is not read by its blend alone"
         return None
+
+
+def _copy_elementwise(graph: fx.Graph, nodes: dict[str, fx.Node], teacher: fx.Node, student: fx.Node, width: HiddenWidth) -> fx.Node:
+    """The hidden width's elementwise nodes again, on the up site's student output; returns the last."""
+    copies = {teacher: student}
+    last = student
+    for name in width.elementwise:
+        with graph.inserting_after(last):
+            last = graph.node_copy(nodes[name], lambda node: copies.get(node, node))
+        last.meta["tunecomp"] = {"site": width.up, "role": "hidden"}
+        copies[nodes[name]] = last
+    return last

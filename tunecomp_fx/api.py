@@ -25,24 +25,28 @@ from tunecomp_fx.passes.decompose_weights import DecomposeWeights
 from tunecomp_fx.passes.densify_past_break_even import DensifyPastBreakEven
 from tunecomp_fx.passes.eliminate_dead_code import EliminateDeadCode
 from tunecomp_fx.passes.eliminate_pruned_ranks import EliminatePrunedRanks
+from tunecomp_fx.passes.find_hidden_widths import FindHiddenWidths
 from tunecomp_fx.passes.find_linear_sites import FindLinearSites
 from tunecomp_fx.passes.fold_constant_biases import FoldConstantBiases
 from tunecomp_fx.passes.fold_blends import FoldBlends
 from tunecomp_fx.passes.fold_cores import FoldCores
 from tunecomp_fx.passes.initialize_students import InitializeStudents
 from tunecomp_fx.passes.insert_teacher_student import InsertTeacherStudent
+from tunecomp_fx.passes.select_hidden_neurons import SelectHiddenNeurons
 from tunecomp_fx.pipeline import GraphPass, PassContext, PassRecord, run_passes
 from tunecomp_fx.report import CompressionReport, SiteRow
-from tunecomp_fx.sites import LOWRANK_ROOT, set_blend
+from tunecomp_fx.sites import LOWRANK_ROOT, Site, set_blend
 
 STATE_KEY = "tunecomp"  # prepared GraphModule.meta key holding the PreparedState
 REPORT_KEY = "tunecomp_report"  # compact GraphModule.meta key: the report as a plain dict
 CONFIG_KEY = "tunecomp_config"
 
 
-def prepare_passes(method: str = "tunecomp") -> list[GraphPass]:
-    if method == "union":
+def prepare_passes(config: CompressionConfig) -> list[GraphPass]:
+    if config.method == "union":
         analysis: list[GraphPass] = [CalibrateInputCovariance(), CalibrateOutputGradients(), BuildUnionBases()]
+    elif config.prune_neurons > 0:
+        analysis = [FindHiddenWidths(), CalibrateInputCovariance(), SelectHiddenNeurons(), DecomposeWeights()]
     else:
         analysis = [CalibrateInputCovariance(), DecomposeWeights()]
     return [FoldConstantBiases(), FindLinearSites(), *analysis, AllocateRanks(), InsertTeacherStudent(), InitializeStudents()]
@@ -121,7 +125,7 @@ def prepare(
         batches, targets = [normalize_inputs(batch, f"calibration batch {index}") for index, batch in enumerate(calib)], []
     context = PassContext(config=config, calibration=batches, calibration_targets=targets, check_inputs=inputs, loss_fn=loss_fn)
     context.log.append(PassRecord("capture", time.perf_counter() - start, (), ()))
-    gm = run_passes(captured.graph_module, prepare_passes(config.method), context, progress=progress)
+    gm = run_passes(captured.graph_module, prepare_passes(config), context, progress=progress)
     # The covariances and full factorizations are large and have served their purpose.
     context.covariances.clear()
     context.gradient_covariances.clear()
@@ -221,6 +225,14 @@ def _is_ours(thing: object) -> bool:
     return (getattr(thing, "__module__", None) or "").startswith("tunecomp_fx")
 
 
+def _kept_neurons(site: Site) -> str:
+    """What neuron pruning kept of a site, e.g. "768 of 1536 output neurons kept"."""
+    out_features, in_features = site.unpruned_shape or (site.out_features, site.in_features)
+    kept = [f"{site.out_features} of {out_features} output" if site.kept_rows is not None else "",
+            f"{site.in_features} of {in_features} input" if site.kept_columns is not None else ""]
+    return f"{' and '.join(filter(None, kept))} neurons kept"
+
+
 def get_report(compact: fx.GraphModule) -> CompressionReport:
     data = getattr(compact, "meta", {}).get(REPORT_KEY)
     if data is None:
@@ -235,7 +247,8 @@ def build_report(compact: fx.GraphModule, state: PreparedState) -> CompressionRe
     rows = []
     for site in context.sites:
         decision = context.ranks.get(site.name)
-        before = site.dense_params
+        before = site.unpruned_params
+        out_features, in_features = site.unpruned_shape or (site.out_features, site.in_features)
         rank = None
         if site.status != "compress":
             label, after, reason = site.status, before, site.reason
@@ -251,14 +264,18 @@ def build_report(compact: fx.GraphModule, state: PreparedState) -> CompressionRe
             else:
                 rank = container.down.weight.shape[0]
                 label, reason = "rank", ""
+            if site.unpruned_shape is not None:
+                reason = "; ".join(filter(None, (_kept_neurons(site), reason)))
         tokens = rows_per_sample.get(site.name)
-        macs_before = int(tokens * site.in_features * site.out_features) if tokens else 0
+        macs_before = int(tokens * in_features * out_features) if tokens else 0
         macs_after = (
-            0 if label == "removed" else macs_before if rank is None else int(tokens * rank * (site.in_features + site.out_features)) if tokens else 0
+            0 if label == "removed"
+            else int(tokens * site.in_features * site.out_features) if rank is None and tokens
+            else int(tokens * rank * (site.in_features + site.out_features)) if tokens else 0
         )
         rows.append(
             SiteRow(
-                site.name, site.form, site.out_features, site.in_features, label, rank, before, after,
+                site.name, site.form, out_features, in_features, label, rank, before, after,
                 macs_before, macs_after, reason, site.layout, context.init_errors.get(site.name),
             )
         )

@@ -86,6 +86,11 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
         "--exclude", action="append", default=[], metavar="PATTERN", help="leave sites matching this glob dense (repeatable)"
     )
     group.add_argument("--rank-multiple", type=int, default=8, help="round ranks to a multiple of this (default 8)")
+    group.add_argument(
+        "--prune-neurons", type=float, default=0.0, metavar="FRACTION",
+        help="remove this fraction of the neurons of every hidden width up -> activation -> down (an FFN), the rest "
+        "of the ratio by rank (default 0: off)",
+    )
 
 
 def _steps_or_fraction(text: str) -> int | float:
@@ -179,6 +184,7 @@ def _config(args: argparse.Namespace, trains: bool) -> CompressionConfig:
         exclude=tuple(args.exclude),
         rank_multiple=args.rank_multiple,
         rank_slack=_rank_slack(args, trains),
+        prune_neurons=args.prune_neurons,
     )
 
 

@@ -33,6 +33,10 @@ class CompressionConfig:
     rank_multiple: ranks are rounded to a multiple of this where it costs little (fast kernels).
     rank_slack: extra rank a student starts with, pruned away during joint training (0 when
         training-free).
+    prune_neurons: fraction of the neurons of every hidden width between two compressed sites
+        (up -> elementwise activation -> down, as in a transformer's FFN) that is removed, ranked by
+        their contribution on the calibration data (0: off). Pruned neurons shrink the activation
+        too, which factorizing the two sites cannot; the ranks then fill what is left of the budget.
     damping: relative diagonal damping of the input covariance before whitening.
     check_numerics: after every pass that promises unchanged outputs, run the model on the example
         inputs and compare (slower; default on when the environment sets TUNECOMP_CHECK_NUMERICS=1,
@@ -46,6 +50,7 @@ class CompressionConfig:
     exclude: tuple[str, ...] = ()
     rank_multiple: int = 8
     rank_slack: float = 0.0
+    prune_neurons: float = 0.0
     damping: float = 1e-6
     check_numerics: bool = field(default_factory=lambda: os.environ.get(CHECK_NUMERICS_ENV) == "1")
 
@@ -74,6 +79,13 @@ class CompressionConfig:
                 f"method='union' trains a fixed-rank core between fixed bases and prunes no ranks; "
                 f"rank_slack must be 0 (got {self.rank_slack})"
             )
+        if isinstance(self.prune_neurons, bool) or not isinstance(self.prune_neurons, (int, float)) or not 0.0 <= self.prune_neurons < 1.0:
+            raise ConfigError(
+                f"prune_neurons must be a number in [0, 1), the fraction of each hidden width's neurons to remove "
+                f"(0: off); got {self.prune_neurons!r}"
+            )
+        if self.method == "union" and self.prune_neurons > 0:
+            raise ConfigError("method='union' does not prune neurons; use method='tunecomp' with prune_neurons")
         if not self.damping > 0:
             raise ConfigError(f"damping must be > 0; got {self.damping}")
 

@@ -16,7 +16,7 @@ from tunecomp_fx.config import CompressionConfig
 from tunecomp_fx.errors import PassError, TunecompError
 from tunecomp_fx.inputs import Inputs, call_model, flatten_outputs
 from tunecomp_fx.mode import evaluating
-from tunecomp_fx.sites import Site
+from tunecomp_fx.sites import HiddenWidth, Site
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,7 @@ class PassContext:
     loss_fn: Any = None  # loss(outputs, targets) for gradient calibration; None: cross-entropy
     check_inputs: Inputs | None = None
     sites: list[Site] = field(default_factory=list)
+    hidden_widths: list[HiddenWidth] = field(default_factory=list)  # pairs whose neurons are pruned
     covariances: dict[str, Any] = field(default_factory=dict)
     gradient_covariances: dict[str, Any] = field(default_factory=dict)  # of the loss at each site's output
     rows_per_sample: dict[str, float] = field(default_factory=dict)  # input rows (tokens) per example

@@ -82,7 +82,7 @@ class RankPruner:
             self.students.append(_Student(site, module, module.rank_mask.numel(), context.ranks[site.name].rank))
         dense_sites = [s for s in context.compressed_sites if s not in factorized]
         self.fixed_params = sum(site.dense_params for site in dense_sites)
-        self.dense_total = sum(site.dense_params for site in context.compressed_sites)
+        self.dense_total = sum(site.unpruned_params for site in context.compressed_sites)
         self.budget = context.config.kept_fraction * self.dense_total
         self.start_params = self.fixed_params + sum(kept_site_params(s.site, s.start_rank) for s in self.students)
 

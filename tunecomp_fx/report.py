@@ -122,8 +122,8 @@ class CompressionReport:
     def _table_rows(self) -> list[list[str]]:
         rows = []
         for row in self.sites:
-            if row.rank is not None:
-                note = f"break-even rank {row.break_even_rank}"
+            if row.rank is not None:  # a reason here says what neuron pruning kept (the shape is the unpruned one)
+                note = row.reason or f"break-even rank {row.break_even_rank}"
             else:
                 note = f"{row.decision}: {row.reason}" if row.reason else row.decision
             rows.append(

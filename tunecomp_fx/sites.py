@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import fx
@@ -39,6 +39,12 @@ class Site:
     entry_node: str = ""
     layout: str = "linear"
     stride: int = 1  # a strided pointwise convolution reads x[..., ::stride, ::stride]
+    # Neuron pruning (prune_neurons) keeps some neurons of a hidden width: the rows of the up-projection
+    # that computes it, the columns of the down-projection that reads it. in/out_features count what
+    # is kept; unpruned_shape is the weight's (out, in) before.
+    kept_rows: tuple[int, ...] | None = None
+    kept_columns: tuple[int, ...] | None = None
+    unpruned_shape: tuple[int, int] | None = None
 
     @property
     def key(self) -> str:
@@ -50,6 +56,38 @@ class Site:
         bias = self.out_features if self.bias_target is not None else 0
         return self.out_features * self.in_features + bias
 
+    @property
+    def unpruned_params(self) -> int:
+        """Parameters of the layer as the model holds it, before any neuron is pruned."""
+        out_features, in_features = self.unpruned_shape or (self.out_features, self.in_features)
+        return out_features * in_features + (out_features if self.bias_target is not None else 0)
+
+    def sliced(self, rows: tuple[int, ...] | None = None, columns: tuple[int, ...] | None = None) -> Site:
+        """This site restricted to the kept `rows` (output neurons) or `columns` (input neurons)."""
+        return replace(
+            self,
+            kept_rows=rows if rows is not None else self.kept_rows,
+            kept_columns=columns if columns is not None else self.kept_columns,
+            out_features=len(rows) if rows is not None else self.out_features,
+            in_features=len(columns) if columns is not None else self.in_features,
+            unpruned_shape=self.unpruned_shape or (self.out_features, self.in_features),
+        )
+
+    def weight(self, gm: nn.Module) -> torch.Tensor:
+        """The (out, in) matrix this site compresses, in every layout: the kept rows and columns."""
+        weight = gm.get_parameter(self.weight_target).flatten(1)
+        if self.kept_rows is not None:
+            weight = weight[list(self.kept_rows)]
+        if self.kept_columns is not None:
+            weight = weight[:, list(self.kept_columns)]
+        return weight
+
+    def bias(self, gm: nn.Module) -> torch.Tensor | None:
+        if self.bias_target is None:
+            return None
+        bias = gm.get_parameter(self.bias_target)
+        return bias[list(self.kept_rows)] if self.kept_rows is not None else bias
+
     def factorized_params(self, rank: int) -> int:
         # The student carries its own bias of the full output width.
         return rank * (self.in_features + self.out_features) + self.out_features
@@ -59,6 +97,19 @@ class Site:
         """Smallest rank at which the factorization holds as many weights as the dense matrix."""
         m, n = self.out_features, self.in_features
         return -(-(m * n) // (m + n))
+
+
+@dataclass(frozen=True)
+class HiddenWidth:
+    """up -> elementwise nodes -> down: a hidden width that neuron pruning slices. `up` and `down`
+    name the two sites, `elementwise` the nodes between them (an activation, perhaps a dropout),
+    `kept` the neurons kept (select_hidden_neurons decides)."""
+
+    up: str
+    down: str
+    elementwise: tuple[str, ...]
+    width: int
+    kept: tuple[int, ...] = ()
 
 
 class Blend(nn.Module):

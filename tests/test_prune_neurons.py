@@ -1,0 +1,178 @@
+"""Neuron pruning (prune_neurons): hidden widths between two compressed sites are found, their
+least important neurons are sliced away, and the pair gets one student path blended at its down site."""
+
+from __future__ import annotations
+
+import operator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tests.joint_task import digits_task, endless, fresh, single_thread  # noqa: F401
+from tests.models import MLP, AttentionBlock
+from torch import nn
+
+import tunecomp_fx
+from tunecomp_fx import StepHook
+from tunecomp_fx.errors import BudgetError, ConfigError, SiteError
+from tunecomp_fx.export import to_onnx
+from tunecomp_fx.metrics import count_parameters
+from tunecomp_fx.passes.select_hidden_neurons import kept_neuron_count
+from tunecomp_fx.sites import Blend, student_nodes
+
+aten = torch.ops.aten
+
+
+def _context(prepared: torch.fx.GraphModule):  # noqa: ANN202
+    return prepared.meta["tunecomp"].context
+
+
+def half_dead() -> nn.Module:
+    """8 -> 16 -> 4 whose first 8 hidden neurons never fire (ReLU of a negative constant)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4, bias=False)).eval()
+    with torch.no_grad():
+        model[0].weight[:8] = 0.0
+        model[0].bias[:8] = -1.0
+        model[0].bias[8:] = 0.5
+    return model
+
+
+def test_the_pair_gets_one_student_path_blended_at_its_down_site() -> None:
+    torch.manual_seed(0)
+    model, x = AttentionBlock().eval(), torch.randn(4, 16, 64)
+    prepared = tunecomp_fx.prepare(model, x, 0.5, prune_neurons=0.5)
+
+    [width] = _context(prepared).hidden_widths
+    assert (width.up, width.down, width.width, len(width.kept)) == ("fc1", "fc2", 256, 128)
+    roles = student_nodes(prepared)
+    assert "blend" not in roles["fc1"] and "blend" in roles["fc2"]
+    copy = roles["fc2"]["down"].args[0]  # the down site's student reads its own GELU of the up site's student
+    assert copy.target in (F.gelu, aten.gelu.default) and copy.args[0] is roles["fc1"]["up"]
+    assert copy.meta["tunecomp"] == {"site": "fc1", "role": "hidden"}
+    teacher_gelu = roles["fc2"]["teacher"].args[0]
+    assert teacher_gelu is not copy and teacher_gelu.args[0].target == "fc1"  # the teacher path keeps the full width
+    assert prepared.lowrank.fc1.up.out_features == 128 and prepared.lowrank.fc2.down.in_features == 128
+    with torch.no_grad():
+        assert torch.equal(prepared(x), model(x))  # alpha = 1: the teacher alone
+
+
+def test_finalize_slices_the_width_and_computes_the_student_path() -> None:
+    torch.manual_seed(0)
+    model, x = AttentionBlock().eval(), torch.randn(4, 16, 64)
+    prepared = tunecomp_fx.prepare(model, x, 0.5, prune_neurons=0.5)
+    tunecomp_fx.set_blend(prepared, 0.0)
+    with torch.no_grad():
+        student_path = prepared(x)
+    compact = tunecomp_fx.finalize(prepared)
+
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x), student_path, rtol=1e-5, atol=1e-5)
+    names = {name for name, _ in compact.named_parameters()}
+    assert not names & {"fc1.weight", "fc2.weight"}  # the full-width teachers are gone
+    fc1, fc2 = compact.lowrank.fc1, compact.lowrank.fc2
+    assert (fc1.dense.out_features if hasattr(fc1, "dense") else fc1.up.out_features) == 128
+    assert (fc2.dense.in_features if hasattr(fc2, "dense") else fc2.down.in_features) == 128
+    gelus = [n for n in compact.graph.nodes if n.target in (F.gelu, aten.gelu.default)]
+    assert len(gelus) == 1
+    rows = {row.name: row for row in tunecomp_fx.get_report(compact).sites}
+    assert (rows["fc1"].out_features, rows["fc1"].in_features, rows["fc1"].params_before) == (256, 64, 256 * 64 + 256)
+    assert "128 of 256 output neurons kept" in rows["fc1"].reason
+    assert "128 of 256 input neurons kept" in rows["fc2"].reason
+    # the ratio is of the layers before pruning, and the ranks fill what pruning left
+    kept = sum(row.params_after for row in rows.values()) / sum(row.params_before for row in rows.values())
+    assert 0.47 <= kept <= 0.5
+    assert sum(row.params_after for row in rows.values()) == count_parameters(compact.lowrank)
+
+
+def test_dead_neurons_are_the_ones_pruned_and_the_model_is_unchanged() -> None:
+    model = half_dead()
+    x = torch.randn(64, 8)
+    prepared = tunecomp_fx.prepare(model, x, 0.5, prune_neurons=0.5)  # pruning alone removes exactly half
+    [width] = _context(prepared).hidden_widths
+    assert width.kept == tuple(range(8, 16))
+    tunecomp_fx.set_blend(prepared, 0.0)
+    compact = tunecomp_fx.finalize(prepared)
+    # both sites keep their sliced weights whole (past break-even): only dead neurons left
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x), model(x), rtol=1e-5, atol=1e-5)
+    assert count_parameters(compact) == (8 * 8 + 8) + (4 * 8 + 4)  # a student carries a bias (here zero)
+
+
+def test_a_layer_between_two_widths_is_sliced_on_both_sides_and_trains_through_teacher_removal() -> None:
+    task = digits_task()
+    prepared = tunecomp_fx.prepare(fresh("mlp"), task.example_inputs(), 0.6, prune_neurons=0.25, rank_slack=0.25)
+    widths = _context(prepared).hidden_widths
+    assert [(w.up, w.down) for w in widths] == [("0", "2"), ("2", "4")]
+    assert [len(w.kept) for w in widths] == [192, 192]
+    roles = student_nodes(prepared)
+    assert ["blend" in roles[key] for key in ("0", "2", "4")] == [False, False, True]
+
+    hook = StepHook(prepared, steps=8, blend_steps=4)
+    optimizer = torch.optim.AdamW([p for p in prepared.parameters() if p.requires_grad], lr=1e-3)
+    data = endless(task.loader(seed=0))
+    for _ in range(8):
+        inputs, targets = next(data)
+        (F.cross_entropy(prepared(inputs), targets) + hook.distill_loss()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        hook.step()
+    assert hook.teacher_removed
+    assert not any(isinstance(m, Blend) for m in prepared.modules())
+    assert not {"0.weight", "2.weight", "4.weight"} & {name for name, _ in prepared.named_parameters()}
+    compact = tunecomp_fx.finalize(prepared)
+    rows = {row.name: row for row in tunecomp_fx.get_report(compact).sites}
+    assert rows["2"].reason.startswith("192 of 256 output and 192 of 256 input neurons kept")
+    with torch.no_grad():
+        assert torch.isfinite(compact(task.test[0])).all()
+    assert sum(row.params_after for row in rows.values()) <= 0.4 * sum(row.params_before for row in rows.values())
+
+
+def test_the_pruned_model_exports_to_onnx(tmp_path) -> None:  # noqa: ANN001
+    torch.manual_seed(0)
+    model, x = AttentionBlock().eval(), torch.randn(4, 16, 64)
+    compact = tunecomp_fx.compress(model, x, 0.6, prune_neurons=0.5)
+    result = to_onnx(compact, (x,), tmp_path / "pruned.onnx")
+    assert all(error < 1e-4 for error in result.max_errors.values())
+
+
+def test_kept_neuron_count_rounds_to_the_rank_multiple() -> None:
+    assert kept_neuron_count(1536, 0.5, 8) == 768
+    assert kept_neuron_count(1536, 0.3, 8) == 1072  # 1075.2 -> a multiple of 8
+    assert kept_neuron_count(10, 0.5, 8) == 5  # too narrow for the multiple
+    assert kept_neuron_count(16, 0.99, 8) == 8  # at least one multiple
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0, "half", True])
+def test_prune_neurons_out_of_range_is_a_config_error(value: object) -> None:
+    with pytest.raises(ConfigError, match=r"prune_neurons must be a number in \[0, 1\)"):
+        tunecomp_fx.CompressionConfig(prune_neurons=value)
+
+
+def test_union_does_not_prune_neurons() -> None:
+    with pytest.raises(ConfigError, match="method='union' does not prune neurons"):
+        tunecomp_fx.CompressionConfig(method="union", prune_neurons=0.3)
+
+
+def test_a_model_without_hidden_widths_says_so() -> None:
+    # MLP's ReLU output also feeds a residual add: slicing it would change the add
+    with pytest.raises(SiteError, match="found no hidden width to prune.*prune_neurons=0"):
+        tunecomp_fx.prepare(MLP(), torch.randn(8, 64), 0.5, prune_neurons=0.3)
+
+
+def test_an_excluded_down_site_leaves_no_width() -> None:
+    with pytest.raises(SiteError, match="found no hidden width"):
+        tunecomp_fx.prepare(half_dead(), torch.randn(8, 8), 0.3, prune_neurons=0.3, exclude=("2",))
+
+
+def test_pruning_past_the_ratio_is_a_budget_error() -> None:
+    with pytest.raises(BudgetError, match=r"prune_neurons=0.5 alone removes 0.5 of .* more than ratio=0.3"):
+        tunecomp_fx.prepare(half_dead(), torch.randn(8, 8), 0.3, prune_neurons=0.5)
+
+
+def test_without_pruning_the_graph_has_no_hidden_copy() -> None:
+    prepared = tunecomp_fx.prepare(half_dead(), torch.randn(8, 8), 0.3)
+    assert _context(prepared).hidden_widths == []
+    assert all("blend" in roles for roles in student_nodes(prepared).values())
+    assert not any(n.meta.get("tunecomp", {}).get("role") == "hidden" for n in prepared.graph.nodes)
+    assert operator.mul in {n.target for n in prepared.graph.nodes}  # rank masks as before
