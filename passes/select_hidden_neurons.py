@@ -51,8 +51,8 @@ class SelectHiddenNeurons(GraphPass):
         for width in ctx.hidden_widths:
             up, down = sites[width.up], sites[width.down]
             covariance = ctx.covariances[down.name]
-            second_moment = covariance.covariance.diagonal().clamp_min(0).sqrt()
-            importance = second_moment.to(down.weight(gm).device) * down.weight(gm).detach().double().norm(dim=0)
+            weight = down.weight(gm).detach().double()
+            importance = covariance.covariance.diagonal().clamp_min(0).sqrt().to(weight.device) * weight.norm(dim=0)
             count = kept_neuron_count(width.width, ctx.config.prune_neurons, ctx.config.rank_multiple)
             kept = tuple(sorted(importance.topk(count).indices.tolist()))
             sites[up.name] = up.sliced(rows=kept)
