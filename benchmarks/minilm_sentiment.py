@@ -62,6 +62,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "distill=0,T=0.25": {"distill_weight": 0.0, "blend_steps": 0.25},
     "prune_neurons=0.3": {"prune_neurons": 0.3},
     "prune_neurons=0.5": {"prune_neurons": 0.5},
+    "prune_neurons=0.7,prune_heads=0.67": {"prune_neurons": 0.7, "prune_heads": 0.67},
+    "prune_neurons=0.5,prune_heads=0.5": {"prune_neurons": 0.5, "prune_heads": 0.5},
     "seed=1": {"seed": 1},  # the same run with another shuffle and dropout: the noise between runs
 }
 METHODS = ("ft", "joint", "ft_c_ft", "ft_svd", "c_ft", "union")

@@ -7,13 +7,15 @@ measures what issue 4 asks at ratio 0.7 (30% of the MACs kept):
   ffn30+lowrank_attn 30% of the FFN neurons kept (dense), attention sites low-rank at 0.7
   ffn50+lowrank      50% of the FFN neurons kept, then every site low-rank at 0.55
   ffn30+heads4       30% of the FFN neurons and 4 of the 12 heads per layer kept, all dense
-and, for latency, tunecomp's own neuron pruning (prune_neurons, which this probe led to):
-  prune_neurons=0.5  half of every FFN's neurons pruned, the rest low-rank, all at ratio 0.7
-  prune_neurons=0.3  30% of the neurons pruned, likewise
+and, for latency, tunecomp's own width pruning (prune_neurons, prune_heads, which this probe led
+to), each at ratio 0.7 with the ranks taking what pruning leaves, named by its options, e.g.
+  prune_neurons=0.5                    half of every FFN's neurons pruned
+  prune_neurons=0.7,prune_heads=0.67   70% of the neurons and 8 of the 12 heads pruned
 Neurons are ranked by E|GELU(h_j)| * ||W_down[:, j]|| and heads by E||context_h|| * ||W_out[:, h]||
 on the calibration batches.
 
     python benchmarks/structured_width_probe.py latency          # ORT speedups against the MAC bound
+    python benchmarks/structured_width_probe.py latency --forms lowrank ffn30+heads4   # a subset
     python benchmarks/structured_width_probe.py train --seed N   # compress -> fine-tune, and joint
 
 `train` runs the quick profile's recipe (240 steps, batch 16, 32 tokens, lr 2e-4) on the benchmark's
@@ -42,7 +44,14 @@ from tunecomp_fx.sentiment import SentimentTask, onnx_latency, sentiment_task
 
 FFN_SITES = ("*intermediate.dense", "*layer.?.output.dense")
 OUTPUT = Path("benchmarks/results/structured_width_probe")
-TUNECOMP_PRUNING = (0.5, 0.3)  # its joint runs are minilm_sentiment.py's ablations prune_neurons=0.5 / 0.3
+# tunecomp's options per form; their joint runs are minilm_sentiment.py's ablations of the same names
+TUNECOMP_PRUNING = {
+    "prune_neurons=0.5": {"prune_neurons": 0.5},
+    "prune_neurons=0.3": {"prune_neurons": 0.3},
+    "prune_neurons=0.7,prune_heads=0.67": {"prune_neurons": 0.7, "prune_heads": 0.67},
+    "prune_neurons=0.71,prune_heads=0.67": {"prune_neurons": 0.71, "prune_heads": 0.67},
+    "prune_neurons=0.5,prune_heads=0.5": {"prune_neurons": 0.5, "prune_heads": 0.5},
+}
 
 
 def sliced(linear: nn.Linear, rows: torch.Tensor | None = None, columns: torch.Tensor | None = None) -> nn.Linear:
@@ -110,7 +119,7 @@ def forms(task: SentimentTask) -> dict[str, Callable[..., nn.Module]]:
         "ffn30+lowrank_attn": lambda **o: compress(pruned_widths(base, calibration, 0.3), example, 0.7, calib=calibration, exclude=FFN_SITES, **o),
         "ffn50+lowrank": lambda **o: compress(pruned_widths(base, calibration, 0.5), example, 0.55, calib=calibration, **o),
         "ffn30+heads4": lambda: pruned_widths(base, calibration, 0.3, heads_kept=4),
-        **{f"prune_neurons={p}": (lambda p=p, **o: compress(base, example, 0.7, calib=calibration, prune_neurons=p, **o)) for p in TUNECOMP_PRUNING},
+        **{name: (lambda p=p, **o: compress(base, example, 0.7, calib=calibration, **p, **o)) for name, p in TUNECOMP_PRUNING.items()},
     }
 
 
@@ -120,13 +129,17 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0, help="of the batch order and the runs (train)")
     parser.add_argument("--repeats", type=int, default=10, help="interleaved ORT timing rounds (latency)")
     parser.add_argument("--json", default="latency.json", help="file name of the latency results, in the results folder")
+    parser.add_argument("--forms", nargs="*", help="time only these forms (latency; default: all)")
     args = parser.parse_args()
     OUTPUT.mkdir(parents=True, exist_ok=True)
     task = sentiment_task(max_length=32, batch_size=16)  # minilm_sentiment.py's quick profile and head
     built = forms(task)
     macs_before = count_macs(task.model, task.example)
     if args.what == "latency":
-        models = {"original": task.model, **{name: make() for name, make in built.items()}}
+        unknown = set(args.forms or ()) - set(built)
+        if unknown:
+            parser.error(f"unknown forms {sorted(unknown)}; choose from {list(built)}")
+        models = {"original": task.model, **{name: make() for name, make in built.items() if name in (args.forms or built)}}
         latency = onnx_latency(models, task.example, OUTPUT / "onnx", baseline="original", repeats=args.repeats)
         rows = {}
         for name, model in models.items():
@@ -139,7 +152,7 @@ def main() -> int:
     recipe = TrainingConfig(steps=240, lr=2e-4, seed=args.seed)
     runs: dict[str, Callable[[], nn.Module]] = {
         **{f"{name}/c_ft": (lambda make=make: finetune(make(), task.train, recipe, progress=False))
-           for name, make in built.items() if not name.startswith("prune_neurons")},
+           for name, make in built.items() if name not in TUNECOMP_PRUNING},
         "ffn50+joint": lambda: built["ffn50+lowrank"](data=task.train, training=recipe),
     }
     rows = []

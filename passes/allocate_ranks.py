@@ -136,7 +136,7 @@ def global_priority(energies: dict[str, torch.Tensor]) -> Callable[[_State, int,
 
 
 def _hidden_width_sites(ctx: PassContext) -> list[Site]:
-    names = {name for width in ctx.hidden_widths for name in (width.up, width.down)}
+    names = {name for width in ctx.hidden_widths for name in width.sites}
     return [site for site in ctx.compressed_sites if site.name in names]
 
 

@@ -25,7 +25,9 @@ class EliminateDeadCode(GraphPass):
     preserves_outputs = True
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-        gm.graph.eliminate_dead_code()
+        # Random ops count as impure by default (they advance the RNG); a teacher's attention (its
+        # dropout_p makes it random) must still go once nothing reads it.
+        gm.graph.eliminate_dead_code(is_impure_node=lambda node: node.is_impure(impure_random=False))
         gm.recompile()
         gm.delete_all_unused_submodules()
         used = _used_attributes(gm)

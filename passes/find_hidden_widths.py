@@ -1,9 +1,19 @@
-"""Analysis (when prune_neurons > 0): find every hidden width between two compressed sites, where an
-up-projection's output passes only through elementwise nodes (an activation, perhaps a dropout) into
-a down-projection, as in a transformer's FFN. Dropping a neuron there removes a row of up, the
-activation's element and a column of down, and changes nothing else in the model."""
+"""Analysis (when prune_neurons or prune_heads > 0): find every hidden width between compressed sites
+that can be sliced without changing anything else in the model.
+
+- neurons (prune_neurons): an up-projection's output passes only through elementwise nodes (an
+  activation, perhaps a dropout) into a down-projection, as in a transformer's FFN. Dropping a
+  neuron removes a row of up, the activation's element and a column of down.
+- heads (prune_heads): the query, key and value sites each split their output into heads
+  (view (..., heads, head_dim), swap to (batch, heads, seq, head_dim)), scaled_dot_product_attention
+  reads them, and the heads are swapped back and merged into the output site's input. Dropping a
+  head removes head_dim rows of each of query, key and value and head_dim columns of the output site;
+  each head attends on its own, so the others compute what they did.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +34,9 @@ _ACTIVATION_FUNCTIONS = {
 _ACTIVATION_METHODS = {"relu", "tanh", "sigmoid"}
 _ACTIVATION_MODULES = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid)
 _DROPOUTS = {aten.dropout.default, F.dropout}
+_RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, torch.reshape, "view", "reshape"}
+_SWAPS = {aten.transpose.int, aten.permute.default, torch.transpose, torch.permute, "transpose", "permute"}
+_ATTENTION = {aten.scaled_dot_product_attention.default, F.scaled_dot_product_attention}
 
 
 def _elementwise(gm: fx.GraphModule, node: fx.Node) -> str | None:
@@ -41,7 +54,7 @@ def _elementwise(gm: fx.GraphModule, node: fx.Node) -> str | None:
     return None
 
 
-def hidden_width(gm: fx.GraphModule, up: Site, sites_by_entry: dict[str, Site], nodes: dict[str, fx.Node]) -> HiddenWidth | None:
+def neuron_width(gm: fx.GraphModule, up: Site, sites_by_entry: dict[str, Site], nodes: dict[str, fx.Node]) -> HiddenWidth | None:
     """The width `up` computes, if only elementwise nodes, one an activation, lead from it to a compressed site's input."""
     current, chain, kinds = nodes[up.node], [], set()
     while len(current.users) == 1:
@@ -49,7 +62,7 @@ def hidden_width(gm: fx.GraphModule, up: Site, sites_by_entry: dict[str, Site], 
         down = sites_by_entry.get(user.name)
         if down is not None:
             if site_input(user) is current and "activation" in kinds and down.in_features == up.out_features:
-                return HiddenWidth(up.name, down.name, tuple(chain), up.out_features)
+                return HiddenWidth("neurons", (up.name,), down.name, tuple(chain), up.out_features)
             return None
         kind = _elementwise(gm, user)
         if kind is None:
@@ -58,6 +71,105 @@ def hidden_width(gm: fx.GraphModule, up: Site, sites_by_entry: dict[str, Site], 
         kinds.add(kind)
         current = user
     return None
+
+
+def shape_entries(node: fx.Node) -> list:
+    """The shape a view/reshape node asks for, whether given as one list or as separate arguments."""
+    rest = node.args[1:]
+    return list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
+
+
+def with_shape(node: fx.Node, entries: Sequence) -> tuple:
+    """`node`'s arguments with its shape replaced, in the form the node gave it."""
+    rest = node.args[1:]
+    packed = len(rest) == 1 and isinstance(rest[0], (list, tuple))
+    return (node.args[0], list(entries)) if packed else (node.args[0], *entries)
+
+
+def _is(node: fx.Node, targets: set) -> bool:
+    return node.op in ("call_function", "call_method") and node.target in targets
+
+
+def _swaps_heads_and_sequence(node: fx.Node) -> bool:
+    """transpose(1, 2) or permute(0, 2, 1, 3) of a 4-d (batch, seq, heads, head_dim) tensor."""
+    dims = node.args[1:]
+    dims = tuple(dims[0]) if len(dims) == 1 and isinstance(dims[0], (list, tuple)) else tuple(dims)
+    if node.target in (aten.permute.default, torch.permute, "permute"):
+        return dims == (0, 2, 1, 3)
+    return set(dims) in ({1, 2}, {-3, -2})
+
+
+def _data_input(node: fx.Node) -> fx.Node | None:
+    """The tensor a reshape, swap or contiguous reads (its other inputs are sizes)."""
+    return node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+
+
+_PASS_THROUGH = _RESHAPES | _SWAPS | {"contiguous"}
+
+
+def _chain_back(end: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
+    """Walk back from `end` through reshapes, swaps and contiguous copies, each read by the next alone:
+    the first other node reached, and the chain in graph order (`end` last)."""
+    chain, current = [], end
+    while _is(current, _PASS_THROUGH) and len(current.users) == 1:
+        chain.append(current)
+        source = _data_input(current)
+        if source is None:
+            break
+        current = source
+    return current, chain[::-1]
+
+
+def _is_split_of_heads(chain: list[fx.Node], width: int) -> int | None:
+    """head_dim, if `chain` is view(..., heads or -1, head_dim) then one heads/sequence swap."""
+    reshapes = [n for n in chain if _is(n, _RESHAPES)]
+    swaps = [n for n in chain if _is(n, _SWAPS)]
+    if len(reshapes) != 1 or len(swaps) != 1 or chain[0] is not reshapes[0] or not _swaps_heads_and_sequence(swaps[0]):
+        return None
+    entries = shape_entries(reshapes[0])
+    head_dim = entries[-1] if len(entries) == 4 else None
+    if not isinstance(head_dim, int) or head_dim < 1 or width % head_dim or entries[-2] not in (-1, width // head_dim):
+        return None
+    return head_dim
+
+
+def head_width(down: Site, sites_by_node: dict[str, Site], nodes: dict[str, fx.Node]) -> HiddenWidth | None:
+    """The attention heads `down` reads, if its input is merged from the heads of one
+    scaled_dot_product_attention whose query, key and value are each split from a compressed site."""
+    width = down.in_features
+    merge = site_input(nodes[down.entry_node])
+    attention, after = _chain_back(merge)
+    if not after or after[-1] is not merge or not _is(merge, _RESHAPES) or shape_entries(merge)[-1] not in (-1, width):
+        return None
+    if not _is(attention, _ATTENTION) or len(attention.users) != 1:
+        return None
+    swaps = [n for n in after if _is(n, _SWAPS)]
+    if len(swaps) != 1 or not _swaps_heads_and_sequence(swaps[0]):
+        return None
+    ups, head_dims, splits, between = [], set(), [], [attention, *after]
+    for query_key_or_value in attention.args[:3]:
+        source, chain = _chain_back(query_key_or_value) if isinstance(query_key_or_value, fx.Node) else (None, [])
+        up = sites_by_node.get(source.name) if source is not None else None
+        head_dim = _is_split_of_heads(chain, width) if chain else None
+        if up is None or up.layout != "linear" or up.out_features != width or len(source.users) != 1 or head_dim is None:
+            return None
+        ups.append(up.name)
+        head_dims.add(head_dim)
+        splits.append(chain[0])
+        between += chain
+    if len(set(ups)) != 3 or len(head_dims) != 1:
+        return None
+    head_dim = head_dims.pop()
+    heads = width // head_dim
+    # reshapes between attention and the merge must keep (heads, head_dim) apart without naming the head count
+    if any(_is(n, _RESHAPES) and (shape_entries(n)[-1:] != [head_dim] or heads in shape_entries(n)[:-1]) for n in after[:-1]):
+        return None
+    resized = [(split.name, 2) for split in splits if shape_entries(split)[2] == heads]
+    if shape_entries(merge)[-1] == width:
+        resized.append((merge.name, len(shape_entries(merge)) - 1))
+    names = {node.name for node in between}
+    ordered = tuple(name for name in nodes if name in names)
+    return HiddenWidth("heads", tuple(ups), down.name, ordered, width, head_dim, tuple(resized))
 
 
 class FindHiddenWidths(GraphPass):
@@ -70,17 +182,34 @@ class FindHiddenWidths(GraphPass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         nodes = {node.name: node for node in gm.graph.nodes}
         compressed = ctx.compressed_sites
-        sites_by_entry = {site.entry_node: site for site in compressed}
-        found = (hidden_width(gm, site, sites_by_entry, nodes) for site in compressed)
-        ctx.hidden_widths = [width for width in found if width is not None]
+        widths: list[HiddenWidth | None] = []
+        if ctx.config.prune_neurons > 0:
+            sites_by_entry = {site.entry_node: site for site in compressed}
+            widths += [neuron_width(gm, site, sites_by_entry, nodes) for site in compressed]
+        if ctx.config.prune_heads > 0:
+            sites_by_node = {site.node: site for site in compressed}
+            widths += [head_width(site, sites_by_node, nodes) for site in compressed]
+        ctx.hidden_widths = [width for width in widths if width is not None]
         return gm
 
     def ensures(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:
-        if not ctx.hidden_widths:
+        kinds = {width.kind for width in ctx.hidden_widths}
+        if ctx.config.prune_neurons > 0 and "neurons" not in kinds:
             raise SiteError(
                 f"prune_neurons={ctx.config.prune_neurons} found no hidden width to prune: no compressed site's "
                 "output reaches another compressed site through an elementwise activation alone (up -> "
                 "activation -> down, as in a transformer's FFN). Use prune_neurons=0 for this model, or "
                 "check that `exclude` leaves both layers of such a pair compressed"
             )
+        if ctx.config.prune_heads > 0 and "heads" not in kinds:
+            raise SiteError(
+                f"prune_heads={ctx.config.prune_heads} found no attention heads to prune: no compressed site reads "
+                "heads merged from one scaled_dot_product_attention whose query, key and value are split from "
+                "three compressed sites (view (..., heads, head_dim), transpose(1, 2)). Fused qkv projections and "
+                "hand-written attention (matmul, softmax) are not recognized; use prune_heads=0 for this model, "
+                "or check that `exclude` leaves the four projections of a block compressed"
+            )
+        shared = [name for name in {s for w in ctx.hidden_widths for s in w.ups} if sum(name in w.ups for w in ctx.hidden_widths) > 1]
+        if shared:
+            return f"site '{shared[0]}' is the up-projection of two hidden widths"
         return None

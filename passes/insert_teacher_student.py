@@ -12,9 +12,10 @@ method="union" puts a trainable core between fixed orthonormal bases:
 The mask sits on the core's output, where the default method's sits on down's, so finalize's
 fold_cores (core into down) leaves the default method's student behind.
 
-A pruned hidden width (prune_neurons) gets one student path for the pair, blended at the down site
-only: the up site's student computes the kept neurons, a copy of the elementwise nodes acts on them,
-and the down site's student reads that copy:
+A pruned hidden width (prune_neurons, prune_heads) gets one student path, blended at its down site
+only: the up sites' students compute the kept neurons, a copy of the nodes between acts on them (the
+activation; or the head split, attention and merge, with a literal head count scaled to the kept
+heads), and the down site's student reads that copy:
     x --> teacher up --> gelu --> teacher down ----------------------------------------------.
     x --> up site's student (kept rows) --> gelu (copy) --> down site's student (kept columns) --> blend
 so the teacher path keeps the full width until the blend drops it."""
@@ -28,6 +29,7 @@ import torch
 from torch import fx, nn
 
 from tunecomp_fx.forms import LAYOUTS, site_input
+from tunecomp_fx.passes.find_hidden_widths import shape_entries, with_shape
 from tunecomp_fx.pipeline import GraphPass, PassContext
 from tunecomp_fx.sites import LOWRANK_ROOT, Blend, HiddenWidth, Site, student_nodes, teacher_parameters
 
@@ -49,7 +51,7 @@ def _new_student(site: Site, rank: int, weight: torch.Tensor, core: bool, blende
         container.down.weight.requires_grad_(False)
         container.up.weight.requires_grad_(False)
     container.register_buffer("rank_mask", torch.ones(layout.mask_shape(rank), device=weight.device, dtype=weight.dtype))
-    if blended:  # the up site of a pruned hidden width is blended at its down site
+    if blended:  # an up site of a pruned hidden width is blended at its down site
         container.blend = Blend().to(weight.device)
     return container
 
@@ -67,22 +69,27 @@ class InsertTeacherStudent(GraphPass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         nodes = {node.name: node for node in gm.graph.nodes}
-        widths = {width.up: width for width in ctx.hidden_widths}
-        student_inputs: dict[str, fx.Node] = {}  # down site of a hidden width -> its student's input
+        sites = {site.name: site for site in ctx.sites}
+        unblended = {up for width in ctx.hidden_widths for up in width.ups}
+        widths_by_down = {width.down: width for width in ctx.hidden_widths}
+        student_outputs: dict[str, fx.Node] = {}  # up site of a hidden width -> its student's output
         root = nn.Module()
         gm.add_module(LOWRANK_ROOT, root)
         for site in ctx.factorized_sites():
             weight = gm.get_parameter(site.weight_target)
             rank = student_rank(site, ctx.ranks[site.name].rank, ctx.config.rank_slack)
             core = ctx.config.method == "union"
-            root.add_module(site.key, _new_student(site, rank, weight, core, blended=site.name not in widths))
+            root.add_module(site.key, _new_student(site, rank, weight, core, blended=site.name not in unblended))
             for parameter in teacher_parameters(gm, [site]):
                 parameter.requires_grad_(False)
             teacher = nodes[site.node]
             prefix = f"{LOWRANK_ROOT}.{site.key}"
             graph = gm.graph
+            if site.name in widths_by_down:
+                x = _copy_between(graph, nodes, sites, widths_by_down[site.name], student_outputs)
+            else:
+                x = site_input(nodes[site.entry_node])
             with graph.inserting_after(teacher):
-                x = student_inputs.get(site.name, site_input(nodes[site.entry_node]))
                 down = graph.call_module(f"{prefix}.down", (x,))
             projected = down
             if core:
@@ -97,9 +104,8 @@ class InsertTeacherStudent(GraphPass):
                 up = graph.call_module(f"{prefix}.up", (masked,))
             for node, role in ((down, "down"), (masked, "rank_mask"), (up, "up")):
                 node.meta["tunecomp"] = {"site": site.name, "role": role}
-            if site.name in widths:
-                width = widths[site.name]
-                student_inputs[width.down] = _copy_elementwise(graph, nodes, teacher, up, width)
+            if site.name in unblended:
+                student_outputs[site.name] = up
             else:
                 with graph.inserting_after(up):
                     blend = graph.call_module(f"{prefix}.blend", (teacher, up))
@@ -112,22 +118,22 @@ class InsertTeacherStudent(GraphPass):
         found = student_nodes(gm)
         nodes = {node.name: node for node in gm.graph.nodes}
         sites = ctx.factorized_sites()
-        widths = {width.up: width for width in ctx.hidden_widths}
-        hidden_inputs = {width.down: widths[width.up] for width in ctx.hidden_widths}
+        unblended = {up for width in ctx.hidden_widths for up in width.ups}
+        hidden_inputs = {width.down for width in ctx.hidden_widths}
         if len(found) != len(sites):
             return f"{len(found)} students for {len(sites)} factorized sites"
         for site in sites:
             roles = found.get(site.key, {})
-            expected = {"down", "rank_mask", "masked", "up"} | (set() if site.name in widths else {"blend"})
+            expected = {"down", "rank_mask", "masked", "up"} | (set() if site.name in unblended else {"blend"})
             missing = sorted(expected - set(roles))
             if missing:
                 return f"the student of site '{site.name}' lacks its {missing} nodes"
-            if site.name in widths:
+            if site.name in unblended:
                 if "blend" in roles or len(roles["up"].users) != 1:
-                    return f"the student of site '{site.name}' must feed its hidden width's elementwise copy alone, unblended"
+                    return f"the student of site '{site.name}' must feed its hidden width's copy alone, unblended"
             student_input = roles["down"].args[0]
             if site.name in hidden_inputs:
-                if student_input.meta.get("tunecomp") != {"site": hidden_inputs[site.name].up, "role": "hidden"}:
+                if student_input.meta.get("tunecomp") != {"site": site.name, "role": "hidden"}:
                     return f"the student of site '{site.name}' does not read its hidden width's student path"
             elif student_input is not site_input(nodes[site.entry_node]):
                 return f"the student of site '{site.name}' does not read the site's input"
@@ -137,7 +143,7 @@ class InsertTeacherStudent(GraphPass):
                 return f"the core of site '{site.name}' does not read its down-projection"
             if roles["masked"].args != (masked_input, roles["rank_mask"]) or roles["up"].args != (roles["masked"],):
                 return f"the student of site '{site.name}' is not down -> {'core -> ' * ('core' in roles)}mul(rank_mask) -> up"
-            if site.name in widths:
+            if site.name in unblended:
                 continue
             teacher = roles["teacher"]
             if teacher.name != site.node:
@@ -147,13 +153,24 @@ class InsertTeacherStudent(GraphPass):
         return None
 
 
-def _copy_elementwise(graph: fx.Graph, nodes: dict[str, fx.Node], teacher: fx.Node, student: fx.Node, width: HiddenWidth) -> fx.Node:
-    """The hidden width's elementwise nodes again, on the up site's student output; returns the last."""
-    copies = {teacher: student}
-    last = student
-    for name in width.elementwise:
-        with graph.inserting_after(last):
-            last = graph.node_copy(nodes[name], lambda node: copies.get(node, node))
-        last.meta["tunecomp"] = {"site": width.up, "role": "hidden"}
-        copies[nodes[name]] = last
-    return last
+def _copy_between(
+    graph: fx.Graph, nodes: dict[str, fx.Node], sites: dict[str, Site], width: HiddenWidth, student_outputs: dict[str, fx.Node]
+) -> fx.Node:
+    """The width's nodes between its ups and its down again, reading the up sites' students, each shape
+    entry that counts the width scaled to the kept neurons; returns the copy the down site's student reads."""
+    copies = {nodes[sites[up].node]: student_outputs[up] for up in width.ups}
+    resized = dict(width.resized)
+    entry = nodes[sites[width.down].entry_node]
+    with graph.inserting_before(entry):
+        for name in width.between:
+            original = nodes[name]
+            copy = graph.node_copy(original, lambda node: copies.get(node, node))
+            if name in resized:
+                entries = shape_entries(copy)
+                entries[resized[name]] = entries[resized[name]] * len(width.kept) // width.width
+                copy.args = with_shape(copy, entries)
+            for stale in ("val", "tensor_meta"):  # the copy computes fewer neurons
+                copy.meta.pop(stale, None)
+            copy.meta["tunecomp"] = {"site": width.down, "role": "hidden"}
+            copies[original] = copy
+    return copies[site_input(entry)]

@@ -1,8 +1,10 @@
-"""Analysis (when prune_neurons > 0): in every hidden width keep the neurons that carry the most of
-the down-projection's output, ranked by sqrt(E[h_j^2]) * ||W_down[:, j]|| on the calibration data
-(h_j: neuron j after the activation), and restrict the pair's sites to them: the up site to the kept
-rows, the down site to the kept columns and their input covariance to the kept neurons. Everything
-after this pass (decomposition, allocation, the students) sees the sliced sites."""
+"""Analysis (when prune_neurons or prune_heads > 0): in every hidden width keep the groups of neurons
+(single neurons of an FFN, heads of an attention block) that carry the most of the down-projection's
+output, E||W_g h_g||^2 = tr(W_g C_g W_g^T) on the calibration data (h_g: the group's part of the
+down site's input, C_g its covariance; for single neurons the ranking of sqrt(E[h_j^2]) * ||W[:, j]||),
+and restrict the sites to them: the up sites to the kept rows, the down site to the kept columns and
+its input covariance to the kept neurons. Everything after this pass (decomposition, allocation, the
+students) sees the sliced sites."""
 
 from __future__ import annotations
 
@@ -16,9 +18,17 @@ from tunecomp_fx.passes.calibrate_input_covariance import InputCovariance
 from tunecomp_fx.pipeline import GraphPass, PassContext
 
 
+def group_energies(weight: torch.Tensor, covariance: torch.Tensor, group: int) -> torch.Tensor:
+    """tr(W_g C_gg W_g^T) for each group g of `group` consecutive columns of `weight` (out, width)."""
+    groups = weight.shape[1] // group
+    columns = weight.reshape(weight.shape[0], groups, group)
+    blocks = covariance.reshape(groups, group, groups, group).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+    return torch.einsum("ogi,gij,ogj->g", columns, blocks, columns)
+
+
 def kept_neuron_count(width: int, prune: float, multiple: int) -> int:
-    """Neurons left of `width` after removing the fraction `prune`, a multiple of `multiple` (fast
-    kernels) where the width allows, at least one."""
+    """Neurons (or heads) left of `width` after removing the fraction `prune`, a multiple of
+    `multiple` (fast kernels) where the width allows, at least one."""
     kept = width * (1.0 - prune)
     if width >= 2 * multiple:
         return min(width, max(multiple, round(kept / multiple) * multiple))
@@ -31,9 +41,11 @@ def _check_ratio_reachable(ctx: PassContext) -> None:
     total = sum(site.unpruned_params for site in compressed)
     left = sum(site.dense_params for site in compressed)
     if left < ctx.config.kept_fraction * total:
+        config = ctx.config
         raise BudgetError(
-            f"prune_neurons={ctx.config.prune_neurons} alone removes {1 - left / total:.3g} of the compressed sites' "
-            f"parameters, more than ratio={ctx.config.ratio} asks for; use a smaller prune_neurons or a larger ratio"
+            f"pruning alone (prune_neurons={config.prune_neurons}, prune_heads={config.prune_heads}) removes "
+            f"{1 - left / total:.3g} of the compressed sites' parameters, more than ratio={config.ratio} asks for; "
+            "prune less or use a larger ratio"
         )
 
 
@@ -49,13 +61,18 @@ class SelectHiddenNeurons(GraphPass):
         sites = {site.name: site for site in ctx.sites}
         selected = []
         for width in ctx.hidden_widths:
-            up, down = sites[width.up], sites[width.down]
+            down = sites[width.down]
             covariance = ctx.covariances[down.name]
             weight = down.weight(gm).detach().double()
-            importance = covariance.covariance.diagonal().clamp_min(0).sqrt().to(weight.device) * weight.norm(dim=0)
-            count = kept_neuron_count(width.width, ctx.config.prune_neurons, ctx.config.rank_multiple)
-            kept = tuple(sorted(importance.topk(count).indices.tolist()))
-            sites[up.name] = up.sliced(rows=kept)
+            energies = group_energies(weight, covariance.covariance.to(weight.device), width.group)
+            if width.kind == "neurons":
+                count = kept_neuron_count(width.width, ctx.config.prune_neurons, ctx.config.rank_multiple)
+            else:
+                count = kept_neuron_count(len(energies), ctx.config.prune_heads, 1)
+            groups = energies.topk(count).indices.sort().values
+            kept = tuple((groups[:, None] * width.group + torch.arange(width.group, device=groups.device)).flatten().tolist())
+            for up in width.ups:
+                sites[up] = sites[up].sliced(rows=kept)
             sites[down.name] = down.sliced(columns=kept)
             index = torch.tensor(kept)
             ctx.covariances[down.name] = InputCovariance(covariance.gram[index][:, index], covariance.rows)
@@ -68,9 +85,9 @@ class SelectHiddenNeurons(GraphPass):
     def ensures(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:
         sites = {site.name: site for site in ctx.sites}
         for width in ctx.hidden_widths:
-            up, down = sites[width.up], sites[width.down]
-            if not width.kept or up.kept_rows != width.kept or down.kept_columns != width.kept:
-                return f"the sites of hidden width {width.up} -> {width.down} do not keep the same neurons"
+            down = sites[width.down]
+            if not width.kept or down.kept_columns != width.kept or any(sites[up].kept_rows != width.kept for up in width.ups):
+                return f"the sites of hidden width {', '.join(width.ups)} -> {width.down} do not keep the same neurons"
             if ctx.covariances[down.name].gram.shape != (len(width.kept),) * 2:
                 return f"the input covariance of site '{down.name}' is not restricted to its kept neurons"
         return None

@@ -41,6 +41,29 @@ class AttentionBlock(nn.Module):
         return x + self.fc2(F.gelu(self.fc1(x)))
 
 
+class HeadsBlock(nn.Module):
+    """Separate query, key, value and output projections around scaled_dot_product_attention, as in
+    Hugging Face's BERT. `literal_heads` writes the head count into the views (a symbolic trace keeps
+    it); otherwise the views infer it (-1), and a shape test makes symbolic tracing fail, so that the
+    capture goes through torch.export, as MiniLM's does."""
+
+    def __init__(self, dim: int = 64, heads: int = 4, literal_heads: bool = True) -> None:
+        super().__init__()
+        self.heads, self.head_dim, self.literal_heads = heads, dim // heads, literal_heads
+        self.query, self.key, self.value, self.out = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        if not self.literal_heads and x.shape[-1] < 0:  # a proxy bool: symbolic tracing cannot evaluate this
+            raise ValueError("negative width")
+        heads = self.heads if self.literal_heads else -1
+        q, k, v = (layer(x).view(b, t, heads, self.head_dim).transpose(1, 2) for layer in (self.query, self.key, self.value))
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
+        merged = context.reshape(b, t, self.heads * self.head_dim if self.literal_heads else -1)
+        return self.norm(x + self.out(merged))
+
+
 class ShapeBranching(nn.Module):
     """Python control flow on a tensor value: symbolic tracing fails, torch.export handles it."""
 

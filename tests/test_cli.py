@@ -102,20 +102,40 @@ def test_inspect_prints_sites_passes_graphs_and_writes_graph_files(tmp_path: Pat
     assert nx.read_graphml(tmp_path / "compact.graphml").number_of_nodes() == 7
 
 
-def test_compress_from_a_hugging_face_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def _save_tiny_bert(folder: Path, heads: int) -> None:
     transformers = pytest.importorskip("transformers")
     config = transformers.BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=heads, intermediate_size=64,
         max_position_embeddings=32, num_labels=2,
     )  # fmt: skip
     torch.manual_seed(0)
-    transformers.BertForSequenceClassification(config).save_pretrained(tmp_path / "bert")
+    transformers.BertForSequenceClassification(config).save_pretrained(folder)
+
+
+def test_compress_from_a_hugging_face_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _save_tiny_bert(tmp_path / "bert", heads=2)
     assert main(["compress", str(tmp_path / "bert"), "--input-shape", "2,16", "-o", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "model: Hugging Face folder" in out and "(BertForSequenceClassification)" in out
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["capture_path"] == "torch.export"
     assert {s["name"] for s in report["sites"]} >= {"bert.encoder.layer.0.attention.self.query", "classifier"}
+
+
+def test_compress_prunes_the_heads_and_neurons_of_a_hugging_face_bert(tmp_path: Path) -> None:
+    _save_tiny_bert(tmp_path / "bert", heads=4)
+    args = ["compress", str(tmp_path / "bert"), "--input-shape", "2,16", "--ratio", "0.6", "--prune-heads", "0.5", "--prune-neurons", "0.5"]
+    assert main([*args, "-o", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    sites = {s["name"]: s for s in report["sites"]}
+    for name in ("query", "key", "value"):
+        assert sites[f"bert.encoder.layer.0.attention.self.{name}"]["reason"].startswith("16 of 32 output neurons kept")
+    assert sites["bert.encoder.layer.0.attention.output.dense"]["reason"].startswith("16 of 32 input neurons kept")
+    assert sites["bert.encoder.layer.0.intermediate.dense"]["reason"].startswith("32 of 64 output neurons kept")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["prune_heads"] == 0.5
+    compact = load_compact(tmp_path / "out")
+    attention = [n for n in compact.graph.nodes if "scaled_dot_product_attention" in str(n.target)]
+    assert len(attention) == 1  # the student's, over two of the four heads; the teacher's is gone
 
 
 def test_export_writes_an_onnx_model_that_matches(compressed, tmp_path: Path) -> None:
@@ -161,6 +181,7 @@ BAD_ARGUMENTS = {
     "bad input shape": (["inspect", "cli_models:two_layer", "--input-shape", "1,x"], 1, "input shape '1,x' is not a comma-separated list"),
     "bad model kwargs": (["inspect", "timm:resnet18", "--model-kwargs", "{depth: 2}"], 1, "--model-kwargs is not valid JSON"),
     "unknown site": (["inspect", "cli_models:two_layer", "--site", "fc3"], 1, "no site named 'fc3'; sites include fc1, fc2"),
+    "no heads to prune": (["compress", "cli_models:two_layer", "--prune-heads", "0.5"], 1, "prune_heads=0.5 found no attention heads to prune"),
     "export of a non-folder": (["export", "no_such_folder"], 1, "no_such_folder is not a saved compact model"),
 }
 # These also run as real processes (all at once: each is mostly interpreter start-up).

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tests.joint_task import digits_task, endless, fresh, single_thread  # noqa: F401
+from tests.graph_checks import finalize_from_student_path
 from tests.models import MLP, AttentionBlock
 from torch import nn
 
@@ -44,12 +45,12 @@ def test_the_pair_gets_one_student_path_blended_at_its_down_site() -> None:
     prepared = tunecomp_fx.prepare(model, x, 0.5, prune_neurons=0.5)
 
     [width] = _context(prepared).hidden_widths
-    assert (width.up, width.down, width.width, len(width.kept)) == ("fc1", "fc2", 256, 128)
+    assert (width.kind, width.ups, width.down, width.width, len(width.kept)) == ("neurons", ("fc1",), "fc2", 256, 128)
     roles = student_nodes(prepared)
     assert "blend" not in roles["fc1"] and "blend" in roles["fc2"]
     copy = roles["fc2"]["down"].args[0]  # the down site's student reads its own GELU of the up site's student
     assert copy.target in (F.gelu, aten.gelu.default) and copy.args[0] is roles["fc1"]["up"]
-    assert copy.meta["tunecomp"] == {"site": "fc1", "role": "hidden"}
+    assert copy.meta["tunecomp"] == {"site": "fc2", "role": "hidden"}
     teacher_gelu = roles["fc2"]["teacher"].args[0]
     assert teacher_gelu is not copy and teacher_gelu.args[0].target == "fc1"  # the teacher path keeps the full width
     assert prepared.lowrank.fc1.up.out_features == 128 and prepared.lowrank.fc2.down.in_features == 128
@@ -61,13 +62,7 @@ def test_finalize_slices_the_width_and_computes_the_student_path() -> None:
     torch.manual_seed(0)
     model, x = AttentionBlock().eval(), torch.randn(4, 16, 64)
     prepared = tunecomp_fx.prepare(model, x, 0.5, prune_neurons=0.5)
-    tunecomp_fx.set_blend(prepared, 0.0)
-    with torch.no_grad():
-        student_path = prepared(x)
-    compact = tunecomp_fx.finalize(prepared)
-
-    with torch.no_grad():
-        torch.testing.assert_close(compact(x), student_path, rtol=1e-5, atol=1e-5)
+    compact, _ = finalize_from_student_path(prepared, x)
     names = {name for name, _ in compact.named_parameters()}
     assert not names & {"fc1.weight", "fc2.weight"}  # the full-width teachers are gone
     fc1, fc2 = compact.lowrank.fc1, compact.lowrank.fc2
@@ -103,7 +98,7 @@ def test_a_layer_between_two_widths_is_sliced_on_both_sides_and_trains_through_t
     task = digits_task()
     prepared = tunecomp_fx.prepare(fresh("mlp"), task.example_inputs(), 0.6, prune_neurons=0.25, rank_slack=0.25)
     widths = _context(prepared).hidden_widths
-    assert [(w.up, w.down) for w in widths] == [("0", "2"), ("2", "4")]
+    assert [(w.ups, w.down) for w in widths] == [(("0",), "2"), (("2",), "4")]
     assert [len(w.kept) for w in widths] == [192, 192]
     roles = student_nodes(prepared)
     assert ["blend" in roles[key] for key in ("0", "2", "4")] == [False, False, True]
@@ -143,15 +138,17 @@ def test_kept_neuron_count_rounds_to_the_rank_multiple() -> None:
     assert kept_neuron_count(16, 0.99, 8) == 8  # at least one multiple
 
 
+@pytest.mark.parametrize("option, what", [("prune_neurons", "each hidden width's neurons"), ("prune_heads", "each attention block's heads")])
 @pytest.mark.parametrize("value", [-0.1, 1.0, "half", True])
-def test_prune_neurons_out_of_range_is_a_config_error(value: object) -> None:
-    with pytest.raises(ConfigError, match=r"prune_neurons must be a number in \[0, 1\)"):
-        tunecomp_fx.CompressionConfig(prune_neurons=value)
+def test_a_pruned_fraction_out_of_range_is_a_config_error(option: str, what: str, value: object) -> None:
+    with pytest.raises(ConfigError, match=rf"{option} must be a number in \[0, 1\), the fraction of {what} to remove"):
+        tunecomp_fx.CompressionConfig(**{option: value})
 
 
-def test_union_does_not_prune_neurons() -> None:
-    with pytest.raises(ConfigError, match="method='union' does not prune neurons"):
-        tunecomp_fx.CompressionConfig(method="union", prune_neurons=0.3)
+@pytest.mark.parametrize("option", ["prune_neurons", "prune_heads"])
+def test_union_does_not_prune_widths(option: str) -> None:
+    with pytest.raises(ConfigError, match=f"method='union' does not prune widths; use method='tunecomp' with {option}"):
+        tunecomp_fx.CompressionConfig(method="union", **{option: 0.3})
 
 
 def test_a_model_without_hidden_widths_says_so() -> None:
@@ -166,7 +163,7 @@ def test_an_excluded_down_site_leaves_no_width() -> None:
 
 
 def test_pruning_past_the_ratio_is_a_budget_error() -> None:
-    with pytest.raises(BudgetError, match=r"prune_neurons=0.5 alone removes 0.5 of .* more than ratio=0.3"):
+    with pytest.raises(BudgetError, match=r"pruning alone \(prune_neurons=0.5, prune_heads=0.0\) removes 0.5 of .* more than ratio=0.3"):
         tunecomp_fx.prepare(half_dead(), torch.randn(8, 8), 0.3, prune_neurons=0.5)
 
 

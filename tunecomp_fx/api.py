@@ -45,7 +45,7 @@ CONFIG_KEY = "tunecomp_config"
 def prepare_passes(config: CompressionConfig) -> list[GraphPass]:
     if config.method == "union":
         analysis: list[GraphPass] = [CalibrateInputCovariance(), CalibrateOutputGradients(), BuildUnionBases()]
-    elif config.prune_neurons > 0:
+    elif config.prunes_widths:
         analysis = [FindHiddenWidths(), CalibrateInputCovariance(), SelectHiddenNeurons(), DecomposeWeights()]
     else:
         analysis = [CalibrateInputCovariance(), DecomposeWeights()]

@@ -91,6 +91,11 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
         help="remove this fraction of the neurons of every hidden width up -> activation -> down (an FFN), the rest "
         "of the ratio by rank (default 0: off)",
     )
+    group.add_argument(
+        "--prune-heads", type=float, default=0.0, metavar="FRACTION",
+        help="remove this fraction of the heads of every attention block (query, key, value -> "
+        "scaled_dot_product_attention -> output), the rest of the ratio by rank (default 0: off)",
+    )
 
 
 def _steps_or_fraction(text: str) -> int | float:
@@ -185,6 +190,7 @@ def _config(args: argparse.Namespace, trains: bool) -> CompressionConfig:
         rank_multiple=args.rank_multiple,
         rank_slack=_rank_slack(args, trains),
         prune_neurons=args.prune_neurons,
+        prune_heads=args.prune_heads,
     )
 
 

@@ -37,6 +37,10 @@ class CompressionConfig:
         (up -> elementwise activation -> down, as in a transformer's FFN) that is removed, ranked by
         their contribution on the calibration data (0: off). Pruned neurons shrink the activation
         too, which factorizing the two sites cannot; the ranks then fill what is left of the budget.
+    prune_heads: fraction of the attention heads of every block whose query, key, value and output
+        projections are compressed sites around scaled_dot_product_attention that is removed (rounded
+        to whole heads, at least one kept), ranked like neurons (0: off). Removes the heads' share of
+        the attention's own work too.
     damping: relative diagonal damping of the input covariance before whitening.
     check_numerics: after every pass that promises unchanged outputs, run the model on the example
         inputs and compare (slower; default on when the environment sets TUNECOMP_CHECK_NUMERICS=1,
@@ -51,6 +55,7 @@ class CompressionConfig:
     rank_multiple: int = 8
     rank_slack: float = 0.0
     prune_neurons: float = 0.0
+    prune_heads: float = 0.0
     damping: float = 1e-6
     check_numerics: bool = field(default_factory=lambda: os.environ.get(CHECK_NUMERICS_ENV) == "1")
 
@@ -79,15 +84,18 @@ class CompressionConfig:
                 f"method='union' trains a fixed-rank core between fixed bases and prunes no ranks; "
                 f"rank_slack must be 0 (got {self.rank_slack})"
             )
-        if isinstance(self.prune_neurons, bool) or not isinstance(self.prune_neurons, (int, float)) or not 0.0 <= self.prune_neurons < 1.0:
-            raise ConfigError(
-                f"prune_neurons must be a number in [0, 1), the fraction of each hidden width's neurons to remove "
-                f"(0: off); got {self.prune_neurons!r}"
-            )
-        if self.method == "union" and self.prune_neurons > 0:
-            raise ConfigError("method='union' does not prune neurons; use method='tunecomp' with prune_neurons")
+        for name, what in (("prune_neurons", "each hidden width's neurons"), ("prune_heads", "each attention block's heads")):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise ConfigError(f"{name} must be a number in [0, 1), the fraction of {what} to remove (0: off); got {value!r}")
+            if self.method == "union" and value > 0:
+                raise ConfigError(f"method='union' does not prune widths; use method='tunecomp' with {name}")
         if not self.damping > 0:
             raise ConfigError(f"damping must be > 0; got {self.damping}")
+
+    @property
+    def prunes_widths(self) -> bool:
+        return self.prune_neurons > 0 or self.prune_heads > 0
 
     @property
     def kept_fraction(self) -> float:

@@ -101,15 +101,26 @@ class Site:
 
 @dataclass(frozen=True)
 class HiddenWidth:
-    """up -> elementwise nodes -> down: a hidden width that neuron pruning slices. `up` and `down`
-    name the two sites, `elementwise` the nodes between them (an activation, perhaps a dropout),
-    `kept` the neurons kept (select_hidden_neurons decides)."""
+    """ups -> the nodes between -> down: a width that structured pruning slices in groups of `group`
+    neurons. kind "neurons": one up site, an elementwise activation (perhaps a dropout), groups of
+    one (a transformer's FFN). kind "heads": the query, key and value sites, the head split,
+    scaled_dot_product_attention and the head merge, groups of a head's size. `between` lists the
+    nodes in graph order, `resized` the (node, shape entry) pairs that count the width (a literal
+    head count or width in a view), scaled to what is kept; `kept` the neurons kept
+    (select_hidden_neurons decides)."""
 
-    up: str
+    kind: str
+    ups: tuple[str, ...]
     down: str
-    elementwise: tuple[str, ...]
+    between: tuple[str, ...]
     width: int
+    group: int = 1
+    resized: tuple[tuple[str, int], ...] = ()
     kept: tuple[int, ...] = ()
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        return (*self.ups, self.down)
 
 
 class Blend(nn.Module):

@@ -1,0 +1,163 @@
+"""Head pruning (prune_heads): an attention block's query, key, value and output sites are found
+around scaled_dot_product_attention, its least important heads are sliced away, and the block gets
+one student path (its own copy of the split, attention and merge) blended at the output site."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tests.graph_checks import finalize_from_student_path
+from tests.models import AttentionBlock, HeadsBlock
+from torch import nn
+
+import tunecomp_fx
+from tunecomp_fx import StepHook
+from tunecomp_fx.errors import BudgetError, SiteError
+from tunecomp_fx.export import to_onnx
+from tunecomp_fx.metrics import count_parameters
+from tunecomp_fx.sites import Blend, student_nodes
+
+aten = torch.ops.aten
+ATTENTION = (F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default)
+
+
+def _context(prepared: torch.fx.GraphModule):  # noqa: ANN202
+    return prepared.meta["tunecomp"].context
+
+
+def _student_attention(prepared: torch.fx.GraphModule) -> torch.fx.Node:
+    [copy] = [n for n in prepared.graph.nodes if n.target in ATTENTION and n.meta.get("tunecomp", {}).get("role") == "hidden"]
+    return copy
+
+
+def _source(node: torch.fx.Node) -> torch.fx.Node:
+    """Back through the view and transpose to what a head split reads."""
+    while node.op != "call_module":
+        node = node.args[0]
+    return node
+
+
+@pytest.mark.parametrize("literal_heads", [True, False], ids=["symbolic_trace", "torch_export"])
+def test_the_block_gets_one_student_path_through_its_own_attention(literal_heads: bool) -> None:
+    torch.manual_seed(0)
+    model, x = HeadsBlock(literal_heads=literal_heads).eval(), torch.randn(4, 10, 64)
+    prepared = tunecomp_fx.prepare(model, x, 0.5, prune_heads=0.5)
+
+    assert prepared.meta["tunecomp"].capture_path == ("symbolic_trace" if literal_heads else "torch.export")
+    [width] = _context(prepared).hidden_widths
+    assert (width.kind, width.ups, width.down, width.width, width.group) == ("heads", ("query", "key", "value"), "out", 64, 16)
+    assert len(width.kept) == 32 and all(len(set(width.kept[i : i + 16])) == 16 for i in (0, 16))
+    # a literal head count (and width) in the views is rescaled in the copy; an inferred one (-1) needs nothing
+    assert len(width.resized) == (4 if literal_heads else 0)
+    roles = student_nodes(prepared)
+    assert all("blend" not in roles[key] for key in ("query", "key", "value")) and "blend" in roles["out"]
+    attention = _student_attention(prepared)
+    assert [_source(argument) for argument in attention.args[:3]] == [roles[key]["up"] for key in ("query", "key", "value")]
+    teacher_attention = [n for n in prepared.graph.nodes if n.target in ATTENTION and n is not attention]
+    assert len(teacher_attention) == 1  # the teacher path keeps every head until the blend drops it
+    assert prepared.lowrank.query.up.out_features == 32 and prepared.lowrank.out.down.in_features == 32
+    with torch.no_grad():
+        assert torch.equal(prepared(x), model(x))  # alpha = 1: the teacher alone
+
+
+@pytest.mark.parametrize("literal_heads", [True, False], ids=["symbolic_trace", "torch_export"])
+def test_finalize_keeps_the_student_path_with_fewer_heads(literal_heads: bool) -> None:
+    torch.manual_seed(0)
+    model, x = HeadsBlock(literal_heads=literal_heads).eval(), torch.randn(4, 10, 64)
+    mask = torch.rand(4, 1, 10, 10) > 0.2  # one mask for every head
+    prepared = tunecomp_fx.prepare(model, (x, mask), 0.6, prune_heads=0.5)
+    compact, student_path = finalize_from_student_path(prepared, x, mask)
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x[:2], mask[:2]), student_path[:2], rtol=1e-5, atol=1e-5)  # another batch size
+    assert len([n for n in compact.graph.nodes if n.target in ATTENTION]) == 1
+    assert not {"query.weight", "key.weight", "value.weight", "out.weight"} & {name for name, _ in compact.named_parameters()}
+    rows = {row.name: row for row in tunecomp_fx.get_report(compact).sites}
+    assert "32 of 64 output neurons kept" in rows["query"].reason and "32 of 64 input neurons kept" in rows["out"].reason
+    kept = sum(row.params_after for row in rows.values()) / sum(row.params_before for row in rows.values())
+    assert 0.37 <= kept <= 0.4
+    assert sum(row.params_after for row in rows.values()) == count_parameters(compact.lowrank)
+
+
+def silent_heads() -> nn.Module:
+    """A HeadsBlock whose output projection (bias-free) ignores heads 1 and 3: they change nothing."""
+    torch.manual_seed(0)
+    model = HeadsBlock().eval()
+    model.out = nn.Linear(64, 64, bias=False)
+    with torch.no_grad():
+        model.out.weight.view(64, 4, 16)[:, [1, 3]] = 0.0
+    return model
+
+
+def test_the_silent_heads_are_the_ones_pruned_and_the_model_is_unchanged() -> None:
+    model, x = silent_heads(), torch.randn(8, 10, 64)
+    # pruning half the heads alone removes half of each of the four sites: at ratio 0.5 they stay dense
+    prepared = tunecomp_fx.prepare(model, x, 0.5, prune_heads=0.5)
+    [width] = _context(prepared).hidden_widths
+    assert width.kept == (*range(0, 16), *range(32, 48))
+    tunecomp_fx.set_blend(prepared, 0.0)
+    compact = tunecomp_fx.finalize(prepared)
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x), model(x), rtol=1e-5, atol=1e-5)
+    four_sites = 3 * (32 * 64 + 32) + 64 * 32 + 64  # a student carries its own bias (here zero)
+    assert count_parameters(compact) == four_sites + 2 * 64  # and the layer norm
+
+
+def test_heads_train_through_teacher_removal_and_export_to_onnx(tmp_path) -> None:  # noqa: ANN001
+    torch.manual_seed(0)
+    model = nn.Sequential(HeadsBlock(literal_heads=False), nn.Linear(64, 3)).train()
+    data = [(torch.randn(8, 10, 64), torch.randint(0, 3, (8, 10))) for _ in range(4)]
+    prepared = tunecomp_fx.prepare(model, data[0][0], 0.5, calib=[x for x, _ in data], prune_heads=0.25, rank_slack=0.25)
+    hook = StepHook(prepared, steps=8, blend_steps=4)
+    optimizer = torch.optim.AdamW([p for p in prepared.parameters() if p.requires_grad], lr=1e-3)
+    for step in range(8):
+        inputs, targets = data[step % 4]
+        (F.cross_entropy(prepared(inputs).flatten(0, 1), targets.flatten()) + hook.distill_loss()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        hook.step()
+    assert hook.teacher_removed
+    assert not any(isinstance(m, Blend) for m in prepared.modules())
+    assert len([n for n in prepared.graph.nodes if n.target in ATTENTION]) == 1  # the teacher heads are gone
+    compact = tunecomp_fx.finalize(prepared).eval()
+    rows = {row.name: row for row in tunecomp_fx.get_report(compact).sites}
+    assert "48 of 64 output neurons kept" in rows["0.query"].reason
+    result = to_onnx(compact, (data[0][0],), tmp_path / "heads.onnx")
+    assert all(error < 1e-4 for error in result.max_errors.values())
+
+
+def test_heads_and_neurons_prune_together() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(HeadsBlock(), nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64)).eval()
+    x = torch.randn(4, 10, 64)
+    prepared = tunecomp_fx.prepare(model, x, 0.6, prune_heads=0.5, prune_neurons=0.5)
+    assert sorted(width.kind for width in _context(prepared).hidden_widths) == ["heads", "neurons"]
+    finalize_from_student_path(prepared, x)
+
+
+def test_fused_qkv_attention_is_not_recognized_and_says_so() -> None:
+    with pytest.raises(SiteError, match=r"prune_heads=0.5 found no attention heads to prune.*Fused qkv"):
+        tunecomp_fx.prepare(AttentionBlock().eval(), torch.randn(2, 8, 64), 0.5, prune_heads=0.5)
+
+
+def test_an_excluded_projection_leaves_no_heads() -> None:
+    with pytest.raises(SiteError, match="found no attention heads"):
+        tunecomp_fx.prepare(HeadsBlock().eval(), torch.randn(2, 8, 64), 0.5, prune_heads=0.5, exclude=("value",))
+
+
+def test_a_head_count_that_is_also_another_literal_size_is_left_alone() -> None:
+    # 4 heads of 4: every reshape between attention and the merge would have to name the count
+    class Square(HeadsBlock):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, t, _ = x.shape
+            q, k, v = (layer(x).view(b, t, 4, 4).transpose(1, 2) for layer in (self.query, self.key, self.value))
+            context = F.scaled_dot_product_attention(q, k, v).reshape(b, 4, t, 4).transpose(1, 2)
+            return self.out(context.reshape(b, t, 16))
+
+    with pytest.raises(SiteError, match="found no attention heads"):
+        tunecomp_fx.prepare(Square(dim=16, heads=4).eval(), torch.randn(2, 8, 16), 0.5, prune_heads=0.5)
+
+
+def test_pruning_heads_past_the_ratio_is_a_budget_error() -> None:
+    with pytest.raises(BudgetError, match=r"pruning alone \(prune_neurons=0.0, prune_heads=0.75\) removes 0.747 .* more than ratio=0.5"):
+        tunecomp_fx.prepare(HeadsBlock().eval(), torch.randn(2, 8, 64), 0.5, prune_heads=0.75)
