@@ -14,6 +14,9 @@ uses the joint driver's optimizer and schedules):
               learning rate (only the small cores train; 3x won on the digits task, see
               benchmarks/results/union_vs_default.md)
   joint[...]  ablation variants (one option changed), at the ablation ratios
+--form NAME compresses every method's model with that ablation's compression options (e.g. the width
+pruning prune_neurons=0.5,prune_heads=0.5), so that the sequential pipelines get the same structure as
+joint[NAME]; their rows are then labelled ft_c_ft[NAME] and so on.
 Test accuracy on the full test split; parameters and MACs from the compression report (MACs for
 one text of max_length tokens); ONNX Runtime latency (1 thread, interleaved) at batch 1 and 32.
 
@@ -63,9 +66,13 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "prune_neurons=0.3": {"prune_neurons": 0.3},
     "prune_neurons=0.5": {"prune_neurons": 0.5},
     "prune_neurons=0.7,prune_heads=0.67": {"prune_neurons": 0.7, "prune_heads": 0.67},
+    "prune_neurons=0.71,prune_heads=0.67": {"prune_neurons": 0.71, "prune_heads": 0.67},
     "prune_neurons=0.5,prune_heads=0.5": {"prune_neurons": 0.5, "prune_heads": 0.5},
+    "prune_neurons=0.5,prune_heads=0.5,T=0.7": {"prune_neurons": 0.5, "prune_heads": 0.5, "blend_steps": 0.7},
     "seed=1": {"seed": 1},  # the same run with another shuffle and dropout: the noise between runs
 }
+TRAINING_OPTIONS = {field.name for field in dataclasses.fields(TrainingConfig)}
+STRUCTURE_OPTIONS = {"init", "allocation", "prune_neurons", "prune_heads"}  # what --form may set
 METHODS = ("ft", "joint", "ft_c_ft", "ft_svd", "c_ft", "union")
 UNION_LR_FACTOR = 3.0
 PROFILES = {
@@ -88,6 +95,10 @@ def main() -> int:
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS, help="a subset, to split a run over processes")
     parser.add_argument("--steps", type=int, help="override the profile's S")
     parser.add_argument("--ablation-ratios", type=float, nargs="*", help="override the profile's ablation ratios")
+    parser.add_argument(
+        "--form", choices=[name for name, options in ABLATIONS.items() if set(options) <= STRUCTURE_OPTIONS],
+        help="compress every method's model with this ablation's (compression) options",
+    )
     parser.add_argument("--seed", type=int, default=0, help="of the batch order and of every method's run (dropout)")
     parser.add_argument("--test-limit", type=int, help="evaluate on the first N test texts (smoke runs only)")
     parser.add_argument("--device", default="cpu", help="where to calibrate, train and evaluate (ONNX Runtime always runs on the CPU)")
@@ -139,11 +150,17 @@ def main() -> int:
         value = fn(*a, **k)
         return value, time.perf_counter() - start
 
-    def squeeze(model: torch.nn.Module, ratio: float, **options: Any) -> torch.nn.Module:
-        return compress(model, task.example, ratio, calib=task.calibration, **options)
+    form = ABLATIONS[args.form] if args.form else {}
+
+    def named(method: str) -> str:
+        return f"{method}[{args.form}]" if args.form else method
+
+    def squeeze(model: torch.nn.Module, ratio: float) -> torch.nn.Module:
+        return compress(model, task.example, ratio, calib=task.calibration, **form)
 
     def joint(ratio: float, **options: Any) -> torch.nn.Module:
-        training = {k: v for k, v in options.items() if k in {f.name for f in dataclasses.fields(TrainingConfig)}}
+        options = {**form, **options}
+        training = {k: v for k, v in options.items() if k in TRAINING_OPTIONS}
         compression = {k: v for k, v in options.items() if k not in training}
         if compression.get("method") != "union":  # union calibrates on labelled training batches
             compression["calib"] = task.calibration
@@ -162,22 +179,22 @@ def main() -> int:
         compact = {}
         if "joint" in methods:  # the headline comparison first: joint, then ft_c_ft
             compact[f"joint@{ratio}"], more = timed(joint, ratio)
-            record("joint", ratio, compact[f"joint@{ratio}"], more)
+            record(named("joint"), ratio, compact[f"joint@{ratio}"], more)
         if "ft_c_ft" in methods:
             compact[f"ft_c_ft@{ratio}"], more = timed(finetune, squeeze(ft_half, ratio), task.train, half, desc=f"ft_c_ft {ratio}")
-            record("ft_c_ft", ratio, compact[f"ft_c_ft@{ratio}"], half_seconds + more)
+            record(named("ft_c_ft"), ratio, compact[f"ft_c_ft@{ratio}"], half_seconds + more)
         if "ft" in methods:  # latency right after each ratio, so that a run cut short has it for the ratios done
             latency = onnx_latency({"ft": ft, **compact}, task.example, output / "onnx", baseline="ft", repeats=profile["repeats"])
             results.setdefault("latency", {}).update({f"{label}|{ratio}": t for label, t in latency.items()})
             write_table(results, output)
         if "ft_svd" in methods:
-            record("ft_svd", ratio, squeeze(ft, ratio), seconds)
+            record(named("ft_svd"), ratio, squeeze(ft, ratio), seconds)
         if "c_ft" in methods:
             trained, more = timed(finetune, squeeze(task.model, ratio), task.train, recipe, desc=f"c_ft {ratio}")
-            record("c_ft", ratio, trained, more)
+            record(named("c_ft"), ratio, trained, more)
         if "union" in methods:
             trained, more = timed(joint, ratio, method="union", lr=UNION_LR_FACTOR * recipe.lr)
-            record("union", ratio, trained, more)
+            record(named("union"), ratio, trained, more)
         write_table(results, output)
     for ratio in profile["ablation_ratios"]:
         for name in args.ablations if args.ablations is not None else profile["ablations"]:
