@@ -129,7 +129,7 @@ def test_compress_prunes_the_heads_and_neurons_of_a_hugging_face_bert(tmp_path: 
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     sites = {s["name"]: s for s in report["sites"]}
     for name in ("query", "key", "value"):
-        assert sites[f"bert.encoder.layer.0.attention.self.{name}"]["reason"].startswith("16 of 32 output neurons kept")
+        assert sites[f"bert.encoder.layer.0.attention.self.{name}"]["reason"].startswith("16 of 32 output neurons kept (2 of 4 heads)")
     assert sites["bert.encoder.layer.0.attention.output.dense"]["reason"].startswith("16 of 32 input neurons kept")
     assert sites["bert.encoder.layer.0.intermediate.dense"]["reason"].startswith("32 of 64 output neurons kept")
     assert json.loads((tmp_path / "out" / "config.json").read_text())["prune_heads"] == 0.5

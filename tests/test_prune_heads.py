@@ -73,7 +73,8 @@ def test_finalize_keeps_the_student_path_with_fewer_heads(literal_heads: bool) -
     assert len([n for n in compact.graph.nodes if n.target in ATTENTION]) == 1
     assert not {"query.weight", "key.weight", "value.weight", "out.weight"} & {name for name, _ in compact.named_parameters()}
     rows = {row.name: row for row in tunecomp_fx.get_report(compact).sites}
-    assert "32 of 64 output neurons kept" in rows["query"].reason and "32 of 64 input neurons kept" in rows["out"].reason
+    assert rows["query"].reason.startswith("32 of 64 output neurons kept (2 of 4 heads)")
+    assert rows["out"].reason.startswith("32 of 64 input neurons kept (2 of 4 heads)")
     kept = sum(row.params_after for row in rows.values()) / sum(row.params_before for row in rows.values())
     assert 0.37 <= kept <= 0.4
     assert sum(row.params_after for row in rows.values()) == count_parameters(compact.lowrank)

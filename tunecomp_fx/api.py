@@ -35,7 +35,7 @@ from tunecomp_fx.passes.insert_teacher_student import InsertTeacherStudent
 from tunecomp_fx.passes.select_hidden_neurons import SelectHiddenNeurons
 from tunecomp_fx.pipeline import GraphPass, PassContext, PassRecord, run_passes
 from tunecomp_fx.report import CompressionReport, SiteRow
-from tunecomp_fx.sites import LOWRANK_ROOT, Site, set_blend
+from tunecomp_fx.sites import LOWRANK_ROOT, HiddenWidth, Site, set_blend
 
 STATE_KEY = "tunecomp"  # prepared GraphModule.meta key holding the PreparedState
 REPORT_KEY = "tunecomp_report"  # compact GraphModule.meta key: the report as a plain dict
@@ -225,12 +225,15 @@ def _is_ours(thing: object) -> bool:
     return (getattr(thing, "__module__", None) or "").startswith("tunecomp_fx")
 
 
-def _kept_neurons(site: Site) -> str:
-    """What neuron pruning kept of a site, e.g. "768 of 1536 output neurons kept"."""
+def _kept_neurons(site: Site, widths: list[HiddenWidth]) -> str:
+    """What width pruning kept of a site, e.g. "768 of 1536 output neurons kept", with the heads when
+    they were pruned: "128 of 384 output neurons kept (4 of 12 heads)"."""
     out_features, in_features = site.unpruned_shape or (site.out_features, site.in_features)
     kept = [f"{site.out_features} of {out_features} output" if site.kept_rows is not None else "",
             f"{site.in_features} of {in_features} input" if site.kept_columns is not None else ""]
-    return f"{' and '.join(filter(None, kept))} neurons kept"
+    heads = [width for width in widths if width.kind == "heads" and site.name in width.sites]
+    groups = "".join(f" ({len(w.kept) // w.group} of {w.width // w.group} heads)" for w in heads)
+    return f"{' and '.join(filter(None, kept))} neurons kept{groups}"
 
 
 def get_report(compact: fx.GraphModule) -> CompressionReport:
@@ -265,7 +268,7 @@ def build_report(compact: fx.GraphModule, state: PreparedState) -> CompressionRe
                 rank = container.down.weight.shape[0]
                 label, reason = "rank", ""
             if site.unpruned_shape is not None:
-                reason = "; ".join(filter(None, (_kept_neurons(site), reason)))
+                reason = "; ".join(filter(None, (_kept_neurons(site, context.hidden_widths), reason)))
         tokens = rows_per_sample.get(site.name)
         macs_before = int(tokens * in_features * out_features) if tokens else 0
         macs_after = (
