@@ -139,7 +139,7 @@ def head_width(down: Site, sites_by_node: dict[str, Site], nodes: dict[str, fx.N
     width = down.in_features
     merge = site_input(nodes[down.entry_node])
     attention, after = _chain_back(merge)
-    if not after or after[-1] is not merge or not _is(merge, _RESHAPES) or shape_entries(merge)[-1] not in (-1, width):
+    if not after or after[-1] is not merge or not _is(merge, _RESHAPES) or shape_entries(merge)[-1:] not in ([-1], [width]):
         return None
     if not _is(attention, _ATTENTION) or len(attention.users) != 1:
         return None
