@@ -65,11 +65,9 @@ class SelectHiddenNeurons(GraphPass):
             covariance = ctx.covariances[down.name]
             weight = down.weight(gm).detach().double()
             energies = group_energies(weight, covariance.covariance.to(weight.device), width.group)
-            if width.kind == "neurons":
-                count = kept_neuron_count(width.width, ctx.config.prune_neurons, ctx.config.rank_multiple)
-            else:
-                count = kept_neuron_count(len(energies), ctx.config.prune_heads, 1)
-            groups = energies.topk(count).indices.sort().values
+            neurons = width.kind == "neurons"  # heads are whole groups: no rank multiple
+            prune, multiple = (ctx.config.prune_neurons, ctx.config.rank_multiple) if neurons else (ctx.config.prune_heads, 1)
+            groups = energies.topk(kept_neuron_count(len(energies), prune, multiple)).indices.sort().values
             kept = tuple((groups[:, None] * width.group + torch.arange(width.group, device=groups.device)).flatten().tolist())
             for up in width.ups:
                 sites[up] = sites[up].sliced(rows=kept)
