@@ -22,7 +22,7 @@ from torch import fx
 
 from tunecomp_fx.errors import BudgetError
 from tunecomp_fx.pipeline import GraphPass, PassContext, RankDecision
-from tunecomp_fx.sites import Site
+from tunecomp_fx.sites import Site, final_sites
 
 # Ranks stay multiples of `rank_multiple` unless that leaves more than this fraction of the compressed
 # sites' dense size unused; then a last fill in single ranks closes the gap (the target is within 1%).
@@ -167,7 +167,8 @@ class AllocateRanks(GraphPass):
         else:
             priority = uniform_priority(config.kept_fraction)
         caps = {name: len(decomposition.singular_values) for name, decomposition in ctx.decompositions.items()}
-        ctx.ranks = allocate(ctx.compressed_sites, config.kept_fraction, config.rank_multiple, priority, caps)
+        # Ranks are chosen for the shapes finalize leaves (a width pruned gradually starts wider).
+        ctx.ranks = allocate(final_sites(ctx.compressed_sites, ctx.hidden_widths), config.kept_fraction, config.rank_multiple, priority, caps)
         # A site of a pruned hidden width needs a student even when it stays dense: the student computes
         # the kept neurons alone. At full rank it is past break-even, so finalize densifies it.
         for site in _hidden_width_sites(ctx):
@@ -189,7 +190,7 @@ class AllocateRanks(GraphPass):
             if decision.rank is not None and not 1 <= decision.rank < limit:
                 return f"site '{site.name}' got rank {decision.rank}, outside [1, {bound}"
         budget = ctx.config.kept_fraction * sum(s.unpruned_params for s in sites)
-        kept = sum(_kept_params(s, ctx.ranks[s.name].rank) for s in sites)
+        kept = sum(_kept_params(s, ctx.ranks[s.name].rank) for s in final_sites(sites, ctx.hidden_widths))
         if kept > budget:
             return f"kept {kept:,} parameters, over the budget of {budget:,.0f}"
         return None

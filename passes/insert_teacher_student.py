@@ -18,7 +18,11 @@ activation; or the head split, attention and merge, with a literal head count sc
 heads), and the down site's student reads that copy:
     x --> teacher up --> gelu --> teacher down ----------------------------------------------.
     x --> up site's student (kept rows) --> gelu (copy) --> down site's student (kept columns) --> blend
-so the teacher path keeps the full width until the blend drops it."""
+so the teacher path keeps the full width until the blend drops it. With width_slack the students
+start wider than the target and the down site's student reads the copy through a mask,
+    gelu (copy) --> mul(lowrank.<down>.width_mask) --> down site's student,
+whose groups the rank pruner switches off during the blend (ranked with the calibration covariance
+blocks select_hidden_neurons keeps in the context); finalize's eliminate_pruned_neurons slices them away."""
 
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ from torch import fx, nn
 from tunecomp_fx.forms import LAYOUTS, site_input
 from tunecomp_fx.passes.find_hidden_widths import shape_entries, with_shape
 from tunecomp_fx.pipeline import GraphPass, PassContext
-from tunecomp_fx.sites import LOWRANK_ROOT, Blend, HiddenWidth, Site, student_nodes, teacher_parameters
+from tunecomp_fx.sites import LOWRANK_ROOT, Blend, HiddenWidth, Site, site_container, student_nodes, teacher_parameters
 
 
 def student_rank(site: Site, rank: int, slack: float) -> int:
@@ -86,7 +90,10 @@ class InsertTeacherStudent(GraphPass):
             prefix = f"{LOWRANK_ROOT}.{site.key}"
             graph = gm.graph
             if site.name in widths_by_down:
-                x = _copy_between(graph, nodes, sites, widths_by_down[site.name], student_outputs)
+                width = widths_by_down[site.name]
+                x = _copy_between(graph, nodes, sites, width, student_outputs)
+                if width.target < len(width.kept):
+                    x = _mask_width(gm, x, site, len(width.kept))
             else:
                 x = site_input(nodes[site.entry_node])
             with graph.inserting_after(teacher):
@@ -133,7 +140,8 @@ class InsertTeacherStudent(GraphPass):
                     return f"the student of site '{site.name}' must feed its hidden width's copy alone, unblended"
             student_input = roles["down"].args[0]
             if site.name in hidden_inputs:
-                if student_input.meta.get("tunecomp") != {"site": site.name, "role": "hidden"}:
+                meta = student_input.meta.get("tunecomp", {})
+                if (meta.get("site"), meta.get("role")) != (site.name, "hidden"):
                     return f"the student of site '{site.name}' does not read its hidden width's student path"
             elif student_input is not site_input(nodes[site.entry_node]):
                 return f"the student of site '{site.name}' does not read the site's input"
@@ -171,6 +179,21 @@ def _copy_between(
                 copy.args = with_shape(copy, entries)
             for stale in ("val", "tensor_meta"):  # the copy computes fewer neurons
                 copy.meta.pop(stale, None)
-            copy.meta["tunecomp"] = {"site": width.down, "role": "hidden"}
+            # eliminate_pruned_neurons rescales the copies of `resized` nodes again
+            copy.meta["tunecomp"] = {"site": width.down, "role": "hidden", "copy_of": name}
             copies[original] = copy
     return copies[site_input(entry)]
+
+
+def _mask_width(gm: fx.GraphModule, hidden: fx.Node, site: Site, kept: int) -> fx.Node:
+    """mul(hidden, lowrank.<down>.width_mask): the hidden width the down site's student reads, with
+    its `kept` neurons masked (all kept at first)."""
+    weight = site_container(gm, site).down.weight
+    mask = torch.ones(LAYOUTS[site.layout].mask_shape(kept), device=weight.device, dtype=weight.dtype)
+    site_container(gm, site).register_buffer("width_mask", mask)
+    with gm.graph.inserting_after(hidden):
+        mask = gm.graph.get_attr(f"{LOWRANK_ROOT}.{site.key}.width_mask")
+    with gm.graph.inserting_after(mask):
+        masked = gm.graph.call_function(operator.mul, (hidden, mask))
+    masked.meta["tunecomp"] = {"site": site.name, "role": "hidden"}
+    return masked

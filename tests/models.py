@@ -64,6 +64,16 @@ class HeadsBlock(nn.Module):
         return self.norm(x + self.out(merged))
 
 
+def silent_heads() -> HeadsBlock:
+    """A HeadsBlock whose output projection (bias-free) ignores heads 1 and 3: they change nothing."""
+    torch.manual_seed(0)
+    model = HeadsBlock().eval()
+    model.out = nn.Linear(64, 64, bias=False)
+    with torch.no_grad():
+        model.out.weight.view(64, 4, 16)[:, [1, 3]] = 0.0
+    return model
+
+
 class ShapeBranching(nn.Module):
     """Python control flow on a tensor value: symbolic tracing fails, torch.export handles it."""
 

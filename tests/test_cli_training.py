@@ -53,6 +53,10 @@ BAD_ARGUMENTS = {
                                "argument --blend-mix: invalid choice: 'sum' (choose from 'convex', 'power')"),
     "rank slack without data": (["cli_models:two_layer", "--rank-slack", "0.5"], 1,
                                 "--rank-slack applies to joint training: give the training data with --data"),
+    "width slack without data": (["cli_models:two_layer", "--prune-neurons", "0.25", "--width-slack", "1"], 1,
+                                 "--width-slack applies to joint training: give the training data with --data"),
+    "width slack without pruning": (["cli_models:two_layer", "--data", "digits", "--steps", "2", "--width-slack", "1"], 1,
+                                    "width_slack=1.0 starts pruned widths wider, but no width is pruned: set prune_neurons or prune_heads"),
     "negative rank slack": (["cli_models:two_layer", "--data", "digits", "--steps", "2", "--rank-slack", "-1"], 1,
                             "rank_slack must be >= 0; got -1.0"),
     "rank slack for union": (["cli_models:two_layer", "--method", "union", "--data", "digits", "--steps", "2", "--rank-slack", "0.5"], 1,
@@ -125,10 +129,15 @@ def test_union_trains_on_a_users_loader(runs) -> None:
 
 def test_training_options_reach_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(TESTS)
-    options = ["--rank-slack", "0", "--distill-weight", "0.25", "--train-teachers"]
+    options = ["--rank-slack", "0", "--distill-weight", "0.25", "--train-teachers", "--prune-neurons", "0.25", "--width-slack", "1"]
     assert main(["compress", "cli_models:two_layer", "--ratio", "0.5", "--data", "digits", "--steps", "2", *options, "-o", str(tmp_path)]) == 0
-    assert json.loads((tmp_path / "config.json").read_text())["rank_slack"] == 0.0
-    training = json.loads((tmp_path / "report.json").read_text())["training"]
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert (config["rank_slack"], config["prune_neurons"], config["width_slack"]) == (0.0, 0.25, 1.0)
+    report = json.loads((tmp_path / "report.json").read_text())
+    # the students start with all 96 hidden neurons; the blend (one step) prunes them to 72
+    assert report["sites"][0]["reason"].startswith("72 of 96 output neurons kept")
+    assert report["totals"]["kept_fraction"] <= 0.5
+    training = report["training"]
     assert training["config"]["distill_weight"] == 0.25 and training["config"]["train_teachers"] is True
     # No slack: the students start at their budget instead of above it.
     assert training["history"][0]["kept"] <= 0.5

@@ -63,10 +63,10 @@ def test_pass_log_records_the_nodes_each_pass_added_and_removed(model, capture_p
     assert list(log) == [
         "capture", "fold_constant_biases", "find_linear_sites", "calibrate_input_covariance", "decompose_weights", "allocate_ranks",
         "insert_teacher_student", "initialize_students", "fold_blends", "fold_cores", "eliminate_pruned_ranks",
-        "densify_past_break_even", "eliminate_dead_code",
+        "eliminate_pruned_neurons", "densify_past_break_even", "eliminate_dead_code",
     ]  # fmt: skip
     analysis = ("capture", "fold_constant_biases", "find_linear_sites", "calibrate_input_covariance", "decompose_weights", "allocate_ranks", "initialize_students")
-    for name in analysis + ("fold_cores", "densify_past_break_even"):
+    for name in analysis + ("fold_cores", "eliminate_pruned_neurons", "densify_past_break_even"):
         assert (log[name].added, log[name].removed) == ((), ()), name
     # Five nodes per factorized site: down, rank mask, mask multiply, up, blend.
     assert set(log["insert_teacher_student"].added) == STUDENT_NODES and not log["insert_teacher_student"].removed

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tests.graph_checks import finalize_from_student_path
-from tests.models import AttentionBlock, HeadsBlock
+from tests.models import AttentionBlock, HeadsBlock, silent_heads
 from torch import nn
 
 import tunecomp_fx
@@ -78,16 +78,6 @@ def test_finalize_keeps_the_student_path_with_fewer_heads(literal_heads: bool) -
     kept = sum(row.params_after for row in rows.values()) / sum(row.params_before for row in rows.values())
     assert 0.37 <= kept <= 0.4
     assert sum(row.params_after for row in rows.values()) == count_parameters(compact.lowrank)
-
-
-def silent_heads() -> nn.Module:
-    """A HeadsBlock whose output projection (bias-free) ignores heads 1 and 3: they change nothing."""
-    torch.manual_seed(0)
-    model = HeadsBlock().eval()
-    model.out = nn.Linear(64, 64, bias=False)
-    with torch.no_grad():
-        model.out.weight.view(64, 4, 16)[:, [1, 3]] = 0.0
-    return model
 
 
 def test_the_silent_heads_are_the_ones_pruned_and_the_model_is_unchanged() -> None:

@@ -50,8 +50,8 @@ def test_the_pair_gets_one_student_path_blended_at_its_down_site() -> None:
     assert "blend" not in roles["fc1"] and "blend" in roles["fc2"]
     copy = roles["fc2"]["down"].args[0]  # the down site's student reads its own GELU of the up site's student
     assert copy.target in (F.gelu, aten.gelu.default) and copy.args[0] is roles["fc1"]["up"]
-    assert copy.meta["tunecomp"] == {"site": "fc2", "role": "hidden"}
     teacher_gelu = roles["fc2"]["teacher"].args[0]
+    assert copy.meta["tunecomp"] == {"site": "fc2", "role": "hidden", "copy_of": teacher_gelu.name}
     assert teacher_gelu is not copy and teacher_gelu.args[0].target == "fc1"  # the teacher path keeps the full width
     assert prepared.lowrank.fc1.up.out_features == 128 and prepared.lowrank.fc2.down.in_features == 128
     with torch.no_grad():

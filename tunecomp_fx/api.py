@@ -23,6 +23,7 @@ from tunecomp_fx.passes.calibrate_input_covariance import CalibrateInputCovarian
 from tunecomp_fx.passes.calibrate_output_gradients import CalibrateOutputGradients
 from tunecomp_fx.passes.decompose_weights import DecomposeWeights
 from tunecomp_fx.passes.densify_past_break_even import DensifyPastBreakEven
+from tunecomp_fx.passes.eliminate_pruned_neurons import EliminatePrunedNeurons
 from tunecomp_fx.passes.eliminate_dead_code import EliminateDeadCode
 from tunecomp_fx.passes.eliminate_pruned_ranks import EliminatePrunedRanks
 from tunecomp_fx.passes.find_hidden_widths import FindHiddenWidths
@@ -34,6 +35,7 @@ from tunecomp_fx.passes.initialize_students import InitializeStudents
 from tunecomp_fx.passes.insert_teacher_student import InsertTeacherStudent
 from tunecomp_fx.passes.select_hidden_neurons import SelectHiddenNeurons
 from tunecomp_fx.pipeline import GraphPass, PassContext, PassRecord, run_passes
+from tunecomp_fx.pruning import RankPruner
 from tunecomp_fx.report import CompressionReport, SiteRow
 from tunecomp_fx.sites import LOWRANK_ROOT, HiddenWidth, Site, set_blend
 
@@ -53,7 +55,7 @@ def prepare_passes(config: CompressionConfig) -> list[GraphPass]:
 
 
 def finalize_passes() -> list[GraphPass]:
-    return [FoldBlends(), FoldCores(), EliminatePrunedRanks(), DensifyPastBreakEven(), EliminateDeadCode()]
+    return [FoldBlends(), FoldCores(), EliminatePrunedRanks(), EliminatePrunedNeurons(), DensifyPastBreakEven(), EliminateDeadCode()]
 
 
 @dataclass
@@ -209,6 +211,8 @@ def compress(
     prepared = prepare(
         model, example_inputs, ratio, config=config, calib=calib, progress=progress, dynamic_dims=dynamic_dims, **options
     )
+    # Without a run to shrink it over, slack (rank_slack, width_slack) is pruned at once.
+    RankPruner(prepared, prepared_state(prepared).context).update(1.0)
     set_blend(prepared, 0.0)
     return finalize(prepared, inplace=True, progress=progress)
 
@@ -232,8 +236,16 @@ def _kept_neurons(site: Site, widths: list[HiddenWidth]) -> str:
     kept = [f"{site.out_features} of {out_features} output" if site.kept_rows is not None else "",
             f"{site.in_features} of {in_features} input" if site.kept_columns is not None else ""]
     heads = [width for width in widths if width.kind == "heads" and site.name in width.sites]
-    groups = "".join(f" ({len(w.kept) // w.group} of {w.width // w.group} heads)" for w in heads)
+    kept_width = {w.down: site.in_features for w in heads} | {up: site.out_features for w in heads for up in w.ups}
+    groups = "".join(f" ({kept_width[site.name] // w.group} of {w.width // w.group} heads)" for w in heads)
     return f"{' and '.join(filter(None, kept))} neurons kept{groups}"
+
+
+def _final_shape(container: nn.Module) -> tuple[int, int]:
+    """(out, in) of a finalized student: its dense weight's, or its factors'."""
+    if hasattr(container, "dense"):
+        return container.dense.weight.shape[0], container.dense.weight.shape[1]
+    return container.up.weight.shape[0], container.down.weight.shape[1]
 
 
 def get_report(compact: fx.GraphModule) -> CompressionReport:
@@ -262,6 +274,9 @@ def build_report(compact: fx.GraphModule, state: PreparedState) -> CompressionRe
         else:
             container = getattr(lowrank, site.key)
             after = count_parameters(container)
+            if site.unpruned_shape is not None:  # a width pruned during training ends narrower than it started
+                final_out, final_in = _final_shape(container)
+                site = replace(site, out_features=final_out, in_features=final_in)
             if hasattr(container, "dense"):
                 label, reason = "dense", "kept rank past break-even after pruning"
             else:

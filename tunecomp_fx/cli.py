@@ -28,9 +28,9 @@ EVALUATIONS = 10  # evaluations per run when --eval-data is given without --eval
 # The training options, all None unless given, so that any of them without --data is an error.
 TRAINING_OPTIONS = (
     "steps", "epochs", "lr", "blend", "blend_mix", "blend_steps", "distill_weight", "train_teachers", "rank_slack",
-    "batch_size", "eval_data", "eval_every",
+    "width_slack", "batch_size", "eval_data", "eval_every",
 )  # fmt: skip
-_NOT_IN_TRAINING_CONFIG = ("rank_slack", "batch_size", "eval_data", "eval_every")
+_NOT_IN_TRAINING_CONFIG = ("rank_slack", "width_slack", "batch_size", "eval_data", "eval_every")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -155,6 +155,13 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
         f"(default {DEFAULT_RANK_SLACK:g}; 0 with --method union, which trains fixed-rank cores)",
     )
     group.add_argument(
+        "--width-slack",
+        type=float,
+        metavar="S",
+        help="with --prune-neurons/--prune-heads: extra neurons (heads) of each pruned width the students start with, "
+        "as a fraction of what is kept, pruned away by the end of the blend (default 0: the width is cut at once)",
+    )
+    group.add_argument(
         "--eval-every", type=int, metavar="N", help=f"evaluate every N steps (default: {EVALUATIONS} times per run)"
     )
 
@@ -191,6 +198,7 @@ def _config(args: argparse.Namespace, trains: bool) -> CompressionConfig:
         rank_slack=_rank_slack(args, trains),
         prune_neurons=args.prune_neurons,
         prune_heads=args.prune_heads,
+        width_slack=getattr(args, "width_slack", None) or 0.0,  # inspect has no training options
     )
 
 

@@ -41,6 +41,9 @@ class CompressionConfig:
         projections are compressed sites around scaled_dot_product_attention that is removed (rounded
         to whole heads, at least one kept), ranked like neurons (0: off). Removes the heads' share of
         the attention's own work too.
+    width_slack: extra neurons (heads) of each pruned width the students start with, the least
+        important pruned away during joint training as the blend progresses, like rank_slack's ranks
+        (0: the width is cut once, at prepare; needs prune_neurons or prune_heads).
     damping: relative diagonal damping of the input covariance before whitening.
     check_numerics: after every pass that promises unchanged outputs, run the model on the example
         inputs and compare (slower; default on when the environment sets TUNECOMP_CHECK_NUMERICS=1,
@@ -56,6 +59,7 @@ class CompressionConfig:
     rank_slack: float = 0.0
     prune_neurons: float = 0.0
     prune_heads: float = 0.0
+    width_slack: float = 0.0
     damping: float = 1e-6
     check_numerics: bool = field(default_factory=lambda: os.environ.get(CHECK_NUMERICS_ENV) == "1")
 
@@ -90,6 +94,13 @@ class CompressionConfig:
                 raise ConfigError(f"{name} must be a number in [0, 1), the fraction of {what} to remove (0: off); got {value!r}")
             if self.method == "union" and value > 0:
                 raise ConfigError(f"method='union' does not prune widths; use method='tunecomp' with {name}")
+        if isinstance(self.width_slack, bool) or not isinstance(self.width_slack, (int, float)) or not self.width_slack >= 0:
+            raise ConfigError(f"width_slack must be a number >= 0; got {self.width_slack!r}")
+        if self.width_slack > 0 and not self.prunes_widths:
+            raise ConfigError(
+                f"width_slack={self.width_slack} starts pruned widths wider, but no width is pruned: "
+                "set prune_neurons or prune_heads too, or leave width_slack at 0"
+            )
         if not self.damping > 0:
             raise ConfigError(f"damping must be > 0; got {self.damping}")
 

@@ -47,6 +47,8 @@ class PassContext:
     sites: list[Site] = field(default_factory=list)
     hidden_widths: list[HiddenWidth] = field(default_factory=list)  # pairs whose neurons are pruned
     covariances: dict[str, Any] = field(default_factory=dict)
+    # the covariance blocks of the groups of each width pruned during training, by down site (RankPruner ranks them)
+    width_covariances: dict[str, torch.Tensor] = field(default_factory=dict)
     gradient_covariances: dict[str, Any] = field(default_factory=dict)  # of the loss at each site's output
     rows_per_sample: dict[str, float] = field(default_factory=dict)  # input rows (tokens) per example
     decompositions: dict[str, Any] = field(default_factory=dict)

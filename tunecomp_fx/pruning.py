@@ -12,6 +12,15 @@ kept parameters never exceed the budget, so no rank of theirs is ever masked. (T
 above would not suit them anyway: their factors are fixed orthonormal bases, the weight is in
 the core.)
 
+A hidden width pruned gradually (width_slack) starts with more groups (neurons, heads) than its
+target; its groups follow their own schedule from the start to the target, the groups dropped being
+those that carry the least of the down site's student output, tr(W_g C_gg W_g^T) (W the student's
+current map, C_gg the covariance blocks of the width it reads: the calibration's, then, with
+`track_widths` (StepHook), a running average over the training batches). They are masked in `lowrank.<down>.width_mask`;
+finalize's eliminate_pruned_neurons slices them away. "global" places its threshold on the parameters
+the sites hold at their target widths, so the ranks follow the same schedule to the budget whatever
+the widths do meanwhile; `kept_params` counts every site at its current width.
+
 This changes buffer values on the live model every step, not the graph, so it is not a GraphPass
 (a pass would lint and recompile an unchanged graph each step).
 
@@ -26,16 +35,20 @@ Two ways to place the threshold:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from tunecomp_fx.errors import ConfigError
+from tunecomp_fx.forms import layout_of
+from tunecomp_fx.passes.select_hidden_neurons import group_energies
 from tunecomp_fx.pipeline import PassContext
-from tunecomp_fx.sites import Site, site_container
+from tunecomp_fx.sites import HiddenWidth, Site, final_sites, site_container
 
 SELECTIONS = ("site", "global")
+WIDTH_TRACKING_DECAY = 0.9  # the groups' covariance in training: a running average over about ten steps
 
 
 def kept_site_params(site: Site, rank: int) -> int:
@@ -68,6 +81,44 @@ class _Student:
             return up * down * self.mask.float()
 
 
+@dataclass
+class _Width:
+    width: HiddenWidth
+    module: nn.Module  # the down site's container: down, rank_mask, up, width_mask
+    covariance: torch.Tensor  # (groups, group, group) blocks C_gg: the calibration's, then what the student reads
+    start: int  # groups the students start with
+    target: int  # groups finalize keeps
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.module.width_mask.view(-1)
+
+    @property
+    def group_mask(self) -> torch.Tensor:
+        return self.mask.view(self.start, -1)[:, 0]
+
+    def importance(self) -> torch.Tensor:
+        """tr(W_g C_gg W_g^T) per kept group, W the down site's student map; -inf for dropped groups."""
+        with torch.no_grad():
+            module = self.module
+            down = module.rank_mask.view(-1, 1).float() * module.down.weight.float().flatten(1)
+            energy = group_energies(module.up.weight.float().flatten(1) @ down, self.covariance)
+            return torch.where(self.group_mask > 0, energy, -math.inf)
+
+    def observe(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        """Forward pre-hook of the down student's first factor: in training, fold the covariance blocks of
+        the width it reads into a running average."""
+        if not torch.is_grad_enabled():
+            return
+        hidden = args[0].detach().float().movedim(layout_of(module).feature_dim, -1)
+        groups = hidden.reshape(-1, self.start, hidden.shape[-1] // self.start)
+        blocks = torch.einsum("ngi,ngj->gij", groups, groups) / max(groups.shape[0], 1)
+        self.covariance.mul_(WIDTH_TRACKING_DECAY).add_(blocks, alpha=1.0 - WIDTH_TRACKING_DECAY)
+
+    def groups_at(self, progress: float) -> int:
+        return self.target + math.ceil((self.start - self.target) * (1.0 - progress) - 1e-9)
+
+
 class RankPruner:
     """Shrinks the rank masks of a prepared model's students on the blend's progress."""
 
@@ -80,11 +131,23 @@ class RankPruner:
         for site in factorized:
             module = site_container(prepared, site)
             self.students.append(_Student(site, module, module.rank_mask.numel(), context.ranks[site.name].rank))
+        by_name = {site.name: site for site in factorized}
+        self.widths = [
+            _Width(
+                width, site_container(prepared, by_name[width.down]),
+                context.width_covariances[width.down].to(site_container(prepared, by_name[width.down]).down.weight.device, copy=True),
+                len(width.kept) // width.group, width.target // width.group,
+            )
+            for width in context.hidden_widths
+            if width.target < len(width.kept)
+        ]
         dense_sites = [s for s in context.compressed_sites if s not in factorized]
         self.fixed_params = sum(site.dense_params for site in dense_sites)
         self.dense_total = sum(site.unpruned_params for site in context.compressed_sites)
         self.budget = context.config.kept_fraction * self.dense_total
-        self.start_params = self.fixed_params + sum(kept_site_params(s.site, s.start_rank) for s in self.students)
+        # Ranks are planned at the widths finalize keeps: a group dropped later must not make ranks go early.
+        self.final_sites = final_sites([s.site for s in self.students], [w.width for w in self.widths])
+        self.start_params = self.kept_params([s.start_rank for s in self.students], self.final_sites)
 
     def kept_counts(self) -> list[int]:
         """Kept ranks per student, read in one device transfer (a GPU sync per student per step
@@ -93,10 +156,19 @@ class RankPruner:
             return []
         return torch.stack([s.mask.count_nonzero() for s in self.students]).tolist()
 
-    def kept_params(self, counts: list[int] | None = None) -> int:
+    def current_sites(self) -> list[Site]:
+        """The students' sites at the widths their masks keep now."""
+        sites = [student.site for student in self.students]
+        if not self.widths:
+            return sites
+        kept = torch.stack([w.mask.count_nonzero() for w in self.widths]).tolist()  # one transfer
+        return final_sites(sites, [replace(w.width, target=n) for w, n in zip(self.widths, kept)])
+
+    def kept_params(self, counts: list[int] | None = None, sites: list[Site] | None = None) -> int:
         """Parameters the compressed sites would hold if finalized now (or at kept `counts`)."""
         counts = self.kept_counts() if counts is None else counts
-        return self.fixed_params + sum(kept_site_params(s.site, c) for s, c in zip(self.students, counts))
+        sites = self.current_sites() if sites is None else sites
+        return self.fixed_params + sum(kept_site_params(site, c) for site, c in zip(sites, counts))
 
     def kept_fraction(self) -> float:
         return self.kept_params() / max(self.dense_total, 1)
@@ -104,6 +176,7 @@ class RankPruner:
     def update(self, progress: float) -> None:
         """Mask ranks so that the kept parameters follow `progress` (0: slack rank, 1: budget)."""
         progress = min(max(progress, 0.0), 1.0)
+        self._prune_widths(progress)
         counts = self.kept_counts()
         keep = self._site_counts(progress) if self.selection == "site" else self._global_counts(progress, counts)
         with torch.no_grad():
@@ -115,6 +188,19 @@ class RankPruner:
                 mask[chosen] = 1
                 student.mask.mul_(mask)
 
+    def _prune_widths(self, progress: float) -> None:
+        if not self.widths:
+            return
+        kept = torch.stack([w.group_mask.count_nonzero() for w in self.widths]).tolist()
+        with torch.no_grad():
+            for width, groups in zip(self.widths, kept):
+                count = width.groups_at(progress)
+                if count >= groups:
+                    continue
+                chosen = torch.zeros_like(width.group_mask)
+                chosen[width.importance().topk(count).indices] = 1
+                width.mask.mul_(chosen.repeat_interleave(width.width.group))
+
     def _site_counts(self, progress: float) -> list[int]:
         return [
             s.target_rank + math.ceil((s.start_rank - s.target_rank) * (1.0 - progress) - 1e-9) for s in self.students
@@ -122,16 +208,16 @@ class RankPruner:
 
     def _global_counts(self, progress: float, counts: list[int]) -> list[int]:
         target = self.start_params - (self.start_params - self.budget) * progress
-        counts = list(counts)
-        used = self.kept_params(counts)
+        counts, sites = list(counts), self.final_sites
+        used = self.kept_params(counts, sites)
         if used <= target:
             return counts
         # Kept ranks in ascending order of the share of their site's squared importance they
         # carry, per parameter they cost (masked ranks score inf and are skipped).
         scores = []
-        for student in self.students:
+        for student, site in zip(self.students, sites):
             energy = student.importance().double().pow(2)
-            share = energy / energy.sum().clamp_min(1e-300) / (student.site.in_features + student.site.out_features)
+            share = energy / energy.sum().clamp_min(1e-300) / (site.in_features + site.out_features)
             scores.append(torch.where(student.mask > 0, share, math.inf))
         flat = torch.cat(scores).cpu()  # the one transfer
         owners = torch.cat([torch.full((s.mask.numel(),), i) for i, s in enumerate(self.students)])
@@ -141,7 +227,7 @@ class RankPruner:
                 break
             if counts[index] <= 1:
                 continue  # every student keeps a rank, so the graph keeps its shape
-            site = self.students[index].site
+            site = sites[index]
             used -= kept_site_params(site, counts[index]) - kept_site_params(site, counts[index] - 1)
             counts[index] -= 1
         return counts
@@ -157,5 +243,10 @@ class RankPruner:
                     threshold = level * weight.float().pow(2).mean().sqrt()
                     weight.mul_(weight.abs() >= threshold)
 
+    def track_widths(self) -> list[RemovableHandle]:
+        """Rank the groups of each width by what its down student reads in training (a running average
+        that starts from the calibration covariance) rather than by the calibration alone."""
+        return [width.module.down.register_forward_pre_hook(width.observe) for width in self.widths]
+
     def masks(self) -> list[torch.Tensor]:
-        return [s.mask for s in self.students]
+        return [s.mask for s in self.students] + [w.mask for w in self.widths]

@@ -106,8 +106,9 @@ class HiddenWidth:
     one (a transformer's FFN). kind "heads": the query, key and value sites, the head split,
     scaled_dot_product_attention and the head merge, groups of a head's size. `between` lists the
     nodes in graph order, `resized` the (node, shape entry) pairs that count the width (a literal
-    head count or width in a view), scaled to what is kept; `kept` the neurons kept
-    (select_hidden_neurons decides)."""
+    head count or width in a view), scaled to what is kept; `kept` the neurons the students start
+    with and `target` how many of them finalize keeps (select_hidden_neurons decides; fewer than
+    `kept` with width_slack, the rest pruned during the blend)."""
 
     kind: str
     ups: tuple[str, ...]
@@ -117,10 +118,19 @@ class HiddenWidth:
     group: int = 1
     resized: tuple[tuple[str, int], ...] = ()
     kept: tuple[int, ...] = ()
+    target: int = 0
 
     @property
     def sites(self) -> tuple[str, ...]:
         return (*self.ups, self.down)
+
+
+def final_sites(sites: Iterable[Site], widths: Iterable[HiddenWidth]) -> list[Site]:
+    """`sites` with the shapes finalize leaves them: a hidden width's sites at its target width
+    (the students start wider with width_slack). Budgets and rank allocation count these."""
+    targets = {up: ("out_features", width.target) for width in widths for up in width.ups}
+    targets.update({width.down: ("in_features", width.target) for width in widths})
+    return [replace(site, **dict([targets[site.name]])) if site.name in targets else site for site in sites]
 
 
 class Blend(nn.Module):
@@ -158,7 +168,8 @@ def set_blend(gm: nn.Module, alpha: float, mix: str = DEFAULT_MIX) -> None:
 
 
 def student_nodes(gm: fx.GraphModule) -> dict[str, dict[str, fx.Node]]:
-    """Each rewritten site's nodes by role (down, rank_mask, masked, up, blend, dense, teacher),
+    """Each rewritten site's nodes by role (down, rank_mask, masked, up, blend, dense, teacher; a down
+    site of a hidden width pruned gradually also width_mask, width_masked),
     keyed by the site's container key, found from the targets under `lowrank`."""
     prefix = f"{LOWRANK_ROOT}."
     found: dict[str, dict[str, fx.Node]] = {}
@@ -169,6 +180,8 @@ def student_nodes(gm: fx.GraphModule) -> dict[str, dict[str, fx.Node]]:
     for roles in found.values():
         if "rank_mask" in roles:
             roles["masked"] = next(iter(roles["rank_mask"].users))
+        if "width_mask" in roles:
+            roles["width_masked"] = next(iter(roles["width_mask"].users))
         if "blend" in roles:
             roles["teacher"] = roles["blend"].args[0]
     return found

@@ -217,6 +217,7 @@ class StepHook:
         self._site_losses: list[torch.Tensor] = []
         self._handles = [prepared.register_forward_pre_hook(self._clear)]
         self._handles += [m.register_forward_hook(self._collect) for m in prepared.modules() if isinstance(m, Blend)]
+        self._handles += self.pruner.track_widths()
         self._apply()
 
     @property

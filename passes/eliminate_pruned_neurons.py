@@ -1,0 +1,62 @@
+"""Transform: slice away the neurons (heads) a width mask switched off (width_slack): the up sites'
+students lose those output rows, the down site's student those input columns, each copied shape
+entry that counts the width is scaled to what is left, and the mask is dropped."""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from tunecomp_fx.forms import rebuilt
+from tunecomp_fx.passes.find_hidden_widths import shape_entries, with_shape
+from tunecomp_fx.pipeline import GraphPass, PassContext
+from tunecomp_fx.sites import HiddenWidth, Site, site_container, student_nodes
+
+
+class EliminatePrunedNeurons(GraphPass):
+    name = "eliminate_pruned_neurons"
+    preserves_outputs = True
+
+    def requires(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:
+        dense = [key for key, roles in student_nodes(gm).items() if "width_mask" in roles and "dense" in roles]
+        return f"sites {dense[:3]} were densified before their width was sliced" if dense else None
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+        sites = {site.name: site for site in ctx.sites}
+        found = student_nodes(gm)
+        for width in ctx.hidden_widths:
+            down = sites[width.down]
+            if "width_mask" in found.get(down.key, {}):
+                _slice_width(gm, width, sites, down, found[down.key])
+        return gm
+
+    def ensures(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:
+        left = [key for key, roles in student_nodes(gm).items() if "width_mask" in roles]
+        return f"width masks left at {left[:3]}" if left else None
+
+
+def _slice_width(gm: fx.GraphModule, width: HiddenWidth, sites: dict[str, Site], down: Site, roles: dict[str, fx.Node]) -> None:
+    container = site_container(gm, down)
+    mask = container.width_mask.flatten()
+    kept = mask.nonzero().flatten()
+    with torch.no_grad():
+        weight = container.down.weight
+        scale = mask[kept].to(weight.dtype).reshape((1, -1) + (1,) * (weight.dim() - 2))
+        container.down = rebuilt(container.down, weight[:, kept] * scale, container.down.bias)
+        for name in width.ups:
+            student = site_container(gm, sites[name])
+            bias = student.up.bias[kept] if student.up.bias is not None else None
+            student.up = rebuilt(student.up, student.up.weight[kept], bias)
+    resized = dict(width.resized)
+    for node in gm.graph.nodes:
+        meta = node.meta.get("tunecomp", {})
+        if meta.get("site") == width.down and meta.get("copy_of") in resized:
+            entries = shape_entries(node)
+            index = resized[meta["copy_of"]]
+            entries[index] = entries[index] * len(kept) // len(width.kept)
+            node.args = with_shape(node, entries)
+    masked = roles["width_masked"]
+    masked.replace_all_uses_with(masked.args[0])
+    gm.graph.erase_node(masked)
+    gm.graph.erase_node(roles["width_mask"])
+    del container._buffers["width_mask"]
