@@ -58,11 +58,11 @@ class Interrupted:
             yield batch
 
 
-def _trainer(data: Any, checkpoints: Path, **options: Any) -> JointTrainer:
+def _trainer(data: Any, checkpoints: Path, compression: dict[str, Any] | None = None, **options: Any) -> JointTrainer:
     task = digits_task()
     torch.manual_seed(123)
     model = DropoutMLP()
-    prepared = tunecomp_fx.prepare(model, task.example_inputs(), 0.5, rank_slack=0.25)
+    prepared = tunecomp_fx.prepare(model, task.example_inputs(), 0.5, rank_slack=0.25, **(compression or {}))
     settings = {"steps": STEPS, "blend_steps": BLEND, "lr": 1e-3, "warmup": 5, **options}
     return JointTrainer(prepared, data=data, checkpoint_dir=checkpoints, checkpoint_every=5, progress=False, **settings)
 
@@ -71,23 +71,32 @@ def _loader() -> DataLoader:
     return digits_task().loader(batch_size=64)  # shuffled by torch's global RNG
 
 
-@pytest.mark.parametrize("interrupt_after", [13, 33], ids=["during-blend", "after-teacher-removal"])
-def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tmp_path: Path, interrupt_after: int) -> None:
-    full = _trainer(_loader(), tmp_path / "full")
+# Gradual width pruning also carries the widths' tracked covariances in the checkpoint.
+WIDTH_SLACK = {"prune_neurons": 0.25, "width_slack": 1.0}
+
+
+@pytest.mark.parametrize(
+    ("interrupt_after", "compression"),
+    [(13, None), (33, None), (13, WIDTH_SLACK)],
+    ids=["during-blend", "after-teacher-removal", "during-blend-width-slack"],
+)
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tmp_path: Path, interrupt_after: int, compression: dict | None) -> None:
+    full = _trainer(_loader(), tmp_path / "full", compression)
     full.fit()
     assert "aux.weight" not in dict(full.model.named_parameters())
 
-    broken = _trainer(Interrupted(_loader(), interrupt_after), tmp_path / "broken")
+    broken = _trainer(Interrupted(_loader(), interrupt_after), tmp_path / "broken", compression)
     with pytest.raises(KeyboardInterrupt):
         broken.fit()
     latest = sorted((tmp_path / "broken").glob("step_*.pt"))[-1]
     assert latest.name == f"step_{(interrupt_after // 5) * 5:07d}.pt"
 
-    resumed = _trainer(_loader(), tmp_path / "broken")
+    resumed = _trainer(_loader(), tmp_path / "broken", compression)
     resumed.fit(resume=tmp_path / "broken")
     expected, actual = full.model.state_dict(), resumed.model.state_dict()
     assert expected.keys() == actual.keys()
     assert any(key.endswith("rank_mask") for key in actual)
+    assert any(key.endswith("width_mask") for key in actual) == (compression is not None)
     for key in expected:
         assert torch.equal(expected[key], actual[key]), key
     assert resumed.history == full.history

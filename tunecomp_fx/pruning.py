@@ -35,7 +35,9 @@ Two ways to place the threshold:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -247,6 +249,14 @@ class RankPruner:
         """Rank the groups of each width by what its down student reads in training (a running average
         that starts from the calibration covariance) rather than by the calibration alone."""
         return [width.module.down.register_forward_pre_hook(width.observe) for width in self.widths]
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the masks (in the model's state dict) do not hold: the tracked covariances of the widths."""
+        return {"width_covariances": [width.covariance.clone() for width in self.widths]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for width, covariance in zip(self.widths, state.get("width_covariances", []), strict=False):
+            width.covariance.copy_(covariance)
 
     def masks(self) -> list[torch.Tensor]:
         return [s.mask for s in self.students] + [w.mask for w in self.widths]

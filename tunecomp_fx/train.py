@@ -237,12 +237,13 @@ class StepHook:
         self._apply()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step_count}
+        return {"step": self.step_count, "pruner": self.pruner.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore the step and the graph structure (teachers removed after the blend). Call it
         before loading the model's state dict, which holds the masks and blend values."""
         self.step_count = int(state["step"])
+        self.pruner.load_state_dict(state.get("pruner", {}))  # checkpoints before width_slack have none
         if not self.teacher_removed:
             set_blend(self.model, self.alpha, self.schedules.mix)
             if self.alpha == 0.0:
