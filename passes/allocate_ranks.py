@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import fx
@@ -29,16 +29,17 @@ from tunecomp_fx.sites import Site, final_sites
 _RESIDUAL_GAP = 0.005
 
 
-@dataclass
+@dataclass(frozen=True)
 class _State:
     site: Site
     rank: int
     cap: int  # the largest rank the site's decomposition offers
+    dense_params: int  # what the site holds dense: the layer, or a densified student (which has a bias)
     dense: bool = False
 
     @property
     def params(self) -> int:
-        return self.site.dense_params if self.dense else self.site.factorized_params(self.rank)
+        return self.dense_params if self.dense else self.site.factorized_params(self.rank)
 
 
 def _next_step(state: _State, step: int) -> tuple[int, bool] | None:
@@ -57,16 +58,19 @@ def allocate(
     rank_multiple: int,
     priority: Callable[[_State, int, bool], float],
     caps: dict[str, int] | None = None,
+    students: frozenset[str] = frozenset(),
 ) -> dict[str, RankDecision]:
+    """`students`: sites that keep a student even when dense (a pruned width's), charged its bias."""
     total = sum(site.unpruned_params for site in sites)  # the ratio is of the layers before neuron pruning
     budget = kept_fraction * total
     states = {}
     for site in sites:
         cap = (caps or {}).get(site.name, min(site.in_features, site.out_features))
+        dense_params = site.student_dense_params if site.name in students else site.dense_params
         if site.break_even_rank <= 1:
-            states[site.name] = _State(site, 0, cap, dense=True)
+            states[site.name] = _State(site, 0, cap, dense_params, dense=True)
         else:
-            states[site.name] = _State(site, 1, cap)
+            states[site.name] = _State(site, 1, cap, dense_params)
     used = sum(state.params for state in states.values())
     if used > budget:
         raise BudgetError(_unreachable(states, kept_fraction, used, total, budget))
@@ -86,7 +90,7 @@ def allocate(
             _, name = heapq.heappop(heap)
             state = states[name]
             rank, dense = _next_step(state, step)
-            grown = _State(state.site, rank, state.cap, dense)
+            grown = replace(state, rank=rank, dense=dense)
             if used - state.params + grown.params > budget:
                 continue  # this site cannot take its next step; others still may
             used += grown.params - state.params
@@ -129,7 +133,7 @@ def global_priority(energies: dict[str, torch.Tensor]) -> Callable[[_State, int,
     def priority(state: _State, rank: int, dense: bool) -> float:
         energy = energies[state.site.name]
         end = len(energy) if dense else rank
-        cost = (state.site.dense_params if dense else state.site.factorized_params(rank)) - state.params
+        cost = (state.dense_params if dense else state.site.factorized_params(rank)) - state.params
         return float(energy[state.rank : end].sum()) / max(cost, 1)
 
     return priority
@@ -141,10 +145,8 @@ def _hidden_width_sites(ctx: PassContext) -> list[Site]:
 
 
 def _kept_params(site: Site, rank: int | None) -> int:
-    """Parameters after finalize: dense, or the factors unless they are past break-even (densified)."""
-    if rank is None or rank >= site.break_even_rank:
-        return site.dense_params
-    return site.factorized_params(rank)
+    """Parameters after finalize: the layer left dense, or its student's."""
+    return site.dense_params if rank is None else site.kept_params(rank)
 
 
 class AllocateRanks(GraphPass):
@@ -168,7 +170,8 @@ class AllocateRanks(GraphPass):
             priority = uniform_priority(config.kept_fraction)
         caps = {name: len(decomposition.singular_values) for name, decomposition in ctx.decompositions.items()}
         # Ranks are chosen for the shapes finalize leaves (a width pruned gradually starts wider).
-        ctx.ranks = allocate(final_sites(ctx.compressed_sites, ctx.hidden_widths), config.kept_fraction, config.rank_multiple, priority, caps)
+        students = frozenset(site.name for site in _hidden_width_sites(ctx))
+        ctx.ranks = allocate(final_sites(ctx.compressed_sites, ctx.hidden_widths), config.kept_fraction, config.rank_multiple, priority, caps, students)
         # A site of a pruned hidden width needs a student even when it stays dense: the student computes
         # the kept neurons alone. At full rank it is past break-even, so finalize densifies it.
         for site in _hidden_width_sites(ctx):

@@ -50,8 +50,9 @@ def kept_neuron_count(width: int, prune: float, multiple: int) -> int:
 def _check_ratio_reachable(ctx: PassContext) -> None:
     """Pruning alone must not remove more than the ratio asks: the ranks can only remove more."""
     compressed = final_sites(ctx.compressed_sites, ctx.hidden_widths)
+    students = {name for width in ctx.hidden_widths for name in width.sites}
     total = sum(site.unpruned_params for site in compressed)
-    left = sum(site.dense_params for site in compressed)
+    left = sum(site.student_dense_params if site.name in students else site.dense_params for site in compressed)
     if left < ctx.config.kept_fraction * total:
         config = ctx.config
         raise BudgetError(

@@ -74,6 +74,12 @@ def silent_heads() -> HeadsBlock:
     return model
 
 
+# Half of silent_heads' heads pruned: query/key/value keep 32 rows and their biases, the output 32
+# columns and its student's bias; the ratio at which that is the budget, so every site stays whole.
+SILENT_HEADS_KEPT = 3 * (32 * 64 + 32) + (64 * 32 + 64)
+SILENT_HEADS_RATIO = 1 - SILENT_HEADS_KEPT / (3 * (64 * 64 + 64) + 64 * 64)
+
+
 class ShapeBranching(nn.Module):
     """Python control flow on a tensor value: symbolic tracing fails, torch.export handles it."""
 

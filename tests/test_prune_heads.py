@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tests.graph_checks import finalize_from_student_path
-from tests.models import AttentionBlock, HeadsBlock, silent_heads
+from tests.models import SILENT_HEADS_KEPT, SILENT_HEADS_RATIO, AttentionBlock, HeadsBlock, silent_heads
 from torch import nn
 
 import tunecomp_fx
@@ -82,16 +82,14 @@ def test_finalize_keeps_the_student_path_with_fewer_heads(literal_heads: bool) -
 
 def test_the_silent_heads_are_the_ones_pruned_and_the_model_is_unchanged() -> None:
     model, x = silent_heads(), torch.randn(8, 10, 64)
-    # pruning half the heads alone removes half of each of the four sites: at ratio 0.5 they stay dense
-    prepared = tunecomp_fx.prepare(model, x, 0.5, prune_heads=0.5)
+    prepared = tunecomp_fx.prepare(model, x, SILENT_HEADS_RATIO, prune_heads=0.5)  # the four sites stay whole
     [width] = _context(prepared).hidden_widths
     assert width.kept == (*range(0, 16), *range(32, 48))
     tunecomp_fx.set_blend(prepared, 0.0)
     compact = tunecomp_fx.finalize(prepared)
     with torch.no_grad():
         torch.testing.assert_close(compact(x), model(x), rtol=1e-5, atol=1e-5)
-    four_sites = 3 * (32 * 64 + 32) + 64 * 32 + 64  # a student carries its own bias (here zero)
-    assert count_parameters(compact) == four_sites + 2 * 64  # and the layer norm
+    assert count_parameters(compact) == SILENT_HEADS_KEPT + 2 * 64  # and the layer norm
 
 
 def test_heads_train_through_teacher_removal_and_export_to_onnx(tmp_path) -> None:  # noqa: ANN001

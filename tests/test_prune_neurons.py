@@ -28,14 +28,14 @@ def _context(prepared: torch.fx.GraphModule):  # noqa: ANN202
     return prepared.meta["tunecomp"].context
 
 
-def half_dead() -> nn.Module:
-    """8 -> 16 -> 4 whose first 8 hidden neurons never fire (ReLU of a negative constant)."""
+def half_dead(inputs: int = 8, hidden: int = 16, outputs: int = 4, down_bias: bool = False) -> nn.Module:
+    """inputs -> hidden -> outputs whose first half of hidden neurons never fire (ReLU of a negative constant)."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4, bias=False)).eval()
+    model = nn.Sequential(nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, outputs, bias=down_bias)).eval()
     with torch.no_grad():
-        model[0].weight[:8] = 0.0
-        model[0].bias[:8] = -1.0
-        model[0].bias[8:] = 0.5
+        model[0].weight[: hidden // 2] = 0.0
+        model[0].bias[: hidden // 2] = -1.0
+        model[0].bias[hidden // 2 :] = 0.5
     return model
 
 
@@ -81,17 +81,25 @@ def test_finalize_slices_the_width_and_computes_the_student_path() -> None:
 
 
 def test_dead_neurons_are_the_ones_pruned_and_the_model_is_unchanged() -> None:
-    model = half_dead()
-    x = torch.randn(64, 8)
-    prepared = tunecomp_fx.prepare(model, x, 0.5, prune_neurons=0.5)  # pruning alone removes exactly half
+    model = half_dead(inputs=2, hidden=4, outputs=4, down_bias=True)
+    x = torch.randn(64, 2)
+    # pruning alone keeps 2x2+2 and 4x2+4 of 4x2+4 and 4x4+4 parameters: 18 of 32, exactly what ratio 0.4375 keeps
+    prepared = tunecomp_fx.prepare(model, x, 0.4375, prune_neurons=0.5)
     [width] = _context(prepared).hidden_widths
-    assert width.kept == tuple(range(8, 16))
+    assert width.kept == (2, 3)
     tunecomp_fx.set_blend(prepared, 0.0)
     compact = tunecomp_fx.finalize(prepared)
     # both sites keep their sliced weights whole (past break-even): only dead neurons left
     with torch.no_grad():
         torch.testing.assert_close(compact(x), model(x), rtol=1e-5, atol=1e-5)
-    assert count_parameters(compact) == (8 * 8 + 8) + (4 * 8 + 4)  # a student carries a bias (here zero)
+    assert count_parameters(compact) == 18
+
+
+def test_a_bias_free_site_kept_whole_is_charged_its_students_bias() -> None:
+    model, x = half_dead(), torch.randn(64, 8)
+    # pruning alone keeps 8x8+8 and 4x8 weights, and the down site's student adds a bias: 108, over the budget of 104
+    compact = tunecomp_fx.compress(model, x, 0.5, prune_neurons=0.5)
+    assert count_parameters(compact) <= 0.5 * (8 * 16 + 16 + 16 * 4)
 
 
 def test_a_layer_between_two_widths_is_sliced_on_both_sides_and_trains_through_teacher_removal() -> None:
@@ -163,7 +171,7 @@ def test_an_excluded_down_site_leaves_no_width() -> None:
 
 
 def test_pruning_past_the_ratio_is_a_budget_error() -> None:
-    with pytest.raises(BudgetError, match=r"pruning alone \(prune_neurons=0.5, prune_heads=0.0\) removes 0.5 of .* more than ratio=0.3"):
+    with pytest.raises(BudgetError, match=r"pruning alone \(prune_neurons=0.5, prune_heads=0.0\) removes 0.481 of .* more than ratio=0.3"):
         tunecomp_fx.prepare(half_dead(), torch.randn(8, 8), 0.3, prune_neurons=0.5)
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tests.graph_checks import finalize_from_student_path
-from tests.models import AttentionBlock, HeadsBlock, silent_heads
+from tests.models import SILENT_HEADS_KEPT, SILENT_HEADS_RATIO, AttentionBlock, HeadsBlock, silent_heads
 
 import tunecomp_fx
 from tunecomp_fx import StepHook
@@ -56,8 +56,8 @@ def test_the_students_start_wider_and_the_down_student_reads_the_width_through_a
 
 def test_the_least_important_heads_are_switched_off_and_finalize_slices_them() -> None:
     model, x = silent_heads(), torch.randn(8, 10, 64)
-    # half the heads pruned at ratio 0.5: the sites stay dense, so the compact model must equal the original
-    prepared = tunecomp_fx.prepare(model, x, 0.5, prune_heads=0.5, width_slack=1.0)
+    # the sites stay whole, so the compact model must equal the original
+    prepared = tunecomp_fx.prepare(model, x, SILENT_HEADS_RATIO, prune_heads=0.5, width_slack=1.0)
     pruner = RankPruner(prepared, _context(prepared))
     assert prepared.lowrank.out.width_mask.data_ptr() in {mask.data_ptr() for mask in pruner.masks()}  # broadcast under DDP
     pruner.update(0.5)
@@ -69,7 +69,7 @@ def test_the_least_important_heads_are_switched_off_and_finalize_slices_them() -
     compact = tunecomp_fx.finalize(prepared)
     with torch.no_grad():
         torch.testing.assert_close(compact(x), model(x), rtol=1e-5, atol=1e-5)
-    assert count_parameters(compact) == 3 * (32 * 64 + 32) + 64 * 32 + 64 + 2 * 64  # four sites and the layer norm
+    assert count_parameters(compact) == SILENT_HEADS_KEPT + 2 * 64  # four sites and the layer norm
     assert not [n for n in compact.graph.nodes if n.op == "get_attr"]  # no mask left
     assert pruner.kept_params() == _compressed_params(compact)[0]  # the pruner counts what finalize keeps
 

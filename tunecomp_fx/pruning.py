@@ -53,12 +53,6 @@ SELECTIONS = ("site", "global")
 WIDTH_TRACKING_DECAY = 0.9  # the groups' covariance in training: a running average over about ten steps
 
 
-def kept_site_params(site: Site, rank: int) -> int:
-    """Parameters a compressed site holds after finalize at kept `rank`: the factorization, or a
-    dense linear with bias once the rank is past break-even (densify_past_break_even)."""
-    return min(site.factorized_params(rank), site.out_features * (site.in_features + 1))
-
-
 @dataclass
 class _Student:
     site: Site
@@ -170,7 +164,7 @@ class RankPruner:
         """Parameters the compressed sites would hold if finalized now (or at kept `counts`)."""
         counts = self.kept_counts() if counts is None else counts
         sites = self.current_sites() if sites is None else sites
-        return self.fixed_params + sum(kept_site_params(site, c) for site, c in zip(sites, counts))
+        return self.fixed_params + sum(site.kept_params(c) for site, c in zip(sites, counts))
 
     def kept_fraction(self) -> float:
         return self.kept_params() / max(self.dense_total, 1)
@@ -230,7 +224,7 @@ class RankPruner:
             if counts[index] <= 1:
                 continue  # every student keeps a rank, so the graph keeps its shape
             site = sites[index]
-            used -= kept_site_params(site, counts[index]) - kept_site_params(site, counts[index] - 1)
+            used -= site.kept_params(counts[index]) - site.kept_params(counts[index] - 1)
             counts[index] -= 1
         return counts
 

@@ -93,6 +93,16 @@ class Site:
         return rank * (self.in_features + self.out_features) + self.out_features
 
     @property
+    def student_dense_params(self) -> int:
+        """A student densified by finalize: the weight and the student's own bias (even where the site has none)."""
+        return self.out_features * (self.in_features + 1)
+
+    def kept_params(self, rank: int) -> int:
+        """Parameters this site's student holds after finalize at kept `rank`: the factors, or one dense
+        linear once the rank is past break-even (densify_past_break_even)."""
+        return min(self.factorized_params(rank), self.student_dense_params)
+
+    @property
     def break_even_rank(self) -> int:
         """Smallest rank at which the factorization holds as many weights as the dense matrix."""
         m, n = self.out_features, self.in_features
