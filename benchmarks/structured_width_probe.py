@@ -51,6 +51,8 @@ TUNECOMP_PRUNING = {
     "prune_neurons=0.7,prune_heads=0.67": {"prune_neurons": 0.7, "prune_heads": 0.67},
     "prune_neurons=0.71,prune_heads=0.67": {"prune_neurons": 0.71, "prune_heads": 0.67},
     "prune_neurons=0.5,prune_heads=0.5": {"prune_neurons": 0.5, "prune_heads": 0.5},
+    "prune_heads=0.5": {"prune_heads": 0.5},
+    "prune_neurons=0.3,prune_heads=0.5": {"prune_neurons": 0.3, "prune_heads": 0.5},
 }
 
 
