@@ -53,6 +53,11 @@ SELECTIONS = ("site", "global")
 WIDTH_TRACKING_DECAY = 0.9  # the groups' covariance in training: a running average over about ten steps
 
 
+def scheduled_count(start: int, target: int, progress: float) -> int:
+    """What is kept of `start` (ranks, groups) at `progress`: from `start` at 0 to `target` at 1, rounded up."""
+    return target + math.ceil((start - target) * (1.0 - progress) - 1e-9)
+
+
 @dataclass
 class _Student:
     site: Site
@@ -111,9 +116,6 @@ class _Width:
         blocks = torch.einsum("ngi,ngj->gij", groups, groups) / max(groups.shape[0], 1)
         self.covariance.mul_(WIDTH_TRACKING_DECAY).add_(blocks, alpha=1.0 - WIDTH_TRACKING_DECAY)
 
-    def groups_at(self, progress: float) -> int:
-        return self.target + math.ceil((self.start - self.target) * (1.0 - progress) - 1e-9)
-
 
 class RankPruner:
     """Shrinks the rank masks of a prepared model's students on the blend's progress."""
@@ -127,16 +129,13 @@ class RankPruner:
         for site in factorized:
             module = site_container(prepared, site)
             self.students.append(_Student(site, module, module.rank_mask.numel(), context.ranks[site.name].rank))
-        by_name = {site.name: site for site in factorized}
-        self.widths = [
-            _Width(
-                width, site_container(prepared, by_name[width.down]),
-                context.width_covariances[width.down].to(site_container(prepared, by_name[width.down]).down.weight.device, copy=True),
-                len(width.kept) // width.group, width.target // width.group,
-            )
-            for width in context.hidden_widths
-            if width.target < len(width.kept)
-        ]
+        containers = {student.site.name: student.module for student in self.students}
+        self.widths = []
+        for width in context.hidden_widths:
+            if width.target < len(width.kept):
+                module = containers[width.down]
+                covariance = context.width_covariances[width.down].to(module.down.weight.device, copy=True)
+                self.widths.append(_Width(width, module, covariance, len(width.kept) // width.group, width.target // width.group))
         dense_sites = [s for s in context.compressed_sites if s not in factorized]
         self.fixed_params = sum(site.dense_params for site in dense_sites)
         self.dense_total = sum(site.unpruned_params for site in context.compressed_sites)
@@ -190,7 +189,7 @@ class RankPruner:
         kept = torch.stack([w.group_mask.count_nonzero() for w in self.widths]).tolist()
         with torch.no_grad():
             for width, groups in zip(self.widths, kept):
-                count = width.groups_at(progress)
+                count = scheduled_count(width.start, width.target, progress)
                 if count >= groups:
                     continue
                 chosen = torch.zeros_like(width.group_mask)
@@ -198,9 +197,7 @@ class RankPruner:
                 width.mask.mul_(chosen.repeat_interleave(width.width.group))
 
     def _site_counts(self, progress: float) -> list[int]:
-        return [
-            s.target_rank + math.ceil((s.start_rank - s.target_rank) * (1.0 - progress) - 1e-9) for s in self.students
-        ]
+        return [scheduled_count(s.start_rank, s.target_rank, progress) for s in self.students]
 
     def _global_counts(self, progress: float, counts: list[int]) -> list[int]:
         target = self.start_params - (self.start_params - self.budget) * progress
