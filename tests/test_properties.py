@@ -9,7 +9,6 @@ Examples are derandomized (the same every run, see tests/conftest.py); run with
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import pytest

@@ -92,7 +92,7 @@ def test_heads_are_dropped_during_the_blend_and_the_compact_model_computes_the_s
         heads.append(int(prepared.lowrank.out.width_mask.sum()) // 16)
     assert heads == [4, 3, 3, 2, 2, 2]  # 4 + ceil(2 * (1 - progress)) - 2 heads after each step, the target at the blend's end
     assert hook.teacher_removed
-    assert pruner_budget_met(prepared, hook)
+    assert hook.pruner.kept_params() <= hook.pruner.budget
     prepared.eval()
     x = torch.randn(4, 10, 64)
     compact, student_path = finalize_from_student_path(prepared, x)
@@ -104,10 +104,6 @@ def test_heads_are_dropped_during_the_blend_and_the_compact_model_computes_the_s
     assert rows["out"].reason.startswith("32 of 64 input neurons kept (2 of 4 heads)")
     kept, total = _compressed_params(compact)
     assert kept <= 0.4 * total and kept == count_parameters(compact.lowrank)
-
-
-def pruner_budget_met(prepared: torch.fx.GraphModule, hook: StepHook) -> bool:
-    return hook.pruner.kept_params() <= hook.pruner.budget
 
 
 def test_neurons_are_dropped_gradually_with_global_rank_selection() -> None:
