@@ -8,7 +8,7 @@ import torch
 from torch import fx
 
 from tunecomp_fx.forms import rebuilt
-from tunecomp_fx.passes.find_hidden_widths import shape_entries, with_shape
+from tunecomp_fx.passes.find_hidden_widths import rescale_shape_entry
 from tunecomp_fx.pipeline import GraphPass, PassContext
 from tunecomp_fx.sites import HiddenWidth, Site, site_container, student_nodes
 
@@ -51,10 +51,7 @@ def _slice_width(gm: fx.GraphModule, width: HiddenWidth, sites: dict[str, Site],
     for node in gm.graph.nodes:
         meta = node.meta.get("tunecomp", {})
         if meta.get("site") == width.down and meta.get("copy_of") in resized:
-            entries = shape_entries(node)
-            index = resized[meta["copy_of"]]
-            entries[index] = entries[index] * len(kept) // len(width.kept)
-            node.args = with_shape(node, entries)
+            rescale_shape_entry(node, resized[meta["copy_of"]], len(kept), len(width.kept))
     masked = roles["width_masked"]
     masked.replace_all_uses_with(masked.args[0])
     gm.graph.erase_node(masked)

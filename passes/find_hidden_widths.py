@@ -86,6 +86,14 @@ def with_shape(node: fx.Node, entries: Sequence) -> tuple:
     return (node.args[0], list(entries)) if packed else (node.args[0], *entries)
 
 
+def rescale_shape_entry(node: fx.Node, index: int, kept: int, width: int) -> None:
+    """Scale the shape entry `index` of a view/reshape node, which counts `width` neurons (or their
+    heads), to `kept` of them."""
+    entries = shape_entries(node)
+    entries[index] = entries[index] * kept // width
+    node.args = with_shape(node, entries)
+
+
 def _is(node: fx.Node, targets: set) -> bool:
     return node.op in ("call_function", "call_method") and node.target in targets
 

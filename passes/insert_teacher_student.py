@@ -21,8 +21,8 @@ heads), and the down site's student reads that copy:
 so the teacher path keeps the full width until the blend drops it. With width_slack the students
 start wider than the target and the down site's student reads the copy through a mask,
     gelu (copy) --> mul(lowrank.<down>.width_mask) --> down site's student,
-whose groups the rank pruner switches off during the blend (ranked with the calibration covariance
-blocks select_hidden_neurons keeps in the context); finalize's eliminate_pruned_neurons slices them away."""
+whose groups the rank pruner switches off during the blend (tunecomp_fx.pruning says how it ranks
+them); finalize's eliminate_pruned_neurons slices them away."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ import torch
 from torch import fx, nn
 
 from tunecomp_fx.forms import LAYOUTS, site_input
-from tunecomp_fx.passes.find_hidden_widths import shape_entries, with_shape
+from tunecomp_fx.passes.find_hidden_widths import rescale_shape_entry
 from tunecomp_fx.pipeline import GraphPass, PassContext
 from tunecomp_fx.sites import LOWRANK_ROOT, Blend, HiddenWidth, Site, site_container, student_nodes, teacher_parameters
 
@@ -174,9 +174,7 @@ def _copy_between(
             original = nodes[name]
             copy = graph.node_copy(original, lambda node: copies.get(node, node))
             if name in resized:
-                entries = shape_entries(copy)
-                entries[resized[name]] = entries[resized[name]] * len(width.kept) // width.width
-                copy.args = with_shape(copy, entries)
+                rescale_shape_entry(copy, resized[name], len(width.kept), width.width)
             for stale in ("val", "tensor_meta"):  # the copy computes fewer neurons
                 copy.meta.pop(stale, None)
             # eliminate_pruned_neurons rescales the copies of `resized` nodes again
@@ -188,9 +186,9 @@ def _copy_between(
 def _mask_width(gm: fx.GraphModule, hidden: fx.Node, site: Site, kept: int) -> fx.Node:
     """mul(hidden, lowrank.<down>.width_mask): the hidden width the down site's student reads, with
     its `kept` neurons masked (all kept at first)."""
-    weight = site_container(gm, site).down.weight
-    mask = torch.ones(LAYOUTS[site.layout].mask_shape(kept), device=weight.device, dtype=weight.dtype)
-    site_container(gm, site).register_buffer("width_mask", mask)
+    container = site_container(gm, site)
+    weight = container.down.weight
+    container.register_buffer("width_mask", torch.ones(LAYOUTS[site.layout].mask_shape(kept), device=weight.device, dtype=weight.dtype))
     with gm.graph.inserting_after(hidden):
         mask = gm.graph.get_attr(f"{LOWRANK_ROOT}.{site.key}.width_mask")
     with gm.graph.inserting_after(mask):
