@@ -71,6 +71,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "prune_neurons=0.5,prune_heads=0.5,T=0.7": {"prune_neurons": 0.5, "prune_heads": 0.5, "blend_steps": 0.7},
     "prune_neurons=0.5,prune_heads=0.5,width_slack=1": {"prune_neurons": 0.5, "prune_heads": 0.5, "width_slack": 1.0},
     "prune_heads=0.5": {"prune_heads": 0.5},
+    "prune_heads=0.67": {"prune_heads": 0.67},
     "prune_neurons=0.3,prune_heads=0.5": {"prune_neurons": 0.3, "prune_heads": 0.5},
     "prune_neurons=0.7,prune_heads=0.67,width_slack=1": {"prune_neurons": 0.7, "prune_heads": 0.67, "width_slack": 1.0},
     "seed=1": {"seed": 1},  # the same run with another shuffle and dropout: the noise between runs

@@ -52,6 +52,7 @@ TUNECOMP_PRUNING = {
     "prune_neurons=0.71,prune_heads=0.67": {"prune_neurons": 0.71, "prune_heads": 0.67},
     "prune_neurons=0.5,prune_heads=0.5": {"prune_neurons": 0.5, "prune_heads": 0.5},
     "prune_heads=0.5": {"prune_heads": 0.5},
+    "prune_heads=0.67": {"prune_heads": 0.67},
     "prune_neurons=0.3,prune_heads=0.5": {"prune_neurons": 0.3, "prune_heads": 0.5},
 }
 
