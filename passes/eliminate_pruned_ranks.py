@@ -8,12 +8,23 @@ from torch import fx
 
 from tunecomp_fx.forms import rebuilt
 from tunecomp_fx.pipeline import GraphPass, PassContext
+from tunecomp_fx.pruning import RankPruner
 from tunecomp_fx.sites import LOWRANK_ROOT, student_nodes
 
 
 class EliminatePrunedRanks(GraphPass):
     name = "eliminate_pruned_ranks"
     preserves_outputs = True
+
+    def requires(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:
+        # Slicing only what the masks switched off would emit a model larger than the ratio asks for.
+        slack = RankPruner(gm, ctx).slack_left()
+        if slack:
+            return (
+                f"{slack}: the slack (rank_slack, width_slack) is pruned as the blend progresses and this blend "
+                "stopped early; train to the end of the blend, or call tunecomp_fx.prune_slack(model) to prune it at once"
+            )
+        return None
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         for key, roles in student_nodes(gm).items():

@@ -131,8 +131,8 @@ def not_a_checkpoint(tmp_path: Path, content: object) -> Path:
     return path
 
 
-def prepared_at(alpha: float) -> torch.fx.GraphModule:
-    prepared = tunecomp_fx.prepare(MLP(), (x(),), ratio=0.4)
+def prepared_at(alpha: float, **options: object) -> torch.fx.GraphModule:
+    prepared = tunecomp_fx.prepare(MLP(), (x(),), ratio=0.4, **options)
     tunecomp_fx.set_blend(prepared, alpha)
     return prepared
 
@@ -218,6 +218,10 @@ ROWS = [
         ("not made by tunecomp_fx.prepare", r"call prepare\(model, example_inputs\) first")),
     Row("finalize while the teacher is still blended in", "finalize_alpha", lambda _: tunecomp_fx.finalize(prepared_at(0.3)), PassError,
         ("pass 'fold_blends' cannot run", r"alpha = 0\.3", r"set_blend\(model, 0\.0\)")),
+    Row("finalize while slack is left (the blend stopped early)", "finalize_slack",
+        lambda _: tunecomp_fx.finalize(prepared_at(0.0, rank_slack=0.5)), PassError,
+        ("pass 'eliminate_pruned_ranks' cannot run", r"would keep [\d,]+ parameters where the ratio allows [\d,]+",
+         "train to the end of the blend", r"tunecomp_fx\.prune_slack\(model\)")),
     Row("blend weight outside [0, 1]", "set_blend_range", lambda _: tunecomp_fx.set_blend(prepared_at(1.0), 1.5), ConfigError,
         (r"alpha must be in \[0, 1\]", "got 1.5")),
     Row("report of a model compress did not make", "report_plain", lambda _: tunecomp_fx.get_report(MLP()), InputError,

@@ -9,12 +9,13 @@ import operator
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tests.graph_checks import finalize_from_student_path
 from tests.models import SILENT_HEADS_KEPT, SILENT_HEADS_RATIO, AttentionBlock, HeadsBlock, silent_heads
 
 import tunecomp_fx
 from tunecomp_fx import StepHook
-from tunecomp_fx.errors import ConfigError
+from tunecomp_fx.errors import ConfigError, PassError
 from tunecomp_fx.metrics import count_parameters
 from tunecomp_fx.pruning import RankPruner
 from tunecomp_fx.sites import final_sites, student_nodes
@@ -158,6 +159,39 @@ def test_training_free_compression_prunes_the_slack_at_once() -> None:
     kept, total = _compressed_params(compact)
     assert kept <= 0.4 * total
     assert compact.lowrank.query.up.out_features == 32
+
+
+class ConvFFN(nn.Module):
+    """1x1 convolutions around an activation: a neuron width in conv layout (channels on dim 1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.act, self.down = nn.Conv2d(16, 64, 1), nn.ReLU(), nn.Conv2d(64, 16, 1)
+        self.mix = nn.Conv2d(16, 16, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mix(self.down(self.act(self.up(x))))
+
+
+def test_finalize_refuses_the_slack_a_conv_width_still_holds_until_prune_slack_cuts_it() -> None:
+    torch.manual_seed(0)
+    model, x = ConvFFN().eval(), torch.randn(4, 16, 8, 8)
+    prepared = tunecomp_fx.prepare(model, x, 0.7, prune_neurons=0.5, width_slack=1.0)
+    assert prepared.lowrank.up.up.out_channels == 64 and int(prepared.lowrank.down.width_mask.count_nonzero()) == 64
+    tunecomp_fx.set_blend(prepared, 0.0)  # the blend "ended" without a run to prune the slack over
+    with pytest.raises(PassError, match=r"'eliminate_pruned_ranks' cannot run: the hidden widths read by sites down keep more"):
+        tunecomp_fx.finalize(prepared)
+    tunecomp_fx.prune_slack(prepared)
+    assert int(prepared.lowrank.down.width_mask.count_nonzero()) == 32
+    compact, _ = finalize_from_student_path(prepared, x)
+    # what the students keep is what a width cut at prepare keeps: 32 channels, the same parameters
+    assert compact.lowrank.up.up.out_channels == 32 and isinstance(compact.lowrank.up.up, nn.Conv2d)
+    rows = {row.name: row for row in tunecomp_fx.get_report(compact).sites}
+    assert rows["up"].reason.startswith("32 of 64 output neurons kept")
+    cut_at_prepare = tunecomp_fx.compress(model, x, 0.7, prune_neurons=0.5)
+    assert count_parameters(compact) == count_parameters(cut_at_prepare) < count_parameters(model)
+    kept, total = _compressed_params(compact)
+    assert kept <= 0.3 * total
 
 
 @pytest.mark.parametrize(

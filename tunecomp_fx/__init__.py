@@ -5,7 +5,7 @@
     print(tunecomp_fx.get_report(compact))
 """
 
-from tunecomp_fx.api import compress, finalize, get_report, prepare
+from tunecomp_fx.api import compress, finalize, get_report, prepare, prune_slack
 from tunecomp_fx.config import CompressionConfig
 from tunecomp_fx.errors import (
     BudgetError,
@@ -43,5 +43,6 @@ __all__ = [
     "finalize",
     "get_report",
     "prepare",
+    "prune_slack",
     "set_blend",
 ]

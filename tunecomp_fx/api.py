@@ -163,6 +163,13 @@ def prepared_state(prepared: fx.GraphModule) -> PreparedState:
     return state
 
 
+def prune_slack(prepared: fx.GraphModule) -> None:
+    """Prune the slack (rank_slack, width_slack) a prepared model's students still hold at once, as
+    the end of the blend would: the least important ranks (neurons, heads) are masked off. For a
+    run stopped before the end of its blend, and for training-free use of a model prepared with slack."""
+    RankPruner(prepared, prepared_state(prepared).context).update(1.0)
+
+
 def finalize(prepared: fx.GraphModule, *, inplace: bool = False, progress: bool = False) -> fx.GraphModule:
     """Fold the blends (alpha must be 0), eliminate pruned ranks, turn sites past break-even back
     into dense linears and remove dead code. The result holds only standard torch modules and ops;
@@ -211,8 +218,7 @@ def compress(
     prepared = prepare(
         model, example_inputs, ratio, config=config, calib=calib, progress=progress, dynamic_dims=dynamic_dims, **options
     )
-    # Without a run to shrink it over, slack (rank_slack, width_slack) is pruned at once.
-    RankPruner(prepared, prepared_state(prepared).context).update(1.0)
+    prune_slack(prepared)  # without a run to shrink it over
     set_blend(prepared, 0.0)
     return finalize(prepared, inplace=True, progress=progress)
 

@@ -165,6 +165,19 @@ class RankPruner:
         sites = self.current_sites() if sites is None else sites
         return self.fixed_params + sum(site.kept_params(c) for site, c in zip(sites, counts))
 
+    def slack_left(self) -> str | None:
+        """What is left of the slack the students started with (None when it is pruned): a width above
+        its target, or more parameters than both the budget and the allocation's target ranks hold
+        ("global" selection may keep a site above its target rank, within the budget)."""
+        wide = [w.width.down for w in self.widths if int(w.group_mask.count_nonzero()) > w.target]
+        if wide:
+            return f"the hidden widths read by sites {', '.join(wide[:3])} keep more neurons (heads) than their targets"
+        allowed = max(self.budget, self.kept_params([s.target_rank for s in self.students], self.final_sites))
+        kept = self.kept_params()
+        if kept > allowed:
+            return f"the compressed sites would keep {kept:,} parameters where the ratio allows {math.floor(allowed):,}"
+        return None
+
     def kept_fraction(self) -> float:
         return self.kept_params() / max(self.dense_total, 1)
 
