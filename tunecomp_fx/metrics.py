@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -13,8 +16,21 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _attention_flops(query: torch.Size, key: torch.Size, value: torch.Size, *args: Any, **kwargs: Any) -> int:
+    """Scores (q @ k^T) and context (softmax @ v) of scaled dot-product attention, as matmul flops."""
+    *batch, queries, head_size = query
+    keys, value_size = key[-2], value[-1]
+    return 2 * math.prod(batch) * queries * keys * (head_size + value_size)
+
+
+# torch's counter knows the CUDA attention kernels but not the one SDPA dispatches to on the CPU, so
+# without this the attention's own matmuls vanish from CPU counts and MACs depend on the device.
+_CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops}
+
+
 def count_macs(model: nn.Module, inputs: Inputs) -> int:
-    """Multiply-accumulates of one forward pass on `inputs` (matmuls and convolutions)."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    """Multiply-accumulates of one forward pass on `inputs`: matmuls (linear layers and attention's
+    scores and context, on any device) and convolutions."""
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION) as counter:
         call_model(model, inputs)
     return counter.get_total_flops() // 2
