@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from tunecomp_fx.inputs import Inputs, call_model
 
@@ -16,16 +15,13 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _attention_flops(query: torch.Size, key: torch.Size, value: torch.Size, *args: Any, **kwargs: Any) -> int:
-    """Scores (q @ k^T) and context (softmax @ v) of scaled dot-product attention, as matmul flops."""
-    *batch, queries, head_size = query
-    keys, value_size = key[-2], value[-1]
-    return 2 * math.prod(batch) * queries * keys * (head_size + value_size)
+def _cpu_attention_flops(query: torch.Size, key: torch.Size, value: torch.Size, *args: Any, **kwargs: Any) -> int:
+    return sdpa_flop_count(query, key, value)  # torch's own formula for its CUDA attention kernels
 
 
 # torch's counter knows the CUDA attention kernels but not the one SDPA dispatches to on the CPU, so
 # without this the attention's own matmuls vanish from CPU counts and MACs depend on the device.
-_CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops}
+_CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
 
 
 def count_macs(model: nn.Module, inputs: Inputs) -> int:
