@@ -29,6 +29,7 @@ from tunecomp_fx.modes import eval_mode
 from tunecomp_fx.progress import progress_bar
 
 from ._ort import cpu_session, to_numpy
+from .attention import TRANSLATIONS
 
 ExampleInputs = Sequence[torch.Tensor] | Mapping[str, torch.Tensor]
 DynamicAxes = dict[str, dict[int, str]]
@@ -249,6 +250,7 @@ def _export_dynamo(
             output_names=flat_model.output_names,
             dynamic_shapes=dynamic_shapes,
             opset_version=opset,
+            custom_translation_table=TRANSLATIONS,
             # One self-contained file; the exporter still splits weights out past the 2 GB protobuf limit.
             external_data=False,
         )
