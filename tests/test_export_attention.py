@@ -47,9 +47,16 @@ def heads_and_padding() -> tuple[torch.Tensor, ...]:
     return q, k, v, keep
 
 
-def export(kind: str, folder: Path) -> tuple[Path, onnx.GraphProto]:
+def heads_and_a_query_that_sees_nothing() -> tuple[torch.Tensor, ...]:
+    q, k, v, keep = heads_and_padding()
+    keep = keep.expand(2, 1, 6, 6).clone()
+    keep[1, 0, 5] = 0  # the second sequence's last query may attend to no key
+    return q, k, v, keep
+
+
+def export(kind: str, folder: Path, inputs: tuple[torch.Tensor, ...] | None = None) -> tuple[Path, onnx.GraphProto]:
     path = folder / f"{kind}.onnx"
-    inputs = heads_and_padding()
+    inputs = inputs or heads_and_padding()
     to_onnx(Attention(kind), inputs, path)
     session = cpu_session(path)
     feed = {name: tensor.numpy() for name, tensor in zip(["q", "k", "v", "keep"], inputs) if name in {i.name for i in session.get_inputs()}}
@@ -63,11 +70,20 @@ def export(kind: str, folder: Path) -> tuple[Path, onnx.GraphProto]:
 def test_attention_exports_as_scaled_scores_softmax_and_values(kind, tmp_path):
     _, graph = export(kind, tmp_path)
     ops = Counter(node.op_type for node in graph.node)
-    assert ops["MatMul"] == 2 and ops["Transpose"] == 1 and ops["Mul"] == 1 and ops["Softmax"] == 1
+    boolean = kind == "bool_mask"
+    assert ops["MatMul"] == 2 and ops["Transpose"] == 1 and ops["Softmax"] == 1
     assert not {"IsNaN", "Reshape", "Shape", "Slice", "Concat"} & set(ops), ops
     transpose = next(node for node in graph.node if node.op_type == "Transpose")
     assert list(transpose.attribute[0].ints) == [0, 1, 3, 2]  # the key's last two axes, nothing else
-    assert ops["Where"] == (1 if kind == "bool_mask" else 0)  # a Boolean mask becomes 0 / the float minimum
+    assert ops["Where"] == boolean  # a Boolean mask becomes 0 / the float minimum ...
+    assert ops["ReduceMax"] == boolean and ops["Mul"] == 1 + boolean  # ... and zeros where a query sees no key
+
+
+def test_a_query_that_may_attend_to_no_key_gets_zeros_as_in_pytorch(tmp_path):
+    inputs = heads_and_a_query_that_sees_nothing()
+    with torch.no_grad():
+        assert not Attention("bool_mask")(*inputs)[1, :, 5].any()  # what PyTorch does
+    export("bool_mask", tmp_path, inputs)  # ONNX Runtime checked against PyTorch there
 
 
 def test_onnx_runtime_folds_scale_and_key_transpose_into_one_matmul(tmp_path):
@@ -77,7 +93,7 @@ def test_onnx_runtime_folds_scale_and_key_transpose_into_one_matmul(tmp_path):
     cpu_session(path, options=options)
     optimized = onnx.load(options.optimized_model_filepath).graph
     ops = Counter(node.op_type for node in optimized.node)
-    assert ops["FusedMatMul"] == 1 and ops["MatMul"] == 1 and "Transpose" not in ops and "Mul" not in ops, ops
+    assert ops["FusedMatMul"] == 1 and ops["MatMul"] == 1 and "Transpose" not in ops and ops["Mul"] == 1, ops
     scores = next(node for node in optimized.node if node.op_type == "FusedMatMul")
     attributes = {a.name: onnx.helper.get_attribute_value(a) for a in scores.attribute}
     assert attributes["transB"] == 1 and attributes["alpha"] == pytest.approx(8**-0.5)
@@ -88,3 +104,17 @@ def test_cases_the_plain_form_leaves_alone_export_through_onnxscript(kind, tmp_p
     _, graph = export(kind, tmp_path)  # numbers checked against PyTorch there
     ops = Counter(node.op_type for node in graph.node)
     assert ops["Reshape"] >= 2, ops  # onnxscript's rank-generic key transpose
+
+
+class TwoBlocksOneMask(nn.Module):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        mask = keep > 0
+        first = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return F.scaled_dot_product_attention(2 * first, k, first, attn_mask=mask)
+
+
+def test_blocks_sharing_a_mask_turn_it_into_scores_and_zeros_once(tmp_path):
+    path = tmp_path / "two.onnx"
+    to_onnx(TwoBlocksOneMask(), heads_and_a_query_that_sees_nothing(), path)  # checked against PyTorch
+    ops = Counter(node.op_type for node in onnx.load(str(path)).graph.node)
+    assert ops["Softmax"] == 2 and ops["Where"] == 1 and ops["ReduceMax"] == 1, ops
