@@ -49,9 +49,10 @@ def scaled_dot_product_attention(
     kept, masked = ir.tensor(0.0, dtype=dtype), ir.tensor(dtype.min, dtype=dtype)
     scores = op.Add(scores, op.Where(attn_mask, op.Constant(value=kept), op.Constant(value=masked)))
     # A query that may attend to no key gets zeros, as in PyTorch, where the softmax alone would
-    # average all values. The factor is mask-sized, so ONNX Runtime computes it once for all layers.
+    # average all values. It is mask-sized and made from the mask alone: one for all layers sharing the mask.
     attends_any = op.ReduceMax(op.Cast(attn_mask, to=dtype), op.Constant(value_ints=[-1]), keepdims=1)
     return op.Mul(op.MatMul(op.Softmax(scores, axis=-1), value), attends_any)
+
 
 TRANSLATIONS: dict[Callable[..., Any], Callable[..., Any]] = {
     torch.ops.aten.scaled_dot_product_attention.default: scaled_dot_product_attention,
