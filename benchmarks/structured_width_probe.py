@@ -8,9 +8,11 @@ measures what issue 4 asks at ratio 0.7 (30% of the MACs kept):
   ffn50+lowrank      50% of the FFN neurons kept, then every site low-rank at 0.55
   ffn30+heads4       30% of the FFN neurons and 4 of the 12 heads per layer kept, all dense
 and, for latency, tunecomp's own width pruning (prune_neurons, prune_heads, which this probe led
-to), each at ratio 0.7 with the ranks taking what pruning leaves, named by its options, e.g.
+to) and rank rounding, each at ratio 0.7 with the ranks taking what pruning leaves, named by its
+options, e.g.
   prune_neurons=0.5                    half of every FFN's neurons pruned
   prune_neurons=0.7,prune_heads=0.67   70% of the neurons and 8 of the 12 heads pruned
+  rank_multiple=16                     the low-rank form with ranks rounded to multiples of 16
 Neurons are ranked by E|GELU(h_j)| * ||W_down[:, j]|| and heads by E||context_h|| * ||W_out[:, h]||
 on the calibration batches.
 
@@ -45,7 +47,7 @@ from tunecomp_fx.sentiment import SentimentTask, onnx_latency, sentiment_task
 FFN_SITES = ("*intermediate.dense", "*layer.?.output.dense")
 OUTPUT = Path("benchmarks/results/structured_width_probe")
 # tunecomp's options per form; their joint runs are minilm_sentiment.py's ablations of the same names
-TUNECOMP_PRUNING = {
+TUNECOMP_FORMS = {
     "prune_neurons=0.5": {"prune_neurons": 0.5},
     "prune_neurons=0.3": {"prune_neurons": 0.3},
     "prune_neurons=0.7,prune_heads=0.67": {"prune_neurons": 0.7, "prune_heads": 0.67},
@@ -54,6 +56,10 @@ TUNECOMP_PRUNING = {
     "prune_heads=0.5": {"prune_heads": 0.5},
     "prune_heads=0.67": {"prune_heads": 0.67},
     "prune_neurons=0.3,prune_heads=0.5": {"prune_neurons": 0.3, "prune_heads": 0.5},
+    "rank_multiple=8": {"rank_multiple": 8},
+    "rank_multiple=16": {"rank_multiple": 16},
+    "prune_heads=0.5,rank_multiple=8": {"prune_heads": 0.5, "rank_multiple": 8},
+    "prune_heads=0.5,rank_multiple=16": {"prune_heads": 0.5, "rank_multiple": 16},
 }
 
 
@@ -122,7 +128,7 @@ def forms(task: SentimentTask) -> dict[str, Callable[..., nn.Module]]:
         "ffn30+lowrank_attn": lambda **o: compress(pruned_widths(base, calibration, 0.3), example, 0.7, calib=calibration, exclude=FFN_SITES, **o),
         "ffn50+lowrank": lambda **o: compress(pruned_widths(base, calibration, 0.5), example, 0.55, calib=calibration, **o),
         "ffn30+heads4": lambda: pruned_widths(base, calibration, 0.3, heads_kept=4),
-        **{name: (lambda p=p, **o: compress(base, example, 0.7, calib=calibration, **p, **o)) for name, p in TUNECOMP_PRUNING.items()},
+        **{name: (lambda p=p, **o: compress(base, example, 0.7, calib=calibration, **p, **o)) for name, p in TUNECOMP_FORMS.items()},
     }
 
 
@@ -155,7 +161,7 @@ def main() -> int:
     recipe = TrainingConfig(steps=240, lr=2e-4, seed=args.seed)
     runs: dict[str, Callable[[], nn.Module]] = {
         **{f"{name}/c_ft": (lambda make=make: finetune(make(), task.train, recipe, progress=False))
-           for name, make in built.items() if name not in TUNECOMP_PRUNING},
+           for name, make in built.items() if name not in TUNECOMP_FORMS},
         "ffn50+joint": lambda: built["ffn50+lowrank"](data=task.train, training=recipe),
     }
     rows = []
