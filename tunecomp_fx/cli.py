@@ -85,7 +85,11 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--exclude", action="append", default=[], metavar="PATTERN", help="leave sites matching this glob dense (repeatable)"
     )
-    group.add_argument("--rank-multiple", type=int, default=8, help="round ranks to a multiple of this (default 8)")
+    group.add_argument(
+        "--rank-multiple", type=int, default=8,
+        help="round ranks to a multiple of this (default 8; 16 matches ONNX Runtime's CPU matmul panels: 1-3%% faster, "
+        "about a third of a point less accurate at ratio 0.7 on MiniLM)",
+    )
     group.add_argument(
         "--prune-neurons", type=float, default=0.0, metavar="FRACTION",
         help="remove this fraction of the neurons of every hidden width up -> activation -> down (an FFN), the rest "
