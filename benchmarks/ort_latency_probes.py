@@ -34,7 +34,7 @@ TOKENS = 32
 FFN_WIDTH = 1536  # MiniLM's intermediate size
 
 
-def token_feeds(path: Path, batch: int) -> dict[str, np.ndarray]:
+def token_feeds(session: ort.InferenceSession, batch: int) -> dict[str, np.ndarray]:
     """Random token ids with the last 7 positions padded, for a text classifier's inputs by name."""
     rng = np.random.default_rng(0)
     mask = np.ones((batch, TOKENS), dtype=np.int64)
@@ -44,17 +44,18 @@ def token_feeds(path: Path, batch: int) -> dict[str, np.ndarray]:
         "attention_mask": mask,
         "token_type_ids": np.zeros((batch, TOKENS), dtype=np.int64),
     }
-    return {i.name: by_name[i.name] for i in cpu_session(path, threads=1).get_inputs()}
+    return {i.name: by_name[i.name] for i in session.get_inputs()}
 
 
 def time_models(paths: dict[str, Path], repeats: int, same_function_as: dict[str, str]) -> None:
     """Median ms at batch 1 and 32, speedup over the first model, and for a model named in
     `same_function_as` the max |output difference| against the model it should compute the same function as."""
     baseline = next(iter(paths))
+    sessions = {label: cpu_session(path, threads=1) for label, path in paths.items()}
     for batch in (1, 32):
-        feeds = token_feeds(paths[baseline], batch)
-        outputs = {label: cpu_session(path, threads=1).run(None, feeds)[0] for label, path in paths.items()}
-        timing = compare_latency(paths, feeds, baseline=baseline, repeats=repeats, threads=1, warmup=2)
+        feeds = token_feeds(sessions[baseline], batch)
+        outputs = {label: session.run(None, feeds)[0] for label, session in sessions.items()}
+        timing = compare_latency(sessions, feeds, baseline=baseline, repeats=repeats, threads=1, warmup=2)
         for label in paths:
             line = f"batch {batch:2d}  {label:45s} {timing.results[label].median_ms:8.2f} ms  x{timing.speedups[label]:.3f}"
             if label in same_function_as:
