@@ -1,17 +1,19 @@
-"""Three probes of what ONNX Runtime's CPU graph could still give the compressed models (all three
-were dropped: README, "Latency"):
+"""Three probes of what ONNX Runtime's CPU graph could still give the compressed models (README,
+"Latency"; the first led to export/linear.py, the other two were dropped):
 
   bias     every bias Add fed by a MatMul removed (wrong outputs, for timing only): the most that
-           fusing the biases into the matmuls (Gemm, which needs 2-D activations) could give
+           fusing the biases into the matmuls (Gemm, which needs 2-D activations) could give; run it
+           on exports without tunecomp's linear translation, which fuses them
   gelu     the exact GELU forms ONNX Runtime runs, and its tanh approximation, on one FFN activation
   fusions  onnxscript's ORT fusions (optimize_for_ort: MultiHeadAttention, SkipLayerNormalization, ...)
            and MultiHeadAttention alone, on exports made with onnxscript's attention translation
 
 Everything runs on the CPU provider with 1 thread (cpu_session), timed interleaved (compare_latency).
-bias and fusions take MiniLM ONNX files, the first one the baseline, e.g. attention_export.py's:
+bias and fusions take MiniLM ONNX files, the first one the baseline, e.g. those export_translations.py
+writes with `--exports onnxscript attention -o benchmarks/results/export_translations/...`:
 
-    python benchmarks/ort_latency_probes.py bias benchmarks/results/attention_export/onnx/{original,lowrank}.tunecomp.onnx
-    python benchmarks/ort_latency_probes.py fusions benchmarks/results/attention_export/onnx/{original,lowrank}.onnxscript.onnx
+    python benchmarks/ort_latency_probes.py bias benchmarks/results/export_translations/onnx/{original,lowrank}.attention.onnx
+    python benchmarks/ort_latency_probes.py fusions benchmarks/results/export_translations/onnx/{original,lowrank}.onnxscript.onnx
     python benchmarks/ort_latency_probes.py gelu
 """
 

@@ -15,10 +15,8 @@ head sizes to onnxscript's translation.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
-import torch
 from onnxscript import ir
 from onnxscript import opset20 as op
 from onnxscript.function_libs.torch_lib.ops.nn import aten_scaled_dot_product_attention
@@ -52,8 +50,3 @@ def scaled_dot_product_attention(
     # average all values. It is mask-sized and made from the mask alone: one for all layers sharing the mask.
     attends_any = op.ReduceMax(op.Cast(attn_mask, to=dtype), op.Constant(value_ints=[-1]), keepdims=1)
     return op.Mul(op.MatMul(op.Softmax(scores, axis=-1), value), attends_any)
-
-
-TRANSLATIONS: dict[Callable[..., Any], Callable[..., Any]] = {
-    torch.ops.aten.scaled_dot_product_attention.default: scaled_dot_product_attention,
-}

@@ -29,7 +29,7 @@ from tunecomp_fx.modes import eval_mode
 from tunecomp_fx.progress import progress_bar
 
 from ._ort import cpu_session, to_numpy
-from .attention import TRANSLATIONS
+from .translations import TRANSLATIONS
 
 ExampleInputs = Sequence[torch.Tensor] | Mapping[str, torch.Tensor]
 DynamicAxes = dict[str, dict[int, str]]
