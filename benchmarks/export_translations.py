@@ -39,6 +39,10 @@ EXPORTS = {
 }
 
 
+def markdown_row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--forms", nargs="+", default=["lowrank", "prune_heads=0.5"])
@@ -64,20 +68,17 @@ def main() -> int:
             with patch.dict(TRANSLATIONS, kept, clear=True):
                 to_onnx(model, dict(task.example), paths[f"{name}|{export}"])
     first = args.exports[0]
+    header = ["model", "batch", "MAC bound"]
+    header += [f"{export} ms" for export in args.exports] + [f"{export} / {first}" for export in args.exports[1:]]
+    header += [column for export in args.exports for column in (f"speedup ({export})", "% of bound")]
     lines = [
         f"Command: `python {' '.join(sys.argv)}`",
         "",
         f"ONNX Runtime, CPU, 1 thread, cpu_session, median of {args.repeats} interleaved runs; speedups are over "
         "the original exported the same way; MAC bound = the original's MACs / the model's (count_macs).",
         "",
-        "| model | batch | MAC bound | "
-        + " | ".join(f"{export} ms" for export in args.exports)
-        + " | "
-        + " | ".join(f"{export} / {first}" for export in args.exports[1:])
-        + " | "
-        + " | ".join(f"speedup ({export}) | % of bound" for export in args.exports)
-        + " |",
-        "|---" * (3 + 3 * len(args.exports) + len(args.exports) - 1) + "|",
+        markdown_row(header),
+        markdown_row(["---"] * len(header)),
     ]
     for batch in (1, 32):
         inputs = {name: value[:1].expand(batch, *value.shape[1:]).contiguous().numpy() for name, value in task.example.items()}
@@ -86,15 +87,10 @@ def main() -> int:
         for name in models:
             times = [ms[f"{name}|{export}"] for export in args.exports]
             speedups = [ms[f"original|{export}"] / ms[f"{name}|{export}"] for export in args.exports]
-            lines.append(
-                f"| {name} | {batch} | x{bounds[name]:.2f} | "
-                + " | ".join(f"{time:.2f}" for time in times)
-                + " | "
-                + " | ".join(f"{time / times[0]:.3f}" for time in times[1:])
-                + " | "
-                + " | ".join(f"x{speedup:.2f} | {100 * speedup / bounds[name]:.1f}%" for speedup in speedups)
-                + " |"
-            )
+            cells = [name, str(batch), f"x{bounds[name]:.2f}"] + [f"{time:.2f}" for time in times]
+            cells += [f"{time / times[0]:.3f}" for time in times[1:]]
+            cells += [cell for speedup in speedups for cell in (f"x{speedup:.2f}", f"{100 * speedup / bounds[name]:.1f}%")]
+            lines.append(markdown_row(cells))
             print(lines[-1], flush=True)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text("\n".join(lines) + "\n")

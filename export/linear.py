@@ -24,8 +24,7 @@ GEMM_DTYPES = (ir.DataType.FLOAT, ir.DataType.DOUBLE)
 
 
 def linear(input: Value, weight: Value, bias: Value | None = None) -> Value:
-    weight_shape = weight.shape
-    sizes = tuple(weight_shape) if weight_shape is not None else ()
+    sizes = tuple(weight.shape) if weight.shape is not None else ()
     static_weight = len(sizes) == 2 and all(isinstance(size, int) for size in sizes)
     token_input = input.shape is not None and len(input.shape) >= 3
     if bias is None or not static_weight or not token_input or input.dtype not in GEMM_DTYPES:
