@@ -51,3 +51,8 @@ def test_finetune_rejects_a_loss_that_is_not_a_scalar() -> None:
     per_sample = torch.nn.CrossEntropyLoss(reduction="none")
     with pytest.raises(TrainingError, match=r"loss_fn returned a tensor of shape \[64\] at step 1; it must return a scalar"):
         finetune(fresh("mlp"), _loader(), TrainingConfig(steps=2, lr=1e-3), loss_fn=per_sample, progress=False)
+
+
+def test_finetune_shows_no_progress_bar_outside_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
+    finetune(fresh("mlp"), _loader(), TrainingConfig(steps=3, lr=1e-3), desc="fine-tune")  # progress defaults on
+    assert capsys.readouterr().err == ""  # a log or CI output gets no carriage-return noise

@@ -15,11 +15,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from tunecomp_fx.errors import InputError
 from tunecomp_fx.inputs import call_model
 from tunecomp_fx.mode import set_training_mode
+from tunecomp_fx.progress import progress_bar
 from tunecomp_fx.train import (
     TrainingConfig,
     _DataCursor,
@@ -42,7 +42,7 @@ def finetune(
     desc: str = "fine-tune",
 ) -> nn.Module:
     """Train all of `model` in place for `config.steps` optimizer steps on (inputs, targets) batches;
-    returns it in eval mode."""
+    returns it in eval mode. `progress` shows a bar over the steps (on a terminal, as `JointTrainer`'s)."""
     if config.steps is None:
         raise InputError("plain fine-tuning needs config.steps")
     device = next(model.parameters()).device
@@ -54,7 +54,7 @@ def finetune(
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
     cursor = _DataCursor(data)
     set_training_mode(model, True)
-    for step in tqdm(range(config.steps), disable=not progress, desc=desc):
+    for step in progress_bar(range(config.steps), enabled=progress, desc=desc):
         for group in optimizer.param_groups:
             group["lr"] = config.lr * schedules.lr_factor(step)
         for _ in range(config.accumulate):

@@ -1,7 +1,8 @@
 """Progress bars for the long steps (training, calibration, SVDs, ONNX export, latency runs).
 
 A bar shows when its caller asks for one and stderr is a terminal (in a notebook, always): logs,
-pipes and CI output get no carriage-return noise. Library calls take `progress=False` by default."""
+pipes and CI output get no carriage-return noise. Library calls take `progress=False` by default, except
+the training loops (`JointTrainer`, `finetune`), whose bar is their only sign of life."""
 
 from __future__ import annotations
 
