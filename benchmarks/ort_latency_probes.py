@@ -1,5 +1,5 @@
-"""Three probes of what ONNX Runtime's CPU graph could still give the compressed models (README,
-"Latency"; the first led to export/linear.py, the other two were dropped):
+"""Four probes of what ONNX Runtime's CPU graph could still give the compressed models (README,
+"Latency"; the first led to export/linear.py, the others were dropped):
 
   bias     every bias Add fed by a MatMul removed (wrong outputs, for timing only): the most that
            fusing the biases into the matmuls (Gemm, which needs 2-D activations) could give; run it
@@ -7,6 +7,9 @@
   gelu     the exact GELU forms ONNX Runtime runs, and its tanh approximation, on one FFN activation
   fusions  onnxscript's ORT fusions (optimize_for_ort: MultiHeadAttention, SkipLayerNormalization, ...)
            and MultiHeadAttention alone, on exports made with onnxscript's attention translation
+  bias_gelu  on exports with tunecomp's linear translation: the bias of each Gemm whose output feeds a
+           GELU (the FFN's first layer) moved out into an Add before the GELU, which ONNX Runtime fuses
+           into BiasGelu, as it did with onnxscript's MatMul + Add (the same function, so outputs are compared)
 
 Everything runs on the CPU provider with 1 thread (cpu_session), timed interleaved (compare_latency).
 bias and fusions take MiniLM ONNX files, the first one the baseline, e.g. those export_translations.py
@@ -15,6 +18,7 @@ writes with `--exports onnxscript attention -o benchmarks/results/export_transla
     python benchmarks/ort_latency_probes.py bias benchmarks/results/export_translations/onnx/{original,lowrank}.attention.onnx
     python benchmarks/ort_latency_probes.py fusions benchmarks/results/export_translations/onnx/{original,lowrank}.onnxscript.onnx
     python benchmarks/ort_latency_probes.py gelu
+    python benchmarks/ort_latency_probes.py bias_gelu out/demo/original.onnx out/demo/model.onnx  # after `make demo`
 """
 
 from __future__ import annotations
@@ -84,6 +88,28 @@ def without_bias_adds(path: Path, folder: Path) -> Path:
     return out
 
 
+def with_bias_before_gelu(path: Path, folder: Path) -> Path:
+    model = onnx.load(path)
+    producers = {out: node for node in model.graph.node for out in node.output}
+    nodes = []
+    for node in model.graph.node:
+        if node.op_type == "Gelu":
+            source = producers.get(node.input[0])
+            gemm = producers.get(source.input[0]) if source is not None and source.op_type == "Reshape" else source
+            if gemm is not None and gemm.op_type == "Gemm" and len(gemm.input) == 3:
+                bias = gemm.input.pop()
+                biased = f"{node.input[0]}_plus_bias"
+                nodes.append(helper.make_node("Add", [node.input[0], bias], [biased]))
+                node.input[0] = biased
+        nodes.append(node)
+    print(f"{path.name}: {len(nodes) - len(model.graph.node)} Gemm biases moved before their GELU")
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    out = folder / f"{path.stem}.bias_gelu.onnx"
+    onnx.save(model, out)
+    return out
+
+
 def with_ort_fusions(path: Path, folder: Path, mha_only: bool) -> Path:
     from onnxscript.optimizer import optimize
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
@@ -139,8 +165,8 @@ def gelu_sessions() -> dict[str, ort.InferenceSession]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("probe", choices=("bias", "gelu", "fusions"))
-    parser.add_argument("models", type=Path, nargs="*", help="ONNX files (bias, fusions); the first is the baseline")
+    parser.add_argument("probe", choices=("bias", "gelu", "fusions", "bias_gelu"))
+    parser.add_argument("models", type=Path, nargs="*", help="ONNX files (bias, fusions, bias_gelu); the first is the baseline")
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
     if args.probe != "gelu" and not args.models:
@@ -161,12 +187,16 @@ def main() -> int:
     paths = {path.stem: path for path in args.models}
     same_function_as = {}
     for path in args.models:
-        variants = ({"no bias adds": without_bias_adds(path, folder)} if args.probe == "bias" else
-                    {"ort fusions": with_ort_fusions(path, folder, mha_only=False),
-                     "MultiHeadAttention only": with_ort_fusions(path, folder, mha_only=True)})
+        if args.probe == "bias":
+            variants = {"no bias adds": without_bias_adds(path, folder)}
+        elif args.probe == "bias_gelu":
+            variants = {"bias before GELU": with_bias_before_gelu(path, folder)}
+        else:
+            variants = {"ort fusions": with_ort_fusions(path, folder, mha_only=False),
+                        "MultiHeadAttention only": with_ort_fusions(path, folder, mha_only=True)}
         for name, variant in variants.items():
             paths[f"{path.stem}, {name}"] = variant
-            if args.probe == "fusions":
+            if args.probe != "bias":  # the bias probe's variants compute something else
                 same_function_as[f"{path.stem}, {name}"] = path.stem
     time_models(paths, args.repeats, same_function_as)
     return 0
