@@ -12,7 +12,7 @@
            into BiasGelu, as it did with onnxscript's MatMul + Add (the same function, so outputs are compared)
 
 Everything runs on the CPU provider with 1 thread (cpu_session), timed interleaved (compare_latency).
-bias and fusions take MiniLM ONNX files, the first one the baseline, e.g. those export_translations.py
+bias, fusions and bias_gelu take MiniLM ONNX files, the first one the baseline, e.g. those export_translations.py
 writes with `--exports onnxscript attention -o benchmarks/results/export_translations/...`:
 
     python benchmarks/ort_latency_probes.py bias benchmarks/results/export_translations/onnx/{original,lowrank}.attention.onnx
