@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from tests import cli_models
 from tests.test_cli import TESTS, _finish, _start
 from tests.test_plots import _assert_real_png
 from tunecomp_fx.cli import main
@@ -65,6 +67,28 @@ BAD_ARGUMENTS = {
                                 "distill_weight must be >= 0; got -0.5"),
     "eval every without eval data": (["cli_models:two_layer", "--data", "digits", "--steps", "2", "--eval-every", "1"], 1,
                                      "--eval-every needs evaluation batches: give --eval-data"),
+    "metric without eval data": (["cli_models:two_layer", "--data", "digits", "--steps", "2", "--metric", "accuracy"], 1,
+                                 "--metric needs evaluation batches: give --eval-data"),
+    "loss without data": (["cli_models:two_layer", "--loss", "mse"], 1, "--loss applies to joint training: give the training data with --data"),
+    "unknown loss": (["cli_models:two_layer", "--data", "digits", "--steps", "2", "--loss", "Cross-Entropie"], 1,
+                     "unknown loss 'cross_entropie' (named: cross_entropy, mse, l1; or a module.path:function); did you mean cross_entropy?"),
+    "loss not a function": (["cli_models:two_layer", "--data", "digits", "--steps", "2", "--loss", "cli_models:NOT_A_FUNCTION"], 1,
+                            "loss spec cli_models:NOT_A_FUNCTION names a int; it must name a function (outputs, targets) -> tensor"),
+    "regression loss on classes": (["cli_models:two_layer", "--data", "digits", "--steps", "2", "--loss", "mse"], 1,
+                                   "--loss mse compares outputs and targets element by element, but the model gives a tensor of "
+                                   "shape (2, 10) for the first rows of --data digits and their targets are a tensor of shape (2,)"),
+    "loss that fails": (["cli_models:two_layer", "--data", "digits", "--steps", "2", "--loss", "cli_models:per_example_loss"], 1,
+                        "--loss cli_models:per_example_loss fails on the model's outputs (a tensor of shape (2, 10)) and the "
+                        "targets of --data digits (a tensor of shape (2,)): RuntimeError: The size of tensor a (10) must match"),
+    "loss not reduced": (["cli_models:regressor", "--data", "cli_models:sum_batches", "--steps", "2", "--loss", "cli_models:per_example_loss"], 1,
+                         "loss_fn returned a tensor of shape [2] on the first batch of --data cli_models:sum_batches; it must return a scalar"),
+    "metric not reduced": (["cli_models:regressor", "--data", "cli_models:sum_batches", "--eval-data", "cli_models:sum_batches", "--steps", "2",
+                            "--loss", "mse", "--metric", "cli_models:per_example_loss"], 1,
+                           "--metric cli_models:per_example_loss gives a tensor of shape (2,) on the first batch of --data "
+                           "cli_models:sum_batches; it must give one number, the batch's mean"),
+    "class logits for regression targets": (["cli_models:regressor", "--data", "cli_models:sum_batches", "--steps", "2"], 1,
+                                            "the model gives 1 output per example on --data cli_models:sum_batches: cross-entropy needs two classes or "
+                                            "more; for regression targets give --loss mse (or l1)"),
 }  # fmt: skip
 IN_SUBPROCESS = ["unknown data set", "zero steps"]
 
@@ -141,6 +165,36 @@ def test_training_options_reach_the_run(tmp_path: Path, monkeypatch: pytest.Monk
     assert training["config"]["distill_weight"] == 0.25 and training["config"]["train_teachers"] is True
     # No slack: the students start at their budget instead of above it.
     assert training["history"][0]["kept"] <= 0.5
+
+
+def test_a_regression_trains_on_its_loss_and_is_scored_by_it(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(TESTS)
+    data = ["--data", "cli_models:sum_batches", "--eval-data", "cli_models:sum_batches"]
+    assert main(["compress", "cli_models:regressor", "--ratio", "0.5", *data, "--loss", "mse", "--steps", "100", "--lr", "1e-2", "-o", str(tmp_path)]) == 0
+    assert "data: cli_models:sum_batches, loss mse; evaluated on cli_models:sum_batches" in capsys.readouterr().out
+    training = json.loads((tmp_path / "report.json").read_text())["training"]
+    assert training["loss"] == "mse" and training["metric"] == "mse_loss"
+    history = training["history"]
+    assert [entry["step"] for entry in history if "mse_loss" in entry] == list(range(10, 101, 10))
+    # the targets (sums of 8 standard normals) have variance 8: training on the mean squared error cuts it
+    assert history[0]["loss"] > 4.0 and history[-1]["mse_loss"] < 0.25 * history[0]["loss"]
+    # the metric is the compact model's mean squared error over the evaluation batches
+    compact = load_compact(tmp_path)
+    batches = cli_models.sum_batches()
+    with torch.no_grad():
+        error = sum(float(F.mse_loss(compact(x), y)) * len(y) for x, y in batches) / sum(len(y) for _, y in batches)
+    assert error == pytest.approx(history[-1]["mse_loss"], rel=1e-4)
+
+
+def test_a_users_metric_scores_the_evaluations(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(TESTS)
+    data = ["--data", "cli_models:sum_batches", "--eval-data", "cli_models:sum_batches", "--eval-every", "2"]
+    run = ["compress", "cli_models:regressor", *data, "--loss", "l1", "--metric", "cli_models:within_half", "--steps", "4", "-o", str(tmp_path)]
+    assert main(run) == 0
+    training = json.loads((tmp_path / "report.json").read_text())["training"]
+    assert training["loss"] == "l1" and training["metric"] == "within_half"
+    assert [entry["step"] for entry in training["history"] if "within_half" in entry] == [2, 4]
+    assert all(0.0 <= entry["within_half"] <= 1.0 for entry in training["history"] if "within_half" in entry)
 
 
 def test_text_data_is_tokenized_for_a_hugging_face_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

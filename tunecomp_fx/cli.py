@@ -17,6 +17,7 @@ from tunecomp_fx.config import ALLOCATIONS, INITS, METHODS, CompressionConfig
 from tunecomp_fx.data_spec import DATA_HELP, named_dataset
 from tunecomp_fx.errors import CalibrationError, ConfigError, InputError, TunecompError
 from tunecomp_fx.inputs import Inputs
+from tunecomp_fx.loss_spec import LOSS_HELP, METRICS, Objective, objective
 from tunecomp_fx.model_spec import SPEC_HELP, LoadedModel, load_model, parse_shape
 from tunecomp_fx.schedules import BLENDS, MIXES
 from tunecomp_fx.train import DEFAULT_RANK_SLACK, TRAINING_KEY, TrainingConfig
@@ -28,9 +29,9 @@ EVALUATIONS = 10  # evaluations per run when --eval-data is given without --eval
 # The training options, all None unless given, so that any of them without --data is an error.
 TRAINING_OPTIONS = (
     "steps", "epochs", "lr", "blend", "blend_mix", "blend_steps", "distill_weight", "train_teachers", "rank_slack",
-    "width_slack", "batch_size", "eval_data", "eval_every",
+    "width_slack", "batch_size", "eval_data", "eval_every", "loss", "metric",
 )  # fmt: skip
-_NOT_IN_TRAINING_CONFIG = ("rank_slack", "width_slack", "batch_size", "eval_data", "eval_every")
+_NOT_IN_TRAINING_CONFIG = ("rank_slack", "width_slack", "batch_size", "eval_data", "eval_every", "loss", "metric")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -118,13 +119,19 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--data",
         metavar="SPEC",
-        help=f"labelled training batches, trained on with cross-entropy: {DATA_HELP}. A named set is shaped to "
+        help=f"labelled training batches, trained on with --loss: {DATA_HELP}. A named set is shaped to "
         "the model's example inputs (images resized or flattened; texts tokenized by a Hugging Face folder's "
         "tokenizer to the --input-shape sequence length); calibration uses its first batches",
     )
     group.add_argument(
-        "--eval-data", metavar="SPEC", help="evaluation batches, same kinds (a named set gives its validation split): accuracy during the run"
+        "--eval-data", metavar="SPEC", help="evaluation batches, same kinds (a named set gives its validation split): --metric during the run"
     )
+    group.add_argument("--loss", metavar="SPEC", help=f"what training minimizes: {LOSS_HELP}")
+    group.add_argument(
+        "--metric", metavar="SPEC",
+        help=f"what --eval-data is scored by: {', '.join(METRICS)}, or module.path:function returning the batch's mean "
+        "(default: accuracy with cross-entropy, else the loss itself)",
+    )  # fmt: skip
     group.add_argument("--steps", type=int, metavar="N", help="optimizer steps (or --epochs)")
     group.add_argument("--epochs", type=float, metavar="E", help="passes over the training data (or --steps)")
     group.add_argument("--batch-size", type=int, help=f"batch size of a named data set (default {BATCH_SIZE})")
@@ -182,8 +189,9 @@ def _training(args: argparse.Namespace) -> TrainingConfig | None:
     named_dataset(args.data)  # a misspelt name fails before the model loads
     if args.steps is None and args.epochs is None:
         raise ConfigError("give the length of the joint run: --steps N or --epochs E")
-    if args.eval_every is not None and args.eval_data is None:
-        raise ConfigError("--eval-every needs evaluation batches: give --eval-data")
+    for option in ("eval_every", "metric"):
+        if getattr(args, option) is not None and args.eval_data is None:
+            raise ConfigError(f"--{option.replace('_', '-')} needs evaluation batches: give --eval-data")
     fields = {name: value for name, value in given.items() if name not in _NOT_IN_TRAINING_CONFIG}
     return TrainingConfig(**fields, seed=args.seed)
 
@@ -229,6 +237,7 @@ def _load(args: argparse.Namespace) -> LoadedModel:
 
 def run_compress(args: argparse.Namespace) -> int:
     training = _training(args)  # check the options before the slow imports and model load
+    goal = objective(args.loss, args.metric) if training is not None else None
     config = _config(args, trains=training is not None)
     from tunecomp_fx.api import compress, get_report
     from tunecomp_fx.export.artifacts import save_compact
@@ -239,7 +248,7 @@ def run_compress(args: argparse.Namespace) -> int:
     if training is None:
         compact, example = compress(loaded.model, loaded.example_inputs, config=config, progress=True), loaded.example_inputs
     else:
-        compact, example = _train(args, loaded, config, training)
+        compact, example = _train(args, loaded, config, training, goal)
     report = get_report(compact)
     output = Path(args.output)
     print(f"saving to {output}: torch.export program, safetensors weights, then a reload check")
@@ -259,10 +268,11 @@ def run_compress(args: argparse.Namespace) -> int:
 
 
 def _train(
-    args: argparse.Namespace, loaded: LoadedModel, config: CompressionConfig, training: TrainingConfig
+    args: argparse.Namespace, loaded: LoadedModel, config: CompressionConfig, training: TrainingConfig, goal: Objective
 ) -> tuple[Any, Inputs]:
-    """Joint fine-tuning and compression on --data; returns the compact model and its example inputs
-    (two rows of the first training batch: real data, and a batch torch.export keeps dynamic)."""
+    """Joint fine-tuning and compression on --data, minimizing goal's loss; returns the compact model and
+    its example inputs (two rows of the first training batch: real data, and a batch torch.export keeps
+    dynamic)."""
     from tunecomp_fx.api import compress
     from tunecomp_fx.data_spec import calibration_batches, check_model_fits, first_rows, load_batches
 
@@ -272,20 +282,21 @@ def _train(
     }  # fmt: skip
     data = load_batches(args.data, split="train", **shaping)
     print(f"data: {data.source}")
-    check_model_fits(loaded.model, data, f"--data {args.data}")
+    check_model_fits(loaded.model, data, f"--data {args.data}", goal)
     evaluation = None
     if args.eval_data is not None:
         evaluation = load_batches(args.eval_data, split="validation", **shaping)
         print(f"eval data: {evaluation.source}")
-        check_model_fits(loaded.model, evaluation, f"--eval-data {args.eval_data}")
+        check_model_fits(loaded.model, evaluation, f"--eval-data {args.eval_data}", goal)
     example = first_rows(data.first[0], 2)
     calib = calibration_batches(data, CALIBRATION_BATCHES, labelled=config.method == "union")
     compact = compress(
         loaded.model, example, config=config, calib=calib, data=data.data,
         eval_data=evaluation.data if evaluation else None, training=training,
         eval_every=_eval_every(args, training, data.data) if evaluation else None, progress=True,
+        loss_fn=goal.loss_fn, metric_fn=goal.metric_fn,
     )  # fmt: skip
-    compact.meta[TRAINING_KEY].update(data=data.source, eval_data=evaluation.source if evaluation else None)
+    compact.meta[TRAINING_KEY].update(data=data.source, eval_data=evaluation.source if evaluation else None, loss=goal.loss)
     return compact, example
 
 

@@ -30,7 +30,8 @@ from tunecomp_fx import data as datasets
 from tunecomp_fx.errors import InputError
 from tunecomp_fx.inputs import Inputs, call_model
 from tunecomp_fx.model_spec import close_names, import_object
-from tunecomp_fx.train import prediction, split_batch
+from tunecomp_fx.loss_spec import Objective
+from tunecomp_fx.train import checked_loss, prediction, split_batch
 
 SPLITS = ("train", "validation")
 
@@ -202,23 +203,54 @@ def calibration_batches(batches: Batches, count: int, labelled: bool) -> list[An
     return taken if labelled else [inputs for inputs, _ in taken]
 
 
-def check_model_fits(model: nn.Module, batches: Batches, role: str) -> None:
-    """The model turns the first batch into (batch, classes) logits with a class for every label, as
-    cross-entropy training needs; `role` ("--data X") words the errors."""
+def check_model_fits(model: nn.Module, batches: Batches, role: str, objective: Objective) -> None:
+    """The run's loss and metric compute on the model's outputs for the first batch and its targets;
+    with cross-entropy the outputs must be (batch, classes) logits with a class for every label.
+    `role` ("--data X") words the errors."""
     inputs, targets = batches.first
     try:
         with torch.no_grad():
-            logits = prediction(call_model(model, first_rows(inputs, 2)))
+            outputs = prediction(call_model(model, first_rows(inputs, 2)))
     except Exception as error:
         raise InputError(f"the model fails on the first batch of {role} ({type(error).__name__}: {error})") from error
+    if objective.classifies:
+        _check_classes(outputs, targets, batches.classes, role)
+    rows = targets[:2] if isinstance(targets, torch.Tensor) else targets
+    if objective.elementwise and not (isinstance(outputs, torch.Tensor) and isinstance(rows, torch.Tensor) and outputs.shape == rows.shape):
+        raise InputError(
+            f"--loss {objective.loss} compares outputs and targets element by element, but the model gives "
+            f"{_shape_of(outputs)} for the first rows of {role} and their targets are {_shape_of(rows)}: give targets "
+            "shaped like the outputs (e.g. (batch, 1) for one number per example)"
+        )
+    for flag, spec, function in (("--loss", objective.loss, objective.loss_fn), ("--metric", objective.metric, objective.metric_fn)):
+        try:
+            with torch.no_grad():
+                value = function(outputs, rows)
+        except Exception as error:
+            raise InputError(
+                f"{flag} {spec} fails on the model's outputs ({_shape_of(outputs)}) and the targets of {role} "
+                f"({_shape_of(rows)}): {type(error).__name__}: {error}"
+            ) from error
+        if flag == "--loss":
+            checked_loss(value, f"on the first batch of {role}")
+        elif not isinstance(value, (int, float)) and not (isinstance(value, torch.Tensor) and value.numel() == 1):
+            raise InputError(f"--metric {spec} gives {_shape_of(value)} on the first batch of {role}; it must give one number, the batch's mean")
+
+
+def _check_classes(logits: Any, targets: Any, classes: int | None, role: str) -> None:
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not isinstance(targets, torch.Tensor):
         raise InputError(
             f"training on {role} needs (batch, classes) logits and integer class targets (cross-entropy); the model "
-            f"gives {_shape_of(logits)} and the data's targets are {_shape_of(targets)}"
+            f"gives {_shape_of(logits)} and the data's targets are {_shape_of(targets)}; for other targets give --loss"
+        )
+    if logits.shape[1] < 2:
+        raise InputError(
+            f"the model gives {logits.shape[1]} output per example on {role}: cross-entropy needs two classes or more; "
+            "for regression targets give --loss mse (or l1)"
         )
     if targets.is_floating_point():  # class probabilities: nothing to count
         return
-    classes = batches.classes if batches.classes is not None else int(targets.max()) + 1
+    classes = classes if classes is not None else int(targets.max()) + 1
     if logits.shape[1] < classes:
         raise InputError(
             f"the model predicts {logits.shape[1]} classes but {role} has {classes}: build it with {classes} outputs, "

@@ -193,7 +193,8 @@ def training_summary(training: Mapping[str, Any]) -> list[str]:
         f"the first {steps_of(config['blend_steps'], total)}, distillation weight {config['distill_weight']:g}"
     ]
     if training.get("data"):
-        lines.append(f"data: {training['data']}" + (f"; evaluated on {training['eval_data']}" if training.get("eval_data") else ""))
+        loss = f", loss {training['loss']}" if training.get("loss") else ""
+        lines.append(f"data: {training['data']}{loss}" + (f"; evaluated on {training['eval_data']}" if training.get("eval_data") else ""))
     lines.append(f"training loss {history[0]['loss']:.4g} (step 1) -> {history[-1]['loss']:.4g} (step {total})")
     evaluated = [entry for entry in history if entry.get(metric) is not None]
     if evaluated:
