@@ -43,10 +43,11 @@ def _slice_width(gm: fx.GraphModule, width: HiddenWidth, sites: dict[str, Site],
         weight = container.down.weight
         scale = mask[kept].to(weight.dtype).reshape((1, -1) + (1,) * (weight.dim() - 2))
         container.down = rebuilt(container.down, weight[:, kept] * scale, container.down.bias)
+        rows = torch.tensor(width.up_rows(kept.tolist(), len(width.kept)), device=kept.device)
         for name in width.ups:
             student = site_container(gm, sites[name])
-            bias = student.up.bias[kept] if student.up.bias is not None else None
-            student.up = rebuilt(student.up, student.up.weight[kept], bias)
+            bias = student.up.bias[rows] if student.up.bias is not None else None
+            student.up = rebuilt(student.up, student.up.weight[rows], bias)
     resized = dict(width.resized)
     for node in gm.graph.nodes:
         meta = node.meta.get("tunecomp", {})

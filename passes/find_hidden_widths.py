@@ -2,18 +2,22 @@
 that can be sliced without changing anything else in the model.
 
 - neurons (prune_neurons): an up-projection's output passes only through elementwise nodes (an
-  activation, perhaps a dropout) into a down-projection, as in a transformer's FFN. Dropping a
+  activation, perhaps a dropout or an identity) into a down-projection, as in a transformer's FFN. Dropping a
   neuron removes a row of up, the activation's element and a column of down.
 - heads (prune_heads): the query, key and value sites each split their output into heads
   (view (..., heads, head_dim), swap to (batch, heads, seq, head_dim)), scaled_dot_product_attention
   reads them, and the heads are swapped back and merged into the output site's input. Dropping a
   head removes head_dim rows of each of query, key and value and head_dim columns of the output site;
-  each head attends on its own, so the others compute what they did.
+  each head attends on its own, so the others compute what they did. A fused qkv site (timm's ViT:
+  reshape (..., 3, heads, head_dim), permute(2, 0, 3, 1, 4), unbind(0)) loses the head's rows in
+  each of its three parts.
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -35,12 +39,15 @@ _ACTIVATION_METHODS = {"relu", "tanh", "sigmoid"}
 _ACTIVATION_MODULES = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid)
 _DROPOUTS = {aten.dropout.default, F.dropout}
 _RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, torch.reshape, "view", "reshape"}
-_SWAPS = {aten.transpose.int, aten.permute.default, torch.transpose, torch.permute, "transpose", "permute"}
+_PERMUTES = {aten.permute.default, torch.permute, "permute"}
+_SWAPS = {aten.transpose.int, torch.transpose, "transpose"} | _PERMUTES
+_UNBINDS = {aten.unbind.int, torch.unbind, "unbind"}
 _ATTENTION = {aten.scaled_dot_product_attention.default, F.scaled_dot_product_attention}
 
 
 def _elementwise(gm: fx.GraphModule, node: fx.Node) -> str | None:
-    """"activation", "dropout", or None when `node` is neither (or reads more than one tensor)."""
+    """"activation", "dropout", "identity" (timm's Mlp has an nn.Identity norm when the norm is off),
+    or None when `node` is none of them (or reads more than one tensor)."""
     tensors = node.all_input_nodes
     if len(tensors) != 1 or node.args[:1] != (tensors[0],):
         return None
@@ -49,6 +56,8 @@ def _elementwise(gm: fx.GraphModule, node: fx.Node) -> str | None:
     if node.op == "call_method":
         return "activation" if node.target in _ACTIVATION_METHODS else None
     if node.op == "call_module":
+        if _is_identity(gm, node):
+            return "identity"
         module = gm.get_submodule(node.target)
         return "activation" if isinstance(module, _ACTIVATION_MODULES) else "dropout" if isinstance(module, nn.Dropout) else None
     return None
@@ -98,28 +107,38 @@ def _is(node: fx.Node, targets: set) -> bool:
     return node.op in ("call_function", "call_method") and node.target in targets
 
 
+def _dims(node: fx.Node) -> tuple:
+    """The dims a transpose, permute or unbind names, whether given as one list or as separate arguments."""
+    dims = node.args[1:]
+    return tuple(dims[0]) if len(dims) == 1 and isinstance(dims[0], (list, tuple)) else tuple(dims)
+
+
 def _swaps_heads_and_sequence(node: fx.Node) -> bool:
     """transpose(1, 2) or permute(0, 2, 1, 3) of a 4-d (batch, seq, heads, head_dim) tensor."""
-    dims = node.args[1:]
-    dims = tuple(dims[0]) if len(dims) == 1 and isinstance(dims[0], (list, tuple)) else tuple(dims)
-    if node.target in (aten.permute.default, torch.permute, "permute"):
+    dims = _dims(node)
+    if node.target in _PERMUTES:
         return dims == (0, 2, 1, 3)
     return set(dims) in ({1, 2}, {-3, -2})
 
 
+def _is_identity(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """An nn.Identity call (timm's q_norm, k_norm and norm when those norms are off)."""
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Identity)
+
+
 def _data_input(node: fx.Node) -> fx.Node | None:
-    """The tensor a reshape, swap or contiguous reads (its other inputs are sizes)."""
+    """The tensor a reshape, swap, contiguous or identity reads (its other inputs are sizes)."""
     return node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
 
 
 _PASS_THROUGH = _RESHAPES | _SWAPS | {"contiguous"}
 
 
-def _chain_back(end: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
-    """Walk back from `end` through reshapes, swaps and contiguous copies, each read by the next alone:
-    the first other node reached, and the chain in graph order (`end` last)."""
+def _chain_back(gm: fx.GraphModule, end: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
+    """Walk back from `end` through reshapes, swaps, contiguous copies and identities, each read by
+    the next alone: the first other node reached, and the chain in graph order (`end` last)."""
     chain, current = [], end
-    while _is(current, _PASS_THROUGH) and len(current.users) == 1:
+    while (_is(current, _PASS_THROUGH) or _is_identity(gm, current)) and len(current.users) == 1:
         chain.append(current)
         source = _data_input(current)
         if source is None:
@@ -141,22 +160,22 @@ def _is_split_of_heads(chain: list[fx.Node], width: int) -> int | None:
     return head_dim
 
 
-def head_width(down: Site, sites_by_node: dict[str, Site], nodes: dict[str, fx.Node]) -> HiddenWidth | None:
-    """The attention heads `down` reads, if its input is merged from the heads of one
-    scaled_dot_product_attention whose query, key and value are each split from a compressed site."""
-    width = down.in_features
-    merge = site_input(nodes[down.entry_node])
-    attention, after = _chain_back(merge)
-    if not after or after[-1] is not merge or not _is(merge, _RESHAPES) or shape_entries(merge)[-1:] not in ([-1], [width]):
-        return None
-    if not _is(attention, _ATTENTION) or len(attention.users) != 1:
-        return None
-    swaps = [n for n in after if _is(n, _SWAPS)]
-    if len(swaps) != 1 or not _swaps_heads_and_sequence(swaps[0]):
-        return None
-    ups, head_dims, splits, between = [], set(), [], [attention, *after]
+class _Projections(NamedTuple):
+    """The query, key and value projections of an attention block and the nodes that split their heads."""
+
+    ups: tuple[str, ...]
+    head_dim: int
+    resized: list[tuple[str, int]]
+    between: list[fx.Node]
+    parts: int
+
+
+def _separate_projections(gm: fx.GraphModule, attention: fx.Node, width: int, sites_by_node: dict[str, Site]) -> _Projections | None:
+    """Query, key and value each from a compressed site of `width` outputs, split into heads by
+    view(..., heads, head_dim) and transpose(1, 2) (Hugging Face's BERT, MiniLM)."""
+    ups, head_dims, splits, between = [], set(), [], []
     for query_key_or_value in attention.args[:3]:
-        source, chain = _chain_back(query_key_or_value) if isinstance(query_key_or_value, fx.Node) else (None, [])
+        source, chain = _chain_back(gm, query_key_or_value) if isinstance(query_key_or_value, fx.Node) else (None, [])
         up = sites_by_node.get(source.name) if source is not None else None
         head_dim = _is_split_of_heads(chain, width) if chain else None
         if up is None or up.layout != "linear" or up.out_features != width or len(source.users) != 1 or head_dim is None:
@@ -168,16 +187,88 @@ def head_width(down: Site, sites_by_node: dict[str, Site], nodes: dict[str, fx.N
     if len(set(ups)) != 3 or len(head_dims) != 1:
         return None
     head_dim = head_dims.pop()
+    resized = [(split.name, 2) for split in splits if shape_entries(split)[2] == width // head_dim]
+    return _Projections(tuple(ups), head_dim, resized, between, parts=1)
+
+
+def _part(node: fx.Node) -> tuple[fx.Node, int] | None:
+    """(x, i) if `node` is x[i] along x's first dim: getitem of unbind(x, 0) (timm), getitem of x
+    itself (`q, k, v = x` under symbolic tracing) or select(x, 0, i) (torch.export)."""
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        source, index = node.args
+        if _is(source, _UNBINDS) and (_dims(source) or (source.kwargs.get("dim", 0),)) == (0,):
+            return _data_input(source), index
+        return (source, index) if _is(source, _PERMUTES) else None
+    if _is(node, {aten.select.int}) and node.args[1] == 0:
+        return node.args[0], node.args[2]
+    return None
+
+
+def _fused_projection(gm: fx.GraphModule, attention: fx.Node, width: int, sites_by_node: dict[str, Site]) -> _Projections | None:
+    """Query, key and value from one compressed site of 3 x `width` outputs, split by
+    reshape(..., 3, heads, head_dim) and permute(2, 0, 3, 1, 4) into three parts along the first dim
+    (timm's ViT); identities may stand between the parts and the attention."""
+    parts, identities = [], []
+    for query_key_or_value in attention.args[:3]:
+        if not isinstance(query_key_or_value, fx.Node):
+            return None
+        item, chain = _chain_back(gm, query_key_or_value)
+        if not all(_is_identity(gm, n) for n in chain):
+            return None
+        parts.append((item, _part(item)))
+        identities += chain
+    permute = parts[0][1][0] if parts[0][1] else None
+    if any(part is None or part[0] is not permute for _, part in parts) or sorted(part[1] for _, part in parts) != [0, 1, 2]:
+        return None
+    items = [item for item, _ in parts]
+    unbinds = {item.args[0] for item in items if item.args[0] is not permute}
+    if any(set(unbind.users) != set(items) for unbind in unbinds) or set(permute.users) != (unbinds or set(items)):
+        return None
+    if not _is(permute, _PERMUTES) or _dims(permute) != (2, 0, 3, 1, 4):
+        return None
+    split = _data_input(permute)
+    if split is None or not _is(split, _RESHAPES) or len(split.users) != 1:
+        return None
+    source, entries = _data_input(split), shape_entries(split)
+    up = sites_by_node.get(source.name) if source is not None else None
+    if up is None or up.layout != "linear" or up.out_features != 3 * width or len(source.users) != 1:
+        return None
+    head_dim = entries[4] if len(entries) == 5 and entries[2] == 3 else None
+    if not isinstance(head_dim, int) or head_dim < 1 or width % head_dim or entries[3] not in (-1, width // head_dim):
+        return None
+    resized = [(split.name, 3)] if entries[3] == width // head_dim else []
+    return _Projections((up.name,), head_dim, resized, [split, permute, *unbinds, *items, *identities], parts=3)
+
+
+def head_width(gm: fx.GraphModule, down: Site, sites_by_node: dict[str, Site], nodes: dict[str, fx.Node]) -> HiddenWidth | None:
+    """The attention heads `down` reads, if its input is merged from the heads of one
+    scaled_dot_product_attention whose query, key and value are split from compressed sites: one
+    each, or one fused site."""
+    width = down.in_features
+    attention, after = _chain_back(gm, site_input(nodes[down.entry_node]))
+    reshapes = [n for n in after if _is(n, _RESHAPES)]
+    if not reshapes or not all(_is_identity(gm, n) for n in after[after.index(reshapes[-1]) + 1 :]):
+        return None
+    merge = reshapes[-1]
+    if shape_entries(merge)[-1:] not in ([-1], [width]) or not _is(attention, _ATTENTION) or len(attention.users) != 1:
+        return None
+    swaps = [n for n in after if _is(n, _SWAPS)]
+    if len(swaps) != 1 or not _swaps_heads_and_sequence(swaps[0]):
+        return None
+    projections = _separate_projections(gm, attention, width, sites_by_node) or _fused_projection(gm, attention, width, sites_by_node)
+    if projections is None:
+        return None
+    head_dim = projections.head_dim
     heads = width // head_dim
     # reshapes between attention and the merge must keep (heads, head_dim) apart without naming the head count
-    if any(_is(n, _RESHAPES) and (shape_entries(n)[-1:] != [head_dim] or heads in shape_entries(n)[:-1]) for n in after[:-1]):
+    if any(_is(n, _RESHAPES) and (shape_entries(n)[-1:] != [head_dim] or heads in shape_entries(n)[:-1]) for n in after[: after.index(merge)]):
         return None
-    resized = [(split.name, 2) for split in splits if shape_entries(split)[2] == heads]
+    resized = projections.resized
     if shape_entries(merge)[-1] == width:
         resized.append((merge.name, len(shape_entries(merge)) - 1))
-    names = {node.name for node in between}
+    names = {node.name for node in (attention, *after, *projections.between)}
     ordered = tuple(name for name in nodes if name in names)
-    return HiddenWidth("heads", tuple(ups), down.name, ordered, width, head_dim, tuple(resized))
+    return HiddenWidth("heads", projections.ups, down.name, ordered, width, head_dim, tuple(resized), parts=projections.parts)
 
 
 class FindHiddenWidths(GraphPass):
@@ -196,7 +287,7 @@ class FindHiddenWidths(GraphPass):
             widths += [neuron_width(gm, site, sites_by_entry, nodes) for site in compressed]
         if ctx.config.prune_heads > 0:
             sites_by_node = {site.node: site for site in compressed}
-            widths += [head_width(site, sites_by_node, nodes) for site in compressed]
+            widths += [head_width(gm, site, sites_by_node, nodes) for site in compressed]
         ctx.hidden_widths = [width for width in widths if width is not None]
         return gm
 
@@ -212,10 +303,12 @@ class FindHiddenWidths(GraphPass):
         if ctx.config.prune_heads > 0 and "heads" not in kinds:
             raise SiteError(
                 f"prune_heads={ctx.config.prune_heads} found no attention heads to prune: no compressed site reads "
-                "heads merged from one scaled_dot_product_attention whose query, key and value are split from "
-                "three compressed sites (view (..., heads, head_dim), transpose(1, 2)). Fused qkv projections and "
-                "hand-written attention (matmul, softmax) are not recognized; use prune_heads=0 for this model, "
-                "or check that `exclude` leaves the four projections of a block compressed"
+                "heads merged (transpose(1, 2), reshape to a literal width or -1) from one "
+                "scaled_dot_product_attention whose query, key and value are split from three compressed sites "
+                "(view (..., heads, head_dim), transpose(1, 2)) or from one fused qkv site (reshape (..., 3, heads, "
+                "head_dim), permute(2, 0, 3, 1, 4)). Hand-written attention (matmul, softmax), a merge to a width "
+                "read from a tensor's shape and norms between the heads and the projections are not recognized; "
+                "use prune_heads=0 for this model, or check that `exclude` leaves the projections of a block compressed"
             )
         shared = [name for name in {s for w in ctx.hidden_widths for s in w.ups} if sum(name in w.ups for w in ctx.hidden_widths) > 1]
         if shared:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 import tunecomp_fx
@@ -17,3 +20,19 @@ def finalize_from_student_path(prepared: torch.fx.GraphModule, *inputs: torch.Te
     with torch.no_grad():
         torch.testing.assert_close(compact(*inputs), student_path, rtol=1e-5, atol=1e-5)
     return compact, student_path
+
+
+def train_with_hook(
+    prepared: torch.fx.GraphModule, data: list[tuple[torch.Tensor, torch.Tensor]], loss_fn: Callable[[Any, Any], torch.Tensor], steps: int, blend_steps: int
+) -> tunecomp_fx.StepHook:
+    """`steps` AdamW steps (lr 1e-3) on `data`'s (inputs, targets) batches in turn, loss_fn plus the
+    distillation loss, with StepHook moving the schedules; returns the hook."""
+    hook = tunecomp_fx.StepHook(prepared, steps=steps, blend_steps=blend_steps)
+    optimizer = torch.optim.AdamW([p for p in prepared.parameters() if p.requires_grad], lr=1e-3)
+    for step in range(steps):
+        inputs, targets = data[step % len(data)]
+        (loss_fn(prepared(inputs), targets) + hook.distill_loss()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        hook.step()
+    return hook

@@ -64,10 +64,34 @@ class HeadsBlock(nn.Module):
         return self.norm(x + self.out(merged))
 
 
-def silent_heads() -> HeadsBlock:
-    """A HeadsBlock whose output projection (bias-free) ignores heads 1 and 3: they change nothing."""
+class FusedHeadsBlock(nn.Module):
+    """One fused qkv projection split into heads as timm's ViT splits it (reshape (b, t, 3, heads,
+    head_dim), permute(2, 0, 3, 1, 4), unbind(0)), with its identity q_norm, k_norm and norm, and an
+    output projection `out`. `unbind=False` unpacks the parts instead (`q, k, v = x`); `export=True`
+    makes symbolic tracing fail, so that the capture goes through torch.export."""
+
+    def __init__(self, dim: int = 64, heads: int = 4, unbind: bool = True, export: bool = False) -> None:
+        super().__init__()
+        self.heads, self.head_dim, self.unbind, self.export = heads, dim // heads, unbind, export
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm, self.k_norm, self.norm = nn.Identity(), nn.Identity(), nn.Identity()
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        if self.export and x.shape[-1] < 0:  # a proxy bool: symbolic tracing cannot evaluate this
+            raise ValueError("negative width")
+        parts = self.qkv(x).reshape(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = parts.unbind(0) if self.unbind else parts
+        context = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v).transpose(1, 2)
+        return x + self.out(self.norm(context.reshape(b, t, self.heads * self.head_dim)))
+
+
+def silent_heads(fused: bool = False) -> HeadsBlock | FusedHeadsBlock:
+    """A HeadsBlock (or FusedHeadsBlock) whose output projection (bias-free) ignores heads 1 and 3:
+    they change nothing."""
     torch.manual_seed(0)
-    model = HeadsBlock().eval()
+    model = (FusedHeadsBlock() if fused else HeadsBlock()).eval()
     model.out = nn.Linear(64, 64, bias=False)
     with torch.no_grad():
         model.out.weight.view(64, 4, 16)[:, [1, 3]] = 0.0

@@ -1,18 +1,18 @@
-"""Head pruning (prune_heads): an attention block's query, key, value and output sites are found
-around scaled_dot_product_attention, its least important heads are sliced away, and the block gets
-one student path (its own copy of the split, attention and merge) blended at the output site."""
+"""Head pruning (prune_heads): an attention block's query, key, value (or fused qkv) and output sites
+are found around scaled_dot_product_attention, its least important heads are sliced away, and the
+block gets one student path (its own copy of the split, attention and merge) blended at the output
+site."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.graph_checks import finalize_from_student_path
-from tests.models import SILENT_HEADS_KEPT, SILENT_HEADS_RATIO, AttentionBlock, HeadsBlock, silent_heads
+from tests.graph_checks import finalize_from_student_path, train_with_hook
+from tests.models import SILENT_HEADS_KEPT, SILENT_HEADS_RATIO, AttentionBlock, FusedHeadsBlock, HeadsBlock, silent_heads
 from torch import nn
 
 import tunecomp_fx
-from tunecomp_fx import StepHook
 from tunecomp_fx.errors import BudgetError, SiteError
 from tunecomp_fx.export import to_onnx
 from tunecomp_fx.metrics import count_parameters
@@ -32,8 +32,8 @@ def _student_attention(prepared: torch.fx.GraphModule) -> torch.fx.Node:
 
 
 def _source(node: torch.fx.Node) -> torch.fx.Node:
-    """Back through the view and transpose to what a head split reads."""
-    while node.op != "call_module":
+    """Back through the head split (views, transposes, a fused site's parts, identities) to the student it reads."""
+    while node.meta.get("tunecomp", {}).get("role") != "up":
         node = node.args[0]
     return node
 
@@ -80,16 +80,19 @@ def test_finalize_keeps_the_student_path_with_fewer_heads(literal_heads: bool) -
     assert sum(row.params_after for row in rows.values()) == count_parameters(compact.lowrank)
 
 
-def test_the_silent_heads_are_the_ones_pruned_and_the_model_is_unchanged() -> None:
-    model, x = silent_heads(), torch.randn(8, 10, 64)
-    prepared = tunecomp_fx.prepare(model, x, SILENT_HEADS_RATIO, prune_heads=0.5)  # the four sites stay whole
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused_qkv"])
+def test_the_silent_heads_are_the_ones_pruned_and_the_model_is_unchanged(fused: bool) -> None:
+    model, x = silent_heads(fused), torch.randn(8, 10, 64)
+    prepared = tunecomp_fx.prepare(model, x, SILENT_HEADS_RATIO, prune_heads=0.5)  # the sites stay whole
     [width] = _context(prepared).hidden_widths
     assert width.kept == (*range(0, 16), *range(32, 48))
+    if fused:  # the same heads in each of query, key and value
+        assert _context(prepared).sites[0].kept_rows == tuple(part * 64 + neuron for part in range(3) for neuron in width.kept)
     tunecomp_fx.set_blend(prepared, 0.0)
     compact = tunecomp_fx.finalize(prepared)
     with torch.no_grad():
         torch.testing.assert_close(compact(x), model(x), rtol=1e-5, atol=1e-5)
-    assert count_parameters(compact) == SILENT_HEADS_KEPT + 2 * 64  # and the layer norm
+    assert count_parameters(compact) == SILENT_HEADS_KEPT + (0 if fused else 2 * 64)  # and HeadsBlock's layer norm
 
 
 def test_heads_train_through_teacher_removal_and_export_to_onnx(tmp_path) -> None:  # noqa: ANN001
@@ -97,14 +100,7 @@ def test_heads_train_through_teacher_removal_and_export_to_onnx(tmp_path) -> Non
     model = nn.Sequential(HeadsBlock(literal_heads=False), nn.Linear(64, 3)).train()
     data = [(torch.randn(8, 10, 64), torch.randint(0, 3, (8, 10))) for _ in range(4)]
     prepared = tunecomp_fx.prepare(model, data[0][0], 0.5, calib=[x for x, _ in data], prune_heads=0.25, rank_slack=0.25)
-    hook = StepHook(prepared, steps=8, blend_steps=4)
-    optimizer = torch.optim.AdamW([p for p in prepared.parameters() if p.requires_grad], lr=1e-3)
-    for step in range(8):
-        inputs, targets = data[step % 4]
-        (F.cross_entropy(prepared(inputs).flatten(0, 1), targets.flatten()) + hook.distill_loss()).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        hook.step()
+    hook = train_with_hook(prepared, data, lambda logits, targets: F.cross_entropy(logits.flatten(0, 1), targets.flatten()), 8, 4)
     assert hook.teacher_removed
     assert not any(isinstance(m, Blend) for m in prepared.modules())
     assert len([n for n in prepared.graph.nodes if n.target in ATTENTION]) == 1  # the teacher heads are gone
@@ -124,8 +120,59 @@ def test_heads_and_neurons_prune_together() -> None:
     finalize_from_student_path(prepared, x)
 
 
-def test_fused_qkv_attention_is_not_recognized_and_says_so() -> None:
-    with pytest.raises(SiteError, match=r"prune_heads=0.5 found no attention heads to prune.*Fused qkv"):
+@pytest.mark.parametrize(("unbind", "export"), [(True, False), (False, False), (True, True)], ids=["unbind", "unpacked", "torch_export"])
+def test_a_fused_qkv_site_loses_the_pruned_heads_rows_in_each_part(unbind: bool, export: bool) -> None:
+    torch.manual_seed(0)
+    model, x = FusedHeadsBlock(unbind=unbind, export=export).eval(), torch.randn(4, 10, 64)
+    prepared = tunecomp_fx.prepare(model, x, 0.5, prune_heads=0.5)
+
+    assert prepared.meta["tunecomp"].capture_path == ("torch.export" if export else "symbolic_trace")
+    [width] = _context(prepared).hidden_widths
+    assert (width.kind, width.ups, width.down, width.width, width.group, width.parts) == ("heads", ("qkv",), "out", 64, 16, 3)
+    assert len(width.kept) == 32 and len(width.resized) == 2  # the literal head count of the split and the merged width
+    roles = student_nodes(prepared)
+    assert "blend" not in roles["qkv"] and "blend" in roles["out"]
+    assert prepared.lowrank.qkv.up.out_features == 96 and prepared.lowrank.out.down.in_features == 32
+    attention = _student_attention(prepared)
+    assert {_source(argument) for argument in attention.args[:3]} == {roles["qkv"]["up"]}  # all three parts of one student
+    with torch.no_grad():
+        assert torch.equal(prepared(x), model(x))  # alpha = 1: the teacher alone
+    compact, _ = finalize_from_student_path(prepared, x)
+    rows = {row.name: row for row in tunecomp_fx.get_report(compact).sites}
+    assert rows["qkv"].reason.startswith("96 of 192 output neurons kept (2 of 4 heads)")
+    assert rows["out"].reason.startswith("32 of 64 input neurons kept (2 of 4 heads)")
+
+
+def test_a_timm_vit_prunes_heads_and_neurons_while_training_and_exports(tmp_path) -> None:  # noqa: ANN001
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=10, depth=2).train()
+    data = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))) for _ in range(3)]
+    options = {"prune_heads": 0.34, "prune_neurons": 0.3, "width_slack": 0.5, "rank_slack": 0.25}
+    prepared = tunecomp_fx.prepare(model, data[0][0], 0.6, calib=[x for x, _ in data], **options)
+    widths = {(w.kind, w.ups, len(w.kept), w.target) for w in _context(prepared).hidden_widths}
+    assert widths == {
+        *(("heads", (f"blocks.{i}.attn.qkv",), 192, 128) for i in range(2)),  # all 3 heads at first, 2 at the end
+        *(("neurons", (f"blocks.{i}.mlp.fc1",), 768, 536) for i in range(2)),  # through the Mlp's identity norm
+    }  # fmt: skip
+    assert train_with_hook(prepared, data, F.cross_entropy, 6, 3).teacher_removed
+    prepared.eval()
+    with torch.no_grad():
+        trained = prepared(data[0][0])
+    compact = tunecomp_fx.finalize(prepared)
+    with torch.no_grad():
+        torch.testing.assert_close(compact(data[0][0]), trained, rtol=1e-5, atol=1e-5)
+    rows = {row.name: row for row in tunecomp_fx.get_report(compact).sites}
+    assert rows["blocks.1.attn.qkv"].reason.startswith("384 of 576 output neurons kept (2 of 3 heads)")
+    assert rows["blocks.1.attn.proj"].reason.startswith("128 of 192 input neurons kept (2 of 3 heads)")
+    assert rows["blocks.1.mlp.fc2"].reason.startswith("536 of 768 input neurons kept")
+    result = to_onnx(compact, (data[0][0],), tmp_path / "vit.onnx")
+    assert all(error < 1e-4 for error in result.max_errors.values())
+
+
+def test_a_merge_to_a_width_read_from_the_shape_is_not_recognized_and_says_so() -> None:
+    # AttentionBlock merges its heads with reshape(b, t, d), d read from the input's shape: pruned, it would be wrong
+    with pytest.raises(SiteError, match=r"prune_heads=0.5 found no attention heads to prune.*a merge to a width read from a tensor's shape"):
         tunecomp_fx.prepare(AttentionBlock().eval(), torch.randn(2, 8, 64), 0.5, prune_heads=0.5)
 
 

@@ -98,7 +98,7 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--prune-heads", type=float, default=0.0, metavar="FRACTION",
-        help="remove this fraction of the heads of every attention block (query, key, value -> "
+        help="remove this fraction of the heads of every attention block (query, key, value or a fused qkv -> "
         "scaled_dot_product_attention -> output), the rest of the ratio by rank (default 0: off)",
     )
 

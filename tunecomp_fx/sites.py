@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -113,7 +113,8 @@ class Site:
 class HiddenWidth:
     """ups -> the nodes between -> down: a width that structured pruning slices in groups of `group`
     neurons. kind "neurons": one up site, an elementwise activation (perhaps a dropout), groups of
-    one (a transformer's FFN). kind "heads": the query, key and value sites, the head split,
+    one (a transformer's FFN). kind "heads": the query, key and value sites (or one fused qkv site
+    whose output holds `parts` = 3 copies of the width side by side), the head split,
     scaled_dot_product_attention and the head merge, groups of a head's size. `between` lists the
     nodes in graph order, `resized` the (node, shape entry) pairs that count the width (a literal
     head count or width in a view), scaled to what is kept; `kept` the neurons the students start
@@ -129,16 +130,22 @@ class HiddenWidth:
     resized: tuple[tuple[str, int], ...] = ()
     kept: tuple[int, ...] = ()
     target: int = 0
+    parts: int = 1
 
     @property
     def sites(self) -> tuple[str, ...]:
         return (*self.ups, self.down)
 
+    def up_rows(self, kept: Sequence[int], size: int) -> tuple[int, ...]:
+        """The up sites' output rows that compute the `kept` neurons of a width of `size`: the same
+        neurons in each of the `parts`."""
+        return tuple(part * size + neuron for part in range(self.parts) for neuron in kept)
+
 
 def final_sites(sites: Iterable[Site], widths: Iterable[HiddenWidth]) -> list[Site]:
     """`sites` with the shapes finalize leaves them: a hidden width's sites at its target width
     (the students start wider with width_slack). Budgets and rank allocation count these."""
-    targets = {up: ("out_features", width.target) for width in widths for up in width.ups}
+    targets = {up: ("out_features", width.parts * width.target) for width in widths for up in width.ups}
     targets.update({width.down: ("in_features", width.target) for width in widths})
     return [replace(site, **dict([targets[site.name]])) if site.name in targets else site for site in sites]
 
