@@ -25,6 +25,7 @@ from torch import fx, nn
 
 from tunecomp_fx.errors import SiteError
 from tunecomp_fx.forms import site_input
+from tunecomp_fx.inputs import Inputs, call_model
 from tunecomp_fx.pipeline import GraphPass, PassContext
 from tunecomp_fx.sites import HiddenWidth, Site
 
@@ -271,6 +272,50 @@ def head_width(gm: fx.GraphModule, down: Site, sites_by_node: dict[str, Site], n
     return HiddenWidth("heads", projections.ups, down.name, ordered, width, head_dim, tuple(resized), parts=projections.parts)
 
 
+class _ShapeObserver(nn.Module):
+    """Records the shape of what it passes on (inserted for one run, then removed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shape: tuple[int, ...] = ()
+
+    def forward(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        self.shape = tuple(x.shape) if isinstance(x, torch.Tensor) else ()  # an optional mask may be None
+        return x
+
+
+def _attention_mask(width: HiddenWidth, nodes: dict[str, fx.Node]) -> fx.Node | None:
+    """The attn_mask tensor the width's scaled_dot_product_attention reads, if any."""
+    [attention] = [nodes[name] for name in width.between if _is(nodes[name], _ATTENTION)]
+    mask = attention.kwargs.get("attn_mask", attention.args[3] if len(attention.args) > 3 else None)
+    return mask if isinstance(mask, fx.Node) else None
+
+
+def _per_head_masks(gm: fx.GraphModule, widths: list[HiddenWidth], inputs: Inputs) -> dict[str, tuple[int, ...]]:
+    """Site -> shape of the attention mask it reads through the heads, for masks with one entry per
+    head (size > 1 at dim -3): one run on `inputs` with an observer on each mask."""
+    nodes = {node.name: node for node in gm.graph.nodes}
+    masks = {width.down: mask for width in widths if width.kind == "heads" and (mask := _attention_mask(width, nodes)) is not None}
+    if not masks:
+        return {}
+    observers = {down: _ShapeObserver() for down in masks}
+    inserted = []
+    for index, (down, mask) in enumerate(masks.items()):
+        gm.add_module(f"_tunecomp_mask_observer_{index}", observers[down])
+        with gm.graph.inserting_after(mask):
+            inserted.append(gm.graph.call_module(f"_tunecomp_mask_observer_{index}", (mask,)))
+    gm.recompile()
+    try:
+        with torch.no_grad():
+            call_model(gm, inputs)
+    finally:
+        for index, node in enumerate(inserted):
+            gm.graph.erase_node(node)
+            delattr(gm, f"_tunecomp_mask_observer_{index}")
+        gm.recompile()
+    return {down: observer.shape for down, observer in observers.items() if len(observer.shape) >= 3 and observer.shape[-3] > 1}
+
+
 class FindHiddenWidths(GraphPass):
     name = "find_hidden_widths"
     preserves_outputs = True
@@ -289,6 +334,14 @@ class FindHiddenWidths(GraphPass):
             sites_by_node = {site.node: site for site in compressed}
             widths += [head_width(gm, site, sites_by_node, nodes) for site in compressed]
         ctx.hidden_widths = [width for width in widths if width is not None]
+        per_head = _per_head_masks(gm, ctx.hidden_widths, ctx.check_inputs) if ctx.check_inputs is not None else {}
+        if per_head:
+            down, shape = next(iter(per_head.items()))
+            raise SiteError(
+                f"prune_heads={ctx.config.prune_heads} cannot prune the heads site '{down}' reads: its attention's "
+                f"attn_mask has one entry per head (shape {shape}), which pruned heads would leave unmatched. Use "
+                "prune_heads=0 for this model, or give a mask that broadcasts over the heads (size 1 at dim -3)"
+            )
         return gm
 
     def ensures(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:

@@ -170,6 +170,17 @@ def test_a_timm_vit_prunes_heads_and_neurons_while_training_and_exports(tmp_path
     assert all(error < 1e-4 for error in result.max_errors.values())
 
 
+@pytest.mark.parametrize("literal_heads", [True, False], ids=["symbolic_trace", "torch_export"])
+def test_a_mask_with_one_entry_per_head_is_refused_at_prepare(literal_heads: bool) -> None:
+    # the student path's attention would read all four heads' masks with two heads left
+    model, x, per_head = HeadsBlock(literal_heads=literal_heads).eval(), torch.randn(2, 10, 64), torch.rand(2, 4, 10, 10) > 0.2
+    expected = r"cannot prune the heads site 'out' reads: its attention's attn_mask has one entry per head \(shape \(2, 4, 10, 10\)\)"
+    with pytest.raises(SiteError, match=expected):
+        tunecomp_fx.prepare(model, (x, per_head), 0.5, prune_heads=0.5)
+    prepared = tunecomp_fx.prepare(model, (x, per_head), 0.5)  # without head pruning the mask is no concern
+    assert not any("observer" in node.name for node in prepared.graph.nodes)
+
+
 def test_a_merge_to_a_width_read_from_the_shape_is_not_recognized_and_says_so() -> None:
     # AttentionBlock merges its heads with reshape(b, t, d), d read from the input's shape: pruned, it would be wrong
     with pytest.raises(SiteError, match=r"prune_heads=0.5 found no attention heads to prune.*a merge to a width read from a tensor's shape"):
