@@ -12,7 +12,7 @@ from torch import fx, nn
 from tunecomp_fx.errors import CalibrationError, TunecompError, first_line
 from tunecomp_fx.forms import LAYOUTS, Layout, site_input
 from tunecomp_fx.inputs import Inputs, call_model, describe_inputs
-from tunecomp_fx.pipeline import GraphPass, PassContext
+from tunecomp_fx.pipeline import GraphPass, PassContext, observing
 from tunecomp_fx.progress import progress_bar
 
 _OBSERVERS = "_tunecomp_observers"
@@ -81,32 +81,17 @@ class CalibrateInputCovariance(GraphPass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         nodes = {node.name: node for node in gm.graph.nodes}
-        observers = nn.Module()
-        gm.add_module(_OBSERVERS, observers)
-        inserted = []
+        observers = {
+            site.name: _Observer(site.name, site.in_features, LAYOUTS[site.layout], site.stride) for site in ctx.compressed_sites
+        }
+        routes = [(site_input(nodes[site.entry_node]), nodes[site.entry_node], observers[site.name]) for site in ctx.compressed_sites]
+        with observing(gm, _OBSERVERS, routes), torch.no_grad():
+            for index, batch in enumerate(progress_bar(ctx.calibration, desc="calibrate", leave=False, enabled=len(ctx.calibration) >= 4)):
+                for observer in observers.values():
+                    observer.batch_index = index
+                _calibrate_on(gm, batch, index)
         for site in ctx.compressed_sites:
-            observer = _Observer(site.name, site.in_features, LAYOUTS[site.layout], site.stride)
-            observers.add_module(site.key, observer)
-            entry = nodes[site.entry_node]
-            x = site_input(entry)
-            with gm.graph.inserting_before(entry):
-                observed = gm.graph.call_module(f"{_OBSERVERS}.{site.key}", (x,))
-            entry.replace_input_with(x, observed)
-            inserted.append(observed)
-        gm.recompile()
-        try:
-            with torch.no_grad():
-                for index, batch in enumerate(progress_bar(ctx.calibration, desc="calibrate", leave=False, enabled=len(ctx.calibration) >= 4)):
-                    for observer in observers.children():
-                        observer.batch_index = index
-                    _calibrate_on(gm, batch, index)
-        finally:
-            for observed in inserted:
-                observed.replace_all_uses_with(observed.args[0])
-                gm.graph.erase_node(observed)
-            delattr(gm, _OBSERVERS)
-        for site in ctx.compressed_sites:
-            observer = observers.get_submodule(site.key)
+            observer = observers[site.name]
             if observer.rows == 0:
                 raise CalibrationError(f"site '{site.name}' saw no input during calibration; is it reachable from forward()?")
             ctx.covariances[site.name] = InputCovariance(observer.gram, observer.rows)

@@ -20,7 +20,7 @@ from tunecomp_fx.passes.calibrate_input_covariance import InputCovariance
 from tunecomp_fx.errors import CalibrationError
 from tunecomp_fx.forms import LAYOUTS
 from tunecomp_fx.inputs import call_model
-from tunecomp_fx.pipeline import GraphPass, PassContext
+from tunecomp_fx.pipeline import GraphPass, PassContext, observing
 
 _OBSERVERS = "_tunecomp_gradient_observers"
 
@@ -68,49 +68,34 @@ class CalibrateOutputGradients(GraphPass):
 
         loss_fn = ctx.loss_fn or F.cross_entropy
         nodes = {node.name: node for node in gm.graph.nodes}
-        keepers = nn.Module()
-        gm.add_module(_OBSERVERS, keepers)
-        inserted = []
-        for site in ctx.compressed_sites:
-            keepers.add_module(site.key, _OutputKeeper())
-            linear = nodes[site.node]
-            with gm.graph.inserting_after(linear):
-                kept = gm.graph.call_module(f"{_OBSERVERS}.{site.key}", (linear,))
-            linear.replace_all_uses_with(kept, delete_user_cb=lambda user: user is not kept)
-            inserted.append(kept)
-        gm.recompile()
         sites = ctx.compressed_sites
+        keepers = {site.name: _OutputKeeper() for site in sites}
         grams = {s.name: torch.zeros(s.out_features, s.out_features, dtype=torch.float64) for s in sites}
         rows = dict.fromkeys(grams, 0)
-        try:
-            with _site_weights_require_grad(gm, ctx), torch.enable_grad():
-                for index, (batch, targets) in enumerate(zip(ctx.calibration, ctx.calibration_targets)):
-                    outputs = prediction(call_model(gm, batch))
-                    where = f"on calibration batch {index} (gradient calibration of method='union')"
-                    loss = checked_loss(loss_fn(outputs, targets), where) * (targets.shape[0] if targets.dim() else 1)
-                    kept = [keepers.get_submodule(s.key).outputs for s in sites]
-                    flat = [y for ys in kept for y in ys]
-                    gradients = torch.autograd.grad(loss, flat, allow_unused=True)
-                    position = 0
-                    for site, ys in zip(sites, kept):
-                        for g in gradients[position : position + len(ys)]:
-                            if g is None:
-                                continue
-                            g = LAYOUTS[site.layout].rows(g.detach()).float()
-                            if not torch.isfinite(g).all():
-                                raise CalibrationError(
-                                    f"calibration batch {index} gives NaN or inf gradients at the output of site "
-                                    f"'{site.name}'; check the labels and the loss"
-                                )
-                            grams[site.name] += (g.T @ g).to(torch.float64).cpu()
-                            rows[site.name] += g.shape[0]
-                        position += len(ys)
-                        ys.clear()
-        finally:
-            for kept_node in inserted:
-                kept_node.replace_all_uses_with(kept_node.args[0])
-                gm.graph.erase_node(kept_node)
-            delattr(gm, _OBSERVERS)
+        routes = [(nodes[site.node], None, keepers[site.name]) for site in sites]
+        with observing(gm, _OBSERVERS, routes), _site_weights_require_grad(gm, ctx), torch.enable_grad():
+            for index, (batch, targets) in enumerate(zip(ctx.calibration, ctx.calibration_targets)):
+                outputs = prediction(call_model(gm, batch))
+                where = f"on calibration batch {index} (gradient calibration of method='union')"
+                loss = checked_loss(loss_fn(outputs, targets), where) * (targets.shape[0] if targets.dim() else 1)
+                kept = [keepers[s.name].outputs for s in sites]
+                flat = [y for ys in kept for y in ys]
+                gradients = torch.autograd.grad(loss, flat, allow_unused=True)
+                position = 0
+                for site, ys in zip(sites, kept):
+                    for g in gradients[position : position + len(ys)]:
+                        if g is None:
+                            continue
+                        g = LAYOUTS[site.layout].rows(g.detach()).float()
+                        if not torch.isfinite(g).all():
+                            raise CalibrationError(
+                                f"calibration batch {index} gives NaN or inf gradients at the output of site "
+                                f"'{site.name}'; check the labels and the loss"
+                            )
+                        grams[site.name] += (g.T @ g).to(torch.float64).cpu()
+                        rows[site.name] += g.shape[0]
+                    position += len(ys)
+                    ys.clear()
         for site in sites:
             if rows[site.name] == 0:
                 raise CalibrationError(f"the loss does not depend on site '{site.name}'; no gradient reached it")

@@ -26,7 +26,7 @@ from torch import fx, nn
 from tunecomp_fx.errors import SiteError
 from tunecomp_fx.forms import site_input
 from tunecomp_fx.inputs import Inputs, call_model
-from tunecomp_fx.pipeline import GraphPass, PassContext
+from tunecomp_fx.pipeline import GraphPass, PassContext, observing
 from tunecomp_fx.sites import HiddenWidth, Site
 
 aten = torch.ops.aten
@@ -284,35 +284,24 @@ class _ShapeObserver(nn.Module):
         return x
 
 
-def _attention_mask(width: HiddenWidth, nodes: dict[str, fx.Node]) -> fx.Node | None:
-    """The attn_mask tensor the width's scaled_dot_product_attention reads, if any."""
+def _attention_mask(width: HiddenWidth, nodes: dict[str, fx.Node]) -> tuple[fx.Node, fx.Node] | None:
+    """(the width's scaled_dot_product_attention, the attn_mask tensor it reads), if it reads one."""
     [attention] = [nodes[name] for name in width.between if _is(nodes[name], _ATTENTION)]
     mask = attention.kwargs.get("attn_mask", attention.args[3] if len(attention.args) > 3 else None)
-    return mask if isinstance(mask, fx.Node) else None
+    return (attention, mask) if isinstance(mask, fx.Node) else None
 
 
 def _per_head_masks(gm: fx.GraphModule, widths: list[HiddenWidth], inputs: Inputs) -> dict[str, tuple[int, ...]]:
     """Site -> shape of the attention mask it reads through the heads, for masks with one entry per
     head (size > 1 at dim -3): one run on `inputs` with an observer on each mask."""
     nodes = {node.name: node for node in gm.graph.nodes}
-    masks = {width.down: mask for width in widths if width.kind == "heads" and (mask := _attention_mask(width, nodes)) is not None}
+    masks = {width.down: read for width in widths if width.kind == "heads" and (read := _attention_mask(width, nodes)) is not None}
     if not masks:
         return {}
     observers = {down: _ShapeObserver() for down in masks}
-    inserted = []
-    for index, (down, mask) in enumerate(masks.items()):
-        gm.add_module(f"_tunecomp_mask_observer_{index}", observers[down])
-        with gm.graph.inserting_after(mask):
-            inserted.append(gm.graph.call_module(f"_tunecomp_mask_observer_{index}", (mask,)))
-    gm.recompile()
-    try:
-        with torch.no_grad():
-            call_model(gm, inputs)
-    finally:
-        for index, node in enumerate(inserted):
-            gm.graph.erase_node(node)
-            delattr(gm, f"_tunecomp_mask_observer_{index}")
-        gm.recompile()
+    routes = [(mask, attention, observers[down]) for down, (attention, mask) in masks.items()]
+    with observing(gm, "_tunecomp_mask_observers", routes), torch.no_grad():
+        call_model(gm, inputs)
     return {down: observer.shape for down, observer in observers.items() if len(observer.shape) >= 3 and observer.shape[-3] > 1}
 
 

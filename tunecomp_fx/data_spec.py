@@ -222,19 +222,22 @@ def check_model_fits(model: nn.Module, batches: Batches, role: str, objective: O
             f"{_shape_of(outputs)} for the first rows of {role} and their targets are {_shape_of(rows)}: give targets "
             "shaped like the outputs (e.g. (batch, 1) for one number per example)"
         )
-    for flag, spec, function in (("--loss", objective.loss, objective.loss_fn), ("--metric", objective.metric, objective.metric_fn)):
-        try:
-            with torch.no_grad():
-                value = function(outputs, rows)
-        except Exception as error:
-            raise InputError(
-                f"{flag} {spec} fails on the model's outputs ({_shape_of(outputs)}) and the targets of {role} "
-                f"({_shape_of(rows)}): {type(error).__name__}: {error}"
-            ) from error
-        if flag == "--loss":
-            checked_loss(value, f"on the first batch of {role}")
-        elif not isinstance(value, (int, float)) and not (isinstance(value, torch.Tensor) and value.numel() == 1):
-            raise InputError(f"--metric {spec} gives {_shape_of(value)} on the first batch of {role}; it must give one number, the batch's mean")
+    checked_loss(_computed(f"--loss {objective.loss}", objective.loss_fn, outputs, rows, role), f"on the first batch of {role}")
+    metric = _computed(f"--metric {objective.metric}", objective.metric_fn, outputs, rows, role)
+    if not isinstance(metric, (int, float)) and not (isinstance(metric, torch.Tensor) and metric.numel() == 1):
+        raise InputError(f"--metric {objective.metric} gives {_shape_of(metric)} on the first batch of {role}; it must give one number, the batch's mean")
+
+
+def _computed(option: str, function: Callable[..., Any], outputs: Any, targets: Any, role: str) -> Any:
+    """function(outputs, targets), or the error naming `option` ("--loss mse") and what it was given."""
+    try:
+        with torch.no_grad():
+            return function(outputs, targets)
+    except Exception as error:
+        raise InputError(
+            f"{option} fails on the model's outputs ({_shape_of(outputs)}) and the targets of {role} "
+            f"({_shape_of(targets)}): {type(error).__name__}: {error}"
+        ) from error
 
 
 def _check_classes(logits: Any, targets: Any, classes: int | None, role: str) -> None:

@@ -5,12 +5,13 @@ pass in any error (after torch/fx/passes/infra)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from tunecomp_fx.config import CompressionConfig
 from tunecomp_fx.errors import PassError, TunecompError
@@ -140,3 +141,32 @@ def _check_same_outputs(name: str, expected: list[torch.Tensor], actual: list[to
                 f"pass '{name}' promises unchanged outputs, but output {index} moved by {error:.3g} "
                 f"(scale {scale:.3g}, tolerance {tolerance:.3g})"
             )
+
+
+@contextmanager
+def observing(gm: fx.GraphModule, root: str, observers: Sequence[tuple[fx.Node, fx.Node | None, nn.Module]]) -> Iterator[None]:
+    """While open, each (value, reader, observer) routes `value` through `observer`, a module that
+    returns its input, on its way to `reader` (to every reader when None); the observers live at
+    gm.<root>.<index> and are removed on exit (the prepare/convert idea of torch.ao)."""
+    holder = nn.Module()
+    gm.add_module(root, holder)
+    inserted = []
+    for index, (value, reader, observer) in enumerate(observers):
+        holder.add_module(str(index), observer)
+        # before its reader, so that an observed placeholder stays among the placeholders
+        with gm.graph.inserting_after(value) if reader is None else gm.graph.inserting_before(reader):
+            observed = gm.graph.call_module(f"{root}.{index}", (value,))
+        if reader is None:
+            value.replace_all_uses_with(observed, delete_user_cb=lambda user, observed=observed: user is not observed)
+        else:
+            reader.replace_input_with(value, observed)
+        inserted.append(observed)
+    gm.recompile()
+    try:
+        yield
+    finally:
+        for observed in inserted:
+            observed.replace_all_uses_with(observed.args[0])
+            gm.graph.erase_node(observed)
+        delattr(gm, root)
+        gm.recompile()
