@@ -10,7 +10,10 @@ that can be sliced without changing anything else in the model.
   head removes head_dim rows of each of query, key and value and head_dim columns of the output site;
   each head attends on its own, so the others compute what they did. A fused qkv site (timm's ViT:
   reshape (..., 3, heads, head_dim), permute(2, 0, 3, 1, 4), unbind(0)) loses the head's rows in
-  each of its three parts.
+  each of its three parts. So does nn.MultiheadAttention's packed in-projection under torch.export
+  (unflatten (..., 3, width), then select 0/1/2, each viewed as (seq, batch * heads, head_dim),
+  swapped to batch-major and viewed as (batch, heads, seq, head_dim); the heads merged by
+  permute(2, 0, 1, 3) and a reshape to (seq * batch, width)).
 """
 
 from __future__ import annotations
@@ -84,20 +87,30 @@ def neuron_width(gm: fx.GraphModule, up: Site, sites_by_entry: dict[str, Site], 
 
 
 def shape_entries(node: fx.Node) -> list:
-    """The shape a view/reshape node asks for, whether given as one list or as separate arguments."""
+    """The sizes a node sets: the shape a view/reshape asks for (one list or separate arguments), the
+    sizes of an unflatten, or the factors of a product that computes a size (batch * heads under
+    torch.export)."""
+    if node.target is aten.unflatten.int:
+        return list(node.args[2])
+    if node.target is operator.mul:
+        return list(node.args)
     rest = node.args[1:]
     return list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
 
 
 def with_shape(node: fx.Node, entries: Sequence) -> tuple:
-    """`node`'s arguments with its shape replaced, in the form the node gave it."""
+    """`node`'s arguments with its sizes (`shape_entries`) replaced, in the form the node gave them."""
+    if node.target is aten.unflatten.int:
+        return (*node.args[:2], list(entries))
+    if node.target is operator.mul:
+        return tuple(entries)
     rest = node.args[1:]
     packed = len(rest) == 1 and isinstance(rest[0], (list, tuple))
     return (node.args[0], list(entries)) if packed else (node.args[0], *entries)
 
 
 def rescale_shape_entry(node: fx.Node, index: int, kept: int, width: int) -> None:
-    """Scale the shape entry `index` of a view/reshape node, which counts `width` neurons (or their
+    """Scale the size `index` of a node (`shape_entries`), which counts `width` neurons (or their
     heads), to `kept` of them."""
     entries = shape_entries(node)
     entries[index] = entries[index] * kept // width
@@ -120,6 +133,12 @@ def _swaps_heads_and_sequence(node: fx.Node) -> bool:
     if node.target in _PERMUTES:
         return dims == (0, 2, 1, 3)
     return set(dims) in ({1, 2}, {-3, -2})
+
+
+def _merges_heads(node: fx.Node) -> bool:
+    """A swap of a (batch, heads, seq, head_dim) tensor that leaves heads then head_dim last, ready to
+    merge: transpose(1, 2), permute(0, 2, 1, 3), or permute(2, 0, 1, 3) (seq first, nn.MultiheadAttention)."""
+    return _swaps_heads_and_sequence(node) or (node.target in _PERMUTES and _dims(node) == (2, 0, 1, 3))
 
 
 def _is_identity(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -148,6 +167,11 @@ def _chain_back(gm: fx.GraphModule, end: fx.Node) -> tuple[fx.Node, list[fx.Node
     return current, chain[::-1]
 
 
+def _splits_into_heads(heads: object, head_dim: object, width: int) -> bool:
+    """Whether the sizes (heads or -1, head_dim) of a view split `width` into heads."""
+    return isinstance(head_dim, int) and head_dim >= 1 and width % head_dim == 0 and heads in (-1, width // head_dim)
+
+
 def _is_split_of_heads(chain: list[fx.Node], width: int) -> int | None:
     """head_dim, if `chain` is view(..., heads or -1, head_dim) then one heads/sequence swap."""
     reshapes = [n for n in chain if _is(n, _RESHAPES)]
@@ -156,9 +180,7 @@ def _is_split_of_heads(chain: list[fx.Node], width: int) -> int | None:
         return None
     entries = shape_entries(reshapes[0])
     head_dim = entries[-1] if len(entries) == 4 else None
-    if not isinstance(head_dim, int) or head_dim < 1 or width % head_dim or entries[-2] not in (-1, width // head_dim):
-        return None
-    return head_dim
+    return head_dim if _splits_into_heads(entries[-2], head_dim, width) else None
 
 
 class _Projections(NamedTuple):
@@ -235,10 +257,107 @@ def _fused_projection(gm: fx.GraphModule, attention: fx.Node, width: int, sites_
     if up is None or up.layout != "linear" or up.out_features != 3 * width or len(source.users) != 1:
         return None
     head_dim = entries[4] if len(entries) == 5 and entries[2] == 3 else None
-    if not isinstance(head_dim, int) or head_dim < 1 or width % head_dim or entries[3] not in (-1, width // head_dim):
+    if not _splits_into_heads(entries[3], head_dim, width):
         return None
     resized = [(split.name, 3)] if entries[3] == width // head_dim else []
     return _Projections((up.name,), head_dim, resized, [split, permute, *unbinds, *items, *identities], parts=3)
+
+
+def _batch_times_heads(node: fx.Node, index: int, heads: int) -> tuple[dict[str, int], list[fx.Node]] | None:
+    """If size `index` of `node` is batch * heads: the size to rescale (node name -> index) and the
+    product computing it, if any. A static batch makes it one literal; a dynamic one, a product of the
+    batch's size and the literal head count (a node of its own)."""
+    size = shape_entries(node)[index]
+    if isinstance(size, int) and size > 0 and size % heads == 0:
+        return {node.name: index}, []
+    if isinstance(size, fx.Node) and size.target is operator.mul and list(size.args).count(heads) == 1:
+        return {size.name: list(size.args).index(heads)}, [size]
+    return None
+
+
+def _batch_major_split(chain: list[fx.Node], width: int) -> tuple[int, dict[str, int], list[fx.Node]] | None:
+    """(head_dim, the sizes that count heads, the products that compute them) if `chain` is
+    view(seq, batch * heads, head_dim), transpose(0, 1), view(batch, heads, seq, head_dim):
+    nn.MultiheadAttention's head split."""
+    if len(chain) != 3 or not (_is(chain[0], _RESHAPES) and _is(chain[1], _SWAPS) and _is(chain[2], _RESHAPES)):
+        return None
+    split, swap, batch_major = chain
+    entries, final = shape_entries(split), shape_entries(batch_major)
+    if len(entries) != 3 or len(final) != 4 or set(_dims(swap)) != {0, 1}:
+        return None
+    head_dim = entries[2]
+    if final[3] != head_dim or not _splits_into_heads(final[1], head_dim, width):
+        return None
+    heads = width // head_dim
+    batch_heads = _batch_times_heads(split, 1, heads)
+    if batch_heads is None:
+        return None
+    sizes, products = batch_heads
+    return head_dim, sizes | ({batch_major.name: 1} if final[1] == heads else {}), products
+
+
+def _mask_expanded_over_heads(mask: fx.Node, heads: int) -> tuple[list[fx.Node], dict[str, int]] | None:
+    """(the nodes, the sizes that count heads) if `mask` is a mask expanded over the heads as
+    nn.MultiheadAttention expands its key padding mask: expand(-1, heads, -1, -1), reshape(batch *
+    heads, 1, keys), view(batch, heads, -1, keys). The mask it expands is checked to have one entry
+    for all heads (`_per_head_masks`)."""
+    reshape = _data_input(mask) if _is(mask, _RESHAPES) else None
+    expand = _data_input(reshape) if reshape is not None and _is(reshape, _RESHAPES) else None
+    if expand is None or expand.target is not aten.expand.default or len(reshape.users) != 1 or len(expand.users) != 1:
+        return None
+    view_heads = shape_entries(mask)[1:2] if len(shape_entries(mask)) == 4 else None
+    if view_heads not in ([-1], [heads]) or len(shape_entries(reshape)) != 3 or shape_entries(expand)[:2] != [-1, heads]:
+        return None
+    batch_heads = _batch_times_heads(reshape, 0, heads)
+    if batch_heads is None:
+        return None
+    sizes, products = batch_heads
+    return [*products, expand, reshape, mask], sizes | {expand.name: 1} | ({mask.name: 1} if view_heads == [heads] else {})
+
+
+# nn.MultiheadAttention's packing of its in-projection's output (x.unflatten(-1, (3, width)).unsqueeze(0)
+# .transpose(0, -2).squeeze(-2).contiguous()) as torch.export records it, read back from the parts:
+# (target, arguments after the tensor).
+_PACKED_PARTS = (
+    (aten.contiguous.default, ()), (aten.squeeze.dim, (-2,)), (aten.transpose.int, (0, -2)), (aten.unsqueeze.default, (0,)),
+)
+
+
+def _packed_projection(gm: fx.GraphModule, attention: fx.Node, width: int, sites_by_node: dict[str, Site]) -> _Projections | None:
+    """Query, key and value from one compressed site of 3 x `width` outputs, packed as
+    nn.MultiheadAttention packs them (under torch.export: symbolic tracing keeps the module a leaf),
+    selected along the first dim and split into heads batch-major (`_batch_major_split`)."""
+    items, head_dims, resized, between = [], set(), {}, []
+    for query_key_or_value in attention.args[:3]:
+        if not isinstance(query_key_or_value, fx.Node):
+            return None
+        item, chain = _chain_back(gm, query_key_or_value)
+        split, part = _batch_major_split(chain, width), _part(item)
+        if split is None or part is None:
+            return None
+        items.append((item, *part))
+        head_dims.add(split[0])
+        resized |= split[1]
+        between += [*chain, *split[2]]
+    packed = items[0][1]
+    if len(head_dims) != 1 or any(source is not packed for _, source, _ in items) or sorted(index for *_, index in items) != [0, 1, 2]:
+        return None
+    if set(packed.users) != {item for item, *_ in items}:
+        return None
+    node, packing = packed, []
+    for target, arguments in _PACKED_PARTS:
+        if node.target is not target or tuple(node.args[1:]) != arguments or (packing and len(node.users) != 1):
+            return None
+        packing.append(node)
+        node = node.args[0]
+    unflatten, source = node, node.args[0]
+    if unflatten.target is not aten.unflatten.int or unflatten.args[1] != -1 or list(unflatten.args[2]) != [3, width] or len(unflatten.users) != 1:
+        return None
+    up = sites_by_node.get(source.name)
+    if up is None or up.layout != "linear" or up.out_features != 3 * width or len(source.users) != 1:
+        return None
+    resized[unflatten.name] = 1
+    return _Projections((up.name,), head_dims.pop(), list(resized.items()), [unflatten, *packing, *(item for item, *_ in items), *between], parts=3)
 
 
 def head_width(gm: fx.GraphModule, down: Site, sites_by_node: dict[str, Site], nodes: dict[str, fx.Node]) -> HiddenWidth | None:
@@ -254,9 +373,13 @@ def head_width(gm: fx.GraphModule, down: Site, sites_by_node: dict[str, Site], n
     if shape_entries(merge)[-1:] not in ([-1], [width]) or not _is(attention, _ATTENTION) or len(attention.users) != 1:
         return None
     swaps = [n for n in after if _is(n, _SWAPS)]
-    if len(swaps) != 1 or not _swaps_heads_and_sequence(swaps[0]):
+    if len(swaps) != 1 or not _merges_heads(swaps[0]):
         return None
-    projections = _separate_projections(gm, attention, width, sites_by_node) or _fused_projection(gm, attention, width, sites_by_node)
+    projections = (
+        _separate_projections(gm, attention, width, sites_by_node)
+        or _fused_projection(gm, attention, width, sites_by_node)
+        or _packed_projection(gm, attention, width, sites_by_node)
+    )
     if projections is None:
         return None
     head_dim = projections.head_dim
@@ -264,12 +387,17 @@ def head_width(gm: fx.GraphModule, down: Site, sites_by_node: dict[str, Site], n
     # reshapes between attention and the merge must keep (heads, head_dim) apart without naming the head count
     if any(_is(n, _RESHAPES) and (shape_entries(n)[-1:] != [head_dim] or heads in shape_entries(n)[:-1]) for n in after[: after.index(merge)]):
         return None
-    resized = projections.resized
+    resized, mask_nodes = dict(projections.resized), []
     if shape_entries(merge)[-1] == width:
-        resized.append((merge.name, len(shape_entries(merge)) - 1))
-    names = {node.name for node in (attention, *after, *projections.between)}
+        resized[merge.name] = len(shape_entries(merge)) - 1
+    mask = _mask_argument(attention)
+    expansion = _mask_expanded_over_heads(mask, heads) if mask is not None else None
+    if expansion is not None:  # the student path expands the mask over its kept heads
+        mask_nodes, mask_sizes = expansion
+        resized |= mask_sizes
+    names = {node.name for node in (attention, *after, *projections.between, *mask_nodes)}
     ordered = tuple(name for name in nodes if name in names)
-    return HiddenWidth("heads", projections.ups, down.name, ordered, width, head_dim, tuple(resized), parts=projections.parts)
+    return HiddenWidth("heads", projections.ups, down.name, ordered, width, head_dim, tuple(resized.items()), parts=projections.parts)
 
 
 class _ShapeObserver(nn.Module):
@@ -284,11 +412,20 @@ class _ShapeObserver(nn.Module):
         return x
 
 
-def _attention_mask(width: HiddenWidth, nodes: dict[str, fx.Node]) -> tuple[fx.Node, fx.Node] | None:
-    """(the width's scaled_dot_product_attention, the attn_mask tensor it reads), if it reads one."""
-    [attention] = [nodes[name] for name in width.between if _is(nodes[name], _ATTENTION)]
+def _mask_argument(attention: fx.Node) -> fx.Node | None:
+    """The attn_mask tensor a scaled_dot_product_attention reads, if any."""
     mask = attention.kwargs.get("attn_mask", attention.args[3] if len(attention.args) > 3 else None)
-    return (attention, mask) if isinstance(mask, fx.Node) else None
+    return mask if isinstance(mask, fx.Node) else None
+
+
+def _attention_mask(width: HiddenWidth, nodes: dict[str, fx.Node]) -> tuple[fx.Node, fx.Node] | None:
+    """(the node of the width that reads an attention mask from outside it, that mask), if the width's
+    attention reads one: the attn_mask itself, or the mask an expansion over the heads reads."""
+    [reader] = [nodes[name] for name in width.between if _is(nodes[name], _ATTENTION)]
+    mask = _mask_argument(reader)
+    while mask is not None and mask.name in width.between:
+        reader, mask = mask, _data_input(mask)
+    return (reader, mask) if mask is not None else None
 
 
 def _per_head_masks(gm: fx.GraphModule, widths: list[HiddenWidth], inputs: Inputs) -> dict[str, tuple[int, ...]]:
@@ -299,7 +436,7 @@ def _per_head_masks(gm: fx.GraphModule, widths: list[HiddenWidth], inputs: Input
     if not masks:
         return {}
     observers = {down: _ShapeObserver() for down in masks}
-    routes = [(mask, attention, observers[down]) for down, (attention, mask) in masks.items()]
+    routes = [(mask, reader, observers[down]) for down, (reader, mask) in masks.items()]
     with observing(gm, "_tunecomp_mask_observers", routes), torch.no_grad():
         call_model(gm, inputs)
     return {down: observer.shape for down, observer in observers.items() if len(observer.shape) >= 3 and observer.shape[-3] > 1}
@@ -347,8 +484,9 @@ class FindHiddenWidths(GraphPass):
                 f"prune_heads={ctx.config.prune_heads} found no attention heads to prune: no compressed site reads "
                 "heads merged (transpose(1, 2), reshape to a literal width or -1) from one "
                 "scaled_dot_product_attention whose query, key and value are split from three compressed sites "
-                "(view (..., heads, head_dim), transpose(1, 2)) or from one fused qkv site (reshape (..., 3, heads, "
-                "head_dim), permute(2, 0, 3, 1, 4)). Hand-written attention (matmul, softmax), a merge to a width "
+                "(view (..., heads, head_dim), transpose(1, 2)), from one fused qkv site (reshape (..., 3, heads, "
+                "head_dim), permute(2, 0, 3, 1, 4)) or from nn.MultiheadAttention's packed in-projection (captured "
+                "with torch.export). Hand-written attention (matmul, softmax), a merge to a width "
                 "read from a tensor's shape and norms between the heads and the projections are not recognized; "
                 "use prune_heads=0 for this model, or check that `exclude` leaves the projections of a block compressed"
             )

@@ -87,6 +87,19 @@ class FusedHeadsBlock(nn.Module):
         return x + self.out(self.norm(context.reshape(b, t, self.heads * self.head_dim)))
 
 
+class MultiheadSelfAttention(nn.Module):
+    """nn.MultiheadAttention over one sequence (its packed in-projection `attn.in_proj_weight`, output
+    projection `attn.out_proj`), with a key padding mask if given, which the module expands over its
+    heads. Symbolic tracing keeps the module a leaf, so the capture goes through torch.export."""
+
+    def __init__(self, dim: int = 64, heads: int = 4, batch_first: bool = True) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=batch_first)
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return x + self.attn(x, x, x, key_padding_mask=key_padding_mask, need_weights=False)[0]
+
+
 def silent_heads(fused: bool = False) -> HeadsBlock | FusedHeadsBlock:
     """A HeadsBlock (or FusedHeadsBlock) whose output projection (bias-free) ignores heads 1 and 3:
     they change nothing."""

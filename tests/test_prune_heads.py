@@ -5,17 +5,28 @@ site."""
 
 from __future__ import annotations
 
+import operator
+
 import pytest
 import torch
 import torch.nn.functional as F
 from tests.graph_checks import finalize_from_student_path, train_with_hook
-from tests.models import SILENT_HEADS_KEPT, SILENT_HEADS_RATIO, AttentionBlock, FusedHeadsBlock, HeadsBlock, silent_heads
+from tests.models import (
+    SILENT_HEADS_KEPT,
+    SILENT_HEADS_RATIO,
+    AttentionBlock,
+    FusedHeadsBlock,
+    HeadsBlock,
+    MultiheadSelfAttention,
+    silent_heads,
+)
 from torch import nn
 
 import tunecomp_fx
 from tunecomp_fx.errors import BudgetError, SiteError
 from tunecomp_fx.export import to_onnx
 from tunecomp_fx.metrics import count_parameters
+from tunecomp_fx.passes.find_hidden_widths import shape_entries
 from tunecomp_fx.sites import Blend, student_nodes
 
 aten = torch.ops.aten
@@ -143,33 +154,6 @@ def test_a_fused_qkv_site_loses_the_pruned_heads_rows_in_each_part(unbind: bool,
     assert rows["out"].reason.startswith("32 of 64 input neurons kept (2 of 4 heads)")
 
 
-def test_a_timm_vit_prunes_heads_and_neurons_while_training_and_exports(tmp_path) -> None:  # noqa: ANN001
-    timm = pytest.importorskip("timm")
-    torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=10, depth=2).train()
-    data = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))) for _ in range(3)]
-    options = {"prune_heads": 0.34, "prune_neurons": 0.3, "width_slack": 0.5, "rank_slack": 0.25}
-    prepared = tunecomp_fx.prepare(model, data[0][0], 0.6, calib=[x for x, _ in data], **options)
-    widths = {(w.kind, w.ups, len(w.kept), w.target) for w in _context(prepared).hidden_widths}
-    assert widths == {
-        *(("heads", (f"blocks.{i}.attn.qkv",), 192, 128) for i in range(2)),  # all 3 heads at first, 2 at the end
-        *(("neurons", (f"blocks.{i}.mlp.fc1",), 768, 536) for i in range(2)),  # through the Mlp's identity norm
-    }  # fmt: skip
-    assert train_with_hook(prepared, data, F.cross_entropy, 6, 3).teacher_removed
-    prepared.eval()
-    with torch.no_grad():
-        trained = prepared(data[0][0])
-    compact = tunecomp_fx.finalize(prepared)
-    with torch.no_grad():
-        torch.testing.assert_close(compact(data[0][0]), trained, rtol=1e-5, atol=1e-5)
-    rows = {row.name: row for row in tunecomp_fx.get_report(compact).sites}
-    assert rows["blocks.1.attn.qkv"].reason.startswith("384 of 576 output neurons kept (2 of 3 heads)")
-    assert rows["blocks.1.attn.proj"].reason.startswith("128 of 192 input neurons kept (2 of 3 heads)")
-    assert rows["blocks.1.mlp.fc2"].reason.startswith("536 of 768 input neurons kept")
-    result = to_onnx(compact, (data[0][0],), tmp_path / "vit.onnx")
-    assert all(error < 1e-4 for error in result.max_errors.values())
-
-
 @pytest.mark.parametrize("literal_heads", [True, False], ids=["symbolic_trace", "torch_export"])
 def test_a_mask_with_one_entry_per_head_is_refused_at_prepare(literal_heads: bool) -> None:
     # the student path's attention would read all four heads' masks with two heads left
@@ -208,3 +192,105 @@ def test_a_head_count_that_is_also_another_literal_size_is_left_alone() -> None:
 def test_pruning_heads_past_the_ratio_is_a_budget_error() -> None:
     with pytest.raises(BudgetError, match=r"pruning alone \(prune_neurons=0.0, prune_heads=0.75\) removes 0.747 .* more than ratio=0.5"):
         tunecomp_fx.prepare(HeadsBlock().eval(), torch.randn(2, 8, 64), 0.5, prune_heads=0.75)
+
+
+def _padding(batch: int) -> torch.Tensor:
+    """A key padding mask hiding the last 3 of 10 keys of every other sequence."""
+    mask = torch.zeros(batch, 10, dtype=torch.bool)
+    mask[::2, 7:] = True
+    return mask
+
+
+@pytest.mark.parametrize(("batch_first", "padding"), [(True, False), (False, False), (True, True)], ids=["batch_first", "seq_first", "key_padding"])
+def test_multihead_attention_loses_the_pruned_heads_rows_in_each_packed_part(batch_first: bool, padding: bool) -> None:
+    torch.manual_seed(0)
+    model = MultiheadSelfAttention(batch_first=batch_first).eval()
+    x, other = (torch.randn(4, 10, 64), torch.randn(3, 10, 64)) if batch_first else (torch.randn(10, 4, 64), torch.randn(10, 3, 64))
+    inputs, other_inputs = ((x, _padding(4)), (other, _padding(3))) if padding else ((x,), (other,))
+    # a sequence-first input has its batch at dim 1 (dim 0 is taken for the batch unless told)
+    prepared = tunecomp_fx.prepare(model, inputs, 0.5, prune_heads=0.5, dynamic_dims=None if batch_first else {0: {0: "seq", 1: "batch"}})
+
+    assert prepared.meta["tunecomp"].capture_path == "torch.export"
+    [width] = _context(prepared).hidden_widths
+    assert (width.kind, width.ups, width.down, width.group, width.parts) == ("heads", ("attn.in_proj_weight",), "attn.out_proj", 16, 3)
+    # the student path's copy of the packing and the head split counts the 2 heads kept
+    copies = [n for n in prepared.graph.nodes if "copy_of" in n.meta.get("tunecomp", {})]
+    [unflatten] = [n for n in copies if n.target is aten.unflatten.int]
+    assert list(unflatten.args[2]) == [3, 32]
+    batch_major = [n for n in copies if n.target is aten.view.default and len(shape_entries(n)) == 4]  # (batch, heads, seq, head_dim)
+    assert len(batch_major) == (4 if padding else 3) and all(shape_entries(n)[1] == 2 for n in batch_major)
+    assert all(2 in n.args for n in copies if n.target is operator.mul)  # batch * heads, when the batch is dynamic
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(*inputs), model(*inputs), rtol=1e-5, atol=1e-5)  # alpha = 1: the teacher alone
+    compact, _ = finalize_from_student_path(prepared, *inputs)
+    with torch.no_grad():
+        assert compact(*other_inputs).shape == other.shape  # another batch size: batch * heads scales with it
+    rows = {row.name: row for row in tunecomp_fx.get_report(compact).sites}
+    assert rows["attn.in_proj_weight"].reason.startswith("96 of 192 output neurons kept (2 of 4 heads)")
+    assert rows["attn.out_proj"].reason.startswith("32 of 64 input neurons kept (2 of 4 heads)")
+
+
+def test_multihead_attention_silent_heads_are_pruned_and_the_model_is_unchanged(tmp_path) -> None:  # noqa: ANN001
+    torch.manual_seed(0)
+    model, x, padding = MultiheadSelfAttention().eval(), torch.randn(8, 10, 64), _padding(8)
+    with torch.no_grad():
+        model.attn.out_proj.weight.view(64, 4, 16)[:, [1, 3]] = 0.0  # heads 1 and 3 change nothing
+    kept = 3 * (32 * 64 + 32) + (64 * 32 + 64)
+    prepared = tunecomp_fx.prepare(model, (x, padding), 1 - kept / count_parameters(model), prune_heads=0.5)  # the sites stay whole
+    assert _context(prepared).hidden_widths[0].kept == (*range(0, 16), *range(32, 48))
+    tunecomp_fx.set_blend(prepared, 0.0)
+    compact = tunecomp_fx.finalize(prepared)
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x, padding), model(x, padding), rtol=1e-5, atol=1e-5)
+    assert count_parameters(compact) == kept
+    result = to_onnx(compact, (x, padding), tmp_path / "mha.onnx")
+    assert all(error < 1e-4 for error in result.max_errors.values())
+
+
+# Two-block ViTs on 32x32 images, 10 classes: the prune_heads that keeps 2 heads of each block, the
+# heads and their size, the FFN width and the neurons prune_neurons=0.3 keeps of it, block 1's sites.
+VITS = {
+    "timm": (0.34, 3, 64, 768, 536, {"qkv": "blocks.1.attn.qkv", "out": "blocks.1.attn.proj", "fc1": "blocks.1.mlp.fc1", "fc2": "blocks.1.mlp.fc2"}),
+    "torchvision": (0.5, 4, 16, 128, 88, {
+        key: f"encoder.layers.encoder_layer_1.{name}"
+        for key, name in (("qkv", "self_attention.in_proj_weight"), ("out", "self_attention.out_proj"), ("fc1", "mlp.0"), ("fc2", "mlp.3"))
+    }),
+}  # fmt: skip
+
+
+def _vit(library: str) -> nn.Module:
+    """timm's (a fused qkv site) or torchvision's (nn.MultiheadAttention)."""
+    if library == "timm":
+        timm = pytest.importorskip("timm")
+        return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=10, depth=2)
+    from torchvision.models import VisionTransformer
+
+    model = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128, num_classes=10)
+    nn.init.normal_(model.heads.head.weight, std=0.02)  # torchvision starts it at zero: outputs worth checking
+    return model
+
+
+@pytest.mark.parametrize("library", list(VITS))
+def test_a_vit_prunes_heads_and_neurons_while_training_and_exports(library: str, tmp_path) -> None:  # noqa: ANN001
+    torch.manual_seed(0)
+    prune_heads, heads, head_dim, hidden, kept_neurons, names = VITS[library]
+    data = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))) for _ in range(3)]
+    options = {"prune_heads": prune_heads, "prune_neurons": 0.3, "width_slack": 0.5, "rank_slack": 0.25}
+    prepared = tunecomp_fx.prepare(_vit(library).train(), data[0][0], 0.6, calib=[x for x, _ in data], **options)
+    assert {(w.kind, w.ups, len(w.kept), w.target) for w in _context(prepared).hidden_widths if names["out"] in w.sites or names["fc2"] in w.sites} == {
+        ("heads", (names["qkv"],), 3 * head_dim, 2 * head_dim),  # 3 heads at first, 2 at the end
+        ("neurons", (names["fc1"],), hidden, kept_neurons),  # timm's: through the Mlp's identity norm
+    }  # fmt: skip
+    assert train_with_hook(prepared, data, F.cross_entropy, 6, 3).teacher_removed
+    prepared.eval()
+    with torch.no_grad():
+        trained = prepared(data[0][0])
+    compact = tunecomp_fx.finalize(prepared)
+    with torch.no_grad():
+        torch.testing.assert_close(compact(data[0][0]), trained, rtol=1e-5, atol=1e-5)
+    width, rows = heads * head_dim, {row.name: row for row in tunecomp_fx.get_report(compact).sites}
+    assert rows[names["qkv"]].reason.startswith(f"{6 * head_dim} of {3 * width} output neurons kept (2 of {heads} heads)")
+    assert rows[names["out"]].reason.startswith(f"{2 * head_dim} of {width} input neurons kept (2 of {heads} heads)")
+    assert rows[names["fc2"]].reason.startswith(f"{kept_neurons} of {hidden} input neurons kept")
+    result = to_onnx(compact, (data[0][0],), tmp_path / "vit.onnx")
+    assert all(error < 1e-4 for error in result.max_errors.values())
