@@ -72,11 +72,25 @@ class FindLinearSites(GraphPass):
             )
         if not ctx.compressed_sites:
             reasons = Counter(site.status for site in ctx.sites)
+            examples = {site.status: site for site in reversed(ctx.sites)}  # the first site of each status
+            why = "; ".join(f"{status}: '{site.name}', {site.reason}" for status, site in examples.items())
+            capture = f" (capture: {ctx.capture_reason})" if "hidden" in examples and ctx.capture_reason else ""
+            remedies = " or ".join(_REMEDIES[status] for status in examples)
             raise SiteError(
-                f"all {len(ctx.sites)} linear sites are left dense ({dict(reasons)}); loosen `exclude` "
-                "so that at least one site can be compressed"
+                f"all {len(ctx.sites)} linear sites are left dense ({dict(reasons)}): {why}{capture}. "
+                f"To compress at least one, {remedies}"
             )
         return None
+
+
+# What makes a site of each status (but "compress") compressible.
+_REMEDIES = {
+    "excluded": "loosen `exclude`",
+    "shared": "give the layers weights of their own (a weight used twice stays dense)",
+    "unsupported": "compute the bias from parameters, not from the input",
+    "hidden": "make the layers visible to a capture (symbolic tracing does not enter leaf modules; torch.export needs "
+    "example inputs whose dynamic axes, `dynamic_dims`, the model also runs at other sizes)",
+}
 
 
 def _parameter_aliases(gm: nn.Module) -> dict[str, list[str]]:

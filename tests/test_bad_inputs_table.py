@@ -89,6 +89,31 @@ class Bottleneck(nn.Module):
         return self.down(x)
 
 
+class SelfAttention(nn.Module):
+    """nn.MultiheadAttention (a leaf of symbolic tracing: only torch.export sees its projections),
+    with one mask per batch element and head, (batch * heads, queries, keys), if given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(64, 4, batch_first=True)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.attn(x, x, x, attn_mask=mask, need_weights=False)[0]
+
+
+def without_torch_export(call: Callable[[], object]) -> object:
+    """`call` with torch.export failing, as it does on models it cannot trace."""
+    with unittest.mock.patch("torch.export.export", side_effect=RuntimeError("torch.export cannot trace this model")):
+        return call()
+
+
+def attention_masks(count: int) -> torch.Tensor:
+    """`count` masks of 10 x 10 (True: hidden) where query 0 sees no key: its output is NaN."""
+    masks = torch.zeros(count, 10, 10, dtype=torch.bool)
+    masks[:, 0] = True
+    return masks
+
+
 def batches(count: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(torch.randn(8, 64), torch.randint(0, 10, (8,))) for _ in range(count)]
 
@@ -188,12 +213,19 @@ ROWS = [
         ("example input #0 is on device 'meta'", "weights are on 'cpu'", r"\.to\('cpu'\)")),
     Row("no example inputs", "inputs_empty", lambda _: compress(inputs=()), InputError,
         ("do not fit the model", "no tensor inputs", "tuple of tensors in the order of forward")),
+    Row("example inputs on which the model outputs NaN or inf", "inputs_nan_outputs",
+        lambda _: compress(model=SelfAttention(), inputs=(torch.randn(2, 10, 64), attention_masks(8))), InputError,
+        ("output 0 on the example inputs holds NaN or inf", r"\(128 of 1280 values\)", "must be finite", "hides every key of a query")),
     Row("example inputs that are not tensors", "inputs_not_tensors", lambda _: compress(inputs="x"), InputError,
         ("example_inputs must be a tensor, a tuple of positional tensors or a dict of keyword tensors", "got str")),
     Row("no compressible linear site", "no_sites", lambda _: compress(model=NoLinear(), inputs=(torch.randn(4, 8),)), SiteError,
         ("NoLinear has no compressible linear site", "nothing to compress")),
     Row("every site excluded", "all_excluded", lambda _: compress(exclude=("fc*", "head*")), SiteError,
-        ("all 3 linear sites are left dense", "'excluded': 3", "loosen `exclude`")),
+        ("all 3 linear sites are left dense", "'excluded': 3", "excluded: 'fc1', excluded by the user's pattern", "loosen `exclude`")),
+    Row("every site hidden from the capture", "all_hidden",
+        lambda _: without_torch_export(lambda: compress(model=SelfAttention(), inputs=(torch.randn(2, 10, 64),))), SiteError,
+        ("all 1 linear sites are left dense", r"hidden: 'attn.out_proj', inside leaf module attn \(MultiheadAttention",
+         "torch.export failed .*cannot trace this model", "make the layers visible to a capture")),
     Row("NaN or inf in calibration data", "calib_nan", lambda _: compress(calib=NAN_CALIB), CalibrationError,
         ("calibration batch 1", "NaN or inf", "site 'fc1'", "clean the calibration data")),
     Row("NaN or inf in calibration data", "calib_inf", lambda _: compress(calib=INF_CALIB), CalibrationError,

@@ -125,7 +125,9 @@ def prepare(
         batches, targets = [inputs], []
     else:
         batches, targets = [normalize_inputs(batch, f"calibration batch {index}") for index, batch in enumerate(calib)], []
-    context = PassContext(config=config, calibration=batches, calibration_targets=targets, check_inputs=inputs, loss_fn=loss_fn)
+    context = PassContext(
+        config=config, calibration=batches, calibration_targets=targets, check_inputs=inputs, loss_fn=loss_fn, capture_reason=captured.reason
+    )
     context.log.append(PassRecord("capture", time.perf_counter() - start, (), ()))
     gm = run_passes(captured.graph_module, prepare_passes(config), context, progress=progress)
     # The covariances and full factorizations are large and have served their purpose.

@@ -207,7 +207,7 @@ def check_inputs_fit(model: nn.Module, inputs: Inputs) -> list[torch.Tensor]:
     _check_same_device(model, inputs)
     try:
         with torch.no_grad():
-            return flatten_outputs(call_model(model, inputs))
+            outputs = flatten_outputs(call_model(model, inputs))
     except Exception as error:
         raise InputError(
             f"the example inputs do not fit the model ({type(error).__name__}: {first_line(error)}). "
@@ -215,6 +215,15 @@ def check_inputs_fit(model: nn.Module, inputs: Inputs) -> list[torch.Tensor]:
             "Pass a tuple of tensors in the order of forward()'s arguments, or a dict of keyword tensors, "
             "with the shapes, dtypes and device the model expects"
         ) from error
+    for index, output in enumerate(outputs):
+        if output.is_floating_point() and not torch.isfinite(output).all():
+            raise InputError(
+                f"the model's output {index} on the example inputs holds NaN or inf ({int((~torch.isfinite(output)).sum())} "
+                f"of {output.numel()} values); every pass is checked against these outputs, so they must be finite. "
+                "Check the example inputs (an attention mask that hides every key of a query gives NaN) and the "
+                "weights (NaN or inf loaded from a checkpoint)"
+            )
+    return outputs
 
 
 def _check_materialized(model: nn.Module) -> None:

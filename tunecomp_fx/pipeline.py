@@ -45,6 +45,7 @@ class PassContext:
     calibration_targets: Sequence[Any] = ()  # labels of the calibration batches (method="union")
     loss_fn: Any = None  # loss(outputs, targets) for gradient calibration; None: cross-entropy
     check_inputs: Inputs | None = None
+    capture_reason: str = ""  # how the graph was captured, and what that left hidden
     sites: list[Site] = field(default_factory=list)
     hidden_widths: list[HiddenWidth] = field(default_factory=list)  # pairs whose neurons are pruned
     covariances: dict[str, Any] = field(default_factory=dict)
