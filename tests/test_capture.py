@@ -1,12 +1,15 @@
 """Capture keeps the batch dimension dynamic on the torch.export path even when the example inputs
-hold a single example (torch.export would otherwise specialize the size-1 batch to a constant)."""
+hold a single example (torch.export would otherwise specialize the size-1 batch to a constant), and
+captures nn.TransformerEncoder's padded batches without its eval-mode fast path."""
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 import tunecomp_fx
 from tests.models import AttentionBlock
+from tunecomp_fx.capture import capture, hidden_layers, without_attention_fast_path
 
 
 class BranchingAttention(AttentionBlock):
@@ -32,3 +35,31 @@ def test_batch_of_one_on_the_export_path_still_gives_a_dynamic_batch():
         compact = tunecomp_fx.finalize(prepared)
         torch.testing.assert_close(compact(x), expected, atol=1e-5, rtol=1e-5)
 
+
+
+class PaddedEncoder(nn.Module):
+    """Two nn.TransformerEncoderLayers over sequences with a key padding mask, mean-pooled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(64, 4, 128, batch_first=True), 2)
+
+    def forward(self, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x, src_key_padding_mask=padding).mean(1)
+
+
+def test_an_encoder_with_a_padding_mask_is_captured_in_eval_mode_without_the_fast_path():
+    # in eval mode the encoder's fast path runs padded batches as nested tensors, which no graph reproduces
+    torch.manual_seed(0)
+    model, x = PaddedEncoder().eval(), torch.randn(4, 10, 64)
+    padding = torch.zeros(4, 10, dtype=torch.bool)
+    padding[::2, 7:] = True
+    captured = capture(model, (x, padding))
+    assert (captured.path, hidden_layers(captured.graph_module)) == ("torch.export", [])
+    assert len(tunecomp_fx.prepare(model, (x, padding), 0.5).meta["tunecomp"].context.compressed_sites) == 8
+    assert torch.backends.mha.get_fastpath_enabled()  # back on after the capture
+    with torch.no_grad():
+        with without_attention_fast_path():
+            expected = model(x, padding)
+        assert not torch.allclose(model(x, padding), expected)  # the fast path's zeros at the padding move the mean
+        torch.testing.assert_close(captured.graph_module(x, padding), expected, rtol=1e-5, atol=1e-5)

@@ -7,7 +7,8 @@ from __future__ import annotations
 import linecache
 import os
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -200,13 +201,27 @@ def _has_parameter(gm: fx.GraphModule, target: str) -> bool:
     return True
 
 
+@contextmanager
+def without_attention_fast_path() -> Iterator[None]:
+    """nn.MultiheadAttention's and nn.TransformerEncoder's eval-mode fast path off: with a key padding
+    mask the encoder runs on nested tensors and zeroes the padded positions, which no captured graph
+    reproduces. The model is captured, and checked against, the computation it runs in training mode."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+
+
 def check_inputs_fit(model: nn.Module, inputs: Inputs) -> list[torch.Tensor]:
     """Check the model holds real weights and the inputs sit on its device, then run it once on the
-    example inputs; a failure is the user's input, not our bug."""
+    example inputs (without the attention fast path, as capture runs it); a failure is the user's
+    input, not our bug."""
     _check_materialized(model)
     _check_same_device(model, inputs)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), without_attention_fast_path():
             outputs = flatten_outputs(call_model(model, inputs))
     except Exception as error:
         raise InputError(
@@ -269,9 +284,15 @@ def capture(
 
     Symbolic tracing comes first; torch.export is tried when tracing fails or leaves compressible
     layers hidden inside leaf modules, and is used when it reproduces the model, also at new sizes
-    of every dynamic axis (`dynamic_dims_of`)."""
-    if reference is None:
-        reference = check_inputs_fit(model, inputs)
+    of every dynamic axis (`dynamic_dims_of`). The attention fast path is off throughout
+    (`without_attention_fast_path`)."""
+    with without_attention_fast_path():
+        return _capture(model, inputs, check_inputs_fit(model, inputs) if reference is None else reference, dynamic_dims)
+
+
+def _capture(
+    model: nn.Module, inputs: Inputs, reference: list[torch.Tensor], dynamic_dims: Mapping[str | int, Mapping[int, str]] | None
+) -> Capture:
     layers = {name: layout for name, module in model.named_modules() if (layout := compressible_module(module))}
     traced = trace_error = None
     try:
