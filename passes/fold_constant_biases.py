@@ -59,15 +59,15 @@ class FoldConstantBiases(GraphPass):
             with gm.graph.inserting_before(match.entry):
                 folded = gm.graph.get_attr(f"{FOLDED_ROOT}.{key}")
             match.entry.replace_input_with(match.bias, folded)
-            _erase_unused(gm.graph, match.bias)
+            erase_unused(gm.graph, match.bias)
         return gm
 
 
-def _erase_unused(graph: fx.Graph, node: fx.Node) -> None:
+def erase_unused(graph: fx.Graph, node: fx.Node) -> None:
     """Erase a constant subgraph that nothing reads any more, from its output up."""
     if node.users:
         return
     inputs = node.all_input_nodes
     graph.erase_node(node)
     for input_node in inputs:
-        _erase_unused(graph, input_node)
+        erase_unused(graph, input_node)

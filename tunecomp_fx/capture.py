@@ -235,8 +235,7 @@ def check_inputs_fit(model: nn.Module, inputs: Inputs) -> list[torch.Tensor]:
             raise InputError(
                 f"the model's output {index} on the example inputs holds NaN or inf ({int((~torch.isfinite(output)).sum())} "
                 f"of {output.numel()} values); every pass is checked against these outputs, so they must be finite. "
-                "Check the example inputs (an attention mask that hides every key of a query gives NaN) and the "
-                "weights (NaN or inf loaded from a checkpoint)"
+                "Check the weights (NaN or inf loaded from a checkpoint) and the example inputs"
             )
     return outputs
 
