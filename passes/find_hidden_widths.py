@@ -172,15 +172,26 @@ def _splits_into_heads(heads: object, head_dim: object, width: int) -> bool:
     return isinstance(head_dim, int) and head_dim >= 1 and width % head_dim == 0 and heads in (-1, width // head_dim)
 
 
-def _is_split_of_heads(chain: list[fx.Node], width: int) -> int | None:
-    """head_dim, if `chain` is view(..., heads or -1, head_dim) then one heads/sequence swap."""
+class _HeadSplit(NamedTuple):
+    """How query, key or value is split into heads: the head size, the sizes that count heads (node
+    name -> index, scaled to the kept heads in the student path) and the nodes computing batch * heads."""
+
+    head_dim: int
+    sizes: dict[str, int]
+    products: list[fx.Node]
+
+
+def _sequence_major_split(chain: list[fx.Node], width: int) -> _HeadSplit | None:
+    """If `chain` is view(..., heads or -1, head_dim) then one heads/sequence swap (Hugging Face's BERT)."""
     reshapes = [n for n in chain if _is(n, _RESHAPES)]
     swaps = [n for n in chain if _is(n, _SWAPS)]
     if len(reshapes) != 1 or len(swaps) != 1 or chain[0] is not reshapes[0] or not _swaps_heads_and_sequence(swaps[0]):
         return None
     entries = shape_entries(reshapes[0])
     head_dim = entries[-1] if len(entries) == 4 else None
-    return head_dim if _splits_into_heads(entries[-2], head_dim, width) else None
+    if not _splits_into_heads(entries[-2], head_dim, width):
+        return None
+    return _HeadSplit(head_dim, {reshapes[0].name: 2} if entries[2] == width // head_dim else {}, [])
 
 
 class _Projections(NamedTuple):
@@ -195,23 +206,22 @@ class _Projections(NamedTuple):
 
 def _separate_projections(gm: fx.GraphModule, attention: fx.Node, width: int, sites_by_node: dict[str, Site]) -> _Projections | None:
     """Query, key and value each from a compressed site of `width` outputs, split into heads by
-    view(..., heads, head_dim) and transpose(1, 2) (Hugging Face's BERT, MiniLM)."""
-    ups, head_dims, splits, between = [], set(), [], []
+    view(..., heads, head_dim) and transpose(1, 2) (Hugging Face's BERT, MiniLM), or batch-major
+    (nn.MultiheadAttention with its in_proj_weight in blocks, fold_sliced_weights)."""
+    ups, head_dims, resized, between = [], set(), {}, []
     for query_key_or_value in attention.args[:3]:
         source, chain = _chain_back(gm, query_key_or_value) if isinstance(query_key_or_value, fx.Node) else (None, [])
         up = sites_by_node.get(source.name) if source is not None else None
-        head_dim = _is_split_of_heads(chain, width) if chain else None
-        if up is None or up.layout != "linear" or up.out_features != width or len(source.users) != 1 or head_dim is None:
+        split = (_sequence_major_split(chain, width) or _batch_major_split(chain, width)) if chain else None
+        if up is None or up.layout != "linear" or up.out_features != width or len(source.users) != 1 or split is None:
             return None
         ups.append(up.name)
-        head_dims.add(head_dim)
-        splits.append(chain[0])
-        between += chain
+        head_dims.add(split.head_dim)
+        resized |= split.sizes
+        between += [*chain, *split.products]
     if len(set(ups)) != 3 or len(head_dims) != 1:
         return None
-    head_dim = head_dims.pop()
-    resized = [(split.name, 2) for split in splits if shape_entries(split)[2] == width // head_dim]
-    return _Projections(tuple(ups), head_dim, resized, between, parts=1)
+    return _Projections(tuple(ups), head_dims.pop(), list(resized.items()), between, parts=1)
 
 
 def _part(node: fx.Node) -> tuple[fx.Node, int] | None:
@@ -275,10 +285,9 @@ def _batch_times_heads(node: fx.Node, index: int, heads: int) -> tuple[dict[str,
     return None
 
 
-def _batch_major_split(chain: list[fx.Node], width: int) -> tuple[int, dict[str, int], list[fx.Node]] | None:
-    """(head_dim, the sizes that count heads, the products that compute them) if `chain` is
-    view(seq, batch * heads, head_dim), transpose(0, 1), view(batch, heads, seq, head_dim):
-    nn.MultiheadAttention's head split."""
+def _batch_major_split(chain: list[fx.Node], width: int) -> _HeadSplit | None:
+    """If `chain` is view(seq, batch * heads, head_dim), transpose(0, 1), view(batch, heads, seq,
+    head_dim): nn.MultiheadAttention's head split."""
     if len(chain) != 3 or not (_is(chain[0], _RESHAPES) and _is(chain[1], _SWAPS) and _is(chain[2], _RESHAPES)):
         return None
     split, swap, batch_major = chain
@@ -293,7 +302,7 @@ def _batch_major_split(chain: list[fx.Node], width: int) -> tuple[int, dict[str,
     if batch_heads is None:
         return None
     sizes, products = batch_heads
-    return head_dim, sizes | ({batch_major.name: 1} if final[1] == heads else {}), products
+    return _HeadSplit(head_dim, sizes | ({batch_major.name: 1} if final[1] == heads else {}), products)
 
 
 def _mask_expanded_over_heads(mask: fx.Node, heads: int) -> tuple[list[fx.Node], dict[str, int]] | None:
@@ -336,9 +345,9 @@ def _packed_projection(gm: fx.GraphModule, attention: fx.Node, width: int, sites
         if split is None or part is None:
             return None
         items.append((item, *part))
-        head_dims.add(split[0])
-        resized |= split[1]
-        between += [*chain, *split[2]]
+        head_dims.add(split.head_dim)
+        resized |= split.sizes
+        between += [*chain, *split.products]
     packed = items[0][1]
     if len(head_dims) != 1 or any(source is not packed for _, source, _ in items) or sorted(index for *_, index in items) != [0, 1, 2]:
         return None

@@ -100,6 +100,18 @@ class MultiheadSelfAttention(nn.Module):
         return x + self.attn(x, x, x, key_padding_mask=key_padding_mask, need_weights=False)[0]
 
 
+class CrossAttention(nn.Module):
+    """Queries from x, keys and values from `memory` (split rows) or keys from x + pos and values from x (chunked rows)."""
+
+    def __init__(self, chunked: bool) -> None:
+        super().__init__()
+        self.attn, self.chunked = nn.MultiheadAttention(64, 4, batch_first=True), chunked
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        query, key, value = (x + memory, x + memory, x) if self.chunked else (x, memory, memory)
+        return self.attn(query, key, value, need_weights=False)[0]
+
+
 def silent_heads(fused: bool = False) -> HeadsBlock | FusedHeadsBlock:
     """A HeadsBlock (or FusedHeadsBlock) whose output projection (bias-free) ignores heads 1 and 3:
     they change nothing."""

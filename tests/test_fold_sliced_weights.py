@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tests.graph_checks import finalize_from_student_path
+from tests.models import CrossAttention
 from torch import nn
 
 import tunecomp_fx
@@ -17,18 +18,6 @@ from tunecomp_fx.export import to_onnx
 from tunecomp_fx.metrics import count_parameters
 
 aten = torch.ops.aten
-
-
-class CrossAttention(nn.Module):
-    """Queries from x, keys and values from `memory` (split rows) or keys from x + pos and values from x (chunked rows)."""
-
-    def __init__(self, chunked: bool) -> None:
-        super().__init__()
-        self.attn, self.chunked = nn.MultiheadAttention(64, 4, batch_first=True), chunked
-
-    def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        query, key, value = (x + memory, x + memory, x) if self.chunked else (x, memory, memory)
-        return self.attn(query, key, value, need_weights=False)[0]
 
 
 @pytest.mark.parametrize(("chunked", "blocks"), [(False, {"_0": 64, "_1": 128}), (True, {"_0": 64, "_1": 64, "_2": 64})], ids=["split", "chunked"])

@@ -15,6 +15,7 @@ from tests.models import (
     SILENT_HEADS_KEPT,
     SILENT_HEADS_RATIO,
     AttentionBlock,
+    CrossAttention,
     FusedHeadsBlock,
     HeadsBlock,
     MultiheadSelfAttention,
@@ -294,3 +295,19 @@ def test_a_vit_prunes_heads_and_neurons_while_training_and_exports(library: str,
     assert rows[names["fc2"]].reason.startswith(f"{kept_neurons} of {hidden} input neurons kept")
     result = to_onnx(compact, (data[0][0],), tmp_path / "vit.onnx")
     assert all(error < 1e-4 for error in result.max_errors.values())
+
+
+def test_multihead_attention_with_its_in_projection_in_blocks_prunes_the_heads_of_each() -> None:
+    # key != value: torch.export chunks in_proj_weight into query, key and value; fold_sliced_weights makes three sites
+    torch.manual_seed(0)
+    model, inputs = CrossAttention(chunked=True).eval(), (torch.randn(4, 10, 64), torch.randn(4, 10, 64))
+    prepared = tunecomp_fx.prepare(model, inputs, 0.5, prune_heads=0.5)
+    [width] = _context(prepared).hidden_widths
+    assert (width.ups, width.down, width.parts) == (tuple(f"attn.in_proj_weight_{i}" for i in range(3)), "attn.out_proj", 1)
+    roles = student_nodes(prepared)
+    assert [_source(argument) for argument in _student_attention(prepared).args[:3]] == [roles[up.replace(".", "_")]["up"] for up in width.ups]
+    compact, _ = finalize_from_student_path(prepared, *inputs)
+    with torch.no_grad():
+        assert compact(torch.randn(3, 10, 64), torch.randn(3, 10, 64)).shape == (3, 10, 64)  # batch * heads scales with the batch
+    rows = {row.name: row for row in tunecomp_fx.get_report(compact).sites}
+    assert rows["attn.in_proj_weight_0"].reason.startswith("32 of 64 output neurons kept (2 of 4 heads)")
