@@ -106,6 +106,13 @@ def without_torch_export(call: Callable[[], object]) -> object:
         return call()
 
 
+def old_weight_norm() -> nn.Module:
+    """An MLP with torch.nn.utils.weight_norm (deprecated: its hooks make the model impossible to deep-copy)."""
+    model = MLP()
+    nn.utils.weight_norm(model.fc1)
+    return model
+
+
 def nan_head_bias() -> MLP:
     """An MLP whose output bias holds a NaN (a broken checkpoint): output 3 of every example is NaN."""
     model = MLP()
@@ -213,6 +220,8 @@ ROWS = [
         ("example input #0 is on device 'meta'", "weights are on 'cpu'", r"\.to\('cpu'\)")),
     Row("no example inputs", "inputs_empty", lambda _: compress(inputs=()), InputError,
         ("do not fit the model", "no tensor inputs", "tuple of tensors in the order of forward")),
+    Row("a model that cannot be copied (torch.nn.utils.weight_norm)", "uncopyable", lambda _: compress(model=old_weight_norm()), InputError,
+        ("the model cannot be copied", "never modified", r"torch\.nn\.utils\.parametrizations\.weight_norm", "remove_weight_norm")),
     Row("a model that outputs NaN or inf on the example inputs", "nan_outputs", lambda _: compress(model=nan_head_bias()), InputError,
         ("output 0 on the example inputs holds NaN or inf", r"\(4 of 40 values\)", "must be finite", "NaN or inf loaded from a checkpoint")),
     Row("example inputs that are not tensors", "inputs_not_tensors", lambda _: compress(inputs="x"), InputError,

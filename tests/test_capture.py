@@ -1,11 +1,14 @@
 """Capture keeps the batch dimension dynamic on the torch.export path even when the example inputs
 hold a single example (torch.export would otherwise specialize the size-1 batch to a constant), and
-captures nn.TransformerEncoder's padded batches without its eval-mode fast path."""
+captures nn.TransformerEncoder's padded batches without its eval-mode fast path, and a copy of the
+model with its parametrized weights baked."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import weight_norm
 
 import tunecomp_fx
 from tests.models import AttentionBlock
@@ -63,3 +66,17 @@ def test_an_encoder_with_a_padding_mask_is_captured_in_eval_mode_without_the_fas
             expected = model(x, padding)
         assert not torch.allclose(model(x, padding), expected)  # the fast path's zeros at the padding move the mean
         torch.testing.assert_close(captured.graph_module(x, padding), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_parametrized_weight_is_baked_into_a_site_of_the_copy_and_the_model_keeps_it():
+    # weight_norm computes the weight from two parameters: the site holds the weight it computes
+    torch.manual_seed(0)
+    model = nn.Sequential(weight_norm(nn.Linear(32, 64)), nn.ReLU(), nn.Linear(64, 8)).eval()
+    x = torch.randn(4, 32)
+    prepared = tunecomp_fx.prepare(model, x, 0.4)
+    sites = {site.name: site.status for site in prepared.meta["tunecomp"].context.sites}
+    assert sites == {"0": "compress", "2": "compress"}
+    assert parametrize.is_parametrized(model[0], "weight")  # the user's model is as it was
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(x), model(x), rtol=1e-5, atol=1e-6)  # alpha = 1: the teacher alone
+        torch.testing.assert_close(prepared.get_parameter("0.weight"), model[0].weight, rtol=0, atol=0)

@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import fx, nn
 
-from tunecomp_fx.capture import capture, check_inputs_fit
+from tunecomp_fx.capture import capture, check_inputs_fit, working_copy
 from tunecomp_fx.config import CompressionConfig
 from tunecomp_fx.errors import CalibrationError, ConfigError, InputError, PassError
 from tunecomp_fx.inputs import Inputs, normalize_inputs
@@ -108,7 +108,7 @@ def prepare(
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     inputs = normalize_inputs(example_inputs)
-    model = copy.deepcopy(model).eval()  # the user's model is never modified
+    model = working_copy(model).eval()  # the user's model is never modified
     start = time.perf_counter()
     reference = check_inputs_fit(model, inputs)
     params_before = count_parameters(model)

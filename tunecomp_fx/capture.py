@@ -4,6 +4,7 @@ compressible layers inside leaves. The result says which path was used and why."
 
 from __future__ import annotations
 
+import copy
 import linecache
 import os
 import traceback
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
+from torch.nn.utils import parametrize
 
 from tunecomp_fx.errors import CaptureError, InputError, first_line
 from tunecomp_fx.forms import compressible_module, match_sites
@@ -199,6 +201,31 @@ def _has_parameter(gm: fx.GraphModule, target: str) -> bool:
     except AttributeError:
         return False
     return True
+
+
+def working_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of `model` for capture to work on (the user's model is never modified), with every
+    parametrization (torch.nn.utils.parametrize: weight_norm, spectral_norm, ...) baked into a plain
+    parameter of its current value: a parametrized weight is computed, not a parameter a site can hold."""
+    try:
+        copied = copy.deepcopy(model)
+    except Exception as error:
+        raise InputError(
+            f"the model cannot be copied ({type(error).__name__}: {first_line(error)}); tunecomp works on a copy "
+            "so that your model is never modified. The usual cause is torch.nn.utils.weight_norm's hooks: use "
+            "torch.nn.utils.parametrizations.weight_norm, or call torch.nn.utils.remove_weight_norm(module) first"
+        ) from error
+    for module in list(copied.modules()):
+        if parametrize.is_parametrized(module):
+            with torch.no_grad():
+                values = {name: getattr(module, name).clone() for name in module.parametrizations}
+            # parametrize.remove_parametrizations would delete the property from the parametrized class,
+            # which the copy shares with the user's model: the copy takes the plain class back instead
+            module.__class__ = type(module).__bases__[0]
+            del module.parametrizations
+            for name, value in values.items():
+                module.register_parameter(name, nn.Parameter(value))
+    return copied
 
 
 @contextmanager

@@ -5,7 +5,6 @@ Every failure prints one line naming what is wrong and exits non-zero; --debug s
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -315,7 +314,7 @@ def _eval_every(args: argparse.Namespace, training: TrainingConfig, data: Any) -
 def run_inspect(args: argparse.Namespace) -> int:
     config = _config(args, trains=False)
     from tunecomp_fx.api import finalize, get_report, prepare
-    from tunecomp_fx.capture import capture
+    from tunecomp_fx.capture import capture, working_copy
     from tunecomp_fx.inspect import (
         format_graph_summaries,
         format_pass_log,
@@ -328,7 +327,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     from tunecomp_fx.sites import set_blend
 
     loaded = _load(args)
-    captured = capture(copy.deepcopy(loaded.model), loaded.example_inputs)
+    captured = capture(working_copy(loaded.model), loaded.example_inputs)
     prepared = prepare(loaded.model, loaded.example_inputs, config=config, progress=True)
     subgraphs = [site_subgraph(prepared, name) for name in args.site]  # before the blends move
     set_blend(prepared, 0.0)
