@@ -1,10 +1,13 @@
 """Capture keeps the batch dimension dynamic on the torch.export path even when the example inputs
 hold a single example (torch.export would otherwise specialize the size-1 batch to a constant), and
 captures nn.TransformerEncoder's padded batches without its eval-mode fast path, and a copy of the
-model with its parametrized weights baked."""
+model (unwrapped from torch.compile or DataParallel) with its parametrized weights baked."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import pytest
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -80,3 +83,12 @@ def test_a_parametrized_weight_is_baked_into_a_site_of_the_copy_and_the_model_ke
     with torch.no_grad():
         torch.testing.assert_close(prepared(x), model(x), rtol=1e-5, atol=1e-6)  # alpha = 1: the teacher alone
         torch.testing.assert_close(prepared.get_parameter("0.weight"), model[0].weight, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("wrap", [torch.compile, nn.DataParallel, lambda m: torch.compile(nn.DataParallel(m))], ids=["compiled", "data_parallel", "both"])
+def test_a_wrapped_model_is_captured_as_the_module_it_wraps(wrap: Callable[[nn.Module], nn.Module]):
+    # torch.compile's wrapper has no forward for fx to trace, DataParallel's scatter cannot be traced
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+    prepared = tunecomp_fx.prepare(wrap(model), torch.randn(4, 32), 0.4)
+    assert prepared.meta["tunecomp"].capture_path == "symbolic_trace"
+    assert [site.name for site in prepared.meta["tunecomp"].context.sites] == ["0", "2"]  # not _orig_mod.0

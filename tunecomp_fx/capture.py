@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
+from torch._dynamo.eval_frame import OptimizedModule
 from torch.nn.utils import parametrize
 
 from tunecomp_fx.errors import CaptureError, InputError, first_line
@@ -203,10 +204,22 @@ def _has_parameter(gm: fx.GraphModule, target: str) -> bool:
     return True
 
 
+# Modules that wrap the model without computing anything of their own, and the attribute holding it:
+# fx cannot trace them (no forward of their own, or a scatter over devices).
+_WRAPPERS: dict[type[nn.Module], str] = {
+    OptimizedModule: "_orig_mod",  # torch.compile
+    nn.DataParallel: "module",
+    nn.parallel.DistributedDataParallel: "module",
+}
+
+
 def working_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of `model` for capture to work on (the user's model is never modified), with every
+    """A deep copy of `model` for capture to work on (the user's model is never modified): of the
+    module a wrapper holds (`_WRAPPERS`: compile or parallelize the compact model again), with every
     parametrization (torch.nn.utils.parametrize: weight_norm, spectral_norm, ...) baked into a plain
     parameter of its current value: a parametrized weight is computed, not a parameter a site can hold."""
+    while wrapped := next((attribute for wrapper, attribute in _WRAPPERS.items() if isinstance(model, wrapper)), None):
+        model = getattr(model, wrapped)
     try:
         copied = copy.deepcopy(model)
     except Exception as error:
