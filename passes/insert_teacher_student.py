@@ -43,9 +43,9 @@ def student_rank(site: Site, rank: int, slack: float) -> int:
 
 
 def _new_student(site: Site, rank: int, weight: torch.Tensor, core: bool, blended: bool) -> nn.Module:
-    """down and up in the site's layout (nn.Linear, or 1x1 nn.Conv2d, down taking the site's
-    stride); the rank mask has shape (rank,) or (rank, 1, 1), so that it broadcasts over the hidden
-    activation either way. With a core (method="union") only the core trains between fixed bases."""
+    """down and up in the site's layout (nn.Linear, or a pointwise nn.Conv2d or nn.Conv1d, down
+    taking the site's stride); the rank mask has shape (rank,), (rank, 1, 1) or (rank, 1), so that
+    it broadcasts over the hidden activation in each layout. With a core (method="union") only the core trains between fixed bases."""
     layout = LAYOUTS[site.layout]
     container = nn.Module()
     container.down = layout.make(site.in_features, rank, False, weight, site.stride)

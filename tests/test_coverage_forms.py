@@ -17,7 +17,8 @@ from torch import fx, nn
 
 import tunecomp_fx
 from tunecomp_fx.capture import LEAF_MODULES, dynamic_dims_of
-from tunecomp_fx.forms import site_input
+from tunecomp_fx.export import to_onnx
+from tunecomp_fx.forms import LAYOUTS, site_input
 from tunecomp_fx.sites import Blend, student_nodes
 
 RATIO = 0.4
@@ -103,6 +104,31 @@ class FunctionalPointwise(nn.Module):
         return torch.relu(F.conv2d(x, self.weight, self.bias))
 
 
+class PointwiseConv1d(nn.Module):
+    """Pointwise 1-d convolutions over (N, C, L), one strided (sites), and a kernel-3 one (not a site),
+    as in speech and point-cloud models; `functional` writes one with F.conv1d on parameters."""
+
+    def __init__(self, branch: bool = False, functional: bool = False) -> None:
+        super().__init__()
+        self.branch, self.functional = branch, functional
+        self.expand = nn.Conv1d(16, 64, 1)
+        self.context = nn.Conv1d(64, 64, 3, padding=1)
+        self.project_weight = nn.Parameter(torch.randn(48, 64, 1) / 8)
+        self.project = nn.Conv1d(64, 48, 1, bias=False)
+        self.downsample = nn.Conv1d(48, 96, 1, stride=2)
+        self.head = nn.Linear(96, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _branch_on_shape(x) if self.branch else x
+        x = self.context(torch.relu(self.expand(x)))
+        x = F.conv1d(x, self.project_weight) if self.functional else self.project(x)
+        return self.head(self.downsample(torch.relu(x)).mean(-1))
+
+
+def _sequences() -> tuple[torch.Tensor]:
+    return (torch.randn(4, 16, 20),)
+
+
 def _tokens() -> tuple[torch.Tensor]:
     return (torch.randn(4, 12, 48),)
 
@@ -121,6 +147,9 @@ FORMS = {
     "conv1x1": (PointwiseCNN, _images, "symbolic_trace", {"call_module"}, "conv1x1"),
     "F.conv2d": (FunctionalPointwise, lambda: _images(32), "symbolic_trace", {"F.conv2d"}, "conv1x1"),
     "aten.conv2d": (lambda: PointwiseCNN(branch=True), _images, "torch.export", {"aten.conv2d"}, "conv1x1"),
+    "conv1d": (PointwiseConv1d, _sequences, "symbolic_trace", {"call_module"}, "pointwise_conv1d"),
+    "F.conv1d": (lambda: PointwiseConv1d(functional=True), _sequences, "symbolic_trace", {"call_module", "F.conv1d"}, "pointwise_conv1d"),
+    "aten.conv1d": (lambda: PointwiseConv1d(branch=True), _sequences, "torch.export", {"aten.conv1d"}, "pointwise_conv1d"),
 }
 
 
@@ -142,7 +171,7 @@ def test_site_form_rewrite_equivalence_and_budget(form):
     assert all(site.status == "compress" for site in sites)
     sites = [site for site in state.context.factorized_sites() if site.layout == layout]
     assert sites
-    student_type = nn.Conv2d if layout == "conv1x1" else nn.Linear
+    student_type = LAYOUTS[layout].module_type
 
     # The rewritten pattern: teacher (the original output node) and down -> mask -> up, blended.
     nodes = student_nodes(prepared)
@@ -158,10 +187,10 @@ def test_site_form_rewrite_equivalence_and_budget(form):
         down_module, up_module = prepared.get_submodule(down.target), prepared.get_submodule(up.target)
         assert type(down_module) is student_type and type(up_module) is student_type
         rank = down_module.weight.shape[0]
-        expected_mask = (rank, 1, 1) if layout == "conv1x1" else (rank,)
+        expected_mask = {"linear": (rank,), "conv1x1": (rank, 1, 1), "pointwise_conv1d": (rank, 1)}[layout]
         assert tuple(prepared.get_buffer(mask.target).shape) == expected_mask
-        if layout == "conv1x1":
-            assert down_module.kernel_size == (1, 1) and up_module.kernel_size == (1, 1)
+        if layout != "linear":
+            assert down_module.kernel_size == up_module.kernel_size == (1,) * (len(expected_mask) - 1)
 
     fresh = tuple(torch.randn_like(x) for x in inputs)
     with torch.no_grad():
@@ -516,3 +545,14 @@ def test_union_gradient_covariance_of_a_pointwise_convolution_is_over_channels()
     found = context.gradient_covariances["conv"]
     assert found.rows == 4 * 5 * 5
     torch.testing.assert_close(found.gram, rows.T @ rows, rtol=1e-5, atol=1e-12)
+
+
+def test_pointwise_conv1d_sites_and_the_strided_one_export_to_onnx(tmp_path):
+    model, prepared = _prepare(PointwiseConv1d, _sequences())
+    sites = {site.name: site for site in prepared.meta["tunecomp"].context.sites}
+    assert set(sites) == {"expand", "project", "downsample", "head"}  # not context (kernel 3)
+    assert sites["downsample"].stride == 2 and sites["expand"].layout == "pointwise_conv1d"
+    tunecomp_fx.set_blend(prepared, 0.0)
+    compact = tunecomp_fx.finalize(prepared)
+    result = to_onnx(compact, _sequences(), tmp_path / "conv1d.onnx")
+    assert all(error < 1e-4 for error in result.max_errors.values())

@@ -6,8 +6,10 @@ A site is a linear map over the features of its input x, with its weight held as
   and `x @ W.T (+ b)`;
 - layout "conv1x1": channels of (N, C, H, W), W is (out, in, 1, 1): a pointwise `nn.Conv2d`, `F.conv2d`
   or `aten.conv2d` (kernel 1, no padding, one group). A stride s (ResNet's downsampling shortcut) is
-  the map of x[..., ::s, ::s]: the student's down convolution takes the stride.
-Every pass that builds, slices or densifies a student goes through `Layout`, so the two layouts share
+  the map of x[..., ::s, ::s]: the student's down convolution takes the stride;
+- layout "pointwise_conv1d": channels of (N, C, L), W is (out, in, 1): a pointwise `nn.Conv1d`,
+  `F.conv1d` or `aten.conv1d` (speech and point-cloud models), a stride as above along L.
+Every pass that builds, slices or densifies a student goes through `Layout`, so the layouts share
 one mechanism: a student is down (in -> r) then up (r -> out), two modules of the site's layout.
 """
 
@@ -33,7 +35,7 @@ class Layout:
     def rows(self, x: torch.Tensor, stride: int = 1) -> torch.Tensor:
         """The input as (positions, features): one row per token, or per pixel the site reads."""
         if stride > 1:
-            x = x[..., ::stride, ::stride]
+            x = x[(..., *[slice(None, None, stride)] * (-1 - self.feature_dim))]
         return x.movedim(self.feature_dim, -1).reshape(-1, x.shape[self.feature_dim])
 
     def mask_shape(self, rank: int) -> tuple[int, ...]:
@@ -42,25 +44,29 @@ class Layout:
 
     def make(self, in_features: int, out_features: int, bias: bool, like: torch.Tensor, stride: int = 1) -> nn.Module:
         factory = {"device": like.device, "dtype": like.dtype}
-        if self.module_type is nn.Conv2d:
-            return nn.Conv2d(in_features, out_features, 1, stride=stride, bias=bias, **factory)
-        return nn.Linear(in_features, out_features, bias=bias, **factory)
+        if self.module_type is nn.Linear:
+            return nn.Linear(in_features, out_features, bias=bias, **factory)
+        return self.module_type(in_features, out_features, 1, stride=stride, bias=bias, **factory)
 
 
-LAYOUTS = {layout.name: layout for layout in (Layout("linear", -1, nn.Linear), Layout("conv1x1", -3, nn.Conv2d))}
+LAYOUTS = {
+    layout.name: layout
+    for layout in (Layout("linear", -1, nn.Linear), Layout("conv1x1", -3, nn.Conv2d), Layout("pointwise_conv1d", -2, nn.Conv1d))
+}
+_CONVOLUTIONS = (nn.Conv1d, nn.Conv2d)
 
 
 def layout_of(module: nn.Module) -> Layout:
-    """The layout of a student module (nn.Linear or 1x1 nn.Conv2d)."""
+    """The layout of a student module (nn.Linear, or a pointwise nn.Conv2d or nn.Conv1d)."""
     for layout in LAYOUTS.values():
         if type(module) is layout.module_type:
             return layout
-    raise TypeError(f"{type(module).__name__} is not a student module (nn.Linear or 1x1 nn.Conv2d)")
+    raise TypeError(f"{type(module).__name__} is not a student module (nn.Linear, or a pointwise nn.Conv2d or nn.Conv1d)")
 
 
 def rebuilt(like: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
-    """A new module of `like`'s layout (and stride) holding `weight` (out, in[, 1, 1]) and `bias`."""
-    stride = like.stride[0] if isinstance(like, nn.Conv2d) else 1
+    """A new module of `like`'s layout (and stride) holding `weight` (out, in[, 1[, 1]]) and `bias`."""
+    stride = like.stride[0] if isinstance(like, _CONVOLUTIONS) else 1
     module = layout_of(like).make(weight.shape[1], weight.shape[0], bias is not None, weight, stride)
     with torch.no_grad():
         module.weight.copy_(weight.reshape(module.weight.shape))
@@ -109,27 +115,33 @@ def _is_parameter(gm: fx.GraphModule, node: object) -> bool:
 
 
 def pointwise_stride(weight: torch.Tensor, stride: object, padding: object, groups: object) -> int | None:
-    """The stride of a convolution that is a linear map over channels (1x1 kernel, no padding, one
-    group, the same stride both ways), else None."""
+    """The stride of a convolution that is a linear map over channels (a kernel of 1 or 1x1, no
+    padding, one group, the same stride every way), else None."""
     strides = set(stride) if isinstance(stride, (list, tuple)) else {stride}
     paddings = set(padding) if isinstance(padding, (list, tuple)) else {padding}
     no_padding = paddings <= {0, "valid"} or (paddings == {"same"} and strides == {1})
-    if weight.dim() == 4 and tuple(weight.shape[2:]) == (1, 1) and len(strides) == 1 and no_padding and groups == 1:
+    pointwise = weight.dim() in (3, 4) and all(size == 1 for size in weight.shape[2:])
+    if pointwise and len(strides) == 1 and no_padding and groups == 1:
         return int(next(iter(strides)))
     return None
+
+
+def _convolution_layout(weight: torch.Tensor) -> str:
+    return "conv1x1" if weight.dim() == 4 else "pointwise_conv1d"
 
 
 def compressible_module(module: nn.Module) -> str | None:
     """The layout of a module whose forward is a plain linear map over features, else None."""
     if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
         return "linear"
+    convolution = next((kind for kind in _CONVOLUTIONS if isinstance(module, kind)), None)
     if (
-        isinstance(module, nn.Conv2d)
-        and type(module).forward is nn.Conv2d.forward
-        and type(module)._conv_forward is nn.Conv2d._conv_forward
+        convolution is not None
+        and type(module).forward is convolution.forward
+        and type(module)._conv_forward is convolution._conv_forward
         and pointwise_stride(module.weight, module.stride, module.padding, module.groups) is not None
     ):
-        return "conv1x1"
+        return _convolution_layout(module.weight)
     return None
 
 
@@ -141,12 +153,15 @@ def _module_site(gm: fx.GraphModule, node: fx.Node) -> SiteMatch | None:
     if layout is None:
         return None
     bias = f"{node.target}.bias" if module.bias is not None else None
-    stride = module.stride[0] if layout == "conv1x1" else 1
+    stride = module.stride[0] if layout != "linear" else 1
     return SiteMatch("call_module", layout, node, node, f"{node.target}.weight", bias, (node,), stride)
 
 
 _LINEAR_FUNCTIONS = {F.linear: "F.linear", aten.linear.default: "aten.linear"}
-_CONV_FUNCTIONS = {F.conv2d: "F.conv2d", torch.conv2d: "F.conv2d", aten.conv2d.default: "aten.conv2d"}
+_CONV_FUNCTIONS = {
+    F.conv2d: "F.conv2d", torch.conv2d: "F.conv2d", aten.conv2d.default: "aten.conv2d",
+    F.conv1d: "F.conv1d", torch.conv1d: "F.conv1d", aten.conv1d.default: "aten.conv1d",
+}  # fmt: skip
 
 
 def _function_site(gm: fx.GraphModule, node: fx.Node) -> SiteMatch | None:
@@ -159,10 +174,12 @@ def _function_site(gm: fx.GraphModule, node: fx.Node) -> SiteMatch | None:
     if node.target in _LINEAR_FUNCTIONS:
         return SiteMatch(_LINEAR_FUNCTIONS[node.target], "linear", node, node, weight.target, _bias(bias), (node, weight))
     stride, padding = _argument(node, 3, "stride", 1), _argument(node, 4, "padding", 0)
-    stride = pointwise_stride(gm.get_parameter(weight.target), stride, padding, _argument(node, 6, "groups", 1))
+    weight_value = gm.get_parameter(weight.target)
+    stride = pointwise_stride(weight_value, stride, padding, _argument(node, 6, "groups", 1))
     if stride is None:
         return None
-    return SiteMatch(_CONV_FUNCTIONS[node.target], "conv1x1", node, node, weight.target, _bias(bias), (node, weight), stride)
+    layout = _convolution_layout(weight_value)
+    return SiteMatch(_CONV_FUNCTIONS[node.target], layout, node, node, weight.target, _bias(bias), (node, weight), stride)
 
 
 _MATMULS = {operator.matmul, torch.matmul, aten.matmul.default}

@@ -30,7 +30,7 @@ class SiteRow:
     macs_before: int  # per example
     macs_after: int
     reason: str = ""
-    layout: str = "linear"  # "linear" or "conv1x1" (a pointwise convolution)
+    layout: str = "linear"  # "linear", "conv1x1" or "pointwise_conv1d" (a pointwise convolution)
     init_error: float | None = None  # ||(W - BA) X|| / ||W X|| of the initialized student, on calibration data
 
     @property
