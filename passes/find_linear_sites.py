@@ -67,7 +67,8 @@ class FindLinearSites(GraphPass):
         if not ctx.sites:
             raise SiteError(
                 f"{gm.__class__.__name__} has no compressible linear site (nn.Linear, F.linear, aten.linear, "
-                "x @ W.T + b, or a pointwise 1x1 convolution, with weights held as parameters); there is nothing "
+                "x @ W.T + b, addmm with an (in, out) weight, or a pointwise convolution: 1x1 Conv2d, kernel-1 Conv1d; "
+                "with weights held as parameters); there is nothing "
                 "to compress"
             )
         if not ctx.compressed_sites:

@@ -86,7 +86,8 @@ def test_inspect_prints_sites_passes_graphs_and_writes_graph_files(tmp_path: Pat
     assert done.returncode == 0, done.stderr
     out = done.stdout
     assert "fc2   10x96     8  0.885" in out
-    assert "insert_teacher_student         0.0" in out and "+10" in out
+    pass_row = next(line.split() for line in out.splitlines() if line.startswith("insert_teacher_student "))  # the table's row, then the names
+    assert pass_row[1].startswith("0.0") and pass_row[2:] == ["+10", "-0"]
     assert "fold_blends - fc1, fc2 ... and 2 more" in out
     assert [line.split() for line in out.splitlines() if line.startswith(("nodes ", "linear maps"))] == [
         ["nodes", "5", "15", "7"],

@@ -125,6 +125,22 @@ class PointwiseConv1d(nn.Module):
         return self.head(self.downsample(torch.relu(x)).mean(-1))
 
 
+class InputMajorLinear(nn.Module):
+    """Layers holding their weights (in, out) and applying them with addmm, as Hugging Face's Conv1D
+    (GPT-2) does."""
+
+    def __init__(self, branch: bool = False) -> None:
+        super().__init__()
+        self.branch = branch
+        self.w1, self.b1 = nn.Parameter(torch.randn(48, 96) / 7), nn.Parameter(torch.randn(96) / 10)
+        self.w2, self.b2 = nn.Parameter(torch.randn(96, 48) / 10), nn.Parameter(torch.randn(48) / 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _branch_on_shape(x) if self.branch else x
+        h = torch.relu(torch.addmm(self.b1, x.reshape(-1, 48), self.w1))
+        return torch.addmm(self.b2, h, self.w2).reshape(x.shape)
+
+
 def _sequences() -> tuple[torch.Tensor]:
     return (torch.randn(4, 16, 20),)
 
@@ -147,6 +163,8 @@ FORMS = {
     "conv1x1": (PointwiseCNN, _images, "symbolic_trace", {"call_module"}, "conv1x1"),
     "F.conv2d": (FunctionalPointwise, lambda: _images(32), "symbolic_trace", {"F.conv2d"}, "conv1x1"),
     "aten.conv2d": (lambda: PointwiseCNN(branch=True), _images, "torch.export", {"aten.conv2d"}, "conv1x1"),
+    "addmm": (InputMajorLinear, _tokens, "symbolic_trace", {"F.linear"}, "linear"),
+    "aten.addmm": (lambda: InputMajorLinear(branch=True), _tokens, "torch.export", {"aten.linear"}, "linear"),
     "conv1d": (PointwiseConv1d, _sequences, "symbolic_trace", {"call_module"}, "pointwise_conv1d"),
     "F.conv1d": (lambda: PointwiseConv1d(functional=True), _sequences, "symbolic_trace", {"call_module", "F.conv1d"}, "pointwise_conv1d"),
     "aten.conv1d": (lambda: PointwiseConv1d(branch=True), _sequences, "torch.export", {"aten.conv1d"}, "pointwise_conv1d"),
@@ -556,3 +574,21 @@ def test_pointwise_conv1d_sites_and_the_strided_one_export_to_onnx(tmp_path):
     compact = tunecomp_fx.finalize(prepared)
     result = to_onnx(compact, _sequences(), tmp_path / "conv1d.onnx")
     assert all(error < 1e-4 for error in result.max_errors.values())
+
+
+def test_gpt2s_input_major_conv1d_layers_are_sites():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=32, use_cache=False)
+    model, inputs = transformers.GPT2Model(config).eval(), {"input_ids": torch.randint(0, 100, (2, 12))}
+    prepared = tunecomp_fx.prepare(model, inputs, 0.4)
+    sites = {site.name: (site.status, site.in_features, site.out_features) for site in prepared.meta["tunecomp"].context.sites}
+    assert sites == {
+        name: ("compress", *shape)
+        for i in range(2)
+        for name, shape in ((f"h.{i}.attn.c_attn", (64, 192)), (f"h.{i}.attn.c_proj", (64, 64)), (f"h.{i}.mlp.c_fc", (64, 256)), (f"h.{i}.mlp.c_proj", (256, 64)))
+    }
+    assert not [node for node in prepared.graph.nodes if node.target is torch.ops.aten.addmm.default]
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(**inputs)[0], model(**inputs)[0], rtol=1e-5, atol=1e-5)  # alpha = 1: the teacher alone
+    assert model.h[0].attn.c_attn.weight.shape == (64, 192)  # the user's model keeps its (in, out) weights

@@ -61,11 +61,11 @@ def test_pass_log_records_the_nodes_each_pass_added_and_removed(model, capture_p
     assert tunecomp_fx.get_report(compact).capture_path == capture_path
     log = {record.name: record for record in pass_log(compact)}
     assert list(log) == [
-        "capture", "fold_sliced_weights", "fold_constant_biases", "find_linear_sites", "calibrate_input_covariance", "decompose_weights", "allocate_ranks",
+        "capture", "transpose_input_major_weights", "fold_sliced_weights", "fold_constant_biases", "find_linear_sites", "calibrate_input_covariance", "decompose_weights", "allocate_ranks",
         "insert_teacher_student", "initialize_students", "fold_blends", "fold_cores", "eliminate_pruned_ranks",
         "eliminate_pruned_neurons", "densify_past_break_even", "eliminate_dead_code",
     ]  # fmt: skip
-    analysis = ("capture", "fold_sliced_weights", "fold_constant_biases", "find_linear_sites", "calibrate_input_covariance", "decompose_weights", "allocate_ranks", "initialize_students")
+    analysis = ("capture", "transpose_input_major_weights", "fold_sliced_weights", "fold_constant_biases", "find_linear_sites", "calibrate_input_covariance", "decompose_weights", "allocate_ranks", "initialize_students")
     for name in analysis + ("fold_cores", "eliminate_pruned_neurons", "densify_past_break_even"):
         assert (log[name].added, log[name].removed) == ((), ()), name
     # Five nodes per factorized site: down, rank mask, mask multiply, up, blend.

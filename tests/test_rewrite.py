@@ -211,7 +211,7 @@ def test_user_model_is_left_untouched():
 def test_invariant_checks_run_after_every_pass_when_asked():
     prepared = tunecomp_fx.prepare(MLP().eval(), (torch.randn(8, 64),), ratio=0.5, check_numerics=True)
     log = prepared.meta["tunecomp"].context.log
-    assert [r.name for r in log] == ["capture", "fold_sliced_weights", "fold_constant_biases", "find_linear_sites", "calibrate_input_covariance", "decompose_weights",
+    assert [r.name for r in log] == ["capture", "transpose_input_major_weights", "fold_sliced_weights", "fold_constant_biases", "find_linear_sites", "calibrate_input_covariance", "decompose_weights",
                                      "allocate_ranks", "insert_teacher_student", "initialize_students"]
     inserted = next(r for r in log if r.name == "insert_teacher_student")
     assert len(inserted.added) == 3 * 5 and not inserted.removed  # down, mask, mul, up, blend per site

@@ -30,6 +30,7 @@ from tunecomp_fx.passes.find_hidden_widths import FindHiddenWidths
 from tunecomp_fx.passes.find_linear_sites import FindLinearSites
 from tunecomp_fx.passes.fold_constant_biases import FoldConstantBiases
 from tunecomp_fx.passes.fold_sliced_weights import FoldSlicedWeights
+from tunecomp_fx.passes.transpose_input_major_weights import TransposeInputMajorWeights
 from tunecomp_fx.passes.fold_blends import FoldBlends
 from tunecomp_fx.passes.fold_cores import FoldCores
 from tunecomp_fx.passes.initialize_students import InitializeStudents
@@ -52,7 +53,7 @@ def prepare_passes(config: CompressionConfig) -> list[GraphPass]:
         analysis = [FindHiddenWidths(), CalibrateInputCovariance(), SelectHiddenNeurons(), DecomposeWeights()]
     else:
         analysis = [CalibrateInputCovariance(), DecomposeWeights()]
-    return [FoldSlicedWeights(), FoldConstantBiases(), FindLinearSites(), *analysis, AllocateRanks(), InsertTeacherStudent(), InitializeStudents()]
+    return [TransposeInputMajorWeights(), FoldSlicedWeights(), FoldConstantBiases(), FindLinearSites(), *analysis, AllocateRanks(), InsertTeacherStudent(), InitializeStudents()]
 
 
 def finalize_passes() -> list[GraphPass]:
