@@ -162,9 +162,9 @@ def _leaf_reason(module: nn.Module) -> str:
 
 
 def hidden_layers(gm: fx.GraphModule) -> list[Site]:
-    """Compressible layers of the captured model (nn.Linear, pointwise nn.Conv2d and nn.Conv1d) that the graph does
-    not expose as sites: inside a leaf module, or with their weight handed to a function fx does not
-    trace into. They are sites with status "hidden" and the reason."""
+    """Compressible layers of the captured model (nn.Linear, pointwise nn.Conv2d and nn.Conv1d) that
+    the graph does not expose as sites: inside a leaf module, or with their weight handed to a
+    function fx does not trace into. They are sites with status "hidden" and the reason."""
     layers = gm.meta.get(LAYERS_KEY)
     if layers is None:
         layers = {name: layout for name, module in gm.named_modules() if (layout := compressible_module(module))}

@@ -29,7 +29,7 @@ class Site:
 
     name: str
     node: str
-    form: str  # "call_module", "F.linear", "aten.linear", "F.conv2d", "aten.conv2d" or "matmul"
+    form: str  # "call_module", "F.linear", "aten.linear", "F.conv2d", "aten.conv2d", "F.conv1d", "aten.conv1d" or "matmul"
     in_features: int
     out_features: int
     weight_target: str
@@ -38,7 +38,7 @@ class Site:
     reason: str = ""
     entry_node: str = ""
     layout: str = "linear"
-    stride: int = 1  # a strided pointwise convolution reads x[..., ::stride, ::stride]
+    stride: int = 1  # a strided pointwise convolution reads every stride-th position (x[..., ::stride, ::stride] in 2-d)
     # Neuron pruning (prune_neurons) keeps some neurons of a hidden width: the rows of the up-projection
     # that computes it, the columns of the down-projection that reads it. in/out_features count what
     # is kept; unpruned_shape is the weight's (out, in) before.
