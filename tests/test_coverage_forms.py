@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 import tunecomp_fx
+from tunecomp_fx.errors import CaptureError
 from tunecomp_fx.capture import LEAF_MODULES, dynamic_dims_of
 from tunecomp_fx.export import to_onnx
 from tunecomp_fx.forms import LAYOUTS, site_input
@@ -579,8 +580,11 @@ def test_pointwise_conv1d_sites_and_the_strided_one_export_to_onnx(tmp_path):
 def test_gpt2s_input_major_conv1d_layers_are_sites():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=32, use_cache=False)
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=32)
     model, inputs = transformers.GPT2Model(config).eval(), {"input_ids": torch.randint(0, 100, (2, 12))}
+    with pytest.raises(CaptureError, match=r"returns its key/value cache .* set model.config.use_cache = False"):
+        tunecomp_fx.prepare(model, inputs, 0.4)
+    model.config.use_cache = False
     prepared = tunecomp_fx.prepare(model, inputs, 0.4)
     sites = {site.name: (site.status, site.in_features, site.out_features) for site in prepared.meta["tunecomp"].context.sites}
     assert sites == {

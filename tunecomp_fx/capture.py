@@ -358,8 +358,11 @@ def _capture(
         if traced is not None:
             return Capture(traced, "symbolic_trace", f"{why}; {export_why}, so they stay dense")
         where = _user_code(export_error, model) or _user_code(trace_error, model)
+        # A Hugging Face model returns its key/value cache object, which neither path can hold.
+        caching = getattr(getattr(model, "config", None), "use_cache", False) is True
         raise CaptureError(
             f"could not capture {model.__class__.__name__}: {why}; {export_why}."
+            + (" The model returns its key/value cache (config.use_cache is True): set model.config.use_cache = False." if caching else "")
             + (f" The construct that stops both is at {where}." if where else "")
             + " Rewrite it without Python control flow on tensor values (e.g. torch.where instead of "
             "`if tensor:`), or register the module that holds it with "
