@@ -199,7 +199,7 @@ class _Projections(NamedTuple):
 
     ups: tuple[str, ...]
     head_dim: int
-    resized: list[tuple[str, int]]
+    resized: dict[str, int]  # node name -> index of a size that counts heads
     between: list[fx.Node]
     parts: int
 
@@ -221,7 +221,7 @@ def _separate_projections(gm: fx.GraphModule, attention: fx.Node, width: int, si
         between += [*chain, *split.products]
     if len(set(ups)) != 3 or len(head_dims) != 1:
         return None
-    return _Projections(tuple(ups), head_dims.pop(), list(resized.items()), between, parts=1)
+    return _Projections(tuple(ups), head_dims.pop(), resized, between, parts=1)
 
 
 def _part(node: fx.Node) -> tuple[fx.Node, int] | None:
@@ -269,7 +269,7 @@ def _fused_projection(gm: fx.GraphModule, attention: fx.Node, width: int, sites_
     head_dim = entries[4] if len(entries) == 5 and entries[2] == 3 else None
     if not _splits_into_heads(entries[3], head_dim, width):
         return None
-    resized = [(split.name, 3)] if entries[3] == width // head_dim else []
+    resized = {split.name: 3} if entries[3] == width // head_dim else {}
     return _Projections((up.name,), head_dim, resized, [split, permute, *unbinds, *items, *identities], parts=3)
 
 
@@ -366,7 +366,7 @@ def _packed_projection(gm: fx.GraphModule, attention: fx.Node, width: int, sites
     if up is None or up.layout != "linear" or up.out_features != 3 * width or len(source.users) != 1:
         return None
     resized[unflatten.name] = 1
-    return _Projections((up.name,), head_dims.pop(), list(resized.items()), [unflatten, *packing, *(item for item, *_ in items), *between], parts=3)
+    return _Projections((up.name,), head_dims.pop(), resized, [unflatten, *packing, *(item for item, *_ in items), *between], parts=3)
 
 
 def head_width(gm: fx.GraphModule, down: Site, sites_by_node: dict[str, Site], nodes: dict[str, fx.Node]) -> HiddenWidth | None:
@@ -396,7 +396,7 @@ def head_width(gm: fx.GraphModule, down: Site, sites_by_node: dict[str, Site], n
     # reshapes between attention and the merge must keep (heads, head_dim) apart without naming the head count
     if any(_is(n, _RESHAPES) and (shape_entries(n)[-1:] != [head_dim] or heads in shape_entries(n)[:-1]) for n in after[: after.index(merge)]):
         return None
-    resized, mask_nodes = dict(projections.resized), []
+    resized, mask_nodes = projections.resized, []
     if shape_entries(merge)[-1] == width:
         resized[merge.name] = len(shape_entries(merge)) - 1
     mask = _mask_argument(attention)

@@ -13,23 +13,22 @@ from __future__ import annotations
 import operator
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
+from tunecomp_fx.forms import LINEAR_FUNCTIONS, is_parameter
 from tunecomp_fx.passes.fold_constant_biases import constant_value, erase_unused
 from tunecomp_fx.pipeline import GraphPass, PassContext
 
 aten = torch.ops.aten
 
-_LINEARS = {aten.linear.default, F.linear}
 # Each takes (tensor, sizes or count, dim=0): torch.export's, torch's and the Tensor methods'.
 _SPLITS = {aten.split_with_sizes.default, aten.split.Tensor, aten.chunk.default, torch.split, torch.chunk, "split", "chunk"}
 
 
-def _linear_weight_blocks(split: fx.Node) -> list[tuple[fx.Node, fx.Node]] | None:
+def _linear_weight_blocks(gm: fx.GraphModule, split: fx.Node) -> list[tuple[fx.Node, fx.Node]] | None:
     """[(block, the linear that reads it as its weight)] if `split` splits a parameter, read by it
     alone, along dim 0 into blocks that are each one linear's weight and nothing else."""
-    if split.op not in ("call_function", "call_method") or split.target not in _SPLITS or split.args[0].op != "get_attr":
+    if split.op not in ("call_function", "call_method") or split.target not in _SPLITS or not is_parameter(gm, split.args[0]):
         return None
     dim = split.kwargs.get("dim", split.args[2] if len(split.args) > 2 else 0)
     if dim != 0 or len(split.args[0].users) != 1:
@@ -37,7 +36,7 @@ def _linear_weight_blocks(split: fx.Node) -> list[tuple[fx.Node, fx.Node]] | Non
     pairs = []
     for block in split.users:
         linear = next(iter(block.users)) if len(block.users) == 1 else None
-        if block.target is not operator.getitem or linear is None or linear.target not in _LINEARS or linear.args[1] is not block:
+        if block.target is not operator.getitem or linear is None or linear.target not in LINEAR_FUNCTIONS or linear.args[1] is not block:
             return None
         pairs.append((block, linear))
     return pairs
@@ -49,7 +48,7 @@ class FoldSlicedWeights(GraphPass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         for split in list(gm.graph.nodes):
-            pairs = _linear_weight_blocks(split)
+            pairs = _linear_weight_blocks(gm, split)
             if pairs is None:
                 continue
             parameter = split.args[0].target

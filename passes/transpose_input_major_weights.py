@@ -5,10 +5,13 @@ node alone reads is transposed; the model is capture's copy, never the user's.""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from tunecomp_fx.forms import is_parameter
 from tunecomp_fx.pipeline import GraphPass, PassContext
 
 aten = torch.ops.aten
@@ -17,32 +20,26 @@ aten = torch.ops.aten
 _ADDMMS = {torch.addmm: F.linear, aten.addmm.default: aten.linear.default}
 
 
-def _read_once(gm: fx.GraphModule, node: object, dims: int) -> bool:
-    """Whether `node` reads a parameter of `dims` dims that no other node or alias reads."""
-    if not isinstance(node, fx.Node) or node.op != "get_attr" or len(node.users) != 1:
-        return False
-    try:
-        parameter = gm.get_parameter(node.target)
-    except AttributeError:
-        return False
-    readers = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == node.target]
-    aliases = [name for name, p in gm.named_parameters(remove_duplicate=False) if p is parameter]
-    return parameter.dim() == dims and len(readers) == 1 and len(aliases) == 1
-
-
 class TransposeInputMajorWeights(GraphPass):
     name = "transpose_input_major_weights"
     preserves_outputs = True
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+        # a parameter this pass may transpose is read by one use of one node, under one name
+        reads: Counter[str] = Counter()
+        for attribute in gm.graph.find_nodes(op="get_attr"):
+            reads[attribute.target] += len(attribute.users)
+        names = Counter(id(parameter) for _, parameter in gm.named_parameters(remove_duplicate=False))
         for node in list(gm.graph.nodes):
             if node.op != "call_function" or node.target not in _ADDMMS or len(node.args) != 3 or node.kwargs:
                 continue
             bias, x, weight = node.args
-            if not (_read_once(gm, weight, 2) and isinstance(bias, fx.Node) and bias.op == "get_attr"):
+            if not (is_parameter(gm, weight) and reads[weight.target] == 1 and isinstance(bias, fx.Node) and bias.op == "get_attr"):
+                continue
+            held = gm.get_parameter(weight.target)
+            if held.dim() != 2 or names[id(held)] != 1:
                 continue
             owner_name, _, attribute = weight.target.rpartition(".")
-            held = gm.get_parameter(weight.target)
             with torch.no_grad():
                 setattr(gm.get_submodule(owner_name), attribute, nn.Parameter(held.t().contiguous(), requires_grad=held.requires_grad))
             with gm.graph.inserting_before(node):

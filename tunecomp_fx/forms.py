@@ -104,7 +104,7 @@ def _bias(node: object) -> str | fx.Node | None:
     return node if isinstance(node, fx.Node) else None
 
 
-def _is_parameter(gm: fx.GraphModule, node: object) -> bool:
+def is_parameter(gm: fx.GraphModule, node: object) -> bool:
     if not (isinstance(node, fx.Node) and node.op == "get_attr"):
         return False
     try:
@@ -157,7 +157,7 @@ def _module_site(gm: fx.GraphModule, node: fx.Node) -> SiteMatch | None:
     return SiteMatch("call_module", layout, node, node, f"{node.target}.weight", bias, (node,), stride)
 
 
-_LINEAR_FUNCTIONS = {F.linear: "F.linear", aten.linear.default: "aten.linear"}
+LINEAR_FUNCTIONS = {F.linear: "F.linear", aten.linear.default: "aten.linear"}
 _CONV_FUNCTIONS = {
     F.conv2d: "F.conv2d", torch.conv2d: "F.conv2d", aten.conv2d.default: "aten.conv2d",
     F.conv1d: "F.conv1d", torch.conv1d: "F.conv1d", aten.conv1d.default: "aten.conv1d",
@@ -165,14 +165,14 @@ _CONV_FUNCTIONS = {
 
 
 def _function_site(gm: fx.GraphModule, node: fx.Node) -> SiteMatch | None:
-    if node.op != "call_function" or not (node.target in _LINEAR_FUNCTIONS or node.target in _CONV_FUNCTIONS):
+    if node.op != "call_function" or not (node.target in LINEAR_FUNCTIONS or node.target in _CONV_FUNCTIONS):
         return None
     x, weight = _argument(node, 0, "input"), _argument(node, 1, "weight")
-    if not isinstance(x, fx.Node) or not _is_parameter(gm, weight):
+    if not isinstance(x, fx.Node) or not is_parameter(gm, weight):
         return None
     bias = _argument(node, 2, "bias")
-    if node.target in _LINEAR_FUNCTIONS:
-        return SiteMatch(_LINEAR_FUNCTIONS[node.target], "linear", node, node, weight.target, _bias(bias), (node, weight))
+    if node.target in LINEAR_FUNCTIONS:
+        return SiteMatch(LINEAR_FUNCTIONS[node.target], "linear", node, node, weight.target, _bias(bias), (node, weight))
     stride, padding = _argument(node, 3, "stride", 1), _argument(node, 4, "padding", 0)
     weight_value = gm.get_parameter(weight.target)
     stride = pointwise_stride(weight_value, stride, padding, _argument(node, 6, "groups", 1))
@@ -192,7 +192,7 @@ def _is_call(node: fx.Node, functions: set[Callable], method: str) -> bool:
 
 def _transposed_parameter(gm: fx.GraphModule, node: object) -> fx.Node | None:
     """W's get_attr when `node` is W.T / W.t() / W.transpose(0, 1) / W.permute(1, 0) of a 2-D parameter."""
-    if not isinstance(node, fx.Node) or not node.args or not _is_parameter(gm, node.args[0]):
+    if not isinstance(node, fx.Node) or not node.args or not is_parameter(gm, node.args[0]):
         return None
     weight = node.args[0]
     if gm.get_parameter(weight.target).dim() != 2:
@@ -220,7 +220,7 @@ def _matmul_site(gm: fx.GraphModule, node: fx.Node) -> SiteMatch | None:
     add = next(iter(node.users)) if len(node.users) == 1 else None
     if add is not None and _is_call(add, _ADDS, "add") and len(add.args) == 2 and not add.kwargs:
         bias = add.args[1] if add.args[0] is node else add.args[0]
-        if _is_parameter(gm, bias) and tuple(gm.get_parameter(bias.target).shape) == (out_features,):
+        if is_parameter(gm, bias) and tuple(gm.get_parameter(bias.target).shape) == (out_features,):
             return SiteMatch("matmul", "linear", node, add, weight.target, bias.target, nodes + (add, bias))
     return SiteMatch("matmul", "linear", node, node, weight.target, None, nodes)
 
