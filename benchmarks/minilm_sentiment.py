@@ -60,6 +60,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "rank_slack=0.5": {"rank_slack": 0.5},
     "rank_slack=1": {"rank_slack": 1.0},
     "train_teachers": {"train_teachers": True},
+    "T=0.25,train_teachers": {"blend_steps": 0.25, "train_teachers": True},
     "rank_slack=0,T=0.25": {"rank_slack": 0.0, "blend_steps": 0.25},
     "T=0.1": {"blend_steps": 0.1},
     "distill=0,T=0.25": {"distill_weight": 0.0, "blend_steps": 0.25},
