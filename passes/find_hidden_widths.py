@@ -2,8 +2,9 @@
 that can be sliced without changing anything else in the model.
 
 - neurons (prune_neurons): an up-projection's output passes only through elementwise nodes (an
-  activation, perhaps a dropout or an identity) into a down-projection, as in a transformer's FFN. Dropping a
-  neuron removes a row of up, the activation's element and a column of down.
+  activation, perhaps a dropout or an identity, or an activation written out in arithmetic on the
+  width and numbers; reshapes of the tokens) into a down-projection, as in a transformer's FFN.
+  Dropping a neuron removes a row of up, the activation's element and a column of down.
 - heads (prune_heads): the query, key and value sites each split their output into heads
   (view (..., heads, head_dim), swap to (batch, heads, seq, head_dim)), scaled_dot_product_attention
   reads them, and the heads are swapped back and merged into the output site's input. Dropping a
@@ -13,7 +14,9 @@ that can be sliced without changing anything else in the model.
   each of its three parts. So does nn.MultiheadAttention's packed in-projection under torch.export
   (unflatten (..., 3, width), then select 0/1/2, each viewed as (seq, batch * heads, head_dim),
   swapped to batch-major and viewed as (batch, heads, seq, head_dim); the heads merged by
-  permute(2, 0, 1, 3) and a reshape to (seq * batch, width)).
+  permute(2, 0, 1, 3) and a reshape to (seq * batch, width)), and a fused site split along its last
+  dim into three blocks of width (Hugging Face's GPT-2: c_attn(x).split(width, dim=2)), each split
+  into heads as the separate sites are.
 """
 
 from __future__ import annotations
@@ -46,12 +49,27 @@ _RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
 _PERMUTES = {aten.permute.default, torch.permute, "permute"}
 _SWAPS = {aten.transpose.int, torch.transpose, "transpose"} | _PERMUTES
 _UNBINDS = {aten.unbind.int, torch.unbind, "unbind"}
+_SPLITS = {aten.split.Tensor, torch.split, "split"}
 _ATTENTION = {aten.scaled_dot_product_attention.default, F.scaled_dot_product_attention}
 
 
-def _elementwise(gm: fx.GraphModule, node: fx.Node) -> str | None:
+# Arithmetic of tensors and numbers: a neuron's output depends on that neuron alone when every tensor
+# it reads is of the same width (an activation written out, as GPT-2's tanh GELU under torch.export).
+_ARITHMETIC = {
+    aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.pow.Tensor_Scalar,
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.pow,
+    torch.add, torch.sub, torch.mul, torch.div, torch.pow, "add", "sub", "mul", "div", "pow",
+}
+
+
+def _elementwise(gm: fx.GraphModule, node: fx.Node, width: int) -> str | None:
     """"activation", "dropout", "identity" (timm's Mlp has an nn.Identity norm when the norm is off),
-    or None when `node` is none of them (or reads more than one tensor)."""
+    "arithmetic" (`_ARITHMETIC`, of tensors and numbers), "reshape" (of the tokens: the width stays
+    last), or None when `node` is none of them. Which tensors it reads is the caller's to check."""
+    if _is(node, _ARITHMETIC):
+        return "arithmetic" if not node.kwargs and all(isinstance(a, (fx.Node, int, float)) for a in node.args) else None
+    if _is(node, _RESHAPES):
+        return "reshape" if shape_entries(node)[-1:] in ([-1], [width]) else None
     tensors = node.all_input_nodes
     if len(tensors) != 1 or node.args[:1] != (tensors[0],):
         return None
@@ -68,22 +86,31 @@ def _elementwise(gm: fx.GraphModule, node: fx.Node) -> str | None:
 
 
 def neuron_width(gm: fx.GraphModule, up: Site, sites_by_entry: dict[str, Site], nodes: dict[str, fx.Node]) -> HiddenWidth | None:
-    """The width `up` computes, if only elementwise nodes, one an activation, lead from it to a compressed site's input."""
-    current, chain, kinds = nodes[up.node], [], set()
-    while len(current.users) == 1:
-        user = next(iter(current.users))
-        down = sites_by_entry.get(user.name)
-        if down is not None:
-            if site_input(user) is current and "activation" in kinds and down.in_features == up.out_features:
-                return HiddenWidth("neurons", (up.name,), down.name, tuple(chain), up.out_features)
-            return None
-        kind = _elementwise(gm, user)
-        if kind is None:
-            return None
-        chain.append(user.name)
-        kinds.add(kind)
-        current = user
-    return None
+    """The width `up` computes, if elementwise nodes alone (`_elementwise`, one an activation), reading
+    nothing but it and each other, lead from it to one compressed site's input."""
+    width, start = up.out_features, nodes[up.node]
+    kinds: dict[fx.Node, str] = {start: "up"}
+    queue, readers = [start], set()
+    while queue:
+        for user in queue.pop().users:
+            kind = kinds.get(user) or _elementwise(gm, user, width)
+            if kind is None:
+                readers.add(user)
+            elif user not in kinds:
+                kinds[user] = kind
+                queue.append(user)
+    # tensors read from outside the region (a reshape's sizes may come from anywhere)
+    outside = {t for n, kind in kinds.items() if n is not start for t in ([_data_input(n)] if kind == "reshape" else n.all_input_nodes)} - kinds.keys()
+    leaving = [n for n in kinds if set(n.users) & readers]
+    if outside or len(readers) != 1 or len(leaving) != 1 or "activation" not in kinds.values():
+        return None
+    [reader], [output] = readers, leaving
+    down = sites_by_entry.get(reader.name)
+    if down is None or site_input(reader) is not output or len(output.users) != 1 or down.in_features != width:
+        return None
+    between = tuple(name for name in nodes if nodes[name] in kinds and nodes[name] is not start)
+    resized = tuple((name, len(shape_entries(nodes[name])) - 1) for name in between if _is(nodes[name], _RESHAPES) and shape_entries(nodes[name])[-1] == width)
+    return HiddenWidth("neurons", (up.name,), down.name, between, width, resized=resized)
 
 
 def shape_entries(node: fx.Node) -> list:
@@ -273,6 +300,48 @@ def _fused_projection(gm: fx.GraphModule, attention: fx.Node, width: int, sites_
     return _Projections((up.name,), head_dim, resized, [split, permute, *unbinds, *items, *identities], parts=3)
 
 
+def _splits_last_dim_into_blocks(node: fx.Node, width: int) -> bool:
+    """Whether `node` splits its input along the last dim into blocks of `width` (x.split(width, dim=-1),
+    or dim=2 of a 3-d x as GPT-2 writes it; torch.export records the input's rank)."""
+    if not _is(node, _SPLITS) or len(node.args) < 2 or node.args[1] != width:
+        return False
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    value = node.args[0].meta.get("val")
+    return dim == -1 or (isinstance(value, torch.Tensor) and dim == value.dim() - 1)
+
+
+def _split_projection(gm: fx.GraphModule, attention: fx.Node, width: int, sites_by_node: dict[str, Site]) -> _Projections | None:
+    """Query, key and value from one compressed site of 3 x `width` outputs, split along its last dim
+    into three blocks of `width` (perhaps after reshapes of its tokens), each split into heads
+    sequence-major (Hugging Face's GPT-2)."""
+    items, head_dims, resized, between = [], set(), {}, []
+    for query_key_or_value in attention.args[:3]:
+        if not isinstance(query_key_or_value, fx.Node):
+            return None
+        item, chain = _chain_back(gm, query_key_or_value)
+        split = _sequence_major_split(chain, width) if chain else None
+        if split is None or item.target is not operator.getitem or not _splits_last_dim_into_blocks(item.args[0], width):
+            return None
+        items.append(item)
+        head_dims.add(split.head_dim)
+        resized |= split.sizes
+        between += chain
+    blocks = items[0].args[0]
+    if len(head_dims) != 1 or any(item.args[0] is not blocks for item in items) or sorted(item.args[1] for item in items) != [0, 1, 2]:
+        return None
+    if set(blocks.users) != set(items):
+        return None
+    source, tokens = _chain_back(gm, blocks.args[0])
+    up = sites_by_node.get(source.name)
+    if up is None or up.layout != "linear" or up.out_features != 3 * width or len(source.users) != 1:
+        return None
+    if any(not _is(n, _RESHAPES) or shape_entries(n)[-1:] not in ([-1], [3 * width]) for n in tokens):
+        return None
+    resized |= {n.name: len(shape_entries(n)) - 1 for n in tokens if shape_entries(n)[-1] == 3 * width}
+    resized[blocks.name] = 0  # the block size
+    return _Projections((up.name,), head_dims.pop(), resized, [*tokens, blocks, *items, *between], parts=3)
+
+
 def _batch_times_heads(node: fx.Node, index: int, heads: int) -> tuple[dict[str, int], list[fx.Node]] | None:
     """If size `index` of `node` is batch * heads: the size to rescale (node name -> index) and the
     product computing it, if any. A static batch makes it one literal; a dynamic one, a product of the
@@ -372,33 +441,36 @@ def _packed_projection(gm: fx.GraphModule, attention: fx.Node, width: int, sites
 def head_width(gm: fx.GraphModule, down: Site, sites_by_node: dict[str, Site], nodes: dict[str, fx.Node]) -> HiddenWidth | None:
     """The attention heads `down` reads, if its input is merged from the heads of one
     scaled_dot_product_attention whose query, key and value are split from compressed sites: one
-    each, or one fused site."""
+    each, or one fused site (in parts or in blocks)."""
     width = down.in_features
     attention, after = _chain_back(gm, site_input(nodes[down.entry_node]))
-    reshapes = [n for n in after if _is(n, _RESHAPES)]
-    if not reshapes or not all(_is_identity(gm, n) for n in after[after.index(reshapes[-1]) + 1 :]):
-        return None
-    merge = reshapes[-1]
-    if shape_entries(merge)[-1:] not in ([-1], [width]) or not _is(attention, _ATTENTION) or len(attention.users) != 1:
+    if not _is(attention, _ATTENTION) or len(attention.users) != 1:
         return None
     swaps = [n for n in after if _is(n, _SWAPS)]
     if len(swaps) != 1 or not _merges_heads(swaps[0]):
+        return None
+    # the first reshape after the swap merges the heads; later ones (a flattening of the tokens) keep the width last
+    merged = after[after.index(swaps[0]) + 1 :]
+    reshapes = [n for n in merged if _is(n, _RESHAPES)]
+    if not reshapes or any(shape_entries(n)[-1:] not in ([-1], [width]) for n in reshapes):
+        return None
+    if not all(_is_identity(gm, n) for n in merged[merged.index(reshapes[0]) + 1 :] if n not in reshapes):
         return None
     projections = (
         _separate_projections(gm, attention, width, sites_by_node)
         or _fused_projection(gm, attention, width, sites_by_node)
         or _packed_projection(gm, attention, width, sites_by_node)
+        or _split_projection(gm, attention, width, sites_by_node)
     )
     if projections is None:
         return None
     head_dim = projections.head_dim
     heads = width // head_dim
     # reshapes between attention and the merge must keep (heads, head_dim) apart without naming the head count
-    if any(_is(n, _RESHAPES) and (shape_entries(n)[-1:] != [head_dim] or heads in shape_entries(n)[:-1]) for n in after[: after.index(merge)]):
+    if any(_is(n, _RESHAPES) and (shape_entries(n)[-1:] != [head_dim] or heads in shape_entries(n)[:-1]) for n in after[: after.index(reshapes[0])]):
         return None
     resized, mask_nodes = projections.resized, []
-    if shape_entries(merge)[-1] == width:
-        resized[merge.name] = len(shape_entries(merge)) - 1
+    resized |= {n.name: len(shape_entries(n)) - 1 for n in reshapes if shape_entries(n)[-1] == width}
     mask = _mask_argument(attention)
     expansion = _mask_expanded_over_heads(mask, heads) if mask is not None else None
     if expansion is not None:  # the student path expands the mask over its kept heads
@@ -494,8 +566,8 @@ class FindHiddenWidths(GraphPass):
                 "heads merged (transpose(1, 2), reshape to a literal width or -1) from one "
                 "scaled_dot_product_attention whose query, key and value are split from three compressed sites "
                 "(view (..., heads, head_dim), transpose(1, 2)), from one fused qkv site (reshape (..., 3, heads, "
-                "head_dim), permute(2, 0, 3, 1, 4)) or from nn.MultiheadAttention's packed in-projection (captured "
-                "with torch.export). Hand-written attention (matmul, softmax), a merge to a width "
+                "head_dim), permute(2, 0, 3, 1, 4), or split(width, dim=-1) as GPT-2's) or from nn.MultiheadAttention's "
+                "packed in-projection (captured with torch.export). Hand-written attention (matmul, softmax), a merge to a width "
                 "read from a tensor's shape and norms between the heads and the projections are not recognized; "
                 "use prune_heads=0 for this model, or check that `exclude` leaves the projections of a block compressed"
             )

@@ -136,7 +136,7 @@ class InsertTeacherStudent(GraphPass):
             if missing:
                 return f"the student of site '{site.name}' lacks its {missing} nodes"
             if site.name in unblended:
-                if "blend" in roles or len(roles["up"].users) != 1:
+                if "blend" in roles or any(user.meta.get("tunecomp", {}).get("role") != "hidden" for user in roles["up"].users):
                     return f"the student of site '{site.name}' must feed its hidden width's copy alone, unblended"
             student_input = roles["down"].args[0]
             if site.name in hidden_inputs:

@@ -112,6 +112,24 @@ class CrossAttention(nn.Module):
         return self.attn(query, key, value, need_weights=False)[0]
 
 
+class WrittenOutGelu(nn.Module):
+    """fc1 -> GELU's tanh approximation written out in arithmetic (as GPT-2 writes it) -> tokens
+    flattened to (-1, 128) -> fc2; with `gated`, the activation times a second projection of the
+    input (as in SwiGLU), which leaves no width one up site computes."""
+
+    def __init__(self, gated: bool = False) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(64, 128), nn.Linear(128, 64)
+        self.gate = nn.Linear(64, 128) if gated else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        h = 0.5 * h * (1.0 + torch.tanh(0.7978845608 * (h + 0.044715 * torch.pow(h, 3.0))))
+        if self.gate is not None:
+            h = h * self.gate(x)
+        return self.fc2(h.reshape(-1, 128)).view(x.shape)
+
+
 def silent_heads(fused: bool = False) -> HeadsBlock | FusedHeadsBlock:
     """A HeadsBlock (or FusedHeadsBlock) whose output projection (bias-free) ignores heads 1 and 3:
     they change nothing."""

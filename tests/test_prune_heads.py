@@ -311,3 +311,33 @@ def test_multihead_attention_with_its_in_projection_in_blocks_prunes_the_heads_o
         assert compact(torch.randn(3, 10, 64), torch.randn(3, 10, 64)).shape == (3, 10, 64)  # batch * heads scales with the batch
     rows = {row.name: row for row in tunecomp_fx.get_report(compact).sites}
     assert rows["attn.in_proj_weight_0"].reason.startswith("32 of 64 output neurons kept (2 of 4 heads)")
+
+
+def test_gpt2_prunes_the_heads_of_its_split_qkv_and_the_neurons_of_its_written_out_gelu(tmp_path) -> None:  # noqa: ANN001
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=32, use_cache=False)
+    model, inputs = transformers.GPT2Model(config).eval(), {"input_ids": torch.randint(0, 100, (2, 12))}
+    prepared = tunecomp_fx.prepare(model, inputs, 0.5, prune_heads=0.5, prune_neurons=0.3)
+    widths = {width.down: width for width in _context(prepared).hidden_widths}
+    assert {(w.kind, w.ups, w.parts, len(w.kept)) for name, w in widths.items() if name.startswith("h.1.")} == {
+        ("heads", ("h.1.attn.c_attn",), 3, 32),  # c_attn(x).split(64, dim=2): three blocks of 64 rows
+        ("neurons", ("h.1.mlp.c_fc",), 1, 176),  # through GELU's tanh approximation, written out
+    }
+    copies = [n for n in prepared.graph.nodes if "copy_of" in n.meta.get("tunecomp", {})]
+    assert sorted(n.args[1] for n in copies if n.target is aten.split.Tensor) == [32, 32]  # each block keeps 2 heads
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(**inputs)[0], model(**inputs)[0], rtol=1e-5, atol=1e-5)  # alpha = 1: the teacher alone
+    tunecomp_fx.set_blend(prepared, 0.0)
+    with torch.no_grad():
+        student_path = prepared(**inputs)[0]
+    compact = tunecomp_fx.finalize(prepared)
+    other = {"input_ids": torch.randint(0, 100, (3, 9))}
+    with torch.no_grad():
+        torch.testing.assert_close(compact(**inputs)[0], student_path, rtol=1e-5, atol=1e-5)
+        assert compact(**other)[0].shape == (3, 9, 64)  # another batch and length
+    rows = {row.name: row for row in tunecomp_fx.get_report(compact).sites}
+    assert rows["h.0.attn.c_attn"].reason.startswith("96 of 192 output neurons kept (2 of 4 heads)")
+    assert rows["h.0.mlp.c_proj"].reason.startswith("176 of 256 input neurons kept")
+    result = to_onnx(compact, other, tmp_path / "gpt2.onnx")
+    assert all(error < 1e-4 for error in result.max_errors.values())

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from tests.joint_task import digits_task, endless, fresh, single_thread  # noqa: F401
 from tests.graph_checks import finalize_from_student_path
-from tests.models import MLP, AttentionBlock
+from tests.models import MLP, AttentionBlock, WrittenOutGelu
 from torch import nn
 
 import tunecomp_fx
@@ -157,6 +157,32 @@ def test_a_pruned_fraction_out_of_range_is_a_config_error(option: str, what: str
 def test_union_does_not_prune_widths(option: str) -> None:
     with pytest.raises(ConfigError, match=f"method='union' does not prune widths; use method='tunecomp' with {option}"):
         tunecomp_fx.CompressionConfig(method="union", **{option: 0.3})
+
+
+def test_an_activation_written_out_in_arithmetic_is_a_width_and_its_copy_computes_fewer_neurons() -> None:
+    torch.manual_seed(0)
+    model, x = WrittenOutGelu().eval(), torch.randn(4, 10, 64)
+    prepared = tunecomp_fx.prepare(model, x, 0.5, prune_neurons=0.5)
+    [width] = _context(prepared).hidden_widths
+    assert (width.ups, width.down, width.width, len(width.kept)) == (("fc1",), "fc2", 128, 64)
+    copies = [n for n in prepared.graph.nodes if "copy_of" in n.meta.get("tunecomp", {})]
+    # the arithmetic and the flattening, whose literal width counts the kept neurons
+    targets = [n.target for n in copies]
+    assert sorted(map(str, targets)) == sorted(map(str, [*[operator.mul] * 4, operator.add, operator.add, torch.pow, torch.tanh, "reshape"]))
+    [flatten] = [n for n in copies if n.target == "reshape"]
+    assert flatten.args[1:] == (-1, 64)
+    with torch.no_grad():
+        assert torch.equal(prepared(x), model(x))  # alpha = 1: the teacher alone
+    compact, _ = finalize_from_student_path(prepared, x)
+    with torch.no_grad():
+        assert compact(torch.randn(3, 7, 64)).shape == (3, 7, 64)
+    assert "64 of 128 input neurons kept" in {row.name: row for row in tunecomp_fx.get_report(compact).sites}["fc2"].reason
+
+
+def test_an_activation_times_a_second_projection_is_not_a_width() -> None:
+    # h * gate(x): neither fc1 nor gate alone computes what fc2 reads, so slicing one would change the other's product
+    with pytest.raises(SiteError, match="found no hidden width to prune"):
+        tunecomp_fx.prepare(WrittenOutGelu(gated=True), torch.randn(4, 10, 64), 0.5, prune_neurons=0.3)
 
 
 def test_a_model_without_hidden_widths_says_so() -> None:
