@@ -3,8 +3,9 @@ that can be sliced without changing anything else in the model.
 
 - neurons (prune_neurons): an up-projection's output passes only through elementwise nodes (an
   activation, perhaps a dropout or an identity, or an activation written out in arithmetic on the
-  width and numbers; reshapes of the tokens) into a down-projection, as in a transformer's FFN.
-  Dropping a neuron removes a row of up, the activation's element and a column of down.
+  width and numbers; reshapes of the tokens) into a down-projection, as in a transformer's FFN; a
+  gated activation reads a second up-projection too (LLaMA's SwiGLU). Dropping a neuron removes a
+  row of each up, the activation's element and a column of down.
 - heads (prune_heads): the query, key and value sites each split their output into heads
   (view (..., heads, head_dim), swap to (batch, heads, seq, head_dim)), scaled_dot_product_attention
   reads them, and the heads are swapped back and merged into the output site's input. Dropping a
@@ -85,32 +86,60 @@ def _elementwise(gm: fx.GraphModule, node: fx.Node, width: int) -> str | None:
     return None
 
 
-def neuron_width(gm: fx.GraphModule, up: Site, sites_by_entry: dict[str, Site], nodes: dict[str, fx.Node]) -> HiddenWidth | None:
-    """The width `up` computes, if elementwise nodes alone (`_elementwise`, one an activation), reading
-    nothing but it and each other, lead from it to one compressed site's input."""
-    width, start = up.out_features, nodes[up.node]
-    kinds: dict[fx.Node, str] = {start: "up"}
-    queue, readers = [start], set()
+def _elementwise_region(gm: fx.GraphModule, starts: list[fx.Node], width: int) -> tuple[dict[fx.Node, str], fx.Node | None] | None:
+    """The nodes `_elementwise` reaches from `starts`, with their kinds (the starts' is "up"), and the
+    one other node that reads them; None as soon as a second one does (a residual stream would
+    otherwise take the walk through the rest of the model)."""
+    kinds = dict.fromkeys(starts, "up")
+    queue, readers = list(starts), set()
     while queue:
         for user in queue.pop().users:
             kind = kinds.get(user) or _elementwise(gm, user, width)
             if kind is None:
                 readers.add(user)
+                if len(readers) > 1:
+                    return None
             elif user not in kinds:
                 kinds[user] = kind
                 queue.append(user)
-    # tensors read from outside the region (a reshape's sizes may come from anywhere)
-    outside = {t for n, kind in kinds.items() if n is not start for t in ([_data_input(n)] if kind == "reshape" else n.all_input_nodes)} - kinds.keys()
-    leaving = [n for n in kinds if set(n.users) & readers]
-    if outside or len(readers) != 1 or len(leaving) != 1 or "activation" not in kinds.values():
+    return kinds, next(iter(readers), None)
+
+
+def neuron_width(
+    gm: fx.GraphModule, up: Site, sites_by_node: dict[str, Site], sites_by_entry: dict[str, Site], nodes: dict[str, fx.Node]
+) -> HiddenWidth | None:
+    """The width `up` computes, if elementwise nodes alone (`_elementwise`, one an activation) lead from
+    it to one compressed site's input, reading nothing but it, each other and other compressed sites
+    of the same width and layout (a gated activation, act(gate(x)) * up(x), as in LLaMA's SwiGLU).
+    The sites share the width's neurons; it is found from the first of them in the graph."""
+    width, starts = up.out_features, [nodes[up.node]]
+    while True:
+        region = _elementwise_region(gm, starts, width)
+        if region is None:
+            return None
+        kinds, reader = region
+        # tensors read from outside the region (a reshape's sizes may come from anywhere): other ups, or none
+        reads = (([_data_input(n)] if kind == "reshape" else n.all_input_nodes) for n, kind in kinds.items() if kind != "up")
+        outside = {tensor for tensors in reads for tensor in tensors} - kinds.keys()
+        gates = [t for t in outside if (site := sites_by_node.get(t.name)) and (site.layout, site.out_features) == (up.layout, width)]
+        if len(gates) < len(outside):
+            return None
+        if not gates:
+            break
+        starts += gates
+    leaving = [n for n in kinds if reader in n.users]
+    down = sites_by_entry.get(reader.name) if reader is not None else None
+    if down is None or len(leaving) != 1 or "activation" not in kinds.values():
         return None
-    [reader], [output] = readers, leaving
-    down = sites_by_entry.get(reader.name)
-    if down is None or site_input(reader) is not output or len(output.users) != 1 or down.in_features != width:
+    [output] = leaving
+    if site_input(reader) is not output or len(output.users) != 1 or down.in_features != width:
         return None
-    between = tuple(name for name in nodes if nodes[name] in kinds and nodes[name] is not start)
+    ups = tuple(sites_by_node[name].name for name in nodes if kinds.get(nodes[name]) == "up")
+    if ups[0] != up.name:
+        return None
+    between = tuple(name for name in nodes if kinds.get(nodes[name], "up") != "up")
     resized = tuple((name, len(shape_entries(nodes[name])) - 1) for name in between if _is(nodes[name], _RESHAPES) and shape_entries(nodes[name])[-1] == width)
-    return HiddenWidth("neurons", (up.name,), down.name, between, width, resized=resized)
+    return HiddenWidth("neurons", ups, down.name, between, width, resized=resized)
 
 
 def shape_entries(node: fx.Node) -> list:
@@ -534,11 +563,11 @@ class FindHiddenWidths(GraphPass):
         nodes = {node.name: node for node in gm.graph.nodes}
         compressed = ctx.compressed_sites
         widths: list[HiddenWidth | None] = []
+        sites_by_node = {site.node: site for site in compressed}
         if ctx.config.prune_neurons > 0:
             sites_by_entry = {site.entry_node: site for site in compressed}
-            widths += [neuron_width(gm, site, sites_by_entry, nodes) for site in compressed]
+            widths += [neuron_width(gm, site, sites_by_node, sites_by_entry, nodes) for site in compressed]
         if ctx.config.prune_heads > 0:
-            sites_by_node = {site.node: site for site in compressed}
             widths += [head_width(gm, site, sites_by_node, nodes) for site in compressed]
         ctx.hidden_widths = [width for width in widths if width is not None]
         per_head = _per_head_masks(gm, ctx.hidden_widths, ctx.check_inputs) if ctx.check_inputs is not None else {}
@@ -557,8 +586,8 @@ class FindHiddenWidths(GraphPass):
             raise SiteError(
                 f"prune_neurons={ctx.config.prune_neurons} found no hidden width to prune: no compressed site's "
                 "output reaches another compressed site through an elementwise activation alone (up -> "
-                "activation -> down, as in a transformer's FFN). Use prune_neurons=0 for this model, or "
-                "check that `exclude` leaves both layers of such a pair compressed"
+                "activation -> down, as in a transformer's FFN, or act(gate(x)) * up(x) -> down). Use prune_neurons=0 "
+                "for this model, or check that `exclude` leaves every layer of such a group compressed"
             )
         if ctx.config.prune_heads > 0 and "heads" not in kinds:
             raise SiteError(

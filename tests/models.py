@@ -115,7 +115,7 @@ class CrossAttention(nn.Module):
 class WrittenOutGelu(nn.Module):
     """fc1 -> GELU's tanh approximation written out in arithmetic (as GPT-2 writes it) -> tokens
     flattened to (-1, 128) -> fc2; with `gated`, the activation times a second projection of the
-    input (as in SwiGLU), which leaves no width one up site computes."""
+    input, `gate` (as in SwiGLU)."""
 
     def __init__(self, gated: bool = False) -> None:
         super().__init__()

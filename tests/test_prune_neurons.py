@@ -179,10 +179,55 @@ def test_an_activation_written_out_in_arithmetic_is_a_width_and_its_copy_compute
     assert "64 of 128 input neurons kept" in {row.name: row for row in tunecomp_fx.get_report(compact).sites}["fc2"].reason
 
 
-def test_an_activation_times_a_second_projection_is_not_a_width() -> None:
-    # h * gate(x): neither fc1 nor gate alone computes what fc2 reads, so slicing one would change the other's product
+def test_a_gated_activation_shares_its_neurons_between_the_two_up_sites() -> None:
+    torch.manual_seed(0)
+    model, x = WrittenOutGelu(gated=True).eval(), torch.randn(4, 10, 64)
+    prepared = tunecomp_fx.prepare(model, x, 0.5, prune_neurons=0.5)
+    [width] = _context(prepared).hidden_widths
+    assert (width.ups, width.down, len(width.kept)) == (("fc1", "gate"), "fc2", 64)
+    roles = student_nodes(prepared)
+    [product] = roles["gate"]["up"].users  # the copy of h * gate(x): the copied activation of fc1's student times gate's
+    assert product.target is operator.mul and product.args[1] is roles["gate"]["up"]
+    assert [product.meta["tunecomp"]["role"], product.args[0].meta["tunecomp"]["role"]] == ["hidden", "hidden"]
+    assert all(user.meta["tunecomp"]["role"] == "hidden" for user in roles["fc1"]["up"].users)
+    with torch.no_grad():
+        assert torch.equal(prepared(x), model(x))  # alpha = 1: the teacher alone
+    compact, _ = finalize_from_student_path(prepared, x)
+    rows = {row.name: row for row in tunecomp_fx.get_report(compact).sites}
+    assert all(rows[name].reason.startswith("64 of 128 output neurons kept") for name in ("fc1", "gate"))
+    assert rows["fc2"].reason.startswith("64 of 128 input neurons kept")
+
+
+def test_a_gate_left_dense_leaves_no_width() -> None:
+    # h * gate(x) with gate excluded: slicing fc1's neurons would leave the dense gate's unmatched
     with pytest.raises(SiteError, match="found no hidden width to prune"):
-        tunecomp_fx.prepare(WrittenOutGelu(gated=True), torch.randn(4, 10, 64), 0.5, prune_neurons=0.3)
+        tunecomp_fx.prepare(WrittenOutGelu(gated=True), torch.randn(4, 10, 64), 0.5, prune_neurons=0.3, exclude=("gate",))
+
+
+def test_llamas_gated_mlp_prunes_its_neurons_and_exports(tmp_path) -> None:  # noqa: ANN001
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=100, max_position_embeddings=32, use_cache=False,
+    )  # fmt: skip
+    model, inputs = transformers.LlamaModel(config).eval(), {"input_ids": torch.randint(0, 100, (2, 12))}
+    prepared = tunecomp_fx.prepare(model, inputs, 0.5, prune_neurons=0.3)
+    assert {(w.ups, w.down, len(w.kept)) for w in _context(prepared).hidden_widths} == {
+        ((f"layers.{i}.mlp.gate_proj", f"layers.{i}.mlp.up_proj"), f"layers.{i}.mlp.down_proj", 88) for i in range(2)
+    }
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(**inputs)[0], model(**inputs)[0], rtol=1e-5, atol=1e-5)  # alpha = 1: the teacher alone
+    tunecomp_fx.set_blend(prepared, 0.0)
+    with torch.no_grad():
+        student_path = prepared(**inputs)[0]
+    compact = tunecomp_fx.finalize(prepared)
+    with torch.no_grad():
+        torch.testing.assert_close(compact(**inputs)[0], student_path, rtol=1e-5, atol=1e-5)
+    rows = {row.name: row for row in tunecomp_fx.get_report(compact).sites}
+    assert rows["layers.1.mlp.up_proj"].reason.startswith("88 of 128 output neurons kept")
+    result = to_onnx(compact, inputs, tmp_path / "llama.onnx")
+    assert all(error < 1e-4 for error in result.max_errors.values())
 
 
 def test_a_model_without_hidden_widths_says_so() -> None:

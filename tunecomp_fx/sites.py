@@ -112,8 +112,8 @@ class Site:
 @dataclass(frozen=True)
 class HiddenWidth:
     """ups -> the nodes between -> down: a width that structured pruning slices in groups of `group`
-    neurons. kind "neurons": one up site, an elementwise activation (perhaps a dropout, perhaps written
-    out in arithmetic), groups of one (a transformer's FFN). kind "heads": the query, key and value sites (or one fused qkv site
+    neurons. kind "neurons": one up site (two for a gated activation), an elementwise activation
+    (perhaps a dropout, perhaps written out in arithmetic), groups of one (a transformer's FFN). kind "heads": the query, key and value sites (or one fused qkv site
     whose output holds `parts` = 3 copies of the width side by side), the head split,
     scaled_dot_product_attention and the head merge, groups of a head's size. `between` lists the
     nodes in graph order, `resized` the (node, shape entry) pairs that count the width (a literal
