@@ -43,8 +43,8 @@ def _slice_width(gm: fx.GraphModule, width: HiddenWidth, sites: dict[str, Site],
         weight = container.down.weight
         scale = mask[kept].to(weight.dtype).reshape((1, -1) + (1,) * (weight.dim() - 2))
         container.down = rebuilt(container.down, weight[:, kept] * scale, container.down.bias)
-        rows = torch.tensor(width.up_rows(kept.tolist(), len(width.kept)), device=kept.device)
         for name in width.ups:
+            rows = torch.tensor(width.up_rows(name, kept.tolist(), len(width.kept)), device=kept.device)
             student = site_container(gm, sites[name])
             bias = student.up.bias[rows] if student.up.bias is not None else None
             student.up = rebuilt(student.up, student.up.weight[rows], bias)

@@ -15,7 +15,8 @@ that can be sliced without changing anything else in the model.
   each of its three parts. So does nn.MultiheadAttention's packed in-projection under torch.export
   (unflatten (..., 3, width), then select 0/1/2, each viewed as (seq, batch * heads, head_dim),
   swapped to batch-major and viewed as (batch, heads, seq, head_dim); the heads merged by
-  permute(2, 0, 1, 3) and a reshape to (seq * batch, width)), and a fused site split along its last
+  permute(2, 0, 1, 3) and a reshape to (seq * batch, width); in cross-attention a query site and a
+  key/value site packed in two parts), and a fused site split along its last
   dim into three blocks of width (Hugging Face's GPT-2: c_attn(x).split(width, dim=2)), each split
   into heads as the separate sites are.
 """
@@ -257,27 +258,13 @@ class _Projections(NamedTuple):
     head_dim: int
     resized: dict[str, int]  # node name -> index of a size that counts heads
     between: list[fx.Node]
-    parts: int
+    parts: tuple[int, ...]  # per up site
 
 
-def _separate_projections(gm: fx.GraphModule, attention: fx.Node, width: int, sites_by_node: dict[str, Site]) -> _Projections | None:
-    """Query, key and value each from a compressed site of `width` outputs, split into heads by
-    view(..., heads, head_dim) and transpose(1, 2) (Hugging Face's BERT, MiniLM), or batch-major
-    (nn.MultiheadAttention with its in_proj_weight in blocks, fold_sliced_weights)."""
-    ups, head_dims, resized, between = [], set(), {}, []
-    for query_key_or_value in attention.args[:3]:
-        source, chain = _chain_back(gm, query_key_or_value) if isinstance(query_key_or_value, fx.Node) else (None, [])
-        up = sites_by_node.get(source.name) if source is not None else None
-        split = (_sequence_major_split(chain, width) or _batch_major_split(chain, width)) if chain else None
-        if up is None or up.layout != "linear" or up.out_features != width or len(source.users) != 1 or split is None:
-            return None
-        ups.append(up.name)
-        head_dims.add(split.head_dim)
-        resized |= split.sizes
-        between += [*chain, *split.products]
-    if len(set(ups)) != 3 or len(head_dims) != 1:
-        return None
-    return _Projections(tuple(ups), head_dims.pop(), resized, between, parts=1)
+def _site_of(node: fx.Node, sites_by_node: dict[str, Site], width: int, parts: int) -> Site | None:
+    """The compressed linear site whose output `node` is, if it holds `parts` copies of `width` and is read once."""
+    up = sites_by_node.get(node.name)
+    return up if up is not None and up.layout == "linear" and up.out_features == parts * width and len(node.users) == 1 else None
 
 
 def _part(node: fx.Node) -> tuple[fx.Node, int] | None:
@@ -319,56 +306,14 @@ def _fused_projection(gm: fx.GraphModule, attention: fx.Node, width: int, sites_
     if split is None or not _is(split, _RESHAPES) or len(split.users) != 1:
         return None
     source, entries = _data_input(split), shape_entries(split)
-    up = sites_by_node.get(source.name) if source is not None else None
-    if up is None or up.layout != "linear" or up.out_features != 3 * width or len(source.users) != 1:
+    up = _site_of(source, sites_by_node, width, 3) if source is not None else None
+    if up is None:
         return None
     head_dim = entries[4] if len(entries) == 5 and entries[2] == 3 else None
     if not _splits_into_heads(entries[3], head_dim, width):
         return None
     resized = {split.name: 3} if entries[3] == width // head_dim else {}
-    return _Projections((up.name,), head_dim, resized, [split, permute, *unbinds, *items, *identities], parts=3)
-
-
-def _splits_last_dim_into_blocks(node: fx.Node, width: int) -> bool:
-    """Whether `node` splits its input along the last dim into blocks of `width` (x.split(width, dim=-1),
-    or dim=2 of a 3-d x as GPT-2 writes it; torch.export records the input's rank)."""
-    if not _is(node, _SPLITS) or len(node.args) < 2 or node.args[1] != width:
-        return False
-    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
-    value = node.args[0].meta.get("val")
-    return dim == -1 or (isinstance(value, torch.Tensor) and dim == value.dim() - 1)
-
-
-def _split_projection(gm: fx.GraphModule, attention: fx.Node, width: int, sites_by_node: dict[str, Site]) -> _Projections | None:
-    """Query, key and value from one compressed site of 3 x `width` outputs, split along its last dim
-    into three blocks of `width` (perhaps after reshapes of its tokens), each split into heads
-    sequence-major (Hugging Face's GPT-2)."""
-    items, head_dims, resized, between = [], set(), {}, []
-    for query_key_or_value in attention.args[:3]:
-        if not isinstance(query_key_or_value, fx.Node):
-            return None
-        item, chain = _chain_back(gm, query_key_or_value)
-        split = _sequence_major_split(chain, width) if chain else None
-        if split is None or item.target is not operator.getitem or not _splits_last_dim_into_blocks(item.args[0], width):
-            return None
-        items.append(item)
-        head_dims.add(split.head_dim)
-        resized |= split.sizes
-        between += chain
-    blocks = items[0].args[0]
-    if len(head_dims) != 1 or any(item.args[0] is not blocks for item in items) or sorted(item.args[1] for item in items) != [0, 1, 2]:
-        return None
-    if set(blocks.users) != set(items):
-        return None
-    source, tokens = _chain_back(gm, blocks.args[0])
-    up = sites_by_node.get(source.name)
-    if up is None or up.layout != "linear" or up.out_features != 3 * width or len(source.users) != 1:
-        return None
-    if any(not _is(n, _RESHAPES) or shape_entries(n)[-1:] not in ([-1], [3 * width]) for n in tokens):
-        return None
-    resized |= {n.name: len(shape_entries(n)) - 1 for n in tokens if shape_entries(n)[-1] == 3 * width}
-    resized[blocks.name] = 0  # the block size
-    return _Projections((up.name,), head_dims.pop(), resized, [*tokens, blocks, *items, *between], parts=3)
+    return _Projections((up.name,), head_dim, resized, [split, permute, *unbinds, *items, *identities], parts=(3,))
 
 
 def _batch_times_heads(node: fx.Node, index: int, heads: int) -> tuple[dict[str, int], list[fx.Node]] | None:
@@ -422,7 +367,7 @@ def _mask_expanded_over_heads(mask: fx.Node, heads: int) -> tuple[list[fx.Node],
     return [*products, expand, reshape, mask], sizes | {expand.name: 1} | ({mask.name: 1} if view_heads == [heads] else {})
 
 
-# nn.MultiheadAttention's packing of its in-projection's output (x.unflatten(-1, (3, width)).unsqueeze(0)
+# nn.MultiheadAttention's packing of its in-projection's output (x.unflatten(-1, (parts, width)).unsqueeze(0)
 # .transpose(0, -2).squeeze(-2).contiguous()) as torch.export records it, read back from the parts:
 # (target, arguments after the tensor).
 _PACKED_PARTS = (
@@ -430,41 +375,107 @@ _PACKED_PARTS = (
 )
 
 
-def _packed_projection(gm: fx.GraphModule, attention: fx.Node, width: int, sites_by_node: dict[str, Site]) -> _Projections | None:
-    """Query, key and value from one compressed site of 3 x `width` outputs, packed as
-    nn.MultiheadAttention packs them (under torch.export: symbolic tracing keeps the module a leaf),
-    selected along the first dim and split into heads batch-major (`_batch_major_split`)."""
-    items, head_dims, resized, between = [], set(), {}, []
-    for query_key_or_value in attention.args[:3]:
-        if not isinstance(query_key_or_value, fx.Node):
-            return None
-        item, chain = _chain_back(gm, query_key_or_value)
-        split, part = _batch_major_split(chain, width), _part(item)
-        if split is None or part is None:
-            return None
-        items.append((item, *part))
-        head_dims.add(split.head_dim)
-        resized |= split.sizes
-        between += [*chain, *split.products]
-    packed = items[0][1]
-    if len(head_dims) != 1 or any(source is not packed for _, source, _ in items) or sorted(index for *_, index in items) != [0, 1, 2]:
+class _Source(NamedTuple):
+    """Where query, key or value comes from: part `part` of the `parts` copies of the width side by side
+    in compressed site `up`'s output, which `reader` takes from `shared` (the site's output itself when
+    it holds one copy), then split into heads; `nodes` from the site to the split, `sizes` those of
+    them that count the width."""
+
+    up: Site
+    part: int
+    parts: int
+    shared: fx.Node
+    reader: fx.Node
+    split: _HeadSplit
+    nodes: list[fx.Node]
+    sizes: dict[str, int]
+
+
+# (site, part, parts, the node the parts are read from, the nodes from the site to it, the sizes of them counting the width)
+_Part = tuple[Site, int, int, fx.Node, list[fx.Node], dict[str, int]]
+
+
+def _packed_part(item: fx.Node, width: int, sites_by_node: dict[str, Site]) -> _Part | None:
+    """(site, part, parts, packed, nodes, sizes) if `item` is select(packed, 0, i) of a site's output packed
+    as nn.MultiheadAttention packs it: 3 copies for self-attention, 2 (key, value) for cross-attention."""
+    if not _is(item, {aten.select.int}) or item.args[1] != 0:
         return None
-    if set(packed.users) != {item for item, *_ in items}:
-        return None
-    node, packing = packed, []
+    packed = node = item.args[0]
+    packing = []
     for target, arguments in _PACKED_PARTS:
         if node.target is not target or tuple(node.args[1:]) != arguments or (packing and len(node.users) != 1):
             return None
         packing.append(node)
         node = node.args[0]
-    unflatten, source = node, node.args[0]
-    if unflatten.target is not aten.unflatten.int or unflatten.args[1] != -1 or list(unflatten.args[2]) != [3, width] or len(unflatten.users) != 1:
+    unflatten, entries = node, list(node.args[2]) if node.target is aten.unflatten.int else []
+    if unflatten.args[1:2] != (-1,) or len(entries) != 2 or entries[1] != width or len(unflatten.users) != 1:
         return None
+    up = _site_of(unflatten.args[0], sites_by_node, width, entries[0])
+    return (up, item.args[2], entries[0], packed, [unflatten, *packing], {unflatten.name: 1}) if up is not None else None
+
+
+def _splits_last_dim_into_blocks(node: fx.Node, width: int) -> bool:
+    """Whether `node` splits its input along the last dim into blocks of `width` (x.split(width, dim=-1),
+    or dim=2 of a 3-d x as GPT-2 writes it; torch.export records the input's rank)."""
+    if not _is(node, _SPLITS) or len(node.args) < 2 or node.args[1] != width:
+        return False
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    value = node.args[0].meta.get("val")
+    return dim == -1 or (isinstance(value, torch.Tensor) and dim == value.dim() - 1)
+
+
+def _block_part(gm: fx.GraphModule, item: fx.Node, width: int, sites_by_node: dict[str, Site]) -> _Part | None:
+    """(site, part, parts, blocks, nodes, sizes) if `item` is block i of a site's output split along its
+    last dim into blocks of `width`, perhaps after reshapes of its tokens (Hugging Face's GPT-2)."""
+    if item.target is not operator.getitem or not _splits_last_dim_into_blocks(item.args[0], width):
+        return None
+    blocks = item.args[0]
+    source, tokens = _chain_back(gm, blocks.args[0])
     up = sites_by_node.get(source.name)
-    if up is None or up.layout != "linear" or up.out_features != 3 * width or len(source.users) != 1:
+    parts = up.out_features // width if up is not None else 0
+    if not parts or _site_of(source, sites_by_node, width, parts) is None:
         return None
-    resized[unflatten.name] = 1
-    return _Projections((up.name,), head_dims.pop(), resized, [unflatten, *packing, *(item for item, *_ in items), *between], parts=3)
+    if any(not _is(n, _RESHAPES) or shape_entries(n)[-1:] not in ([-1], [parts * width]) for n in tokens):
+        return None
+    sizes = {n.name: len(shape_entries(n)) - 1 for n in tokens if shape_entries(n)[-1] == parts * width}
+    return up, item.args[1], parts, blocks, [*tokens, blocks], sizes | {blocks.name: 0}
+
+
+def _source(gm: fx.GraphModule, query_key_or_value: object, width: int, sites_by_node: dict[str, Site]) -> _Source | None:
+    """Where `query_key_or_value` comes from, if it is split into heads (sequence- or batch-major) from a
+    site's output of one copy of `width`, or from a part of a packed or block-split output."""
+    if not isinstance(query_key_or_value, fx.Node):
+        return None
+    item, chain = _chain_back(gm, query_key_or_value)
+    split = (_sequence_major_split(chain, width) or _batch_major_split(chain, width)) if chain else None
+    if split is None:
+        return None
+    up = _site_of(item, sites_by_node, width, 1)
+    if up is not None:
+        return _Source(up, 0, 1, item, chain[0], split, chain, {})
+    part = _packed_part(item, width, sites_by_node) or _block_part(gm, item, width, sites_by_node)
+    if part is None:
+        return None
+    up, index, parts, shared, nodes, sizes = part
+    return _Source(up, index, parts, shared, item, split, [*nodes, item, *chain], sizes)
+
+
+def _projections(gm: fx.GraphModule, attention: fx.Node, width: int, sites_by_node: dict[str, Site]) -> _Projections | None:
+    """Query, key and value each from a compressed site or a part of one (`_source`), every part of each
+    site read once: three sites (BERT, MiniLM; nn.MultiheadAttention with its in-projection in blocks),
+    one packed or block-split site (nn.MultiheadAttention's self-attention, GPT-2), or a query site and
+    a packed key/value site (nn.MultiheadAttention's cross-attention)."""
+    sources = [_source(gm, argument, width, sites_by_node) for argument in attention.args[:3]]
+    if any(source is None for source in sources) or len({source.split.head_dim for source in sources}) != 1:
+        return None
+    for shared in {source.shared for source in sources}:
+        parts = [source for source in sources if source.shared is shared]
+        if set(shared.users) != {source.reader for source in parts} or sorted(source.part for source in parts) != list(range(parts[0].parts)):
+            return None
+    ups = {source.up.name: source.parts for source in sources}
+    resized = {name: index for source in sources for name, index in (source.sizes | source.split.sizes).items()}
+    between = [node for source in sources for node in (*source.nodes, *source.split.products)]
+    return _Projections(tuple(ups), sources[0].split.head_dim, resized, between, parts=tuple(ups.values()))
 
 
 def head_width(gm: fx.GraphModule, down: Site, sites_by_node: dict[str, Site], nodes: dict[str, fx.Node]) -> HiddenWidth | None:
@@ -485,12 +496,7 @@ def head_width(gm: fx.GraphModule, down: Site, sites_by_node: dict[str, Site], n
         return None
     if not all(_is_identity(gm, n) for n in merged[merged.index(reshapes[0]) + 1 :] if n not in reshapes):
         return None
-    projections = (
-        _separate_projections(gm, attention, width, sites_by_node)
-        or _fused_projection(gm, attention, width, sites_by_node)
-        or _packed_projection(gm, attention, width, sites_by_node)
-        or _split_projection(gm, attention, width, sites_by_node)
-    )
+    projections = _projections(gm, attention, width, sites_by_node) or _fused_projection(gm, attention, width, sites_by_node)
     if projections is None:
         return None
     head_dim = projections.head_dim
@@ -596,7 +602,7 @@ class FindHiddenWidths(GraphPass):
                 "scaled_dot_product_attention whose query, key and value are split from three compressed sites "
                 "(view (..., heads, head_dim), transpose(1, 2)), from one fused qkv site (reshape (..., 3, heads, "
                 "head_dim), permute(2, 0, 3, 1, 4), or split(width, dim=-1) as GPT-2's) or from nn.MultiheadAttention's "
-                "packed in-projection (captured with torch.export). Hand-written attention (matmul, softmax), a merge to a width "
+                "packed in-projection, self- or cross-attention (captured with torch.export). Hand-written attention (matmul, softmax), a merge to a width "
                 "read from a tensor's shape and norms between the heads and the projections are not recognized; "
                 "use prune_heads=0 for this model, or check that `exclude` leaves the projections of a block compressed"
             )

@@ -85,7 +85,7 @@ class SelectHiddenNeurons(GraphPass):
             groups = energies.topk(start).indices.sort().values
             kept = tuple((groups[:, None] * width.group + torch.arange(width.group, device=groups.device)).flatten().tolist())
             for up in width.ups:
-                sites[up] = sites[up].sliced(rows=width.up_rows(kept, width.width))
+                sites[up] = sites[up].sliced(rows=width.up_rows(up, kept, width.width))
             sites[down.name] = down.sliced(columns=kept)
             index = torch.tensor(kept)
             ctx.covariances[down.name] = InputCovariance(covariance.gram[index][:, index], covariance.rows)
@@ -102,7 +102,7 @@ class SelectHiddenNeurons(GraphPass):
         sites = {site.name: site for site in ctx.sites}
         for width in ctx.hidden_widths:
             down = sites[width.down]
-            if not width.kept or down.kept_columns != width.kept or any(sites[up].kept_rows != width.up_rows(width.kept, width.width) for up in width.ups):
+            if not width.kept or down.kept_columns != width.kept or any(sites[up].kept_rows != width.up_rows(up, width.kept, width.width) for up in width.ups):
                 return f"the sites of hidden width {', '.join(width.ups)} -> {width.down} do not keep the same neurons"
             if ctx.covariances[down.name].gram.shape != (len(width.kept),) * 2:
                 return f"the input covariance of site '{down.name}' is not restricted to its kept neurons"

@@ -140,7 +140,7 @@ def test_a_fused_qkv_site_loses_the_pruned_heads_rows_in_each_part(unbind: bool,
 
     assert prepared.meta["tunecomp"].capture_path == ("torch.export" if export else "symbolic_trace")
     [width] = _context(prepared).hidden_widths
-    assert (width.kind, width.ups, width.down, width.width, width.group, width.parts) == ("heads", ("qkv",), "out", 64, 16, 3)
+    assert (width.kind, width.ups, width.down, width.width, width.group, width.parts) == ("heads", ("qkv",), "out", 64, 16, (3,))
     assert len(width.kept) == 32 and len(width.resized) == 2  # the literal head count of the split and the merged width
     roles = student_nodes(prepared)
     assert "blend" not in roles["qkv"] and "blend" in roles["out"]
@@ -213,7 +213,7 @@ def test_multihead_attention_loses_the_pruned_heads_rows_in_each_packed_part(bat
 
     assert prepared.meta["tunecomp"].capture_path == "torch.export"
     [width] = _context(prepared).hidden_widths
-    assert (width.kind, width.ups, width.down, width.group, width.parts) == ("heads", ("attn.in_proj_weight",), "attn.out_proj", 16, 3)
+    assert (width.kind, width.ups, width.down, width.group, width.parts) == ("heads", ("attn.in_proj_weight",), "attn.out_proj", 16, (3,))
     # the student path's copy of the packing and the head split counts the 2 heads kept
     copies = [n for n in prepared.graph.nodes if "copy_of" in n.meta.get("tunecomp", {})]
     [unflatten] = [n for n in copies if n.target is aten.unflatten.int]
@@ -303,7 +303,7 @@ def test_multihead_attention_with_its_in_projection_in_blocks_prunes_the_heads_o
     model, inputs = CrossAttention(chunked=True).eval(), (torch.randn(4, 10, 64), torch.randn(4, 10, 64))
     prepared = tunecomp_fx.prepare(model, inputs, 0.5, prune_heads=0.5)
     [width] = _context(prepared).hidden_widths
-    assert (width.ups, width.down, width.parts) == (tuple(f"attn.in_proj_weight_{i}" for i in range(3)), "attn.out_proj", 1)
+    assert (width.ups, width.down, width.parts) == (tuple(f"attn.in_proj_weight_{i}" for i in range(3)), "attn.out_proj", (1, 1, 1))
     roles = student_nodes(prepared)
     assert [_source(argument) for argument in _student_attention(prepared).args[:3]] == [roles[up.replace(".", "_")]["up"] for up in width.ups]
     compact, _ = finalize_from_student_path(prepared, *inputs)
@@ -321,8 +321,8 @@ def test_gpt2_prunes_the_heads_of_its_split_qkv_and_the_neurons_of_its_written_o
     prepared = tunecomp_fx.prepare(model, inputs, 0.5, prune_heads=0.5, prune_neurons=0.3)
     widths = {width.down: width for width in _context(prepared).hidden_widths}
     assert {(w.kind, w.ups, w.parts, len(w.kept)) for name, w in widths.items() if name.startswith("h.1.")} == {
-        ("heads", ("h.1.attn.c_attn",), 3, 32),  # c_attn(x).split(64, dim=2): three blocks of 64 rows
-        ("neurons", ("h.1.mlp.c_fc",), 1, 176),  # through GELU's tanh approximation, written out
+        ("heads", ("h.1.attn.c_attn",), (3,), 32),  # c_attn(x).split(64, dim=2): three blocks of 64 rows
+        ("neurons", ("h.1.mlp.c_fc",), (), 176),  # through GELU's tanh approximation, written out
     }
     copies = [n for n in prepared.graph.nodes if "copy_of" in n.meta.get("tunecomp", {})]
     assert sorted(n.args[1] for n in copies if n.target is aten.split.Tensor) == [32, 32]  # each block keeps 2 heads
@@ -337,3 +337,37 @@ def test_gpt2_prunes_the_heads_of_its_split_qkv_and_the_neurons_of_its_written_o
     assert rows["h.0.mlp.c_proj"].reason.startswith("176 of 256 input neurons kept")
     result = to_onnx(compact, other, tmp_path / "gpt2.onnx")
     assert all(error < 1e-4 for error in result.max_errors.values())
+
+
+def test_cross_attention_prunes_the_same_heads_of_its_query_site_and_of_both_parts_of_its_key_value_site(tmp_path) -> None:  # noqa: ANN001
+    # queries from x, keys and values from memory: fold_sliced_weights makes a query site and a packed key/value site
+    torch.manual_seed(0)
+    model, inputs = CrossAttention(chunked=False).eval(), (torch.randn(4, 10, 64), torch.randn(4, 7, 64))
+    prepared = tunecomp_fx.prepare(model, inputs, 0.5, prune_heads=0.5)
+    [width] = _context(prepared).hidden_widths
+    assert (width.ups, width.down, width.parts, len(width.kept)) == (("attn.in_proj_weight_0", "attn.in_proj_weight_1"), "attn.out_proj", (1, 2), 32)
+    sites = {site.name: site for site in _context(prepared).sites}
+    assert sites["attn.in_proj_weight_1"].kept_rows == (*width.kept, *(64 + neuron for neuron in width.kept))  # the same heads in key and value
+    [unflatten] = [n for n in prepared.graph.nodes if n.target is aten.unflatten.int and "copy_of" in n.meta.get("tunecomp", {})]
+    assert list(unflatten.args[2]) == [2, 32]
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(*inputs), model(*inputs), rtol=1e-5, atol=1e-5)  # alpha = 1: the teacher alone
+    compact, _ = finalize_from_student_path(prepared, *inputs)
+    with torch.no_grad():
+        assert compact(torch.randn(3, 10, 64), torch.randn(3, 7, 64)).shape == (3, 10, 64)  # batch * heads scales with the batch
+    rows = {row.name: row for row in tunecomp_fx.get_report(compact).sites}
+    assert rows["attn.in_proj_weight_0"].reason.startswith("32 of 64 output neurons kept (2 of 4 heads)")
+    assert rows["attn.in_proj_weight_1"].reason.startswith("64 of 128 output neurons kept (2 of 4 heads)")
+    result = to_onnx(compact, inputs, tmp_path / "cross.onnx")
+    assert all(error < 1e-4 for error in result.max_errors.values())
+
+
+def test_a_transformer_decoder_layer_prunes_its_self_attention_cross_attention_and_ffn() -> None:
+    torch.manual_seed(0)
+    model = nn.TransformerDecoderLayer(64, 4, 128, dropout=0.0, batch_first=True).eval()
+    inputs = (torch.randn(4, 10, 64), torch.randn(4, 7, 64))
+    prepared = tunecomp_fx.prepare(model, inputs, 0.5, prune_heads=0.5, prune_neurons=0.3)
+    assert {(w.kind, w.down, w.parts, len(w.kept)) for w in _context(prepared).hidden_widths} == {
+        ("heads", "self_attn.out_proj", (3,), 32), ("heads", "multihead_attn.out_proj", (1, 2), 32), ("neurons", "linear2", (), 88),
+    }  # fmt: skip
+    finalize_from_student_path(prepared, *inputs)

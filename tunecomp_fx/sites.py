@@ -113,8 +113,9 @@ class Site:
 class HiddenWidth:
     """ups -> the nodes between -> down: a width that structured pruning slices in groups of `group`
     neurons. kind "neurons": one up site (two for a gated activation), an elementwise activation
-    (perhaps a dropout, perhaps written out in arithmetic), groups of one (a transformer's FFN). kind "heads": the query, key and value sites (or one fused qkv site
-    whose output holds `parts` = 3 copies of the width side by side), the head split,
+    (perhaps a dropout, perhaps written out in arithmetic), groups of one (a transformer's FFN). kind "heads": the query, key and value sites (or
+    fused sites whose outputs hold several copies of the width side by side, `parts` per up site:
+    3 for one fused qkv site, 1 and 2 for a query site and a packed key/value site), the head split,
     scaled_dot_product_attention and the head merge, groups of a head's size. `between` lists the
     nodes in graph order, `resized` the (node, shape entry) pairs that count the width (a literal
     head count or width in a view), scaled to what is kept; `kept` the neurons the students start
@@ -130,22 +131,26 @@ class HiddenWidth:
     resized: tuple[tuple[str, int], ...] = ()
     kept: tuple[int, ...] = ()
     target: int = 0
-    parts: int = 1
+    parts: tuple[int, ...] = ()  # per up site; none given: one each
 
     @property
     def sites(self) -> tuple[str, ...]:
         return (*self.ups, self.down)
 
-    def up_rows(self, kept: Sequence[int], size: int) -> tuple[int, ...]:
-        """The up sites' output rows that compute the `kept` neurons of a width of `size`: the same
-        neurons in each of the `parts`."""
-        return tuple(part * size + neuron for part in range(self.parts) for neuron in kept)
+    def parts_of(self, up: str) -> int:
+        """How many copies of the width side by side the up site's output holds."""
+        return self.parts[self.ups.index(up)] if self.parts else 1
+
+    def up_rows(self, up: str, kept: Sequence[int], size: int) -> tuple[int, ...]:
+        """The rows of up site `up` that compute the `kept` neurons of a width of `size`: the same
+        neurons in each of its parts."""
+        return tuple(part * size + neuron for part in range(self.parts_of(up)) for neuron in kept)
 
 
 def final_sites(sites: Iterable[Site], widths: Iterable[HiddenWidth]) -> list[Site]:
     """`sites` with the shapes finalize leaves them: a hidden width's sites at its target width
     (the students start wider with width_slack). Budgets and rank allocation count these."""
-    targets = {up: ("out_features", width.parts * width.target) for width in widths for up in width.ups}
+    targets = {up: ("out_features", width.parts_of(up) * width.target) for width in widths for up in width.ups}
     targets.update({width.down: ("in_features", width.target) for width in widths})
     return [replace(site, **dict([targets[site.name]])) if site.name in targets else site for site in sites]
 
