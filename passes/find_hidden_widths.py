@@ -224,9 +224,14 @@ def _chain_back(gm: fx.GraphModule, end: fx.Node) -> tuple[fx.Node, list[fx.Node
     return current, chain[::-1]
 
 
-def _splits_into_heads(heads: object, head_dim: object, width: int) -> bool:
-    """Whether the sizes (heads or -1, head_dim) of a view split `width` into heads."""
-    return isinstance(head_dim, int) and head_dim >= 1 and width % head_dim == 0 and heads in (-1, width // head_dim)
+def _head_size(heads: object, head_dim: object, width: int) -> int | None:
+    """The head size, if the sizes (heads or -1, head_dim) or (heads, -1) of a view split `width` into
+    heads (BEiT writes reshape(..., 3, heads, -1))."""
+    if isinstance(head_dim, int) and head_dim >= 1 and width % head_dim == 0 and heads in (-1, width // head_dim):
+        return head_dim
+    if head_dim == -1 and isinstance(heads, int) and heads >= 1 and width % heads == 0:
+        return width // heads
+    return None
 
 
 class _HeadSplit(NamedTuple):
@@ -245,8 +250,8 @@ def _sequence_major_split(chain: list[fx.Node], width: int) -> _HeadSplit | None
     if len(reshapes) != 1 or len(swaps) != 1 or chain[0] is not reshapes[0] or not _swaps_heads_and_sequence(swaps[0]):
         return None
     entries = shape_entries(reshapes[0])
-    head_dim = entries[-1] if len(entries) == 4 else None
-    if not _splits_into_heads(entries[-2], head_dim, width):
+    head_dim = _head_size(entries[-2], entries[-1], width) if len(entries) == 4 else None
+    if head_dim is None:
         return None
     return _HeadSplit(head_dim, {reshapes[0].name: 2} if entries[2] == width // head_dim else {}, [])
 
@@ -309,8 +314,8 @@ def _fused_projection(gm: fx.GraphModule, attention: fx.Node, width: int, sites_
     up = _site_of(source, sites_by_node, width, 3) if source is not None else None
     if up is None:
         return None
-    head_dim = entries[4] if len(entries) == 5 and entries[2] == 3 else None
-    if not _splits_into_heads(entries[3], head_dim, width):
+    head_dim = _head_size(entries[3], entries[4], width) if len(entries) == 5 and entries[2] == 3 else None
+    if head_dim is None:
         return None
     resized = {split.name: 3} if entries[3] == width // head_dim else {}
     return _Projections((up.name,), head_dim, resized, [split, permute, *unbinds, *items, *identities], parts=(3,))
@@ -338,7 +343,7 @@ def _batch_major_split(chain: list[fx.Node], width: int) -> _HeadSplit | None:
     if len(entries) != 3 or len(final) != 4 or set(_dims(swap)) != {0, 1}:
         return None
     head_dim = entries[2]
-    if final[3] != head_dim or not _splits_into_heads(final[1], head_dim, width):
+    if final[3] != head_dim or _head_size(final[1], head_dim, width) != head_dim:
         return None
     heads = width // head_dim
     batch_heads = _batch_times_heads(split, 1, heads)

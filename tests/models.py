@@ -68,11 +68,13 @@ class FusedHeadsBlock(nn.Module):
     """One fused qkv projection split into heads as timm's ViT splits it (reshape (b, t, 3, heads,
     head_dim), permute(2, 0, 3, 1, 4), unbind(0)), with its identity q_norm, k_norm and norm, and an
     output projection `out`. `unbind=False` unpacks the parts instead (`q, k, v = x`); `export=True`
-    makes symbolic tracing fail, so that the capture goes through torch.export."""
+    makes symbolic tracing fail, so that the capture goes through torch.export; `infer_head_dim=True`
+    leaves the head size to the reshape (-1), as timm's BEiT does."""
 
-    def __init__(self, dim: int = 64, heads: int = 4, unbind: bool = True, export: bool = False) -> None:
+    def __init__(self, dim: int = 64, heads: int = 4, unbind: bool = True, export: bool = False, infer_head_dim: bool = False) -> None:
         super().__init__()
         self.heads, self.head_dim, self.unbind, self.export = heads, dim // heads, unbind, export
+        self.split_head_dim = -1 if infer_head_dim else self.head_dim
         self.qkv = nn.Linear(dim, 3 * dim)
         self.q_norm, self.k_norm, self.norm = nn.Identity(), nn.Identity(), nn.Identity()
         self.out = nn.Linear(dim, dim)
@@ -81,7 +83,7 @@ class FusedHeadsBlock(nn.Module):
         b, t, _ = x.shape
         if self.export and x.shape[-1] < 0:  # a proxy bool: symbolic tracing cannot evaluate this
             raise ValueError("negative width")
-        parts = self.qkv(x).reshape(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        parts = self.qkv(x).reshape(b, t, 3, self.heads, self.split_head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = parts.unbind(0) if self.unbind else parts
         context = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v).transpose(1, 2)
         return x + self.out(self.norm(context.reshape(b, t, self.heads * self.head_dim)))

@@ -132,10 +132,14 @@ def test_heads_and_neurons_prune_together() -> None:
     finalize_from_student_path(prepared, x)
 
 
-@pytest.mark.parametrize(("unbind", "export"), [(True, False), (False, False), (True, True)], ids=["unbind", "unpacked", "torch_export"])
-def test_a_fused_qkv_site_loses_the_pruned_heads_rows_in_each_part(unbind: bool, export: bool) -> None:
+@pytest.mark.parametrize(
+    ("unbind", "export", "infer_head_dim"),
+    [(True, False, False), (False, False, False), (True, True, False), (True, False, True)],
+    ids=["unbind", "unpacked", "torch_export", "inferred_head_dim"],
+)
+def test_a_fused_qkv_site_loses_the_pruned_heads_rows_in_each_part(unbind: bool, export: bool, infer_head_dim: bool) -> None:
     torch.manual_seed(0)
-    model, x = FusedHeadsBlock(unbind=unbind, export=export).eval(), torch.randn(4, 10, 64)
+    model, x = FusedHeadsBlock(unbind=unbind, export=export, infer_head_dim=infer_head_dim).eval(), torch.randn(4, 10, 64)
     prepared = tunecomp_fx.prepare(model, x, 0.5, prune_heads=0.5)
 
     assert prepared.meta["tunecomp"].capture_path == ("torch.export" if export else "symbolic_trace")
