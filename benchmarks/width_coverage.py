@@ -26,11 +26,12 @@ from tunecomp_fx.errors import TunecompError  # noqa: E402
 RATIO = 0.6
 OPTIONS = {"neurons": {"prune_neurons": 0.3}, "heads": {"prune_heads": 0.5}}
 ATTENTION = {torch.nn.functional.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default}
-TINY_HF = ["hf-tiny:gpt2", "hf-tiny:llama"]
+TINY_HF = ["hf-tiny:gpt2", "hf-tiny:llama", "hf-tiny:llama-mha"]
 
 
 def build_tiny_hf(name: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-    """A 2-layer GPT-2 or LLaMA (grouped-query attention, rotary embeddings) at random initialization."""
+    """A 2-layer GPT-2 or LLaMA (rotary embeddings; "llama": grouped-query attention, 2 key/value heads
+    for 4 query heads; "llama-mha": 4 of each) at random initialization."""
     import transformers
 
     torch.manual_seed(0)
@@ -39,7 +40,7 @@ def build_tiny_hf(name: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
         model = transformers.GPT2Model(config)
     else:
         config = transformers.LlamaConfig(
-            num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+            num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4 if name == "llama-mha" else 2,
             vocab_size=100, max_position_embeddings=32, use_cache=False,
         )  # fmt: skip
         model = transformers.LlamaModel(config)

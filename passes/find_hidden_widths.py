@@ -18,7 +18,8 @@ that can be sliced without changing anything else in the model.
   permute(2, 0, 1, 3) and a reshape to (seq * batch, width); in cross-attention a query site and a
   key/value site packed in two parts), and a fused site split along its last
   dim into three blocks of width (Hugging Face's GPT-2: c_attn(x).split(width, dim=2)), each split
-  into heads as the separate sites are.
+  into heads as the separate sites are. Rotary embeddings (LLaMA) may stand between a head split and
+  the attention.
 """
 
 from __future__ import annotations
@@ -446,23 +447,71 @@ def _block_part(gm: fx.GraphModule, item: fx.Node, width: int, sites_by_node: di
     return up, item.args[1], parts, blocks, [*tokens, blocks], sizes | {blocks.name: 0}
 
 
+# Nodes that compute each head of a (batch, heads, seq, head_dim) tensor from that head alone, given
+# other tensors broadcast over the heads and slices and concatenation along head_dim: rotary embeddings.
+_WITHIN_HEADS = {aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.neg.default, aten.slice.Tensor, aten.cat.default}
+
+
+def _along_head_dim(node: fx.Node) -> bool:
+    """Whether a slice or concatenation works along the last dim (anything else: true)."""
+    if node.target not in (aten.slice.Tensor, aten.cat.default):
+        return True
+    dim = node.args[1] if len(node.args) > 1 else 0
+    tensor = node.args[0][0] if node.target is aten.cat.default else node.args[0]
+    value = tensor.meta.get("val")
+    return isinstance(value, torch.Tensor) and dim in (-1, value.dim() - 1)
+
+
+def _per_head_nodes(end: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
+    """If `end` is computed by `_WITHIN_HEADS` nodes from one (batch, heads, seq, head_dim) tensor and
+    tensors broadcast over the heads (size 1 at dim -3), as rotary embeddings are under torch.export
+    (which records the shapes): that tensor and the nodes; none of them is read from outside."""
+    region: set[fx.Node] = set()
+    stack, heads = [end], set()
+    while stack:
+        node = stack.pop()
+        if node in region:
+            continue
+        if _is(node, _WITHIN_HEADS) and _along_head_dim(node):
+            region.add(node)
+            stack.extend(node.all_input_nodes)
+            continue
+        value = node.meta.get("val")
+        if not isinstance(value, torch.Tensor):
+            return None
+        if value.dim() >= 3 and value.shape[-3] != 1:
+            heads.add(node)
+    if not region or len(heads) != 1 or len(end.users) != 1:
+        return None
+    [root] = heads
+    if any(not set(node.users) <= region for node in (region - {end}) | heads):
+        return None
+    return root, list(region)
+
+
 def _source(gm: fx.GraphModule, query_key_or_value: object, width: int, sites_by_node: dict[str, Site]) -> _Source | None:
     """Where `query_key_or_value` comes from, if it is split into heads (sequence- or batch-major) from a
-    site's output of one copy of `width`, or from a part of a packed or block-split output."""
+    site's output of one copy of `width`, or from a part of a packed or block-split output; rotary
+    embeddings may stand between the split and the attention (`_per_head_nodes`)."""
     if not isinstance(query_key_or_value, fx.Node):
         return None
     item, chain = _chain_back(gm, query_key_or_value)
+    rotary = _per_head_nodes(query_key_or_value) if not chain else None
+    if rotary is not None and _is(rotary[0], _PASS_THROUGH) and _data_input(rotary[0]) is not None:
+        item, chain = _chain_back(gm, _data_input(rotary[0]))
+        chain.append(rotary[0])  # the split's last node, read by the rotary embedding alone
     split = (_sequence_major_split(chain, width) or _batch_major_split(chain, width)) if chain else None
     if split is None:
         return None
+    per_head = rotary[1] if rotary is not None else []
     up = _site_of(item, sites_by_node, width, 1)
     if up is not None:
-        return _Source(up, 0, 1, item, chain[0], split, chain, {})
+        return _Source(up, 0, 1, item, chain[0], split, [*chain, *per_head], {})
     part = _packed_part(item, width, sites_by_node) or _block_part(gm, item, width, sites_by_node)
     if part is None:
         return None
     up, index, parts, shared, nodes, sizes = part
-    return _Source(up, index, parts, shared, item, split, [*nodes, item, *chain], sizes)
+    return _Source(up, index, parts, shared, item, split, [*nodes, item, *chain, *per_head], sizes)
 
 
 def _projections(gm: fx.GraphModule, attention: fx.Node, width: int, sites_by_node: dict[str, Site]) -> _Projections | None:
@@ -607,8 +656,10 @@ class FindHiddenWidths(GraphPass):
                 "scaled_dot_product_attention whose query, key and value are split from three compressed sites "
                 "(view (..., heads, head_dim), transpose(1, 2)), from one fused qkv site (reshape (..., 3, heads, "
                 "head_dim), permute(2, 0, 3, 1, 4), or split(width, dim=-1) as GPT-2's) or from nn.MultiheadAttention's "
-                "packed in-projection, self- or cross-attention (captured with torch.export). Hand-written attention (matmul, softmax), a merge to a width "
-                "read from a tensor's shape and norms between the heads and the projections are not recognized; "
+                "packed in-projection, self- or cross-attention (captured with torch.export); rotary embeddings may stand "
+                "between the split and the attention. Hand-written attention (matmul, softmax), a merge to a width "
+                "read from a tensor's shape, grouped-query attention and norms or per-head scales between the heads "
+                "and the projections are not recognized; "
                 "use prune_heads=0 for this model, or check that `exclude` leaves the projections of a block compressed"
             )
         shared = [name for name in {s for w in ctx.hidden_widths for s in w.ups} if sum(name in w.ups for w in ctx.hidden_widths) > 1]

@@ -64,6 +64,34 @@ class HeadsBlock(nn.Module):
         return self.norm(x + self.out(merged))
 
 
+class RotaryHeadsBlock(HeadsBlock):
+    """A HeadsBlock (captured with torch.export) whose query and key get rotary embeddings between the
+    head split and the attention, as LLaMA's do; with `head_scale`, the query is also scaled per head
+    by a (heads, 1, 1) parameter, which pruned heads would leave unmatched."""
+
+    def __init__(self, head_scale: bool = False, seq: int = 10) -> None:
+        super().__init__(literal_heads=False)
+        angles = torch.outer(torch.arange(seq, dtype=torch.float32), 1.0 / 100.0 ** (torch.arange(0, self.head_dim, 2) / self.head_dim))
+        self.register_buffer("cos", torch.cat([angles, angles], dim=-1).cos())
+        self.register_buffer("sin", torch.cat([angles, angles], dim=-1).sin())
+        self.scale = nn.Parameter(torch.rand(self.heads, 1, 1) + 0.5) if head_scale else None
+
+    def _rotate(self, x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        return x * self.cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * self.sin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        if x.shape[-1] < 0:  # a proxy bool: symbolic tracing cannot evaluate this
+            raise ValueError("negative width")
+        q, k, v = (layer(x).view(b, t, -1, self.head_dim).transpose(1, 2) for layer in (self.query, self.key, self.value))
+        q, k = self._rotate(q), self._rotate(k)
+        if self.scale is not None:
+            q = q * self.scale
+        context = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+        return self.norm(x + self.out(context.reshape(b, t, -1)))
+
+
 class FusedHeadsBlock(nn.Module):
     """One fused qkv projection split into heads as timm's ViT splits it (reshape (b, t, 3, heads,
     head_dim), permute(2, 0, 3, 1, 4), unbind(0)), with its identity q_norm, k_norm and norm, and an

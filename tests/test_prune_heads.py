@@ -19,6 +19,7 @@ from tests.models import (
     FusedHeadsBlock,
     HeadsBlock,
     MultiheadSelfAttention,
+    RotaryHeadsBlock,
     silent_heads,
 )
 from torch import nn
@@ -375,3 +376,60 @@ def test_a_transformer_decoder_layer_prunes_its_self_attention_cross_attention_a
         ("heads", "self_attn.out_proj", (3,), 32), ("heads", "multihead_attn.out_proj", (1, 2), 32), ("neurons", "linear2", (), 88),
     }  # fmt: skip
     finalize_from_student_path(prepared, *inputs)
+
+
+def test_rotary_embeddings_between_the_head_split_and_the_attention_are_copied_into_the_student_path() -> None:
+    torch.manual_seed(0)
+    model, x = RotaryHeadsBlock().eval(), torch.randn(4, 10, 64)
+    prepared = tunecomp_fx.prepare(model, x, 0.5, prune_heads=0.5)
+    [width] = _context(prepared).hidden_widths
+    assert (width.ups, width.down, len(width.kept)) == (("query", "key", "value"), "out", 32)
+    attention = _student_attention(prepared)
+    assert [argument.target for argument in attention.args[:3]] == [aten.add.Tensor, aten.add.Tensor, aten.transpose.int]  # q, k rotated
+    copies = {n.meta["tunecomp"]["copy_of"] for n in prepared.graph.nodes if "copy_of" in n.meta.get("tunecomp", {})}
+    assert {"neg", "neg_1", "cat", "cat_1"} <= copies
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(x), model(x), rtol=1e-5, atol=1e-5)  # alpha = 1: the teacher alone
+    compact, _ = finalize_from_student_path(prepared, x)
+    with torch.no_grad():
+        assert compact(torch.randn(3, 10, 64)).shape == (3, 10, 64)
+
+
+def test_a_per_head_scale_between_the_head_split_and_the_attention_is_not_recognized() -> None:
+    with pytest.raises(SiteError, match="found no attention heads to prune"):
+        tunecomp_fx.prepare(RotaryHeadsBlock(head_scale=True).eval(), torch.randn(4, 10, 64), 0.5, prune_heads=0.5)
+
+
+def _llama(key_value_heads: int) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=key_value_heads,
+        vocab_size=100, max_position_embeddings=32, use_cache=False,
+    )  # fmt: skip
+    return transformers.LlamaModel(config).eval(), {"input_ids": torch.randint(0, 100, (2, 12))}
+
+
+def test_llama_prunes_the_heads_of_its_rotary_attention_and_exports(tmp_path) -> None:  # noqa: ANN001
+    model, inputs = _llama(key_value_heads=4)
+    prepared = tunecomp_fx.prepare(model, inputs, 0.5, prune_heads=0.5)
+    assert {(w.ups, w.down, len(w.kept)) for w in _context(prepared).hidden_widths} == {
+        (tuple(f"layers.{i}.self_attn.{name}_proj" for name in "qkv"), f"layers.{i}.self_attn.o_proj", 32) for i in range(2)
+    }
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(**inputs)[0], model(**inputs)[0], rtol=1e-5, atol=1e-5)  # alpha = 1: the teacher alone
+    compact, _ = finalize_from_student_path(prepared, **inputs)
+    other = {"input_ids": torch.randint(0, 100, (3, 9))}
+    with torch.no_grad():
+        assert compact(**other)[0].shape == (3, 9, 64)  # another batch and length: the rotary tables follow the length
+    rows = {row.name: row for row in tunecomp_fx.get_report(compact).sites}
+    assert rows["layers.0.self_attn.k_proj"].reason.startswith("32 of 64 output neurons kept (2 of 4 heads)")
+    result = to_onnx(compact, other, tmp_path / "llama.onnx")
+    assert all(error < 1e-4 for error in result.max_errors.values())
+
+
+def test_llama_with_grouped_query_attention_is_not_recognized_and_says_so() -> None:
+    # key and value have fewer heads, repeated for each group of queries: pruning would have to drop whole groups
+    model, inputs = _llama(key_value_heads=2)
+    with pytest.raises(SiteError, match="found no attention heads to prune"):
+        tunecomp_fx.prepare(model, inputs, 0.5, prune_heads=0.5)
