@@ -19,7 +19,8 @@ that can be sliced without changing anything else in the model.
   key/value site packed in two parts), and a fused site split along its last
   dim into three blocks of width (Hugging Face's GPT-2: c_attn(x).split(width, dim=2)), each split
   into heads as the separate sites are. Rotary embeddings (LLaMA) may stand between a head split and
-  the attention.
+  the attention; with grouped-query attention a key/value head and the query heads that share it are
+  one group, pruned together.
 """
 
 from __future__ import annotations
@@ -265,6 +266,7 @@ class _Projections(NamedTuple):
     resized: dict[str, int]  # node name -> index of a size that counts heads
     between: list[fx.Node]
     parts: tuple[int, ...]  # per up site
+    repeats: tuple[int, ...] = ()  # per up site: query heads sharing each of its heads
 
 
 def _site_of(node: fx.Node, sites_by_node: dict[str, Site], width: int, parts: int) -> Site | None:
@@ -395,6 +397,7 @@ class _Source(NamedTuple):
     split: _HeadSplit
     nodes: list[fx.Node]
     sizes: dict[str, int]
+    repeats: int = 1
 
 
 # (site, part, parts, the node the parts are read from, the nodes from the site to it, the sizes of them counting the width)
@@ -489,29 +492,62 @@ def _per_head_nodes(end: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
     return root, list(region)
 
 
+def _is_whole_slice(node: fx.Node) -> bool:
+    """x[:] along some dim: a slice from 0 to the end (torch.export records x[:, :, None] with them)."""
+    start, end = (list(node.args[2:4]) + [None, None])[:2]
+    return node.target is aten.slice.Tensor and start in (0, None) and (end is None or end >= 2**62)
+
+
+def _repeated_heads(end: fx.Node) -> tuple[fx.Node, list[fx.Node], int, dict[str, int]] | None:
+    """If `end` repeats each head of a (batch, heads, seq, head_dim) tensor, as grouped-query attention
+    does (LLaMA's repeat_kv: x[:, :, None].expand(b, heads, repeats, t, d).reshape(b, heads * repeats,
+    t, d)): that tensor, the nodes, the repeats and the sizes that count heads."""
+    expand = _data_input(end) if _is(end, _RESHAPES) and len(end.users) == 1 else None
+    if expand is None or expand.target is not aten.expand.default or len(expand.users) != 1:
+        return None
+    nodes, node = [expand, end], _data_input(expand)
+    while node is not None and len(node.users) == 1 and (_is_whole_slice(node) or (node.target is aten.unsqueeze.default and node.args[1] == 2)):
+        nodes.insert(0, node)
+        node = _data_input(node)
+    entries, merged = shape_entries(expand), shape_entries(end)
+    if [n.target for n in nodes].count(aten.unsqueeze.default) != 1 or len(entries) != 5 or len(merged) != 4:
+        return None
+    heads, repeats = entries[1], entries[2]
+    if not (isinstance(heads, int) and isinstance(repeats, int) and heads > 0 and repeats > 0) or merged[1] not in (-1, heads * repeats):
+        return None
+    return node, nodes, repeats, {expand.name: 1} | ({end.name: 1} if merged[1] == heads * repeats else {})
+
+
 def _source(gm: fx.GraphModule, query_key_or_value: object, width: int, sites_by_node: dict[str, Site]) -> _Source | None:
     """Where `query_key_or_value` comes from, if it is split into heads (sequence- or batch-major) from a
     site's output of one copy of `width`, or from a part of a packed or block-split output; rotary
-    embeddings may stand between the split and the attention (`_per_head_nodes`)."""
+    embeddings may stand between the split and the attention (`_per_head_nodes`), and the heads of a
+    key or value may be repeated for groups of query heads (`_repeated_heads`; the site's output then
+    holds width / repeats)."""
     if not isinstance(query_key_or_value, fx.Node):
         return None
-    item, chain = _chain_back(gm, query_key_or_value)
-    rotary = _per_head_nodes(query_key_or_value) if not chain else None
+    repeated = _repeated_heads(query_key_or_value)
+    end, repeat_nodes, repeats, repeat_sizes = repeated if repeated is not None else (query_key_or_value, [], 1, {})
+    if width % repeats:
+        return None
+    width //= repeats
+    item, chain = _chain_back(gm, end)
+    rotary = _per_head_nodes(end) if not chain else None
     if rotary is not None and _is(rotary[0], _PASS_THROUGH) and _data_input(rotary[0]) is not None:
         item, chain = _chain_back(gm, _data_input(rotary[0]))
         chain.append(rotary[0])  # the split's last node, read by the rotary embedding alone
     split = (_sequence_major_split(chain, width) or _batch_major_split(chain, width)) if chain else None
     if split is None:
         return None
-    per_head = rotary[1] if rotary is not None else []
+    after_split = [*(rotary[1] if rotary is not None else []), *repeat_nodes]
     up = _site_of(item, sites_by_node, width, 1)
     if up is not None:
-        return _Source(up, 0, 1, item, chain[0], split, [*chain, *per_head], {})
+        return _Source(up, 0, 1, item, chain[0], split, [*chain, *after_split], repeat_sizes, repeats)
     part = _packed_part(item, width, sites_by_node) or _block_part(gm, item, width, sites_by_node)
     if part is None:
         return None
     up, index, parts, shared, nodes, sizes = part
-    return _Source(up, index, parts, shared, item, split, [*nodes, item, *chain, *per_head], sizes)
+    return _Source(up, index, parts, shared, item, split, [*nodes, item, *chain, *after_split], sizes | repeat_sizes, repeats)
 
 
 def _projections(gm: fx.GraphModule, attention: fx.Node, width: int, sites_by_node: dict[str, Site]) -> _Projections | None:
@@ -526,10 +562,13 @@ def _projections(gm: fx.GraphModule, attention: fx.Node, width: int, sites_by_no
         parts = [source for source in sources if source.shared is shared]
         if set(shared.users) != {source.reader for source in parts} or sorted(source.part for source in parts) != list(range(parts[0].parts)):
             return None
-    ups = {source.up.name: source.parts for source in sources}
+    if sources[0].repeats != 1 or sources[1].repeats != sources[2].repeats:
+        return None  # the queries' heads are the groups; key and value repeat theirs alike
+    ups = {source.up.name: (source.parts, source.repeats) for source in sources}
     resized = {name: index for source in sources for name, index in (source.sizes | source.split.sizes).items()}
     between = [node for source in sources for node in (*source.nodes, *source.split.products)]
-    return _Projections(tuple(ups), sources[0].split.head_dim, resized, between, parts=tuple(ups.values()))
+    parts, repeats = zip(*ups.values())
+    return _Projections(tuple(ups), sources[0].split.head_dim, resized, between, parts, repeats if max(repeats) > 1 else ())
 
 
 def head_width(gm: fx.GraphModule, down: Site, sites_by_node: dict[str, Site], nodes: dict[str, fx.Node]) -> HiddenWidth | None:
@@ -567,7 +606,9 @@ def head_width(gm: fx.GraphModule, down: Site, sites_by_node: dict[str, Site], n
         resized |= mask_sizes
     names = {node.name for node in (attention, *after, *projections.between, *mask_nodes)}
     ordered = tuple(name for name in nodes if name in names)
-    return HiddenWidth("heads", projections.ups, down.name, ordered, width, head_dim, tuple(resized.items()), parts=projections.parts)
+    # grouped-query attention: a key/value head and the query heads sharing it are pruned together
+    group = head_dim * max(projections.repeats, default=1)
+    return HiddenWidth("heads", projections.ups, down.name, ordered, width, group, tuple(resized.items()), parts=projections.parts, repeats=projections.repeats)
 
 
 class _ShapeObserver(nn.Module):
@@ -657,9 +698,9 @@ class FindHiddenWidths(GraphPass):
                 "(view (..., heads, head_dim), transpose(1, 2)), from one fused qkv site (reshape (..., 3, heads, "
                 "head_dim), permute(2, 0, 3, 1, 4), or split(width, dim=-1) as GPT-2's) or from nn.MultiheadAttention's "
                 "packed in-projection, self- or cross-attention (captured with torch.export); rotary embeddings may stand "
-                "between the split and the attention. Hand-written attention (matmul, softmax), a merge to a width "
-                "read from a tensor's shape, grouped-query attention and norms or per-head scales between the heads "
-                "and the projections are not recognized; "
+                "between the split and the attention, and a key/value head may be repeated for a group of query heads. "
+                "Hand-written attention (matmul, softmax), a merge to a width read from a tensor's shape and norms or "
+                "per-head scales between the heads and the projections are not recognized; "
                 "use prune_heads=0 for this model, or check that `exclude` leaves the projections of a block compressed"
             )
         shared = [name for name in {s for w in ctx.hidden_widths for s in w.ups} if sum(name in w.ups for w in ctx.hidden_widths) > 1]

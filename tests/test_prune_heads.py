@@ -400,12 +400,12 @@ def test_a_per_head_scale_between_the_head_split_and_the_attention_is_not_recogn
         tunecomp_fx.prepare(RotaryHeadsBlock(head_scale=True).eval(), torch.randn(4, 10, 64), 0.5, prune_heads=0.5)
 
 
-def _llama(key_value_heads: int) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+def _llama(key_value_heads: int, heads: int = 4) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=key_value_heads,
-        vocab_size=100, max_position_embeddings=32, use_cache=False,
+        num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=heads, num_key_value_heads=key_value_heads,
+        head_dim=64 // heads, vocab_size=100, max_position_embeddings=32, use_cache=False,
     )  # fmt: skip
     return transformers.LlamaModel(config).eval(), {"input_ids": torch.randint(0, 100, (2, 12))}
 
@@ -428,8 +428,42 @@ def test_llama_prunes_the_heads_of_its_rotary_attention_and_exports(tmp_path) ->
     assert all(error < 1e-4 for error in result.max_errors.values())
 
 
-def test_llama_with_grouped_query_attention_is_not_recognized_and_says_so() -> None:
-    # key and value have fewer heads, repeated for each group of queries: pruning would have to drop whole groups
-    model, inputs = _llama(key_value_heads=2)
-    with pytest.raises(SiteError, match="found no attention heads to prune"):
-        tunecomp_fx.prepare(model, inputs, 0.5, prune_heads=0.5)
+def test_grouped_query_attention_prunes_each_key_value_head_with_the_query_heads_sharing_it(tmp_path) -> None:  # noqa: ANN001
+    # 8 query heads of 8 share 4 key/value heads in pairs: a group is a key/value head and its two query heads
+    model, inputs = _llama(key_value_heads=4, heads=8)
+    prepared = tunecomp_fx.prepare(model, inputs, 0.5, calib=[inputs], prune_heads=0.5, width_slack=1.0)
+    widths = {width.down: width for width in _context(prepared).hidden_widths}
+    width = widths["layers.1.self_attn.o_proj"]
+    assert (width.group, width.head_dim, width.repeats, len(width.kept), width.target) == (16, 8, (1, 2, 2), 64, 32)
+    copies = [n for n in prepared.graph.nodes if "copy_of" in n.meta.get("tunecomp", {})]
+    assert {tuple(shape_entries(n))[1:3] for n in copies if n.target is aten.expand.default and len(shape_entries(n)) == 5} == {(4, 2)}  # all 4 groups at first, 2 repeats
+    train_with_hook(prepared, [(inputs["input_ids"], None)] * 2, lambda outputs, _: outputs[0].pow(2).mean(), 4, 2)
+    prepared.eval()
+    with torch.no_grad():
+        trained = prepared(**inputs)[0]
+    compact = tunecomp_fx.finalize(prepared)
+    with torch.no_grad():
+        torch.testing.assert_close(compact(**inputs)[0], trained, rtol=1e-5, atol=1e-5)
+    assert {tuple(shape_entries(n))[1:3] for n in compact.graph.nodes if n.target is aten.expand.default and len(shape_entries(n)) == 5} == {(2, 2)}  # 2 groups kept
+    rows = {row.name: row for row in tunecomp_fx.get_report(compact).sites}
+    assert rows["layers.1.self_attn.q_proj"].reason.startswith("32 of 64 output neurons kept (4 of 8 heads)")
+    assert rows["layers.1.self_attn.k_proj"].reason.startswith("16 of 32 output neurons kept (2 of 4 heads)")
+    assert rows["layers.1.self_attn.o_proj"].reason.startswith("32 of 64 input neurons kept (4 of 8 heads)")
+    result = to_onnx(compact, inputs, tmp_path / "gqa.onnx")
+    assert all(error < 1e-4 for error in result.max_errors.values())
+
+
+def test_grouped_query_attention_silent_groups_are_pruned_and_the_model_is_unchanged() -> None:
+    model, inputs = _llama(key_value_heads=4, heads=8)
+    with torch.no_grad():
+        for layer in model.layers:  # groups 1 and 3 (key/value heads 1 and 3, query heads 2, 3, 6 and 7) change nothing
+            layer.self_attn.o_proj.weight.view(64, 4, 16)[:, [1, 3]] = 0.0
+    # per layer: q, k, v, o and the MLP hold 36864 weights; half the groups pruned leave 30720, and o's student adds a bias
+    prepared = tunecomp_fx.prepare(model, inputs, 1 - (30720 + 64) / 36864, prune_heads=0.5)  # every site stays whole
+    assert all(width.kept == (*range(0, 16), *range(32, 48)) for width in _context(prepared).hidden_widths)
+    sites = {site.name: site for site in _context(prepared).sites}
+    assert sites["layers.0.self_attn.k_proj"].kept_rows == (*range(0, 8), *range(16, 24))  # the kept groups' key/value heads
+    tunecomp_fx.set_blend(prepared, 0.0)
+    compact = tunecomp_fx.finalize(prepared)
+    with torch.no_grad():
+        torch.testing.assert_close(compact(**inputs)[0], model(**inputs)[0], rtol=1e-5, atol=1e-5)

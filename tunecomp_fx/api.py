@@ -247,7 +247,7 @@ def _kept_neurons(site: Site, widths: list[HiddenWidth]) -> str:
             f"{site.in_features} of {in_features} input" if site.kept_columns is not None else ""]
     heads = [width for width in widths if width.kind == "heads" and site.name in width.sites]
     kept_width = {w.down: site.in_features for w in heads} | {up: site.out_features // w.parts_of(up) for w in heads for up in w.ups}
-    groups = "".join(f" ({kept_width[site.name] // w.group} of {w.width // w.group} heads)" for w in heads)
+    groups = "".join(f" ({kept_width[site.name] // w.head_dim} of {w.width // w.repeats_of(site.name) // w.head_dim} heads)" for w in heads)
     return f"{' and '.join(filter(None, kept))} neurons kept{groups}"
 
 

@@ -116,7 +116,8 @@ class HiddenWidth:
     (perhaps a dropout, perhaps written out in arithmetic), groups of one (a transformer's FFN). kind "heads": the query, key and value sites (or
     fused sites whose outputs hold several copies of the width side by side, `parts` per up site:
     3 for one fused qkv site, 1 and 2 for a query site and a packed key/value site), the head split,
-    scaled_dot_product_attention and the head merge, groups of a head's size. `between` lists the
+    scaled_dot_product_attention and the head merge, groups of a head's size (with grouped-query
+    attention, a key/value head and the `repeats` query heads sharing it). `between` lists the
     nodes in graph order, `resized` the (node, shape entry) pairs that count the width (a literal
     head count or width in a view), scaled to what is kept; `kept` the neurons the students start
     with and `target` how many of them finalize keeps (select_hidden_neurons decides; fewer than
@@ -132,25 +133,38 @@ class HiddenWidth:
     kept: tuple[int, ...] = ()
     target: int = 0
     parts: tuple[int, ...] = ()  # per up site; none given: one each
+    repeats: tuple[int, ...] = ()  # per up site: how many query heads share each of its heads (grouped-query key/value)
 
     @property
     def sites(self) -> tuple[str, ...]:
         return (*self.ups, self.down)
 
+    @property
+    def head_dim(self) -> int:
+        """A head's size: a group holds one key/value head and the query heads that share it."""
+        return self.group // max(self.repeats, default=1)
+
     def parts_of(self, up: str) -> int:
         """How many copies of the width side by side the up site's output holds."""
         return self.parts[self.ups.index(up)] if self.parts else 1
 
+    def repeats_of(self, up: str) -> int:
+        """How many of the down site's heads share each head of the up site (1 but for grouped-query key/value)."""
+        return self.repeats[self.ups.index(up)] if self.repeats and up in self.ups else 1
+
     def up_rows(self, up: str, kept: Sequence[int], size: int) -> tuple[int, ...]:
-        """The rows of up site `up` that compute the `kept` neurons of a width of `size`: the same
-        neurons in each of its parts."""
-        return tuple(part * size + neuron for part in range(self.parts_of(up)) for neuron in kept)
+        """The rows of up site `up` that compute the `kept` neurons (as the down site reads them) of a
+        width of `size`, in each of its parts. An up site whose heads are repeated holds each kept
+        group's first head alone."""
+        per_group = self.group // self.repeats_of(up)
+        rows = [neuron // self.group * per_group + neuron % self.group for neuron in kept if neuron % self.group < per_group]
+        return tuple(part * (size // self.repeats_of(up)) + row for part in range(self.parts_of(up)) for row in rows)
 
 
 def final_sites(sites: Iterable[Site], widths: Iterable[HiddenWidth]) -> list[Site]:
     """`sites` with the shapes finalize leaves them: a hidden width's sites at its target width
     (the students start wider with width_slack). Budgets and rank allocation count these."""
-    targets = {up: ("out_features", width.parts_of(up) * width.target) for width in widths for up in width.ups}
+    targets = {up: ("out_features", width.parts_of(up) * width.target // width.repeats_of(up)) for width in widths for up in width.ups}
     targets.update({width.down: ("in_features", width.target) for width in widths})
     return [replace(site, **dict([targets[site.name]])) if site.name in targets else site for site in sites]
 
