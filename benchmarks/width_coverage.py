@@ -47,10 +47,13 @@ def build_tiny_hf(name: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     return model.eval(), {"input_ids": torch.randint(0, 100, (2, 12))}
 
 
-def _shape(ups: tuple[str, ...], parts: tuple[int, ...]) -> str:
-    """"2 ups", or "1 up in 3 parts", "2 ups in 1+2 parts" when a site holds several copies of the width."""
+def _shape(ups: tuple[str, ...], parts: tuple[int, ...], repeats: tuple[int, ...]) -> str:
+    """"2 ups", or "1 up in 3 parts", "2 ups in 1+2 parts" when a site holds several copies of the width,
+    and "key/value heads repeated 2x" with grouped-query attention."""
     described = f"{len(ups)} up{'s' * (len(ups) > 1)}"
-    return f"{described} in {'+'.join(map(str, parts))} parts" if any(part > 1 for part in parts) else described
+    if any(part > 1 for part in parts):
+        described += f" in {'+'.join(map(str, parts))} parts"
+    return described + (f", key/value heads repeated {max(repeats)}x" if repeats else "")
 
 
 def survey(spec: str) -> dict:
@@ -69,7 +72,7 @@ def survey(spec: str) -> dict:
             row[f"{kind}_s"] = time.perf_counter() - start
         context = prepared.meta["tunecomp"].context
         found = [width for width in context.hidden_widths if width.kind == kind]
-        shapes = sorted({_shape(width.ups, width.parts) for width in found})
+        shapes = sorted({_shape(width.ups, width.parts, width.repeats) for width in found})
         row[kind] = f"{len(found)} ({'; '.join(shapes)})"
         teachers = [n for n in prepared.graph.nodes if n.target in ATTENTION and n.meta.get("tunecomp", {}).get("role") != "hidden"]
         row["attention_calls"] = len(teachers)
