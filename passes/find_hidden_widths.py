@@ -44,10 +44,16 @@ aten = torch.ops.aten
 # Elementwise functions of one tensor: a neuron's output depends on that neuron's input alone.
 _ACTIVATION_FUNCTIONS = {
     aten.gelu.default, aten.relu.default, aten.silu.default, aten.tanh.default, aten.sigmoid.default,
-    F.gelu, F.relu, F.silu, torch.relu, torch.tanh, torch.sigmoid,
+    aten.hardtanh.default, aten.hardswish.default, aten.hardsigmoid.default, aten.leaky_relu.default,
+    aten.elu.default, aten.selu.default, aten.mish.default, aten.softplus.default,
+    F.gelu, F.relu, F.silu, F.relu6, F.hardtanh, F.hardswish, F.hardsigmoid, F.leaky_relu, F.elu, F.selu,
+    F.mish, F.softplus, torch.relu, torch.tanh, torch.sigmoid,
 }
 _ACTIVATION_METHODS = {"relu", "tanh", "sigmoid"}
-_ACTIVATION_MODULES = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid)
+_ACTIVATION_MODULES = (
+    nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.ReLU6, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid,
+    nn.LeakyReLU, nn.ELU, nn.SELU, nn.Mish, nn.Softplus,
+)
 _DROPOUTS = {aten.dropout.default, F.dropout}
 _RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, torch.reshape, "view", "reshape"}
 _PERMUTES = {aten.permute.default, torch.permute, "permute"}

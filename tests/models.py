@@ -142,6 +142,20 @@ class CrossAttention(nn.Module):
         return self.attn(query, key, value, need_weights=False)[0]
 
 
+class ActivatedMLP(nn.Module):
+    """Linear -> `activation` -> Linear; `export=True` makes symbolic tracing fail, so that the
+    capture goes through torch.export (which records the activation as an aten op)."""
+
+    def __init__(self, activation: nn.Module, export: bool = False) -> None:
+        super().__init__()
+        self.up, self.activation, self.down, self.export = nn.Linear(16, 64), activation, nn.Linear(64, 16), export
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.export and x.shape[-1] < 0:  # a proxy bool: symbolic tracing cannot evaluate this
+            raise ValueError("negative width")
+        return self.down(self.activation(self.up(x)))
+
+
 class WrittenOutGelu(nn.Module):
     """fc1 -> GELU's tanh approximation written out in arithmetic (as GPT-2 writes it) -> tokens
     flattened to (-1, 128) -> fc2; with `gated`, the activation times a second projection of the

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from tests.joint_task import digits_task, endless, fresh, single_thread  # noqa: F401
 from tests.graph_checks import finalize_from_student_path
-from tests.models import MLP, AttentionBlock, WrittenOutGelu
+from tests.models import MLP, ActivatedMLP, AttentionBlock, WrittenOutGelu
 from torch import nn
 
 import tunecomp_fx
@@ -157,6 +157,21 @@ def test_a_pruned_fraction_out_of_range_is_a_config_error(option: str, what: str
 def test_union_does_not_prune_widths(option: str) -> None:
     with pytest.raises(ConfigError, match=f"method='union' does not prune widths; use method='tunecomp' with {option}"):
         tunecomp_fx.CompressionConfig(method="union", **{option: 0.3})
+
+
+ACTIVATIONS = [nn.ReLU6(), nn.Hardswish(), nn.Hardsigmoid(), nn.LeakyReLU(0.1), nn.ELU(), nn.SELU(), nn.Mish(), nn.Softplus()]
+
+
+@pytest.mark.parametrize("export", [False, True], ids=["symbolic_trace", "torch_export"])
+@pytest.mark.parametrize("activation", ACTIVATIONS, ids=[type(a).__name__ for a in ACTIVATIONS])
+def test_every_elementwise_activation_makes_a_width(activation: nn.Module, export: bool) -> None:
+    torch.manual_seed(0)
+    model, x = ActivatedMLP(activation, export).eval(), torch.randn(32, 16)
+    prepared = tunecomp_fx.prepare(model, x, 0.5, prune_neurons=0.5)
+    assert prepared.meta["tunecomp"].capture_path == ("torch.export" if export else "symbolic_trace")
+    [width] = _context(prepared).hidden_widths
+    assert (width.ups, width.down, len(width.kept)) == (("up",), "down", 32)
+    finalize_from_student_path(prepared, x)
 
 
 def test_an_activation_written_out_in_arithmetic_is_a_width_and_its_copy_computes_fewer_neurons() -> None:
