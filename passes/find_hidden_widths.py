@@ -524,16 +524,17 @@ def _repeated_heads(end: fx.Node) -> tuple[fx.Node, list[fx.Node], int, dict[str
     return node, nodes, repeats, {expand.name: 1} | ({end.name: 1} if merged[1] == heads * repeats else {})
 
 
-def _source(gm: fx.GraphModule, query_key_or_value: object, width: int, sites_by_node: dict[str, Site]) -> _Source | None:
+def _source(gm: fx.GraphModule, query_key_or_value: object, width: int, sites_by_node: dict[str, Site], shared_by: int = 1) -> _Source | None:
     """Where `query_key_or_value` comes from, if it is split into heads (sequence- or batch-major) from a
     site's output of one copy of `width`, or from a part of a packed or block-split output; rotary
     embeddings may stand between the split and the attention (`_per_head_nodes`), and the heads of a
-    key or value may be repeated for groups of query heads (`_repeated_heads`; the site's output then
-    holds width / repeats)."""
+    key or value may be repeated for groups of query heads (`_repeated_heads`), or each shared by
+    `shared_by` query heads in the attention itself (enable_gqa); the site's output then holds
+    width / repeats."""
     if not isinstance(query_key_or_value, fx.Node):
         return None
     repeated = _repeated_heads(query_key_or_value)
-    end, repeat_nodes, repeats, repeat_sizes = repeated if repeated is not None else (query_key_or_value, [], 1, {})
+    end, repeat_nodes, repeats, repeat_sizes = repeated if repeated is not None else (query_key_or_value, [], shared_by, {})
     if width % repeats:
         return None
     width //= repeats
@@ -556,12 +557,26 @@ def _source(gm: fx.GraphModule, query_key_or_value: object, width: int, sites_by
     return _Source(up, index, parts, shared, item, split, [*nodes, item, *chain, *after_split], sizes | repeat_sizes, repeats)
 
 
+def _heads_per_key_value_head(attention: fx.Node) -> int | None:
+    """How many query heads share each key/value head inside the attention: 1, or with enable_gqa the
+    ratio of their head counts (torch.export records the shapes; None when unknown)."""
+    if not attention.kwargs.get("enable_gqa", False):
+        return 1
+    query, key = (argument.meta.get("val") for argument in attention.args[:2])
+    if not isinstance(query, torch.Tensor) or not isinstance(key, torch.Tensor) or query.shape[-3] % key.shape[-3]:
+        return None
+    return int(query.shape[-3] // key.shape[-3])
+
+
 def _projections(gm: fx.GraphModule, attention: fx.Node, width: int, sites_by_node: dict[str, Site]) -> _Projections | None:
     """Query, key and value each from a compressed site or a part of one (`_source`), every part of each
     site read once: three sites (BERT, MiniLM; nn.MultiheadAttention with its in-projection in blocks),
     one packed or block-split site (nn.MultiheadAttention's self-attention, GPT-2), or a query site and
     a packed key/value site (nn.MultiheadAttention's cross-attention)."""
-    sources = [_source(gm, argument, width, sites_by_node) for argument in attention.args[:3]]
+    shared_by = _heads_per_key_value_head(attention)
+    if shared_by is None:
+        return None
+    sources = [_source(gm, argument, width, sites_by_node, 1 if index == 0 else shared_by) for index, argument in enumerate(attention.args[:3])]
     if any(source is None for source in sources) or len({source.split.head_dim for source in sources}) != 1:
         return None
     for shared in {source.shared for source in sources}:
@@ -704,7 +719,8 @@ class FindHiddenWidths(GraphPass):
                 "(view (..., heads, head_dim), transpose(1, 2)), from one fused qkv site (reshape (..., 3, heads, "
                 "head_dim), permute(2, 0, 3, 1, 4), or split(width, dim=-1) as GPT-2's) or from nn.MultiheadAttention's "
                 "packed in-projection, self- or cross-attention (captured with torch.export); rotary embeddings may stand "
-                "between the split and the attention, and a key/value head may be repeated for a group of query heads. "
+                "between the split and the attention, and a key/value head may be shared by a group of query heads "
+                "(repeated, or enable_gqa under torch.export). "
                 "Hand-written attention (matmul, softmax), a merge to a width read from a tensor's shape and norms or "
                 "per-head scales between the heads and the projections are not recognized; "
                 "use prune_heads=0 for this model, or check that `exclude` leaves the projections of a block compressed"

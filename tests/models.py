@@ -92,6 +92,22 @@ class RotaryHeadsBlock(HeadsBlock):
         return self.norm(x + self.out(context.reshape(b, t, -1)))
 
 
+class GroupedQueryAttention(nn.Module):
+    """8 query heads of 8 sharing 4 key/value heads in pairs inside scaled_dot_product_attention
+    (enable_gqa=True), captured with torch.export."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.query, self.key, self.value, self.out = nn.Linear(64, 64), nn.Linear(64, 32), nn.Linear(64, 32), nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        if x.shape[-1] < 0:  # a proxy bool: symbolic tracing cannot evaluate this
+            raise ValueError("negative width")
+        q, k, v = (layer(x).view(b, t, -1, 8).transpose(1, 2) for layer in (self.query, self.key, self.value))
+        return self.out(F.scaled_dot_product_attention(q, k, v, enable_gqa=True).transpose(1, 2).reshape(b, t, -1))
+
+
 class FusedHeadsBlock(nn.Module):
     """One fused qkv projection split into heads as timm's ViT splits it (reshape (b, t, 3, heads,
     head_dim), permute(2, 0, 3, 1, 4), unbind(0)), with its identity q_norm, k_norm and norm, and an

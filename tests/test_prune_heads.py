@@ -17,6 +17,7 @@ from tests.models import (
     AttentionBlock,
     CrossAttention,
     FusedHeadsBlock,
+    GroupedQueryAttention,
     HeadsBlock,
     MultiheadSelfAttention,
     RotaryHeadsBlock,
@@ -467,3 +468,25 @@ def test_grouped_query_attention_silent_groups_are_pruned_and_the_model_is_uncha
     compact = tunecomp_fx.finalize(prepared)
     with torch.no_grad():
         torch.testing.assert_close(compact(**inputs)[0], model(**inputs)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_query_attention_inside_the_attention_call_prunes_whole_groups(tmp_path) -> None:  # noqa: ANN001
+    # enable_gqa=True: no repeat in the graph; groups 1 and 3 (key/value heads 1 and 3, query heads 2, 3, 6, 7) are silent
+    torch.manual_seed(0)
+    model, x = GroupedQueryAttention().eval(), torch.randn(4, 10, 64)
+    with torch.no_grad():
+        model.out.weight.view(64, 4, 16)[:, [1, 3]] = 0.0
+    kept = (32 * 64 + 32) + 2 * (16 * 64 + 16) + (64 * 32 + 64)  # half of each site's heads, every site whole
+    prepared = tunecomp_fx.prepare(model, x, 1 - kept / count_parameters(model), prune_heads=0.5)
+    [width] = _context(prepared).hidden_widths
+    assert (width.ups, width.group, width.repeats, width.kept) == (("query", "key", "value"), 16, (1, 2, 2), (*range(0, 16), *range(32, 48)))
+    assert _student_attention(prepared).kwargs["enable_gqa"]
+    tunecomp_fx.set_blend(prepared, 0.0)
+    compact = tunecomp_fx.finalize(prepared)
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x), model(x), rtol=1e-5, atol=1e-5)
+    assert count_parameters(compact) == kept
+    rows = {row.name: row for row in tunecomp_fx.get_report(compact).sites}
+    assert rows["key"].reason.startswith("16 of 32 output neurons kept (2 of 4 heads)")
+    result = to_onnx(compact, (x,), tmp_path / "gqa.onnx")
+    assert all(error < 1e-4 for error in result.max_errors.values())
