@@ -79,7 +79,7 @@ def _elementwise(gm: fx.GraphModule, node: fx.Node, width: int) -> str | None:
     if _is(node, _ARITHMETIC):
         return "arithmetic" if not node.kwargs and all(isinstance(a, (fx.Node, int, float)) for a in node.args) else None
     if _is(node, _RESHAPES):
-        return "reshape" if shape_entries(node)[-1:] in ([-1], [width]) else None
+        return "reshape" if _keeps_width_last(node, width) else None
     tensors = node.all_input_nodes
     if len(tensors) != 1 or node.args[:1] != (tensors[0],):
         return None
@@ -147,8 +147,8 @@ def neuron_width(
     if ups[0] != up.name:
         return None
     between = tuple(name for name in nodes if kinds.get(nodes[name], "up") != "up")
-    resized = tuple((name, len(shape_entries(nodes[name])) - 1) for name in between if _is(nodes[name], _RESHAPES) and shape_entries(nodes[name])[-1] == width)
-    return HiddenWidth("neurons", ups, down.name, between, width, resized=resized)
+    resized = _width_sizes([n for n, kind in kinds.items() if kind == "reshape"], width)
+    return HiddenWidth("neurons", ups, down.name, between, width, resized=tuple(resized.items()))
 
 
 def shape_entries(node: fx.Node) -> list:
@@ -180,6 +180,17 @@ def rescale_shape_entry(node: fx.Node, index: int, kept: int, width: int) -> Non
     entries = shape_entries(node)
     entries[index] = entries[index] * kept // width
     node.args = with_shape(node, entries)
+
+
+def _keeps_width_last(node: fx.Node, width: int) -> bool:
+    """Whether a reshape leaves `width` as the last dim, by name or inferred (a reshape of the tokens)."""
+    return _is(node, _RESHAPES) and shape_entries(node)[-1:] in ([-1], [width])
+
+
+def _width_sizes(reshapes: Sequence[fx.Node], width: int) -> dict[str, int]:
+    """Reshape name -> index of its last size, for the reshapes that name `width` there (the student
+    copy scales them to what is kept)."""
+    return {n.name: len(shape_entries(n)) - 1 for n in reshapes if shape_entries(n)[-1] == width}
 
 
 def _is(node: fx.Node, targets: set) -> bool:
@@ -450,10 +461,9 @@ def _block_part(gm: fx.GraphModule, item: fx.Node, width: int, sites_by_node: di
     parts = up.out_features // width if up is not None else 0
     if not parts or _site_of(source, sites_by_node, width, parts) is None:
         return None
-    if any(not _is(n, _RESHAPES) or shape_entries(n)[-1:] not in ([-1], [parts * width]) for n in tokens):
+    if not all(_keeps_width_last(n, parts * width) for n in tokens):
         return None
-    sizes = {n.name: len(shape_entries(n)) - 1 for n in tokens if shape_entries(n)[-1] == parts * width}
-    return up, item.args[1], parts, blocks, [*tokens, blocks], sizes | {blocks.name: 0}
+    return up, item.args[1], parts, blocks, [*tokens, blocks], _width_sizes(tokens, parts * width) | {blocks.name: 0}
 
 
 # Nodes that compute each head of a (batch, heads, seq, head_dim) tensor from that head alone, given
@@ -606,7 +616,7 @@ def head_width(gm: fx.GraphModule, down: Site, sites_by_node: dict[str, Site], n
     # the first reshape after the swap merges the heads; later ones (a flattening of the tokens) keep the width last
     merged = after[after.index(swaps[0]) + 1 :]
     reshapes = [n for n in merged if _is(n, _RESHAPES)]
-    if not reshapes or any(shape_entries(n)[-1:] not in ([-1], [width]) for n in reshapes):
+    if not reshapes or not all(_keeps_width_last(n, width) for n in reshapes):
         return None
     if not all(_is_identity(gm, n) for n in merged[merged.index(reshapes[0]) + 1 :] if n not in reshapes):
         return None
@@ -619,7 +629,7 @@ def head_width(gm: fx.GraphModule, down: Site, sites_by_node: dict[str, Site], n
     if any(_is(n, _RESHAPES) and (shape_entries(n)[-1:] != [head_dim] or heads in shape_entries(n)[:-1]) for n in after[: after.index(reshapes[0])]):
         return None
     resized, mask_nodes = projections.resized, []
-    resized |= {n.name: len(shape_entries(n)) - 1 for n in reshapes if shape_entries(n)[-1] == width}
+    resized |= _width_sizes(reshapes, width)
     mask = _mask_argument(attention)
     expansion = _mask_expanded_over_heads(mask, heads) if mask is not None else None
     if expansion is not None:  # the student path expands the mask over its kept heads

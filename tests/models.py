@@ -1,4 +1,6 @@
-"""Small models shared by the tests: each exercises a site form or a capture path."""
+"""Small models shared by the tests: each exercises a site form or a capture path. Fixtures, not tests:
+the test_*.py modules import them and assert on what tunecomp makes of them; pytest does not collect
+this module."""
 
 from __future__ import annotations
 
