@@ -8,10 +8,12 @@ STAMP := $(VENV)/.installed
 .PHONY: demo test install
 install: $(STAMP)
 
+# --no-cache-dir: torch's CUDA build and its libraries take about 6 GB in the venv; pip's cache
+# would write what it downloads a second time, on machines whose disks can be nearly full.
 $(STAMP): pyproject.toml requirements-nodeps.txt
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[dev]'
-	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
+	$(PY) -m pip install -q --no-cache-dir -e '.[dev]'
+	$(PY) -m pip install -q --no-cache-dir --no-deps -r requirements-nodeps.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
