@@ -8,7 +8,7 @@ import torch
 from torch import fx
 
 from tunecomp_fx.forms import rebuilt
-from tunecomp_fx.passes.find_hidden_widths import rescale_shape_entry
+from tunecomp_fx.graph_nodes import rescale_shape_entry
 from tunecomp_fx.pipeline import GraphPass, PassContext
 from tunecomp_fx.sites import HiddenWidth, Site, site_container, student_nodes
 

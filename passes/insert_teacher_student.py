@@ -33,7 +33,7 @@ import torch
 from torch import fx, nn
 
 from tunecomp_fx.forms import LAYOUTS, site_input
-from tunecomp_fx.passes.find_hidden_widths import rescale_shape_entry
+from tunecomp_fx.graph_nodes import rescale_shape_entry
 from tunecomp_fx.pipeline import GraphPass, PassContext
 from tunecomp_fx.sites import LOWRANK_ROOT, Blend, HiddenWidth, Site, site_container, student_nodes, teacher_parameters
 

@@ -29,7 +29,7 @@ import tunecomp_fx
 from tunecomp_fx.errors import BudgetError, SiteError
 from tunecomp_fx.export import to_onnx
 from tunecomp_fx.metrics import count_parameters
-from tunecomp_fx.passes.find_hidden_widths import shape_entries
+from tunecomp_fx.graph_nodes import shape_entries
 from tunecomp_fx.sites import Blend, student_nodes
 
 aten = torch.ops.aten

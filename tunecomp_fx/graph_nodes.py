@@ -1,0 +1,72 @@
+"""Node predicates and shape arguments shared by the hidden-width matchers (`neuron_widths`,
+`head_widths`) and by the passes that scale a student copy's sizes to the kept neurons or heads."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+
+import torch
+from torch import fx, nn
+
+aten = torch.ops.aten
+
+RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, torch.reshape, "view", "reshape"}
+PERMUTES = {aten.permute.default, torch.permute, "permute"}
+
+
+def shape_entries(node: fx.Node) -> list:
+    """The sizes a node sets: the shape a view/reshape asks for (one list or separate arguments), the
+    sizes of an unflatten, or the factors of a product that computes a size (batch * heads under
+    torch.export)."""
+    if node.target is aten.unflatten.int:
+        return list(node.args[2])
+    if node.target is operator.mul:
+        return list(node.args)
+    rest = node.args[1:]
+    return list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
+
+
+def with_shape(node: fx.Node, entries: Sequence) -> tuple:
+    """`node`'s arguments with its sizes (`shape_entries`) replaced, in the form the node gave them."""
+    if node.target is aten.unflatten.int:
+        return (*node.args[:2], list(entries))
+    if node.target is operator.mul:
+        return tuple(entries)
+    rest = node.args[1:]
+    packed = len(rest) == 1 and isinstance(rest[0], (list, tuple))
+    return (node.args[0], list(entries)) if packed else (node.args[0], *entries)
+
+
+def rescale_shape_entry(node: fx.Node, index: int, kept: int, width: int) -> None:
+    """Scale the size `index` of a node (`shape_entries`), which counts `width` neurons (or their
+    heads), to `kept` of them."""
+    entries = shape_entries(node)
+    entries[index] = entries[index] * kept // width
+    node.args = with_shape(node, entries)
+
+
+def keeps_width_last(node: fx.Node, width: int) -> bool:
+    """Whether a reshape leaves `width` as the last dim, by name or inferred (a reshape of the tokens)."""
+    return is_op(node, RESHAPES) and shape_entries(node)[-1:] in ([-1], [width])
+
+
+def width_sizes(reshapes: Sequence[fx.Node], width: int) -> dict[str, int]:
+    """Reshape name -> index of its last size, for the reshapes that name `width` there (the student
+    copy scales them to what is kept)."""
+    return {n.name: len(shape_entries(n)) - 1 for n in reshapes if shape_entries(n)[-1] == width}
+
+
+def is_op(node: fx.Node, targets: set) -> bool:
+    """Whether `node` calls one of `targets` (functions, aten ops or method names)."""
+    return node.op in ("call_function", "call_method") and node.target in targets
+
+
+def is_identity(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """An nn.Identity call (timm's q_norm, k_norm and norm when those norms are off)."""
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Identity)
+
+
+def data_input(node: fx.Node) -> fx.Node | None:
+    """The tensor a reshape, swap, contiguous or identity reads (its other inputs are sizes)."""
+    return node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None

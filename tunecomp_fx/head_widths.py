@@ -1,0 +1,478 @@
+"""Head widths (prune_heads): the query, key and value sites each split their output into heads
+(view (..., heads, head_dim), swap to (batch, heads, seq, head_dim)), scaled_dot_product_attention
+reads them, and the heads are swapped back and merged into the output site's input. Dropping a head
+removes head_dim rows of each of query, key and value and head_dim columns of the output site; each
+head attends on its own, so the others compute what they did. A fused qkv site (timm's ViT:
+reshape (..., 3, heads, head_dim), permute(2, 0, 3, 1, 4), unbind(0)) loses the head's rows in each
+of its three parts. So does nn.MultiheadAttention's packed in-projection under torch.export
+(unflatten (..., 3, width), then select 0/1/2, each viewed as (seq, batch * heads, head_dim), swapped
+to batch-major and viewed as (batch, heads, seq, head_dim); the heads merged by permute(2, 0, 1, 3)
+and a reshape to (seq * batch, width); in cross-attention a query site and a key/value site packed
+in two parts), and a fused site split along its last dim into three blocks of width (Hugging Face's
+GPT-2: c_attn(x).split(width, dim=2)), each split into heads as the separate sites are. Rotary
+embeddings (LLaMA) may stand between a head split and the attention; with grouped-query attention a
+key/value head and the query heads that share it are one group, pruned together."""
+
+from __future__ import annotations
+
+import operator
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from tunecomp_fx.forms import site_input
+from tunecomp_fx.graph_nodes import (
+    PERMUTES, RESHAPES, data_input, is_identity, is_op, keeps_width_last, shape_entries, width_sizes,
+)
+from tunecomp_fx.sites import HiddenWidth, Site
+
+aten = torch.ops.aten
+
+_SWAPS = {aten.transpose.int, torch.transpose, "transpose"} | PERMUTES
+_UNBINDS = {aten.unbind.int, torch.unbind, "unbind"}
+_SPLITS = {aten.split.Tensor, torch.split, "split"}
+ATTENTION = {aten.scaled_dot_product_attention.default, F.scaled_dot_product_attention}
+
+
+def _dims(node: fx.Node) -> tuple:
+    """The dims a transpose, permute or unbind names, whether given as one list or as separate arguments."""
+    dims = node.args[1:]
+    return tuple(dims[0]) if len(dims) == 1 and isinstance(dims[0], (list, tuple)) else tuple(dims)
+
+
+def _swaps_heads_and_sequence(node: fx.Node) -> bool:
+    """transpose(1, 2) or permute(0, 2, 1, 3) of a 4-d (batch, seq, heads, head_dim) tensor."""
+    dims = _dims(node)
+    if node.target in PERMUTES:
+        return dims == (0, 2, 1, 3)
+    return set(dims) in ({1, 2}, {-3, -2})
+
+
+def _merges_heads(node: fx.Node) -> bool:
+    """A swap of a (batch, heads, seq, head_dim) tensor that leaves heads then head_dim last, ready to
+    merge: transpose(1, 2), permute(0, 2, 1, 3), or permute(2, 0, 1, 3) (seq first, nn.MultiheadAttention)."""
+    return _swaps_heads_and_sequence(node) or (node.target in PERMUTES and _dims(node) == (2, 0, 1, 3))
+
+
+_PASS_THROUGH = RESHAPES | _SWAPS | {"contiguous"}
+
+
+def _chain_back(gm: fx.GraphModule, end: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
+    """Walk back from `end` through reshapes, swaps, contiguous copies and identities, each read by
+    the next alone: the first other node reached, and the chain in graph order (`end` last)."""
+    chain, current = [], end
+    while (is_op(current, _PASS_THROUGH) or is_identity(gm, current)) and len(current.users) == 1:
+        chain.append(current)
+        source = data_input(current)
+        if source is None:
+            break
+        current = source
+    return current, chain[::-1]
+
+
+def _head_size(heads: object, head_dim: object, width: int) -> int | None:
+    """The head size, if the sizes (heads or -1, head_dim) or (heads, -1) of a view split `width` into
+    heads (BEiT writes reshape(..., 3, heads, -1))."""
+    if isinstance(head_dim, int) and head_dim >= 1 and width % head_dim == 0 and heads in (-1, width // head_dim):
+        return head_dim
+    if head_dim == -1 and isinstance(heads, int) and heads >= 1 and width % heads == 0:
+        return width // heads
+    return None
+
+
+class _HeadSplit(NamedTuple):
+    """How query, key or value is split into heads: the head size, the sizes that count heads (node
+    name -> index, scaled to the kept heads in the student path) and the nodes computing batch * heads."""
+
+    head_dim: int
+    sizes: dict[str, int]
+    products: list[fx.Node]
+
+
+def _sequence_major_split(chain: list[fx.Node], width: int) -> _HeadSplit | None:
+    """If `chain` is view(..., heads or -1, head_dim) then one heads/sequence swap (Hugging Face's BERT)."""
+    reshapes = [n for n in chain if is_op(n, RESHAPES)]
+    swaps = [n for n in chain if is_op(n, _SWAPS)]
+    if len(reshapes) != 1 or len(swaps) != 1 or chain[0] is not reshapes[0] or not _swaps_heads_and_sequence(swaps[0]):
+        return None
+    entries = shape_entries(reshapes[0])
+    head_dim = _head_size(entries[-2], entries[-1], width) if len(entries) == 4 else None
+    if head_dim is None:
+        return None
+    return _HeadSplit(head_dim, {reshapes[0].name: 2} if entries[2] == width // head_dim else {}, [])
+
+
+class _Projections(NamedTuple):
+    """The query, key and value projections of an attention block and the nodes that split their heads."""
+
+    ups: tuple[str, ...]
+    head_dim: int
+    resized: dict[str, int]  # node name -> index of a size that counts heads
+    between: list[fx.Node]
+    parts: tuple[int, ...]  # per up site
+    repeats: tuple[int, ...] = ()  # per up site: query heads sharing each of its heads
+
+
+def _site_of(node: fx.Node, sites_by_node: dict[str, Site], width: int, parts: int) -> Site | None:
+    """The compressed linear site whose output `node` is, if it holds `parts` copies of `width` and is read once."""
+    up = sites_by_node.get(node.name)
+    return up if up is not None and up.layout == "linear" and up.out_features == parts * width and len(node.users) == 1 else None
+
+
+def _part(node: fx.Node) -> tuple[fx.Node, int] | None:
+    """(x, i) if `node` is x[i] along x's first dim: getitem of unbind(x, 0) (timm), getitem of x
+    itself (`q, k, v = x` under symbolic tracing) or select(x, 0, i) (torch.export)."""
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        source, index = node.args
+        if is_op(source, _UNBINDS) and (_dims(source) or (source.kwargs.get("dim", 0),)) == (0,):
+            return data_input(source), index
+        return (source, index) if is_op(source, PERMUTES) else None
+    if is_op(node, {aten.select.int}) and node.args[1] == 0:
+        return node.args[0], node.args[2]
+    return None
+
+
+def _fused_projection(gm: fx.GraphModule, attention: fx.Node, width: int, sites_by_node: dict[str, Site]) -> _Projections | None:
+    """Query, key and value from one compressed site of 3 x `width` outputs, split by
+    reshape(..., 3, heads, head_dim) and permute(2, 0, 3, 1, 4) into three parts along the first dim
+    (timm's ViT); identities may stand between the parts and the attention."""
+    parts, identities = [], []
+    for query_key_or_value in attention.args[:3]:
+        if not isinstance(query_key_or_value, fx.Node):
+            return None
+        item, chain = _chain_back(gm, query_key_or_value)
+        if not all(is_identity(gm, n) for n in chain):
+            return None
+        parts.append((item, _part(item)))
+        identities += chain
+    permute = parts[0][1][0] if parts[0][1] else None
+    if any(part is None or part[0] is not permute for _, part in parts) or sorted(part[1] for _, part in parts) != [0, 1, 2]:
+        return None
+    items = [item for item, _ in parts]
+    unbinds = {item.args[0] for item in items if item.args[0] is not permute}
+    if any(set(unbind.users) != set(items) for unbind in unbinds) or set(permute.users) != (unbinds or set(items)):
+        return None
+    if not is_op(permute, PERMUTES) or _dims(permute) != (2, 0, 3, 1, 4):
+        return None
+    split = data_input(permute)
+    if split is None or not is_op(split, RESHAPES) or len(split.users) != 1:
+        return None
+    source, entries = data_input(split), shape_entries(split)
+    up = _site_of(source, sites_by_node, width, 3) if source is not None else None
+    if up is None:
+        return None
+    head_dim = _head_size(entries[3], entries[4], width) if len(entries) == 5 and entries[2] == 3 else None
+    if head_dim is None:
+        return None
+    resized = {split.name: 3} if entries[3] == width // head_dim else {}
+    return _Projections((up.name,), head_dim, resized, [split, permute, *unbinds, *items, *identities], parts=(3,))
+
+
+def _batch_times_heads(node: fx.Node, index: int, heads: int) -> tuple[dict[str, int], list[fx.Node]] | None:
+    """If size `index` of `node` is batch * heads: the size to rescale (node name -> index) and the
+    product computing it, if any. A static batch makes it one literal; a dynamic one, a product of the
+    batch's size and the literal head count (a node of its own)."""
+    size = shape_entries(node)[index]
+    if isinstance(size, int) and size > 0 and size % heads == 0:
+        return {node.name: index}, []
+    if isinstance(size, fx.Node) and size.target is operator.mul and list(size.args).count(heads) == 1:
+        return {size.name: list(size.args).index(heads)}, [size]
+    return None
+
+
+def _batch_major_split(chain: list[fx.Node], width: int) -> _HeadSplit | None:
+    """If `chain` is view(seq, batch * heads, head_dim), transpose(0, 1), view(batch, heads, seq,
+    head_dim): nn.MultiheadAttention's head split."""
+    if len(chain) != 3 or not (is_op(chain[0], RESHAPES) and is_op(chain[1], _SWAPS) and is_op(chain[2], RESHAPES)):
+        return None
+    split, swap, batch_major = chain
+    entries, final = shape_entries(split), shape_entries(batch_major)
+    if len(entries) != 3 or len(final) != 4 or set(_dims(swap)) != {0, 1}:
+        return None
+    head_dim = entries[2]
+    if final[3] != head_dim or _head_size(final[1], head_dim, width) != head_dim:
+        return None
+    heads = width // head_dim
+    batch_heads = _batch_times_heads(split, 1, heads)
+    if batch_heads is None:
+        return None
+    sizes, products = batch_heads
+    return _HeadSplit(head_dim, sizes | ({batch_major.name: 1} if final[1] == heads else {}), products)
+
+
+def _mask_expanded_over_heads(mask: fx.Node, heads: int) -> tuple[list[fx.Node], dict[str, int]] | None:
+    """(the nodes, the sizes that count heads) if `mask` is a mask expanded over the heads as
+    nn.MultiheadAttention expands its key padding mask: expand(-1, heads, -1, -1), reshape(batch *
+    heads, 1, keys), view(batch, heads, -1, keys). The mask it expands is checked to have one entry
+    for all heads (`_per_head_masks`)."""
+    reshape = data_input(mask) if is_op(mask, RESHAPES) else None
+    expand = data_input(reshape) if reshape is not None and is_op(reshape, RESHAPES) else None
+    if expand is None or expand.target is not aten.expand.default or len(reshape.users) != 1 or len(expand.users) != 1:
+        return None
+    view_heads = shape_entries(mask)[1:2] if len(shape_entries(mask)) == 4 else None
+    if view_heads not in ([-1], [heads]) or len(shape_entries(reshape)) != 3 or shape_entries(expand)[:2] != [-1, heads]:
+        return None
+    batch_heads = _batch_times_heads(reshape, 0, heads)
+    if batch_heads is None:
+        return None
+    sizes, products = batch_heads
+    return [*products, expand, reshape, mask], sizes | {expand.name: 1} | ({mask.name: 1} if view_heads == [heads] else {})
+
+
+# nn.MultiheadAttention's packing of its in-projection's output (x.unflatten(-1, (parts, width)).unsqueeze(0)
+# .transpose(0, -2).squeeze(-2).contiguous()) as torch.export records it, read back from the parts:
+# (target, arguments after the tensor).
+_PACKED_PARTS = (
+    (aten.contiguous.default, ()), (aten.squeeze.dim, (-2,)), (aten.transpose.int, (0, -2)), (aten.unsqueeze.default, (0,)),
+)
+
+
+class _Source(NamedTuple):
+    """Where query, key or value comes from: part `part` of the `parts` copies of the width side by side
+    in compressed site `up`'s output, which `reader` takes from `shared` (the site's output itself when
+    it holds one copy), then split into heads; `nodes` from the site to the split, `sizes` those of
+    them that count the width."""
+
+    up: Site
+    part: int
+    parts: int
+    shared: fx.Node
+    reader: fx.Node
+    split: _HeadSplit
+    nodes: list[fx.Node]
+    sizes: dict[str, int]
+    repeats: int = 1
+
+
+# (site, part, parts, the node the parts are read from, the nodes from the site to it, the sizes of them counting the width)
+_Part = tuple[Site, int, int, fx.Node, list[fx.Node], dict[str, int]]
+
+
+def _packed_part(item: fx.Node, width: int, sites_by_node: dict[str, Site]) -> _Part | None:
+    """(site, part, parts, packed, nodes, sizes) if `item` is select(packed, 0, i) of a site's output packed
+    as nn.MultiheadAttention packs it: 3 copies for self-attention, 2 (key, value) for cross-attention."""
+    if not is_op(item, {aten.select.int}) or item.args[1] != 0:
+        return None
+    packed = node = item.args[0]
+    packing = []
+    for target, arguments in _PACKED_PARTS:
+        if node.target is not target or tuple(node.args[1:]) != arguments or (packing and len(node.users) != 1):
+            return None
+        packing.append(node)
+        node = node.args[0]
+    unflatten, entries = node, list(node.args[2]) if node.target is aten.unflatten.int else []
+    if unflatten.args[1:2] != (-1,) or len(entries) != 2 or entries[1] != width or len(unflatten.users) != 1:
+        return None
+    up = _site_of(unflatten.args[0], sites_by_node, width, entries[0])
+    return (up, item.args[2], entries[0], packed, [unflatten, *packing], {unflatten.name: 1}) if up is not None else None
+
+
+def _splits_last_dim_into_blocks(node: fx.Node, width: int) -> bool:
+    """Whether `node` splits its input along the last dim into blocks of `width` (x.split(width, dim=-1),
+    or dim=2 of a 3-d x as GPT-2 writes it; torch.export records the input's rank)."""
+    if not is_op(node, _SPLITS) or len(node.args) < 2 or node.args[1] != width:
+        return False
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    value = node.args[0].meta.get("val")
+    return dim == -1 or (isinstance(value, torch.Tensor) and dim == value.dim() - 1)
+
+
+def _block_part(gm: fx.GraphModule, item: fx.Node, width: int, sites_by_node: dict[str, Site]) -> _Part | None:
+    """(site, part, parts, blocks, nodes, sizes) if `item` is block i of a site's output split along its
+    last dim into blocks of `width`, perhaps after reshapes of its tokens (Hugging Face's GPT-2)."""
+    if item.target is not operator.getitem or not _splits_last_dim_into_blocks(item.args[0], width):
+        return None
+    blocks = item.args[0]
+    source, tokens = _chain_back(gm, blocks.args[0])
+    up = sites_by_node.get(source.name)
+    parts = up.out_features // width if up is not None else 0
+    if not parts or _site_of(source, sites_by_node, width, parts) is None:
+        return None
+    if not all(keeps_width_last(n, parts * width) for n in tokens):
+        return None
+    return up, item.args[1], parts, blocks, [*tokens, blocks], width_sizes(tokens, parts * width) | {blocks.name: 0}
+
+
+# Nodes that compute each head of a (batch, heads, seq, head_dim) tensor from that head alone, given
+# other tensors broadcast over the heads and slices and concatenation along head_dim: rotary embeddings.
+_WITHIN_HEADS = {aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.neg.default, aten.slice.Tensor, aten.cat.default}
+
+
+def _along_head_dim(node: fx.Node) -> bool:
+    """Whether a slice or concatenation works along the last dim (anything else: true)."""
+    if node.target not in (aten.slice.Tensor, aten.cat.default):
+        return True
+    dim = node.args[1] if len(node.args) > 1 else 0
+    tensor = node.args[0][0] if node.target is aten.cat.default else node.args[0]
+    value = tensor.meta.get("val")
+    return isinstance(value, torch.Tensor) and dim in (-1, value.dim() - 1)
+
+
+def _per_head_nodes(end: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
+    """If `end` is computed by `_WITHIN_HEADS` nodes from one (batch, heads, seq, head_dim) tensor and
+    tensors broadcast over the heads (size 1 at dim -3), as rotary embeddings are under torch.export
+    (which records the shapes): that tensor and the nodes; none of them is read from outside."""
+    region: set[fx.Node] = set()
+    stack, heads = [end], set()
+    while stack:
+        node = stack.pop()
+        if node in region:
+            continue
+        if is_op(node, _WITHIN_HEADS) and _along_head_dim(node):
+            region.add(node)
+            stack.extend(node.all_input_nodes)
+            continue
+        value = node.meta.get("val")
+        if not isinstance(value, torch.Tensor):
+            return None
+        if value.dim() >= 3 and value.shape[-3] != 1:
+            heads.add(node)
+    if not region or len(heads) != 1 or len(end.users) != 1:
+        return None
+    [root] = heads
+    if any(not set(node.users) <= region for node in (region - {end}) | heads):
+        return None
+    return root, list(region)
+
+
+def _is_whole_slice(node: fx.Node) -> bool:
+    """x[:] along some dim: a slice from 0 to the end (torch.export records x[:, :, None] with them)."""
+    start, end = (list(node.args[2:4]) + [None, None])[:2]
+    return node.target is aten.slice.Tensor and start in (0, None) and (end is None or end >= 2**62)
+
+
+def _repeated_heads(end: fx.Node) -> tuple[fx.Node, list[fx.Node], int, dict[str, int]] | None:
+    """If `end` repeats each head of a (batch, heads, seq, head_dim) tensor, as grouped-query attention
+    does (LLaMA's repeat_kv: x[:, :, None].expand(b, heads, repeats, t, d).reshape(b, heads * repeats,
+    t, d)): that tensor, the nodes, the repeats and the sizes that count heads."""
+    expand = data_input(end) if is_op(end, RESHAPES) and len(end.users) == 1 else None
+    if expand is None or expand.target is not aten.expand.default or len(expand.users) != 1:
+        return None
+    nodes, node = [expand, end], data_input(expand)
+    while node is not None and len(node.users) == 1 and (_is_whole_slice(node) or (node.target is aten.unsqueeze.default and node.args[1] == 2)):
+        nodes.insert(0, node)
+        node = data_input(node)
+    entries, merged = shape_entries(expand), shape_entries(end)
+    if [n.target for n in nodes].count(aten.unsqueeze.default) != 1 or len(entries) != 5 or len(merged) != 4:
+        return None
+    heads, repeats = entries[1], entries[2]
+    if not (isinstance(heads, int) and isinstance(repeats, int) and heads > 0 and repeats > 0) or merged[1] not in (-1, heads * repeats):
+        return None
+    return node, nodes, repeats, {expand.name: 1} | ({end.name: 1} if merged[1] == heads * repeats else {})
+
+
+def _source(gm: fx.GraphModule, query_key_or_value: object, width: int, sites_by_node: dict[str, Site], shared_by: int = 1) -> _Source | None:
+    """Where `query_key_or_value` comes from, if it is split into heads (sequence- or batch-major) from a
+    site's output of one copy of `width`, or from a part of a packed or block-split output; rotary
+    embeddings may stand between the split and the attention (`_per_head_nodes`), and the heads of a
+    key or value may be repeated for groups of query heads (`_repeated_heads`), or each shared by
+    `shared_by` query heads in the attention itself (enable_gqa); the site's output then holds
+    width / repeats."""
+    if not isinstance(query_key_or_value, fx.Node):
+        return None
+    repeated = _repeated_heads(query_key_or_value)
+    end, repeat_nodes, repeats, repeat_sizes = repeated if repeated is not None else (query_key_or_value, [], shared_by, {})
+    if width % repeats:
+        return None
+    width //= repeats
+    item, chain = _chain_back(gm, end)
+    rotary = _per_head_nodes(end) if not chain else None
+    if rotary is not None and is_op(rotary[0], _PASS_THROUGH) and data_input(rotary[0]) is not None:
+        item, chain = _chain_back(gm, data_input(rotary[0]))
+        chain.append(rotary[0])  # the split's last node, read by the rotary embedding alone
+    split = (_sequence_major_split(chain, width) or _batch_major_split(chain, width)) if chain else None
+    if split is None:
+        return None
+    after_split = [*(rotary[1] if rotary is not None else []), *repeat_nodes]
+    up = _site_of(item, sites_by_node, width, 1)
+    if up is not None:
+        return _Source(up, 0, 1, item, chain[0], split, [*chain, *after_split], repeat_sizes, repeats)
+    part = _packed_part(item, width, sites_by_node) or _block_part(gm, item, width, sites_by_node)
+    if part is None:
+        return None
+    up, index, parts, shared, nodes, sizes = part
+    return _Source(up, index, parts, shared, item, split, [*nodes, item, *chain, *after_split], sizes | repeat_sizes, repeats)
+
+
+def _heads_per_key_value_head(attention: fx.Node) -> int | None:
+    """How many query heads share each key/value head inside the attention: 1, or with enable_gqa the
+    ratio of their head counts (torch.export records the shapes; None when unknown)."""
+    if not attention.kwargs.get("enable_gqa", False):
+        return 1
+    query, key = (argument.meta.get("val") for argument in attention.args[:2])
+    if not isinstance(query, torch.Tensor) or not isinstance(key, torch.Tensor) or query.shape[-3] % key.shape[-3]:
+        return None
+    return int(query.shape[-3] // key.shape[-3])
+
+
+def _projections(gm: fx.GraphModule, attention: fx.Node, width: int, sites_by_node: dict[str, Site]) -> _Projections | None:
+    """Query, key and value each from a compressed site or a part of one (`_source`), every part of each
+    site read once: three sites (BERT, MiniLM; nn.MultiheadAttention with its in-projection in blocks),
+    one packed or block-split site (nn.MultiheadAttention's self-attention, GPT-2), or a query site and
+    a packed key/value site (nn.MultiheadAttention's cross-attention)."""
+    shared_by = _heads_per_key_value_head(attention)
+    if shared_by is None:
+        return None
+    sources = [_source(gm, argument, width, sites_by_node, 1 if index == 0 else shared_by) for index, argument in enumerate(attention.args[:3])]
+    if any(source is None for source in sources) or len({source.split.head_dim for source in sources}) != 1:
+        return None
+    for shared in {source.shared for source in sources}:
+        parts = [source for source in sources if source.shared is shared]
+        if set(shared.users) != {source.reader for source in parts} or sorted(source.part for source in parts) != list(range(parts[0].parts)):
+            return None
+    if sources[0].repeats != 1 or sources[1].repeats != sources[2].repeats:
+        return None  # the queries' heads are the groups; key and value repeat theirs alike
+    ups = {source.up.name: (source.parts, source.repeats) for source in sources}
+    resized = {name: index for source in sources for name, index in (source.sizes | source.split.sizes).items()}
+    between = [node for source in sources for node in (*source.nodes, *source.split.products)]
+    parts, repeats = zip(*ups.values())
+    return _Projections(tuple(ups), sources[0].split.head_dim, resized, between, parts, repeats if max(repeats) > 1 else ())
+
+
+def head_width(gm: fx.GraphModule, down: Site, sites_by_node: dict[str, Site], nodes: dict[str, fx.Node]) -> HiddenWidth | None:
+    """The attention heads `down` reads, if its input is merged from the heads of one
+    scaled_dot_product_attention whose query, key and value are split from compressed sites: one
+    each, or one fused site (in parts or in blocks)."""
+    width = down.in_features
+    attention, after = _chain_back(gm, site_input(nodes[down.entry_node]))
+    if not is_op(attention, ATTENTION) or len(attention.users) != 1:
+        return None
+    swaps = [n for n in after if is_op(n, _SWAPS)]
+    if len(swaps) != 1 or not _merges_heads(swaps[0]):
+        return None
+    # the first reshape after the swap merges the heads; later ones (a flattening of the tokens) keep the width last
+    merged = after[after.index(swaps[0]) + 1 :]
+    reshapes = [n for n in merged if is_op(n, RESHAPES)]
+    if not reshapes or not all(keeps_width_last(n, width) for n in reshapes):
+        return None
+    if not all(is_identity(gm, n) for n in merged[merged.index(reshapes[0]) + 1 :] if n not in reshapes):
+        return None
+    projections = _projections(gm, attention, width, sites_by_node) or _fused_projection(gm, attention, width, sites_by_node)
+    if projections is None:
+        return None
+    head_dim = projections.head_dim
+    heads = width // head_dim
+    # reshapes between attention and the merge must keep (heads, head_dim) apart without naming the head count
+    if any(is_op(n, RESHAPES) and (shape_entries(n)[-1:] != [head_dim] or heads in shape_entries(n)[:-1]) for n in after[: after.index(reshapes[0])]):
+        return None
+    resized, mask_nodes = projections.resized, []
+    resized |= width_sizes(reshapes, width)
+    mask = mask_argument(attention)
+    expansion = _mask_expanded_over_heads(mask, heads) if mask is not None else None
+    if expansion is not None:  # the student path expands the mask over its kept heads
+        mask_nodes, mask_sizes = expansion
+        resized |= mask_sizes
+    names = {node.name for node in (attention, *after, *projections.between, *mask_nodes)}
+    ordered = tuple(name for name in nodes if name in names)
+    # grouped-query attention: a key/value head and the query heads sharing it are pruned together
+    group = head_dim * max(projections.repeats, default=1)
+    return HiddenWidth("heads", projections.ups, down.name, ordered, width, group, tuple(resized.items()), parts=projections.parts, repeats=projections.repeats)
+
+
+def mask_argument(attention: fx.Node) -> fx.Node | None:
+    """The attn_mask tensor a scaled_dot_product_attention reads, if any."""
+    mask = attention.kwargs.get("attn_mask", attention.args[3] if len(attention.args) > 3 else None)
+    return mask if isinstance(mask, fx.Node) else None
+

@@ -1,0 +1,123 @@
+"""Neuron widths (prune_neurons): an up-projection's output passes only through elementwise nodes (an
+activation, perhaps a dropout or an identity, or an activation written out in arithmetic on the
+width and numbers; reshapes of the tokens) into a down-projection, as in a transformer's FFN; a
+gated activation reads a second up-projection too (LLaMA's SwiGLU). Dropping a neuron removes a
+row of each up, the activation's element and a column of down."""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from tunecomp_fx.forms import site_input
+from tunecomp_fx.graph_nodes import RESHAPES, data_input, is_identity, is_op, keeps_width_last, width_sizes
+from tunecomp_fx.sites import HiddenWidth, Site
+
+aten = torch.ops.aten
+
+# Elementwise functions of one tensor: a neuron's output depends on that neuron's input alone.
+_ACTIVATION_FUNCTIONS = {
+    aten.gelu.default, aten.relu.default, aten.silu.default, aten.tanh.default, aten.sigmoid.default,
+    aten.hardtanh.default, aten.hardswish.default, aten.hardsigmoid.default, aten.leaky_relu.default,
+    aten.elu.default, aten.selu.default, aten.mish.default, aten.softplus.default,
+    F.gelu, F.relu, F.silu, F.relu6, F.hardtanh, F.hardswish, F.hardsigmoid, F.leaky_relu, F.elu, F.selu,
+    F.mish, F.softplus, torch.relu, torch.tanh, torch.sigmoid,
+}
+_ACTIVATION_METHODS = {"relu", "tanh", "sigmoid"}
+_ACTIVATION_MODULES = (
+    nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.ReLU6, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid,
+    nn.LeakyReLU, nn.ELU, nn.SELU, nn.Mish, nn.Softplus,
+)
+_DROPOUTS = {aten.dropout.default, F.dropout}
+
+
+# Arithmetic of tensors and numbers: a neuron's output depends on that neuron alone when every tensor
+# it reads is of the same width (an activation written out, as GPT-2's tanh GELU under torch.export).
+_ARITHMETIC = {
+    aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.pow.Tensor_Scalar,
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.pow,
+    torch.add, torch.sub, torch.mul, torch.div, torch.pow, "add", "sub", "mul", "div", "pow",
+}
+
+
+def _elementwise(gm: fx.GraphModule, node: fx.Node, width: int) -> str | None:
+    """"activation", "dropout", "identity" (timm's Mlp has an nn.Identity norm when the norm is off),
+    "arithmetic" (`_ARITHMETIC`, of tensors and numbers), "reshape" (of the tokens: the width stays
+    last), or None when `node` is none of them. Which tensors it reads is the caller's to check."""
+    if is_op(node, _ARITHMETIC):
+        return "arithmetic" if not node.kwargs and all(isinstance(a, (fx.Node, int, float)) for a in node.args) else None
+    if is_op(node, RESHAPES):
+        return "reshape" if keeps_width_last(node, width) else None
+    tensors = node.all_input_nodes
+    if len(tensors) != 1 or node.args[:1] != (tensors[0],):
+        return None
+    if node.op == "call_function":
+        return "activation" if node.target in _ACTIVATION_FUNCTIONS else "dropout" if node.target in _DROPOUTS else None
+    if node.op == "call_method":
+        return "activation" if node.target in _ACTIVATION_METHODS else None
+    if node.op == "call_module":
+        if is_identity(gm, node):
+            return "identity"
+        module = gm.get_submodule(node.target)
+        return "activation" if isinstance(module, _ACTIVATION_MODULES) else "dropout" if isinstance(module, nn.Dropout) else None
+    return None
+
+
+def _elementwise_region(gm: fx.GraphModule, starts: list[fx.Node], width: int) -> tuple[dict[fx.Node, str], fx.Node | None] | None:
+    """The nodes `_elementwise` reaches from `starts`, with their kinds (the starts' is "up"), and the
+    one other node that reads them; None as soon as a second one does (a residual stream would
+    otherwise take the walk through the rest of the model)."""
+    kinds = dict.fromkeys(starts, "up")
+    queue, readers = list(starts), set()
+    while queue:
+        for user in queue.pop().users:
+            kind = kinds.get(user) or _elementwise(gm, user, width)
+            if kind is None:
+                readers.add(user)
+                if len(readers) > 1:
+                    return None
+            elif user not in kinds:
+                kinds[user] = kind
+                queue.append(user)
+    return kinds, next(iter(readers), None)
+
+
+def neuron_width(
+    gm: fx.GraphModule, up: Site, sites_by_node: dict[str, Site], sites_by_entry: dict[str, Site], nodes: dict[str, fx.Node]
+) -> HiddenWidth | None:
+    """The width `up` computes, if elementwise nodes alone (`_elementwise`, one an activation) lead from
+    it to one compressed site's input, reading nothing but it, each other and other compressed sites
+    of the same width and layout (a gated activation, act(gate(x)) * up(x), as in LLaMA's SwiGLU).
+    The sites share the width's neurons; it is found from the first of them in the graph."""
+    width, starts = up.out_features, [nodes[up.node]]
+    while True:
+        region = _elementwise_region(gm, starts, width)
+        if region is None:
+            return None
+        kinds, reader = region
+        # tensors read from outside the region (a reshape's sizes may come from anywhere): other ups, or none
+        reads = (([data_input(n)] if kind == "reshape" else n.all_input_nodes) for n, kind in kinds.items() if kind != "up")
+        outside = {tensor for tensors in reads for tensor in tensors} - kinds.keys()
+        gates = [t for t in outside if (site := sites_by_node.get(t.name)) and (site.layout, site.out_features) == (up.layout, width)]
+        if len(gates) < len(outside):
+            return None
+        if not gates:
+            break
+        starts += gates
+    leaving = [n for n in kinds if reader in n.users]
+    down = sites_by_entry.get(reader.name) if reader is not None else None
+    if down is None or len(leaving) != 1 or "activation" not in kinds.values():
+        return None
+    [output] = leaving
+    if site_input(reader) is not output or len(output.users) != 1 or down.in_features != width:
+        return None
+    ups = tuple(sites_by_node[name].name for name in nodes if kinds.get(nodes[name]) == "up")
+    if ups[0] != up.name:
+        return None
+    between = tuple(name for name in nodes if kinds.get(nodes[name], "up") != "up")
+    resized = width_sizes([n for n, kind in kinds.items() if kind == "reshape"], width)
+    return HiddenWidth("neurons", ups, down.name, between, width, resized=tuple(resized.items()))
+
