@@ -19,7 +19,7 @@ import torch
 from tests.joint_task import single_thread  # noqa: F401
 from tests.test_resume import _loader, _trainer
 
-from tunecomp_fx.train import CHECKPOINT_FORMAT, latest_checkpoint
+from tunecomp_fx.checkpoints import CHECKPOINT_FORMAT, latest_checkpoint
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -149,7 +149,7 @@ def test_a_checkpoint_reaches_the_disk_before_it_replaces_the_path(tmp_path: Pat
     rename survives a power loss too); the file loads with what was saved."""
     import os
 
-    from tunecomp_fx.train import save_durably
+    from tunecomp_fx.checkpoints import save_durably
 
     events: list[tuple[str, str]] = []
     real_fsync, real_replace = os.fsync, os.replace

@@ -31,7 +31,8 @@ from tunecomp_fx.errors import InputError
 from tunecomp_fx.inputs import Inputs, call_model
 from tunecomp_fx.model_spec import close_names, import_object
 from tunecomp_fx.loss_spec import Objective
-from tunecomp_fx.train import checked_loss, prediction, split_batch
+from tunecomp_fx.batches import split_batch
+from tunecomp_fx.train import checked_loss, prediction
 
 SPLITS = ("train", "validation")
 

@@ -20,16 +20,8 @@ from tunecomp_fx.errors import InputError
 from tunecomp_fx.inputs import call_model
 from tunecomp_fx.mode import set_training_mode
 from tunecomp_fx.progress import progress_bar
-from tunecomp_fx.train import (
-    TrainingConfig,
-    _DataCursor,
-    accuracy,
-    autocast,
-    build_optimizer,
-    checked_loss,
-    prediction,
-    split_batch,
-)
+from tunecomp_fx.batches import DataCursor, split_batch
+from tunecomp_fx.train import TrainingConfig, accuracy, autocast, build_optimizer, checked_loss, prediction
 
 
 def finetune(
@@ -52,7 +44,7 @@ def finetune(
     model.requires_grad_(True)
     optimizer = build_optimizer(model, config)
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
-    cursor = _DataCursor(data)
+    cursor = DataCursor(data)
     set_training_mode(model, True)
     for step in progress_bar(range(config.steps), enabled=progress, desc=desc):
         for group in optimizer.param_groups:

@@ -6,7 +6,8 @@
   sets the blends, shrinks the rank masks and, once alpha reaches 0, takes the teachers out of
   the graph (fold_blends + eliminate_dead_code on the live model).
 - `JointTrainer`: the loop (AdamW with warm-up and decay, gradient accumulation, bf16 autocast on
-  CUDA, periodic evaluation, checkpoints with exact resume, NaN/inf guard, DDP under torchrun).
+  CUDA, periodic evaluation, checkpoints with exact resume (`checkpoints`, over a `batches.DataCursor`),
+  NaN/inf guard, DDP under torchrun).
 - `joint_compress`: prepare -> JointTrainer -> finalize, what `compress(..., data=...)` runs.
 """
 
@@ -31,9 +32,17 @@ from torch import fx, nn
 from tunecomp_fx import distributed
 from tunecomp_fx.api import finalize, prepare, prepared_state
 from tunecomp_fx.config import CompressionConfig, reject_unknown_keys
-from tunecomp_fx.errors import ConfigError, InputError, TrainingError, first_line
-from tunecomp_fx.folders import check_writable_folder
-from tunecomp_fx.inputs import Inputs, call_model, normalize_inputs
+from tunecomp_fx.batches import DataCursor, batch_size, check_training_data, split_batch, to_device
+from tunecomp_fx.checkpoints import (
+    check_checkpoint_dir,
+    fingerprint,
+    read_checkpoint,
+    rng_state,
+    set_rng_state,
+    write_checkpoint,
+)
+from tunecomp_fx.errors import ConfigError, InputError, TrainingError
+from tunecomp_fx.inputs import Inputs, call_model
 from tunecomp_fx.mode import set_training_mode
 from tunecomp_fx.passes.eliminate_dead_code import EliminateDeadCode
 from tunecomp_fx.passes.fold_blends import FoldBlends
@@ -46,11 +55,7 @@ from tunecomp_fx.sites import Blend, set_blend, teacher_parameters
 DEFAULT_RANK_SLACK = 0.5  # extra rank students start with when trained, pruned away by the blend's end (README: 0.5 won at 0.7)
 LONGEST_DEFAULT_BLEND = 0.5  # the default blend lasts the ratio's fraction of the run, at most this (README: "Evidence for the defaults")
 UNION_CALIBRATION_BATCHES = 8  # training batches method="union" calibrates on when given no calib
-CHECKPOINT_FORMAT = "tunecomp-checkpoint/1"
 TRAINING_KEY = "tunecomp_training"  # compact GraphModule.meta key: training config and history
-_KEEP_CHECKPOINTS = 2
-_RESUME_FROM = "give resume= a run's checkpoint_dir (its newest complete step_*.pt is used) or one of those files"
-_START_AFRESH = "start a fresh run without resume= (in another checkpoint_dir, to keep these checkpoints)"
 
 
 @dataclass(frozen=True)
@@ -286,50 +291,6 @@ class StepHook:
         self.close()  # no teacher, no feature loss: the model carries no hooks of ours any more
 
 
-def check_checkpoint_dir(folder: str | os.PathLike[str]) -> None:
-    check_writable_folder(Path(folder), f"checkpoints to checkpoint_dir={folder}", TrainingError)
-
-
-def save_durably(payload: Any, path: Path) -> None:
-    """torch.save to `path` so that neither a crash nor a power loss leaves a truncated file there:
-    written beside it, flushed to disk, renamed over it atomically, and the rename flushed too."""
-    partial = path.with_suffix(path.suffix + ".partial")
-    with open(partial, "wb") as handle:
-        torch.save(payload, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(partial, path)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
-
-
-def no_batches(epoch: int = 0) -> InputError:
-    """The error for training data that yields no batch when a new pass over it begins."""
-    if epoch > 0:
-        return InputError(
-            f"the training data (data=) yielded no batches in pass {epoch + 1} over it, after yielding batches in the "
-            "first: a generator or iterator is used up after one pass. Pass data that can be iterated again "
-            "(a DataLoader or a list of batches), or fewer steps"
-        )
-    return InputError(
-        "the training data (data=) yielded no batches. Pass an iterable of (inputs, targets) batches with at least "
-        "one batch (a DataLoader with drop_last=True yields none when the data set is smaller than its batch_size)"
-    )
-
-
-def check_training_data(data: Iterable[Any]) -> None:
-    """Fail before any work when `data` has a length and it is 0 (other iterables are checked when read)."""
-    try:
-        empty = len(data) == 0  # type: ignore[arg-type]
-    except TypeError:
-        return
-    if empty:
-        raise no_batches()
-
-
 def checked_loss(loss: Any, where: str) -> torch.Tensor:
     """`loss` (what loss_fn returned `where`) if it is a scalar tensor; else the error saying what it is."""
     if isinstance(loss, torch.Tensor) and loss.dim() == 0:
@@ -339,100 +300,6 @@ def checked_loss(loss: Any, where: str) -> torch.Tensor:
         f"loss_fn returned {got} {where}; it must return a scalar (0-dim) tensor to differentiate. Reduce it over the "
         "batch, e.g. with .mean() or reduction='mean'"
     )
-
-
-class _DataCursor:
-    """Endless batches over epochs of `data`, resumable exactly: a position is (epoch, batches
-    consumed) plus the RNG state the epoch's iterator was opened with, so a resume reopens the
-    epoch with the same shuffle and skips the consumed batches."""
-
-    def __init__(self, data: Iterable[Any]) -> None:
-        self.data = data
-        self.epoch = 0
-        self.index = 0
-        self._iterator: Any = None
-        self._epoch_rng: dict[str, Any] = {}
-
-    def next(self) -> Any:
-        while True:
-            if self._iterator is None:
-                self._open(None)
-            try:
-                batch = next(self._iterator)
-            except StopIteration:
-                if self.index == 0:
-                    raise no_batches(self.epoch) from None
-                self.epoch, self.index, self._iterator = self.epoch + 1, 0, None
-                continue
-            self.index += 1
-            return batch
-
-    def _open(self, rng: dict[str, Any] | None) -> None:
-        sampler = getattr(self.data, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(self.epoch)
-        generator = getattr(self.data, "generator", None)
-        if rng is None:
-            rng = {"torch": torch.get_rng_state()}
-            if generator is not None:
-                rng["loader"] = generator.get_state()
-        else:
-            torch.set_rng_state(rng["torch"])
-            if generator is not None:
-                generator.set_state(rng["loader"])
-        self._epoch_rng = rng
-        self._iterator = iter(self.data)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "index": self.index, "rng": self._epoch_rng}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Reopen the checkpoint's epoch and skip its consumed batches (this draws on torch's RNG:
-        restore the run's RNG state afterwards)."""
-        self.epoch, self.index = int(state["epoch"]), 0
-        self._open(state["rng"])
-        for _ in range(int(state["index"])):
-            next(self._iterator)
-            self.index += 1
-
-
-def _to_device(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=True)
-    if isinstance(value, Mapping):
-        return {key: _to_device(item, device) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_device(item, device) for item in value)
-    return value
-
-
-def split_batch(batch: Any, device: torch.device) -> tuple[Inputs, Any]:
-    if not isinstance(batch, (list, tuple)) or len(batch) != 2:
-        raise InputError(
-            f"training and evaluation batches must be (inputs, targets) pairs, with inputs a tensor, a tuple "
-            f"of tensors or a dict of keyword tensors; got {type(batch).__name__}"
-            + (f" of length {len(batch)}" if isinstance(batch, (list, tuple)) else "")
-        )
-    inputs, targets = batch
-    return normalize_inputs(_to_device(inputs, device)), _to_device(targets, device)
-
-
-def _batch_size(targets: Any) -> int:
-    return targets.shape[0] if isinstance(targets, torch.Tensor) and targets.dim() else len(targets)
-
-
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: Mapping[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def _retain_live_parameters(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
@@ -460,16 +327,6 @@ def build_optimizer(model: nn.Module, config: TrainingConfig) -> torch.optim.Ada
         {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0},
     ]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
-
-
-def fingerprint(prepared: fx.GraphModule) -> dict[str, Any]:
-    """What a checkpoint must match to be resumed into this prepared model."""
-    context = prepared_state(prepared).context
-    return {
-        "compression_config": context.config.to_dict(),
-        "ranks": {name: decision.rank for name, decision in sorted(context.ranks.items())},
-        "parameters": {name: list(p.shape) for name, p in prepared.named_parameters()},
-    }
 
 
 class JointTrainer:
@@ -561,7 +418,7 @@ class JointTrainer:
         self.model.to(self.device)
         if self.original is not None:
             self.original.to(self.device).eval().requires_grad_(False)
-        cursor = _DataCursor(self.data)
+        cursor = DataCursor(self.data)
         payload = self._read_checkpoint(resume) if resume is not None else None
         if payload is not None:
             hook.load_state_dict(payload["hook"])
@@ -571,7 +428,7 @@ class JointTrainer:
             optimizer.load_state_dict(payload["optimizer"])
             self.history = list(payload["history"])
             cursor.load_state_dict(payload["data"])
-            _set_rng_state(payload["rng"], self.device)
+            set_rng_state(payload["rng"], self.device)
         else:
             torch.manual_seed(config.seed)
             random.seed(config.seed)
@@ -669,7 +526,7 @@ class JointTrainer:
                 for batch in self.eval_data:
                     inputs, targets = split_batch(batch, self.device)
                     value = self.metric_fn(prediction(call_model(self.model, inputs)), targets)
-                    size = _batch_size(targets)
+                    size = batch_size(targets)
                     total += float(value) * size
                     count += size
         finally:
@@ -681,11 +538,10 @@ class JointTrainer:
 
     # -- checkpoints ------------------------------------------------------------------------
 
-    def _write_checkpoint(self, optimizer: torch.optim.Optimizer, cursor: _DataCursor) -> None:
+    def _write_checkpoint(self, optimizer: torch.optim.Optimizer, cursor: DataCursor) -> None:
         if not self.setup.is_main or self.checkpoint_dir is None:
             return
-        payload = {
-            "format": CHECKPOINT_FORMAT,
+        write_checkpoint(self.checkpoint_dir, self.hook.step_count, {
             "training_config": self.config.to_dict(),
             "fingerprint": self.fingerprint,
             "world_size": self.setup.world_size,
@@ -694,72 +550,15 @@ class JointTrainer:
             "model": self.model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "data": cursor.state_dict(),
-            "rng": _rng_state(self.device),
+            "rng": rng_state(self.device),
             "history": self.history,
-        }
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        save_durably(payload, self.checkpoint_dir / f"step_{self.hook.step_count:07d}.pt")
-        for old in sorted(self.checkpoint_dir.glob("step_*.pt"))[:-_KEEP_CHECKPOINTS]:
-            old.unlink()
+        })
 
     def _read_checkpoint(self, resume: str | os.PathLike[str]) -> dict[str, Any]:
-        path = latest_checkpoint(resume)
-        try:
-            payload = torch.load(path, map_location=self.device, weights_only=True)
-        except Exception as error:
-            detail = first_line(error)
-            reason = detail if detail == type(error).__name__ else f"{type(error).__name__}: {detail}"
-            raise TrainingError(f"cannot read checkpoint {path} ({reason}); {_RESUME_FROM}") from error
-        if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-            raise TrainingError(f"{path} is not a tunecomp checkpoint ({CHECKPOINT_FORMAT}); {_RESUME_FROM}")
-        # the model and compression first: the default blend length derives from the ratio
-        if payload["fingerprint"] != self.fingerprint:
-            saved_print = payload["fingerprint"]
-            mismatched = [
-                f"{key} ({_differences(saved_print.get(key, {}), now)})"
-                for key, now in self.fingerprint.items() if saved_print.get(key) != now
-            ]
-            raise TrainingError(
-                f"{path} was written for a different model or compression; saved -> now: {'; '.join(mismatched)}. "
-                f"Prepare the same model with the same options to resume, or {_START_AFRESH}"
-            )
-        saved = TrainingConfig.from_dict(payload["training_config"])
-        if saved != self.config:
-            changed = {k: (v, getattr(self.config, k)) for k, v in saved.to_dict().items() if getattr(self.config, k) != v}
-            raise TrainingError(
-                f"{path} was written with a different training config (saved, now): {changed}. Resume with the "
-                f"training options it was written with, or {_START_AFRESH}"
-            )
-        if payload["world_size"] != self.setup.world_size or payload["total_steps"] != self.total_steps:
-            raise TrainingError(
-                f"{path} comes from a run of {payload['total_steps']} steps on {payload['world_size']} processes; "
-                f"this run has {self.total_steps} steps on {self.setup.world_size}. Resume with the same run length "
-                f"and number of processes, or {_START_AFRESH}"
-            )
-        return payload
-
-
-def _differences(saved: Mapping[str, Any], now: Mapping[str, Any], shown: int = 3) -> str:
-    """The first `shown` entries in which two dicts differ, as 'key: saved -> now'."""
-    keys = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
-    listed = ", ".join(f"{k}: {saved.get(k, 'absent')} -> {now.get(k, 'absent')}" for k in keys[:shown])
-    return listed + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
-
-
-def latest_checkpoint(path: str | os.PathLike[str]) -> Path:
-    """`path` itself, or the newest step_*.pt checkpoint in the directory `path`."""
-    path = Path(path)
-    if path.is_dir():
-        found = sorted(path.glob("step_*.pt"))
-        if not found:
-            raise TrainingError(
-                f"no checkpoint (step_*.pt) in {path}: the run wrote none there (its first is written at step "
-                "checkpoint_every). Give resume= the checkpoint_dir of the run to continue, or start it without resume="
-            )
-        return found[-1]
-    if not path.exists():
-        raise TrainingError(f"checkpoint {path} does not exist; {_RESUME_FROM}")
-    return path
+        return read_checkpoint(
+            resume, self.device, fingerprint=self.fingerprint, config=self.config,
+            world_size=self.setup.world_size, total_steps=self.total_steps,
+        )
 
 
 _TRAINER_OPTIONS = {"loss_fn", "metric_fn", "device", "eval_every", "checkpoint_dir", "checkpoint_every", "resume", "training"}
@@ -800,7 +599,7 @@ def joint_compress(
         compression.setdefault("rank_slack", DEFAULT_RANK_SLACK)
     if method == "union" and calib is None:  # labelled training batches, where the model is
         device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
-        calib = [_to_device(batch, device) for batch in itertools.islice(iter(data), UNION_CALIBRATION_BATCHES)]
+        calib = [to_device(batch, device) for batch in itertools.islice(iter(data), UNION_CALIBRATION_BATCHES)]
     for name, value in (("steps", steps), ("epochs", epochs)):
         if value is not None:
             training[name] = value
