@@ -1,4 +1,4 @@
-"""Four probes of what ONNX Runtime's CPU graph could still give the compressed models (README,
+"""Four probes of what ONNX Runtime's CPU graph could still give the compressed models (benchmarks/README.md,
 "Latency"; the first led to export/linear.py, the others were dropped):
 
   bias     every bias Add fed by a MatMul removed (wrong outputs, for timing only): the most that
