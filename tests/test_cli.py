@@ -4,6 +4,7 @@ and bad arguments as one-line errors with a non-zero exit."""
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import re
@@ -241,3 +242,16 @@ def test_help_of_each_subcommand_describes_every_option() -> None:
         for action in parser._actions:
             assert action.help, f"{name} {action.option_strings or action.dest} has no help"
             assert (action.option_strings or [action.metavar or action.dest])[-1] in text
+
+
+def test_version_prints_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"tunecomp-fx {tunecomp_fx.__version__}"
+    assert tunecomp_fx.__version__ == importlib.metadata.version("tunecomp-fx")  # one source: pyproject reads it
+
+
+def test_python_dash_m_runs_the_command_line() -> None:
+    done = subprocess.run([sys.executable, "-m", "tunecomp_fx", "--version"], env=_env(), capture_output=True, text=True, timeout=300)
+    assert (done.returncode, done.stdout.strip()) == (0, f"tunecomp-fx {tunecomp_fx.__version__}"), done.stderr

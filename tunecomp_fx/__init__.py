@@ -5,6 +5,8 @@
     print(tunecomp_fx.get_report(compact))
 """
 
+__version__ = "0.1.0"
+
 from tunecomp_fx.api import compress, finalize, get_report, prepare, prune_slack
 from tunecomp_fx.config import CompressionConfig
 from tunecomp_fx.errors import (
@@ -39,6 +41,7 @@ __all__ = [
     "TrainingConfig",
     "TrainingError",
     "TunecompError",
+    "__version__",
     "compress",
     "finalize",
     "get_report",

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from tunecomp_fx import __version__
 from tunecomp_fx.config import ALLOCATIONS, INITS, METHODS, CompressionConfig
 from tunecomp_fx.data_spec import DATA_HELP, named_dataset
 from tunecomp_fx.errors import CalibrationError, ConfigError, InputError, TunecompError
@@ -391,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"Run '{PROG} COMMAND --help' for each command's options.",
     )
     _add_debug(parser, False)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     compress = commands.add_parser(
