@@ -255,3 +255,11 @@ def test_version_prints_the_package_version(capsys: pytest.CaptureFixture[str]) 
 def test_python_dash_m_runs_the_command_line() -> None:
     done = subprocess.run([sys.executable, "-m", "tunecomp_fx", "--version"], env=_env(), capture_output=True, text=True, timeout=300)
     assert (done.returncode, done.stdout.strip()) == (0, f"tunecomp-fx {tunecomp_fx.__version__}"), done.stderr
+
+
+def test_the_command_line_starts_without_loading_torch_dynamo() -> None:
+    # torch._dynamo (torch.compile's and torch.export's machinery) takes about two seconds to import:
+    # only a capture through torch.export, or a compiled model, should pay for it
+    check = "import sys, tunecomp_fx.cli; print(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))"
+    done = subprocess.run([sys.executable, "-c", check], env=_env(), capture_output=True, text=True, timeout=300)
+    assert (done.returncode, done.stdout.strip()) == (0, "[]"), done.stderr

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import linecache
 import os
+import sys
 import traceback
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -14,7 +15,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
-from torch._dynamo.eval_frame import OptimizedModule
 from torch.nn.utils import parametrize
 
 from tunecomp_fx.errors import CaptureError, InputError, first_line
@@ -205,20 +205,30 @@ def _has_parameter(gm: fx.GraphModule, target: str) -> bool:
 
 
 # Modules that wrap the model without computing anything of their own, and the attribute holding it:
-# fx cannot trace them (no forward of their own, or a scatter over devices).
+# fx cannot trace them (no forward of their own, or a scatter over devices). torch.compile's wrapper is
+# the third kind (`_wrapped_attribute`).
 _WRAPPERS: dict[type[nn.Module], str] = {
-    OptimizedModule: "_orig_mod",  # torch.compile
     nn.DataParallel: "module",
     nn.parallel.DistributedDataParallel: "module",
 }
 
 
+def _wrapped_attribute(model: nn.Module) -> str | None:
+    """The attribute holding the module `model` wraps, or None when it is not a wrapper."""
+    # torch.compile's OptimizedModule is looked up only where a model was compiled, which loads its module:
+    # importing torch._dynamo here would add two seconds to every start of the command line.
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    if eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
+        return "_orig_mod"
+    return next((attribute for wrapper, attribute in _WRAPPERS.items() if isinstance(model, wrapper)), None)
+
+
 def working_copy(model: nn.Module) -> nn.Module:
     """A deep copy of `model` for capture to work on (the user's model is never modified): of the
-    module a wrapper holds (`_WRAPPERS`: compile or parallelize the compact model again), with every
+    module a wrapper holds (torch.compile, `_WRAPPERS`: compile or parallelize the compact model again), with every
     parametrization (torch.nn.utils.parametrize: weight_norm, spectral_norm, ...) baked into a plain
     parameter of its current value: a parametrized weight is computed, not a parameter a site can hold."""
-    while wrapped := next((attribute for wrapper, attribute in _WRAPPERS.items() if isinstance(model, wrapper)), None):
+    while wrapped := _wrapped_attribute(model):
         model = getattr(model, wrapped)
     try:
         copied = copy.deepcopy(model)
