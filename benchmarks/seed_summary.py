@@ -2,7 +2,9 @@
 batch order and dropout), same profile, summarized per method and ratio, with each method's paired
 difference against a reference method (same seed, same batches).
 
-    python benchmarks/seed_summary.py OUTPUT.md RUN_FOLDER [RUN_FOLDER ...] [--reference ft_c_ft]
+    python benchmarks/seed_summary.py OUTPUT.md RUN_FOLDER [RUN_FOLDER ...] [--reference ft_c_ft ...]
+
+Each --reference (a row label; give it again for another column) adds a column of paired differences.
 
 A run folder holds a results.json; a run without a "seed" in its recipe is seed 0. Labels name a
 joint run by what differs from one fixed configuration, the convex blend mix with rank_slack=0.25,
@@ -61,10 +63,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("output", type=Path)
     parser.add_argument("runs", type=Path, nargs="+")
-    parser.add_argument("--reference", default="ft_c_ft", help="the method every paired difference is taken against")
+    parser.add_argument(
+        "--reference",
+        action="append",
+        help="a method (row label) to take paired differences against, one column each; repeatable (default: ft_c_ft)",
+    )
     parser.add_argument("--methods", nargs="+", help="the rows to show, by label (default: all)")
     parser.add_argument("--note", help="a paragraph appended to the summary (how the runs were made)")
     args = parser.parse_args()
+    references: list[str] = args.reference or ["ft_c_ft"]
     runs = [json.loads((folder / "results.json").read_text()) for folder in args.runs]
     recipes = {tuple(run["profile"][key] for key in RECIPE_KEYS) for run in runs}
     if len(recipes) > 1:
@@ -80,22 +87,25 @@ def main() -> int:
         "",
         f"Runs: {', '.join(run['command'] for run in runs)}",
         "",
-        f"Test accuracy (%) per seed; mean over the seeds; paired difference against {args.reference} at the same "
-        "ratio (or uncompressed) and seed: mean ± standard error over the seeds both have.",
+        f"Test accuracy (%) per seed; mean over the seeds; paired difference against {' and '.join(references)} at "
+        "the same ratio (or uncompressed) and seed: mean ± standard error over the seeds both have.",
         "",
-        f"| method | ratio | {' | '.join(f'seed {s}' for s in seeds)} | mean | minus {args.reference} |",
-        "|---|---|" + "---|" * (len(seeds) + 2),
+        f"| method | ratio | {' | '.join(f'seed {s}' for s in seeds)} | mean | "
+        + " | ".join(f"minus {reference}" for reference in references)
+        + " |",
+        "|---|---|" + "---|" * (len(seeds) + 1 + len(references)),
     ]
     for (method, ratio), by_seed in sorted(accuracy.items(), key=lambda item: (item[0][1], item[0][0])):
         if args.methods and method not in args.methods:
             continue
-        # an uncompressed reference (ft, ratio 0) is the reference at every ratio
-        reference = accuracy.get((args.reference, ratio)) or accuracy.get((args.reference, 0.0), {})
-        paired = [by_seed[s] - reference[s] for s in seeds if s in by_seed and s in reference]
         cells = [f"{by_seed[s]:.2f}" if s in by_seed else "" for s in seeds]
-        mean = f"{statistics.mean(by_seed.values()):.2f}"
-        difference = mean_and_error(paired) if by_seed is not reference else ""
-        lines.append(f"| {method} | {ratio} | {' | '.join(cells)} | {mean} | {difference} |")
+        cells.append(f"{statistics.mean(by_seed.values()):.2f}")
+        for name in references:
+            # an uncompressed reference (ft, ratio 0) is the reference at every ratio
+            reference = accuracy.get((name, ratio)) or accuracy.get((name, 0.0), {})
+            paired = [by_seed[s] - reference[s] for s in seeds if s in by_seed and s in reference]
+            cells.append(mean_and_error(paired) if by_seed is not reference else "")
+        lines.append(f"| {method} | {ratio} | {' | '.join(cells)} |")
     if args.note:
         lines += ["", args.note]
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,72 @@
+"""benchmarks/seed_summary.py on hand-made run folders: paired differences per reference column, the
+labels of joint runs, and the refusal to mix runs of different recipes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+SCRIPT = Path(__file__).parent.parent / "benchmarks" / "seed_summary.py"
+PROFILE = {"max_length": 64, "batch_size": 32, "steps": 600, "lr": 1e-4}
+
+
+def write_run(folder: Path, seed: int, accuracies: dict[str, float], profile: dict[str, Any] = PROFILE) -> Path:
+    """A run folder as benchmarks/minilm_sentiment.py writes it, reduced to what the summary reads."""
+    run = {
+        "command": f"python benchmarks/minilm_sentiment.py --seed {seed}",
+        "profile": profile,
+        "recipe": {"seed": seed, "blend_mix": "convex", "blend_steps": 0.5},
+        "rows": [{"method": method, "ratio": 0.5, "accuracy": accuracy} for method, accuracy in accuracies.items()],
+    }
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps(run))
+    return folder
+
+
+def summarize(*arguments: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, arguments)], capture_output=True, text=True)
+
+
+def rows(markdown: str) -> dict[str, list[str]]:
+    """The table's cells by method label, the header under "method"."""
+    table = [line.strip("|").split("|") for line in markdown.splitlines() if line.startswith("| ")]
+    return {cells[0].strip(): [cell.strip() for cell in cells[1:]] for cells in table}
+
+
+def test_one_column_of_paired_differences_per_reference(tmp_path: Path) -> None:
+    runs = [
+        write_run(tmp_path / "s0", 0, {"c_ft": 0.80, "joint": 0.78, "joint[T=0.1]": 0.81}),
+        write_run(tmp_path / "s1", 1, {"c_ft": 0.82, "joint": 0.79, "joint[T=0.1]": 0.83}),
+    ]
+    output = tmp_path / "summary.md"
+    result = summarize(output, *runs, "--reference", "c_ft", "--reference", "joint[blend_mix=convex]")
+    assert result.returncode == 0, result.stderr
+    table = rows(output.read_text())
+    assert table["method"][-2:] == ["minus c_ft", "minus joint[blend_mix=convex]"]
+    # seeds 0 and 1, mean, then the differences: mean ± standard error of the per-seed differences
+    assert table["joint[T=0.1]"] == ["0.5", "81.00", "83.00", "82.00", "+1.00 ± 0.00", "+3.50 ± 0.50"]
+    assert table["joint[blend_mix=convex]"] == ["0.5", "78.00", "79.00", "78.50", "-2.50 ± 0.50", ""]
+    assert table["c_ft"][-2:] == ["", "+2.50 ± 0.50"]
+
+
+def test_the_reference_defaults_to_fine_tune_compress_fine_tune(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "s0", 0, {"ft_c_ft": 0.80, "c_ft": 0.81})
+    output = tmp_path / "summary.md"
+    assert summarize(output, run).returncode == 0
+    table = rows(output.read_text())
+    assert table["method"][-1] == "minus ft_c_ft"
+    assert table["c_ft"][-1] == "+1.00"  # one seed: no standard error
+
+
+def test_runs_of_different_recipes_are_refused(tmp_path: Path) -> None:
+    runs = [
+        write_run(tmp_path / "s0", 0, {"c_ft": 0.80}),
+        write_run(tmp_path / "s1", 1, {"c_ft": 0.80}, profile={**PROFILE, "steps": 200}),
+    ]
+    result = summarize(tmp_path / "summary.md", *runs)
+    assert result.returncode != 0
+    assert "the runs differ in ('max_length', 'batch_size', 'steps', 'lr')" in result.stderr
+    assert not (tmp_path / "summary.md").exists()
