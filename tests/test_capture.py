@@ -1,7 +1,8 @@
 """Capture keeps the batch dimension dynamic on the torch.export path even when the example inputs
 hold a single example (torch.export would otherwise specialize the size-1 batch to a constant), and
 captures nn.TransformerEncoder's padded batches without its eval-mode fast path, and a copy of the
-model (unwrapped from torch.compile or DataParallel) with its parametrized weights baked."""
+model (unwrapped from torch.compile or DataParallel) with its parametrized weights baked; a function
+registered with register_wrapped_function stays one call that runs at run time."""
 
 from __future__ import annotations
 
@@ -92,3 +93,38 @@ def test_a_wrapped_model_is_captured_as_the_module_it_wraps(wrap: Callable[[nn.M
     prepared = tunecomp_fx.prepare(wrap(model), torch.randn(4, 32), 0.4)
     assert prepared.meta["tunecomp"].capture_path == "symbolic_trace"
     assert [site.name for site in prepared.meta["tunecomp"].context.sites] == ["0", "2"]  # not _orig_mod.0
+
+
+def signed_double(x: torch.Tensor) -> torch.Tensor:
+    """Python control flow on a tensor's value: neither symbolic tracing nor torch.export can follow it."""
+    SIGNED_DOUBLE_CALLS.append(x.shape)
+    return x * 2 if x.sum() > 0 else -x
+
+
+SIGNED_DOUBLE_CALLS: list[torch.Size] = []
+
+
+class CallsSignedDouble(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(32, 64), nn.Linear(64, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(signed_double(self.up(x)))
+
+
+def test_a_registered_function_stays_one_call_and_the_layers_around_it_compress(monkeypatch: pytest.MonkeyPatch):
+    inputs = (torch.randn(4, 32),)
+    with pytest.raises(tunecomp_fx.CaptureError, match=r"register_wrapped_function\(function, reason\)"):
+        tunecomp_fx.compress(CallsSignedDouble().eval(), inputs, ratio=0.5)
+    monkeypatch.setattr(tunecomp_fx.capture, "WRAPPED_FUNCTIONS", {})
+    tunecomp_fx.capture.register_wrapped_function(signed_double, "test: branches on the sum")
+    compact = tunecomp_fx.compress(CallsSignedDouble().eval(), inputs, ratio=0.5)
+    report = tunecomp_fx.get_report(compact)
+    assert report.capture_path == "symbolic_trace"
+    assert [row.name for row in report.compressed_rows] == ["up", "down"]
+    assert [node.op for node in compact.graph.nodes if node.target is signed_double] == ["call_function"]
+    SIGNED_DOUBLE_CALLS.clear()
+    with torch.no_grad():
+        compact(torch.randn(3, 32))
+    assert SIGNED_DOUBLE_CALLS == [torch.Size([3, 64])]  # called at run time, its branch not baked in

@@ -376,7 +376,8 @@ def _capture(
             + (f" The construct that stops both is at {where}." if where else "")
             + " Rewrite it without Python control flow on tensor values (e.g. torch.where instead of "
             "`if tensor:`), or register the module that holds it with "
-            "tunecomp_fx.capture.register_leaf_module(Type, reason) so that it stays one opaque call"
+            "tunecomp_fx.capture.register_leaf_module(Type, reason), or the function, with "
+            "tunecomp_fx.capture.register_wrapped_function(function, reason), so that it stays one opaque call"
         ) from export_error
     axes = _axes(dims)
     plural = "s" if len(axes) > 1 else ""
