@@ -95,13 +95,13 @@ def test_a_wrapped_model_is_captured_as_the_module_it_wraps(wrap: Callable[[nn.M
     assert [site.name for site in prepared.meta["tunecomp"].context.sites] == ["0", "2"]  # not _orig_mod.0
 
 
+SIGNED_DOUBLE_CALLS: list[torch.Size] = []  # the shapes signed_double was called with
+
+
 def signed_double(x: torch.Tensor) -> torch.Tensor:
     """Python control flow on a tensor's value: neither symbolic tracing nor torch.export can follow it."""
     SIGNED_DOUBLE_CALLS.append(x.shape)
     return x * 2 if x.sum() > 0 else -x
-
-
-SIGNED_DOUBLE_CALLS: list[torch.Size] = []
 
 
 class CallsSignedDouble(nn.Module):
