@@ -1,5 +1,6 @@
 """One process of the 2-process torchrun test (tests/test_distributed.py): joint training of the
-digits MLP under DDP/gloo; writes what it ended with to OUT/rank<r>.pt for the test to compare.
+digits MLP under DDP/gloo, with the students' own task loss (two forwards per step during the
+blend); writes what it ended with to OUT/rank<r>.pt for the test to compare.
 Each rank is given its own checkpoint directory, so the test can see that only rank 0 writes."""
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def main(out: Path) -> None:
         return F.cross_entropy(outputs, targets)
 
     trainer = tunecomp_fx.JointTrainer(
-        prepared, data=task.loader(), eval_data=[task.test], loss_fn=loss_fn, steps=30, blend_steps=15, lr=1e-3,
+        prepared, data=task.loader(), eval_data=[task.test], loss_fn=loss_fn, steps=30, blend_steps=15, lr=1e-3, student_loss=1.0,
         warmup=0, checkpoint_dir=out / f"checkpoints_rank{rank}", checkpoint_every=10, progress=False,
     )
     trained = trainer.fit()

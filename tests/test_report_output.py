@@ -44,6 +44,7 @@ def test_json_round_trip_and_save(tmp_path: Path) -> None:
     assert data["totals"]["kept_fraction"] == report.kept_fraction
     assert data["pass_log"][1] == {"name": "fold_blends", "seconds": 0.25, "added": [], "removed": ["teacher"]}
     assert CompressionReport.from_dict(data) == report
+    assert json.loads(report.to_json()) == data  # the string form of what save writes
     assert markdown_path.read_text() == report.to_markdown()
     legacy = {k: v for k, v in data.items() if k != "pass_log"}  # written before the pass log existed
     assert CompressionReport.from_dict(legacy).pass_log == ()

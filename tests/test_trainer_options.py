@@ -1,5 +1,5 @@
-"""JointTrainer options: gradient accumulation, epochs, logit distillation, element-wise
-hard-shrink, trainable teachers, periodic evaluation and the progress bar."""
+"""JointTrainer options: gradient accumulation, epochs, logit distillation, the students' own task
+loss, element-wise hard-shrink, trainable teachers, periodic evaluation and the progress bar."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from tests.joint_task import digits_task, fresh, single_thread  # noqa: F401
 import tunecomp_fx
 from tunecomp_fx import ConfigError, JointTrainer, TrainingConfig
 from tunecomp_fx.api import prepared_state
-from tunecomp_fx.sites import teacher_parameters
+from tunecomp_fx.sites import set_blend, students_alone, teacher_parameters
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -64,6 +64,43 @@ def test_logit_distillation_against_the_original_model() -> None:
     # At step 0 (alpha = 1) the prepared model computes the original's logits: the KL term is 0.
     assert distilled.history[0]["loss"] == pytest.approx(plain.history[0]["loss"], abs=1e-6)
     assert distilled.history[-1]["loss"] != pytest.approx(plain.history[-1]["loss"], abs=1e-6)
+
+
+def test_students_alone_computes_the_model_without_teachers() -> None:
+    task = digits_task()
+    prepared = tunecomp_fx.prepare(fresh("mlp"), task.example_inputs(), 0.5, rank_slack=0.25)
+    inputs = task.test[0][:16]
+    set_blend(prepared, 0.0)
+    without_teachers = prepared(inputs)
+    set_blend(prepared, 0.6)
+    blended = prepared(inputs)  # its backward needs alpha and beta as they are
+    with students_alone(prepared):
+        alone = prepared(inputs)
+    torch.testing.assert_close(alone, without_teachers, rtol=0, atol=0)
+    torch.testing.assert_close(prepared(inputs), blended, rtol=0, atol=0)  # the blends are back
+    (blended.sum() + alone.sum()).backward()  # the flag wrote no buffer the first forward saved
+    assert all(float(b) == pytest.approx(0.6) for n, b in prepared.named_buffers() if n.endswith("blend.alpha"))
+
+
+def test_student_loss_adds_the_task_loss_of_the_students_alone_while_teachers_blend() -> None:
+    calls: list[torch.Tensor] = []
+
+    def recorded(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        loss = torch.nn.functional.cross_entropy(outputs, targets)
+        calls.append(loss.detach())
+        return loss
+
+    with pytest.raises(ConfigError, match="student_loss must be >= 0"):
+        TrainingConfig(student_loss=-1.0)
+    trainer = _trainer(student_loss=0.5, distill_weight=0.0, loss_fn=recorded)
+    trainer.fit()
+    assert len(calls) == trainer.total_steps + 5  # a second forward on each of the 5 blend steps
+    alphas = [1.0] + [record["alpha"] for record in trainer.history]  # alpha during each step
+    for step in range(5):
+        blended, alone = calls[2 * step], calls[2 * step + 1]
+        assert trainer.history[step]["loss"] == pytest.approx(float(blended + 0.5 * alphas[step] * alone), rel=1e-5)
+    assert abs(float(calls[0]) - float(calls[1])) > 1e-4  # the teachers' output, then the students'
+    assert [float(c) for c in calls[10:]] == pytest.approx([r["loss"] for r in trainer.history[5:]], rel=1e-6)
 
 
 def test_elementwise_hardshrink_zeroes_small_factor_entries() -> None:

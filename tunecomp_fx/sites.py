@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -171,15 +172,34 @@ def final_sites(sites: Iterable[Site], widths: Iterable[HiddenWidth]) -> list[Si
 
 class Blend(nn.Module):
     """The blend node of a site: alpha * teacher + beta * student, alpha/beta as buffers the
-    schedules write (beta from alpha by the run's blend_mix)."""
+    schedules write (beta from alpha by the run's blend_mix). Within `students_alone` it passes
+    the student through."""
 
     def __init__(self) -> None:
         super().__init__()
         self.register_buffer("alpha", torch.ones(()))
         self.register_buffer("beta", torch.zeros(()))
+        self.student_alone = False
 
     def forward(self, teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+        if self.student_alone:
+            return student
         return self.alpha * teacher + self.beta * student
+
+
+@contextlib.contextmanager
+def students_alone(gm: nn.Module) -> Iterator[None]:
+    """Within: every blend of gm outputs its student alone, what the model computes once the
+    teachers are gone. A flag rather than set_blend(gm, 0.0), whose in-place writes would break the
+    backward of a forward already run at the current alpha."""
+    blends = [module for module in gm.modules() if isinstance(module, Blend)]
+    for blend in blends:
+        blend.student_alone = True
+    try:
+        yield
+    finally:
+        for blend in blends:
+            blend.student_alone = False
 
 
 def teacher_parameters(gm: nn.Module, sites: Iterable[Site]) -> list[nn.Parameter]:

@@ -50,7 +50,7 @@ from tunecomp_fx.pipeline import run_passes
 from tunecomp_fx.progress import progress_bar
 from tunecomp_fx.pruning import SELECTIONS, RankPruner
 from tunecomp_fx.schedules import BLENDS, DEFAULT_MIX, LR_DECAYS, MIXES, Schedules, steps_of
-from tunecomp_fx.sites import Blend, set_blend, teacher_parameters
+from tunecomp_fx.sites import Blend, set_blend, students_alone, teacher_parameters
 
 DEFAULT_RANK_SLACK = 0.5  # extra rank students start with when trained, pruned away by the blend's end (README: 0.5 won at 0.7)
 LONGEST_DEFAULT_BLEND = 0.5  # the default blend lasts the ratio's fraction of the run, at most this (README: "Evidence for the defaults")
@@ -73,6 +73,10 @@ class TrainingConfig:
     blend_mix: the student's weight beta in the blend, "convex" (1 - alpha, the default: keeps a
         site's output at its scale while the student approximates it) or "power" (sqrt(1 - alpha^2)).
     distill_weight: initial weight of the layer-wise feature loss, which decays with alpha.
+    student_loss: initial weight of a second task loss, on the output of the students alone (every
+        blend at the student), which decays with alpha: the students learn the task from the start
+        as they do after the blend, at the cost of a second forward per step during the blend (0: off;
+        1 did not pass compress -> fine-tune at 0.5 in the MiniLM benchmark, benchmarks/README.md).
     logit_distill, temperature: weight of a KL loss against the original model's outputs (0: off).
     rank_selection: "global" (one threshold over per-site normalized importances, so ranks move to
         the sites that use them; the default, better on the digits transformer test) or "site"
@@ -98,6 +102,7 @@ class TrainingConfig:
     blend_steps: int | float | None = None
     blend_mix: str = DEFAULT_MIX
     distill_weight: float = 1.0
+    student_loss: float = 0.0
     logit_distill: float = 0.0
     temperature: float = 2.0
     rank_selection: str = "global"
@@ -127,7 +132,7 @@ class TrainingConfig:
             raise ConfigError(f"accumulate must be >= 1; got {self.accumulate}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ConfigError(f"max_grad_norm must be > 0 or None; got {self.max_grad_norm}")
-        for name in ("weight_decay", "distill_weight", "logit_distill", "hardshrink"):
+        for name in ("weight_decay", "distill_weight", "student_loss", "logit_distill", "hardshrink"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name} must be >= 0; got {getattr(self, name)}")
         if not isinstance(self.train_teachers, bool):
@@ -263,7 +268,7 @@ class StepHook:
         self._site_losses = []
 
     def _collect(self, module: nn.Module, args: tuple[torch.Tensor, torch.Tensor], output: torch.Tensor) -> None:
-        if not torch.is_grad_enabled() or self.schedules.distill(self.step_count) == 0.0:
+        if not torch.is_grad_enabled() or module.student_alone or self.schedules.distill(self.step_count) == 0.0:
             return
         teacher, student = args
         target = teacher.detach().float()
@@ -447,7 +452,7 @@ class JointTrainer:
                 sync = contextlib.nullcontext() if last or not self.setup.enabled else network.no_sync()
                 with sync:
                     with self._autocast():
-                        loss = self._loss(call_model(network, inputs), inputs, targets)
+                        loss = self._loss(network, inputs, targets)
                     (loss / config.accumulate).backward()
                 loss_sum += loss.detach().float()
             loss_value = loss_sum.item() / config.accumulate
@@ -475,10 +480,15 @@ class JointTrainer:
         set_training_mode(self.model, False)
         return self.model
 
-    def _loss(self, outputs: Any, inputs: Inputs, targets: Any) -> torch.Tensor:
-        predicted = prediction(outputs)
+    def _loss(self, network: nn.Module, inputs: Inputs, targets: Any) -> torch.Tensor:
+        predicted = prediction(call_model(network, inputs))
         where = f"at step {self.hook.step_count + 1} of {self.total_steps}"
         loss = checked_loss(self.loss_fn(predicted, targets), where) + self.hook.distill_loss()
+        student_weight = self.config.student_loss * self.hook.alpha  # 0 once the teachers are gone
+        if student_weight > 0:
+            with students_alone(self.model):
+                alone = prediction(call_model(network, inputs))
+            loss = loss + student_weight * checked_loss(self.loss_fn(alone, targets), where)
         if self.config.logit_distill > 0:
             with torch.no_grad():
                 reference = prediction(call_model(self.original, inputs))
