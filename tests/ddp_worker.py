@@ -34,6 +34,8 @@ def main(out: Path) -> None:
         warmup=0, checkpoint_dir=out / f"checkpoints_rank{rank}", checkpoint_every=10, progress=False,
     )
     trained = trainer.fit()
+    # the students-alone forward ran on each of the 15 blend steps, under DDP too
+    assert len(seen) == 30 + 15, f"rank {rank}: loss_fn called {len(seen)} times, expected 45"
     torch.save(
         {
             "state": trained.state_dict(),
