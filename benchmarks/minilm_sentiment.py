@@ -63,6 +63,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "T=0.25,train_teachers": {"blend_steps": 0.25, "train_teachers": True},
     "rank_slack=0,T=0.25": {"rank_slack": 0.0, "blend_steps": 0.25},
     "T=0.1": {"blend_steps": 0.1},
+    "T=0.1,prune_steps=0.5": {"blend_steps": 0.1, "prune_steps": 0.5},
     "student_loss=1": {"student_loss": 1.0},
     "distill=0,T=0.25": {"distill_weight": 0.0, "blend_steps": 0.25},
     "prune_neurons=0.3": {"prune_neurons": 0.3},

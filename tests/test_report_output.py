@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tunecomp_fx import TrainingConfig
 from tunecomp_fx.pipeline import PassRecord
-from tunecomp_fx.report import CompressionReport, SiteRow
+from tunecomp_fx.report import CompressionReport, SiteRow, training_summary
 
 
 def _report() -> CompressionReport:
@@ -48,3 +49,15 @@ def test_json_round_trip_and_save(tmp_path: Path) -> None:
     assert markdown_path.read_text() == report.to_markdown()
     legacy = {k: v for k, v in data.items() if k != "pass_log"}  # written before the pass log existed
     assert CompressionReport.from_dict(legacy).pass_log == ()
+
+
+def test_training_summary_states_a_pruning_length_only_when_one_was_given() -> None:
+    history = [{"step": 1, "loss": 0.9}, {"step": 600, "loss": 0.3}]
+    given = {"config": TrainingConfig(steps=600, blend_steps=0.1, prune_steps=0.5).to_dict(), "history": history}
+    assert training_summary(given)[0].endswith(
+        "over the first 60, distillation weight 1, students pruned to the budget over the first 300"
+    )
+    with_blend = TrainingConfig(steps=600, blend_steps=0.1).to_dict()
+    older = {key: value for key, value in with_blend.items() if key != "prune_steps"}  # a report from before prune_steps
+    for config in (with_blend, older):
+        assert training_summary({"config": config, "history": history})[0].endswith("over the first 60, distillation weight 1")

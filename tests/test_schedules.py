@@ -98,8 +98,25 @@ def test_blend_longer_than_the_run_is_refused() -> None:
         TrainingConfig(steps=100, blend_steps=150).schedules(100)
 
 
+@pytest.mark.parametrize("prune_steps", [None, 0, 40, 0.8])
+def test_pruning_follows_the_blend_curve_over_its_own_length(prune_steps: int | float | None) -> None:
+    schedules = TrainingConfig(steps=100, blend_steps=20, prune_steps=prune_steps).schedules(100)
+    length = {None: 20, 0: 0, 40: 40, 0.8: 80}[prune_steps]  # None: with the blend
+    assert schedules.blend_steps == 20 and schedules.prune_steps == length
+    for step in range(101):
+        assert schedules.pruning(step) == pytest.approx(1.0 - blend_alpha("sin", step, length), abs=0)
+    assert schedules.pruning(length) == 1.0 and (length == 0 or schedules.pruning(length - 1) < 1.0)
+
+
+def test_pruning_longer_than_the_run_or_negative_is_refused() -> None:
+    with pytest.raises(ConfigError, match="prune_steps=150 ends at step 150, after the run's 100 steps"):
+        TrainingConfig(steps=100, blend_steps=10, prune_steps=150).schedules(100)
+    with pytest.raises(ConfigError, match="prune_steps must be a step count"):
+        TrainingConfig(prune_steps=-1)
+
+
 def test_config_round_trips_through_a_dict() -> None:
-    config = TrainingConfig(steps=300, lr=3e-4, blend="cosine", blend_steps=120, max_grad_norm=None)
+    config = TrainingConfig(steps=300, lr=3e-4, blend="cosine", blend_steps=120, prune_steps=200, max_grad_norm=None)
     assert TrainingConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ConfigError, match="unknown training options"):
         TrainingConfig.from_dict({**config.to_dict(), "momentum": 0.9})

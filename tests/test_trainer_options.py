@@ -1,5 +1,5 @@
 """JointTrainer options: gradient accumulation, epochs, logit distillation, the students' own task
-loss, element-wise hard-shrink, trainable teachers, periodic evaluation and the progress bar."""
+loss, pruning longer than the blend, element-wise hard-shrink, trainable teachers, periodic evaluation and the progress bar."""
 
 from __future__ import annotations
 
@@ -101,6 +101,24 @@ def test_student_loss_adds_the_task_loss_of_the_students_alone_while_teachers_bl
         assert trainer.history[step]["loss"] == pytest.approx(float(blended + 0.5 * alphas[step] * alone), rel=1e-5)
     assert abs(float(calls[0]) - float(calls[1])) > 1e-4  # the teachers' output, then the students'
     assert [float(c) for c in calls[10:]] == pytest.approx([r["loss"] for r in trainer.history[5:]], rel=1e-6)
+
+
+def test_students_go_on_shrinking_after_the_teachers_leave_when_pruning_is_longer() -> None:
+    with_blend = _trainer(blend_steps=2)
+    with_blend.fit()
+    longer = _trainer(blend_steps=2, prune_steps=8)
+    compact = tunecomp_fx.finalize(longer.fit())
+    assert longer.config.prune_steps == 8
+    for trainer in (with_blend, longer):
+        assert [r["alpha"] for r in trainer.history][1:] == [0.0] * 9  # the teachers leave after step 2
+    kept = [r["kept"] for r in longer.history]
+    budget = with_blend.history[1]["kept"]  # pruned with the blend: at the budget from step 2 on
+    assert [r["kept"] for r in with_blend.history][1:] == [budget] * 9
+    assert all(a >= b for a, b in zip(kept, kept[1:]))
+    assert kept[1] > kept[4] > kept[7] and kept[7:] == [kept[7]] * 3  # shrinking without teachers until step 8
+    assert kept[7] == pytest.approx(budget, abs=0.01) and kept[7] <= 0.5
+    rows = tunecomp_fx.get_report(compact).sites
+    assert sum(row.params_after for row in rows) <= 0.5 * sum(row.params_before for row in rows)
 
 
 def test_elementwise_hardshrink_zeroes_small_factor_entries() -> None:

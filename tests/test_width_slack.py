@@ -152,6 +152,21 @@ def test_in_training_the_groups_are_ranked_by_what_the_down_student_reads() -> N
     handle.remove()
 
 
+def test_the_widths_are_tracked_until_pruning_ends_even_after_the_teachers_leave() -> None:
+    torch.manual_seed(0)
+    model = HeadsBlock().train()
+    prepared = tunecomp_fx.prepare(model, torch.randn(4, 10, 64), 0.6, prune_heads=0.5, width_slack=1.0)
+    hook = StepHook(prepared, steps=6, blend_steps=2, prune_steps=4)
+    [width] = hook.pruner.widths
+    for step in (1, 2, 3, 4):
+        hook.step()
+        before = width.covariance.clone()
+        prepared(torch.randn(4, 10, 64))
+        assert hook.teacher_removed == (step >= 2)
+        assert torch.equal(width.covariance, before) == (step >= 4), step  # tracked while groups may still drop
+    assert int(width.group_mask.count_nonzero()) == width.target
+
+
 def test_training_free_compression_prunes_the_slack_at_once() -> None:
     torch.manual_seed(0)
     model, x = HeadsBlock().eval(), torch.randn(4, 10, 64)

@@ -192,6 +192,8 @@ def training_summary(training: Mapping[str, Any]) -> list[str]:
         f"joint training: {total} steps, lr {config['lr']:g}, {config['blend']} blend ({config['blend_mix']} mix) from teacher to student over "
         f"the first {steps_of(config['blend_steps'], total)}, distillation weight {config['distill_weight']:g}"
     ]
+    if config.get("prune_steps") is not None:  # absent from reports written before prune_steps existed
+        lines[0] += f", students pruned to the budget over the first {steps_of(config['prune_steps'], total)}"
     if training.get("data"):
         loss = f", loss {training['loss']}" if training.get("loss") else ""
         lines.append(f"data: {training['data']}{loss}" + (f"; evaluated on {training['eval_data']}" if training.get("eval_data") else ""))

@@ -7,8 +7,10 @@ distributed rank compute the same values from the step alone).
   alpha^2 + beta^2 = 1, right for uncorrelated outputs; on correlated ones it scales a site's output
   by up to sqrt(2) in mid-blend). The MiniLM benchmark's seeds favour convex (README).
 - progress p_t = 1 - alpha_t, in [0, 1]: drives the feature-distillation weight (w * alpha_t, zero
-  once the teacher is gone) and rank pruning (the students shrink from their slack rank to the
-  budget as they take over, done exactly when the blend is).
+  once the teacher is gone).
+- pruning progress: the same curve over its own length (by default the blend's), on which the
+  students shrink from their slack rank to the budget; with a longer one they go on shrinking
+  after the teachers have left.
 - learning rate: linear warm-up, then cosine or linear decay to 0 (or constant).
 """
 
@@ -66,6 +68,7 @@ class Schedules:
     total: int
     blend: str
     blend_steps: int
+    prune_steps: int
     mix: str
     warmup_steps: int
     lr_decay: str
@@ -80,6 +83,10 @@ class Schedules:
     def progress(self, step: int) -> float:
         """How far the student has taken over: 0 at the start, 1 from the end of the blend."""
         return 1.0 - self.alpha(step)
+
+    def pruning(self, step: int) -> float:
+        """How far rank (and width) pruning has gone: 0 at the start, 1 from step prune_steps on."""
+        return 1.0 - blend_alpha(self.blend, step, self.prune_steps)
 
     def distill(self, step: int) -> float:
         """Weight of the feature-distillation loss: decays with the teacher, 0 once it is gone."""

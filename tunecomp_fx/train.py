@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.utils.hooks import RemovableHandle
 
 from tunecomp_fx import distributed
 from tunecomp_fx.api import finalize, prepare, prepared_state
@@ -70,6 +71,10 @@ class TrainingConfig:
         or as a fraction of the run (float); None (the default) takes the fraction the compression
         removes, at most half the run (`for_ratio`): milder compression hands over sooner. The
         teachers leave the compute at step T.
+    prune_steps: how long the students take to shrink from their slack rank (and widths) to the
+        budget, in steps (int) or as a fraction of the run (float); None (the default): the blend's
+        length, so they reach the budget as the teachers leave. Longer: they go on shrinking while
+        they fine-tune alone.
     blend_mix: the student's weight beta in the blend, "convex" (1 - alpha, the default: keeps a
         site's output at its scale while the student approximates it) or "power" (sqrt(1 - alpha^2)).
     distill_weight: initial weight of the layer-wise feature loss, which decays with alpha.
@@ -100,6 +105,7 @@ class TrainingConfig:
     max_grad_norm: float | None = 1.0
     blend: str = "sin"
     blend_steps: int | float | None = None
+    prune_steps: int | float | None = None
     blend_mix: str = DEFAULT_MIX
     distill_weight: float = 1.0
     student_loss: float = 0.0
@@ -118,9 +124,9 @@ class TrainingConfig:
             raise ConfigError(f"steps must be a positive int; got {self.steps!r}")
         if self.epochs is not None and not self.epochs > 0:
             raise ConfigError(f"epochs must be > 0; got {self.epochs!r}")
-        for name in ("warmup", "blend_steps"):
+        for name in ("warmup", "blend_steps", "prune_steps"):
             value = getattr(self, name)
-            if value is None and name == "blend_steps":
+            if value is None and name != "warmup":
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ConfigError(f"{name} must be a step count (int) or a fraction of the run (float); got {value!r}")
@@ -153,15 +159,23 @@ class TrainingConfig:
         if self.blend_steps is None:
             raise ConfigError("blend_steps=None is set by the compression ratio: call for_ratio(ratio) first")
         blend_steps = steps_of(self.blend_steps, total)
+        prune_steps = blend_steps if self.prune_steps is None else steps_of(self.prune_steps, total)
         warmup_steps = steps_of(self.warmup, total)
         if blend_steps > total:
             raise ConfigError(
                 f"blend_steps={self.blend_steps} ends at step {blend_steps}, after the run's {total} steps; "
                 "the teachers must be gone by the end (use a fraction <= 1 or fewer steps)"
             )
+        if prune_steps > total:
+            raise ConfigError(
+                f"prune_steps={self.prune_steps} ends at step {prune_steps}, after the run's {total} steps; "
+                "the students must reach the budget by the end (use a fraction <= 1 or fewer steps)"
+            )
         if warmup_steps >= total:
             raise ConfigError(f"warmup={self.warmup} covers the whole run of {total} steps")
-        return Schedules(total, self.blend, blend_steps, self.blend_mix, warmup_steps, self.lr_decay, self.distill_weight)
+        return Schedules(
+            total, self.blend, blend_steps, prune_steps, self.blend_mix, warmup_steps, self.lr_decay, self.distill_weight
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -225,9 +239,9 @@ class StepHook:
         self.step_count = 0
         self.teacher_removed = False
         self._site_losses: list[torch.Tensor] = []
-        self._handles = [prepared.register_forward_pre_hook(self._clear)]
-        self._handles += [m.register_forward_hook(self._collect) for m in prepared.modules() if isinstance(m, Blend)]
-        self._handles += self.pruner.track_widths()
+        self._blend_handles = [prepared.register_forward_pre_hook(self._clear)]
+        self._blend_handles += [m.register_forward_hook(self._collect) for m in prepared.modules() if isinstance(m, Blend)]
+        self._width_handles = self.pruner.track_widths()
         self._apply()
 
     @property
@@ -258,11 +272,18 @@ class StepHook:
             set_blend(self.model, self.alpha, self.schedules.mix)
             if self.alpha == 0.0:
                 self._remove_teacher()
+        if self.step_count >= self.schedules.prune_steps:
+            self._remove(self._width_handles)
 
     def close(self) -> None:
-        for handle in self._handles:
+        self._remove(self._blend_handles)
+        self._remove(self._width_handles)
+
+    @staticmethod
+    def _remove(handles: list[RemovableHandle]) -> None:
+        for handle in handles:
             handle.remove()
-        self._handles = []
+        handles.clear()
 
     def _clear(self, module: nn.Module, args: Any) -> None:
         self._site_losses = []
@@ -280,9 +301,11 @@ class StepHook:
         alpha = schedules.alpha(step)
         if not self.teacher_removed:
             set_blend(self.model, alpha, schedules.mix)
-        if step <= schedules.blend_steps:
-            self.pruner.update(schedules.progress(step))
+        if step <= schedules.prune_steps:
+            self.pruner.update(schedules.pruning(step))
             distributed.broadcast_(self.pruner.masks())  # rank 0 decides
+        if step >= schedules.prune_steps:
+            self._remove(self._width_handles)  # the widths are final: stop tracking what they read
         self.pruner.shrink_elements(self.config.hardshrink * schedules.progress(step))
         if alpha == 0.0 and not self.teacher_removed:
             self._remove_teacher()
@@ -293,7 +316,7 @@ class StepHook:
         model = run_passes(self.model, [FoldBlends(), EliminateDeadCode()], self.context)
         assert model is self.model, "fold_blends and eliminate_dead_code rewrite the model in place"
         self.teacher_removed = True
-        self.close()  # no teacher, no feature loss: the model carries no hooks of ours any more
+        self._remove(self._blend_handles)  # no teacher, no feature loss
 
 
 def checked_loss(loss: Any, where: str) -> torch.Tensor:
