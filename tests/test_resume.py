@@ -75,23 +75,29 @@ def _loader() -> DataLoader:
 WIDTH_SLACK = {"prune_neurons": 0.25, "width_slack": 1.0}
 
 
+# Pruning that goes on after the teachers leave (steps 10-30), the widths still tracked.
+PRUNING_PAST_THE_BLEND = {"blend_steps": 10, "prune_steps": 30}
+
+
 @pytest.mark.parametrize(
-    ("interrupt_after", "compression"),
-    [(13, None), (33, None), (13, WIDTH_SLACK)],
-    ids=["during-blend", "after-teacher-removal", "during-blend-width-slack"],
+    ("interrupt_after", "compression", "options"),
+    [(13, None, {}), (33, None, {}), (13, WIDTH_SLACK, {}), (23, WIDTH_SLACK, PRUNING_PAST_THE_BLEND)],
+    ids=["during-blend", "after-teacher-removal", "during-blend-width-slack", "pruning-past-the-blend-width-slack"],
 )
-def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tmp_path: Path, interrupt_after: int, compression: dict | None) -> None:
-    full = _trainer(_loader(), tmp_path / "full", compression)
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(
+    tmp_path: Path, interrupt_after: int, compression: dict | None, options: dict
+) -> None:
+    full = _trainer(_loader(), tmp_path / "full", compression, **options)
     full.fit()
     assert "aux.weight" not in dict(full.model.named_parameters())
 
-    broken = _trainer(Interrupted(_loader(), interrupt_after), tmp_path / "broken", compression)
+    broken = _trainer(Interrupted(_loader(), interrupt_after), tmp_path / "broken", compression, **options)
     with pytest.raises(KeyboardInterrupt):
         broken.fit()
     latest = sorted((tmp_path / "broken").glob("step_*.pt"))[-1]
     assert latest.name == f"step_{(interrupt_after // 5) * 5:07d}.pt"
 
-    resumed = _trainer(_loader(), tmp_path / "broken", compression)
+    resumed = _trainer(_loader(), tmp_path / "broken", compression, **options)
     resumed.fit(resume=tmp_path / "broken")
     expected, actual = full.model.state_dict(), resumed.model.state_dict()
     assert expected.keys() == actual.keys()
