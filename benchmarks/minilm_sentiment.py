@@ -62,6 +62,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "train_teachers": {"train_teachers": True},
     "T=0.25,train_teachers": {"blend_steps": 0.25, "train_teachers": True},
     "rank_slack=0,T=0.25": {"rank_slack": 0.0, "blend_steps": 0.25},
+    "T=0.05": {"blend_steps": 0.05},
     "T=0.1": {"blend_steps": 0.1},
     "T=0.1,prune_steps=0.5": {"blend_steps": 0.1, "prune_steps": 0.5},
     "student_loss=1": {"student_loss": 1.0},
