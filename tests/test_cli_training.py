@@ -60,7 +60,7 @@ BAD_ARGUMENTS = {
     "width slack without pruning": (["cli_models:two_layer", "--data", "digits", "--steps", "2", "--width-slack", "1"], 1,
                                     "width_slack=1.0 starts pruned widths wider, but no width is pruned: set prune_neurons or prune_heads"),
     "negative rank slack": (["cli_models:two_layer", "--data", "digits", "--steps", "2", "--rank-slack", "-1"], 1,
-                            "rank_slack must be >= 0; got -1.0"),
+                            "rank_slack must be a number >= 0, or None for the run's default; got -1.0"),
     "rank slack for union": (["cli_models:two_layer", "--method", "union", "--data", "digits", "--steps", "2", "--rank-slack", "0.5"], 1,
                              "method='union' trains a fixed-rank core between fixed bases and prunes no ranks; rank_slack must be 0"),
     "negative distill weight": (["cli_models:two_layer", "--data", "digits", "--steps", "2", "--distill-weight", "-0.5"], 1,

@@ -11,8 +11,10 @@ from tests.joint_task import accuracy, digits_task, endless, fresh, single_threa
 
 import tunecomp_fx
 from tunecomp_fx import StepHook, TrainingConfig, get_report
+from tunecomp_fx.api import CONFIG_KEY, prepared_state
 from tunecomp_fx.finetune import finetune
 from tunecomp_fx.sites import Blend
+from tunecomp_fx.train import DEFAULT_RANK_SLACK, TRAINING_KEY
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -104,3 +106,35 @@ def test_compress_without_data_refuses_training_options() -> None:
         tunecomp_fx.compress(fresh("mlp"), task.example_inputs(), RATIO, steps=10)
     with pytest.raises(tunecomp_fx.ConfigError, match="unknown options"):
         tunecomp_fx.compress(fresh("mlp"), task.example_inputs(), RATIO, data=task.loader(), steps=10, momentum=0.9)
+
+
+def test_rank_slack_defaults_to_the_trained_runs_whether_options_come_as_keywords_or_a_config() -> None:
+    task = digits_task()
+
+    def run(**options: object) -> torch.fx.GraphModule:
+        torch.manual_seed(0)
+        return tunecomp_fx.compress(
+            fresh("mlp"), task.example_inputs(), data=task.loader(seed=0), steps=6, lr=1e-3, **options
+        )
+
+    by_keywords = run(ratio=RATIO)
+    by_config = run(config=tunecomp_fx.CompressionConfig(ratio=RATIO))
+    without_slack = run(config=tunecomp_fx.CompressionConfig(ratio=RATIO, rank_slack=0.0))
+    slacks = [model.meta[CONFIG_KEY]["rank_slack"] for model in (by_keywords, by_config, without_slack)]
+    assert slacks == [DEFAULT_RANK_SLACK, DEFAULT_RANK_SLACK, 0.0]
+    histories = [model.meta[TRAINING_KEY]["history"] for model in (by_keywords, by_config, without_slack)]
+    assert histories[0] == histories[1]  # the same run, step for step
+    # Slack students start above the budget and are pruned within it; without slack they start there.
+    budget = 1 - RATIO
+    assert histories[0][0]["kept"] > budget >= histories[0][-1]["kept"]
+    assert budget >= histories[2][0]["kept"] == histories[2][-1]["kept"]
+
+
+def test_rank_slack_left_unset_is_zero_outside_a_trained_run() -> None:
+    task = digits_task()
+    prepared = tunecomp_fx.prepare(fresh("mlp"), task.example_inputs(), config=tunecomp_fx.CompressionConfig(ratio=RATIO))
+    assert prepared_state(prepared).context.config.rank_slack == 0.0
+    compact = tunecomp_fx.compress(fresh("mlp"), task.example_inputs(), RATIO)
+    assert compact.meta[CONFIG_KEY]["rank_slack"] == 0.0
+    with pytest.raises(tunecomp_fx.ConfigError, match="rank_slack must be a number >= 0, or None"):
+        tunecomp_fx.CompressionConfig(rank_slack=-0.5)

@@ -78,6 +78,8 @@ def _make_config(config: CompressionConfig | None, ratio: float | None, options:
     elif ratio is not None or options:
         overrides = {**options, **({"ratio": ratio} if ratio is not None else {})}
         config = replace(config, **overrides)
+    if config.rank_slack is None:  # unset: a trained run (joint_compress) has set its default by now
+        config = replace(config, rank_slack=0.0)
     return config
 
 

@@ -207,19 +207,11 @@ def _config(args: argparse.Namespace, trains: bool) -> CompressionConfig:
         allocation=args.allocation,
         exclude=tuple(args.exclude),
         rank_multiple=args.rank_multiple,
-        rank_slack=_rank_slack(args, trains),
+        rank_slack=getattr(args, "rank_slack", None),  # None: the run's default (inspect has no training options)
         prune_neurons=args.prune_neurons,
         prune_heads=args.prune_heads,
         width_slack=getattr(args, "width_slack", None) or 0.0,  # inspect has no training options
     )
-
-
-def _rank_slack(args: argparse.Namespace, trains: bool) -> float:
-    """--rank-slack as given; by default trained students start with slack rank that the run prunes,
-    and union's fixed-rank cores (or a training-free run) have none."""
-    if getattr(args, "rank_slack", None) is not None:  # inspect has no training options
-        return args.rank_slack
-    return DEFAULT_RANK_SLACK if trains and args.method != "union" else 0.0
 
 
 def _load(args: argparse.Namespace) -> LoadedModel:

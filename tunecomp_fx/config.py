@@ -31,8 +31,9 @@ class CompressionConfig:
         recover the most whitened singular-value energy per parameter).
     exclude: fnmatch patterns of site names left dense (e.g. "head", "*.fc2").
     rank_multiple: ranks are rounded to a multiple of this where it costs little (fast kernels).
-    rank_slack: extra rank a student starts with, pruned away during joint training (0 when
-        training-free).
+    rank_slack: extra rank a student starts with, pruned away during joint training. None (the
+        default) leaves it to the run: 0.5 when compress trains (data=, method="tunecomp"), 0 when
+        it does not, for prepare alone and for method="union".
     prune_neurons: fraction of the neurons of every hidden width between two compressed sites
         (up -> elementwise activation -> down, as in a transformer's FFN) that is removed, ranked by
         their contribution on the calibration data (0: off). Pruned neurons shrink the activation
@@ -56,7 +57,7 @@ class CompressionConfig:
     allocation: str = "uniform"
     exclude: tuple[str, ...] = ()
     rank_multiple: int = 8
-    rank_slack: float = 0.0
+    rank_slack: float | None = None
     prune_neurons: float = 0.0
     prune_heads: float = 0.0
     width_slack: float = 0.0
@@ -81,9 +82,10 @@ class CompressionConfig:
         object.__setattr__(self, "exclude", tuple(self.exclude))
         if self.rank_multiple < 1:
             raise ConfigError(f"rank_multiple must be >= 1; got {self.rank_multiple}")
-        if self.rank_slack < 0:
-            raise ConfigError(f"rank_slack must be >= 0; got {self.rank_slack}")
-        if self.method == "union" and self.rank_slack != 0:
+        slack = self.rank_slack
+        if slack is not None and (isinstance(slack, bool) or not isinstance(slack, (int, float)) or not slack >= 0):
+            raise ConfigError(f"rank_slack must be a number >= 0, or None for the run's default; got {slack!r}")
+        if self.method == "union" and self.rank_slack:
             raise ConfigError(
                 f"method='union' trains a fixed-rank core between fixed bases and prunes no ranks; "
                 f"rank_slack must be 0 (got {self.rank_slack})"

@@ -628,7 +628,8 @@ def joint_compress(
     training = {k: v for k, v in options.items() if k in training_fields}
     trainer_options = {k: v for k, v in options.items() if k in _TRAINER_OPTIONS}
     method = config.method if config is not None else compression.get("method", "tunecomp")
-    if config is None and method != "union":  # union trains fixed-rank cores: no slack to prune
+    slack_unset = config is None or config.rank_slack is None
+    if slack_unset and method != "union":  # union trains fixed-rank cores: no slack to prune
         compression.setdefault("rank_slack", DEFAULT_RANK_SLACK)
     if method == "union" and calib is None:  # labelled training batches, where the model is
         device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
