@@ -1,8 +1,9 @@
 """Which hidden widths structured pruning finds, model by model: for each model of the coverage sweep
 (benchmarks/coverage.py) plus small randomly initialized Hugging Face GPT-2 and LLaMA models,
 `prepare(ratio=0.6)` with prune_neurons=0.3 and, separately, with prune_heads=0.5, counting the
-neuron widths (FFNs) and head widths (attention blocks) found against the attention calls in the
-graph. Training-free and without export: what is recognized, not what it costs.
+neuron widths (FFNs) and head widths (attention blocks) found against the attentions in the graph
+(scaled_dot_product_attention calls and attention written out as matmul and softmax). Training-free
+and without export: what is recognized, not what it costs.
 
     python benchmarks/width_coverage.py                   # -> benchmarks/results/width_coverage.md
     python benchmarks/width_coverage.py --models hf-tiny:gpt2 timm:vit_tiny_patch16_224
@@ -22,26 +23,29 @@ from coverage import MODELS, RESULTS, build  # noqa: E402
 
 import tunecomp_fx  # noqa: E402
 from tunecomp_fx.errors import TunecompError  # noqa: E402
+from tunecomp_fx.head_widths import attention_at  # noqa: E402
 
 RATIO = 0.6
 OPTIONS = {"neurons": {"prune_neurons": 0.3}, "heads": {"prune_heads": 0.5}}
-ATTENTION = {torch.nn.functional.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default}
-TINY_HF = ["hf-tiny:gpt2", "hf-tiny:llama", "hf-tiny:llama-mha"]
+TINY_HF = ["hf-tiny:gpt2", "hf-tiny:gpt2-eager", "hf-tiny:llama", "hf-tiny:llama-mha", "hf-tiny:llama-eager"]
 
 
 def build_tiny_hf(name: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     """A 2-layer GPT-2 or LLaMA (rotary embeddings; "llama": grouped-query attention, 2 key/value heads
-    for 4 query heads; "llama-mha": 4 of each) at random initialization."""
+    for 4 query heads; "llama-mha": 4 of each) at random initialization; "-eager": with Hugging Face's
+    eager attention (matmul and softmax) in place of scaled_dot_product_attention."""
     import transformers
 
     torch.manual_seed(0)
+    name, eager, _ = name.partition("-eager")
+    attention = "eager" if eager else "sdpa"
     if name == "gpt2":
-        config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=32, use_cache=False)
+        config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=32, use_cache=False, attn_implementation=attention)
         model = transformers.GPT2Model(config)
     else:
         config = transformers.LlamaConfig(
             num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4 if name == "llama-mha" else 2,
-            vocab_size=100, max_position_embeddings=32, use_cache=False,
+            vocab_size=100, max_position_embeddings=32, use_cache=False, attn_implementation=attention,
         )  # fmt: skip
         model = transformers.LlamaModel(config)
     return model.eval(), {"input_ids": torch.randint(0, 100, (2, 12))}
@@ -65,7 +69,7 @@ def survey(spec: str) -> dict:
         try:
             prepared = tunecomp_fx.prepare(model, inputs, RATIO, **options)
         except TunecompError as error:
-            why = "an attn_mask per head" if "one entry per head" in str(error) else "none recognized"
+            why = "a mask per head" if "one entry per head" in str(error) else "none recognized"
             row[kind] = f"0 ({type(error).__name__}: {why})"
             continue
         finally:
@@ -74,8 +78,8 @@ def survey(spec: str) -> dict:
         found = [width for width in context.hidden_widths if width.kind == kind]
         shapes = sorted({_shape(width.ups, width.parts, width.repeats) for width in found})
         row[kind] = f"{len(found)} ({'; '.join(shapes)})"
-        teachers = [n for n in prepared.graph.nodes if n.target in ATTENTION and n.meta.get("tunecomp", {}).get("role") != "hidden"]
-        row["attention_calls"] = len(teachers)
+        teachers = [n for n in prepared.graph.nodes if n.meta.get("tunecomp", {}).get("role") != "hidden" and attention_at(prepared, n)]
+        row["attentions"] = len(teachers)
         row["sites"] = len(context.compressed_sites)
     return row
 
@@ -85,16 +89,16 @@ def markdown(rows: list[dict], seconds: float) -> str:
         "# Hidden widths found: prune_neurons=0.3 and prune_heads=0.5 (separately), prepare at ratio 0.6",
         "",
         f"Command: `python benchmarks/width_coverage.py` (torch {torch.__version__}); {seconds / 60:.0f} min. Random "
-        "initialization except all-MiniLM-L6-v2. `attention calls`: scaled_dot_product_attention nodes in the "
-        "graph (hand-written attention has none); a model whose prepare fails for the pruning option shows 0, the error "
-        "and why (\"an attn_mask per head\": a relative position bias added per head, which pruned heads would leave "
+        "initialization except all-MiniLM-L6-v2. `attentions`: scaled_dot_product_attention calls and attention "
+        "written out as matmul, softmax and matmul in the graph; a model whose prepare fails for the pruning option shows 0, the error "
+        "and why (\"a mask per head\": a relative position bias added per head, which pruned heads would leave "
         "unmatched; \"none recognized\": no width of the patterns in README's prune_neurons and prune_heads).",
         "",
-        "| model | compressed sites | neuron widths | attention calls | head widths |",
+        "| model | compressed sites | neuron widths | attentions | head widths |",
         "|---|---|---|---|---|",
     ]
     for row in rows:
-        lines.append(f"| {row['model']} | {row.get('sites', '-')} | {row['neurons']} | {row.get('attention_calls', '-')} | {row['heads']} |")
+        lines.append(f"| {row['model']} | {row.get('sites', '-')} | {row['neurons']} | {row.get('attentions', '-')} | {row['heads']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import fx, nn
 
 from tunecomp_fx.pipeline import GraphPass, PassContext
@@ -20,14 +21,21 @@ def _used_attributes(gm: fx.GraphModule) -> set[str]:
     return used
 
 
+def _kept_unread(node: fx.Node) -> bool:
+    """Whether `node` stays though nothing reads it. Random ops count as impure by default (they advance
+    the RNG), but a teacher's attention (its dropout_p makes it random) must still go once nothing
+    reads it; so must torch.export's check of a dtype (an impure op) on a tensor nothing else reads."""
+    if node.target is torch.ops.aten._assert_tensor_metadata.default:
+        return set(node.args[0].users) != {node}
+    return node.is_impure(impure_random=False)
+
+
 class EliminateDeadCode(GraphPass):
     name = "eliminate_dead_code"
     preserves_outputs = True
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-        # Random ops count as impure by default (they advance the RNG); a teacher's attention (its
-        # dropout_p makes it random) must still go once nothing reads it.
-        gm.graph.eliminate_dead_code(is_impure_node=lambda node: node.is_impure(impure_random=False))
+        gm.graph.eliminate_dead_code(is_impure_node=_kept_unread)
         gm.recompile()
         gm.delete_all_unused_submodules()
         used = _used_attributes(gm)

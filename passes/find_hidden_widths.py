@@ -8,8 +8,7 @@ import torch
 from torch import fx, nn
 
 from tunecomp_fx.errors import SiteError
-from tunecomp_fx.graph_nodes import data_input, is_op
-from tunecomp_fx.head_widths import ATTENTION, head_width, mask_argument
+from tunecomp_fx.head_widths import attention_reads, head_width
 from tunecomp_fx.inputs import Inputs, call_model
 from tunecomp_fx.neuron_widths import neuron_width
 from tunecomp_fx.pipeline import GraphPass, PassContext, observing
@@ -28,28 +27,23 @@ class _ShapeObserver(nn.Module):
         return x
 
 
-def _attention_mask(width: HiddenWidth, nodes: dict[str, fx.Node]) -> tuple[fx.Node, fx.Node] | None:
-    """(the node of the width that reads an attention mask from outside it, that mask), if the width's
-    attention reads one: the attn_mask itself, or the mask an expansion over the heads reads."""
-    [reader] = [nodes[name] for name in width.between if is_op(nodes[name], ATTENTION)]
-    mask = mask_argument(reader)
-    while mask is not None and mask.name in width.between:
-        reader, mask = mask, data_input(mask)
-    return (reader, mask) if mask is not None else None
-
-
-def _per_head_masks(gm: fx.GraphModule, widths: list[HiddenWidth], inputs: Inputs) -> dict[str, tuple[int, ...]]:
-    """Site -> shape of the attention mask it reads through the heads, for masks with one entry per
-    head (size > 1 at dim -3): one run on `inputs` with an observer on each mask."""
+def _per_head_reads(gm: fx.GraphModule, widths: list[HiddenWidth], inputs: Inputs) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Site -> (name, shape) of a tensor its heads' attention reads from outside the width (a mask, a
+    scale: `attention_reads`) with one entry per head (size > 1 at dim -3): one run on `inputs` with
+    an observer on each of them."""
     nodes = {node.name: node for node in gm.graph.nodes}
-    masks = {width.down: read for width in widths if width.kind == "heads" and (read := _attention_mask(width, nodes)) is not None}
-    if not masks:
+    reads = [(width.down, reader, tensor) for width in widths if width.kind == "heads" for reader, tensor in attention_reads(gm, width, nodes)]
+    if not reads:
         return {}
-    observers = {down: _ShapeObserver() for down in masks}
-    routes = [(mask, reader, observers[down]) for down, (reader, mask) in masks.items()]
+    observers = [_ShapeObserver() for _ in reads]
+    routes = [(tensor, reader, observer) for (_, reader, tensor), observer in zip(reads, observers)]
     with observing(gm, "_tunecomp_mask_observers", routes), torch.no_grad():
         call_model(gm, inputs)
-    return {down: observer.shape for down, observer in observers.items() if len(observer.shape) >= 3 and observer.shape[-3] > 1}
+    per_head = {}
+    for (down, _, tensor), observer in zip(reads, observers):
+        if len(observer.shape) >= 3 and observer.shape[-3] > 1:
+            per_head.setdefault(down, (tensor.name, observer.shape))
+    return per_head
 
 
 class FindHiddenWidths(GraphPass):
@@ -70,13 +64,13 @@ class FindHiddenWidths(GraphPass):
         if ctx.config.prune_heads > 0:
             widths += [head_width(gm, site, sites_by_node, nodes) for site in compressed]
         ctx.hidden_widths = [width for width in widths if width is not None]
-        per_head = _per_head_masks(gm, ctx.hidden_widths, ctx.check_inputs) if ctx.check_inputs is not None else {}
+        per_head = _per_head_reads(gm, ctx.hidden_widths, ctx.check_inputs) if ctx.check_inputs is not None else {}
         if per_head:
-            down, shape = next(iter(per_head.items()))
+            down, (tensor, shape) = next(iter(per_head.items()))
             raise SiteError(
-                f"prune_heads={ctx.config.prune_heads} cannot prune the heads site '{down}' reads: its attention's "
-                f"attn_mask has one entry per head (shape {shape}), which pruned heads would leave unmatched. Use "
-                "prune_heads=0 for this model, or give a mask that broadcasts over the heads (size 1 at dim -3)"
+                f"prune_heads={ctx.config.prune_heads} cannot prune the heads site '{down}' reads: its attention "
+                f"reads a mask with one entry per head ('{tensor}', shape {shape}), which pruned heads would leave "
+                "unmatched. Use prune_heads=0 for this model, or give a mask that broadcasts over the heads (size 1 at dim -3)"
             )
         return gm
 
@@ -93,14 +87,16 @@ class FindHiddenWidths(GraphPass):
             raise SiteError(
                 f"prune_heads={ctx.config.prune_heads} found no attention heads to prune: no compressed site reads "
                 "heads merged (transpose(1, 2), reshape to a literal width or -1) from one "
-                "scaled_dot_product_attention whose query, key and value are split from three compressed sites "
+                "scaled_dot_product_attention (or attention written out: matmul(q, k.transpose(-2, -1)), scaled, "
+                "masked, softmax over the last dim, matmul with v) whose query, key and value are split from three compressed sites "
                 "(view (..., heads, head_dim), transpose(1, 2)), from one fused qkv site (reshape (..., 3, heads, "
                 "head_dim), permute(2, 0, 3, 1, 4), or split(width, dim=-1) as GPT-2's) or from nn.MultiheadAttention's "
                 "packed in-projection, self- or cross-attention (captured with torch.export); rotary embeddings may stand "
                 "between the split and the attention, and a key/value head may be shared by a group of query heads "
                 "(repeated, or enable_gqa under torch.export). "
-                "Hand-written attention (matmul, softmax), a merge to a width read from a tensor's shape and norms or "
-                "per-head scales between the heads and the projections are not recognized; "
+                "Not recognized: a merge to a width read from a tensor's shape, norms or per-head scales between the "
+                "heads and the projections, and steps of a written-out attention other than those (or scores read "
+                "elsewhere too, as timm's resolve_self_attn_mask reads them); "
                 "use prune_heads=0 for this model, or check that `exclude` leaves the projections of a block compressed"
             )
         shared = [name for name in {s for w in ctx.hidden_widths for s in w.ups} if sum(name in w.ups for w in ctx.hidden_widths) > 1]

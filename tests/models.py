@@ -47,13 +47,23 @@ class HeadsBlock(nn.Module):
     """Separate query, key, value and output projections around scaled_dot_product_attention, as in
     Hugging Face's BERT. `literal_heads` writes the head count into the views (a symbolic trace keeps
     it); otherwise the views infer it (-1), and a shape test makes symbolic tracing fail, so that the
-    capture goes through torch.export, as MiniLM's does."""
+    capture goes through torch.export, as MiniLM's does. `written_out` computes the attention with
+    matmuls and an nn.Softmax instead (the mask filled into the scaled scores, a dropout on the weights)."""
 
-    def __init__(self, dim: int = 64, heads: int = 4, literal_heads: bool = True) -> None:
+    def __init__(self, dim: int = 64, heads: int = 4, literal_heads: bool = True, written_out: bool = False) -> None:
         super().__init__()
-        self.heads, self.head_dim, self.literal_heads = heads, dim // heads, literal_heads
+        self.heads, self.head_dim, self.literal_heads, self.written_out = heads, dim // heads, literal_heads, written_out
         self.query, self.key, self.value, self.out = (nn.Linear(dim, dim) for _ in range(4))
         self.norm = nn.LayerNorm(dim)
+        self.softmax, self.dropout = nn.Softmax(dim=-1), nn.Dropout(0.1)
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if not self.written_out:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        scores = torch.matmul(q, k.transpose(-2, -1)) * self.head_dim**-0.5
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return torch.matmul(self.dropout(self.softmax(scores)), v)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         b, t, _ = x.shape
@@ -61,7 +71,7 @@ class HeadsBlock(nn.Module):
             raise ValueError("negative width")
         heads = self.heads if self.literal_heads else -1
         q, k, v = (layer(x).view(b, t, heads, self.head_dim).transpose(1, 2) for layer in (self.query, self.key, self.value))
-        context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
+        context = self.attention(q, k, v, mask).transpose(1, 2)
         merged = context.reshape(b, t, self.heads * self.head_dim if self.literal_heads else -1)
         return self.norm(x + self.out(merged))
 
@@ -192,11 +202,11 @@ class WrittenOutGelu(nn.Module):
         return self.fc2(h.reshape(-1, 128)).view(x.shape)
 
 
-def silent_heads(fused: bool = False) -> HeadsBlock | FusedHeadsBlock:
-    """A HeadsBlock (or FusedHeadsBlock) whose output projection (bias-free) ignores heads 1 and 3:
-    they change nothing."""
+def silent_heads(fused: bool = False, written_out: bool = False) -> HeadsBlock | FusedHeadsBlock:
+    """A HeadsBlock (or FusedHeadsBlock; a HeadsBlock with its attention written out) whose output
+    projection (bias-free) ignores heads 1 and 3: they change nothing."""
     torch.manual_seed(0)
-    model = (FusedHeadsBlock() if fused else HeadsBlock()).eval()
+    model = (FusedHeadsBlock() if fused else HeadsBlock(written_out=written_out)).eval()
     model.out = nn.Linear(64, 64, bias=False)
     with torch.no_grad():
         model.out.weight.view(64, 4, 16)[:, [1, 3]] = 0.0

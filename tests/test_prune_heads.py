@@ -94,9 +94,91 @@ def test_finalize_keeps_the_student_path_with_fewer_heads(literal_heads: bool) -
     assert sum(row.params_after for row in rows.values()) == count_parameters(compact.lowrank)
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused_qkv"])
-def test_the_silent_heads_are_the_ones_pruned_and_the_model_is_unchanged(fused: bool) -> None:
-    model, x = silent_heads(fused), torch.randn(8, 10, 64)
+MATMULS = (torch.matmul, operator.matmul, aten.matmul.default)
+SOFTMAXES = ("softmax", aten.softmax.int)
+
+
+@pytest.mark.parametrize("literal_heads", [True, False], ids=["symbolic_trace", "torch_export"])
+def test_written_out_attention_is_copied_into_the_student_path_and_finalized_with_fewer_heads(literal_heads: bool) -> None:
+    torch.manual_seed(0)
+    model, x = HeadsBlock(literal_heads=literal_heads, written_out=True).eval(), torch.randn(4, 10, 64)
+    mask = torch.rand(4, 1, 10, 10) > 0.2  # one mask for every head, filled into the scores
+    prepared = tunecomp_fx.prepare(model, (x, mask), 0.6, prune_heads=0.5)
+    [width] = _context(prepared).hidden_widths
+    assert (width.kind, width.ups, width.down, width.width, width.group, len(width.kept)) == ("heads", ("query", "key", "value"), "out", 64, 16, 32)
+    copies = [n for n in prepared.graph.nodes if n.meta.get("tunecomp", {}).get("role") == "hidden" and "copy_of" in n.meta["tunecomp"]]
+    # the student path has its own scores and context matmuls, scale, mask fill, softmax and dropout
+    assert sum(n.target in MATMULS for n in copies) == 2 and sum(n.target in SOFTMAXES for n in copies) == 1
+    [fill] = [n for n in copies if "masked_fill" in str(n.target)]
+    assert fill.args[1].meta.get("tunecomp") is None  # the mask itself is shared with the teacher path
+    with torch.no_grad():
+        assert torch.equal(prepared(x, mask), model(x, mask))  # alpha = 1: the teacher alone
+    compact, student_path = finalize_from_student_path(prepared, x, mask)
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x[:2], mask[:2]), student_path[:2], rtol=1e-5, atol=1e-5)  # another batch size
+    assert sum(n.target in MATMULS for n in compact.graph.nodes) == 2  # the teacher's attention is gone
+    rows = {row.name: row for row in tunecomp_fx.get_report(compact).sites}
+    assert rows["key"].reason.startswith("32 of 64 output neurons kept (2 of 4 heads)")
+    assert rows["out"].reason.startswith("32 of 64 input neurons kept (2 of 4 heads)")
+
+
+def _hugging_face(name: str, attention: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A small BERT (with a padding mask), GPT-2 or LLaMA (grouped-query) with the given attention implementation."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    inputs = {"input_ids": torch.randint(0, 100, (2, 12))}
+    if name == "bert":
+        config = transformers.BertConfig(
+            num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128, vocab_size=100,
+            max_position_embeddings=32, attn_implementation=attention,
+        )  # fmt: skip
+        inputs["attention_mask"] = torch.tensor([[1] * 12, [1] * 8 + [0] * 4])
+        return transformers.BertModel(config).eval(), inputs
+    if name == "gpt2":
+        config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=32, use_cache=False, attn_implementation=attention)
+        return transformers.GPT2Model(config).eval(), inputs
+    model, inputs = _llama(key_value_heads=2, attention=attention)
+    return model, inputs
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama"])
+def test_eager_attention_prunes_the_heads_sdpa_attention_would_and_exports(name: str, tmp_path) -> None:  # noqa: ANN001
+    # Hugging Face's eager attention: matmul, scale, additive mask, softmax (LLaMA: in float32, cast
+    # back, which torch.export checks with an assertion), dropout, matmul; LLaMA repeats its key/value heads.
+    kept, compact_params = {}, {}
+    for attention in ("sdpa", "eager"):
+        model, inputs = _hugging_face(name, attention)
+        prepared = tunecomp_fx.prepare(model, inputs, 0.5, prune_heads=0.5)
+        kept[attention] = {(w.ups, w.down): w.kept for w in _context(prepared).hidden_widths}
+        with torch.no_grad():
+            torch.testing.assert_close(prepared(**inputs)[0], model(**inputs)[0], rtol=1e-5, atol=1e-5)  # alpha = 1: the teacher alone
+        compact, _ = finalize_from_student_path(prepared, **inputs)
+        compact_params[attention] = count_parameters(compact)
+    assert len(kept["eager"]) == 2 and kept["eager"] == kept["sdpa"]  # the same weights: the same heads
+    assert compact_params["eager"] == compact_params["sdpa"]  # no teacher left behind
+    assert sum(n.target is aten.softmax.int for n in compact.graph.nodes) == 2  # one attention per layer
+    other = {key: value[:, :9].repeat(2, 1)[:3] for key, value in inputs.items()}  # another batch and length
+    result = to_onnx(compact, other, tmp_path / f"{name}.onnx")
+    assert all(error < 1e-4 for error in result.max_errors.values())
+
+
+class _ScoresScaledByTheirQuery(HeadsBlock):
+    """Written-out attention whose scores are scaled by a number computed from the queries: pruned
+    heads would change it, so the heads are not recognized."""
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        scores = torch.matmul(q, k.transpose(-2, -1)) / q.detach().abs().mean()
+        return torch.matmul(scores.softmax(dim=-1), v)
+
+
+def test_written_out_scores_scaled_by_something_computed_from_the_heads_are_not_recognized() -> None:
+    with pytest.raises(SiteError, match="found no attention heads to prune"):
+        tunecomp_fx.prepare(_ScoresScaledByTheirQuery().eval(), torch.randn(4, 10, 64), 0.5, prune_heads=0.5)
+
+
+@pytest.mark.parametrize(("fused", "written_out"), [(False, False), (True, False), (False, True)], ids=["separate", "fused_qkv", "written_out"])
+def test_the_silent_heads_are_the_ones_pruned_and_the_model_is_unchanged(fused: bool, written_out: bool) -> None:
+    model, x = silent_heads(fused, written_out), torch.randn(8, 10, 64)
     prepared = tunecomp_fx.prepare(model, x, SILENT_HEADS_RATIO, prune_heads=0.5)  # the sites stay whole
     [width] = _context(prepared).hidden_widths
     assert width.kept == (*range(0, 16), *range(32, 48))
@@ -162,10 +244,14 @@ def test_a_fused_qkv_site_loses_the_pruned_heads_rows_in_each_part(unbind: bool,
 
 
 @pytest.mark.parametrize("literal_heads", [True, False], ids=["symbolic_trace", "torch_export"])
-def test_a_mask_with_one_entry_per_head_is_refused_at_prepare(literal_heads: bool) -> None:
+@pytest.mark.parametrize("written_out", [False, True], ids=["attention_call", "written_out"])
+def test_a_mask_with_one_entry_per_head_is_refused_at_prepare(literal_heads: bool, written_out: bool) -> None:
     # the student path's attention would read all four heads' masks with two heads left
-    model, x, per_head = HeadsBlock(literal_heads=literal_heads).eval(), torch.randn(2, 10, 64), torch.rand(2, 4, 10, 10) > 0.2
-    expected = r"cannot prune the heads site 'out' reads: its attention's attn_mask has one entry per head \(shape \(2, 4, 10, 10\)\)"
+    model = HeadsBlock(literal_heads=literal_heads, written_out=written_out).eval()
+    x, per_head = torch.randn(2, 10, 64), torch.rand(2, 4, 10, 10) > 0.2
+    # the written-out scores are filled where ~mask holds: the node computing it, named by each capture
+    mask = "mask" if not written_out else "invert" if literal_heads else "bitwise_not"
+    expected = rf"cannot prune the heads site 'out' reads: its attention reads a mask with one entry per head \('{mask}', shape \(2, 4, 10, 10\)\)"
     with pytest.raises(SiteError, match=expected):
         tunecomp_fx.prepare(model, (x, per_head), 0.5, prune_heads=0.5)
     prepared = tunecomp_fx.prepare(model, (x, per_head), 0.5)  # without head pruning the mask is no concern
@@ -401,12 +487,12 @@ def test_a_per_head_scale_between_the_head_split_and_the_attention_is_not_recogn
         tunecomp_fx.prepare(RotaryHeadsBlock(head_scale=True).eval(), torch.randn(4, 10, 64), 0.5, prune_heads=0.5)
 
 
-def _llama(key_value_heads: int, heads: int = 4) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+def _llama(key_value_heads: int, heads: int = 4, attention: str = "sdpa") -> tuple[nn.Module, dict[str, torch.Tensor]]:
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
         num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=heads, num_key_value_heads=key_value_heads,
-        head_dim=64 // heads, vocab_size=100, max_position_embeddings=32, use_cache=False,
+        head_dim=64 // heads, vocab_size=100, max_position_embeddings=32, use_cache=False, attn_implementation=attention,
     )  # fmt: skip
     return transformers.LlamaModel(config).eval(), {"input_ids": torch.randint(0, 100, (2, 12))}
 

@@ -7,6 +7,7 @@ import operator
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 aten = torch.ops.aten
@@ -65,6 +66,16 @@ def is_op(node: fx.Node, targets: set) -> bool:
 def is_identity(gm: fx.GraphModule, node: fx.Node) -> bool:
     """An nn.Identity call (timm's q_norm, k_norm and norm when those norms are off)."""
     return node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Identity)
+
+
+DROPOUTS = {aten.dropout.default, F.dropout}
+
+
+def is_dropout(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A dropout of one tensor: F.dropout, its aten op or an nn.Dropout call."""
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), nn.Dropout)
+    return node.op == "call_function" and node.target in DROPOUTS and node.args[:1] == tuple(node.all_input_nodes)
 
 
 def data_input(node: fx.Node) -> fx.Node | None:

@@ -1,6 +1,7 @@
 """Head widths (prune_heads): the query, key and value sites each split their output into heads
-(view (..., heads, head_dim), swap to (batch, heads, seq, head_dim)), scaled_dot_product_attention
-reads them, and the heads are swapped back and merged into the output site's input. Dropping a head
+(view (..., heads, head_dim), swap to (batch, heads, seq, head_dim)), an attention reads them
+(scaled_dot_product_attention, or written out: softmax(scale * q @ k^T + mask) @ v, as Hugging
+Face's eager attention), and the heads are swapped back and merged into the output site's input. Dropping a head
 removes head_dim rows of each of query, key and value and head_dim columns of the output site; each
 head attends on its own, so the others compute what they did. A fused qkv site (timm's ViT:
 reshape (..., 3, heads, head_dim), permute(2, 0, 3, 1, 4), unbind(0)) loses the head's rows in each
@@ -20,11 +21,11 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import fx
+from torch import fx, nn
 
 from tunecomp_fx.forms import site_input
 from tunecomp_fx.graph_nodes import (
-    PERMUTES, RESHAPES, data_input, is_identity, is_op, keeps_width_last, shape_entries, width_sizes,
+    PERMUTES, RESHAPES, data_input, is_dropout, is_identity, is_op, keeps_width_last, shape_entries, width_sizes,
 )
 from tunecomp_fx.sites import HiddenWidth, Site
 
@@ -56,7 +57,7 @@ def _merges_heads(node: fx.Node) -> bool:
     return _swaps_heads_and_sequence(node) or (node.target in PERMUTES and _dims(node) == (2, 0, 1, 3))
 
 
-_PASS_THROUGH = RESHAPES | _SWAPS | {"contiguous"}
+_PASS_THROUGH = RESHAPES | _SWAPS | {"contiguous", aten.contiguous.default}
 
 
 def _chain_back(gm: fx.GraphModule, end: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
@@ -134,12 +135,12 @@ def _part(node: fx.Node) -> tuple[fx.Node, int] | None:
     return None
 
 
-def _fused_projection(gm: fx.GraphModule, attention: fx.Node, width: int, sites_by_node: dict[str, Site]) -> _Projections | None:
+def _fused_projection(gm: fx.GraphModule, attention: _Attention, width: int, sites_by_node: dict[str, Site]) -> _Projections | None:
     """Query, key and value from one compressed site of 3 x `width` outputs, split by
     reshape(..., 3, heads, head_dim) and permute(2, 0, 3, 1, 4) into three parts along the first dim
     (timm's ViT); identities may stand between the parts and the attention."""
     parts, identities = [], []
-    for query_key_or_value in attention.args[:3]:
+    for query_key_or_value in attention.inputs:
         if not isinstance(query_key_or_value, fx.Node):
             return None
         item, chain = _chain_back(gm, query_key_or_value)
@@ -396,6 +397,116 @@ def _source(gm: fx.GraphModule, query_key_or_value: object, width: int, sites_by
     return _Source(up, index, parts, shared, item, split, [*nodes, item, *chain, *after_split], sizes | repeat_sizes, repeats)
 
 
+class _Attention(NamedTuple):
+    """Attention over (batch, heads, seq, head_dim) query, key and value: the nodes computing it (a
+    scaled_dot_product_attention call, or one written out), the tensors from outside them it reads
+    beside the heads ((reader, tensor): an attn_mask, a mask or scale applied to the scores) and how
+    many query heads share each key/value head inside it (None: unknown)."""
+
+    inputs: tuple[object, object, object]
+    nodes: list[fx.Node]
+    reads: list[tuple[fx.Node, fx.Node]]
+    shared_by: int | None
+
+
+_MATMULS = {aten.matmul.default, torch.matmul, operator.matmul, "matmul"}
+_SOFTMAXES = {aten.softmax.int, aten._softmax.default, torch.softmax, F.softmax, "softmax"}
+# What a written-out attention may do to its scores between the two matmuls, head by head: scale,
+# add or fill a mask (whose entries are checked to be shared by the heads), cast.
+_SCALES = {aten.mul.Tensor, aten.div.Tensor, operator.mul, operator.truediv, torch.mul, torch.div, "mul", "div"}
+_MASKS = {
+    aten.add.Tensor, aten.sub.Tensor, operator.add, operator.sub, torch.add, torch.sub, "add", "sub",
+    aten.masked_fill.Scalar, aten.masked_fill.Tensor, torch.masked_fill, "masked_fill", aten.where.self, torch.where,
+}
+_CASTS = {aten.to.dtype, aten._to_copy.default, "to", "float"}
+
+
+def _is_cast(node: fx.Node) -> bool:
+    """A cast of one tensor to a dtype given as a constant (not read from another tensor)."""
+    return is_op(node, _CASTS) and node.all_input_nodes == list(node.args[:1])
+
+
+def _readers(node: fx.Node) -> list[fx.Node]:
+    """The nodes reading `node`, but torch.export's checks of its dtype before a cast (they compute
+    nothing, and go with the tensor: eliminate_dead_code)."""
+    return [user for user in node.users if user.target is not aten._assert_tensor_metadata.default]
+
+
+def _swaps_last_two_dims(node: fx.Node) -> bool:
+    """transpose(-2, -1) (or (2, 3)) or permute(0, 1, 3, 2) of a 4-d tensor: the key turned for q @ k^T."""
+    dims = _dims(node)
+    if node.target in PERMUTES:
+        return dims == (0, 1, 3, 2)
+    return is_op(node, _SWAPS) and set(dims) in ({-2, -1}, {2, 3})
+
+
+def _scores_of(gm: fx.GraphModule, node: fx.Node, nodes: list[fx.Node], reads: list[tuple[fx.Node, fx.Node]]) -> tuple[fx.Node, fx.Node] | None:
+    """(query, key) if `node` is q @ k^T (q perhaps scaled by a number), perhaps scaled, masked and
+    cast, each step read by the next alone; collects the steps in `nodes` and the tensors they read
+    from elsewhere in `reads`."""
+    if len(_readers(node)) != 1 or node.kwargs and not _is_cast(node):
+        return None
+    if is_op(node, _MATMULS):
+        query, turned = node.args[:2]
+        if not isinstance(turned, fx.Node) or not _swaps_last_two_dims(turned) or len(_readers(turned)) != 1:
+            return None
+        if isinstance(query, fx.Node) and is_op(query, _SCALES) and len(_readers(query)) == 1 and isinstance(query.args[1], (int, float)):
+            nodes.append(query)
+            query = query.args[0]
+        nodes += [turned, node]
+        return query, data_input(turned)
+    if not (is_op(node, _SCALES | _MASKS) or _is_cast(node) or is_dropout(gm, node)):
+        return None
+    for scores in node.all_input_nodes:  # the scores are the operand that leads back to q @ k^T
+        found = _scores_of(gm, scores, before := [], reads_before := [])
+        if found is not None:
+            nodes += [*before, node]
+            reads += reads_before + [(node, other) for other in node.all_input_nodes if other is not scores]
+            return found
+    return None
+
+
+def _softmax_dim(gm: fx.GraphModule, node: fx.Node) -> int | None:
+    """The dim a softmax (function, method, aten op or nn.Softmax) normalizes over; None for anything else."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        return module.dim if isinstance(module, nn.Softmax) else None
+    if not is_op(node, _SOFTMAXES):
+        return None
+    return node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+
+
+def _written_out_attention(gm: fx.GraphModule, context: fx.Node) -> _Attention | None:
+    """softmax(scale * q @ k^T + mask) @ v as written out with matmuls (Hugging Face's eager attention,
+    Swin's window attention): the weights over the last dim, perhaps dropped out or cast."""
+    if not is_op(context, _MATMULS) or context.kwargs or not all(isinstance(a, fx.Node) for a in context.args[:2]):
+        return None
+    weights, value = context.args[:2]
+    after: list[fx.Node] = []
+    while (is_dropout(gm, weights) or _is_cast(weights) or is_identity(gm, weights)) and len(_readers(weights)) == 1:
+        after.insert(0, weights)
+        weights = data_input(weights)
+    if weights is None or _softmax_dim(gm, weights) not in (-1, 3) or len(_readers(weights)) != 1:
+        return None
+    if not isinstance(weights.args[0], fx.Node):
+        return None
+    nodes: list[fx.Node] = []
+    reads: list[tuple[fx.Node, fx.Node]] = []
+    found = _scores_of(gm, weights.args[0], nodes, reads)
+    if found is None:
+        return None
+    query, key = found
+    return _Attention((query, key, value), [*nodes, weights, *after, context], reads, 1)
+
+
+def attention_at(gm: fx.GraphModule, node: fx.Node) -> _Attention | None:
+    """The attention `node` ends: a scaled_dot_product_attention call or a written-out one."""
+    if not is_op(node, ATTENTION):
+        return _written_out_attention(gm, node)
+    mask = mask_argument(node)
+    return _Attention(tuple(node.args[:3]), [node], [(node, mask)] if mask is not None else [], _heads_per_key_value_head(node))
+
+
 def _heads_per_key_value_head(attention: fx.Node) -> int | None:
     """How many query heads share each key/value head inside the attention: 1, or with enable_gqa the
     ratio of their head counts (torch.export records the shapes; None when unknown)."""
@@ -407,15 +518,15 @@ def _heads_per_key_value_head(attention: fx.Node) -> int | None:
     return int(query.shape[-3] // key.shape[-3])
 
 
-def _projections(gm: fx.GraphModule, attention: fx.Node, width: int, sites_by_node: dict[str, Site]) -> _Projections | None:
+def _projections(gm: fx.GraphModule, attention: _Attention, width: int, sites_by_node: dict[str, Site]) -> _Projections | None:
     """Query, key and value each from a compressed site or a part of one (`_source`), every part of each
     site read once: three sites (BERT, MiniLM; nn.MultiheadAttention with its in-projection in blocks),
     one packed or block-split site (nn.MultiheadAttention's self-attention, GPT-2), or a query site and
     a packed key/value site (nn.MultiheadAttention's cross-attention)."""
-    shared_by = _heads_per_key_value_head(attention)
+    shared_by = attention.shared_by
     if shared_by is None:
         return None
-    sources = [_source(gm, argument, width, sites_by_node, 1 if index == 0 else shared_by) for index, argument in enumerate(attention.args[:3])]
+    sources = [_source(gm, argument, width, sites_by_node, 1 if index == 0 else shared_by) for index, argument in enumerate(attention.inputs)]
     if any(source is None for source in sources) or len({source.split.head_dim for source in sources}) != 1:
         return None
     for shared in {source.shared for source in sources}:
@@ -432,12 +543,13 @@ def _projections(gm: fx.GraphModule, attention: fx.Node, width: int, sites_by_no
 
 
 def head_width(gm: fx.GraphModule, down: Site, sites_by_node: dict[str, Site], nodes: dict[str, fx.Node]) -> HiddenWidth | None:
-    """The attention heads `down` reads, if its input is merged from the heads of one
-    scaled_dot_product_attention whose query, key and value are split from compressed sites: one
-    each, or one fused site (in parts or in blocks)."""
+    """The attention heads `down` reads, if its input is merged from the heads of one attention
+    (`attention_at`) whose query, key and value are split from compressed sites: one each, or one
+    fused site (in parts or in blocks)."""
     width = down.in_features
-    attention, after = _chain_back(gm, site_input(nodes[down.entry_node]))
-    if not is_op(attention, ATTENTION) or len(attention.users) != 1:
+    end, after = _chain_back(gm, site_input(nodes[down.entry_node]))
+    attention = attention_at(gm, end)
+    if attention is None or len(end.users) != 1:
         return None
     swaps = [n for n in after if is_op(n, _SWAPS)]
     if len(swaps) != 1 or not _merges_heads(swaps[0]):
@@ -459,12 +571,12 @@ def head_width(gm: fx.GraphModule, down: Site, sites_by_node: dict[str, Site], n
         return None
     resized, mask_nodes = projections.resized, []
     resized |= width_sizes(reshapes, width)
-    mask = mask_argument(attention)
+    mask = mask_argument(end) if is_op(end, ATTENTION) else None
     expansion = _mask_expanded_over_heads(mask, heads) if mask is not None else None
     if expansion is not None:  # the student path expands the mask over its kept heads
         mask_nodes, mask_sizes = expansion
         resized |= mask_sizes
-    names = {node.name for node in (attention, *after, *projections.between, *mask_nodes)}
+    names = {node.name for node in (*attention.nodes, *after, *projections.between, *mask_nodes)}
     ordered = tuple(name for name in nodes if name in names)
     # grouped-query attention: a key/value head and the query heads sharing it are pruned together
     group = head_dim * max(projections.repeats, default=1)
@@ -475,4 +587,17 @@ def mask_argument(attention: fx.Node) -> fx.Node | None:
     """The attn_mask tensor a scaled_dot_product_attention reads, if any."""
     mask = attention.kwargs.get("attn_mask", attention.args[3] if len(attention.args) > 3 else None)
     return mask if isinstance(mask, fx.Node) else None
+
+
+def attention_reads(gm: fx.GraphModule, width: HiddenWidth, nodes: dict[str, fx.Node]) -> list[tuple[fx.Node, fx.Node]]:
+    """(the node of a heads width that reads it, the tensor) for each tensor from outside the width its
+    attention reads beside the heads: an attn_mask (the mask an expansion over the heads reads), a
+    mask or scale applied to written-out scores. The student path shares them with fewer heads."""
+    [attention] = filter(None, (attention_at(gm, nodes[name]) for name in width.between))
+    reads = []
+    for reader, tensor in attention.reads:
+        while tensor.name in width.between:
+            reader, tensor = tensor, data_input(tensor)
+        reads.append((reader, tensor))
+    return reads
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from tunecomp_fx.forms import site_input
-from tunecomp_fx.graph_nodes import RESHAPES, data_input, is_identity, is_op, keeps_width_last, width_sizes
+from tunecomp_fx.graph_nodes import RESHAPES, data_input, is_dropout, is_identity, is_op, keeps_width_last, width_sizes
 from tunecomp_fx.sites import HiddenWidth, Site
 
 aten = torch.ops.aten
@@ -31,7 +31,6 @@ _ACTIVATION_MODULES = (
     nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.ReLU6, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid,
     nn.LeakyReLU, nn.ELU, nn.SELU, nn.Mish, nn.Softplus,
 )
-_DROPOUTS = {aten.dropout.default, F.dropout}
 
 
 # Arithmetic of tensors and numbers: a neuron's output depends on that neuron alone when every tensor
@@ -54,15 +53,16 @@ def _elementwise(gm: fx.GraphModule, node: fx.Node, width: int) -> str | None:
     tensors = node.all_input_nodes
     if len(tensors) != 1 or node.args[:1] != (tensors[0],):
         return None
+    if is_dropout(gm, node):
+        return "dropout"
     if node.op == "call_function":
-        return "activation" if node.target in _ACTIVATION_FUNCTIONS else "dropout" if node.target in _DROPOUTS else None
+        return "activation" if node.target in _ACTIVATION_FUNCTIONS else None
     if node.op == "call_method":
         return "activation" if node.target in _ACTIVATION_METHODS else None
     if node.op == "call_module":
         if is_identity(gm, node):
             return "identity"
-        module = gm.get_submodule(node.target)
-        return "activation" if isinstance(module, _ACTIVATION_MODULES) else "dropout" if isinstance(module, nn.Dropout) else None
+        return "activation" if isinstance(gm.get_submodule(node.target), _ACTIVATION_MODULES) else None
     return None
 
 

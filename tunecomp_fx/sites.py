@@ -117,7 +117,7 @@ class HiddenWidth:
     (perhaps a dropout, perhaps written out in arithmetic), groups of one (a transformer's FFN). kind "heads": the query, key and value sites (or
     fused sites whose outputs hold several copies of the width side by side, `parts` per up site:
     3 for one fused qkv site, 1 and 2 for a query site and a packed key/value site), the head split,
-    scaled_dot_product_attention and the head merge, groups of a head's size (with grouped-query
+    the attention (a scaled_dot_product_attention call or one written out) and the head merge, groups of a head's size (with grouped-query
     attention, a key/value head and the `repeats` query heads sharing it). `between` lists the
     nodes in graph order, `resized` the (node, shape entry) pairs that count the width (a literal
     head count or width in a view), scaled to what is kept; `kept` the neurons the students start
