@@ -69,8 +69,7 @@ def survey(spec: str) -> dict:
         try:
             prepared = tunecomp_fx.prepare(model, inputs, RATIO, **options)
         except TunecompError as error:
-            why = "a mask per head" if "one entry per head" in str(error) else "none recognized"
-            row[kind] = f"0 ({type(error).__name__}: {why})"
+            row[kind] = f"0 ({type(error).__name__}: none recognized)"
             continue
         finally:
             row[f"{kind}_s"] = time.perf_counter() - start
@@ -90,9 +89,8 @@ def markdown(rows: list[dict], seconds: float) -> str:
         "",
         f"Command: `python benchmarks/width_coverage.py` (torch {torch.__version__}); {seconds / 60:.0f} min. Random "
         "initialization except all-MiniLM-L6-v2. `attentions`: scaled_dot_product_attention calls and attention "
-        "written out as matmul, softmax and matmul in the graph; a model whose prepare fails for the pruning option shows 0, the error "
-        "and why (\"a mask per head\": a relative position bias added per head, which pruned heads would leave "
-        "unmatched; \"none recognized\": no width of the patterns in README's prune_neurons and prune_heads).",
+        "written out as matmul, softmax and matmul in the graph; a model whose prepare fails for the pruning option shows 0 and the error "
+        "(\"none recognized\": no width of the patterns in README's prune_neurons and prune_heads).",
         "",
         "| model | compressed sites | neuron widths | attentions | head widths |",
         "|---|---|---|---|---|",

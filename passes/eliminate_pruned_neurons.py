@@ -1,6 +1,7 @@
 """Transform: slice away the neurons (heads) a width mask switched off (width_slack): the up sites'
 students lose those output rows, the down site's student those input columns, each copied shape
-entry that counts the width is scaled to what is left, and the mask is dropped."""
+entry that counts the width is scaled to what is left (and the heads a tensor with one entry per head
+is read for), and the mask is dropped."""
 
 from __future__ import annotations
 
@@ -48,6 +49,8 @@ def _slice_width(gm: fx.GraphModule, width: HiddenWidth, sites: dict[str, Site],
             student = site_container(gm, sites[name])
             bias = student.up.bias[rows] if student.up.bias is not None else None
             student.up = rebuilt(student.up, student.up.weight[rows], bias)
+    if hasattr(container, "kept_heads"):  # a tensor with one entry per head is read for the kept heads alone
+        container.kept_heads = container.kept_heads[width.heads_of(kept.tolist())]
     resized = dict(width.resized)
     for node in gm.graph.nodes:
         meta = node.meta.get("tunecomp", {})

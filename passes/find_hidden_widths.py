@@ -1,8 +1,11 @@
 """Analysis (when prune_neurons or prune_heads > 0): find every hidden width between compressed sites
 that can be sliced without changing anything else in the model: FFN neurons (`neuron_widths`) and
-attention heads (`head_widths`)."""
+attention heads (`head_widths`), with the masks and biases an attention reads with one entry per head
+(seen on the example inputs), which the student path reads sliced to its heads."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 from torch import fx, nn
@@ -27,23 +30,23 @@ class _ShapeObserver(nn.Module):
         return x
 
 
-def _per_head_reads(gm: fx.GraphModule, widths: list[HiddenWidth], inputs: Inputs) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Site -> (name, shape) of a tensor its heads' attention reads from outside the width (a mask, a
-    scale: `attention_reads`) with one entry per head (size > 1 at dim -3): one run on `inputs` with
-    an observer on each of them."""
+def _with_per_head_reads(gm: fx.GraphModule, widths: list[HiddenWidth], inputs: Inputs) -> list[HiddenWidth]:
+    """`widths` with the tensors each heads width's attention reads from outside it (`attention_reads`)
+    that have one entry per head (size > 1 at dim -3, which meets the scores' heads) named in
+    `per_head_reads`: one run on `inputs` with an observer on each of them."""
     nodes = {node.name: node for node in gm.graph.nodes}
-    reads = [(width.down, reader, tensor) for width in widths if width.kind == "heads" for reader, tensor in attention_reads(gm, width, nodes)]
+    reads = [(index, reader, tensor) for index, width in enumerate(widths) if width.kind == "heads" for reader, tensor in attention_reads(gm, width, nodes)]
     if not reads:
-        return {}
+        return widths
     observers = [_ShapeObserver() for _ in reads]
     routes = [(tensor, reader, observer) for (_, reader, tensor), observer in zip(reads, observers)]
     with observing(gm, "_tunecomp_mask_observers", routes), torch.no_grad():
         call_model(gm, inputs)
-    per_head = {}
-    for (down, _, tensor), observer in zip(reads, observers):
+    per_head: dict[int, list[tuple[str, str]]] = {}
+    for (index, reader, tensor), observer in zip(reads, observers):
         if len(observer.shape) >= 3 and observer.shape[-3] > 1:
-            per_head.setdefault(down, (tensor.name, observer.shape))
-    return per_head
+            per_head.setdefault(index, []).append((reader.name, tensor.name))
+    return [replace(width, per_head_reads=tuple(per_head.get(index, ()))) for index, width in enumerate(widths)]
 
 
 class FindHiddenWidths(GraphPass):
@@ -64,14 +67,8 @@ class FindHiddenWidths(GraphPass):
         if ctx.config.prune_heads > 0:
             widths += [head_width(gm, site, sites_by_node, nodes) for site in compressed]
         ctx.hidden_widths = [width for width in widths if width is not None]
-        per_head = _per_head_reads(gm, ctx.hidden_widths, ctx.check_inputs) if ctx.check_inputs is not None else {}
-        if per_head:
-            down, (tensor, shape) = next(iter(per_head.items()))
-            raise SiteError(
-                f"prune_heads={ctx.config.prune_heads} cannot prune the heads site '{down}' reads: its attention "
-                f"reads a mask with one entry per head ('{tensor}', shape {shape}), which pruned heads would leave "
-                "unmatched. Use prune_heads=0 for this model, or give a mask that broadcasts over the heads (size 1 at dim -3)"
-            )
+        if ctx.check_inputs is not None:
+            ctx.hidden_widths = _with_per_head_reads(gm, ctx.hidden_widths, ctx.check_inputs)
         return gm
 
     def ensures(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:

@@ -15,7 +15,8 @@ fold_cores (core into down) leaves the default method's student behind.
 A pruned hidden width (prune_neurons, prune_heads) gets one student path, blended at its down site
 only: the up sites' students compute the kept neurons, a copy of the nodes between acts on them (the
 activation; or the head split, attention and merge, with a literal head count scaled to the kept
-heads), and the down site's student reads that copy:
+heads and a mask or bias with one entry per head read through index_select(..., -3,
+lowrank.<down>.kept_heads)), and the down site's student reads that copy:
     x --> teacher up --> gelu --> teacher down ----------------------------------------------.
     x --> up site's student (kept rows) --> gelu (copy) --> down site's student (kept columns) --> blend
 so the teacher path keeps the full width until the blend drops it. With width_slack the students
@@ -91,7 +92,7 @@ class InsertTeacherStudent(GraphPass):
             graph = gm.graph
             if site.name in widths_by_down:
                 width = widths_by_down[site.name]
-                x = _copy_between(graph, nodes, sites, width, student_outputs)
+                x = _copy_between(gm, nodes, sites, width, student_outputs)
                 if width.target < len(width.kept):
                     x = _mask_width(gm, x, site, len(width.kept))
             else:
@@ -162,17 +163,23 @@ class InsertTeacherStudent(GraphPass):
 
 
 def _copy_between(
-    graph: fx.Graph, nodes: dict[str, fx.Node], sites: dict[str, Site], width: HiddenWidth, student_outputs: dict[str, fx.Node]
+    gm: fx.GraphModule, nodes: dict[str, fx.Node], sites: dict[str, Site], width: HiddenWidth, student_outputs: dict[str, fx.Node]
 ) -> fx.Node:
     """The width's nodes between its ups and its down again, reading the up sites' students, each shape
-    entry that counts the width scaled to the kept neurons; returns the copy the down site's student reads."""
+    entry that counts the width scaled to the kept neurons, each tensor with one entry per head read
+    sliced to the kept heads (`_kept_heads`); returns the copy the down site's student reads."""
+    graph = gm.graph
     copies = {nodes[sites[up].node]: student_outputs[up] for up in width.ups}
     resized = dict(width.resized)
+    per_head = dict(width.per_head_reads)
     entry = nodes[sites[width.down].entry_node]
     with graph.inserting_before(entry):
         for name in width.between:
             original = nodes[name]
             copy = graph.node_copy(original, lambda node: copies.get(node, node))
+            if name in per_head:
+                tensor = nodes[per_head[name]]
+                copy.replace_input_with(tensor, _kept_heads(gm, copy, tensor, sites[width.down], width))
             if name in resized:
                 rescale_shape_entry(copy, resized[name], len(width.kept), width.width)
             for stale in ("val", "tensor_meta"):  # the copy computes fewer neurons
@@ -181,6 +188,20 @@ def _copy_between(
             copy.meta["tunecomp"] = {"site": width.down, "role": "hidden", "copy_of": name}
             copies[original] = copy
     return copies[site_input(entry)]
+
+
+def _kept_heads(gm: fx.GraphModule, reader: fx.Node, tensor: fx.Node, down: Site, width: HiddenWidth) -> fx.Node:
+    """index_select(tensor, -3, lowrank.<down>.kept_heads), for `reader`: a tensor with one entry per
+    head (dim -3, where it meets the scores' heads) cut to the heads the students keep
+    (eliminate_pruned_neurons narrows the buffer with the width)."""
+    container = site_container(gm, down)
+    container.register_buffer("kept_heads", torch.tensor(width.heads_of(width.kept), device=container.down.weight.device))
+    with gm.graph.inserting_before(reader):
+        index = gm.graph.get_attr(f"{LOWRANK_ROOT}.{down.key}.kept_heads")
+        sliced = gm.graph.call_function(torch.index_select, (tensor, -3, index))
+    for node in (index, sliced):
+        node.meta["tunecomp"] = {"site": down.name, "role": "hidden"}
+    return sliced
 
 
 def _mask_width(gm: fx.GraphModule, hidden: fx.Node, site: Site, kept: int) -> fx.Node:

@@ -5,6 +5,7 @@ site."""
 
 from __future__ import annotations
 
+import copy
 import operator
 
 import pytest
@@ -245,17 +246,100 @@ def test_a_fused_qkv_site_loses_the_pruned_heads_rows_in_each_part(unbind: bool,
 
 @pytest.mark.parametrize("literal_heads", [True, False], ids=["symbolic_trace", "torch_export"])
 @pytest.mark.parametrize("written_out", [False, True], ids=["attention_call", "written_out"])
-def test_a_mask_with_one_entry_per_head_is_refused_at_prepare(literal_heads: bool, written_out: bool) -> None:
-    # the student path's attention would read all four heads' masks with two heads left
+def test_a_mask_with_one_entry_per_head_is_read_sliced_to_the_kept_heads(literal_heads: bool, written_out: bool) -> None:
+    torch.manual_seed(0)
     model = HeadsBlock(literal_heads=literal_heads, written_out=written_out).eval()
     x, per_head = torch.randn(2, 10, 64), torch.rand(2, 4, 10, 10) > 0.2
+    prepared = tunecomp_fx.prepare(model, (x, per_head), 0.6, prune_heads=0.5)
+    [width] = _context(prepared).hidden_widths
     # the written-out scores are filled where ~mask holds: the node computing it, named by each capture
     mask = "mask" if not written_out else "invert" if literal_heads else "bitwise_not"
-    expected = rf"cannot prune the heads site 'out' reads: its attention reads a mask with one entry per head \('{mask}', shape \(2, 4, 10, 10\)\)"
-    with pytest.raises(SiteError, match=expected):
-        tunecomp_fx.prepare(model, (x, per_head), 0.5, prune_heads=0.5)
-    prepared = tunecomp_fx.prepare(model, (x, per_head), 0.5)  # without head pruning the mask is no concern
+    assert [tensor for _, tensor in width.per_head_reads] == [mask]
+    assert prepared.lowrank.out.kept_heads.tolist() == width.heads_of(width.kept) and len(width.heads_of(width.kept)) == 2
+    [sliced] = [n for n in prepared.graph.nodes if n.target is torch.index_select]
+    assert (sliced.args[0].name, sliced.args[1]) == (mask, -3)  # the teacher path reads the whole mask
     assert not any("observer" in node.name for node in prepared.graph.nodes)
+    with torch.no_grad():
+        assert torch.equal(prepared(x, per_head), model(x, per_head))  # alpha = 1: the teacher alone
+    compact, student_path = finalize_from_student_path(prepared, x, per_head)
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x[:1], per_head[:1]), student_path[:1], rtol=1e-5, atol=1e-5)  # another batch size
+
+
+@pytest.mark.parametrize("written_out", [False, True], ids=["attention_call", "written_out"])
+def test_silent_heads_under_a_mask_per_head_are_pruned_and_the_model_is_unchanged(written_out: bool) -> None:
+    model, x, per_head = silent_heads(written_out=written_out), torch.randn(8, 10, 64), torch.rand(8, 4, 10, 10) > 0.2
+    prepared = tunecomp_fx.prepare(model, (x, per_head), SILENT_HEADS_RATIO, prune_heads=0.5)
+    tunecomp_fx.set_blend(prepared, 0.0)
+    compact = tunecomp_fx.finalize(prepared)
+    assert compact.lowrank.out.kept_heads.tolist() == [0, 2]  # the mask's entries of the heads that speak
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x, per_head), model(x, per_head), rtol=1e-5, atol=1e-5)
+
+
+def test_a_mask_per_head_follows_the_heads_pruned_during_training() -> None:
+    # width_slack=1: all four heads start in the student path; the blend leaves two, and the mask's with them
+    torch.manual_seed(0)
+    model = HeadsBlock(literal_heads=False, written_out=True).train()
+    batches = [(torch.randn(4, 10, 64), torch.rand(4, 4, 10, 10) > 0.2, torch.randn(4, 10, 64)) for _ in range(3)]
+    prepared = tunecomp_fx.prepare(model, batches[0][:2], 0.6, prune_heads=0.5, width_slack=1.0, rank_slack=0.25)
+    assert prepared.lowrank.out.kept_heads.tolist() == [0, 1, 2, 3]
+    hook = tunecomp_fx.StepHook(prepared, steps=6, blend_steps=3)
+    optimizer = torch.optim.AdamW([p for p in prepared.parameters() if p.requires_grad], lr=1e-3)
+    for step in range(6):
+        x, mask, target = batches[step % 3]
+        (F.mse_loss(prepared(x, mask), target) + hook.distill_loss()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        hook.step()
+    prepared.eval()
+    x, mask, _ = batches[0]
+    with torch.no_grad():
+        trained = prepared(x, mask)
+    compact = tunecomp_fx.finalize(prepared)
+    assert len(compact.lowrank.out.kept_heads) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x, mask), trained, rtol=1e-5, atol=1e-5)
+
+
+def _small_swin() -> nn.Module:
+    """torchvision's Swin with two stages of two blocks on 32 x 32 images: written-out window attention
+    with a per-head relative position bias, and in the first stage's second block shifted windows,
+    whose mask is added to the scores viewed as (batch, windows, heads, tokens, tokens)."""
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(0)
+    model = SwinTransformer(patch_size=[4, 4], embed_dim=32, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4], num_classes=10)
+    for name, parameter in model.named_parameters():  # torchvision starts these near zero: outputs and biases worth checking
+        if name == "head.weight" or "relative_position_bias_table" in name:
+            nn.init.normal_(parameter, std=0.02 if name == "head.weight" else 1.0)
+    return model.eval()
+
+
+def test_swin_slices_its_relative_position_bias_to_the_kept_heads_through_shifted_windows(tmp_path) -> None:  # noqa: ANN001
+    model, x = _small_swin(), torch.randn(2, 3, 32, 32)
+    attention = [m for name, m in model.named_modules() if name.endswith(".attn")]
+    # prune half the heads of the attention sites alone, the ratio exactly what that removes: every rank stays full
+    before = sum(a.qkv.weight.numel() + a.qkv.bias.numel() + a.proj.weight.numel() + a.proj.bias.numel() for a in attention)
+    after = sum((a.qkv.weight.numel() + a.qkv.bias.numel() + a.proj.weight.numel()) // 2 + a.proj.bias.numel() for a in attention)
+    prepared = tunecomp_fx.prepare(model, x, 1 - after / before, prune_heads=0.5, exclude=("*mlp*", "*reduction", "head"))
+    widths = _context(prepared).hidden_widths
+    assert [(w.down, len(w.per_head_reads)) for w in widths] == [(f"features.{i}.{j}.attn.proj", 1) for i in (1, 3) for j in (0, 1)]
+    shifted = widths[1]  # its views of the scores name the head count: rescaled in the student path
+    assert len(shifted.resized) == len(widths[0].resized) + 2
+    with torch.no_grad():
+        assert torch.equal(prepared(x), model(x))  # alpha = 1: the teacher alone
+    tunecomp_fx.set_blend(prepared, 0.0)
+    compact = tunecomp_fx.finalize(prepared)
+    silenced = copy.deepcopy(model)  # the original with the pruned heads' share of each output projection zeroed
+    for width in widths:
+        with torch.no_grad():
+            silenced.get_submodule(width.down).weight[:, sorted(set(range(width.width)) - set(width.kept))] = 0.0
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x), silenced(x), rtol=1e-5, atol=1e-5)
+        assert (compact(x) - model(x)).abs().max() > 1e-3  # the heads pruned did matter
+    result = to_onnx(compact, (x,), tmp_path / "swin.onnx")
+    assert all(error < 1e-4 for error in result.max_errors.values())
 
 
 def test_a_merge_to_a_width_read_from_the_shape_is_not_recognized_and_says_so() -> None:

@@ -441,9 +441,9 @@ def _swaps_last_two_dims(node: fx.Node) -> bool:
 
 
 def _scores_of(gm: fx.GraphModule, node: fx.Node, nodes: list[fx.Node], reads: list[tuple[fx.Node, fx.Node]]) -> tuple[fx.Node, fx.Node] | None:
-    """(query, key) if `node` is q @ k^T (q perhaps scaled by a number), perhaps scaled, masked and
-    cast, each step read by the next alone; collects the steps in `nodes` and the tensors they read
-    from elsewhere in `reads`."""
+    """(query, key) if `node` is q @ k^T (q perhaps scaled by a number), perhaps scaled, masked, cast
+    and viewed, each step read by the next alone; collects the steps in `nodes` and the tensors they
+    read from elsewhere in `reads`."""
     if len(_readers(node)) != 1 or node.kwargs and not _is_cast(node):
         return None
     if is_op(node, _MATMULS):
@@ -455,6 +455,11 @@ def _scores_of(gm: fx.GraphModule, node: fx.Node, nodes: list[fx.Node], reads: l
             query = query.args[0]
         nodes += [turned, node]
         return query, data_input(turned)
+    if is_op(node, RESHAPES) and data_input(node) is not None:  # regrouping the batch (Swin's shifted windows)
+        found = _scores_of(gm, data_input(node), nodes, reads)
+        if found is not None:
+            nodes.append(node)
+        return found
     if not (is_op(node, _SCALES | _MASKS) or _is_cast(node) or is_dropout(gm, node)):
         return None
     for scores in node.all_input_nodes:  # the scores are the operand that leads back to q @ k^T
@@ -569,8 +574,13 @@ def head_width(gm: fx.GraphModule, down: Site, sites_by_node: dict[str, Site], n
     # reshapes between attention and the merge must keep (heads, head_dim) apart without naming the head count
     if any(is_op(n, RESHAPES) and (shape_entries(n)[-1:] != [head_dim] or heads in shape_entries(n)[:-1]) for n in after[: after.index(reshapes[0])]):
         return None
+    # views of written-out scores regroup the batch: (..., heads or -1, queries, keys), the head count nowhere else
+    regrouped = [shape_entries(n) for n in attention.nodes if is_op(n, RESHAPES)]
+    if any(len(entries) < 3 or entries[-3] not in (heads, -1) or heads in entries[:-3] for entries in regrouped):
+        return None
     resized, mask_nodes = projections.resized, []
     resized |= width_sizes(reshapes, width)
+    resized |= {n.name: len(shape_entries(n)) - 3 for n in attention.nodes if is_op(n, RESHAPES) and shape_entries(n)[-3] == heads}
     mask = mask_argument(end) if is_op(end, ATTENTION) else None
     expansion = _mask_expanded_over_heads(mask, heads) if mask is not None else None
     if expansion is not None:  # the student path expands the mask over its kept heads
@@ -592,7 +602,8 @@ def mask_argument(attention: fx.Node) -> fx.Node | None:
 def attention_reads(gm: fx.GraphModule, width: HiddenWidth, nodes: dict[str, fx.Node]) -> list[tuple[fx.Node, fx.Node]]:
     """(the node of a heads width that reads it, the tensor) for each tensor from outside the width its
     attention reads beside the heads: an attn_mask (the mask an expansion over the heads reads), a
-    mask or scale applied to written-out scores. The student path shares them with fewer heads."""
+    mask or scale applied to written-out scores. The student path shares them, sliced to its heads
+    where they hold one entry per head (find_hidden_widths, insert_teacher_student)."""
     [attention] = filter(None, (attention_at(gm, nodes[name]) for name in width.between))
     reads = []
     for reader, tensor in attention.reads:

@@ -122,7 +122,9 @@ class HiddenWidth:
     nodes in graph order, `resized` the (node, shape entry) pairs that count the width (a literal
     head count or width in a view), scaled to what is kept; `kept` the neurons the students start
     with and `target` how many of them finalize keeps (select_hidden_neurons decides; fewer than
-    `kept` with width_slack, the rest pruned during the blend)."""
+    `kept` with width_slack, the rest pruned during the blend). `per_head_reads` names (reader, tensor)
+    pairs of nodes: a tensor from outside the width with one entry per head (a relative position
+    bias, a mask per head) that the reader, in the student path, takes sliced to the kept heads."""
 
     kind: str
     ups: tuple[str, ...]
@@ -135,6 +137,7 @@ class HiddenWidth:
     target: int = 0
     parts: tuple[int, ...] = ()  # per up site; none given: one each
     repeats: tuple[int, ...] = ()  # per up site: how many query heads share each of its heads (grouped-query key/value)
+    per_head_reads: tuple[tuple[str, str], ...] = ()
 
     @property
     def sites(self) -> tuple[str, ...]:
@@ -152,6 +155,10 @@ class HiddenWidth:
     def repeats_of(self, up: str) -> int:
         """How many of the down site's heads share each head of the up site (1 but for grouped-query key/value)."""
         return self.repeats[self.ups.index(up)] if self.repeats and up in self.ups else 1
+
+    def heads_of(self, kept: Sequence[int]) -> list[int]:
+        """The (query) heads whose neurons `kept` holds, a head's neurons all kept or none."""
+        return [neuron // self.head_dim for neuron in kept[:: self.head_dim]]
 
     def up_rows(self, up: str, kept: Sequence[int], size: int) -> tuple[int, ...]:
         """The rows of up site `up` that compute the `kept` neurons (as the down site reads them) of a
