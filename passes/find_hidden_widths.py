@@ -83,7 +83,7 @@ class FindHiddenWidths(GraphPass):
         if ctx.config.prune_heads > 0 and "heads" not in kinds:
             raise SiteError(
                 f"prune_heads={ctx.config.prune_heads} found no attention heads to prune: no compressed site reads "
-                "heads merged (transpose(1, 2), reshape to a literal width or -1) from one "
+                "heads merged (transpose(1, 2), reshape to a literal width, -1 or a width read from a tensor's shape) from one "
                 "scaled_dot_product_attention (or attention written out: matmul(q, k.transpose(-2, -1)), scaled, "
                 "masked, softmax over the last dim, matmul with v) whose query, key and value are split from three compressed sites "
                 "(view (..., heads, head_dim), transpose(1, 2)), from one fused qkv site (reshape (..., 3, heads, "
@@ -91,9 +91,9 @@ class FindHiddenWidths(GraphPass):
                 "packed in-projection, self- or cross-attention (captured with torch.export); rotary embeddings may stand "
                 "between the split and the attention, and a key/value head may be shared by a group of query heads "
                 "(repeated, or enable_gqa under torch.export). "
-                "Not recognized: a merge to a width read from a tensor's shape, norms or per-head scales between the "
-                "heads and the projections, and steps of a written-out attention other than those (or scores read "
-                "elsewhere too, as timm's resolve_self_attn_mask reads them); "
+                "Not recognized: norms or per-head scales between the heads and the projections, and steps of a "
+                "written-out attention other than those (or scores read elsewhere too, as timm's "
+                "resolve_self_attn_mask reads them); "
                 "use prune_heads=0 for this model, or check that `exclude` leaves the projections of a block compressed"
             )
         shared = [name for name in {s for w in ctx.hidden_widths for s in w.ups} if sum(name in w.ups for w in ctx.hidden_widths) > 1]

@@ -342,10 +342,60 @@ def test_swin_slices_its_relative_position_bias_to_the_kept_heads_through_shifte
     assert all(error < 1e-4 for error in result.max_errors.values())
 
 
-def test_a_merge_to_a_width_read_from_the_shape_is_not_recognized_and_says_so() -> None:
-    # AttentionBlock merges its heads with reshape(b, t, d), d read from the input's shape: pruned, it would be wrong
-    with pytest.raises(SiteError, match=r"prune_heads=0.5 found no attention heads to prune.*a merge to a width read from a tensor's shape"):
-        tunecomp_fx.prepare(AttentionBlock().eval(), torch.randn(2, 8, 64), 0.5, prune_heads=0.5)
+def test_a_head_size_and_a_merge_read_from_the_shape_are_kept_and_inferred() -> None:
+    # AttentionBlock splits with reshape(b, t, 3, heads, d // heads) and merges with reshape(b, t, d), d
+    # read from the input's shape: the head size stays d // heads, the merged width is inferred (-1)
+    torch.manual_seed(0)
+    model, x = AttentionBlock().eval(), torch.randn(2, 8, 64)
+    prepared = tunecomp_fx.prepare(model, x, 0.5, prune_heads=0.5)
+    [width] = _context(prepared).hidden_widths
+    assert (width.ups, width.down, width.group, dict(width.resized)) == (("qkv",), "proj", 16, {"reshape": 3, "reshape_1": 2})
+    [merge] = [n for n in prepared.graph.nodes if n.meta.get("tunecomp", {}).get("copy_of") == "reshape_1"]
+    assert shape_entries(merge)[-1] == -1
+    with torch.no_grad():
+        assert torch.equal(prepared(x), model(x))  # alpha = 1: the teacher alone
+    compact, _ = finalize_from_student_path(prepared, x)
+    with torch.no_grad():
+        assert compact(torch.randn(3, 5, 64)).shape == (3, 5, 64)  # another batch and length
+
+
+def test_an_inferred_merge_follows_the_heads_pruned_during_training() -> None:
+    torch.manual_seed(0)
+    data = [(torch.randn(4, 8, 64), torch.randn(4, 8, 64)) for _ in range(3)]
+    options = {"prune_heads": 0.5, "width_slack": 1.0, "rank_slack": 0.25}
+    prepared = tunecomp_fx.prepare(AttentionBlock().train(), data[0][0], 0.6, calib=[x for x, _ in data], **options)
+    assert train_with_hook(prepared, data, F.mse_loss, 6, 3).teacher_removed
+    prepared.eval()
+    with torch.no_grad():
+        trained = prepared(data[0][0])
+    compact = tunecomp_fx.finalize(prepared)  # four heads in the student path, two left
+    with torch.no_grad():
+        torch.testing.assert_close(compact(data[0][0]), trained, rtol=1e-5, atol=1e-5)
+    assert tunecomp_fx.get_report(compact).sites[1].reason.startswith("32 of 64 input neurons kept (2 of 4 heads)")
+
+
+def test_beit_slices_its_relative_position_bias_and_infers_its_merged_width() -> None:
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("beit_base_patch16_224", img_size=32, patch_size=8, num_classes=10, depth=2, embed_dim=64, num_heads=4)
+    for name, parameter in model.named_parameters():  # timm starts these at zero or near it: outputs and biases worth checking
+        if name == "head.weight" or "relative_position_bias_table" in name or name.endswith(("q_bias", "v_bias")):
+            nn.init.normal_(parameter, std=0.5)
+    model, x = model.eval(), torch.randn(2, 3, 32, 32)
+    # students at full rank: the student path is the model with the pruned heads alone taken out
+    prepared = tunecomp_fx.prepare(model, x, 0.5, prune_heads=0.5, rank_slack=10.0)
+    widths = _context(prepared).hidden_widths
+    assert [(w.ups, len(w.per_head_reads), len(w.kept)) for w in widths] == [((f"blocks.{i}.attn.qkv",), 1, 32) for i in range(2)]
+    with torch.no_grad():
+        assert torch.equal(prepared(x), model(x))  # alpha = 1: the teacher alone
+    silenced = copy.deepcopy(model)  # the pruned heads' share of each output projection zeroed
+    for width in widths:
+        with torch.no_grad():
+            silenced.get_submodule(width.down).weight[:, sorted(set(range(width.width)) - set(width.kept))] = 0.0
+    tunecomp_fx.set_blend(prepared, 0.0)
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(x), silenced(x), rtol=1e-5, atol=1e-5)
+        assert (prepared(x) - model(x)).abs().max() > 1e-2  # the heads pruned did matter
 
 
 def test_an_excluded_projection_leaves_no_heads() -> None:

@@ -41,9 +41,11 @@ def with_shape(node: fx.Node, entries: Sequence) -> tuple:
 
 def rescale_shape_entry(node: fx.Node, index: int, kept: int, width: int) -> None:
     """Scale the size `index` of a node (`shape_entries`), which counts `width` neurons (or their
-    heads), to `kept` of them."""
+    heads), to `kept` of them; a size read at run time (a node) is inferred instead (-1: the node's
+    other sizes are fixed), and stays inferred."""
     entries = shape_entries(node)
-    entries[index] = entries[index] * kept // width
+    entry = entries[index]
+    entries[index] = -1 if isinstance(entry, fx.Node) or entry == -1 else entry * kept // width
     node.args = with_shape(node, entries)
 
 

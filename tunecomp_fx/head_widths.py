@@ -74,11 +74,12 @@ def _chain_back(gm: fx.GraphModule, end: fx.Node) -> tuple[fx.Node, list[fx.Node
 
 
 def _head_size(heads: object, head_dim: object, width: int) -> int | None:
-    """The head size, if the sizes (heads or -1, head_dim) or (heads, -1) of a view split `width` into
-    heads (BEiT writes reshape(..., 3, heads, -1))."""
+    """The head size, if the sizes (heads or -1, head_dim) or (heads, -1 or a size read at run time) of
+    a view split `width` into heads (BEiT writes reshape(..., 3, heads, -1); a traced
+    reshape(..., heads, d // heads) reads d from a tensor's shape, and then must be width // heads)."""
     if isinstance(head_dim, int) and head_dim >= 1 and width % head_dim == 0 and heads in (-1, width // head_dim):
         return head_dim
-    if head_dim == -1 and isinstance(heads, int) and heads >= 1 and width % heads == 0:
+    if (head_dim == -1 or isinstance(head_dim, fx.Node)) and isinstance(heads, int) and heads >= 1 and width % heads == 0:
         return width // heads
     return None
 
@@ -562,7 +563,9 @@ def head_width(gm: fx.GraphModule, down: Site, sites_by_node: dict[str, Site], n
     # the first reshape after the swap merges the heads; later ones (a flattening of the tokens) keep the width last
     merged = after[after.index(swaps[0]) + 1 :]
     reshapes = [n for n in merged if is_op(n, RESHAPES)]
-    if not reshapes or not all(keeps_width_last(n, width) for n in reshapes):
+    # a merge may read the width from a tensor's shape (reshape(b, t, x.shape[-1])): the copy infers it
+    inferred = {n.name: len(shape_entries(n)) - 1 for n in reshapes[:1] if isinstance(shape_entries(n)[-1], fx.Node) and -1 not in shape_entries(n)}
+    if not reshapes or not all(keeps_width_last(n, width) or n.name in inferred for n in reshapes):
         return None
     if not all(is_identity(gm, n) for n in merged[merged.index(reshapes[0]) + 1 :] if n not in reshapes):
         return None
@@ -579,7 +582,7 @@ def head_width(gm: fx.GraphModule, down: Site, sites_by_node: dict[str, Site], n
     if any(len(entries) < 3 or entries[-3] not in (heads, -1) or heads in entries[:-3] for entries in regrouped):
         return None
     resized, mask_nodes = projections.resized, []
-    resized |= width_sizes(reshapes, width)
+    resized |= width_sizes(reshapes, width) | inferred
     resized |= {n.name: len(shape_entries(n)) - 3 for n in attention.nodes if is_op(n, RESHAPES) and shape_entries(n)[-3] == heads}
     mask = mask_argument(end) if is_op(end, ATTENTION) else None
     expansion = _mask_expanded_over_heads(mask, heads) if mask is not None else None
