@@ -1,15 +1,16 @@
 """Transform: slice away the neurons (heads) a width mask switched off (width_slack): the up sites'
 students lose those output rows, the down site's student those input columns, each copied shape
 entry that counts the width is scaled to what is left (and the heads a tensor with one entry per head
-is read for), and the mask is dropped."""
+is read for, and the channels of the per-channel modules copied into the width), and the mask is dropped."""
 
 from __future__ import annotations
 
 import torch
 from torch import fx
 
-from tunecomp_fx.forms import rebuilt
+from tunecomp_fx.forms import rebuilt, with_channels
 from tunecomp_fx.graph_nodes import rescale_shape_entry
+from tunecomp_fx.passes.insert_teacher_student import channels_key
 from tunecomp_fx.pipeline import GraphPass, PassContext
 from tunecomp_fx.sites import HiddenWidth, Site, site_container, student_nodes
 
@@ -51,6 +52,9 @@ def _slice_width(gm: fx.GraphModule, width: HiddenWidth, sites: dict[str, Site],
             student.up = rebuilt(student.up, student.up.weight[rows], bias)
     if hasattr(container, "kept_heads"):  # a tensor with one entry per head is read for the kept heads alone
         container.kept_heads = container.kept_heads[width.heads_of(kept.tolist())]
+    for name in width.channelwise:
+        key = channels_key(name)
+        setattr(container, key, with_channels(getattr(container, key), kept))
     resized = dict(width.resized)
     for node in gm.graph.nodes:
         meta = node.meta.get("tunecomp", {})

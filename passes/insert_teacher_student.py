@@ -16,7 +16,9 @@ A pruned hidden width (prune_neurons, prune_heads) gets one student path, blende
 only: the up sites' students compute the kept neurons, a copy of the nodes between acts on them (the
 activation; or the head split, attention and merge, with a literal head count scaled to the kept
 heads and a mask or bias with one entry per head read through index_select(..., -3,
-lowrank.<down>.kept_heads)), and the down site's student reads that copy:
+lowrank.<down>.kept_heads); a batch norm or depthwise convolution between pointwise convolutions
+copied with the kept channels alone, lowrank.<down>.channels_<node>), and the down site's student
+reads that copy:
     x --> teacher up --> gelu --> teacher down ----------------------------------------------.
     x --> up site's student (kept rows) --> gelu (copy) --> down site's student (kept columns) --> blend
 so the teacher path keeps the full width until the blend drops it. With width_slack the students
@@ -33,7 +35,7 @@ import operator
 import torch
 from torch import fx, nn
 
-from tunecomp_fx.forms import LAYOUTS, site_input
+from tunecomp_fx.forms import LAYOUTS, site_input, with_channels
 from tunecomp_fx.graph_nodes import rescale_shape_entry
 from tunecomp_fx.pipeline import GraphPass, PassContext
 from tunecomp_fx.sites import LOWRANK_ROOT, Blend, HiddenWidth, Site, site_container, student_nodes, teacher_parameters
@@ -177,6 +179,8 @@ def _copy_between(
         for name in width.between:
             original = nodes[name]
             copy = graph.node_copy(original, lambda node: copies.get(node, node))
+            if name in width.channelwise:
+                copy.target = _kept_channels(gm, original, sites[width.down], width)
             if name in per_head:
                 tensor = nodes[per_head[name]]
                 copy.replace_input_with(tensor, _kept_heads(gm, copy, tensor, sites[width.down], width))
@@ -188,6 +192,20 @@ def _copy_between(
             copy.meta["tunecomp"] = {"site": width.down, "role": "hidden", "copy_of": name}
             copies[original] = copy
     return copies[site_input(entry)]
+
+
+def channels_key(node_name: str) -> str:
+    """Where, under the down site's students, the copy of a per-channel module a width passes through lives."""
+    return f"channels_{node_name}"
+
+
+def _kept_channels(gm: fx.GraphModule, original: fx.Node, down: Site, width: HiddenWidth) -> str:
+    """The target of the student path's copy of a per-channel module (a batch norm, a depthwise
+    convolution): lowrank.<down>.channels_<node>, the module with the kept channels alone."""
+    container = site_container(gm, down)
+    index = torch.tensor(width.kept)
+    container.add_module(channels_key(original.name), with_channels(gm.get_submodule(original.target), index))
+    return f"{LOWRANK_ROOT}.{down.key}.{channels_key(original.name)}"
 
 
 def _kept_heads(gm: fx.GraphModule, reader: fx.Node, tensor: fx.Node, down: Site, width: HiddenWidth) -> fx.Node:

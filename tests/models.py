@@ -219,6 +219,27 @@ SILENT_HEADS_KEPT = 3 * (32 * 64 + 32) + (64 * 32 + 64)
 SILENT_HEADS_RATIO = 1 - SILENT_HEADS_KEPT / (3 * (64 * 64 + 64) + 64 * 64)
 
 
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: a pointwise convolution expands the channels, batch norms and a depthwise
+    convolution map each channel by itself, a pointwise convolution projects back. With `depthwise`
+    off the middle convolution mixes the channels (a dense 3 x 3)."""
+
+    def __init__(self, channels: int = 16, hidden: int = 64, depthwise: bool = True) -> None:
+        super().__init__()
+        self.expand = nn.Conv2d(channels, hidden, 1, bias=False)
+        self.bn1, self.bn2 = nn.BatchNorm2d(hidden), nn.BatchNorm2d(hidden)
+        self.dw = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden if depthwise else 1, bias=False)
+        self.project = nn.Conv2d(hidden, channels, 1)
+        for norm in (self.bn1, self.bn2):  # statistics and affine maps worth slicing
+            nn.init.normal_(norm.weight)
+            nn.init.normal_(norm.bias)
+            norm.running_mean.normal_()
+            norm.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.project(F.relu6(self.bn2(self.dw(F.relu6(self.bn1(self.expand(x)))))))
+
+
 class ShapeBranching(nn.Module):
     """Python control flow on a tensor value: symbolic tracing fails, torch.export handles it."""
 

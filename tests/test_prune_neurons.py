@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tests.joint_task import digits_task, endless, fresh, single_thread  # noqa: F401
-from tests.graph_checks import finalize_from_student_path
-from tests.models import MLP, ActivatedMLP, AttentionBlock, WrittenOutGelu
+from tests.graph_checks import finalize_from_student_path, train_with_hook
+from tests.models import MLP, ActivatedMLP, AttentionBlock, InvertedResidual, WrittenOutGelu
 from torch import nn
 
 import tunecomp_fx
@@ -238,6 +238,61 @@ def test_llamas_gated_mlp_prunes_its_neurons_and_exports(tmp_path) -> None:  # n
     assert rows["layers.1.mlp.up_proj"].reason.startswith("88 of 128 output neurons kept")
     result = to_onnx(compact, inputs, tmp_path / "llama.onnx")
     assert all(error < 1e-4 for error in result.max_errors.values())
+
+
+def test_batch_norms_and_a_depthwise_convolution_are_copied_with_the_kept_channels(tmp_path) -> None:  # noqa: ANN001
+    torch.manual_seed(0)
+    model, x = InvertedResidual().eval(), torch.randn(4, 16, 8, 8)
+    prepared = tunecomp_fx.prepare(model, x, 0.5, prune_neurons=0.5)
+    [width] = _context(prepared).hidden_widths
+    assert (width.ups, width.down, width.channelwise, len(width.kept)) == (("expand",), "project", ("bn1", "dw", "bn2"), 32)
+    kept = list(width.kept)
+    copies = {n.meta["tunecomp"]["copy_of"]: n for n in prepared.graph.nodes if "copy_of" in n.meta.get("tunecomp", {})}
+    assert {name: copies[name].target for name in width.channelwise} == {name: f"lowrank.project.channels_{name}" for name in width.channelwise}
+    norm, depthwise = prepared.lowrank.project.channels_bn1, prepared.lowrank.project.channels_dw
+    assert torch.equal(norm.running_var, model.bn1.running_var[kept]) and torch.equal(norm.bias, model.bn1.bias[kept])
+    assert (depthwise.groups, depthwise.weight.shape) == (32, (32, 1, 3, 3)) and torch.equal(depthwise.weight, model.dw.weight[kept])
+    with torch.no_grad():
+        assert torch.equal(prepared(x), model(x))  # alpha = 1: the teacher alone
+    compact, _ = finalize_from_student_path(prepared, x)
+    assert not {"bn1", "dw", "bn2"} & {name for name, _ in compact.named_children()}  # the teacher's went with it
+    result = to_onnx(compact, (x,), tmp_path / "inverted_residual.onnx")
+    assert all(error < 1e-4 for error in result.max_errors.values())
+
+
+def test_channels_the_projection_ignores_are_pruned_and_the_model_is_unchanged() -> None:
+    torch.manual_seed(0)
+    model, x = InvertedResidual().eval(), torch.randn(4, 16, 8, 8)
+    with torch.no_grad():
+        model.project.weight[:, 1::2] = 0.0
+    # students at full rank: the student path is the model with the pruned channels alone taken out
+    prepared = tunecomp_fx.prepare(model, x, 0.5, prune_neurons=0.5, rank_slack=10.0)
+    tunecomp_fx.set_blend(prepared, 0.0)
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_copied_batch_norms_train_and_lose_the_channels_pruned_during_training() -> None:
+    torch.manual_seed(0)
+    data = [(torch.randn(4, 16, 8, 8), torch.randn(4, 16, 8, 8)) for _ in range(3)]
+    options = {"prune_neurons": 0.5, "width_slack": 1.0, "rank_slack": 0.25}
+    prepared = tunecomp_fx.prepare(InvertedResidual(), data[0][0], 0.6, calib=[x for x, _ in data], **options)
+    assert prepared.lowrank.project.channels_bn1.num_features == 64  # every channel at first
+    before = prepared.lowrank.project.channels_bn1.running_mean.clone()
+    assert train_with_hook(prepared.train(), data, F.mse_loss, 6, 3).teacher_removed
+    assert not torch.equal(prepared.lowrank.project.channels_bn1.running_mean, before)  # batch statistics of its own
+    prepared.eval()
+    with torch.no_grad():
+        trained = prepared(data[0][0])
+    compact = tunecomp_fx.finalize(prepared)
+    assert (compact.lowrank.project.channels_bn1.num_features, compact.lowrank.project.channels_dw.groups) == (32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(compact(data[0][0]), trained, rtol=1e-5, atol=1e-5)
+
+
+def test_a_convolution_mixing_the_channels_leaves_no_width() -> None:
+    with pytest.raises(SiteError, match="found no hidden width to prune"):
+        tunecomp_fx.prepare(InvertedResidual(depthwise=False).eval(), torch.randn(2, 16, 8, 8), 0.5, prune_neurons=0.5)
 
 
 def test_a_model_without_hidden_widths_says_so() -> None:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from tunecomp_fx.forms import site_input
+from tunecomp_fx.forms import LAYOUTS, site_input
 from tunecomp_fx.graph_nodes import RESHAPES, data_input, is_dropout, is_identity, is_op, keeps_width_last, width_sizes
 from tunecomp_fx.sites import HiddenWidth, Site
 
@@ -42,10 +42,19 @@ _ARITHMETIC = {
 }
 
 
-def _elementwise(gm: fx.GraphModule, node: fx.Node, width: int) -> str | None:
+def _per_channel(module: nn.Module, width: int) -> bool:
+    """Whether `module` maps each of `width` channels (dim 1) by itself: a batch norm, or a depthwise
+    convolution (MobileNetV2's inverted residual between its two pointwise convolutions)."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return module.num_features == width
+    return isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == module.in_channels == module.out_channels == width
+
+
+def _elementwise(gm: fx.GraphModule, node: fx.Node, width: int, channel_first: bool) -> str | None:
     """"activation", "dropout", "identity" (timm's Mlp has an nn.Identity norm when the norm is off),
     "arithmetic" (`_ARITHMETIC`, of tensors and numbers), "reshape" (of the tokens: the width stays
-    last), or None when `node` is none of them. Which tensors it reads is the caller's to check."""
+    last), "channelwise" (`_per_channel`, for widths in dim 1: pointwise convolutions' channels), or
+    None when `node` is none of them. Which tensors it reads is the caller's to check."""
     if is_op(node, _ARITHMETIC):
         return "arithmetic" if not node.kwargs and all(isinstance(a, (fx.Node, int, float)) for a in node.args) else None
     if is_op(node, RESHAPES):
@@ -62,11 +71,14 @@ def _elementwise(gm: fx.GraphModule, node: fx.Node, width: int) -> str | None:
     if node.op == "call_module":
         if is_identity(gm, node):
             return "identity"
-        return "activation" if isinstance(gm.get_submodule(node.target), _ACTIVATION_MODULES) else None
+        module = gm.get_submodule(node.target)
+        if channel_first and _per_channel(module, width):
+            return "channelwise"
+        return "activation" if isinstance(module, _ACTIVATION_MODULES) else None
     return None
 
 
-def _elementwise_region(gm: fx.GraphModule, starts: list[fx.Node], width: int) -> tuple[dict[fx.Node, str], fx.Node | None] | None:
+def _elementwise_region(gm: fx.GraphModule, starts: list[fx.Node], width: int, channel_first: bool) -> tuple[dict[fx.Node, str], fx.Node | None] | None:
     """The nodes `_elementwise` reaches from `starts`, with their kinds (the starts' is "up"), and the
     one other node that reads them; None as soon as a second one does (a residual stream would
     otherwise take the walk through the rest of the model)."""
@@ -74,7 +86,7 @@ def _elementwise_region(gm: fx.GraphModule, starts: list[fx.Node], width: int) -
     queue, readers = list(starts), set()
     while queue:
         for user in queue.pop().users:
-            kind = kinds.get(user) or _elementwise(gm, user, width)
+            kind = kinds.get(user) or _elementwise(gm, user, width, channel_first)
             if kind is None:
                 readers.add(user)
                 if len(readers) > 1:
@@ -94,7 +106,7 @@ def neuron_width(
     The sites share the width's neurons; it is found from the first of them in the graph."""
     width, starts = up.out_features, [nodes[up.node]]
     while True:
-        region = _elementwise_region(gm, starts, width)
+        region = _elementwise_region(gm, starts, width, LAYOUTS[up.layout].feature_dim != -1)
         if region is None:
             return None
         kinds, reader = region
@@ -119,5 +131,6 @@ def neuron_width(
         return None
     between = tuple(name for name in nodes if kinds.get(nodes[name], "up") != "up")
     resized = width_sizes([n for n, kind in kinds.items() if kind == "reshape"], width)
-    return HiddenWidth("neurons", ups, down.name, between, width, resized=tuple(resized.items()))
+    channelwise = tuple(name for name in between if kinds[nodes[name]] == "channelwise")
+    return HiddenWidth("neurons", ups, down.name, between, width, resized=tuple(resized.items()), channelwise=channelwise)
 

@@ -138,6 +138,7 @@ class HiddenWidth:
     parts: tuple[int, ...] = ()  # per up site; none given: one each
     repeats: tuple[int, ...] = ()  # per up site: how many query heads share each of its heads (grouped-query key/value)
     per_head_reads: tuple[tuple[str, str], ...] = ()
+    channelwise: tuple[str, ...] = ()  # nodes of per-channel modules (batch norms, depthwise convolutions): the student path's copies are sliced
 
     @property
     def sites(self) -> tuple[str, ...]:
