@@ -8,9 +8,10 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from tunecomp_fx.forms import rebuilt, with_channels
+from tunecomp_fx.forms import rebuilt
 from tunecomp_fx.graph_nodes import rescale_shape_entry
 from tunecomp_fx.passes.insert_teacher_student import channels_key
+from tunecomp_fx.per_channel import set_channel_count, with_channels
 from tunecomp_fx.pipeline import GraphPass, PassContext
 from tunecomp_fx.sites import HiddenWidth, Site, site_container, student_nodes
 
@@ -58,8 +59,12 @@ def _slice_width(gm: fx.GraphModule, width: HiddenWidth, sites: dict[str, Site],
     resized = dict(width.resized)
     for node in gm.graph.nodes:
         meta = node.meta.get("tunecomp", {})
-        if meta.get("site") == width.down and meta.get("copy_of") in resized:
+        if meta.get("site") != width.down:
+            continue
+        if meta.get("copy_of") in resized:
             rescale_shape_entry(node, resized[meta["copy_of"]], len(kept), len(width.kept))
+        if meta.get("copy_of") in width.channelwise:
+            set_channel_count(node, len(kept))
     masked = roles["width_masked"]
     masked.replace_all_uses_with(masked.args[0])
     gm.graph.erase_node(masked)

@@ -35,8 +35,9 @@ import operator
 import torch
 from torch import fx, nn
 
-from tunecomp_fx.forms import LAYOUTS, site_input, with_channels
+from tunecomp_fx.forms import LAYOUTS, site_input
 from tunecomp_fx.graph_nodes import rescale_shape_entry
+from tunecomp_fx.per_channel import per_channel_module, read_channels, with_channels
 from tunecomp_fx.pipeline import GraphPass, PassContext
 from tunecomp_fx.sites import LOWRANK_ROOT, Blend, HiddenWidth, Site, site_container, student_nodes, teacher_parameters
 
@@ -180,7 +181,7 @@ def _copy_between(
             original = nodes[name]
             copy = graph.node_copy(original, lambda node: copies.get(node, node))
             if name in width.channelwise:
-                copy.target = _kept_channels(gm, original, sites[width.down], width)
+                read_channels(graph, copy, _kept_channels(gm, original, sites[width.down], width), len(width.kept))
             if name in per_head:
                 tensor = nodes[per_head[name]]
                 copy.replace_input_with(tensor, _kept_heads(gm, copy, tensor, sites[width.down], width))
@@ -200,11 +201,11 @@ def channels_key(node_name: str) -> str:
 
 
 def _kept_channels(gm: fx.GraphModule, original: fx.Node, down: Site, width: HiddenWidth) -> str:
-    """The target of the student path's copy of a per-channel module (a batch norm, a depthwise
-    convolution): lowrank.<down>.channels_<node>, the module with the kept channels alone."""
+    """lowrank.<down>.channels_<node>: the per-channel module (a batch norm, a depthwise convolution)
+    or aten call's tensors that the student path's copy of `original` reads, with the kept channels alone."""
     container = site_container(gm, down)
     index = torch.tensor(width.kept)
-    container.add_module(channels_key(original.name), with_channels(gm.get_submodule(original.target), index))
+    container.add_module(channels_key(original.name), with_channels(per_channel_module(gm, original), index))
     return f"{LOWRANK_ROOT}.{down.key}.{channels_key(original.name)}"
 
 

@@ -222,10 +222,13 @@ SILENT_HEADS_RATIO = 1 - SILENT_HEADS_KEPT / (3 * (64 * 64 + 64) + 64 * 64)
 class InvertedResidual(nn.Module):
     """MobileNetV2's block: a pointwise convolution expands the channels, batch norms and a depthwise
     convolution map each channel by itself, a pointwise convolution projects back. With `depthwise`
-    off the middle convolution mixes the channels (a dense 3 x 3)."""
+    off the middle convolution mixes the channels (a dense 3 x 3); with `checked` a check of the
+    expanded shape, as timm's blocks make, leaves symbolic tracing to fail and torch.export to capture
+    it (functional batch norms and convolutions on the graph's tensors)."""
 
-    def __init__(self, channels: int = 16, hidden: int = 64, depthwise: bool = True) -> None:
+    def __init__(self, channels: int = 16, hidden: int = 64, depthwise: bool = True, checked: bool = False) -> None:
         super().__init__()
+        self.checked = checked
         self.expand = nn.Conv2d(channels, hidden, 1, bias=False)
         self.bn1, self.bn2 = nn.BatchNorm2d(hidden), nn.BatchNorm2d(hidden)
         self.dw = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden if depthwise else 1, bias=False)
@@ -237,7 +240,10 @@ class InvertedResidual(nn.Module):
             norm.running_var.uniform_(0.5, 2.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.project(F.relu6(self.bn2(self.dw(F.relu6(self.bn1(self.expand(x)))))))
+        h = self.expand(x)
+        if self.checked and h.shape[1] != self.dw.in_channels:  # a proxy bool: symbolic tracing cannot evaluate this
+            raise ValueError(f"expected {self.dw.in_channels} channels, got {h.shape[1]}")
+        return x + self.project(F.relu6(self.bn2(self.dw(F.relu6(self.bn1(h))))))
 
 
 class ShapeBranching(nn.Module):

@@ -260,9 +260,33 @@ def test_batch_norms_and_a_depthwise_convolution_are_copied_with_the_kept_channe
     assert all(error < 1e-4 for error in result.max_errors.values())
 
 
-def test_channels_the_projection_ignores_are_pruned_and_the_model_is_unchanged() -> None:
+def test_an_exported_inverted_residual_copies_the_aten_batch_norms_and_depthwise_convolution(tmp_path) -> None:  # noqa: ANN001
     torch.manual_seed(0)
-    model, x = InvertedResidual().eval(), torch.randn(4, 16, 8, 8)
+    model, x = InvertedResidual(checked=True).eval(), torch.randn(4, 16, 8, 8)
+    prepared = tunecomp_fx.prepare(model, x, 0.5, prune_neurons=0.5)
+    assert prepared.meta["tunecomp"].capture_path == "torch.export"
+    [width] = _context(prepared).hidden_widths
+    assert (width.channelwise, len(width.kept)) == (("batch_norm", "conv2d_1", "batch_norm_1"), 32)
+    kept = list(width.kept)
+    copies = {n.meta["tunecomp"]["copy_of"]: n for n in prepared.graph.nodes if "copy_of" in n.meta.get("tunecomp", {})}
+    # the copies read the kept channels' tensors under lowrank.project; the depthwise one has a group each
+    assert [a.target for a in copies["batch_norm"].args[1:5]] == [f"lowrank.project.channels_batch_norm.arg{i}" for i in range(1, 5)]
+    assert copies["conv2d_1"].args[6] == 32 and copies["conv2d_1"].args[1].target == "lowrank.project.channels_conv2d_1.arg1"
+    held = prepared.lowrank.project
+    assert torch.equal(held.channels_batch_norm.arg4, model.bn1.running_var[kept]) and held.channels_batch_norm.arg1.requires_grad
+    assert torch.equal(held.channels_conv2d_1.arg1, model.dw.weight[kept])
+    with torch.no_grad():
+        assert torch.equal(prepared(x), model(x))  # alpha = 1: the teacher alone
+    compact, _ = finalize_from_student_path(prepared, x)
+    assert sum(p.numel() for p in compact.parameters()) < 0.55 * sum(p.numel() for p in model.parameters())  # the teacher's went
+    result = to_onnx(compact, (x,), tmp_path / "exported_inverted_residual.onnx")
+    assert all(error < 1e-4 for error in result.max_errors.values())
+
+
+@pytest.mark.parametrize("checked", [False, True], ids=["traced", "exported"])
+def test_channels_the_projection_ignores_are_pruned_and_the_model_is_unchanged(checked: bool) -> None:
+    torch.manual_seed(0)
+    model, x = InvertedResidual(checked=checked).eval(), torch.randn(4, 16, 8, 8)
     with torch.no_grad():
         model.project.weight[:, 1::2] = 0.0
     # students at full rank: the student path is the model with the pruned channels alone taken out
@@ -288,6 +312,44 @@ def test_copied_batch_norms_train_and_lose_the_channels_pruned_during_training()
     assert (compact.lowrank.project.channels_bn1.num_features, compact.lowrank.project.channels_dw.groups) == (32, 32)
     with torch.no_grad():
         torch.testing.assert_close(compact(data[0][0]), trained, rtol=1e-5, atol=1e-5)
+
+
+def test_an_exported_depthwise_convolution_loses_the_channels_pruned_during_training() -> None:
+    torch.manual_seed(0)
+    data = [(torch.randn(4, 16, 8, 8), torch.randn(4, 16, 8, 8)) for _ in range(3)]
+    options = {"prune_neurons": 0.5, "width_slack": 1.0, "rank_slack": 0.25}
+    prepared = tunecomp_fx.prepare(InvertedResidual(checked=True), data[0][0], 0.6, calib=[x for x, _ in data], **options)
+    depthwise = next(n for n in prepared.graph.nodes if n.meta.get("tunecomp", {}).get("copy_of") == "conv2d_1")
+    assert depthwise.args[6] == 64  # every channel at first
+    before = prepared.lowrank.project.channels_batch_norm.arg1.clone()
+    assert train_with_hook(prepared.train(), data, F.mse_loss, 6, 3).teacher_removed
+    assert not torch.equal(prepared.lowrank.project.channels_batch_norm.arg1, before)  # the copy's scale trains
+    prepared.eval()
+    with torch.no_grad():
+        trained = prepared(data[0][0])
+    compact = tunecomp_fx.finalize(prepared)
+    depthwise = next(n for n in compact.graph.nodes if n.target == torch.ops.aten.conv2d.default and n.args[1].target.endswith("arg1"))
+    assert (depthwise.args[6], compact.lowrank.project.channels_conv2d_1.arg1.shape[0]) == (32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(compact(data[0][0]), trained, rtol=1e-5, atol=1e-5)
+
+
+def test_timms_inverted_residual_prunes_through_batch_norms_that_hold_the_activation() -> None:
+    from timm.models._efficientnet_blocks import InvertedResidual as TimmInvertedResidual
+
+    torch.manual_seed(0)
+    block, x = TimmInvertedResidual(16, 16, exp_ratio=4.0).eval(), torch.randn(4, 16, 8, 8)
+    with torch.no_grad():
+        for norm in (block.bn1, block.bn2):  # BatchNormAct2d: batch norm, then ReLU, inside one module
+            norm.weight.normal_(), norm.bias.normal_(), norm.running_mean.normal_()
+        block.conv_pwl.weight[:, 1::2] = 0.0
+    prepared = tunecomp_fx.prepare(block, x, 0.5, prune_neurons=0.5, rank_slack=10.0)
+    [width] = _context(prepared).hidden_widths
+    assert (width.ups, width.down, width.channelwise) == (("conv_pw",), "conv_pwl", ("bn1", "conv_dw", "bn2"))
+    assert type(prepared.lowrank.conv_pwl.channels_bn1) is type(block.bn1) and prepared.lowrank.conv_pwl.channels_bn1.num_features == 32
+    tunecomp_fx.set_blend(prepared, 0.0)
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(x), block(x), rtol=1e-5, atol=1e-5)
 
 
 def test_a_convolution_mixing_the_channels_leaves_no_width() -> None:

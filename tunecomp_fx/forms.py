@@ -15,7 +15,6 @@ one mechanism: a student is down (in -> r) then up (r -> out), two modules of th
 
 from __future__ import annotations
 
-import copy
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -74,22 +73,6 @@ def rebuilt(like: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) ->
         if bias is not None:
             module.bias.copy_(bias)
     return module
-
-
-def with_channels(module: nn.Module, index: torch.Tensor) -> nn.Module:
-    """A copy of a per-channel module (a batch norm or a depthwise convolution) that keeps the channels
-    `index`: every per-channel parameter and statistic sliced, the channel counts set to match."""
-    kept = copy.deepcopy(module)
-    with torch.no_grad():
-        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
-            if tensor is not None and tensor.dim() > 0:  # not the batch norm's 0-d batch count
-                sliced = tensor[index.to(tensor.device)].clone()
-                setattr(kept, name, nn.Parameter(sliced, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else sliced)
-    if isinstance(kept, nn.modules.batchnorm._BatchNorm):
-        kept.num_features = len(index)
-    else:
-        kept.in_channels = kept.out_channels = kept.groups = len(index)
-    return kept
 
 
 @dataclass(frozen=True)

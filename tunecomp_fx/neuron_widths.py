@@ -1,8 +1,10 @@
 """Neuron widths (prune_neurons): an up-projection's output passes only through elementwise nodes (an
 activation, perhaps a dropout or an identity, or an activation written out in arithmetic on the
 width and numbers; reshapes of the tokens) into a down-projection, as in a transformer's FFN; a
-gated activation reads a second up-projection too (LLaMA's SwiGLU). Dropping a neuron removes a
-row of each up, the activation's element and a column of down."""
+gated activation reads a second up-projection too (LLaMA's SwiGLU); between pointwise convolutions
+also per-channel modules (`tunecomp_fx.per_channel`: batch norms, depthwise convolutions, as in
+MobileNets). Dropping a neuron removes a row of each up, the activation's element (the per-channel
+modules' channel) and a column of down."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from torch import fx, nn
 
 from tunecomp_fx.forms import LAYOUTS, site_input
 from tunecomp_fx.graph_nodes import RESHAPES, data_input, is_dropout, is_identity, is_op, keeps_width_last, width_sizes
+from tunecomp_fx.per_channel import is_per_channel
 from tunecomp_fx.sites import HiddenWidth, Site
 
 aten = torch.ops.aten
@@ -23,6 +26,8 @@ _ACTIVATION_FUNCTIONS = {
     aten.gelu.default, aten.relu.default, aten.silu.default, aten.tanh.default, aten.sigmoid.default,
     aten.hardtanh.default, aten.hardswish.default, aten.hardsigmoid.default, aten.leaky_relu.default,
     aten.elu.default, aten.selu.default, aten.mish.default, aten.softplus.default,
+    aten.relu6.default, aten.relu_.default, aten.silu_.default, aten.hardtanh_.default, aten.hardswish_.default,  # in place: inplace=True
+    aten.hardsigmoid_.default, aten.leaky_relu_.default, aten.elu_.default, aten.mish_.default,
     F.gelu, F.relu, F.silu, F.relu6, F.hardtanh, F.hardswish, F.hardsigmoid, F.leaky_relu, F.elu, F.selu,
     F.mish, F.softplus, torch.relu, torch.tanh, torch.sigmoid,
 }
@@ -42,19 +47,13 @@ _ARITHMETIC = {
 }
 
 
-def _per_channel(module: nn.Module, width: int) -> bool:
-    """Whether `module` maps each of `width` channels (dim 1) by itself: a batch norm, or a depthwise
-    convolution (MobileNetV2's inverted residual between its two pointwise convolutions)."""
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return module.num_features == width
-    return isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == module.in_channels == module.out_channels == width
-
-
 def _elementwise(gm: fx.GraphModule, node: fx.Node, width: int, channel_first: bool) -> str | None:
     """"activation", "dropout", "identity" (timm's Mlp has an nn.Identity norm when the norm is off),
     "arithmetic" (`_ARITHMETIC`, of tensors and numbers), "reshape" (of the tokens: the width stays
-    last), "channelwise" (`_per_channel`, for widths in dim 1: pointwise convolutions' channels), or
+    last), "channelwise" (`is_per_channel`, for widths in dim 1: pointwise convolutions' channels), or
     None when `node` is none of them. Which tensors it reads is the caller's to check."""
+    if channel_first and is_per_channel(gm, node, width):
+        return "channelwise"
     if is_op(node, _ARITHMETIC):
         return "arithmetic" if not node.kwargs and all(isinstance(a, (fx.Node, int, float)) for a in node.args) else None
     if is_op(node, RESHAPES):
@@ -71,10 +70,7 @@ def _elementwise(gm: fx.GraphModule, node: fx.Node, width: int, channel_first: b
     if node.op == "call_module":
         if is_identity(gm, node):
             return "identity"
-        module = gm.get_submodule(node.target)
-        if channel_first and _per_channel(module, width):
-            return "channelwise"
-        return "activation" if isinstance(module, _ACTIVATION_MODULES) else None
+        return "activation" if isinstance(gm.get_submodule(node.target), _ACTIVATION_MODULES) else None
     return None
 
 
@@ -97,6 +93,15 @@ def _elementwise_region(gm: fx.GraphModule, starts: list[fx.Node], width: int, c
     return kinds, next(iter(readers), None)
 
 
+def _activates(gm: fx.GraphModule, kinds: dict[fx.Node, str]) -> bool:
+    """Whether an activation is among the nodes, or inside a per-channel module (timm's BatchNormAct2d)."""
+    return any(
+        kind == "activation"
+        or (kind == "channelwise" and node.op == "call_module" and any(isinstance(m, _ACTIVATION_MODULES) for m in gm.get_submodule(node.target).modules()))
+        for node, kind in kinds.items()
+    )
+
+
 def neuron_width(
     gm: fx.GraphModule, up: Site, sites_by_node: dict[str, Site], sites_by_entry: dict[str, Site], nodes: dict[str, fx.Node]
 ) -> HiddenWidth | None:
@@ -111,7 +116,7 @@ def neuron_width(
             return None
         kinds, reader = region
         # tensors read from outside the region (a reshape's sizes may come from anywhere): other ups, or none
-        reads = (([data_input(n)] if kind == "reshape" else n.all_input_nodes) for n, kind in kinds.items() if kind != "up")
+        reads = (([data_input(n)] if kind in ("reshape", "channelwise") else n.all_input_nodes) for n, kind in kinds.items() if kind != "up")
         outside = {tensor for tensors in reads for tensor in tensors} - kinds.keys()
         gates = [t for t in outside if (site := sites_by_node.get(t.name)) and (site.layout, site.out_features) == (up.layout, width)]
         if len(gates) < len(outside):
@@ -121,7 +126,7 @@ def neuron_width(
         starts += gates
     leaving = [n for n in kinds if reader in n.users]
     down = sites_by_entry.get(reader.name) if reader is not None else None
-    if down is None or len(leaving) != 1 or "activation" not in kinds.values():
+    if down is None or len(leaving) != 1 or not _activates(gm, kinds):
         return None
     [output] = leaving
     if site_input(reader) is not output or len(output.users) != 1 or down.in_features != width:

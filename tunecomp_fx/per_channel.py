@@ -1,0 +1,108 @@
+"""Per-channel modules between pointwise convolutions (prune_neurons through MobileNet-style inverted
+residuals): a batch norm or a depthwise convolution maps each channel by itself, so a pruned width's
+student path can hold a copy with the kept channels alone (`with_channels`).
+
+A symbolically traced model calls the modules (nn.BatchNorm2d, nn.Conv2d with one group per channel);
+a torch.export graph calls aten.batch_norm or aten.conv2d on get_attr tensors, which a plain module
+holds for the copy (`per_channel_tensors`, `arg<position>`), so that copying, training and slicing are
+one mechanism for both, and the compact model needs no class of ours."""
+
+from __future__ import annotations
+
+import copy
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+aten = torch.ops.aten
+
+# aten calls mapping each channel (dim 1) by itself: the argument positions of their per-channel tensors
+_CHANNEL_TENSORS: dict[Callable[..., Any], tuple[int, ...]] = {
+    aten.batch_norm.default: (1, 2, 3, 4),  # weight, bias, running mean and variance
+    aten.conv2d.default: (1, 2),  # weight, bias; depthwise when groups (position 6) is the channel count
+    aten.conv1d.default: (1, 2),
+}
+_GROUPS = 6
+
+
+def _channel_tensors(gm: fx.GraphModule, node: fx.Node) -> dict[int, torch.Tensor] | None:
+    """The per-channel tensors of an aten call of `_CHANNEL_TENSORS` reading get_attr nodes alone besides
+    its input, by argument position; None for any other node."""
+    positions = _CHANNEL_TENSORS.get(node.target) if node.op == "call_function" else None
+    if positions is None or node.kwargs or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    reads = {p: node.args[p] for p in positions if p < len(node.args) and node.args[p] is not None}
+    if any(not isinstance(read, fx.Node) or read.op != "get_attr" for read in reads.values()):
+        return None
+    if set(node.all_input_nodes) != {node.args[0], *reads.values()}:
+        return None
+    return {p: operator.attrgetter(read.target)(gm) for p, read in reads.items()}
+
+
+def is_per_channel(gm: fx.GraphModule, node: fx.Node, channels: int) -> bool:
+    """Whether `node` maps each of `channels` channels (dim 1) by itself: a batch norm or a depthwise
+    convolution, as a module call or an aten call on the graph's tensors."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            return module.num_features == channels
+        depthwise = isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.padding_mode == "zeros"
+        return depthwise and module.groups == module.in_channels == module.out_channels == channels
+    tensors = _channel_tensors(gm, node)
+    if tensors is None or any(tensor.shape[0] != channels for tensor in tensors.values()):
+        return False
+    if node.target is aten.batch_norm.default:
+        return all(tensor.dim() == 1 for tensor in tensors.values())
+    return len(node.args) > _GROUPS and node.args[_GROUPS] == channels and tensors[1].shape[1] == 1
+
+
+def per_channel_module(gm: fx.GraphModule, node: fx.Node) -> nn.Module:
+    """The module `node` calls (`is_per_channel`), or for an aten call a module holding its per-channel
+    tensors as `arg<position>` (parameters stay parameters)."""
+    if node.op == "call_module":
+        return gm.get_submodule(node.target)
+    holder = nn.Module()
+    for position, tensor in _channel_tensors(gm, node).items():
+        if isinstance(tensor, nn.Parameter):
+            holder.register_parameter(f"arg{position}", nn.Parameter(tensor.detach().clone(), tensor.requires_grad))
+        else:
+            holder.register_buffer(f"arg{position}", tensor.detach().clone())
+    return holder
+
+
+def read_channels(graph: fx.Graph, call: fx.Node, target: str, channels: int) -> None:
+    """Point a copy of a per-channel node at the module `target` holding its kept channels: a module
+    call calls it, an aten call reads its tensors (get_attr) and, a convolution, has a group per channel."""
+    if call.op == "call_module":
+        call.target = target
+        return
+    for position in _CHANNEL_TENSORS[call.target]:
+        if position < len(call.args) and call.args[position] is not None:
+            with graph.inserting_before(call):
+                call.update_arg(position, graph.get_attr(f"{target}.arg{position}"))
+    set_channel_count(call, channels)
+
+
+def set_channel_count(call: fx.Node, channels: int) -> None:
+    """The groups of an aten depthwise convolution's copy, one per channel it keeps."""
+    if call.op == "call_function" and call.target is not aten.batch_norm.default:
+        call.update_arg(_GROUPS, channels)
+
+
+def with_channels(module: nn.Module, index: torch.Tensor) -> nn.Module:
+    """A copy of a per-channel module (`per_channel_module`) that keeps the channels `index`: every
+    per-channel parameter and statistic sliced, the channel counts set to match."""
+    kept = copy.deepcopy(module)
+    with torch.no_grad():
+        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if tensor is not None and tensor.dim() > 0:  # not the batch norm's 0-d batch count
+                sliced = tensor[index.to(tensor.device)].clone()
+                setattr(kept, name, nn.Parameter(sliced, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else sliced)
+    if isinstance(kept, nn.modules.batchnorm._BatchNorm):
+        kept.num_features = len(index)
+    elif isinstance(kept, nn.modules.conv._ConvNd):
+        kept.in_channels = kept.out_channels = kept.groups = len(index)
+    return kept
