@@ -6,6 +6,7 @@ site."""
 from __future__ import annotations
 
 import copy
+import functools
 import operator
 
 import pytest
@@ -30,7 +31,7 @@ import tunecomp_fx
 from tunecomp_fx.errors import BudgetError, SiteError
 from tunecomp_fx.export import to_onnx
 from tunecomp_fx.metrics import count_parameters
-from tunecomp_fx.graph_nodes import shape_entries
+from tunecomp_fx.graph_nodes import rescale_shape_entry, shape_entries
 from tunecomp_fx.sites import Blend, student_nodes
 
 aten = torch.ops.aten
@@ -340,6 +341,60 @@ def test_swin_slices_its_relative_position_bias_to_the_kept_heads_through_shifte
         assert (compact(x) - model(x)).abs().max() > 1e-3  # the heads pruned did matter
     result = to_onnx(compact, (x,), tmp_path / "swin.onnx")
     assert all(error < 1e-4 for error in result.max_errors.values())
+
+
+@pytest.mark.parametrize("head_first", [True, False], ids=["heads-then-parts", "parts-then-heads"])
+def test_maxvit_prunes_heads_of_both_qkv_layouts(head_first: bool, tmp_path) -> None:  # noqa: ANN001
+    pytest.importorskip("timm")
+    from timm.layers import RelPosBiasTf
+    from timm.models.maxxvit import AttentionCl
+
+    torch.manual_seed(0)
+    # head_first: qkv(x).view(B, -1, heads, 3 * head_dim).transpose(1, 2).chunk(3, dim=3), each head's q, k,
+    # v rows together; else qkv(x).reshape(B, -1, 3, heads, head_dim).transpose(1, 3).unbind(2) (maxvit_tiny_tf),
+    # the q rows of every head, then k, then v. Merged by reshape(x.shape[:-1] + (-1,)); a relative position bias per head
+    rel_pos = functools.partial(RelPosBiasTf, window_size=(4, 4))
+    model = AttentionCl(64, dim_head=16, head_first=head_first, rel_pos_cls=rel_pos).eval()
+    nn.init.normal_(model.rel_pos.relative_position_bias_table)
+    x = torch.randn(2, 4, 4, 64)
+    # the ratio exactly what pruning half the heads removes: every rank stays full
+    before = model.qkv.weight.numel() + model.qkv.bias.numel() + model.proj.weight.numel() + model.proj.bias.numel()
+    after = (model.qkv.weight.numel() + model.qkv.bias.numel() + model.proj.weight.numel()) // 2 + model.proj.bias.numel()
+    prepared = tunecomp_fx.prepare(model, x, 1 - after / before, prune_heads=0.5)
+    [width] = _context(prepared).hidden_widths
+    assert (width.ups, width.parts, width.per_head_parts, len(width.per_head_reads)) == (("qkv",), (3,), ("qkv",) * head_first, 1)
+    heads = width.heads_of(width.kept)
+    if head_first:  # the kept heads' q, k and v rows
+        rows = [row for head in heads for row in range(head * 48, head * 48 + 48)]
+    else:
+        rows = [part * 64 + row for part in range(3) for head in heads for row in range(head * 16, head * 16 + 16)]
+    assert list(width.up_rows("qkv", width.kept, 64)) == rows
+    with torch.no_grad():
+        assert torch.equal(prepared(x), model(x))  # alpha = 1: the teacher alone
+    tunecomp_fx.set_blend(prepared, 0.0)
+    compact = tunecomp_fx.finalize(prepared)
+    silenced = copy.deepcopy(model)  # the pruned heads' share of the output projection zeroed
+    with torch.no_grad():
+        silenced.proj.weight[:, sorted(set(range(64)) - set(width.kept))] = 0.0
+        torch.testing.assert_close(compact(x), silenced(x), rtol=1e-5, atol=1e-5)
+        assert (compact(x) - model(x)).abs().max() > 1e-3  # the heads pruned did matter
+    result = to_onnx(compact, (x,), tmp_path / "maxvit_attention.onnx")
+    assert all(error < 1e-4 for error in result.max_errors.values())
+
+
+def test_a_shape_built_as_sizes_plus_literals_is_rescaled_in_a_sum_of_its_own() -> None:
+    def split_heads(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x.reshape(x.shape[:-1] + (8, 2)), x.shape[:-1] + (8, 2)  # the sum read twice
+
+    traced = torch.fx.symbolic_trace(split_heads)
+    [reshape] = [n for n in traced.graph.nodes if n.target == "reshape"]
+    shared = reshape.args[1]
+    assert shape_entries(reshape)[1:] == [8, 2]
+    rescale_shape_entry(reshape, 1, 4, 8)  # 4 heads of 8 kept
+    traced.recompile()
+    assert shape_entries(reshape)[1:] == [4, 2] and reshape.args[1] is not shared and shared.args[1] == (8, 2)
+    reshaped, size = traced(torch.randn(3, 8))
+    assert (reshaped.shape, size) == ((3, 4, 2), (3, 8, 2))
 
 
 def test_a_head_size_and_a_merge_read_from_the_shape_are_kept_and_inferred() -> None:

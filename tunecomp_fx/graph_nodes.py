@@ -25,7 +25,15 @@ def shape_entries(node: fx.Node) -> list:
     if node.target is operator.mul:
         return list(node.args)
     rest = node.args[1:]
+    if len(rest) == 1 and _is_shape_sum(rest[0]):
+        return [rest[0].args[0], *rest[0].args[1]]
     return list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
+
+
+def _is_shape_sum(shape: object) -> bool:
+    """A shape built as sizes read at run time plus literal sizes, x.shape[:-1] + (-1,) (timm's MaxViT):
+    its entries are the prefix (one node for several sizes) then the literals."""
+    return isinstance(shape, fx.Node) and shape.target is operator.add and isinstance(shape.args[1], (list, tuple))
 
 
 def with_shape(node: fx.Node, entries: Sequence) -> tuple:
@@ -35,6 +43,11 @@ def with_shape(node: fx.Node, entries: Sequence) -> tuple:
     if node.target is operator.mul:
         return tuple(entries)
     rest = node.args[1:]
+    if len(rest) == 1 and _is_shape_sum(rest[0]):
+        if list(entries) == shape_entries(node):
+            return node.args
+        with node.graph.inserting_before(node):  # a sum of its own: the original may have other readers
+            return (node.args[0], node.graph.call_function(operator.add, (entries[0], tuple(entries[1:]))))
     packed = len(rest) == 1 and isinstance(rest[0], (list, tuple))
     return (node.args[0], list(entries)) if packed else (node.args[0], *entries)
 

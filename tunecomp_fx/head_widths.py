@@ -4,8 +4,10 @@
 Face's eager attention), and the heads are swapped back and merged into the output site's input. Dropping a head
 removes head_dim rows of each of query, key and value and head_dim columns of the output site; each
 head attends on its own, so the others compute what they did. A fused qkv site (timm's ViT:
-reshape (..., 3, heads, head_dim), permute(2, 0, 3, 1, 4), unbind(0)) loses the head's rows in each
-of its three parts. So does nn.MultiheadAttention's packed in-projection under torch.export
+reshape (..., 3, heads, head_dim), permute(2, 0, 3, 1, 4), unbind(0); timm's MaxViT: the same reshape,
+transpose(1, 3), unbind(2)) loses the head's rows in each of its three parts; one holding each head's
+parts side by side (MaxViT's other layout: view (..., heads, 3 * head_dim), transpose(1, 2),
+chunk(3, dim=-1)) loses the head's block of rows (`HiddenWidth.per_head_parts`). So does nn.MultiheadAttention's packed in-projection under torch.export
 (unflatten (..., 3, width), then select 0/1/2, each viewed as (seq, batch * heads, head_dim), swapped
 to batch-major and viewed as (batch, heads, seq, head_dim); the heads merged by permute(2, 0, 1, 3)
 and a reshape to (seq * batch, width); in cross-attention a query site and a key/value site packed
@@ -34,6 +36,7 @@ aten = torch.ops.aten
 _SWAPS = {aten.transpose.int, torch.transpose, "transpose"} | PERMUTES
 _UNBINDS = {aten.unbind.int, torch.unbind, "unbind"}
 _SPLITS = {aten.split.Tensor, torch.split, "split"}
+_CHUNKS = {aten.chunk.default, torch.chunk, "chunk"}
 ATTENTION = {aten.scaled_dot_product_attention.default, F.scaled_dot_product_attention}
 
 
@@ -115,6 +118,7 @@ class _Projections(NamedTuple):
     between: list[fx.Node]
     parts: tuple[int, ...]  # per up site
     repeats: tuple[int, ...] = ()  # per up site: query heads sharing each of its heads
+    per_head_parts: tuple[str, ...] = ()  # up sites holding each head's parts side by side
 
 
 def _site_of(node: fx.Node, sites_by_node: dict[str, Site], width: int, parts: int) -> Site | None:
@@ -123,23 +127,29 @@ def _site_of(node: fx.Node, sites_by_node: dict[str, Site], width: int, parts: i
     return up if up is not None and up.layout == "linear" and up.out_features == parts * width and len(node.users) == 1 else None
 
 
-def _part(node: fx.Node) -> tuple[fx.Node, int] | None:
-    """(x, i) if `node` is x[i] along x's first dim: getitem of unbind(x, 0) (timm), getitem of x
-    itself (`q, k, v = x` under symbolic tracing) or select(x, 0, i) (torch.export)."""
+# How a (batch, seq, 3, heads, head_dim) split of a fused qkv output is swapped to put the parts on a dim
+# of their own and the heads before the sequence: (swap's dims, the dim the parts are then taken along)
+_PARTS_SWAPS = (((2, 0, 3, 1, 4), 0), ((1, 3), 2), ((3, 1), 2))  # timm's ViT; MaxViT's transpose(1, 3), unbind(2)
+
+
+def _part(node: fx.Node) -> tuple[fx.Node, int, int] | None:
+    """(x, i, dim) if `node` is x[i] along dim `dim` of x: getitem of unbind(x, dim) (timm), getitem of x
+    itself (`q, k, v = x` under symbolic tracing, dim 0) or select(x, dim, i) (torch.export)."""
     if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node):
         source, index = node.args
-        if is_op(source, _UNBINDS) and (_dims(source) or (source.kwargs.get("dim", 0),)) == (0,):
-            return data_input(source), index
-        return (source, index) if is_op(source, PERMUTES) else None
-    if is_op(node, {aten.select.int}) and node.args[1] == 0:
-        return node.args[0], node.args[2]
+        if is_op(source, _UNBINDS):
+            return data_input(source), index, (_dims(source) or (source.kwargs.get("dim", 0),))[0]
+        return (source, index, 0) if is_op(source, PERMUTES) else None
+    if is_op(node, {aten.select.int}):
+        return node.args[0], node.args[2], node.args[1]
     return None
 
 
 def _fused_projection(gm: fx.GraphModule, attention: _Attention, width: int, sites_by_node: dict[str, Site]) -> _Projections | None:
     """Query, key and value from one compressed site of 3 x `width` outputs, split by
     reshape(..., 3, heads, head_dim) and permute(2, 0, 3, 1, 4) into three parts along the first dim
-    (timm's ViT); identities may stand between the parts and the attention."""
+    (timm's ViT), or transpose(1, 3) and the parts along dim 2 (timm's MaxViT); identities may stand
+    between the parts and the attention."""
     parts, identities = [], []
     for query_key_or_value in attention.inputs:
         if not isinstance(query_key_or_value, fx.Node):
@@ -149,14 +159,14 @@ def _fused_projection(gm: fx.GraphModule, attention: _Attention, width: int, sit
             return None
         parts.append((item, _part(item)))
         identities += chain
-    permute = parts[0][1][0] if parts[0][1] else None
-    if any(part is None or part[0] is not permute for _, part in parts) or sorted(part[1] for _, part in parts) != [0, 1, 2]:
+    permute, _, along = parts[0][1] if parts[0][1] else (None, 0, 0)
+    if any(part is None or part[0] is not permute or part[2] != along for _, part in parts) or sorted(part[1] for _, part in parts) != [0, 1, 2]:
         return None
     items = [item for item, _ in parts]
     unbinds = {item.args[0] for item in items if item.args[0] is not permute}
     if any(set(unbind.users) != set(items) for unbind in unbinds) or set(permute.users) != (unbinds or set(items)):
         return None
-    if not is_op(permute, PERMUTES) or _dims(permute) != (2, 0, 3, 1, 4):
+    if not is_op(permute, _SWAPS) or (_dims(permute), along) not in _PARTS_SWAPS:
         return None
     split = data_input(permute)
     if split is None or not is_op(split, RESHAPES) or len(split.users) != 1:
@@ -246,6 +256,7 @@ class _Source(NamedTuple):
     nodes: list[fx.Node]
     sizes: dict[str, int]
     repeats: int = 1
+    per_head_parts: bool = False  # each head's parts side by side in the site's output (MaxViT), not each part's heads
 
 
 # (site, part, parts, the node the parts are read from, the nodes from the site to it, the sizes of them counting the width)
@@ -365,6 +376,26 @@ def _repeated_heads(end: fx.Node) -> tuple[fx.Node, list[fx.Node], int, dict[str
     return node, nodes, repeats, {expand.name: 1} | ({end.name: 1} if merged[1] == heads * repeats else {})
 
 
+def _per_head_part(gm: fx.GraphModule, item: fx.Node, width: int, sites_by_node: dict[str, Site]) -> _Source | None:
+    """If `item` is part i of each head of one site's output, view(..., heads, parts * head_dim),
+    transpose(1, 2), chunk(parts, dim=-1)[i] (timm's MaxViT: each head's query, key and value side by
+    side in the site's rows)."""
+    if item.op != "call_function" or item.target is not operator.getitem or not is_op(item.args[0], _CHUNKS):
+        return None
+    chunk = item.args[0]
+    parts = chunk.args[1] if len(chunk.args) > 1 else chunk.kwargs.get("chunks")
+    dim = chunk.args[2] if len(chunk.args) > 2 else chunk.kwargs.get("dim", 0)
+    if not isinstance(parts, int) or parts < 1 or dim not in (3, -1) or not isinstance(chunk.args[0], fx.Node):
+        return None
+    source, chain = _chain_back(gm, chunk.args[0])
+    split = _sequence_major_split(chain, parts * width) if chain else None
+    up = _site_of(source, sites_by_node, width, parts)
+    if split is None or up is None or split.head_dim % parts:
+        return None
+    heads = _HeadSplit(split.head_dim // parts, split.sizes, split.products)
+    return _Source(up, item.args[1], parts, chunk, item, heads, [*chain, chunk, item], {}, per_head_parts=True)
+
+
 def _source(gm: fx.GraphModule, query_key_or_value: object, width: int, sites_by_node: dict[str, Site], shared_by: int = 1) -> _Source | None:
     """Where `query_key_or_value` comes from, if it is split into heads (sequence- or batch-major) from a
     site's output of one copy of `width`, or from a part of a packed or block-split output; rotary
@@ -374,6 +405,9 @@ def _source(gm: fx.GraphModule, query_key_or_value: object, width: int, sites_by
     width / repeats."""
     if not isinstance(query_key_or_value, fx.Node):
         return None
+    per_head_part = _per_head_part(gm, query_key_or_value, width, sites_by_node) if shared_by == 1 else None
+    if per_head_part is not None:
+        return per_head_part
     repeated = _repeated_heads(query_key_or_value)
     end, repeat_nodes, repeats, repeat_sizes = repeated if repeated is not None else (query_key_or_value, [], shared_by, {})
     if width % repeats:
@@ -545,7 +579,8 @@ def _projections(gm: fx.GraphModule, attention: _Attention, width: int, sites_by
     resized = {name: index for source in sources for name, index in (source.sizes | source.split.sizes).items()}
     between = [node for source in sources for node in (*source.nodes, *source.split.products)]
     parts, repeats = zip(*ups.values())
-    return _Projections(tuple(ups), sources[0].split.head_dim, resized, between, parts, repeats if max(repeats) > 1 else ())
+    per_head_parts = tuple(dict.fromkeys(source.up.name for source in sources if source.per_head_parts))
+    return _Projections(tuple(ups), sources[0].split.head_dim, resized, between, parts, repeats if max(repeats) > 1 else (), per_head_parts)
 
 
 def head_width(gm: fx.GraphModule, down: Site, sites_by_node: dict[str, Site], nodes: dict[str, fx.Node]) -> HiddenWidth | None:
@@ -593,7 +628,7 @@ def head_width(gm: fx.GraphModule, down: Site, sites_by_node: dict[str, Site], n
     ordered = tuple(name for name in nodes if name in names)
     # grouped-query attention: a key/value head and the query heads sharing it are pruned together
     group = head_dim * max(projections.repeats, default=1)
-    return HiddenWidth("heads", projections.ups, down.name, ordered, width, group, tuple(resized.items()), parts=projections.parts, repeats=projections.repeats)
+    return HiddenWidth("heads", projections.ups, down.name, ordered, width, group, tuple(resized.items()), parts=projections.parts, repeats=projections.repeats, per_head_parts=projections.per_head_parts)
 
 
 def mask_argument(attention: fx.Node) -> fx.Node | None:

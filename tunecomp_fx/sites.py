@@ -139,6 +139,7 @@ class HiddenWidth:
     repeats: tuple[int, ...] = ()  # per up site: how many query heads share each of its heads (grouped-query key/value)
     per_head_reads: tuple[tuple[str, str], ...] = ()
     channelwise: tuple[str, ...] = ()  # nodes of per-channel modules (batch norms, depthwise convolutions): the student path's copies are sliced
+    per_head_parts: tuple[str, ...] = ()  # up sites holding each head's parts side by side (MaxViT's q, k, v), not each part's heads
 
     @property
     def sites(self) -> tuple[str, ...]:
@@ -164,7 +165,13 @@ class HiddenWidth:
     def up_rows(self, up: str, kept: Sequence[int], size: int) -> tuple[int, ...]:
         """The rows of up site `up` that compute the `kept` neurons (as the down site reads them) of a
         width of `size`, in each of its parts. An up site whose heads are repeated holds each kept
-        group's first head alone."""
+        group's first head alone; one in `per_head_parts` holds each kept head's parts side by side."""
+        if up in self.per_head_parts:
+            heads: dict[int, list[int]] = {}
+            for neuron in kept:
+                heads.setdefault(neuron // self.group, []).append(neuron % self.group)
+            parts = self.parts_of(up)
+            return tuple((head * parts + part) * self.group + offset for head, offsets in heads.items() for part in range(parts) for offset in offsets)
         per_group = self.group // self.repeats_of(up)
         rows = [neuron // self.group * per_group + neuron % self.group for neuron in kept if neuron % self.group < per_group]
         return tuple(part * (size // self.repeats_of(up)) + row for part in range(self.parts_of(up)) for row in rows)
