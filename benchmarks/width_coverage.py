@@ -1,5 +1,5 @@
 """Which hidden widths structured pruning finds, model by model: for each model of the coverage sweep
-(benchmarks/coverage.py) plus small randomly initialized Hugging Face GPT-2 and LLaMA models,
+(benchmarks/coverage.py) plus small randomly initialized Hugging Face GPT-2, LLaMA and Qwen3 models,
 `prepare(ratio=0.6)` with prune_neurons=0.3 and, separately, with prune_heads=0.5, counting the
 neuron widths (FFNs) and head widths (attention blocks) found against the attentions in the graph
 (scaled_dot_product_attention calls and attention written out as matmul and softmax). Training-free
@@ -27,13 +27,14 @@ from tunecomp_fx.head_widths import attention_at  # noqa: E402
 
 RATIO = 0.6
 OPTIONS = {"neurons": {"prune_neurons": 0.3}, "heads": {"prune_heads": 0.5}}
-TINY_HF = ["hf-tiny:gpt2", "hf-tiny:gpt2-eager", "hf-tiny:llama", "hf-tiny:llama-mha", "hf-tiny:llama-eager"]
+TINY_HF = ["hf-tiny:gpt2", "hf-tiny:gpt2-eager", "hf-tiny:llama", "hf-tiny:llama-mha", "hf-tiny:llama-eager", "hf-tiny:qwen3"]
 
 
 def build_tiny_hf(name: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-    """A 2-layer GPT-2 or LLaMA (rotary embeddings; "llama": grouped-query attention, 2 key/value heads
-    for 4 query heads; "llama-mha": 4 of each) at random initialization; "-eager": with Hugging Face's
-    eager attention (matmul and softmax) in place of scaled_dot_product_attention."""
+    """A 2-layer GPT-2, LLaMA (rotary embeddings; "llama": grouped-query attention, 2 key/value heads
+    for 4 query heads; "llama-mha": 4 of each) or Qwen3 (LLaMA's with a norm of each query and key
+    head) at random initialization; "-eager": with Hugging Face's eager attention (matmul and softmax)
+    in place of scaled_dot_product_attention."""
     import transformers
 
     torch.manual_seed(0)
@@ -42,6 +43,12 @@ def build_tiny_hf(name: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     if name == "gpt2":
         config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=32, use_cache=False, attn_implementation=attention)
         model = transformers.GPT2Model(config)
+    elif name == "qwen3":
+        config = transformers.Qwen3Config(
+            num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            vocab_size=100, max_position_embeddings=32, use_cache=False, attn_implementation=attention,
+        )  # fmt: skip
+        model = transformers.Qwen3Model(config)
     else:
         config = transformers.LlamaConfig(
             num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4 if name == "llama-mha" else 2,

@@ -104,6 +104,29 @@ class RotaryHeadsBlock(HeadsBlock):
         return self.norm(x + self.out(context.reshape(b, t, -1)))
 
 
+class NormedHeadsBlock(HeadsBlock):
+    """A HeadsBlock (captured with torch.export) whose query and key are RMS-normalized over each head's
+    head_dim between the head split and the swap, as Qwen3's q_norm and k_norm; the norm's weight is
+    one for all heads, or with `weight_per_head` one per head (heads, head_dim), which pruned heads would
+    leave unmatched."""
+
+    def __init__(self, weight_per_head: bool = False) -> None:
+        super().__init__(literal_heads=False)
+        self.weight = nn.Parameter(torch.rand((self.heads, self.head_dim) if weight_per_head else (self.head_dim,)) + 0.5)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        if x.shape[-1] < 0:  # a proxy bool: symbolic tracing cannot evaluate this
+            raise ValueError("negative width")
+        q, k, v = (layer(x).view(b, t, -1, self.head_dim) for layer in (self.query, self.key, self.value))
+        q, k, v = (h.transpose(1, 2) for h in (self._norm(q), self._norm(k), v))
+        context = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+        return self.norm(x + self.out(context.reshape(b, t, -1)))
+
+
 class GroupedQueryAttention(nn.Module):
     """8 query heads of 8 sharing 4 key/value heads in pairs inside scaled_dot_product_attention
     (enable_gqa=True), captured with torch.export."""

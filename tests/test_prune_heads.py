@@ -22,6 +22,7 @@ from tests.models import (
     GroupedQueryAttention,
     HeadsBlock,
     MultiheadSelfAttention,
+    NormedHeadsBlock,
     RotaryHeadsBlock,
     silent_heads,
 )
@@ -674,6 +675,73 @@ def test_rotary_embeddings_between_the_head_split_and_the_attention_are_copied_i
 def test_a_per_head_scale_between_the_head_split_and_the_attention_is_not_recognized() -> None:
     with pytest.raises(SiteError, match="found no attention heads to prune"):
         tunecomp_fx.prepare(RotaryHeadsBlock(head_scale=True).eval(), torch.randn(4, 10, 64), 0.5, prune_heads=0.5)
+
+
+def test_a_norm_over_each_heads_head_dim_is_copied_into_the_student_path() -> None:
+    torch.manual_seed(0)
+    model, x = NormedHeadsBlock().eval(), torch.randn(4, 10, 64)
+    # students at full rank: the student path is the model with the pruned heads alone taken out
+    prepared = tunecomp_fx.prepare(model, x, 0.5, prune_heads=0.5, rank_slack=10.0)
+    [width] = _context(prepared).hidden_widths
+    copies = [n for n in prepared.graph.nodes if "copy_of" in n.meta.get("tunecomp", {})]
+    assert [n.target for n in copies].count(aten.rsqrt.default) == 2  # the query's norm and the key's
+    silenced = copy.deepcopy(model)
+    with torch.no_grad():
+        silenced.out.weight[:, sorted(set(range(64)) - set(width.kept))] = 0.0
+    tunecomp_fx.set_blend(prepared, 0.0)
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(x), silenced(x), rtol=1e-5, atol=1e-5)
+        assert (prepared(x) - model(x)).abs().max() > 1e-2  # the heads pruned did matter
+
+
+def test_a_head_norm_with_a_weight_per_head_is_not_recognized() -> None:
+    with pytest.raises(SiteError, match="found no attention heads to prune"):
+        tunecomp_fx.prepare(NormedHeadsBlock(weight_per_head=True).eval(), torch.randn(4, 10, 64), 0.5, prune_heads=0.5)
+
+
+def test_timms_vit_with_qk_norm_prunes_heads_through_the_norms() -> None:
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, qk_norm=True, num_classes=10).eval()
+    for block in model.blocks:  # weights worth checking: a norm at its start is the identity map
+        nn.init.normal_(block.attn.q_norm.weight), nn.init.normal_(block.attn.k_norm.bias)
+    x = torch.randn(2, 3, 32, 32)
+    prepared = tunecomp_fx.prepare(model, x, 0.5, prune_heads=0.5, rank_slack=10.0)
+    widths = _context(prepared).hidden_widths
+    assert [(w.ups, len(w.kept)) for w in widths] == [((f"blocks.{i}.attn.qkv",), 128) for i in range(2)]  # 2 of 3 heads
+    silenced = copy.deepcopy(model)
+    for width in widths:
+        with torch.no_grad():
+            silenced.get_submodule(width.down).weight[:, sorted(set(range(width.width)) - set(width.kept))] = 0.0
+    tunecomp_fx.set_blend(prepared, 0.0)
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(x), silenced(x), rtol=1e-5, atol=1e-5)
+        assert (prepared(x) - model(x)).abs().max() > 1e-2
+
+
+def test_qwen3_prunes_heads_through_its_query_and_key_norms_and_exports(tmp_path) -> None:  # noqa: ANN001
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.Qwen3Config(
+        num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=8, num_key_value_heads=4, head_dim=8,
+        vocab_size=100, max_position_embeddings=32, use_cache=False, attn_implementation="sdpa",
+    )  # fmt: skip
+    model, inputs = transformers.Qwen3Model(config).eval(), {"input_ids": torch.randint(0, 100, (2, 12))}
+    with torch.no_grad():
+        for layer in model.layers:  # groups 1 and 3 change nothing; the norms' weights worth checking
+            layer.self_attn.o_proj.weight.view(64, 4, 16)[:, [1, 3]] = 0.0
+            nn.init.normal_(layer.self_attn.q_norm.weight), nn.init.normal_(layer.self_attn.k_norm.weight)
+    # the same sites as the LLaMA of test_grouped_query_attention_silent_groups_...: every site stays whole
+    prepared = tunecomp_fx.prepare(model, inputs, 1 - (30720 + 64) / 36864, prune_heads=0.5)
+    assert all(width.kept == (*range(0, 16), *range(32, 48)) for width in _context(prepared).hidden_widths)
+    tunecomp_fx.set_blend(prepared, 0.0)
+    compact = tunecomp_fx.finalize(prepared)
+    with torch.no_grad():
+        torch.testing.assert_close(compact(**inputs)[0], model(**inputs)[0], rtol=1e-5, atol=1e-5)
+    rows = {row.name: row for row in tunecomp_fx.get_report(compact).sites}
+    assert rows["layers.1.self_attn.k_proj"].reason.startswith("16 of 32 output neurons kept (2 of 4 heads)")
+    result = to_onnx(compact, inputs, tmp_path / "qwen3.onnx")
+    assert all(error < 1e-4 for error in result.max_errors.values())
 
 
 def _llama(key_value_heads: int, heads: int = 4, attention: str = "sdpa") -> tuple[nn.Module, dict[str, torch.Tensor]]:

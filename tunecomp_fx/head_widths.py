@@ -13,8 +13,9 @@ to batch-major and viewed as (batch, heads, seq, head_dim); the heads merged by 
 and a reshape to (seq * batch, width); in cross-attention a query site and a key/value site packed
 in two parts), and a fused site split along its last dim into three blocks of width (Hugging Face's
 GPT-2: c_attn(x).split(width, dim=2)), each split into heads as the separate sites are. Rotary
-embeddings (LLaMA) may stand between a head split and the attention; with grouped-query attention a
-key/value head and the query heads that share it are one group, pruned together."""
+embeddings (LLaMA) may stand between a head split and the attention, and norms over each head's
+head_dim with one weight for all heads (timm's qk_norm; Qwen3's q_norm and k_norm); with grouped-query
+attention a key/value head and the query heads that share it are one group, pruned together."""
 
 from __future__ import annotations
 
@@ -63,11 +64,26 @@ def _merges_heads(node: fx.Node) -> bool:
 _PASS_THROUGH = RESHAPES | _SWAPS | {"contiguous", aten.contiguous.default}
 
 
-def _chain_back(gm: fx.GraphModule, end: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
-    """Walk back from `end` through reshapes, swaps, contiguous copies and identities, each read by
-    the next alone: the first other node reached, and the chain in graph order (`end` last)."""
+_NORMS = {F.layer_norm, F.rms_norm, aten.layer_norm.default, aten.rms_norm.default}
+
+
+def _norms_last_dim(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A layer or RMS norm over the last dim alone, as a module or a call on the graph's weights
+    (timm's q_norm and k_norm: each head over its head_dim, one weight for all heads)."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) and len(module.normalized_shape) == 1
+    if not is_op(node, _NORMS) or len(node.args) < 2 or not isinstance(node.args[1], (list, tuple)) or len(node.args[1]) != 1:
+        return False
+    return all(tensor is node.args[0] or tensor.op == "get_attr" for tensor in node.all_input_nodes)
+
+
+def _chain_back(gm: fx.GraphModule, end: fx.Node, head_norms: bool = False) -> tuple[fx.Node, list[fx.Node]]:
+    """Walk back from `end` through reshapes, swaps, contiguous copies and identities (and with
+    `head_norms`, norms over the last dim), each read by the next alone (torch.export's dtype checks
+    aside): the first other node reached, and the chain in graph order (`end` last)."""
     chain, current = [], end
-    while (is_op(current, _PASS_THROUGH) or is_identity(gm, current)) and len(current.users) == 1:
+    while (is_op(current, _PASS_THROUGH) or is_identity(gm, current) or (head_norms and _norms_last_dim(gm, current))) and len(_readers(current)) == 1:
         chain.append(current)
         source = data_input(current)
         if source is None:
@@ -154,8 +170,8 @@ def _fused_projection(gm: fx.GraphModule, attention: _Attention, width: int, sit
     for query_key_or_value in attention.inputs:
         if not isinstance(query_key_or_value, fx.Node):
             return None
-        item, chain = _chain_back(gm, query_key_or_value)
-        if not all(is_identity(gm, n) for n in chain):
+        item, chain = _chain_back(gm, query_key_or_value, head_norms=True)
+        if not all(is_identity(gm, n) or _norms_last_dim(gm, n) for n in chain):
             return None
         parts.append((item, _part(item)))
         identities += chain
@@ -350,6 +366,49 @@ def _per_head_nodes(end: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
     return root, list(region)
 
 
+# Nodes normalizing each head over head_dim, as torch.export records an RMSNorm (Qwen3's q_norm and k_norm):
+# elementwise arithmetic, casts, and means over the last dim
+_OVER_HEAD_DIM = {
+    aten.pow.Tensor_Scalar, aten.mean.dim, aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor,
+    aten.rsqrt.default, aten.to.dtype, aten._to_copy.default,
+}
+
+
+def _head_norm_nodes(end: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
+    """If `end` normalizes each head of a (batch, seq, heads, head_dim) tensor over head_dim alone
+    (`_OVER_HEAD_DIM`, means over the last dim) with tensors broadcast over the heads (a weight of
+    head_dim), as Qwen3's q_norm and k_norm under torch.export: that tensor and the nodes; none of them
+    is read from outside. (A norm over the whole projection before the split, as OLMo2's, mixes the
+    heads: it is not between the split and the swap, and leaves no head width.)"""
+    region: set[fx.Node] = set()
+    stack, heads = [end], set()
+    while stack:
+        node = stack.pop()
+        if node in region:
+            continue
+        if is_op(node, _OVER_HEAD_DIM) and (node.target is not aten.mean.dim or _means_last_dim(node)):
+            region.add(node)
+            stack.extend(node.all_input_nodes)
+            continue
+        value = node.meta.get("val")
+        if not isinstance(value, torch.Tensor):
+            return None
+        if value.dim() >= 2 and value.shape[-2] != 1:
+            heads.add(node)
+    if not region or len(heads) != 1:
+        return None
+    [root] = heads
+    if any(not set(_readers(node)) <= region for node in (region - {end}) | heads):
+        return None
+    return root, list(region)
+
+
+def _means_last_dim(node: fx.Node) -> bool:
+    value = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+    dims, keepdim = (list(node.args[1:3]) + [False])[:2]
+    return isinstance(value, torch.Tensor) and keepdim is True and list(dims) in ([-1], [value.dim() - 1])
+
+
 def _is_whole_slice(node: fx.Node) -> bool:
     """x[:] along some dim: a slice from 0 to the end (torch.export records x[:, :, None] with them)."""
     start, end = (list(node.args[2:4]) + [None, None])[:2]
@@ -418,6 +477,10 @@ def _source(gm: fx.GraphModule, query_key_or_value: object, width: int, sites_by
     if rotary is not None and is_op(rotary[0], _PASS_THROUGH) and data_input(rotary[0]) is not None:
         item, chain = _chain_back(gm, data_input(rotary[0]))
         chain.append(rotary[0])  # the split's last node, read by the rotary embedding alone
+    norm = _head_norm_nodes(item) if chain and is_op(chain[0], _SWAPS) else None
+    if norm is not None and is_op(norm[0], _PASS_THROUGH) and data_input(norm[0]) is not None:
+        item, split_chain = _chain_back(gm, data_input(norm[0]))
+        chain = [*split_chain, norm[0], *norm[1], *chain]  # the view, read by the norm alone, its nodes (ordered later), the swap
     split = (_sequence_major_split(chain, width) or _batch_major_split(chain, width)) if chain else None
     if split is None:
         return None
