@@ -318,6 +318,23 @@ def _small_swin() -> nn.Module:
     return model.eval()
 
 
+def _silenced(model: nn.Module, widths: list) -> nn.Module:
+    """`model` with the pruned heads' share of each output projection zeroed: what a student path at
+    full rank computes, the pruned heads alone taken out."""
+    silenced = copy.deepcopy(model)
+    with torch.no_grad():
+        for width in widths:
+            silenced.get_submodule(width.down).weight[:, sorted(set(range(width.width)) - set(width.kept))] = 0.0
+    return silenced
+
+
+def _assert_pruned_heads_alone_are_gone(pruned: nn.Module, model: nn.Module, widths: list, x: torch.Tensor) -> None:
+    """`pruned` (a student path at full rank, or its compact model) computes `_silenced` and not `model`."""
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), _silenced(model, widths)(x), rtol=1e-5, atol=1e-5)
+        assert (pruned(x) - model(x)).abs().max() > 1e-3  # the heads pruned did matter
+
+
 def test_swin_slices_its_relative_position_bias_to_the_kept_heads_through_shifted_windows(tmp_path) -> None:  # noqa: ANN001
     model, x = _small_swin(), torch.randn(2, 3, 32, 32)
     attention = [m for name, m in model.named_modules() if name.endswith(".attn")]
@@ -333,13 +350,7 @@ def test_swin_slices_its_relative_position_bias_to_the_kept_heads_through_shifte
         assert torch.equal(prepared(x), model(x))  # alpha = 1: the teacher alone
     tunecomp_fx.set_blend(prepared, 0.0)
     compact = tunecomp_fx.finalize(prepared)
-    silenced = copy.deepcopy(model)  # the original with the pruned heads' share of each output projection zeroed
-    for width in widths:
-        with torch.no_grad():
-            silenced.get_submodule(width.down).weight[:, sorted(set(range(width.width)) - set(width.kept))] = 0.0
-    with torch.no_grad():
-        torch.testing.assert_close(compact(x), silenced(x), rtol=1e-5, atol=1e-5)
-        assert (compact(x) - model(x)).abs().max() > 1e-3  # the heads pruned did matter
+    _assert_pruned_heads_alone_are_gone(compact, model, widths, x)
     result = to_onnx(compact, (x,), tmp_path / "swin.onnx")
     assert all(error < 1e-4 for error in result.max_errors.values())
 
@@ -374,11 +385,7 @@ def test_maxvit_prunes_heads_of_both_qkv_layouts(head_first: bool, tmp_path) -> 
         assert torch.equal(prepared(x), model(x))  # alpha = 1: the teacher alone
     tunecomp_fx.set_blend(prepared, 0.0)
     compact = tunecomp_fx.finalize(prepared)
-    silenced = copy.deepcopy(model)  # the pruned heads' share of the output projection zeroed
-    with torch.no_grad():
-        silenced.proj.weight[:, sorted(set(range(64)) - set(width.kept))] = 0.0
-        torch.testing.assert_close(compact(x), silenced(x), rtol=1e-5, atol=1e-5)
-        assert (compact(x) - model(x)).abs().max() > 1e-3  # the heads pruned did matter
+    _assert_pruned_heads_alone_are_gone(compact, model, [width], x)
     result = to_onnx(compact, (x,), tmp_path / "maxvit_attention.onnx")
     assert all(error < 1e-4 for error in result.max_errors.values())
 
@@ -444,14 +451,8 @@ def test_beit_slices_its_relative_position_bias_and_infers_its_merged_width() ->
     assert [(w.ups, len(w.per_head_reads), len(w.kept)) for w in widths] == [((f"blocks.{i}.attn.qkv",), 1, 32) for i in range(2)]
     with torch.no_grad():
         assert torch.equal(prepared(x), model(x))  # alpha = 1: the teacher alone
-    silenced = copy.deepcopy(model)  # the pruned heads' share of each output projection zeroed
-    for width in widths:
-        with torch.no_grad():
-            silenced.get_submodule(width.down).weight[:, sorted(set(range(width.width)) - set(width.kept))] = 0.0
     tunecomp_fx.set_blend(prepared, 0.0)
-    with torch.no_grad():
-        torch.testing.assert_close(prepared(x), silenced(x), rtol=1e-5, atol=1e-5)
-        assert (prepared(x) - model(x)).abs().max() > 1e-2  # the heads pruned did matter
+    _assert_pruned_heads_alone_are_gone(prepared, model, widths, x)
 
 
 def test_an_excluded_projection_leaves_no_heads() -> None:
@@ -685,13 +686,8 @@ def test_a_norm_over_each_heads_head_dim_is_copied_into_the_student_path() -> No
     [width] = _context(prepared).hidden_widths
     copies = [n for n in prepared.graph.nodes if "copy_of" in n.meta.get("tunecomp", {})]
     assert [n.target for n in copies].count(aten.rsqrt.default) == 2  # the query's norm and the key's
-    silenced = copy.deepcopy(model)
-    with torch.no_grad():
-        silenced.out.weight[:, sorted(set(range(64)) - set(width.kept))] = 0.0
     tunecomp_fx.set_blend(prepared, 0.0)
-    with torch.no_grad():
-        torch.testing.assert_close(prepared(x), silenced(x), rtol=1e-5, atol=1e-5)
-        assert (prepared(x) - model(x)).abs().max() > 1e-2  # the heads pruned did matter
+    _assert_pruned_heads_alone_are_gone(prepared, model, [width], x)
 
 
 def test_a_head_norm_with_a_weight_per_head_is_not_recognized() -> None:
@@ -709,14 +705,8 @@ def test_timms_vit_with_qk_norm_prunes_heads_through_the_norms() -> None:
     prepared = tunecomp_fx.prepare(model, x, 0.5, prune_heads=0.5, rank_slack=10.0)
     widths = _context(prepared).hidden_widths
     assert [(w.ups, len(w.kept)) for w in widths] == [((f"blocks.{i}.attn.qkv",), 128) for i in range(2)]  # 2 of 3 heads
-    silenced = copy.deepcopy(model)
-    for width in widths:
-        with torch.no_grad():
-            silenced.get_submodule(width.down).weight[:, sorted(set(range(width.width)) - set(width.kept))] = 0.0
     tunecomp_fx.set_blend(prepared, 0.0)
-    with torch.no_grad():
-        torch.testing.assert_close(prepared(x), silenced(x), rtol=1e-5, atol=1e-5)
-        assert (prepared(x) - model(x)).abs().max() > 1e-2
+    _assert_pruned_heads_alone_are_gone(prepared, model, widths, x)
 
 
 def test_qwen3_prunes_heads_through_its_query_and_key_norms_and_exports(tmp_path) -> None:  # noqa: ANN001

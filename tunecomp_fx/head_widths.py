@@ -20,6 +20,7 @@ attention a key/value head and the query heads that share it are one group, prun
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -339,31 +340,37 @@ def _along_head_dim(node: fx.Node) -> bool:
     return isinstance(value, torch.Tensor) and dim in (-1, value.dim() - 1)
 
 
-def _per_head_nodes(end: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
-    """If `end` is computed by `_WITHIN_HEADS` nodes from one (batch, heads, seq, head_dim) tensor and
-    tensors broadcast over the heads (size 1 at dim -3), as rotary embeddings are under torch.export
-    (which records the shapes): that tensor and the nodes; none of them is read from outside."""
+def _head_region(end: fx.Node, within: Callable[[fx.Node], bool], heads_at: int) -> tuple[fx.Node, list[fx.Node]] | None:
+    """If `end` is computed by nodes `within` from one tensor with its heads at dim `heads_at` and
+    tensors broadcast over the heads (size 1 there), as torch.export records the shapes: that tensor and
+    the nodes; none of them, nor `end`, is read from outside (torch.export's dtype checks aside)."""
     region: set[fx.Node] = set()
     stack, heads = [end], set()
     while stack:
         node = stack.pop()
         if node in region:
             continue
-        if is_op(node, _WITHIN_HEADS) and _along_head_dim(node):
+        if within(node):
             region.add(node)
             stack.extend(node.all_input_nodes)
             continue
         value = node.meta.get("val")
         if not isinstance(value, torch.Tensor):
             return None
-        if value.dim() >= 3 and value.shape[-3] != 1:
+        if value.dim() >= -heads_at and value.shape[heads_at] != 1:
             heads.add(node)
-    if not region or len(heads) != 1 or len(end.users) != 1:
+    if not region or len(heads) != 1 or len(_readers(end)) != 1:
         return None
     [root] = heads
-    if any(not set(node.users) <= region for node in (region - {end}) | heads):
+    if any(not set(_readers(node)) <= region for node in (region - {end}) | heads):
         return None
     return root, list(region)
+
+
+def _per_head_nodes(end: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
+    """`_head_region` of `_WITHIN_HEADS` nodes on a (batch, heads, seq, head_dim) tensor: rotary
+    embeddings under torch.export."""
+    return _head_region(end, lambda node: is_op(node, _WITHIN_HEADS) and _along_head_dim(node), -3)
 
 
 # Nodes normalizing each head over head_dim, as torch.export records an RMSNorm (Qwen3's q_norm and k_norm):
@@ -375,32 +382,11 @@ _OVER_HEAD_DIM = {
 
 
 def _head_norm_nodes(end: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
-    """If `end` normalizes each head of a (batch, seq, heads, head_dim) tensor over head_dim alone
-    (`_OVER_HEAD_DIM`, means over the last dim) with tensors broadcast over the heads (a weight of
-    head_dim), as Qwen3's q_norm and k_norm under torch.export: that tensor and the nodes; none of them
-    is read from outside. (A norm over the whole projection before the split, as OLMo2's, mixes the
-    heads: it is not between the split and the swap, and leaves no head width.)"""
-    region: set[fx.Node] = set()
-    stack, heads = [end], set()
-    while stack:
-        node = stack.pop()
-        if node in region:
-            continue
-        if is_op(node, _OVER_HEAD_DIM) and (node.target is not aten.mean.dim or _means_last_dim(node)):
-            region.add(node)
-            stack.extend(node.all_input_nodes)
-            continue
-        value = node.meta.get("val")
-        if not isinstance(value, torch.Tensor):
-            return None
-        if value.dim() >= 2 and value.shape[-2] != 1:
-            heads.add(node)
-    if not region or len(heads) != 1:
-        return None
-    [root] = heads
-    if any(not set(_readers(node)) <= region for node in (region - {end}) | heads):
-        return None
-    return root, list(region)
+    """`_head_region` of nodes normalizing each head of a (batch, seq, heads, head_dim) tensor over
+    head_dim alone (`_OVER_HEAD_DIM`, means over the last dim), with a weight of head_dim: Qwen3's q_norm
+    and k_norm under torch.export. (A norm over the whole projection before the split, as OLMo2's,
+    mixes the heads: it is not between the split and the swap, and leaves no head width.)"""
+    return _head_region(end, lambda node: is_op(node, _OVER_HEAD_DIM) and (node.target is not aten.mean.dim or _means_last_dim(node)), -2)
 
 
 def _means_last_dim(node: fx.Node) -> bool:
