@@ -10,8 +10,7 @@ from torch import fx
 
 from tunecomp_fx.forms import rebuilt
 from tunecomp_fx.graph_nodes import rescale_shape_entry
-from tunecomp_fx.passes.insert_teacher_student import channels_key
-from tunecomp_fx.per_channel import set_channel_count, with_channels
+from tunecomp_fx.per_channel import channels_key, set_channel_count, with_channels
 from tunecomp_fx.pipeline import GraphPass, PassContext
 from tunecomp_fx.sites import HiddenWidth, Site, site_container, student_nodes
 

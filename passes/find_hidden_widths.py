@@ -95,8 +95,7 @@ class FindHiddenWidths(GraphPass):
                 "(repeated, or enable_gqa under torch.export). "
                 "Not recognized: per-head scales or norm weights between the heads and the projections, norms over all heads together "
                 "(normalize each head over its head_dim, with one weight for all heads, to be recognized), and steps of a "
-                "written-out attention other than those (or scores read elsewhere too, as timm's "
-                "resolve_self_attn_mask reads them); "
+                "written-out attention other than those (or scores whose values something else reads too); "
                 "use prune_heads=0 for this model, or check that `exclude` leaves the projections of a block compressed"
             )
         shared = [name for name in {s for w in ctx.hidden_widths for s in w.ups} if sum(name in w.ups for w in ctx.hidden_widths) > 1]

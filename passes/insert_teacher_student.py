@@ -37,7 +37,7 @@ from torch import fx, nn
 
 from tunecomp_fx.forms import LAYOUTS, site_input
 from tunecomp_fx.graph_nodes import rescale_shape_entry
-from tunecomp_fx.per_channel import per_channel_module, read_channels, with_channels
+from tunecomp_fx.per_channel import channels_key, per_channel_module, read_channels, with_channels
 from tunecomp_fx.pipeline import GraphPass, PassContext
 from tunecomp_fx.sites import LOWRANK_ROOT, Blend, HiddenWidth, Site, site_container, student_nodes, teacher_parameters
 
@@ -193,11 +193,6 @@ def _copy_between(
             copy.meta["tunecomp"] = {"site": width.down, "role": "hidden", "copy_of": name}
             copies[original] = copy
     return copies[site_input(entry)]
-
-
-def channels_key(node_name: str) -> str:
-    """Where, under the down site's students, the copy of a per-channel module a width passes through lives."""
-    return f"channels_{node_name}"
 
 
 def _kept_channels(gm: fx.GraphModule, original: fx.Node, down: Site, width: HiddenWidth) -> str:

@@ -695,18 +695,26 @@ def test_a_head_norm_with_a_weight_per_head_is_not_recognized() -> None:
         tunecomp_fx.prepare(NormedHeadsBlock(weight_per_head=True).eval(), torch.randn(4, 10, 64), 0.5, prune_heads=0.5)
 
 
-def test_timms_vit_with_qk_norm_prunes_heads_through_the_norms() -> None:
+@pytest.mark.parametrize("qk_norm, fused_attn", [(True, True), (False, False)], ids=["qk-norm", "written-out"])
+def test_timms_vit_prunes_heads_through_qk_norms_and_written_out_attention(qk_norm: bool, fused_attn: bool) -> None:
+    # fused_attn=False: softmax(q * scale @ k^T + mask) @ v, the mask from timm's resolve_self_attn_mask(n, scores, ...)
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, qk_norm=True, num_classes=10).eval()
-    for block in model.blocks:  # weights worth checking: a norm at its start is the identity map
-        nn.init.normal_(block.attn.q_norm.weight), nn.init.normal_(block.attn.k_norm.bias)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, qk_norm=qk_norm, num_classes=10).eval()
+    for block in model.blocks:
+        block.attn.fused_attn = fused_attn
+        if qk_norm:  # weights worth checking: a norm at its start is the identity map
+            nn.init.normal_(block.attn.q_norm.weight), nn.init.normal_(block.attn.k_norm.bias)
     x = torch.randn(2, 3, 32, 32)
     prepared = tunecomp_fx.prepare(model, x, 0.5, prune_heads=0.5, rank_slack=10.0)
     widths = _context(prepared).hidden_widths
     assert [(w.ups, len(w.kept)) for w in widths] == [((f"blocks.{i}.attn.qkv",), 128) for i in range(2)]  # 2 of 3 heads
     tunecomp_fx.set_blend(prepared, 0.0)
     _assert_pruned_heads_alone_are_gone(prepared, model, widths, x)
+    tunecomp_fx.prune_slack(prepared)
+    compact = tunecomp_fx.finalize(prepared)
+    attentions = [n for n in compact.graph.nodes if n.target in (F.scaled_dot_product_attention, operator.matmul)]
+    assert len(attentions) == (2 if fused_attn else 4)  # the students' alone: the teachers' went, scores and all
 
 
 def test_qwen3_prunes_heads_through_its_query_and_key_norms_and_exports(tmp_path) -> None:  # noqa: ANN001

@@ -256,6 +256,8 @@ def test_batch_norms_and_a_depthwise_convolution_are_copied_with_the_kept_channe
         assert torch.equal(prepared(x), model(x))  # alpha = 1: the teacher alone
     compact, _ = finalize_from_student_path(prepared, x)
     assert not {"bn1", "dw", "bn2"} & {name for name, _ in compact.named_children()}  # the teacher's went with it
+    rows = {row.name: row for row in tunecomp_fx.get_report(compact).sites}
+    assert rows["project"].params_after == 32 * 16 + 16  # its kept columns and bias: the channels' copies are no part of the site
     result = to_onnx(compact, (x,), tmp_path / "inverted_residual.onnx")
     assert all(error < 1e-4 for error in result.max_errors.values())
 
@@ -279,6 +281,7 @@ def test_an_exported_inverted_residual_copies_the_aten_batch_norms_and_depthwise
         assert torch.equal(prepared(x), model(x))  # alpha = 1: the teacher alone
     compact, _ = finalize_from_student_path(prepared, x)
     assert sum(p.numel() for p in compact.parameters()) < 0.55 * sum(p.numel() for p in model.parameters())  # the teacher's went
+    assert tunecomp_fx.get_report(compact).sites[1].params_after == 32 * 16 + 16  # project: the channels' copies are no part of it
     result = to_onnx(compact, (x,), tmp_path / "exported_inverted_residual.onnx")
     assert all(error < 1e-4 for error in result.max_errors.values())
 

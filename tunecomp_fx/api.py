@@ -36,6 +36,7 @@ from tunecomp_fx.passes.fold_cores import FoldCores
 from tunecomp_fx.passes.initialize_students import InitializeStudents
 from tunecomp_fx.passes.insert_teacher_student import InsertTeacherStudent
 from tunecomp_fx.passes.select_hidden_neurons import SelectHiddenNeurons
+from tunecomp_fx.per_channel import site_parameters
 from tunecomp_fx.pipeline import GraphPass, PassContext, PassRecord, run_passes
 from tunecomp_fx.pruning import RankPruner
 from tunecomp_fx.report import CompressionReport, SiteRow
@@ -285,7 +286,7 @@ def build_report(compact: fx.GraphModule, state: PreparedState) -> CompressionRe
             label, after, reason = "removed", 0, "its output is unused: removed as dead code"
         else:
             container = getattr(lowrank, site.key)
-            after = count_parameters(container)
+            after = site_parameters(container)
             if site.unpruned_shape is not None:  # a width pruned during training ends narrower than it started
                 final_out, final_in = _final_shape(container)
                 site = replace(site, out_features=final_out, in_features=final_in)

@@ -510,10 +510,23 @@ def _is_cast(node: fx.Node) -> bool:
     return is_op(node, _CASTS) and node.all_input_nodes == list(node.args[:1])
 
 
+def _is_timm_attention_function(node: fx.Node, name: str) -> bool:
+    """A call of timm.layers.attention's `name`, which timm keeps whole under symbolic tracing."""
+    return node.op == "call_function" and getattr(node.target, "__module__", None) == "timm.layers.attention" and node.target.__name__ == name
+
+
+def _reads_only_metadata(reader: fx.Node, node: fx.Node) -> bool:
+    """Whether `reader` takes nothing of `node` but its dtype and device: torch.export's checks of a
+    dtype before a cast (they go with the tensor: eliminate_dead_code), and timm's
+    resolve_self_attn_mask(seq_len, attn, attn_mask, is_causal), which builds a mask like the scores."""
+    if reader.target is aten._assert_tensor_metadata.default:
+        return True
+    return _is_timm_attention_function(reader, "resolve_self_attn_mask") and reader.args[1] is node and node not in (reader.args[0], *reader.args[2:])
+
+
 def _readers(node: fx.Node) -> list[fx.Node]:
-    """The nodes reading `node`, but torch.export's checks of its dtype before a cast (they compute
-    nothing, and go with the tensor: eliminate_dead_code)."""
-    return [user for user in node.users if user.target is not aten._assert_tensor_metadata.default]
+    """The nodes reading `node` for its values (`_reads_only_metadata`)."""
+    return [user for user in node.users if not _reads_only_metadata(user, node)]
 
 
 def _swaps_last_two_dims(node: fx.Node) -> bool:
@@ -544,14 +557,20 @@ def _scores_of(gm: fx.GraphModule, node: fx.Node, nodes: list[fx.Node], reads: l
         if found is not None:
             nodes.append(node)
         return found
-    if not (is_op(node, _SCALES | _MASKS) or _is_cast(node) or is_dropout(gm, node)):
+    if not (is_op(node, _SCALES | _MASKS) or _is_cast(node) or is_dropout(gm, node) or _is_timm_attention_function(node, "maybe_add_mask")):
         return None
     for scores in node.all_input_nodes:  # the scores are the operand that leads back to q @ k^T
         found = _scores_of(gm, scores, before := [], reads_before := [])
-        if found is not None:
-            nodes += [*before, node]
-            reads += reads_before + [(node, other) for other in node.all_input_nodes if other is not scores]
-            return found
+        if found is None:
+            continue
+        others = [other for other in node.all_input_nodes if other is not scores]
+        # a mask built from the scores' metadata (timm's resolve_self_attn_mask) goes with them: the student
+        # path's reads its own scores; the mask it takes from outside is read as a mask is
+        built = [other for other in others if any(_reads_only_metadata(other, step) for step in before)]
+        nodes += [*before, *built, node]
+        reads += reads_before + [(node, other) for other in others if other not in built]
+        reads += [(mask_builder, mask_builder.args[2]) for mask_builder in built if isinstance(mask_builder.args[2], fx.Node)]
+        return found
     return None
 
 

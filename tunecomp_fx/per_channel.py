@@ -28,6 +28,20 @@ _CHANNEL_TENSORS: dict[Callable[..., Any], tuple[int, ...]] = {
 _GROUPS = 6
 
 
+_CHANNELS = "channels_"
+
+
+def channels_key(node_name: str) -> str:
+    """Where, under the down site's students, the copy of a per-channel node a width passes through lives."""
+    return f"{_CHANNELS}{node_name}"
+
+
+def site_parameters(container: nn.Module) -> int:
+    """The parameters of a site's students, without the per-channel copies a width put beside them
+    (they are no part of the site: the ratio does not count them)."""
+    return sum(p.numel() for name, p in container.named_parameters() if not name.startswith(_CHANNELS))
+
+
 def _channel_tensors(gm: fx.GraphModule, node: fx.Node) -> dict[int, torch.Tensor] | None:
     """The per-channel tensors of an aten call of `_CHANNEL_TENSORS` reading get_attr nodes alone besides
     its input, by argument position; None for any other node."""
