@@ -93,13 +93,14 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--prune-neurons", type=float, default=0.0, metavar="FRACTION",
-        help="remove this fraction of the neurons of every hidden width up -> activation -> down (an FFN), the rest "
-        "of the ratio by rank (default 0: off)",
+        help="remove this fraction of the neurons of every hidden width up -> activation -> down (an FFN; the channels "
+        "of an inverted residual, batch norms and depthwise convolution included), the rest of the ratio by rank "
+        "(default 0: off)",
     )
     group.add_argument(
         "--prune-heads", type=float, default=0.0, metavar="FRACTION",
         help="remove this fraction of the heads of every attention block (query, key, value or a fused qkv -> "
-        "scaled_dot_product_attention -> output), the rest of the ratio by rank (default 0: off)",
+        "scaled_dot_product_attention or softmax(q @ k^T) @ v -> output), the rest of the ratio by rank (default 0: off)",
     )
 
 

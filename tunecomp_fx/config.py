@@ -35,13 +35,15 @@ class CompressionConfig:
         default) leaves it to the run: 0.5 when compress trains (data=, method="tunecomp"), 0 when
         it does not, for prepare alone and for method="union".
     prune_neurons: fraction of the neurons of every hidden width between two compressed sites
-        (up -> elementwise activation -> down, as in a transformer's FFN) that is removed, ranked by
-        their contribution on the calibration data (0: off). Pruned neurons shrink the activation
-        too, which factorizing the two sites cannot; the ranks then fill what is left of the budget.
+        (up -> elementwise activation -> down, as in a transformer's FFN; between pointwise
+        convolutions also batch norms and depthwise convolutions, as in an inverted residual) that is
+        removed, ranked by their contribution on the calibration data (0: off). Pruned neurons shrink
+        the activation (and those per-channel layers) too, which factorizing the two sites cannot;
+        the ranks then fill what is left of the budget.
     prune_heads: fraction of the attention heads of every block whose query, key, value and output
-        projections are compressed sites around scaled_dot_product_attention that is removed (rounded
-        to whole heads, at least one kept), ranked like neurons (0: off). Removes the heads' share of
-        the attention's own work too.
+        projections are compressed sites around scaled_dot_product_attention or attention written
+        out with matmuls and a softmax that is removed (rounded to whole heads, at least one kept),
+        ranked like neurons (0: off). Removes the heads' share of the attention's own work too.
     width_slack: extra neurons (heads) of each pruned width the students start with, the least
         important pruned away during joint training as the blend progresses, like rank_slack's ranks
         (0: the width is cut once, at prepare; needs prune_neurons or prune_heads).
