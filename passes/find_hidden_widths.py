@@ -78,7 +78,8 @@ class FindHiddenWidths(GraphPass):
                 f"prune_neurons={ctx.config.prune_neurons} found no hidden width to prune: no compressed site's "
                 "output reaches another compressed site through an elementwise activation alone (up -> "
                 "activation -> down, as in a transformer's FFN, or act(gate(x)) * up(x) -> down; between pointwise "
-                "convolutions also batch norms and depthwise convolutions, as in MobileNetV2). Use prune_neurons=0 "
+                "convolutions also batch norms and depthwise convolutions, as in MobileNetV2, and a depthwise convolution "
+                "over tokens viewed as an image, as in PVT v2). Use prune_neurons=0 "
                 "for this model, or check that `exclude` leaves every layer of such a group compressed"
             )
         if ctx.config.prune_heads > 0 and "heads" not in kinds:

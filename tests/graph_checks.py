@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import copy
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -36,3 +37,13 @@ def train_with_hook(
         optimizer.zero_grad()
         hook.step()
     return hook
+
+
+def silenced(model: torch.nn.Module, widths: Iterable[Any]) -> torch.nn.Module:
+    """`model` with the pruned neurons' (heads') share of each width's down site zeroed: what a student
+    path at full rank computes, the pruned ones alone taken out."""
+    copied = copy.deepcopy(model)
+    with torch.no_grad():
+        for width in widths:
+            copied.get_submodule(width.down).weight[:, sorted(set(range(width.width)) - set(width.kept))] = 0.0
+    return copied

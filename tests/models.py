@@ -269,6 +269,26 @@ class InvertedResidual(nn.Module):
         return x + self.project(F.relu6(self.bn2(self.dw(F.relu6(self.bn1(h))))))
 
 
+class TokenConvMlp(nn.Module):
+    """PVT v2's (and SegFormer's) FFN: fc1 on tokens, the hidden width swapped to channels and viewed as
+    an image (x.transpose(1, 2).view(B, C, H, W), B and C read from the shape), a depthwise convolution,
+    flattened and swapped back, GELU, fc2. With `size_read_outside` the width's size is also used after
+    fc2, outside the FFN."""
+
+    def __init__(self, dim: int = 16, hidden: int = 64, side: int = 4, size_read_outside: bool = False) -> None:
+        super().__init__()
+        self.side, self.size_read_outside = side, size_read_outside
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        b, _, c = h.shape
+        h = self.dwconv(h.transpose(1, 2).view(b, c, self.side, self.side)).flatten(2).transpose(1, 2)
+        out = x + self.fc2(F.gelu(h))
+        return out * (c / c) if self.size_read_outside else out
+
+
 class ShapeBranching(nn.Module):
     """Python control flow on a tensor value: symbolic tracing fails, torch.export handles it."""
 

@@ -5,14 +5,13 @@ site."""
 
 from __future__ import annotations
 
-import copy
 import functools
 import operator
 
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.graph_checks import finalize_from_student_path, train_with_hook
+from tests.graph_checks import finalize_from_student_path, silenced, train_with_hook
 from tests.models import (
     SILENT_HEADS_KEPT,
     SILENT_HEADS_RATIO,
@@ -318,20 +317,10 @@ def _small_swin() -> nn.Module:
     return model.eval()
 
 
-def _silenced(model: nn.Module, widths: list) -> nn.Module:
-    """`model` with the pruned heads' share of each output projection zeroed: what a student path at
-    full rank computes, the pruned heads alone taken out."""
-    silenced = copy.deepcopy(model)
-    with torch.no_grad():
-        for width in widths:
-            silenced.get_submodule(width.down).weight[:, sorted(set(range(width.width)) - set(width.kept))] = 0.0
-    return silenced
-
-
 def _assert_pruned_heads_alone_are_gone(pruned: nn.Module, model: nn.Module, widths: list, x: torch.Tensor) -> None:
-    """`pruned` (a student path at full rank, or its compact model) computes `_silenced` and not `model`."""
+    """`pruned` (a student path at full rank, or its compact model) computes `silenced` and not `model`."""
     with torch.no_grad():
-        torch.testing.assert_close(pruned(x), _silenced(model, widths)(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(pruned(x), silenced(model, widths)(x), rtol=1e-5, atol=1e-5)
         assert (pruned(x) - model(x)).abs().max() > 1e-3  # the heads pruned did matter
 
 

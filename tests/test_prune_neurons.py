@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tests.joint_task import digits_task, endless, fresh, single_thread  # noqa: F401
-from tests.graph_checks import finalize_from_student_path, train_with_hook
-from tests.models import MLP, ActivatedMLP, AttentionBlock, InvertedResidual, WrittenOutGelu
+from tests.graph_checks import finalize_from_student_path, silenced, train_with_hook
+from tests.models import MLP, ActivatedMLP, AttentionBlock, InvertedResidual, TokenConvMlp, WrittenOutGelu
 from torch import nn
 
 import tunecomp_fx
@@ -353,6 +353,57 @@ def test_timms_inverted_residual_prunes_through_batch_norms_that_hold_the_activa
     tunecomp_fx.set_blend(prepared, 0.0)
     with torch.no_grad():
         torch.testing.assert_close(prepared(x), block(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_depthwise_convolution_over_tokens_viewed_as_an_image_is_pruned_with_the_width(tmp_path) -> None:  # noqa: ANN001
+    torch.manual_seed(0)
+    model, x = TokenConvMlp().eval(), torch.randn(2, 16, 16)
+    with torch.no_grad():
+        model.fc2.weight[:, 1::2] = 0.0  # the odd neurons change nothing
+    # students at full rank: the student path is the model with the pruned neurons alone taken out
+    prepared = tunecomp_fx.prepare(model, x, 0.5, prune_neurons=0.5, rank_slack=10.0)
+    [width] = _context(prepared).hidden_widths
+    assert (width.ups, width.down, width.channelwise, width.kept) == (("fc1",), "fc2", ("dwconv",), tuple(range(0, 64, 2)))
+    copies = {n.meta["tunecomp"]["copy_of"]: n for n in prepared.graph.nodes if "copy_of" in n.meta.get("tunecomp", {})}
+    assert copies["getattr_1"].args[0].name == "lowrank_fc1_up"  # the view's sizes read from the students' width
+    tunecomp_fx.set_blend(prepared, 0.0)
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(x), model(x), rtol=1e-5, atol=1e-5)
+    tunecomp_fx.prune_slack(prepared)
+    compact = tunecomp_fx.finalize(prepared)
+    assert not {"fc1", "dwconv"} & {name for name, _ in compact.named_children()}  # the teacher's went, sizes and all
+    result = to_onnx(compact, (x,), tmp_path / "token_conv_mlp.onnx")
+    assert all(error < 1e-4 for error in result.max_errors.values())
+
+
+def test_segformers_mix_ffn_prunes_its_depthwise_convolution_under_torch_export(tmp_path) -> None:  # noqa: ANN001
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.SegformerConfig(
+        num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32], patch_sizes=[7, 3], strides=[4, 2],
+        num_attention_heads=[1, 2], mlp_ratios=[4, 4], decoder_hidden_size=32,
+    )  # fmt: skip
+    model, x = transformers.SegformerModel(config).eval(), torch.randn(2, 3, 32, 32)
+    for module in model.modules():  # weights that make the pruned neurons worth checking (it starts them at std 0.02)
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.5)
+    prepared = tunecomp_fx.prepare(model, x, 0.5, prune_neurons=0.5, rank_slack=10.0)
+    assert prepared.meta["tunecomp"].capture_path == "torch.export"
+    widths = _context(prepared).hidden_widths
+    # the view to an image names the width (entry 1, scaled); the depthwise convolution is an aten call
+    assert [(len(w.channelwise), [index for _, index in w.resized], len(w.kept)) for w in widths] == [(1, [1], 32), (1, [1], 64)]
+    tunecomp_fx.set_blend(prepared, 0.0)
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(x)[0], silenced(model, widths)(x)[0], rtol=1e-5, atol=1e-5)
+        assert (prepared(x)[0] - model(x)[0]).abs().max() > 1e-2  # the neurons pruned did matter
+    tunecomp_fx.prune_slack(prepared)
+    result = to_onnx(tunecomp_fx.finalize(prepared), (x,), tmp_path / "segformer.onnx")
+    assert all(error < 1e-4 for error in result.max_errors.values())
+
+
+def test_a_size_of_the_width_read_outside_the_ffn_leaves_no_width() -> None:
+    with pytest.raises(SiteError, match="found no hidden width to prune"):
+        tunecomp_fx.prepare(TokenConvMlp(size_read_outside=True).eval(), torch.randn(2, 16, 16), 0.5, prune_neurons=0.5)
 
 
 def test_a_convolution_mixing_the_channels_leaves_no_width() -> None:

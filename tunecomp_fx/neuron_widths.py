@@ -3,8 +3,11 @@ activation, perhaps a dropout or an identity, or an activation written out in ar
 width and numbers; reshapes of the tokens) into a down-projection, as in a transformer's FFN; a
 gated activation reads a second up-projection too (LLaMA's SwiGLU); between pointwise convolutions
 also per-channel modules (`tunecomp_fx.per_channel`: batch norms, depthwise convolutions, as in
-MobileNets). Dropping a neuron removes a row of each up, the activation's element (the per-channel
-modules' channel) and a column of down."""
+MobileNets), and between linear layers tokens swapped to channels and viewed as an image for a
+depthwise convolution, then flattened and swapped back (PVT v2's and SegFormer's FFN; sizes the
+region reads from its own shapes are read in the student path from the students'). Dropping a neuron
+removes a row of each up, the activation's element (the per-channel modules' channel) and a column
+of down."""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from tunecomp_fx.forms import LAYOUTS, site_input
-from tunecomp_fx.graph_nodes import RESHAPES, data_input, is_dropout, is_identity, is_op, keeps_width_last, width_sizes
+from tunecomp_fx.graph_nodes import RESHAPES, data_input, is_dropout, is_identity, is_op, keeps_width_last, shape_entries, width_sizes
 from tunecomp_fx.per_channel import is_per_channel
 from tunecomp_fx.sites import HiddenWidth, Site
 
@@ -74,23 +77,80 @@ def _elementwise(gm: fx.GraphModule, node: fx.Node, width: int, channel_first: b
     return None
 
 
-def _elementwise_region(gm: fx.GraphModule, starts: list[fx.Node], width: int, channel_first: bool) -> tuple[dict[fx.Node, str], fx.Node | None] | None:
-    """The nodes `_elementwise` reaches from `starts`, with their kinds (the starts' is "up"), and the
-    one other node that reads them; None as soon as a second one does (a residual stream would
-    otherwise take the walk through the rest of the model)."""
-    kinds = dict.fromkeys(starts, "up")
-    queue, readers = list(starts), set()
+_SHAPE_METHODS = {"size"}
+_SWAP_TOKENS = {aten.transpose.int, torch.transpose, "transpose"}
+_FLATTENS = {aten.flatten.using_ints, torch.flatten, "flatten"}
+
+
+def _is_shape_read(node: fx.Node) -> bool:
+    """x.shape, x.size(...), aten.sym_size or an item of one: sizes, not values, of what it reads."""
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1:] == ("shape",)
+    if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        return _is_shape_read(node.args[0])
+    return is_op(node, _SHAPE_METHODS | {aten.sym_size.int})
+
+
+def _swaps_tokens(node: fx.Node) -> bool:
+    return is_op(node, _SWAP_TOKENS) and tuple(node.args[1:]) in ((1, 2), (2, 1)) and not node.kwargs
+
+
+def _to_image(node: fx.Node, width: int, sizes: set[fx.Node]) -> bool:
+    """view(batch, width, height, width_of_image) of tokens swapped to (batch, width, seq): the width
+    named there, or read from a shape the region reads (PVT v2's and SegFormer's depthwise
+    convolution over the tokens: x.transpose(1, 2).view(B, C, H, W))."""
+    entries = shape_entries(node) if is_op(node, RESHAPES) else []
+    return len(entries) == 4 and (entries[1] == width or entries[1] in sizes)
+
+
+def _step(gm: fx.GraphModule, node: fx.Node, width: int, channels: bool, sizes: set[fx.Node]) -> tuple[str, bool] | None:
+    """The kind of `node`, read by the region with the width last (or in dim 1, `channels`), and where
+    the width is in its output: `_elementwise`'s kinds, or "swap" into dim 1 (tokens to an image, then
+    `_to_image`) and back (after a flatten(2) of the image)."""
+    if _swaps_tokens(node):
+        into_image = not channels and len(node.users) == 1 and _to_image(next(iter(node.users)), width, sizes)
+        out_of_image = channels and is_op(data_input(node), _FLATTENS)
+        return ("swap", not channels) if into_image or out_of_image else None
+    if channels and _to_image(node, width, sizes) and _swaps_tokens(data_input(node)):
+        return "reshape", True
+    if channels and is_op(node, _FLATTENS) and node.args[1:] in ((2,), (2, -1)) and not node.kwargs:
+        return "reshape", True  # (batch, width, height, width of image) to (batch, width, seq)
+    kind = _elementwise(gm, node, width, channels)
+    return (kind, channels) if kind is not None else None
+
+
+def _elementwise_region(
+    gm: fx.GraphModule, starts: list[fx.Node], width: int, channels: bool
+) -> tuple[dict[fx.Node, str], dict[fx.Node, bool], fx.Node | None] | None:
+    """The nodes `_step` reaches from `starts` (the width last, or in dim 1 with `channels`), with their
+    kinds (the starts' is "up", shape reads "shape") and where each holds the width, and the one other
+    node that reads them; None as soon as a second one does (a residual stream would otherwise take
+    the walk through the rest of the model), or when sizes read are used outside the region."""
+    kinds, placed = dict.fromkeys(starts, "up"), dict.fromkeys(starts, channels)
+    queue, readers, sizes, size_readers = list(starts), set(), set(), set()
     while queue:
-        for user in queue.pop().users:
-            kind = kinds.get(user) or _elementwise(gm, user, width, channel_first)
-            if kind is None:
+        node = queue.pop()
+        shape_reads = [user for user in node.users if user not in kinds and _is_shape_read(user)]
+        while shape_reads:  # first, so that the sizes are known when a reshape reads them
+            read = shape_reads.pop()
+            kinds[read] = "shape"
+            sizes.add(read)
+            shape_reads += [user for user in read.users if _is_shape_read(user)]
+            size_readers |= {user for user in read.users if not _is_shape_read(user)}
+        for user in node.users:
+            if user in kinds:
+                continue
+            step = _step(gm, user, width, placed[node], sizes)
+            if step is None:
                 readers.add(user)
                 if len(readers) > 1:
                     return None
-            elif user not in kinds:
-                kinds[user] = kind
-                queue.append(user)
-    return kinds, next(iter(readers), None)
+                continue
+            kinds[user], placed[user] = step
+            queue.append(user)
+    if not size_readers <= kinds.keys():
+        return None
+    return kinds, placed, next(iter(readers), None)
 
 
 def _activates(gm: fx.GraphModule, kinds: dict[fx.Node, str]) -> bool:
@@ -111,12 +171,13 @@ def neuron_width(
     The sites share the width's neurons; it is found from the first of them in the graph."""
     width, starts = up.out_features, [nodes[up.node]]
     while True:
-        region = _elementwise_region(gm, starts, width, LAYOUTS[up.layout].feature_dim != -1)
+        channels = LAYOUTS[up.layout].feature_dim != -1
+        region = _elementwise_region(gm, starts, width, channels)
         if region is None:
             return None
-        kinds, reader = region
+        kinds, placed, reader = region
         # tensors read from outside the region (a reshape's sizes may come from anywhere): other ups, or none
-        reads = (([data_input(n)] if kind in ("reshape", "channelwise") else n.all_input_nodes) for n, kind in kinds.items() if kind != "up")
+        reads = (([data_input(n)] if kind in ("reshape", "channelwise", "shape") else n.all_input_nodes) for n, kind in kinds.items() if kind != "up")
         outside = {tensor for tensors in reads for tensor in tensors} - kinds.keys()
         gates = [t for t in outside if (site := sites_by_node.get(t.name)) and (site.layout, site.out_features) == (up.layout, width)]
         if len(gates) < len(outside):
@@ -131,11 +192,15 @@ def neuron_width(
     [output] = leaving
     if site_input(reader) is not output or len(output.users) != 1 or down.in_features != width:
         return None
+    if placed[output] != (LAYOUTS[down.layout].feature_dim != -1):  # the down site reads the width where it is
+        return None
     ups = tuple(sites_by_node[name].name for name in nodes if kinds.get(nodes[name]) == "up")
     if ups[0] != up.name:
         return None
     between = tuple(name for name in nodes if kinds.get(nodes[name], "up") != "up")
-    resized = width_sizes([n for n, kind in kinds.items() if kind == "reshape"], width)
+    reshapes = [n for n, kind in kinds.items() if kind == "reshape"]
+    resized = width_sizes([n for n in reshapes if not placed[n]], width)
+    resized |= {n.name: 1 for n in reshapes if placed[n] and is_op(n, RESHAPES) and shape_entries(n)[1] == width}
     channelwise = tuple(name for name in between if kinds[nodes[name]] == "channelwise")
     return HiddenWidth("neurons", ups, down.name, between, width, resized=tuple(resized.items()), channelwise=channelwise)
 
