@@ -59,8 +59,8 @@ def _elementwise(gm: fx.GraphModule, node: fx.Node, width: int, channel_first: b
         return "channelwise"
     if is_op(node, _ARITHMETIC):
         return "arithmetic" if not node.kwargs and all(isinstance(a, (fx.Node, int, float)) for a in node.args) else None
-    if is_op(node, RESHAPES):
-        return "reshape" if keeps_width_last(node, width) else None
+    if is_op(node, RESHAPES):  # with the width in dim 1, `_step` knows the reshapes
+        return "reshape" if not channel_first and keeps_width_last(node, width) else None
     tensors = node.all_input_nodes
     if len(tensors) != 1 or node.args[:1] != (tensors[0],):
         return None
@@ -91,8 +91,8 @@ def _is_shape_read(node: fx.Node) -> bool:
     return is_op(node, _SHAPE_METHODS | {aten.sym_size.int})
 
 
-def _swaps_tokens(node: fx.Node) -> bool:
-    return is_op(node, _SWAP_TOKENS) and tuple(node.args[1:]) in ((1, 2), (2, 1)) and not node.kwargs
+def _swaps_tokens(node: fx.Node | None) -> bool:
+    return node is not None and is_op(node, _SWAP_TOKENS) and tuple(node.args[1:]) in ((1, 2), (2, 1)) and not node.kwargs
 
 
 def _to_image(node: fx.Node, width: int, sizes: set[fx.Node]) -> bool:
@@ -109,7 +109,7 @@ def _step(gm: fx.GraphModule, node: fx.Node, width: int, channels: bool, sizes: 
     `_to_image`) and back (after a flatten(2) of the image)."""
     if _swaps_tokens(node):
         into_image = not channels and len(node.users) == 1 and _to_image(next(iter(node.users)), width, sizes)
-        out_of_image = channels and is_op(data_input(node), _FLATTENS)
+        out_of_image = channels and data_input(node) is not None and is_op(data_input(node), _FLATTENS)
         return ("swap", not channels) if into_image or out_of_image else None
     if channels and _to_image(node, width, sizes) and _swaps_tokens(data_input(node)):
         return "reshape", True
