@@ -90,7 +90,7 @@ class FindHiddenWidths(GraphPass):
                 "masked, softmax over the last dim, matmul with v) whose query, key and value are split from three compressed sites "
                 "(view (..., heads, head_dim), transpose(1, 2)), from one fused qkv site (reshape (..., 3, heads, "
                 "head_dim), permute(2, 0, 3, 1, 4) or transpose(1, 3); view(..., heads, 3 * head_dim), transpose(1, 2), "
-                "chunk(3, dim=-1); or split(width, dim=-1) as GPT-2's) or from nn.MultiheadAttention's "
+                "chunk(3, dim=-1); or split(width, dim=-1) as GPT-2's; a key/value site split so in two parts) or from nn.MultiheadAttention's "
                 "packed in-projection, self- or cross-attention (captured with torch.export); rotary embeddings may stand "
                 "between the split and the attention, and a key/value head may be shared by a group of query heads "
                 "(repeated, or enable_gqa under torch.export). "

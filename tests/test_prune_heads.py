@@ -379,6 +379,28 @@ def test_maxvit_prunes_heads_of_both_qkv_layouts(head_first: bool, tmp_path) -> 
     assert all(error < 1e-4 for error in result.max_errors.values())
 
 
+def test_pvt_v2s_spatial_reduction_attention_prunes_the_heads_of_its_query_and_packed_key_value() -> None:
+    pytest.importorskip("timm")
+    from timm.models.pvt_v2 import Attention as SpatialReductionAttention
+
+    class Block(nn.Module):  # the attention of a 4 x 4 feature map, keys and values from it at half the resolution
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = SpatialReductionAttention(64, num_heads=4, sr_ratio=2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.attn(x, [4, 4])
+
+    torch.manual_seed(0)
+    model, x = Block().eval(), torch.randn(2, 16, 64)
+    # q(x).reshape(B, N, heads, -1).permute(0, 2, 1, 3); kv(x').reshape(B, -1, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
+    prepared = tunecomp_fx.prepare(model, x, 0.5, prune_heads=0.5, rank_slack=10.0)
+    [width] = _context(prepared).hidden_widths
+    assert (width.ups, width.down, width.parts, len(width.kept)) == (("attn.q", "attn.kv"), "attn.proj", (1, 2), 32)
+    tunecomp_fx.set_blend(prepared, 0.0)
+    _assert_pruned_heads_alone_are_gone(prepared, model, [width], x)
+
+
 def test_a_shape_built_as_sizes_plus_literals_is_rescaled_in_a_sum_of_its_own() -> None:
     def split_heads(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return x.reshape(x.shape[:-1] + (8, 2)), x.shape[:-1] + (8, 2)  # the sum read twice

@@ -7,7 +7,8 @@ head attends on its own, so the others compute what they did. A fused qkv site (
 reshape (..., 3, heads, head_dim), permute(2, 0, 3, 1, 4), unbind(0); timm's MaxViT: the same reshape,
 transpose(1, 3), unbind(2)) loses the head's rows in each of its three parts; one holding each head's
 parts side by side (MaxViT's other layout: view (..., heads, 3 * head_dim), transpose(1, 2),
-chunk(3, dim=-1)) loses the head's block of rows (`HiddenWidth.per_head_parts`). So does nn.MultiheadAttention's packed in-projection under torch.export
+chunk(3, dim=-1)) loses the head's block of rows (`HiddenWidth.per_head_parts`); a key/value site split
+the same way in two parts beside a query site (PVT v2) loses the head's rows in both. So does nn.MultiheadAttention's packed in-projection under torch.export
 (unflatten (..., 3, width), then select 0/1/2, each viewed as (seq, batch * heads, head_dim), swapped
 to batch-major and viewed as (batch, heads, seq, head_dim); the heads merged by permute(2, 0, 1, 3)
 and a reshape to (seq * batch, width); in cross-attention a query site and a key/value site packed
@@ -162,41 +163,31 @@ def _part(node: fx.Node) -> tuple[fx.Node, int, int] | None:
     return None
 
 
-def _fused_projection(gm: fx.GraphModule, attention: _Attention, width: int, sites_by_node: dict[str, Site]) -> _Projections | None:
-    """Query, key and value from one compressed site of 3 x `width` outputs, split by
-    reshape(..., 3, heads, head_dim) and permute(2, 0, 3, 1, 4) into three parts along the first dim
-    (timm's ViT), or transpose(1, 3) and the parts along dim 2 (timm's MaxViT); identities may stand
-    between the parts and the attention."""
-    parts, identities = [], []
-    for query_key_or_value in attention.inputs:
-        if not isinstance(query_key_or_value, fx.Node):
-            return None
-        item, chain = _chain_back(gm, query_key_or_value, head_norms=True)
-        if not all(is_identity(gm, n) or _norms_last_dim(gm, n) for n in chain):
-            return None
-        parts.append((item, _part(item)))
-        identities += chain
-    permute, _, along = parts[0][1] if parts[0][1] else (None, 0, 0)
-    if any(part is None or part[0] is not permute or part[2] != along for _, part in parts) or sorted(part[1] for _, part in parts) != [0, 1, 2]:
+def _permuted_part(gm: fx.GraphModule, end: fx.Node, width: int, sites_by_node: dict[str, Site]) -> _Source | None:
+    """If `end` is part i of a site's output split by reshape(..., parts, heads, head_dim) and
+    permute(2, 0, 3, 1, 4) into parts along the first dim (timm's ViT: query, key and value; PVT v2's
+    key and value), or transpose(1, 3) and the parts along dim 2 (timm's MaxViT); identities and norms
+    of each head (timm's q_norm, k_norm) may stand between the part and the attention."""
+    item, through = _chain_back(gm, end, head_norms=True)
+    part = _part(item) if all(is_identity(gm, n) or _norms_last_dim(gm, n) for n in through) else None
+    if part is None:
         return None
-    items = [item for item, _ in parts]
-    unbinds = {item.args[0] for item in items if item.args[0] is not permute}
-    if any(set(unbind.users) != set(items) for unbind in unbinds) or set(permute.users) != (unbinds or set(items)):
-        return None
-    if not is_op(permute, _SWAPS) or (_dims(permute), along) not in _PARTS_SWAPS:
+    permute, index, along = part
+    shared = item.args[0]  # the unbind, or the swap itself when its parts are taken one by one
+    if not is_op(permute, _SWAPS) or (_dims(permute), along) not in _PARTS_SWAPS or (shared is not permute and len(permute.users) != 1):
         return None
     split = data_input(permute)
-    if split is None or not is_op(split, RESHAPES) or len(split.users) != 1:
+    if split is None or not is_op(split, RESHAPES) or len(split.users) != 1 or data_input(split) is None:
         return None
-    source, entries = data_input(split), shape_entries(split)
-    up = _site_of(source, sites_by_node, width, 3) if source is not None else None
-    if up is None:
-        return None
-    head_dim = _head_size(entries[3], entries[4], width) if len(entries) == 5 and entries[2] == 3 else None
+    entries = shape_entries(split)
+    parts = entries[2] if len(entries) == 5 and isinstance(entries[2], int) and entries[2] > 0 else 0
+    up = _site_of(data_input(split), sites_by_node, width, parts) if parts else None
+    head_dim = _head_size(entries[3], entries[4], width) if up is not None else None
     if head_dim is None:
         return None
-    resized = {split.name: 3} if entries[3] == width // head_dim else {}
-    return _Projections((up.name,), head_dim, resized, [split, permute, *unbinds, *items, *identities], parts=(3,))
+    heads = _HeadSplit(head_dim, {split.name: 3} if entries[3] == width // head_dim else {}, [])
+    nodes = [split, permute, *([shared] if shared is not permute else []), item, *through]
+    return _Source(up, index, parts, shared, item, heads, nodes, {})
 
 
 def _batch_times_heads(node: fx.Node, index: int, heads: int) -> tuple[dict[str, int], list[fx.Node]] | None:
@@ -450,9 +441,9 @@ def _source(gm: fx.GraphModule, query_key_or_value: object, width: int, sites_by
     width / repeats."""
     if not isinstance(query_key_or_value, fx.Node):
         return None
-    per_head_part = _per_head_part(gm, query_key_or_value, width, sites_by_node) if shared_by == 1 else None
-    if per_head_part is not None:
-        return per_head_part
+    in_parts = (_per_head_part(gm, query_key_or_value, width, sites_by_node) or _permuted_part(gm, query_key_or_value, width, sites_by_node)) if shared_by == 1 else None
+    if in_parts is not None:
+        return in_parts
     repeated = _repeated_heads(query_key_or_value)
     end, repeat_nodes, repeats, repeat_sizes = repeated if repeated is not None else (query_key_or_value, [], shared_by, {})
     if width % repeats:
@@ -672,7 +663,7 @@ def head_width(gm: fx.GraphModule, down: Site, sites_by_node: dict[str, Site], n
         return None
     if not all(is_identity(gm, n) for n in merged[merged.index(reshapes[0]) + 1 :] if n not in reshapes):
         return None
-    projections = _projections(gm, attention, width, sites_by_node) or _fused_projection(gm, attention, width, sites_by_node)
+    projections = _projections(gm, attention, width, sites_by_node)
     if projections is None:
         return None
     head_dim = projections.head_dim
