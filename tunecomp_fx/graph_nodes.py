@@ -14,6 +14,7 @@ aten = torch.ops.aten
 
 RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, torch.reshape, "view", "reshape"}
 PERMUTES = {aten.permute.default, torch.permute, "permute"}
+TRANSPOSES = {aten.transpose.int, torch.transpose, "transpose"}
 
 
 def shape_entries(node: fx.Node) -> list:

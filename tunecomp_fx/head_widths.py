@@ -8,8 +8,9 @@ reshape (..., 3, heads, head_dim), permute(2, 0, 3, 1, 4), unbind(0); timm's Max
 transpose(1, 3), unbind(2)) loses the head's rows in each of its three parts; one holding each head's
 parts side by side (MaxViT's other layout: view (..., heads, 3 * head_dim), transpose(1, 2),
 chunk(3, dim=-1)) loses the head's block of rows (`HiddenWidth.per_head_parts`); a key/value site split
-the same way in two parts beside a query site (PVT v2) loses the head's rows in both. So does nn.MultiheadAttention's packed in-projection under torch.export
-(unflatten (..., 3, width), then select 0/1/2, each viewed as (seq, batch * heads, head_dim), swapped
+the same way in two parts beside a query site (PVT v2) loses the head's rows in both. So does
+nn.MultiheadAttention's packed in-projection under torch.export (unflatten (..., 3, width), then
+select 0/1/2, each viewed as (seq, batch * heads, head_dim), swapped
 to batch-major and viewed as (batch, heads, seq, head_dim); the heads merged by permute(2, 0, 1, 3)
 and a reshape to (seq * batch, width); in cross-attention a query site and a key/value site packed
 in two parts), and a fused site split along its last dim into three blocks of width (Hugging Face's
@@ -30,13 +31,13 @@ from torch import fx, nn
 
 from tunecomp_fx.forms import site_input
 from tunecomp_fx.graph_nodes import (
-    PERMUTES, RESHAPES, data_input, is_dropout, is_identity, is_op, keeps_width_last, shape_entries, width_sizes,
+    PERMUTES, RESHAPES, TRANSPOSES, data_input, is_dropout, is_identity, is_op, keeps_width_last, shape_entries, width_sizes,
 )
 from tunecomp_fx.sites import HiddenWidth, Site
 
 aten = torch.ops.aten
 
-_SWAPS = {aten.transpose.int, torch.transpose, "transpose"} | PERMUTES
+_SWAPS = TRANSPOSES | PERMUTES
 _UNBINDS = {aten.unbind.int, torch.unbind, "unbind"}
 _SPLITS = {aten.split.Tensor, torch.split, "split"}
 _CHUNKS = {aten.chunk.default, torch.chunk, "chunk"}

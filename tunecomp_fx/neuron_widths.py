@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from tunecomp_fx.forms import LAYOUTS, site_input
-from tunecomp_fx.graph_nodes import RESHAPES, data_input, is_dropout, is_identity, is_op, keeps_width_last, shape_entries, width_sizes
+from tunecomp_fx.graph_nodes import RESHAPES, TRANSPOSES, data_input, is_dropout, is_identity, is_op, keeps_width_last, shape_entries, width_sizes
 from tunecomp_fx.per_channel import is_per_channel
 from tunecomp_fx.sites import HiddenWidth, Site
 
@@ -78,7 +78,6 @@ def _elementwise(gm: fx.GraphModule, node: fx.Node, width: int, channel_first: b
 
 
 _SHAPE_METHODS = {"size"}
-_SWAP_TOKENS = {aten.transpose.int, torch.transpose, "transpose"}
 _FLATTENS = {aten.flatten.using_ints, torch.flatten, "flatten"}
 
 
@@ -92,7 +91,7 @@ def _is_shape_read(node: fx.Node) -> bool:
 
 
 def _swaps_tokens(node: fx.Node | None) -> bool:
-    return node is not None and is_op(node, _SWAP_TOKENS) and tuple(node.args[1:]) in ((1, 2), (2, 1)) and not node.kwargs
+    return node is not None and is_op(node, TRANSPOSES) and tuple(node.args[1:]) in ((1, 2), (2, 1)) and not node.kwargs
 
 
 def _to_image(node: fx.Node, width: int, sizes: set[fx.Node]) -> bool:
