@@ -1,7 +1,8 @@
 """Transform: slice away the neurons (heads) a width mask switched off (width_slack): the up sites'
 students lose those output rows, the down site's student those input columns, each copied shape
 entry that counts the width is scaled to what is left (and the heads a tensor with one entry per head
-is read for, and the channels of the per-channel modules copied into the width), and the mask is dropped."""
+is read for, and the channels of the per-channel modules and squeeze-excitations copied into the
+width), and the mask and the products that read it are dropped."""
 
 from __future__ import annotations
 
@@ -52,9 +53,9 @@ def _slice_width(gm: fx.GraphModule, width: HiddenWidth, sites: dict[str, Site],
             student.up = rebuilt(student.up, student.up.weight[rows], bias)
     if hasattr(container, "kept_heads"):  # a tensor with one entry per head is read for the kept heads alone
         container.kept_heads = container.kept_heads[width.heads_of(kept.tolist())]
-    for name in width.channelwise:
+    for name, side in width.channel_slices.items():
         key = channels_key(name)
-        setattr(container, key, with_channels(getattr(container, key), kept))
+        setattr(container, key, with_channels(getattr(container, key), kept, side))
     resized = dict(width.resized)
     for node in gm.graph.nodes:
         meta = node.meta.get("tunecomp", {})
@@ -64,8 +65,8 @@ def _slice_width(gm: fx.GraphModule, width: HiddenWidth, sites: dict[str, Site],
             rescale_shape_entry(node, resized[meta["copy_of"]], len(kept), len(width.kept))
         if meta.get("copy_of") in width.channelwise:
             set_channel_count(node, len(kept))
-    masked = roles["width_masked"]
-    masked.replace_all_uses_with(masked.args[0])
-    gm.graph.erase_node(masked)
+    for masked in list(roles["width_mask"].users):  # the down site's input, and any squeeze-excitation's
+        masked.replace_all_uses_with(masked.args[0])
+        gm.graph.erase_node(masked)
     gm.graph.erase_node(roles["width_mask"])
     del container._buffers["width_mask"]

@@ -49,6 +49,23 @@ def _with_per_head_reads(gm: fx.GraphModule, widths: list[HiddenWidth], inputs: 
     return [replace(width, per_head_reads=tuple(per_head.get(index, ()))) for index, width in enumerate(widths)]
 
 
+def _absorb_squeeze_excitations(ctx: PassContext, widths: list[HiddenWidth]) -> list[HiddenWidth]:
+    """`widths` without those of sites in a squeeze-excitation another width passes through (its own
+    reduce -> activation -> expand): such a site is sliced with that width in the student path, so it
+    stays dense ("in_width") rather than have a student of its own the compact model would not read.
+    A width whose squeeze-excitation holds a site left alone (excluded by the user) is not pruned."""
+    compressed = {site.node for site in ctx.compressed_sites}
+    widths = [width for width in widths if all(node in compressed for squeeze in width.squeezes for node in squeeze[1:])]
+    absorbed = {node: width.down for width in widths for squeeze in width.squeezes for node in squeeze[1:]}
+    ctx.sites = [
+        replace(site, status="in_width", reason=f"a squeeze-excitation's convolution inside the width pruned at '{absorbed[site.node]}': sliced with it, kept dense")
+        if site.node in absorbed and site.status == "compress" else site
+        for site in ctx.sites
+    ]
+    inside = {site.name for site in ctx.sites if site.node in absorbed}
+    return [width for width in widths if not inside & set(width.sites)]
+
+
 class FindHiddenWidths(GraphPass):
     name = "find_hidden_widths"
     preserves_outputs = True
@@ -66,7 +83,7 @@ class FindHiddenWidths(GraphPass):
             widths += [neuron_width(gm, site, sites_by_node, sites_by_entry, nodes) for site in compressed]
         if ctx.config.prune_heads > 0:
             widths += [head_width(gm, site, sites_by_node, nodes) for site in compressed]
-        ctx.hidden_widths = [width for width in widths if width is not None]
+        ctx.hidden_widths = _absorb_squeeze_excitations(ctx, [width for width in widths if width is not None])
         if ctx.check_inputs is not None:
             ctx.hidden_widths = _with_per_head_reads(gm, ctx.hidden_widths, ctx.check_inputs)
         return gm
@@ -78,7 +95,8 @@ class FindHiddenWidths(GraphPass):
                 f"prune_neurons={ctx.config.prune_neurons} found no hidden width to prune: no compressed site's "
                 "output reaches another compressed site through an elementwise activation alone (up -> "
                 "activation -> down, as in a transformer's FFN, or act(gate(x)) * up(x) -> down; between pointwise "
-                "convolutions also batch norms and depthwise convolutions, as in MobileNetV2, and a depthwise convolution "
+                "convolutions also batch norms and depthwise convolutions, as in MobileNetV2, and a squeeze-excitation "
+                "(x * gate(conv(act(conv(x.mean((2, 3), keepdim=True))))), as in EfficientNet; module calls), and a depthwise convolution "
                 "over tokens viewed as an image, as in PVT v2). Use prune_neurons=0 "
                 "for this model, or check that `exclude` leaves every layer of such a group compressed"
             )

@@ -17,7 +17,8 @@ only: the up sites' students compute the kept neurons, a copy of the nodes betwe
 activation; or the head split, attention and merge, with a literal head count scaled to the kept
 heads and a mask or bias with one entry per head read through index_select(..., -3,
 lowrank.<down>.kept_heads); a batch norm or depthwise convolution between pointwise convolutions
-copied with the kept channels alone, lowrank.<down>.channels_<node>), and the down site's student
+copied with the kept channels alone, lowrank.<down>.channels_<node>, as a squeeze-excitation's
+convolutions are with the inputs and outputs of the kept channels), and the down site's student
 reads that copy:
     x --> teacher up --> gelu --> teacher down ----------------------------------------------.
     x --> up site's student (kept rows) --> gelu (copy) --> down site's student (kept columns) --> blend
@@ -25,7 +26,7 @@ so the teacher path keeps the full width until the blend drops it. With width_sl
 start wider than the target and the down site's student reads the copy through a mask,
     gelu (copy) --> mul(lowrank.<down>.width_mask) --> down site's student,
 whose groups the rank pruner switches off during the blend (tunecomp_fx.pruning says how it ranks
-them); finalize's eliminate_pruned_neurons slices them away."""
+them), as it is for a squeeze-excitation's squeeze; finalize's eliminate_pruned_neurons slices them away."""
 
 from __future__ import annotations
 
@@ -97,7 +98,7 @@ class InsertTeacherStudent(GraphPass):
                 width = widths_by_down[site.name]
                 x = _copy_between(gm, nodes, sites, width, student_outputs)
                 if width.target < len(width.kept):
-                    x = _mask_width(gm, x, site, len(width.kept))
+                    x = _mask_width(gm, x, site, width)
             else:
                 x = site_input(nodes[site.entry_node])
             with graph.inserting_after(teacher):
@@ -175,13 +176,14 @@ def _copy_between(
     copies = {nodes[sites[up].node]: student_outputs[up] for up in width.ups}
     resized = dict(width.resized)
     per_head = dict(width.per_head_reads)
+    sides = width.channel_slices
     entry = nodes[sites[width.down].entry_node]
     with graph.inserting_before(entry):
         for name in width.between:
             original = nodes[name]
             copy = graph.node_copy(original, lambda node: copies.get(node, node))
-            if name in width.channelwise:
-                read_channels(graph, copy, _kept_channels(gm, original, sites[width.down], width), len(width.kept))
+            if name in sides:
+                read_channels(graph, copy, _kept_channels(gm, original, sites[width.down], width, sides[name]), len(width.kept))
             if name in per_head:
                 tensor = nodes[per_head[name]]
                 copy.replace_input_with(tensor, _kept_heads(gm, copy, tensor, sites[width.down], width))
@@ -195,12 +197,13 @@ def _copy_between(
     return copies[site_input(entry)]
 
 
-def _kept_channels(gm: fx.GraphModule, original: fx.Node, down: Site, width: HiddenWidth) -> str:
+def _kept_channels(gm: fx.GraphModule, original: fx.Node, down: Site, width: HiddenWidth, side: str) -> str:
     """lowrank.<down>.channels_<node>: the per-channel module (a batch norm, a depthwise convolution)
-    or aten call's tensors that the student path's copy of `original` reads, with the kept channels alone."""
+    or aten call's tensors, or a squeeze-excitation's convolution, that the student path's copy of
+    `original` reads, with the kept channels alone (on its `side`, `HiddenWidth.channel_slices`)."""
     container = site_container(gm, down)
     index = torch.tensor(width.kept)
-    container.add_module(channels_key(original.name), with_channels(per_channel_module(gm, original), index))
+    container.add_module(channels_key(original.name), with_channels(per_channel_module(gm, original), index, side))
     return f"{LOWRANK_ROOT}.{down.key}.{channels_key(original.name)}"
 
 
@@ -218,15 +221,24 @@ def _kept_heads(gm: fx.GraphModule, reader: fx.Node, tensor: fx.Node, down: Site
     return sliced
 
 
-def _mask_width(gm: fx.GraphModule, hidden: fx.Node, site: Site, kept: int) -> fx.Node:
+def _mask_width(gm: fx.GraphModule, hidden: fx.Node, site: Site, width: HiddenWidth) -> fx.Node:
     """mul(hidden, lowrank.<down>.width_mask): the hidden width the down site's student reads, with
-    its `kept` neurons masked (all kept at first)."""
+    its kept neurons masked (all kept at first); a squeeze-excitation's squeeze reads its input through
+    the mask too, so that a neuron switched off moves no other neuron's gate (as once sliced away)."""
     container = site_container(gm, site)
     weight = container.down.weight
-    container.register_buffer("width_mask", torch.ones(LAYOUTS[site.layout].mask_shape(kept), device=weight.device, dtype=weight.dtype))
-    with gm.graph.inserting_after(hidden):
-        mask = gm.graph.get_attr(f"{LOWRANK_ROOT}.{site.key}.width_mask")
-    with gm.graph.inserting_after(mask):
-        masked = gm.graph.call_function(operator.mul, (hidden, mask))
+    container.register_buffer("width_mask", torch.ones(LAYOUTS[site.layout].mask_shape(len(width.kept)), device=weight.device, dtype=weight.dtype))
+    squeezed = {squeeze for squeeze, _, _ in width.squeezes}
+    squeezes = [n for n in gm.graph.nodes if n.meta.get("tunecomp", {}).get("site") == site.name and n.meta["tunecomp"].get("copy_of") in squeezed]
+    graph = gm.graph
+    with graph.inserting_before(squeezes[0] if squeezes else hidden.next):
+        mask = graph.get_attr(f"{LOWRANK_ROOT}.{site.key}.width_mask")
+    with graph.inserting_after(hidden if squeezes else mask):
+        masked = graph.call_function(operator.mul, (hidden, mask))  # the mask's first reader (student_nodes' width_masked)
     masked.meta["tunecomp"] = {"site": site.name, "role": "hidden"}
+    for squeeze in squeezes:
+        with graph.inserting_before(squeeze):
+            squeezed_input = graph.call_function(operator.mul, (squeeze.args[0], mask))
+        squeeze.replace_input_with(squeeze.args[0], squeezed_input)
+        squeezed_input.meta["tunecomp"] = {"site": site.name, "role": "hidden"}
     return masked

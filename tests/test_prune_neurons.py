@@ -355,6 +355,98 @@ def test_timms_inverted_residual_prunes_through_batch_norms_that_hold_the_activa
         torch.testing.assert_close(prepared(x), block(x), rtol=1e-5, atol=1e-5)
 
 
+def _block_with_squeeze_excitation(library: str) -> tuple[nn.Module, str, tuple[str, str], tuple[str, str, str]]:
+    """An inverted residual with a squeeze-excitation (64 channels, 16 in the gate's bottleneck) from
+    timm (x.mean((2, 3), keepdim=True), sigmoid) or torchvision (AdaptiveAvgPool2d(1), hardsigmoid), with
+    its down site's name, the squeeze-excitation's two convolutions and its squeeze's and their nodes."""
+    torch.manual_seed(0)
+    if library == "timm":
+        from functools import partial
+
+        from timm.models._efficientnet_blocks import InvertedResidual as TimmInvertedResidual, SqueezeExcite
+
+        block = TimmInvertedResidual(16, 16, exp_ratio=4.0, se_layer=partial(SqueezeExcite, rd_ratio=0.25))
+        return block.eval(), "conv_pwl", ("se.conv_reduce", "se.conv_expand"), ("mean", "se_conv_reduce", "se_conv_expand")
+    from torchvision.models.mobilenetv3 import InvertedResidual as TorchvisionInvertedResidual, InvertedResidualConfig
+
+    block = TorchvisionInvertedResidual(InvertedResidualConfig(16, 3, 64, 16, True, "HS", 1, 1, 1.0), nn.BatchNorm2d)
+    return block.eval(), "block.3.0", ("block.2.fc1", "block.2.fc2"), ("block_2_avgpool", "block_2_fc1", "block_2_fc2")
+
+
+@pytest.mark.parametrize("library", ["timm", "torchvision"])
+def test_a_squeeze_excitation_in_the_width_is_sliced_with_it_and_kept_dense(library: str, tmp_path) -> None:  # noqa: ANN001
+    block, down, convolutions, squeeze = _block_with_squeeze_excitation(library)
+    reduce, expand = (block.get_submodule(name) for name in convolutions)
+    x = torch.randn(4, 16, 8, 8)
+    with torch.no_grad():  # channels the projection ignores and the gates do not read: pruning them changes nothing
+        block.get_submodule(down).weight[:, 1::2] = 0.0
+        reduce.weight[:, 1::2] = 0.0
+    prepared = tunecomp_fx.prepare(block, x, 0.5, prune_neurons=0.5, rank_slack=10.0)
+    [width] = _context(prepared).hidden_widths  # the gate's own reduce -> activation -> expand is no width of its own
+    assert (width.down, width.squeezes, width.kept) == (down, (squeeze,), tuple(range(0, 64, 2)))
+    assert [site.name for site in _context(prepared).sites if site.status == "in_width"] == list(convolutions)
+    held = prepared.get_submodule(f"lowrank.{down.replace('.', '_')}")
+    sliced_reduce, sliced_expand = getattr(held, f"channels_{squeeze[1]}"), getattr(held, f"channels_{squeeze[2]}")
+    assert torch.equal(sliced_reduce.weight, reduce.weight[:, 0::2]) and torch.equal(sliced_reduce.bias, reduce.bias)
+    assert torch.equal(sliced_expand.weight, expand.weight[0::2]) and torch.equal(sliced_expand.bias, expand.bias[0::2])
+    with torch.no_grad():
+        assert torch.equal(prepared(x), block(x))  # alpha = 1: the teacher alone
+    tunecomp_fx.set_blend(prepared, 0.0)
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(x), block(x), rtol=1e-5, atol=1e-5)
+    tunecomp_fx.prune_slack(prepared)  # the ranks past the ratio
+    compact, _ = finalize_from_student_path(prepared, x)
+    assert not any(isinstance(m, nn.Conv2d) and 64 in (m.in_channels, m.out_channels) for m in compact.modules())  # every 64-channel layer sliced
+    rows = {row.name: row for row in tunecomp_fx.get_report(compact).sites}
+    assert [(rows[name].decision, rows[name].params_before, rows[name].params_after) for name in convolutions] == [
+        ("in_width", 64 * 16 + 16, 32 * 16 + 16), ("in_width", 16 * 64 + 64, 16 * 32 + 32)  # weights and biases, sliced
+    ]
+    result = to_onnx(compact, (x,), tmp_path / "squeeze_excitation.onnx")
+    assert all(error < 1e-4 for error in result.max_errors.values())
+
+
+def test_neurons_switched_off_during_training_move_no_gate_of_a_squeeze_excitation() -> None:
+    block, down, _, squeeze = _block_with_squeeze_excitation("timm")
+    data = [(torch.randn(4, 16, 8, 8), torch.randn(4, 16, 8, 8)) for _ in range(3)]
+    options = {"prune_neurons": 0.5, "width_slack": 1.0, "rank_slack": 0.25}
+    prepared = tunecomp_fx.prepare(block, data[0][0], 0.6, calib=[x for x, _ in data], **options)
+    mask = student_nodes(prepared)[down]["width_mask"]
+    squeezed = next(n for n in prepared.graph.nodes if n.meta.get("tunecomp", {}).get("copy_of") == squeeze[0])
+    # the down site's student and the squeeze read the width through the mask
+    assert [user.target for user in mask.users] == [operator.mul, operator.mul] and squeezed.args[0] in mask.users
+    assert train_with_hook(prepared.train(), data, F.mse_loss, 6, 3).teacher_removed
+    prepared.eval()
+    with torch.no_grad():
+        trained = prepared(data[0][0])
+    compact = tunecomp_fx.finalize(prepared)
+    held = compact.get_submodule(f"lowrank.{down}")
+    assert (getattr(held, f"channels_{squeeze[1]}").in_channels, getattr(held, f"channels_{squeeze[2]}").out_channels) == (32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(compact(data[0][0]), trained, rtol=1e-5, atol=1e-5)
+
+
+def test_a_squeeze_excitation_with_a_norm_of_its_own_leaves_the_width_around_it() -> None:
+    from functools import partial
+
+    from timm.layers import SEModule
+    from timm.models._efficientnet_blocks import InvertedResidual as TimmInvertedResidual
+
+    torch.manual_seed(0)
+    block = TimmInvertedResidual(16, 16, exp_ratio=4.0, se_layer=partial(SEModule, norm_layer=nn.BatchNorm2d)).eval()
+    prepared = tunecomp_fx.prepare(block, torch.randn(4, 16, 8, 8), 0.5, prune_neurons=0.5)
+    # the batch norm in the gate's bottleneck would be one module in the teacher's and the student's
+    # paths, so the block's width is not pruned; the bottleneck's own is (fc1 -> norm -> ReLU -> fc2)
+    assert [(width.ups, width.down) for width in _context(prepared).hidden_widths] == [(("se.fc1",), "se.fc2")]
+    assert all(site.status == "compress" for site in _context(prepared).sites)
+
+
+def test_an_excluded_convolution_of_a_squeeze_excitation_leaves_the_width_around_it() -> None:
+    block, _, convolutions, _ = _block_with_squeeze_excitation("timm")
+    # nor is the bottleneck's own width pruned: its up site is the excluded one
+    with pytest.raises(SiteError, match=r"found no hidden width.*squeeze-excitation.*`exclude` leaves every layer"):
+        tunecomp_fx.prepare(block, torch.randn(4, 16, 8, 8), 0.5, prune_neurons=0.5, exclude=(convolutions[0],))
+
+
 def test_a_depthwise_convolution_over_tokens_viewed_as_an_image_is_pruned_with_the_width(tmp_path) -> None:  # noqa: ANN001
     torch.manual_seed(0)
     model, x = TokenConvMlp().eval(), torch.randn(2, 16, 16)

@@ -36,7 +36,7 @@ from tunecomp_fx.passes.fold_cores import FoldCores
 from tunecomp_fx.passes.initialize_students import InitializeStudents
 from tunecomp_fx.passes.insert_teacher_student import InsertTeacherStudent
 from tunecomp_fx.passes.select_hidden_neurons import SelectHiddenNeurons
-from tunecomp_fx.per_channel import site_parameters
+from tunecomp_fx.per_channel import channels_key, site_parameters
 from tunecomp_fx.pipeline import GraphPass, PassContext, PassRecord, run_passes
 from tunecomp_fx.pruning import RankPruner
 from tunecomp_fx.report import CompressionReport, SiteRow
@@ -261,6 +261,14 @@ def _final_shape(container: nn.Module) -> tuple[int, int]:
     return container.up.weight.shape[0], container.down.weight.shape[1]
 
 
+def _sliced_with_width(lowrank: nn.Module, site: Site, context: PassContext) -> int:
+    """Parameters of the copy of a squeeze-excitation's convolution that the width it sits in keeps
+    with its down site's student (`per_channel.channels_key`)."""
+    [down] = [width.down for width in context.hidden_widths if any(site.node in squeeze[1:] for squeeze in width.squeezes)]
+    container = getattr(lowrank, next(s.key for s in context.sites if s.name == down))
+    return sum(p.numel() for p in getattr(container, channels_key(site.node)).parameters())
+
+
 def get_report(compact: fx.GraphModule) -> CompressionReport:
     data = getattr(compact, "meta", {}).get(REPORT_KEY)
     if data is None:
@@ -278,7 +286,9 @@ def build_report(compact: fx.GraphModule, state: PreparedState) -> CompressionRe
         before = site.unpruned_params
         out_features, in_features = site.unpruned_shape or (site.out_features, site.in_features)
         rank = None
-        if site.status != "compress":
+        if site.status == "in_width":
+            label, after, reason = site.status, _sliced_with_width(lowrank, site, context), site.reason
+        elif site.status != "compress":
             label, after, reason = site.status, before, site.reason
         elif decision is None or decision.rank is None:
             label, after, reason = "dense", before, decision.reason if decision else ""

@@ -3,11 +3,14 @@ activation, perhaps a dropout or an identity, or an activation written out in ar
 width and numbers; reshapes of the tokens) into a down-projection, as in a transformer's FFN; a
 gated activation reads a second up-projection too (LLaMA's SwiGLU); between pointwise convolutions
 also per-channel modules (`tunecomp_fx.per_channel`: batch norms, depthwise convolutions, as in
-MobileNets), and between linear layers tokens swapped to channels and viewed as an image for a
+MobileNets) and a squeeze-excitation (`_squeeze_excitation`: its gates, computed from the width's
+mean over the image by two pointwise convolutions, multiply the width, as in EfficientNet and
+MobileNetV3; the convolutions stay dense, copied into the student path with the kept channels'
+inputs and outputs alone), and between linear layers tokens swapped to channels and viewed as an image for a
 depthwise convolution, then flattened and swapped back (PVT v2's and SegFormer's FFN; sizes the
 region reads from its own shapes are read in the student path from the students'). Dropping a neuron
-removes a row of each up, the activation's element (the per-channel modules' channel) and a column
-of down."""
+removes a row of each up, the activation's element (the per-channel modules' channel; the
+squeeze-excitation's input and gate) and a column of down."""
 
 from __future__ import annotations
 
@@ -118,6 +121,53 @@ def _step(gm: fx.GraphModule, node: fx.Node, width: int, channels: bool, sizes: 
     return (kind, channels) if kind is not None else None
 
 
+_MEANS = {aten.mean.dim, torch.mean, "mean"}
+
+
+def _squeezes_image(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether `node` averages each channel over the image to 1 x 1: x.mean((2, 3), keepdim=True) or an
+    nn.AdaptiveAvgPool2d(1) (a squeeze-excitation's squeeze)."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        return isinstance(module, nn.AdaptiveAvgPool2d) and module.output_size in (1, (1, 1))
+    if not is_op(node, _MEANS) or len(node.args) < 2 or not isinstance(node.args[1], (list, tuple)):
+        return False
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    return keepdim is True and sorted(d % 4 for d in node.args[1]) == [2, 3] and set(node.kwargs) <= {"keepdim"}
+
+
+def _pointwise_conv(gm: fx.GraphModule, node: fx.Node) -> nn.Conv2d | None:
+    """The module of a call of a 1 x 1 nn.Conv2d mixing all channels (one group, no padding), else None."""
+    module = gm.get_submodule(node.target) if node.op == "call_module" else None
+    if not isinstance(module, nn.Conv2d) or module.groups != 1:
+        return None
+    return module if module.kernel_size == (1, 1) and module.padding in ((0, 0), "valid") and module.stride == (1, 1) else None
+
+
+def _squeeze_excitation(gm: fx.GraphModule, squeeze: fx.Node, width: int) -> list[fx.Node] | None:
+    """A squeeze-excitation's gates for the `width` channels `squeeze` reads: the squeeze (`_squeezes_image`),
+    a pointwise convolution from the width, steps without parameters (an activation), a pointwise
+    convolution back to the width, each the one reader of the one before; None when `squeeze` starts no
+    such chain. Pruning a channel drops an input of the first convolution and an output of the last."""
+    if not _squeezes_image(gm, squeeze):
+        return None
+    chain = [squeeze]
+    while len(chain[-1].users) == 1:
+        [node] = chain[-1].users
+        if node.all_input_nodes != [chain[-1]]:
+            return None
+        chain.append(node)
+        conv = _pointwise_conv(gm, node)
+        if len(chain) == 2:
+            if conv is None or conv.in_channels != width:
+                return None
+        elif conv is not None:
+            return chain if conv.out_channels == width and conv.in_channels == _pointwise_conv(gm, chain[1]).out_channels else None
+        elif node.op == "call_module" and next(gm.get_submodule(node.target).parameters(), None) is not None:
+            return None  # a module with parameters of its own would be shared by the teacher's and the student's paths
+    return None
+
+
 def _elementwise_region(
     gm: fx.GraphModule, starts: list[fx.Node], width: int, channels: bool
 ) -> tuple[dict[fx.Node, str], dict[fx.Node, bool], fx.Node | None] | None:
@@ -138,6 +188,12 @@ def _elementwise_region(
             size_readers |= {user for user in read.users if not _is_shape_read(user)}
         for user in node.users:
             if user in kinds:
+                continue
+            gates = _squeeze_excitation(gm, user, width) if placed[node] else None
+            if gates is not None:  # the walk goes on from the gates, one per channel (batch, width, 1, 1)
+                kinds |= dict(zip(gates, ("squeeze", "reduce", *["excite"] * (len(gates) - 3), "expand")))
+                placed |= dict.fromkeys(gates, True)
+                queue.append(gates[-1])
                 continue
             step = _step(gm, user, width, placed[node], sizes)
             if step is None:
@@ -201,5 +257,6 @@ def neuron_width(
     resized = width_sizes([n for n in reshapes if not placed[n]], width)
     resized |= {n.name: 1 for n in reshapes if placed[n] and is_op(n, RESHAPES) and shape_entries(n)[1] == width}
     channelwise = tuple(name for name in between if kinds[nodes[name]] == "channelwise")
-    return HiddenWidth("neurons", ups, down.name, between, width, resized=tuple(resized.items()), channelwise=channelwise)
+    squeezes = tuple(zip(*(tuple(name for name in between if kinds[nodes[name]] == kind) for kind in ("squeeze", "reduce", "expand"))))
+    return HiddenWidth("neurons", ups, down.name, between, width, resized=tuple(resized.items()), channelwise=channelwise, squeezes=squeezes)
 

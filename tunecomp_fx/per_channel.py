@@ -106,17 +106,26 @@ def set_channel_count(call: fx.Node, channels: int) -> None:
         call.update_arg(_GROUPS, channels)
 
 
-def with_channels(module: nn.Module, index: torch.Tensor) -> nn.Module:
-    """A copy of a per-channel module (`per_channel_module`) that keeps the channels `index`: every
-    per-channel parameter and statistic sliced, the channel counts set to match."""
+def with_channels(module: nn.Module, index: torch.Tensor, side: str = "each") -> nn.Module:
+    """A copy of a module (`per_channel_module`) that keeps the channels `index`, its channel counts set
+    to match: on every side of a per-channel module ("each": every parameter and statistic), or on
+    the input ("in": the weight's columns) or output ("out": the weight's rows and the bias) of a
+    convolution mixing the channels (a squeeze-excitation's)."""
     kept = copy.deepcopy(module)
+    dim = 1 if side == "in" else 0
     with torch.no_grad():
         for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
-            if tensor is not None and tensor.dim() > 0:  # not the batch norm's 0-d batch count
-                sliced = tensor[index.to(tensor.device)].clone()
-                setattr(kept, name, nn.Parameter(sliced, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else sliced)
+            if tensor is None or tensor.dim() == 0 or (side == "in" and name != "weight"):  # a 0-d batch count; a bias of the outputs
+                continue
+            sliced = tensor.index_select(dim, index.to(tensor.device)).clone()
+            setattr(kept, name, nn.Parameter(sliced, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else sliced)
     if isinstance(kept, nn.modules.batchnorm._BatchNorm):
         kept.num_features = len(index)
     elif isinstance(kept, nn.modules.conv._ConvNd):
-        kept.in_channels = kept.out_channels = kept.groups = len(index)
+        if side != "out":
+            kept.in_channels = len(index)
+        if side != "in":
+            kept.out_channels = len(index)
+        if side == "each":
+            kept.groups = len(index)
     return kept

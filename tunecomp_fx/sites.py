@@ -24,8 +24,9 @@ class Site:
     `node` computes y (the teacher), `entry_node` reads x (`tunecomp_fx.forms.site_input`); they
     differ only for `x @ W.T + b`, whose entry is the matmul. `layout` is a key of `tunecomp_fx.forms.LAYOUTS`.
     `status` is "compress" for sites the passes rewrite, else the reason class for leaving it dense
-    ("excluded" by the user, "shared" weights, "hidden" inside a leaf module or an opaque function),
-    with the human reason in `reason`.
+    ("excluded" by the user, "shared" weights, "hidden" inside a leaf module or an opaque function,
+    "in_width" a squeeze-excitation's convolution sliced with the pruned width it sits in), with the
+    human reason in `reason`.
     """
 
     name: str
@@ -140,6 +141,15 @@ class HiddenWidth:
     per_head_reads: tuple[tuple[str, str], ...] = ()
     channelwise: tuple[str, ...] = ()  # nodes of per-channel modules (batch norms, depthwise convolutions): the student path's copies are sliced
     per_head_parts: tuple[str, ...] = ()  # up sites holding each head's parts side by side (MaxViT's q, k, v), not each part's heads
+    # squeeze-excitations the width passes through: (the squeeze, the convolution reading the width, the one writing its gates)
+    squeezes: tuple[tuple[str, str, str], ...] = ()
+
+    @property
+    def channel_slices(self) -> dict[str, str]:
+        """Node -> which channels of its module the width's neurons are (`per_channel.with_channels`):
+        "each" for a per-channel module, "in" and "out" for a squeeze-excitation's convolutions."""
+        sides = {name: "each" for name in self.channelwise}
+        return sides | {reduce: "in" for _, reduce, _ in self.squeezes} | {expand: "out" for _, _, expand in self.squeezes}
 
     @property
     def sites(self) -> tuple[str, ...]:
