@@ -1,5 +1,5 @@
 """Which hidden widths structured pruning finds, model by model: for each model of the coverage sweep
-(benchmarks/coverage.py) plus EfficientNet-B0 (timm's, torchvision's) and torchvision's MobileNetV3
+(benchmarks/coverage.py) plus EfficientNet-B0 (timm's, torchvision's, Hugging Face's) and torchvision's MobileNetV3
 (inverted residuals with squeeze-excitation) and small randomly initialized Hugging Face GPT-2, LLaMA and Qwen3 models,
 `prepare(ratio=0.6)` with prune_neurons=0.3 and, separately, with prune_heads=0.5, counting the
 neuron widths (FFNs) and head widths (attention blocks) found against the attentions in the graph
@@ -28,7 +28,7 @@ from tunecomp_fx.head_widths import attention_at  # noqa: E402
 
 RATIO = 0.6
 OPTIONS = {"neurons": {"prune_neurons": 0.3}, "heads": {"prune_heads": 0.5}}
-SQUEEZE_EXCITATION = ["timm:efficientnet_b0", "torchvision:efficientnet_b0", "torchvision:mobilenet_v3_small"]
+SQUEEZE_EXCITATION = ["timm:efficientnet_b0", "torchvision:efficientnet_b0", "hf-tiny:efficientnet", "torchvision:mobilenet_v3_small"]
 TINY_HF = ["hf-tiny:gpt2", "hf-tiny:gpt2-eager", "hf-tiny:llama", "hf-tiny:llama-mha", "hf-tiny:llama-eager", "hf-tiny:qwen3"]
 
 
@@ -36,10 +36,13 @@ def build_tiny_hf(name: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     """A 2-layer GPT-2, LLaMA (rotary embeddings; "llama": grouped-query attention, 2 key/value heads
     for 4 query heads; "llama-mha": 4 of each) or Qwen3 (LLaMA's with a norm of each query and key
     head) at random initialization; "-eager": with Hugging Face's eager attention (matmul and softmax)
-    in place of scaled_dot_product_attention."""
+    in place of scaled_dot_product_attention; or Hugging Face's EfficientNet-B0 on 64 x 64 images."""
     import transformers
 
     torch.manual_seed(0)
+    if name == "efficientnet":
+        config = transformers.EfficientNetConfig(image_size=64, width_coefficient=1.0, depth_coefficient=1.0, hidden_dim=1280)
+        return transformers.EfficientNetModel(config).eval(), {"pixel_values": torch.randn(2, 3, 64, 64)}
     name, eager, _ = name.partition("-eager")
     attention = "eager" if eager else "sdpa"
     if name == "gpt2":

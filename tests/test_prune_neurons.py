@@ -447,6 +447,35 @@ def test_an_excluded_convolution_of_a_squeeze_excitation_leaves_the_width_around
         tunecomp_fx.prepare(block, torch.randn(4, 16, 8, 8), 0.5, prune_neurons=0.5, exclude=(convolutions[0],))
 
 
+def test_hugging_faces_efficientnet_block_prunes_through_its_padding_traced_depthwise_convolution_and_gates(tmp_path) -> None:  # noqa: ANN001
+    from transformers import EfficientNetConfig
+    from transformers.models.efficientnet.modeling_efficientnet import EfficientNetBlock
+
+    torch.manual_seed(0)
+    block = EfficientNetBlock(EfficientNetConfig(), 16, 24, 2, 6, 3, 0.0, True, True).eval()  # stride 2: ZeroPad2d first
+    with torch.no_grad():
+        for norm in (block.expansion.expand_bn, block.depthwise_conv.depthwise_norm):
+            norm.weight.normal_(), norm.bias.normal_(), norm.running_mean.normal_()
+        block.projection.project_conv.weight[:, 1::2] = 0.0
+        block.squeeze_excite.reduce.weight[:, 1::2] = 0.0
+    x = torch.randn(4, 16, 8, 8)
+    prepared = tunecomp_fx.prepare(block, x, 0.5, prune_neurons=0.5, rank_slack=10.0)
+    [width] = _context(prepared).hidden_widths
+    # its nn.Conv2d subclass is traced through, to torch.conv2d on the weight: copied like an aten call
+    assert width.channelwise == ("expansion_expand_bn", "conv2d", "depthwise_conv_depthwise_norm") and width.kept == tuple(range(0, 96, 2))
+    assert width.squeezes == (("squeeze_excite_squeeze", "squeeze_excite_reduce", "squeeze_excite_expand"),)
+    assert width.between[2] == "depthwise_conv_depthwise_conv_pad"
+    depthwise = next(n for n in prepared.graph.nodes if n.meta.get("tunecomp", {}).get("copy_of") == "conv2d")
+    assert (depthwise.target, depthwise.args[1].target, depthwise.args[6]) == (torch.conv2d, "lowrank.projection_project_conv.channels_conv2d.arg1", 48)
+    tunecomp_fx.set_blend(prepared, 0.0)
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(x), block(x), rtol=1e-5, atol=1e-5)
+    tunecomp_fx.prune_slack(prepared)
+    compact, _ = finalize_from_student_path(prepared, x)
+    result = to_onnx(compact, (x,), tmp_path / "hf_efficientnet_block.onnx")
+    assert all(error < 1e-4 for error in result.max_errors.values())
+
+
 def test_a_depthwise_convolution_over_tokens_viewed_as_an_image_is_pruned_with_the_width(tmp_path) -> None:  # noqa: ANN001
     torch.manual_seed(0)
     model, x = TokenConvMlp().eval(), torch.randn(2, 16, 16)

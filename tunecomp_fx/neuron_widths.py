@@ -53,13 +53,21 @@ _ARITHMETIC = {
 }
 
 
+# Paddings of the last one or two dims, each channel by itself (before a strided depthwise convolution);
+# one that padded the channels too would leave the down site reading more than the width
+_PADDINGS = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReplicationPad1d, nn.ReplicationPad2d)
+
+
 def _elementwise(gm: fx.GraphModule, node: fx.Node, width: int, channel_first: bool) -> str | None:
     """"activation", "dropout", "identity" (timm's Mlp has an nn.Identity norm when the norm is off),
     "arithmetic" (`_ARITHMETIC`, of tensors and numbers), "reshape" (of the tokens: the width stays
-    last), "channelwise" (`is_per_channel`, for widths in dim 1: pointwise convolutions' channels), or
-    None when `node` is none of them. Which tensors it reads is the caller's to check."""
+    last), "channelwise" (`is_per_channel`, for widths in dim 1: pointwise convolutions' channels),
+    "padding" (`_PADDINGS`, widths in dim 1), or None when `node` is none of them. Which tensors it
+    reads is the caller's to check."""
     if channel_first and is_per_channel(gm, node, width):
         return "channelwise"
+    if channel_first and node.op == "call_module" and isinstance(gm.get_submodule(node.target), _PADDINGS):
+        return "padding"
     if is_op(node, _ARITHMETIC):
         return "arithmetic" if not node.kwargs and all(isinstance(a, (fx.Node, int, float)) for a in node.args) else None
     if is_op(node, RESHAPES):  # with the width in dim 1, `_step` knows the reshapes
@@ -141,7 +149,7 @@ def _pointwise_conv(gm: fx.GraphModule, node: fx.Node) -> nn.Conv2d | None:
     module = gm.get_submodule(node.target) if node.op == "call_module" else None
     if not isinstance(module, nn.Conv2d) or module.groups != 1:
         return None
-    return module if module.kernel_size == (1, 1) and module.padding in ((0, 0), "valid") and module.stride == (1, 1) else None
+    return module if module.kernel_size == (1, 1) and module.padding in ((0, 0), "valid", "same") and module.stride == (1, 1) else None
 
 
 def _squeeze_excitation(gm: fx.GraphModule, squeeze: fx.Node, width: int) -> list[fx.Node] | None:

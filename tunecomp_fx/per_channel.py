@@ -2,10 +2,12 @@
 residuals): a batch norm or a depthwise convolution maps each channel by itself, so a pruned width's
 student path can hold a copy with the kept channels alone (`with_channels`).
 
-A symbolically traced model calls the modules (nn.BatchNorm2d, nn.Conv2d with one group per channel);
-a torch.export graph calls aten.batch_norm or aten.conv2d on get_attr tensors, which a plain module
-holds for the copy (`per_channel_tensors`, `arg<position>`), so that copying, training and slicing are
-one mechanism for both, and the compact model needs no class of ours."""
+A symbolically traced model calls the modules (nn.BatchNorm2d, nn.Conv2d with one group per channel),
+or torch.conv2d on get_attr tensors where it traced through a subclass of nn.Conv2d (Hugging Face's
+EfficientNet); a torch.export graph calls aten.batch_norm or aten.conv2d on get_attr tensors. A plain
+module holds such tensors for the copy (`per_channel_module`, `arg<position>`), so that copying,
+training and slicing are one mechanism for all, and the compact model needs no class of ours. The
+same copies serve a squeeze-excitation's convolutions, sliced on their input or output side alone."""
 
 from __future__ import annotations
 
@@ -19,11 +21,14 @@ from torch import fx, nn
 
 aten = torch.ops.aten
 
-# aten calls mapping each channel (dim 1) by itself: the argument positions of their per-channel tensors
+# aten calls (or torch functions, as a traced subclass of nn.Conv2d calls them) mapping each channel
+# (dim 1) by itself: the argument positions of their per-channel tensors
 _CHANNEL_TENSORS: dict[Callable[..., Any], tuple[int, ...]] = {
     aten.batch_norm.default: (1, 2, 3, 4),  # weight, bias, running mean and variance
     aten.conv2d.default: (1, 2),  # weight, bias; depthwise when groups (position 6) is the channel count
     aten.conv1d.default: (1, 2),
+    torch.conv2d: (1, 2),
+    torch.conv1d: (1, 2),
 }
 _GROUPS = 6
 
