@@ -247,11 +247,14 @@ class InvertedResidual(nn.Module):
     convolution map each channel by itself, a pointwise convolution projects back. With `depthwise`
     off the middle convolution mixes the channels (a dense 3 x 3); with `checked` a check of the
     expanded shape, as timm's blocks make, leaves symbolic tracing to fail and torch.export to capture
-    it (functional batch norms and convolutions on the graph's tensors)."""
+    it (functional batch norms and convolutions on the graph's tensors); with `gated` a
+    squeeze-excitation (EfficientNet's) multiplies the expanded channels by gates computed from their
+    means by two pointwise convolutions."""
 
-    def __init__(self, channels: int = 16, hidden: int = 64, depthwise: bool = True, checked: bool = False) -> None:
+    def __init__(self, channels: int = 16, hidden: int = 64, depthwise: bool = True, checked: bool = False, gated: bool = False) -> None:
         super().__init__()
         self.checked = checked
+        self.gates = nn.Sequential(nn.Conv2d(hidden, hidden // 4, 1), nn.ReLU(), nn.Conv2d(hidden // 4, hidden, 1), nn.Sigmoid()) if gated else None
         self.expand = nn.Conv2d(channels, hidden, 1, bias=False)
         self.bn1, self.bn2 = nn.BatchNorm2d(hidden), nn.BatchNorm2d(hidden)
         self.dw = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden if depthwise else 1, bias=False)
@@ -266,7 +269,10 @@ class InvertedResidual(nn.Module):
         h = self.expand(x)
         if self.checked and h.shape[1] != self.dw.in_channels:  # a proxy bool: symbolic tracing cannot evaluate this
             raise ValueError(f"expected {self.dw.in_channels} channels, got {h.shape[1]}")
-        return x + self.project(F.relu6(self.bn2(self.dw(F.relu6(self.bn1(h))))))
+        h = F.relu6(self.bn2(self.dw(F.relu6(self.bn1(h)))))
+        if self.gates is not None:
+            h = h * self.gates(h.mean((2, 3), keepdim=True))
+        return x + self.project(h)
 
 
 class TokenConvMlp(nn.Module):

@@ -357,9 +357,12 @@ def test_timms_inverted_residual_prunes_through_batch_norms_that_hold_the_activa
 
 def _block_with_squeeze_excitation(library: str) -> tuple[nn.Module, str, tuple[str, str], tuple[str, str, str]]:
     """An inverted residual with a squeeze-excitation (64 channels, 16 in the gate's bottleneck) from
-    timm (x.mean((2, 3), keepdim=True), sigmoid) or torchvision (AdaptiveAvgPool2d(1), hardsigmoid), with
-    its down site's name, the squeeze-excitation's two convolutions and its squeeze's and their nodes."""
+    timm (x.mean((2, 3), keepdim=True), sigmoid) or torchvision (AdaptiveAvgPool2d(1), hardsigmoid), or
+    ours captured with torch.export (aten calls on the graph's tensors), with its down site's name, the
+    squeeze-excitation's two convolutions and its squeeze's and their nodes."""
     torch.manual_seed(0)
+    if library == "exported":
+        return InvertedResidual(checked=True, gated=True).eval(), "project", ("gates.0", "gates.2"), ("mean", "conv2d_2", "conv2d_3")
     if library == "timm":
         from functools import partial
 
@@ -373,7 +376,7 @@ def _block_with_squeeze_excitation(library: str) -> tuple[nn.Module, str, tuple[
     return block.eval(), "block.3.0", ("block.2.fc1", "block.2.fc2"), ("block_2_avgpool", "block_2_fc1", "block_2_fc2")
 
 
-@pytest.mark.parametrize("library", ["timm", "torchvision"])
+@pytest.mark.parametrize("library", ["timm", "torchvision", "exported"])
 def test_a_squeeze_excitation_in_the_width_is_sliced_with_it_and_kept_dense(library: str, tmp_path) -> None:  # noqa: ANN001
     block, down, convolutions, squeeze = _block_with_squeeze_excitation(library)
     reduce, expand = (block.get_submodule(name) for name in convolutions)
@@ -383,12 +386,17 @@ def test_a_squeeze_excitation_in_the_width_is_sliced_with_it_and_kept_dense(libr
         reduce.weight[:, 1::2] = 0.0
     prepared = tunecomp_fx.prepare(block, x, 0.5, prune_neurons=0.5, rank_slack=10.0)
     [width] = _context(prepared).hidden_widths  # the gate's own reduce -> activation -> expand is no width of its own
-    assert (width.down, width.squeezes, width.kept) == (down, (squeeze,), tuple(range(0, 64, 2)))
+    assert (width.down, width.squeezes, len(width.kept)) == (down, (squeeze,), 32)
+    kept = list(width.kept)  # no odd channel is read, and some even ones never fire (ReLU6 of batch norms at random)
     assert [site.name for site in _context(prepared).sites if site.status == "in_width"] == list(convolutions)
     held = prepared.get_submodule(f"lowrank.{down.replace('.', '_')}")
-    sliced_reduce, sliced_expand = getattr(held, f"channels_{squeeze[1]}"), getattr(held, f"channels_{squeeze[2]}")
-    assert torch.equal(sliced_reduce.weight, reduce.weight[:, 0::2]) and torch.equal(sliced_reduce.bias, reduce.bias)
-    assert torch.equal(sliced_expand.weight, expand.weight[0::2]) and torch.equal(sliced_expand.bias, expand.bias[0::2])
+    # a module's copy, or for aten calls a module holding the weight and bias as arg1 and arg2
+    (reduce_weight, reduce_bias), (expand_weight, expand_bias) = (
+        [getattr(held, f"channels_{node}").get_parameter(name) for name in (("arg1", "arg2") if library == "exported" else ("weight", "bias"))]
+        for node in squeeze[1:]
+    )
+    assert torch.equal(reduce_weight, reduce.weight[:, kept]) and torch.equal(reduce_bias, reduce.bias)
+    assert torch.equal(expand_weight, expand.weight[kept]) and torch.equal(expand_bias, expand.bias[kept])
     with torch.no_grad():
         assert torch.equal(prepared(x), block(x))  # alpha = 1: the teacher alone
     tunecomp_fx.set_blend(prepared, 0.0)
@@ -405,8 +413,9 @@ def test_a_squeeze_excitation_in_the_width_is_sliced_with_it_and_kept_dense(libr
     assert all(error < 1e-4 for error in result.max_errors.values())
 
 
-def test_neurons_switched_off_during_training_move_no_gate_of_a_squeeze_excitation() -> None:
-    block, down, _, squeeze = _block_with_squeeze_excitation("timm")
+@pytest.mark.parametrize("library", ["timm", "exported"])
+def test_neurons_switched_off_during_training_move_no_gate_of_a_squeeze_excitation(library: str) -> None:
+    block, down, _, squeeze = _block_with_squeeze_excitation(library)
     data = [(torch.randn(4, 16, 8, 8), torch.randn(4, 16, 8, 8)) for _ in range(3)]
     options = {"prune_neurons": 0.5, "width_slack": 1.0, "rank_slack": 0.25}
     prepared = tunecomp_fx.prepare(block, data[0][0], 0.6, calib=[x for x, _ in data], **options)
@@ -420,7 +429,8 @@ def test_neurons_switched_off_during_training_move_no_gate_of_a_squeeze_excitati
         trained = prepared(data[0][0])
     compact = tunecomp_fx.finalize(prepared)
     held = compact.get_submodule(f"lowrank.{down}")
-    assert (getattr(held, f"channels_{squeeze[1]}").in_channels, getattr(held, f"channels_{squeeze[2]}").out_channels) == (32, 32)
+    sliced = [getattr(held, f"channels_{node}").get_parameter("arg1" if library == "exported" else "weight").shape for node in squeeze[1:]]
+    assert (sliced[0][1], sliced[1][0]) == (32, 32)  # the inputs of the one, the outputs of the other
     with torch.no_grad():
         torch.testing.assert_close(compact(data[0][0]), trained, rtol=1e-5, atol=1e-5)
 
@@ -447,7 +457,21 @@ def test_an_excluded_convolution_of_a_squeeze_excitation_leaves_the_width_around
         tunecomp_fx.prepare(block, torch.randn(4, 16, 8, 8), 0.5, prune_neurons=0.5, exclude=(convolutions[0],))
 
 
-def test_hugging_faces_efficientnet_block_prunes_through_its_padding_traced_depthwise_convolution_and_gates(tmp_path) -> None:  # noqa: ANN001
+class _Checked(nn.Module):
+    """`block` behind a check of the input's channels: symbolic tracing cannot evaluate it, torch.export captures it."""
+
+    def __init__(self, block: nn.Module, channels: int) -> None:
+        super().__init__()
+        self.block, self.channels = block, channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != self.channels:
+            raise ValueError(f"expected {self.channels} channels, got {x.shape[1]}")
+        return self.block(x)
+
+
+@pytest.mark.parametrize("checked", [False, True], ids=["traced", "exported"])
+def test_hugging_faces_efficientnet_block_prunes_through_its_padding_depthwise_convolution_and_gates(checked: bool, tmp_path) -> None:  # noqa: ANN001
     from transformers import EfficientNetConfig
     from transformers.models.efficientnet.modeling_efficientnet import EfficientNetBlock
 
@@ -458,18 +482,23 @@ def test_hugging_faces_efficientnet_block_prunes_through_its_padding_traced_dept
             norm.weight.normal_(), norm.bias.normal_(), norm.running_mean.normal_()
         block.projection.project_conv.weight[:, 1::2] = 0.0
         block.squeeze_excite.reduce.weight[:, 1::2] = 0.0
-    x = torch.randn(4, 16, 8, 8)
-    prepared = tunecomp_fx.prepare(block, x, 0.5, prune_neurons=0.5, rank_slack=10.0)
+    model, x = (_Checked(block, 16) if checked else block).eval(), torch.randn(4, 16, 8, 8)
+    prepared = tunecomp_fx.prepare(model, x, 0.5, prune_neurons=0.5, rank_slack=10.0)
+    assert prepared.meta["tunecomp"].capture_path == ("torch.export" if checked else "symbolic_trace")
     [width] = _context(prepared).hidden_widths
-    # its nn.Conv2d subclass is traced through, to torch.conv2d on the weight: copied like an aten call
-    assert width.channelwise == ("expansion_expand_bn", "conv2d", "depthwise_conv_depthwise_norm") and width.kept == tuple(range(0, 96, 2))
-    assert width.squeezes == (("squeeze_excite_squeeze", "squeeze_excite_reduce", "squeeze_excite_expand"),)
-    assert width.between[2] == "depthwise_conv_depthwise_conv_pad"
-    depthwise = next(n for n in prepared.graph.nodes if n.meta.get("tunecomp", {}).get("copy_of") == "conv2d")
-    assert (depthwise.target, depthwise.args[1].target, depthwise.args[6]) == (torch.conv2d, "lowrank.projection_project_conv.channels_conv2d.arg1", 48)
+    assert (len(width.channelwise), len(width.squeezes), width.kept) == (3, 1, tuple(range(0, 96, 2)))
+    # the gates' convolutions (padding="same") are sites sliced with the width
+    assert [site.name.rsplit(".", 2)[-2:] for site in _context(prepared).sites if site.status == "in_width"] == [["squeeze_excite", "reduce"], ["squeeze_excite", "expand"]]
+    nodes = {node.name: node for node in prepared.graph.nodes}
+    padding = nodes[width.between[2]]  # ZeroPad2d, or aten's padding under torch.export
+    assert padding.target in (aten.constant_pad_nd.default, aten.pad.default) if checked else isinstance(prepared.get_submodule(padding.target), nn.ZeroPad2d)
+    # the depthwise convolution: torch.conv2d on the weight when traced (its nn.Conv2d subclass is entered), aten.conv2d exported
+    depthwise = next(n for n in prepared.graph.nodes if n.meta.get("tunecomp", {}).get("copy_of") == width.channelwise[1])
+    assert depthwise.target in (torch.conv2d, aten.conv2d.default, aten.conv2d.padding) and depthwise.args[6] == 48
+    assert depthwise.args[1].target.startswith("lowrank.") and depthwise.args[1].target.endswith(f".channels_{width.channelwise[1]}.arg1")
     tunecomp_fx.set_blend(prepared, 0.0)
     with torch.no_grad():
-        torch.testing.assert_close(prepared(x), block(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(prepared(x), model(x), rtol=1e-5, atol=1e-5)
     tunecomp_fx.prune_slack(prepared)
     compact, _ = finalize_from_student_path(prepared, x)
     result = to_onnx(compact, (x,), tmp_path / "hf_efficientnet_block.onnx")

@@ -5,7 +5,8 @@ A site is a linear map over the features of its input x, with its weight held as
 - layout "linear": features on the last dim, W is (out, in): `nn.Linear`, `F.linear`, `aten.linear`,
   and `x @ W.T (+ b)`;
 - layout "conv1x1": channels of (N, C, H, W), W is (out, in, 1, 1): a pointwise `nn.Conv2d`, `F.conv2d`
-  or `aten.conv2d` (kernel 1, no padding, one group). A stride s (ResNet's downsampling shortcut) is
+  or `aten.conv2d` (kernel 1, no padding or padding "same", one group; the overload taking padding as a
+  string too, as torch.export records `padding="same"`). A stride s (ResNet's downsampling shortcut) is
   the map of x[..., ::s, ::s]: the student's down convolution takes the stride;
 - layout "pointwise_conv1d": channels of (N, C, L), W is (out, in, 1): a pointwise `nn.Conv1d`,
   `F.conv1d` or `aten.conv1d` (speech and point-cloud models), a stride as above along L.
@@ -159,8 +160,8 @@ def _module_site(gm: fx.GraphModule, node: fx.Node) -> SiteMatch | None:
 
 LINEAR_FUNCTIONS = {F.linear: "F.linear", aten.linear.default: "aten.linear"}
 _CONV_FUNCTIONS = {
-    F.conv2d: "F.conv2d", torch.conv2d: "F.conv2d", aten.conv2d.default: "aten.conv2d",
-    F.conv1d: "F.conv1d", torch.conv1d: "F.conv1d", aten.conv1d.default: "aten.conv1d",
+    F.conv2d: "F.conv2d", torch.conv2d: "F.conv2d", aten.conv2d.default: "aten.conv2d", aten.conv2d.padding: "aten.conv2d",
+    F.conv1d: "F.conv1d", torch.conv1d: "F.conv1d", aten.conv1d.default: "aten.conv1d", aten.conv1d.padding: "aten.conv1d",
 }  # fmt: skip
 
 

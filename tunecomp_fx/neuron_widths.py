@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from tunecomp_fx.forms import LAYOUTS, site_input
+from tunecomp_fx.forms import LAYOUTS, match_site, site_input
 from tunecomp_fx.graph_nodes import RESHAPES, TRANSPOSES, data_input, is_dropout, is_identity, is_op, keeps_width_last, shape_entries, width_sizes
 from tunecomp_fx.per_channel import is_per_channel
 from tunecomp_fx.sites import HiddenWidth, Site
@@ -53,9 +53,10 @@ _ARITHMETIC = {
 }
 
 
-# Paddings of the last one or two dims, each channel by itself (before a strided depthwise convolution);
-# one that padded the channels too would leave the down site reading more than the width
+# Paddings of the image dims, each channel by itself (before a strided depthwise convolution); one
+# that padded the channels too would leave the down site reading more than the width
 _PADDINGS = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReplicationPad1d, nn.ReplicationPad2d)
+_PADDING_FUNCTIONS = {F.pad, aten.constant_pad_nd.default, aten.pad.default}
 
 
 def _elementwise(gm: fx.GraphModule, node: fx.Node, width: int, channel_first: bool) -> str | None:
@@ -66,7 +67,7 @@ def _elementwise(gm: fx.GraphModule, node: fx.Node, width: int, channel_first: b
     reads is the caller's to check."""
     if channel_first and is_per_channel(gm, node, width):
         return "channelwise"
-    if channel_first and node.op == "call_module" and isinstance(gm.get_submodule(node.target), _PADDINGS):
+    if channel_first and (is_op(node, _PADDING_FUNCTIONS) or (node.op == "call_module" and isinstance(gm.get_submodule(node.target), _PADDINGS))):
         return "padding"
     if is_op(node, _ARITHMETIC):
         return "arithmetic" if not node.kwargs and all(isinstance(a, (fx.Node, int, float)) for a in node.args) else None
@@ -134,22 +135,26 @@ _MEANS = {aten.mean.dim, torch.mean, "mean"}
 
 def _squeezes_image(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Whether `node` averages each channel over the image to 1 x 1: x.mean((2, 3), keepdim=True) or an
-    nn.AdaptiveAvgPool2d(1) (a squeeze-excitation's squeeze)."""
+    adaptive average pooling to 1 (a squeeze-excitation's squeeze)."""
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
         return isinstance(module, nn.AdaptiveAvgPool2d) and module.output_size in (1, (1, 1))
+    if is_op(node, {aten.adaptive_avg_pool2d.default, F.adaptive_avg_pool2d}):
+        return node.args[1:] in ((1,), ((1, 1),), ([1, 1],)) and not node.kwargs
     if not is_op(node, _MEANS) or len(node.args) < 2 or not isinstance(node.args[1], (list, tuple)):
         return False
     keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
     return keepdim is True and sorted(d % 4 for d in node.args[1]) == [2, 3] and set(node.kwargs) <= {"keepdim"}
 
 
-def _pointwise_conv(gm: fx.GraphModule, node: fx.Node) -> nn.Conv2d | None:
-    """The module of a call of a 1 x 1 nn.Conv2d mixing all channels (one group, no padding), else None."""
-    module = gm.get_submodule(node.target) if node.op == "call_module" else None
-    if not isinstance(module, nn.Conv2d) or module.groups != 1:
+def _pointwise_conv(gm: fx.GraphModule, node: fx.Node) -> tuple[int, int] | None:
+    """(out, in) channels of a 1 x 1 convolution of stride 1 mixing all channels (`match_site`: a module
+    call, or a function on the graph's tensors), else None."""
+    match = match_site(gm, node)
+    if match is None or match.layout != "conv1x1" or match.stride != 1 or match.output is not node:
         return None
-    return module if module.kernel_size == (1, 1) and module.padding in ((0, 0), "valid", "same") and module.stride == (1, 1) else None
+    out_channels, in_channels = gm.get_parameter(match.weight).shape[:2]
+    return out_channels, in_channels
 
 
 def _squeeze_excitation(gm: fx.GraphModule, squeeze: fx.Node, width: int) -> list[fx.Node] | None:
@@ -162,15 +167,16 @@ def _squeeze_excitation(gm: fx.GraphModule, squeeze: fx.Node, width: int) -> lis
     chain = [squeeze]
     while len(chain[-1].users) == 1:
         [node] = chain[-1].users
-        if node.all_input_nodes != [chain[-1]]:
+        conv = _pointwise_conv(gm, node)
+        reads = node.all_input_nodes  # a convolution's weight and bias besides
+        if reads[:1] != [chain[-1]] or any(read.op != "get_attr" or conv is None for read in reads[1:]):
             return None
         chain.append(node)
-        conv = _pointwise_conv(gm, node)
         if len(chain) == 2:
-            if conv is None or conv.in_channels != width:
+            if conv is None or conv[1] != width:
                 return None
         elif conv is not None:
-            return chain if conv.out_channels == width and conv.in_channels == _pointwise_conv(gm, chain[1]).out_channels else None
+            return chain if conv == (width, _pointwise_conv(gm, chain[1])[0]) else None
         elif node.op == "call_module" and next(gm.get_submodule(node.target).parameters(), None) is not None:
             return None  # a module with parameters of its own would be shared by the teacher's and the student's paths
     return None
@@ -240,7 +246,7 @@ def neuron_width(
             return None
         kinds, placed, reader = region
         # tensors read from outside the region (a reshape's sizes may come from anywhere): other ups, or none
-        reads = (([data_input(n)] if kind in ("reshape", "channelwise", "shape") else n.all_input_nodes) for n, kind in kinds.items() if kind != "up")
+        reads = (([data_input(n)] if kind in ("reshape", "channelwise", "shape", "reduce", "expand") else n.all_input_nodes) for n, kind in kinds.items() if kind != "up")
         outside = {tensor for tensors in reads for tensor in tensors} - kinds.keys()
         gates = [t for t in outside if (site := sites_by_node.get(t.name)) and (site.layout, site.out_features) == (up.layout, width)]
         if len(gates) < len(outside):

@@ -27,6 +27,8 @@ _CHANNEL_TENSORS: dict[Callable[..., Any], tuple[int, ...]] = {
     aten.batch_norm.default: (1, 2, 3, 4),  # weight, bias, running mean and variance
     aten.conv2d.default: (1, 2),  # weight, bias; depthwise when groups (position 6) is the channel count
     aten.conv1d.default: (1, 2),
+    aten.conv2d.padding: (1, 2),  # padding="same" or "valid"
+    aten.conv1d.padding: (1, 2),
     torch.conv2d: (1, 2),
     torch.conv1d: (1, 2),
 }
@@ -92,9 +94,10 @@ def per_channel_module(gm: fx.GraphModule, node: fx.Node) -> nn.Module:
     return holder
 
 
-def read_channels(graph: fx.Graph, call: fx.Node, target: str, channels: int) -> None:
-    """Point a copy of a per-channel node at the module `target` holding its kept channels: a module
-    call calls it, an aten call reads its tensors (get_attr) and, a convolution, has a group per channel."""
+def read_channels(graph: fx.Graph, call: fx.Node, target: str, channels: int, side: str = "each") -> None:
+    """Point a copy of a node at the module `target` holding its kept channels (`with_channels`): a
+    module call calls it, a function call reads its tensors (get_attr) and, a depthwise convolution
+    (side "each"), has a group per channel."""
     if call.op == "call_module":
         call.target = target
         return
@@ -102,7 +105,8 @@ def read_channels(graph: fx.Graph, call: fx.Node, target: str, channels: int) ->
         if position < len(call.args) and call.args[position] is not None:
             with graph.inserting_before(call):
                 call.update_arg(position, graph.get_attr(f"{target}.arg{position}"))
-    set_channel_count(call, channels)
+    if side == "each":
+        set_channel_count(call, channels)
 
 
 def set_channel_count(call: fx.Node, channels: int) -> None:
@@ -120,7 +124,7 @@ def with_channels(module: nn.Module, index: torch.Tensor, side: str = "each") ->
     dim = 1 if side == "in" else 0
     with torch.no_grad():
         for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
-            if tensor is None or tensor.dim() == 0 or (side == "in" and name != "weight"):  # a 0-d batch count; a bias of the outputs
+            if tensor is None or tensor.dim() == 0 or (side == "in" and tensor.dim() == 1):  # a 0-d batch count; a bias of the outputs
                 continue
             sliced = tensor.index_select(dim, index.to(tensor.device)).clone()
             setattr(kept, name, nn.Parameter(sliced, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else sliced)
