@@ -1,7 +1,8 @@
 """Analysis (when prune_neurons or prune_heads > 0): find every hidden width between compressed sites
 that can be sliced without changing anything else in the model: FFN neurons (`neuron_widths`) and
 attention heads (`head_widths`), with the masks and biases an attention reads with one entry per head
-(seen on the example inputs), which the student path reads sliced to its heads."""
+(seen on the example inputs), which the student path reads sliced to its heads. Widths whose tokens
+are flattened to rows (LeViT's batch norms) are kept where the example inputs show rows of neurons."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from torch import fx, nn
 from tunecomp_fx.errors import SiteError
 from tunecomp_fx.head_widths import attention_reads, head_width
 from tunecomp_fx.inputs import Inputs, call_model
-from tunecomp_fx.neuron_widths import neuron_width
+from tunecomp_fx.neuron_widths import flattens_tokens, neuron_width
 from tunecomp_fx.pipeline import GraphPass, PassContext, observing
 from tunecomp_fx.sites import HiddenWidth
 
@@ -30,23 +31,39 @@ class _ShapeObserver(nn.Module):
         return x
 
 
+def _observed_shapes(gm: fx.GraphModule, reads: list[tuple[fx.Node, fx.Node]], inputs: Inputs) -> list[tuple[int, ...]]:
+    """The shape of each (tensor, reader)'s tensor on its way to the reader, in one run on `inputs`."""
+    if not reads:
+        return []
+    observers = [_ShapeObserver() for _ in reads]
+    with observing(gm, "_tunecomp_shape_observers", [(tensor, reader, observer) for (tensor, reader), observer in zip(reads, observers)]), torch.no_grad():
+        call_model(gm, inputs)
+    return [observer.shape for observer in observers]
+
+
 def _with_per_head_reads(gm: fx.GraphModule, widths: list[HiddenWidth], inputs: Inputs) -> list[HiddenWidth]:
     """`widths` with the tensors each heads width's attention reads from outside it (`attention_reads`)
     that have one entry per head (size > 1 at dim -3, which meets the scores' heads) named in
-    `per_head_reads`: one run on `inputs` with an observer on each of them."""
+    `per_head_reads`, as seen on `inputs`."""
     nodes = {node.name: node for node in gm.graph.nodes}
     reads = [(index, reader, tensor) for index, width in enumerate(widths) if width.kind == "heads" for reader, tensor in attention_reads(gm, width, nodes)]
-    if not reads:
-        return widths
-    observers = [_ShapeObserver() for _ in reads]
-    routes = [(tensor, reader, observer) for (_, reader, tensor), observer in zip(reads, observers)]
-    with observing(gm, "_tunecomp_mask_observers", routes), torch.no_grad():
-        call_model(gm, inputs)
     per_head: dict[int, list[tuple[str, str]]] = {}
-    for (index, reader, tensor), observer in zip(reads, observers):
-        if len(observer.shape) >= 3 and observer.shape[-3] > 1:
+    for (index, reader, tensor), shape in zip(reads, _observed_shapes(gm, [(tensor, reader) for _, reader, tensor in reads], inputs)):
+        if len(shape) >= 3 and shape[-3] > 1:
             per_head.setdefault(index, []).append((reader.name, tensor.name))
     return [replace(width, per_head_reads=tuple(per_head.get(index, ()))) for index, width in enumerate(widths)]
+
+
+def _with_tokens_flattened_to_rows(gm: fx.GraphModule, widths: list[HiddenWidth], inputs: Inputs | None) -> list[HiddenWidth]:
+    """`widths` without those whose flatten(0, 1) (`flattens_tokens`) does not give (rows, width) on
+    `inputs` (the width would not be its dim 1); with no inputs to see it on, without any such width."""
+    nodes = {node.name: node for node in gm.graph.nodes}
+    flattens = {name: nodes[name] for width in widths for name in width.between if flattens_tokens(nodes[name])}
+    if inputs is None:
+        return [width for width in widths if not flattens.keys() & set(width.between)]
+    shapes = _observed_shapes(gm, [(node, next(iter(node.users))) for node in flattens.values()], inputs)
+    flat = {name for name, shape in zip(flattens, shapes) if len(shape) == 2}
+    return [width for width in widths if not (flattens.keys() - flat) & set(width.between)]
 
 
 def _absorb_squeeze_excitations(ctx: PassContext, widths: list[HiddenWidth]) -> list[HiddenWidth]:
@@ -84,6 +101,7 @@ class FindHiddenWidths(GraphPass):
         if ctx.config.prune_heads > 0:
             widths += [head_width(gm, site, sites_by_node, nodes) for site in compressed]
         ctx.hidden_widths = _absorb_squeeze_excitations(ctx, [width for width in widths if width is not None])
+        ctx.hidden_widths = _with_tokens_flattened_to_rows(gm, ctx.hidden_widths, ctx.check_inputs)
         if ctx.check_inputs is not None:
             ctx.hidden_widths = _with_per_head_reads(gm, ctx.hidden_widths, ctx.check_inputs)
         return gm
@@ -96,8 +114,8 @@ class FindHiddenWidths(GraphPass):
                 "output reaches another compressed site through an elementwise activation alone (up -> "
                 "activation -> down, as in a transformer's FFN, or act(gate(x)) * up(x) -> down; between pointwise "
                 "convolutions also batch norms and depthwise convolutions, as in MobileNetV2, and a squeeze-excitation "
-                "(x * gate(conv(act(conv(x.mean((2, 3), keepdim=True))))), as in EfficientNet), and a depthwise convolution "
-                "over tokens viewed as an image, as in PVT v2). Use prune_neurons=0 "
+                "(x * gate(conv(act(conv(x.mean((2, 3), keepdim=True))))), as in EfficientNet), a depthwise convolution "
+                "over tokens viewed as an image, as in PVT v2, and a BatchNorm1d of the tokens flattened to rows, as in LeViT). Use prune_neurons=0 "
                 "for this model, or check that `exclude` leaves every layer of such a group compressed"
             )
         if ctx.config.prune_heads > 0 and "heads" not in kinds:

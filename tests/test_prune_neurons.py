@@ -505,6 +505,54 @@ def test_hugging_faces_efficientnet_block_prunes_through_its_padding_depthwise_c
     assert all(error < 1e-4 for error in result.max_errors.values())
 
 
+class _RowNormedMlp(nn.Module):
+    """LeViT's MLP: each linear layer's output normalized by a BatchNorm1d over the tokens flattened to
+    rows, `bn(x.flatten(0, 1)).reshape_as(x)`."""
+
+    def __init__(self, dim: int = 16, hidden: int = 64) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.bn = nn.BatchNorm1d(hidden)
+        nn.init.normal_(self.bn.weight), nn.init.normal_(self.bn.bias), self.bn.running_mean.normal_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        return x + self.fc2(F.hardswish(self.bn(h.flatten(0, 1)).reshape_as(h)))
+
+
+def test_a_batch_norm_of_tokens_flattened_to_rows_is_copied_with_the_kept_neurons(tmp_path) -> None:  # noqa: ANN001
+    torch.manual_seed(0)
+    model, x = _RowNormedMlp().eval(), torch.randn(2, 9, 16)
+    with torch.no_grad():
+        model.fc2.weight[:, 1::2] = 0.0
+    prepared = tunecomp_fx.prepare(model, x, 0.5, prune_neurons=0.5, rank_slack=10.0)
+    [width] = _context(prepared).hidden_widths
+    assert (width.ups, width.down, width.channelwise, width.kept) == (("fc1",), "fc2", ("bn",), tuple(range(0, 64, 2)))
+    norm = prepared.lowrank.fc2.channels_bn
+    assert norm.num_features == 32 and torch.equal(norm.running_mean, model.bn.running_mean[0::2])
+    # the copy's reshape_as reads the up site's student, not the teacher
+    restore = next(n for n in prepared.graph.nodes if n.meta.get("tunecomp", {}).get("copy_of") == "reshape_as")
+    assert restore.args[1].target == "lowrank.fc1.up"
+    tunecomp_fx.set_blend(prepared, 0.0)
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(x), model(x), rtol=1e-5, atol=1e-5)
+    tunecomp_fx.prune_slack(prepared)
+    compact, _ = finalize_from_student_path(prepared, x)
+    assert "bn" not in dict(compact.named_children())  # the teacher's went with it
+    result = to_onnx(compact, (x,), tmp_path / "row_normed_mlp.onnx")
+    assert all(error < 1e-4 for error in result.max_errors.values())
+
+
+def test_a_flatten_that_leaves_the_width_out_of_the_rows_leaves_no_width() -> None:
+    # (batch, height, width of image, neurons) flattened to (batch * height, 8, 8): the batch norm
+    # normalizes dim 1, the image's width, which only has the neurons' count; seen on the inputs
+    torch.manual_seed(0)
+    model = _RowNormedMlp(dim=4, hidden=8).eval()
+    with pytest.raises(SiteError, match="found no hidden width"):
+        tunecomp_fx.prepare(model, torch.randn(2, 3, 8, 4), 0.5, prune_neurons=0.5)
+    assert tunecomp_fx.prepare(model, torch.randn(2, 3, 4), 0.5, prune_neurons=0.5) is not None  # rows of neurons
+
+
 def test_a_depthwise_convolution_over_tokens_viewed_as_an_image_is_pruned_with_the_width(tmp_path) -> None:  # noqa: ANN001
     torch.manual_seed(0)
     model, x = TokenConvMlp().eval(), torch.randn(2, 16, 16)

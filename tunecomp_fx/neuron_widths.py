@@ -8,7 +8,8 @@ mean over the image by two pointwise convolutions, multiply the width, as in Eff
 MobileNetV3; the convolutions stay dense, copied into the student path with the kept channels'
 inputs and outputs alone), and between linear layers tokens swapped to channels and viewed as an image for a
 depthwise convolution, then flattened and swapped back (PVT v2's and SegFormer's FFN; sizes the
-region reads from its own shapes are read in the student path from the students'). Dropping a neuron
+region reads from its own shapes are read in the student path from the students'), or flattened
+to rows for a BatchNorm1d and reshaped back (LeViT's `bn(x.flatten(0, 1)).reshape_as(x)`). Dropping a neuron
 removes a row of each up, the activation's element (the per-channel modules' channel; the
 squeeze-excitation's input and gate) and a column of down."""
 
@@ -114,10 +115,23 @@ def _to_image(node: fx.Node, width: int, sizes: set[fx.Node]) -> bool:
     return len(entries) == 4 and (entries[1] == width or entries[1] in sizes)
 
 
-def _step(gm: fx.GraphModule, node: fx.Node, width: int, channels: bool, sizes: set[fx.Node]) -> tuple[str, bool] | None:
+def flattens_tokens(node: fx.Node) -> bool:
+    """x.flatten(0, 1): (batch, tokens, width) to (batch * tokens, width), for a BatchNorm1d of each
+    neuron over all tokens (LeViT's); find_hidden_widths checks on the example inputs that x has three dims."""
+    return is_op(node, _FLATTENS) and tuple(node.args[1:]) == (0, 1) and not node.kwargs
+
+
+def _step(
+    gm: fx.GraphModule, node: fx.Node, width: int, channels: bool, sizes: set[fx.Node], placed: dict[fx.Node, bool]
+) -> tuple[str, bool] | None:
     """The kind of `node`, read by the region with the width last (or in dim 1, `channels`), and where
-    the width is in its output: `_elementwise`'s kinds, or "swap" into dim 1 (tokens to an image, then
-    `_to_image`) and back (after a flatten(2) of the image)."""
+    the width is in its output: `_elementwise`'s kinds, "swap" into dim 1 (tokens to an image, then
+    `_to_image`) and back (after a flatten(2) of the image), or "flatten_tokens" into dim 1 of
+    (batch * tokens, width) and back by reshape_as of a tensor of the region with the width last."""
+    if not channels and flattens_tokens(node):
+        return "flatten_tokens", True
+    if channels and is_op(node, {"reshape_as"}) and len(node.args) == 2 and placed.get(node.args[1]) is False:
+        return "reshape", False
     if _swaps_tokens(node):
         into_image = not channels and len(node.users) == 1 and _to_image(next(iter(node.users)), width, sizes)
         out_of_image = channels and data_input(node) is not None and is_op(data_input(node), _FLATTENS)
@@ -203,13 +217,16 @@ def _elementwise_region(
         for user in node.users:
             if user in kinds:
                 continue
+            if is_op(user, {"reshape_as"}) and user.args[1:] == (node,) and user.args[0] is not node:
+                size_readers.add(user)  # reads the shape alone: the region must reach it by its data
+                continue
             gates = _squeeze_excitation(gm, user, width) if placed[node] else None
             if gates is not None:  # the walk goes on from the gates, one per channel (batch, width, 1, 1)
                 kinds |= dict(zip(gates, ("squeeze", "reduce", *["excite"] * (len(gates) - 3), "expand")))
                 placed |= dict.fromkeys(gates, True)
                 queue.append(gates[-1])
                 continue
-            step = _step(gm, user, width, placed[node], sizes)
+            step = _step(gm, user, width, placed[node], sizes, placed)
             if step is None:
                 readers.add(user)
                 if len(readers) > 1:
