@@ -358,9 +358,11 @@ def test_timms_inverted_residual_prunes_through_batch_norms_that_hold_the_activa
 def _block_with_squeeze_excitation(library: str) -> tuple[nn.Module, str, tuple[str, str], tuple[str, str, str]]:
     """An inverted residual with a squeeze-excitation (64 channels, 16 in the gate's bottleneck) from
     timm (x.mean((2, 3), keepdim=True), sigmoid) or torchvision (AdaptiveAvgPool2d(1), hardsigmoid), or
-    ours captured with torch.export (aten calls on the graph's tensors), with its down site's name, the
-    squeeze-excitation's two convolutions and its squeeze's and their nodes."""
+    ours captured with torch.export (aten calls on the graph's tensors), or SENet's of linear layers, with
+    its down site's name, the squeeze-excitation's two layers and its squeeze's and their nodes."""
     torch.manual_seed(0)
+    if library == "linear":
+        return _LinearGates().eval(), "project", ("fc.0", "fc.2"), ("pool", "fc_0", "fc_2")
     if library == "exported":
         return InvertedResidual(checked=True, gated=True).eval(), "project", ("gates.0", "gates.2"), ("mean", "conv2d_2", "conv2d_3")
     if library == "timm":
@@ -413,7 +415,51 @@ def test_a_squeeze_excitation_in_the_width_is_sliced_with_it_and_kept_dense(libr
     assert all(error < 1e-4 for error in result.max_errors.values())
 
 
-@pytest.mark.parametrize("library", ["timm", "exported"])
+class _LinearGates(nn.Module):
+    """SENet's squeeze-excitation of linear layers after a pointwise convolution: the gates are viewed
+    from (batch, width) to (batch, width, 1, 1) and expand_as the image; the sizes read from its shape,
+    or with `literal` named (the width, 64) in the views."""
+
+    def __init__(self, literal: bool = False) -> None:
+        super().__init__()
+        self.literal = literal
+        self.expand, self.project = nn.Conv2d(16, 64, 1, bias=False), nn.Conv2d(64, 16, 1)
+        self.bn = nn.BatchNorm2d(64)
+        nn.init.normal_(self.bn.weight), nn.init.normal_(self.bn.bias)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Sequential(nn.Linear(64, 16, bias=False), nn.ReLU(inplace=True), nn.Linear(16, 64, bias=False), nn.Sigmoid())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn(self.expand(x)))
+        b, c = (-1, 64) if self.literal else h.size()[:2]
+        gates = self.fc(self.pool(h).view(b, c)).view(b, c, 1, 1)
+        return x + self.project(h * gates.expand_as(h))
+
+
+@pytest.mark.parametrize("literal", [False, True], ids=["sizes_read", "literal"])
+def test_a_squeeze_excitation_of_linear_layers_is_sliced_with_the_width(literal: bool, tmp_path) -> None:  # noqa: ANN001
+    torch.manual_seed(0)
+    model, x = _LinearGates(literal).eval(), torch.randn(4, 16, 8, 8)
+    with torch.no_grad():
+        model.project.weight[:, 1::2] = 0.0
+        model.fc[0].weight[:, 1::2] = 0.0
+    prepared = tunecomp_fx.prepare(model, x, 0.5, prune_neurons=0.5, rank_slack=10.0)
+    [width] = _context(prepared).hidden_widths
+    assert (width.down, width.squeezes, len(width.kept)) == ("project", (("pool", "fc_0", "fc_2"),), 32)
+    assert [site.name for site in _context(prepared).sites if site.status == "in_width"] == ["fc.0", "fc.2"]
+    assert dict(width.resized) == ({"view": 1, "view_1": 1} if literal else {})  # the named widths, scaled to the kept
+    held = prepared.lowrank.project
+    assert (held.channels_fc_0.in_features, held.channels_fc_2.out_features) == (32, 32)
+    tunecomp_fx.set_blend(prepared, 0.0)
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(x), model(x), rtol=1e-5, atol=1e-5)
+    tunecomp_fx.prune_slack(prepared)
+    compact, _ = finalize_from_student_path(prepared, x)
+    result = to_onnx(compact, (x,), tmp_path / "linear_gates.onnx")
+    assert all(error < 1e-4 for error in result.max_errors.values())
+
+
+@pytest.mark.parametrize("library", ["timm", "exported", "linear"])
 def test_neurons_switched_off_during_training_move_no_gate_of_a_squeeze_excitation(library: str) -> None:
     block, down, _, squeeze = _block_with_squeeze_excitation(library)
     data = [(torch.randn(4, 16, 8, 8), torch.randn(4, 16, 8, 8)) for _ in range(3)]

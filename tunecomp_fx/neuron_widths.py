@@ -4,8 +4,8 @@ width and numbers; reshapes of the tokens) into a down-projection, as in a trans
 gated activation reads a second up-projection too (LLaMA's SwiGLU); between pointwise convolutions
 also per-channel modules (`tunecomp_fx.per_channel`: batch norms, depthwise convolutions, as in
 MobileNets) and a squeeze-excitation (`_squeeze_excitation`: its gates, computed from the width's
-mean over the image by two pointwise convolutions, multiply the width, as in EfficientNet and
-MobileNetV3; the convolutions stay dense, copied into the student path with the kept channels'
+mean over the image by two pointwise convolutions or linear layers, multiply the width, as in
+EfficientNet, MobileNetV3 and SENet; the two layers stay dense, copied into the student path with the kept channels'
 inputs and outputs alone), and between linear layers tokens swapped to channels and viewed as an image for a
 depthwise convolution, then flattened and swapped back (PVT v2's and SegFormer's FFN; sizes the
 region reads from its own shapes are read in the student path from the students'), or flattened
@@ -115,6 +115,9 @@ def _to_image(node: fx.Node, width: int, sizes: set[fx.Node]) -> bool:
     return len(entries) == 4 and (entries[1] == width or entries[1] in sizes)
 
 
+_LIKE = {"reshape_as", "expand_as"}  # read their second tensor for its shape alone
+
+
 def flattens_tokens(node: fx.Node) -> bool:
     """x.flatten(0, 1): (batch, tokens, width) to (batch * tokens, width), for a BatchNorm1d of each
     neuron over all tokens (LeViT's); find_hidden_widths checks on the example inputs that x has three dims."""
@@ -127,11 +130,18 @@ def _step(
     """The kind of `node`, read by the region with the width last (or in dim 1, `channels`), and where
     the width is in its output: `_elementwise`'s kinds, "swap" into dim 1 (tokens to an image, then
     `_to_image`) and back (after a flatten(2) of the image), or "flatten_tokens" into dim 1 of
-    (batch * tokens, width) and back by reshape_as of a tensor of the region with the width last."""
+    (batch * tokens, width) and back by reshape_as of a tensor of the region with the width last; a
+    squeeze-excitation's gates from linear layers viewed as (batch, width, 1, 1) and expand_as the image."""
     if not channels and flattens_tokens(node):
         return "flatten_tokens", True
-    if channels and is_op(node, {"reshape_as"}) and len(node.args) == 2 and placed.get(node.args[1]) is False:
-        return "reshape", False
+    if is_op(node, _LIKE) and len(node.args) == 2 and node.args[1] in placed:
+        if node.target == "reshape_as" and channels and placed[node.args[1]] is False:
+            return "reshape", False
+        if node.target == "expand_as" and placed[node.args[1]] == channels:
+            return "broadcast", channels  # gates (batch, width, 1, 1) over the image
+        return None
+    if channels and _to_image(node, width, sizes) and shape_entries(node)[2:] == [1, 1]:
+        return "reshape", True
     if _swaps_tokens(node):
         into_image = not channels and len(node.users) == 1 and _to_image(next(iter(node.users)), width, sizes)
         out_of_image = channels and data_input(node) is not None and is_op(data_input(node), _FLATTENS)
@@ -148,8 +158,8 @@ _MEANS = {aten.mean.dim, torch.mean, "mean"}
 
 
 def _squeezes_image(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """Whether `node` averages each channel over the image to 1 x 1: x.mean((2, 3), keepdim=True) or an
-    adaptive average pooling to 1 (a squeeze-excitation's squeeze)."""
+    """Whether `node` averages each channel over the image: x.mean((2, 3)) (keeping the dims or not) or
+    an adaptive average pooling to 1 (a squeeze-excitation's squeeze)."""
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
         return isinstance(module, nn.AdaptiveAvgPool2d) and module.output_size in (1, (1, 1))
@@ -157,42 +167,51 @@ def _squeezes_image(gm: fx.GraphModule, node: fx.Node) -> bool:
         return node.args[1:] in ((1,), ((1, 1),), ([1, 1],)) and not node.kwargs
     if not is_op(node, _MEANS) or len(node.args) < 2 or not isinstance(node.args[1], (list, tuple)):
         return False
-    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-    return keepdim is True and sorted(d % 4 for d in node.args[1]) == [2, 3] and set(node.kwargs) <= {"keepdim"}
+    return sorted(d % 4 for d in node.args[1]) == [2, 3] and set(node.kwargs) <= {"keepdim"}
 
 
-def _pointwise_conv(gm: fx.GraphModule, node: fx.Node) -> tuple[int, int] | None:
-    """(out, in) channels of a 1 x 1 convolution of stride 1 mixing all channels (`match_site`: a module
+def _mixes_channels(gm: fx.GraphModule, node: fx.Node) -> tuple[int, int] | None:
+    """(out, in) channels of a 1 x 1 convolution of stride 1 or a linear layer (`match_site`: a module
     call, or a function on the graph's tensors), else None."""
     match = match_site(gm, node)
-    if match is None or match.layout != "conv1x1" or match.stride != 1 or match.output is not node:
+    if match is None or match.layout not in ("conv1x1", "linear") or match.stride != 1 or match.output is not node:
         return None
     out_channels, in_channels = gm.get_parameter(match.weight).shape[:2]
     return out_channels, in_channels
 
 
-def _squeeze_excitation(gm: fx.GraphModule, squeeze: fx.Node, width: int) -> list[fx.Node] | None:
-    """A squeeze-excitation's gates for the `width` channels `squeeze` reads: the squeeze (`_squeezes_image`),
-    a pointwise convolution from the width, steps without parameters (an activation), a pointwise
-    convolution back to the width, each the one reader of the one before; None when `squeeze` starts no
-    such chain. Pruning a channel drops an input of the first convolution and an output of the last."""
+def _squeeze_excitation(gm: fx.GraphModule, squeeze: fx.Node, width: int) -> dict[fx.Node, str] | None:
+    """A squeeze-excitation's gates for the `width` channels `squeeze` reads, each node the one reader of
+    the one before, by kind: the "squeeze" (`_squeezes_image`), a "reshape" to (batch, width) for a
+    linear layer (sizes read from shapes), a pointwise convolution or linear layer from the width
+    ("reduce"), steps without parameters ("excite": an activation), one back to the width ("expand");
+    None when `squeeze` starts no such chain. Pruning a channel drops an input of the first layer and
+    an output of the last."""
     if not _squeezes_image(gm, squeeze):
         return None
-    chain = [squeeze]
-    while len(chain[-1].users) == 1:
-        [node] = chain[-1].users
-        conv = _pointwise_conv(gm, node)
-        reads = node.all_input_nodes  # a convolution's weight and bias besides
-        if reads[:1] != [chain[-1]] or any(read.op != "get_attr" or conv is None for read in reads[1:]):
+    chain, last, reduced = {squeeze: "squeeze"}, squeeze, 0
+    while len(last.users) == 1:
+        [node] = last.users
+        mixes = _mixes_channels(gm, node)
+        reads = node.all_input_nodes  # a layer's weight and bias, a reshape's sizes besides
+        if reads[:1] != [last]:
             return None
-        chain.append(node)
-        if len(chain) == 2:
-            if conv is None or conv[1] != width:
+        if not reduced and is_op(node, RESHAPES | _FLATTENS) and all(_is_shape_read(read) for read in reads[1:]):
+            chain[node] = "reshape"
+        elif any(read.op != "get_attr" or mixes is None for read in reads[1:]):
+            return None
+        elif not reduced:
+            if mixes is None or mixes[1] != width:
                 return None
-        elif conv is not None:
-            return chain if conv == (width, _pointwise_conv(gm, chain[1])[0]) else None
+            chain[node], reduced = "reduce", mixes[0]
+        elif mixes is not None:
+            chain[node] = "expand"
+            return chain if mixes == (width, reduced) else None
         elif node.op == "call_module" and next(gm.get_submodule(node.target).parameters(), None) is not None:
             return None  # a module with parameters of its own would be shared by the teacher's and the student's paths
+        else:
+            chain[node] = "excite"
+        last = node
     return None
 
 
@@ -217,14 +236,14 @@ def _elementwise_region(
         for user in node.users:
             if user in kinds:
                 continue
-            if is_op(user, {"reshape_as"}) and user.args[1:] == (node,) and user.args[0] is not node:
+            if is_op(user, _LIKE) and user.args[1:] == (node,) and user.args[0] is not node:
                 size_readers.add(user)  # reads the shape alone: the region must reach it by its data
                 continue
             gates = _squeeze_excitation(gm, user, width) if placed[node] else None
-            if gates is not None:  # the walk goes on from the gates, one per channel (batch, width, 1, 1)
-                kinds |= dict(zip(gates, ("squeeze", "reduce", *["excite"] * (len(gates) - 3), "expand")))
+            if gates is not None:  # the walk goes on from the gates, one per channel in dim 1
+                kinds |= gates
                 placed |= dict.fromkeys(gates, True)
-                queue.append(gates[-1])
+                queue.append(list(gates)[-1])
                 continue
             step = _step(gm, user, width, placed[node], sizes, placed)
             if step is None:

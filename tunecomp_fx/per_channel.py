@@ -28,6 +28,7 @@ _CHANNEL_TENSORS: dict[Callable[..., Any], tuple[int, ...]] = {
     aten.conv2d.default: (1, 2),  # weight, bias; depthwise when groups (position 6) is the channel count
     aten.conv1d.default: (1, 2),
     aten.conv2d.padding: (1, 2),  # padding="same" or "valid"
+    aten.linear.default: (1, 2),  # a squeeze-excitation's linear layers
     aten.conv1d.padding: (1, 2),
     torch.conv2d: (1, 2),
     torch.conv1d: (1, 2),
@@ -130,6 +131,8 @@ def with_channels(module: nn.Module, index: torch.Tensor, side: str = "each") ->
             setattr(kept, name, nn.Parameter(sliced, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else sliced)
     if isinstance(kept, nn.modules.batchnorm._BatchNorm):
         kept.num_features = len(index)
+    elif isinstance(kept, nn.Linear):  # a squeeze-excitation's, "in" or "out"
+        kept.in_features, kept.out_features = kept.weight.shape[1], kept.weight.shape[0]
     elif isinstance(kept, nn.modules.conv._ConvNd):
         if side != "out":
             kept.in_channels = len(index)
