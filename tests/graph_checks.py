@@ -23,6 +23,22 @@ def finalize_from_student_path(prepared: torch.fx.GraphModule, *inputs: torch.Te
     return compact, student_path
 
 
+def full_rank_student_path_finalizes(prepared: torch.fx.GraphModule, reference: torch.nn.Module, x: torch.Tensor, onnx_path: Any) -> torch.fx.GraphModule:
+    """Students prepared at full rank: the student path alone computes what `reference` does (the model
+    with the pruned neurons silenced, 1e-5); pruned of its rank slack it finalizes to what it then
+    computes (`finalize_from_student_path`) and exports to ONNX Runtime within 1e-4. Returns the compact model."""
+    from tunecomp_fx.export import to_onnx
+
+    tunecomp_fx.set_blend(prepared, 0.0)
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(x), reference(x), rtol=1e-5, atol=1e-5)
+    tunecomp_fx.prune_slack(prepared)
+    compact, _ = finalize_from_student_path(prepared, x)
+    result = to_onnx(compact, (x,), onnx_path)
+    assert all(error < 1e-4 for error in result.max_errors.values())
+    return compact
+
+
 def train_with_hook(
     prepared: torch.fx.GraphModule, data: list[tuple[torch.Tensor, torch.Tensor]], loss_fn: Callable[[Any, Any], torch.Tensor], steps: int, blend_steps: int
 ) -> tunecomp_fx.StepHook:

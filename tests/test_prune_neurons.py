@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tests.joint_task import digits_task, endless, fresh, single_thread  # noqa: F401
-from tests.graph_checks import finalize_from_student_path, silenced, train_with_hook
+from tests.graph_checks import finalize_from_student_path, full_rank_student_path_finalizes, silenced, train_with_hook
 from tests.models import MLP, ActivatedMLP, AttentionBlock, InvertedResidual, TokenConvMlp, WrittenOutGelu
 from torch import nn
 
@@ -401,18 +401,12 @@ def test_a_squeeze_excitation_in_the_width_is_sliced_with_it_and_kept_dense(libr
     assert torch.equal(expand_weight, expand.weight[kept]) and torch.equal(expand_bias, expand.bias[kept])
     with torch.no_grad():
         assert torch.equal(prepared(x), block(x))  # alpha = 1: the teacher alone
-    tunecomp_fx.set_blend(prepared, 0.0)
-    with torch.no_grad():
-        torch.testing.assert_close(prepared(x), block(x), rtol=1e-5, atol=1e-5)
-    tunecomp_fx.prune_slack(prepared)  # the ranks past the ratio
-    compact, _ = finalize_from_student_path(prepared, x)
+    compact = full_rank_student_path_finalizes(prepared, block, x, tmp_path / "squeeze_excitation.onnx")
     assert not any(isinstance(m, nn.Conv2d) and 64 in (m.in_channels, m.out_channels) for m in compact.modules())  # every 64-channel layer sliced
     rows = {row.name: row for row in tunecomp_fx.get_report(compact).sites}
     assert [(rows[name].decision, rows[name].params_before, rows[name].params_after) for name in convolutions] == [
         ("in_width", 64 * 16 + 16, 32 * 16 + 16), ("in_width", 16 * 64 + 64, 16 * 32 + 32)  # weights and biases, sliced
     ]
-    result = to_onnx(compact, (x,), tmp_path / "squeeze_excitation.onnx")
-    assert all(error < 1e-4 for error in result.max_errors.values())
 
 
 class _LinearGates(nn.Module):
@@ -450,13 +444,7 @@ def test_a_squeeze_excitation_of_linear_layers_is_sliced_with_the_width(literal:
     assert dict(width.resized) == ({"view": 1, "view_1": 1} if literal else {})  # the named widths, scaled to the kept
     held = prepared.lowrank.project
     assert (held.channels_fc_0.in_features, held.channels_fc_2.out_features) == (32, 32)
-    tunecomp_fx.set_blend(prepared, 0.0)
-    with torch.no_grad():
-        torch.testing.assert_close(prepared(x), model(x), rtol=1e-5, atol=1e-5)
-    tunecomp_fx.prune_slack(prepared)
-    compact, _ = finalize_from_student_path(prepared, x)
-    result = to_onnx(compact, (x,), tmp_path / "linear_gates.onnx")
-    assert all(error < 1e-4 for error in result.max_errors.values())
+    full_rank_student_path_finalizes(prepared, model, x, tmp_path / "linear_gates.onnx")
 
 
 @pytest.mark.parametrize("library", ["timm", "exported", "linear"])
@@ -542,13 +530,7 @@ def test_hugging_faces_efficientnet_block_prunes_through_its_padding_depthwise_c
     depthwise = next(n for n in prepared.graph.nodes if n.meta.get("tunecomp", {}).get("copy_of") == width.channelwise[1])
     assert depthwise.target in (torch.conv2d, aten.conv2d.default, aten.conv2d.padding) and depthwise.args[6] == 48
     assert depthwise.args[1].target.startswith("lowrank.") and depthwise.args[1].target.endswith(f".channels_{width.channelwise[1]}.arg1")
-    tunecomp_fx.set_blend(prepared, 0.0)
-    with torch.no_grad():
-        torch.testing.assert_close(prepared(x), model(x), rtol=1e-5, atol=1e-5)
-    tunecomp_fx.prune_slack(prepared)
-    compact, _ = finalize_from_student_path(prepared, x)
-    result = to_onnx(compact, (x,), tmp_path / "hf_efficientnet_block.onnx")
-    assert all(error < 1e-4 for error in result.max_errors.values())
+    full_rank_student_path_finalizes(prepared, model, x, tmp_path / "hf_efficientnet_block.onnx")
 
 
 class _RowNormedMlp(nn.Module):
@@ -579,14 +561,8 @@ def test_a_batch_norm_of_tokens_flattened_to_rows_is_copied_with_the_kept_neuron
     # the copy's reshape_as reads the up site's student, not the teacher
     restore = next(n for n in prepared.graph.nodes if n.meta.get("tunecomp", {}).get("copy_of") == "reshape_as")
     assert restore.args[1].target == "lowrank.fc1.up"
-    tunecomp_fx.set_blend(prepared, 0.0)
-    with torch.no_grad():
-        torch.testing.assert_close(prepared(x), model(x), rtol=1e-5, atol=1e-5)
-    tunecomp_fx.prune_slack(prepared)
-    compact, _ = finalize_from_student_path(prepared, x)
+    compact = full_rank_student_path_finalizes(prepared, model, x, tmp_path / "row_normed_mlp.onnx")
     assert "bn" not in dict(compact.named_children())  # the teacher's went with it
-    result = to_onnx(compact, (x,), tmp_path / "row_normed_mlp.onnx")
-    assert all(error < 1e-4 for error in result.max_errors.values())
 
 
 def test_a_flatten_that_leaves_the_width_out_of_the_rows_leaves_no_width() -> None:
