@@ -1,6 +1,6 @@
 """Which hidden widths structured pruning finds, model by model: for each model of the coverage sweep
-(benchmarks/coverage.py) plus EfficientNet-B0 (timm's, torchvision's, Hugging Face's) and torchvision's MobileNetV3
-(inverted residuals with squeeze-excitation) and small randomly initialized Hugging Face GPT-2, LLaMA and Qwen3 models,
+(benchmarks/coverage.py) plus EfficientNet-B0 (timm's, torchvision's, Hugging Face's), torchvision's MobileNetV3
+and ReXNet (inverted residuals with squeeze-excitation) and small randomly initialized Hugging Face GPT-2, LLaMA and Qwen3 models,
 `prepare(ratio=0.6)` with prune_neurons=0.3 and, separately, with prune_heads=0.5, counting the
 neuron widths (FFNs) and head widths (attention blocks) found against the attentions in the graph
 (scaled_dot_product_attention calls and attention written out as matmul and softmax). Training-free
@@ -28,7 +28,7 @@ from tunecomp_fx.head_widths import attention_at  # noqa: E402
 
 RATIO = 0.6
 OPTIONS = {"neurons": {"prune_neurons": 0.3}, "heads": {"prune_heads": 0.5}}
-SQUEEZE_EXCITATION = ["timm:efficientnet_b0", "torchvision:efficientnet_b0", "hf-tiny:efficientnet", "torchvision:mobilenet_v3_small"]
+SQUEEZE_EXCITATION = ["timm:efficientnet_b0", "torchvision:efficientnet_b0", "hf-tiny:efficientnet", "torchvision:mobilenet_v3_small", "timm:rexnet_100"]
 TINY_HF = ["hf-tiny:gpt2", "hf-tiny:gpt2-eager", "hf-tiny:llama", "hf-tiny:llama-mha", "hf-tiny:llama-eager", "hf-tiny:qwen3"]
 
 

@@ -469,19 +469,32 @@ def test_neurons_switched_off_during_training_move_no_gate_of_a_squeeze_excitati
         torch.testing.assert_close(compact(data[0][0]), trained, rtol=1e-5, atol=1e-5)
 
 
-def test_a_squeeze_excitation_with_a_norm_of_its_own_leaves_the_width_around_it() -> None:
-    from functools import partial
-
-    from timm.layers import SEModule
-    from timm.models._efficientnet_blocks import InvertedResidual as TimmInvertedResidual
+def test_a_norm_in_a_squeeze_excitations_bottleneck_gets_a_copy_of_its_own(tmp_path) -> None:  # noqa: ANN001
+    from timm.models.rexnet import LinearBottleneck
 
     torch.manual_seed(0)
-    block = TimmInvertedResidual(16, 16, exp_ratio=4.0, se_layer=partial(SEModule, norm_layer=nn.BatchNorm2d)).eval()
-    prepared = tunecomp_fx.prepare(block, torch.randn(4, 16, 8, 8), 0.5, prune_neurons=0.5)
-    # the batch norm in the gate's bottleneck would be one module in the teacher's and the student's
-    # paths, so the block's width is not pruned; the bottleneck's own is (fc1 -> norm -> ReLU -> fc2)
-    assert [(width.ups, width.down) for width in _context(prepared).hidden_widths] == [(("se.fc1",), "se.fc2")]
-    assert all(site.status == "compress" for site in _context(prepared).sites)
+    block = LinearBottleneck(16, 16, stride=1, exp_ratio=4.0, se_ratio=0.25).eval()  # ReXNet's: SEModule with a batch norm
+    with torch.no_grad():
+        for norm in (block.conv_exp.bn, block.conv_dw.bn, block.se.bn):
+            norm.weight.normal_(), norm.bias.uniform_(1.0, 2.0), norm.running_mean.normal_()  # every channel fires
+        block.conv_pwl.conv.weight[:, 1::2] = 0.0
+        block.se.fc1.weight[:, 1::2] = 0.0
+    x = torch.randn(4, 16, 8, 8)
+    prepared = tunecomp_fx.prepare(block, x, 0.5, prune_neurons=0.5, rank_slack=10.0)
+    [width] = _context(prepared).hidden_widths  # the block's, not the bottleneck's own (fc1 -> norm -> ReLU -> fc2)
+    assert (width.down, width.bottleneck_norms, width.squeezes) == ("conv_pwl.conv", ("se_bn",), (("mean", "se_fc1", "se_fc2"),))
+    assert width.kept == tuple(range(0, 64, 2))
+    norm = prepared.lowrank.conv_pwl_conv.channels_se_bn  # whole: the bottleneck holds no channel of the width
+    assert norm is not block.se.bn and norm.num_features == block.se.bn.num_features and torch.equal(norm.running_mean, block.se.bn.running_mean)
+    full_rank_student_path_finalizes(prepared, block, x, tmp_path / "rexnet_block.onnx")
+
+
+def test_a_layer_of_its_own_in_a_squeeze_excitations_bottleneck_leaves_no_width() -> None:
+    torch.manual_seed(0)
+    model = InvertedResidual(gated=True).eval()
+    model.gates.insert(1, nn.Conv2d(16, 16, 3, padding=1))  # neither a norm nor a step without parameters
+    with pytest.raises(SiteError, match="found no hidden width"):
+        tunecomp_fx.prepare(model, torch.randn(4, 16, 8, 8), 0.5, prune_neurons=0.5)
 
 
 def test_an_excluded_convolution_of_a_squeeze_excitation_leaves_the_width_around_it() -> None:

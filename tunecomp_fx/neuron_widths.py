@@ -184,21 +184,23 @@ def _squeeze_excitation(gm: fx.GraphModule, squeeze: fx.Node, width: int) -> dic
     """A squeeze-excitation's gates for the `width` channels `squeeze` reads, each node the one reader of
     the one before, by kind: the "squeeze" (`_squeezes_image`), a "reshape" to (batch, width) for a
     linear layer (sizes read from shapes), a pointwise convolution or linear layer from the width
-    ("reduce"), steps without parameters ("excite": an activation), one back to the width ("expand");
-    None when `squeeze` starts no such chain. Pruning a channel drops an input of the first layer and
-    an output of the last."""
+    ("reduce"), steps without parameters ("excite": an activation) or a batch norm of the bottleneck
+    ("bottleneck_norm", ReXNet's; the student path gets a copy of its own), one back to the width
+    ("expand"); None when `squeeze` starts no such chain. Pruning a channel drops an input of the
+    first layer and an output of the last."""
     if not _squeezes_image(gm, squeeze):
         return None
     chain, last, reduced = {squeeze: "squeeze"}, squeeze, 0
     while len(last.users) == 1:
         [node] = last.users
         mixes = _mixes_channels(gm, node)
-        reads = node.all_input_nodes  # a layer's weight and bias, a reshape's sizes besides
+        normed = bool(reduced) and is_per_channel(gm, node, reduced)
+        reads = node.all_input_nodes  # a layer's or norm's tensors, a reshape's sizes besides
         if reads[:1] != [last]:
             return None
         if not reduced and is_op(node, RESHAPES | _FLATTENS) and all(_is_shape_read(read) for read in reads[1:]):
             chain[node] = "reshape"
-        elif any(read.op != "get_attr" or mixes is None for read in reads[1:]):
+        elif any(read.op != "get_attr" or (mixes is None and not normed) for read in reads[1:]):
             return None
         elif not reduced:
             if mixes is None or mixes[1] != width:
@@ -207,6 +209,8 @@ def _squeeze_excitation(gm: fx.GraphModule, squeeze: fx.Node, width: int) -> dic
         elif mixes is not None:
             chain[node] = "expand"
             return chain if mixes == (width, reduced) else None
+        elif normed:
+            chain[node] = "bottleneck_norm"
         elif node.op == "call_module" and next(gm.get_submodule(node.target).parameters(), None) is not None:
             return None  # a module with parameters of its own would be shared by the teacher's and the student's paths
         else:
@@ -282,7 +286,10 @@ def neuron_width(
             return None
         kinds, placed, reader = region
         # tensors read from outside the region (a reshape's sizes may come from anywhere): other ups, or none
-        reads = (([data_input(n)] if kind in ("reshape", "channelwise", "shape", "reduce", "expand") else n.all_input_nodes) for n, kind in kinds.items() if kind != "up")
+        reads = (
+            [data_input(n)] if kind in ("reshape", "channelwise", "shape", "reduce", "expand", "bottleneck_norm") else n.all_input_nodes
+            for n, kind in kinds.items() if kind != "up"
+        )
         outside = {tensor for tensors in reads for tensor in tensors} - kinds.keys()
         gates = [t for t in outside if (site := sites_by_node.get(t.name)) and (site.layout, site.out_features) == (up.layout, width)]
         if len(gates) < len(outside):
@@ -308,5 +315,8 @@ def neuron_width(
     resized |= {n.name: 1 for n in reshapes if placed[n] and is_op(n, RESHAPES) and shape_entries(n)[1] == width}
     channelwise = tuple(name for name in between if kinds[nodes[name]] == "channelwise")
     squeezes = tuple(zip(*(tuple(name for name in between if kinds[nodes[name]] == kind) for kind in ("squeeze", "reduce", "expand"))))
-    return HiddenWidth("neurons", ups, down.name, between, width, resized=tuple(resized.items()), channelwise=channelwise, squeezes=squeezes)
+    norms = tuple(name for name in between if kinds[nodes[name]] == "bottleneck_norm")
+    return HiddenWidth(
+        "neurons", ups, down.name, between, width, resized=tuple(resized.items()), channelwise=channelwise, squeezes=squeezes, bottleneck_norms=norms
+    )
 

@@ -120,8 +120,11 @@ def with_channels(module: nn.Module, index: torch.Tensor, side: str = "each") ->
     """A copy of a module (`per_channel_module`) that keeps the channels `index`, its channel counts set
     to match: on every side of a per-channel module ("each": every parameter and statistic), or on
     the input ("in": the weight's columns) or output ("out": the weight's rows and the bias) of a
-    convolution mixing the channels (a squeeze-excitation's)."""
+    convolution mixing the channels (a squeeze-excitation's); "none": a whole copy (a norm in a
+    squeeze-excitation's bottleneck, which holds no channel of the width)."""
     kept = copy.deepcopy(module)
+    if side == "none":
+        return kept
     dim = 1 if side == "in" else 0
     with torch.no_grad():
         for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:

@@ -143,12 +143,14 @@ class HiddenWidth:
     per_head_parts: tuple[str, ...] = ()  # up sites holding each head's parts side by side (MaxViT's q, k, v), not each part's heads
     # squeeze-excitations the width passes through: (the squeeze, the convolution reading the width, the one writing its gates)
     squeezes: tuple[tuple[str, str, str], ...] = ()
+    bottleneck_norms: tuple[str, ...] = ()  # batch norms between a squeeze-excitation's two layers (ReXNet's)
 
     @property
     def channel_slices(self) -> dict[str, str]:
         """Node -> which channels of its module the width's neurons are (`per_channel.with_channels`):
-        "each" for a per-channel module, "in" and "out" for a squeeze-excitation's convolutions."""
-        sides = {name: "each" for name in self.channelwise}
+        "each" for a per-channel module, "in" and "out" for a squeeze-excitation's layers, "none" for a
+        batch norm of its bottleneck (the student path's copy is whole)."""
+        sides = {name: "each" for name in self.channelwise} | {name: "none" for name in self.bottleneck_norms}
         return sides | {reduce: "in" for _, reduce, _ in self.squeezes} | {expand: "out" for _, _, expand in self.squeezes}
 
     @property
