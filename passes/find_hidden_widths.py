@@ -75,7 +75,7 @@ def _absorb_squeeze_excitations(ctx: PassContext, widths: list[HiddenWidth]) -> 
     widths = [width for width in widths if all(node in compressed for squeeze in width.squeezes for node in squeeze[1:])]
     absorbed = {node: width.down for width in widths for squeeze in width.squeezes for node in squeeze[1:]}
     ctx.sites = [
-        replace(site, status="in_width", reason=f"a squeeze-excitation's convolution inside the width pruned at '{absorbed[site.node]}': sliced with it, kept dense")
+        replace(site, status="in_width", reason=f"a squeeze-excitation's layer inside the width pruned at '{absorbed[site.node]}': sliced with it, kept dense")
         if site.node in absorbed and site.status == "compress" else site
         for site in ctx.sites
     ]

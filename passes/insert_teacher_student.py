@@ -199,7 +199,7 @@ def _copy_between(
 
 def _kept_channels(gm: fx.GraphModule, original: fx.Node, down: Site, width: HiddenWidth, side: str) -> str:
     """lowrank.<down>.channels_<node>: the per-channel module (a batch norm, a depthwise convolution)
-    or aten call's tensors, or a squeeze-excitation's convolution, that the student path's copy of
+    or aten call's tensors, or a squeeze-excitation's layer, that the student path's copy of
     `original` reads, with the kept channels alone (on its `side`, `HiddenWidth.channel_slices`)."""
     container = site_container(gm, down)
     index = torch.tensor(width.kept)

@@ -262,7 +262,7 @@ def _final_shape(container: nn.Module) -> tuple[int, int]:
 
 
 def _sliced_with_width(lowrank: nn.Module, site: Site, context: PassContext) -> int:
-    """Parameters of the copy of a squeeze-excitation's convolution that the width it sits in keeps
+    """Parameters of the copy of a squeeze-excitation's layer that the width it sits in keeps
     with its down site's student (`per_channel.channels_key`)."""
     [down] = [width.down for width in context.hidden_widths if any(site.node in squeeze[1:] for squeeze in width.squeezes)]
     container = getattr(lowrank, next(s.key for s in context.sites if s.name == down))

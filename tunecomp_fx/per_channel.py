@@ -7,7 +7,7 @@ or torch.conv2d on get_attr tensors where it traced through a subclass of nn.Con
 EfficientNet); a torch.export graph calls aten.batch_norm or aten.conv2d on get_attr tensors. A plain
 module holds such tensors for the copy (`per_channel_module`, `arg<position>`), so that copying,
 training and slicing are one mechanism for all, and the compact model needs no class of ours. The
-same copies serve a squeeze-excitation's convolutions, sliced on their input or output side alone."""
+same copies serve a squeeze-excitation's layers (convolutions or linear), sliced on their input or output side alone."""
 
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ from torch import fx, nn
 
 aten = torch.ops.aten
 
-# aten calls (or torch functions, as a traced subclass of nn.Conv2d calls them) mapping each channel
-# (dim 1) by itself: the argument positions of their per-channel tensors
+# aten calls (or torch functions, as a traced subclass of nn.Conv2d calls them) whose tensors a width's
+# student path holds copies of, by argument position: those mapping each channel (dim 1) by itself
+# (`is_per_channel`) and a squeeze-excitation's layers
 _CHANNEL_TENSORS: dict[Callable[..., Any], tuple[int, ...]] = {
     aten.batch_norm.default: (1, 2, 3, 4),  # weight, bias, running mean and variance
     aten.conv2d.default: (1, 2),  # weight, bias; depthwise when groups (position 6) is the channel count

@@ -14,7 +14,7 @@ from tunecomp_fx.schedules import steps_of
 
 # Decisions of sites the passes leave as they are: excluded by the user, shared or tied weights,
 # hidden from the captured graph (inside a leaf module), a bias computed from the input, or inside
-# a pruned width (a squeeze-excitation's convolution, sliced with the width and otherwise dense).
+# a pruned width (a squeeze-excitation's layer, sliced with the width and otherwise dense).
 LEFT_ALONE = ("excluded", "shared", "hidden", "unsupported", "in_width")
 
 

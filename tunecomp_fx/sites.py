@@ -25,7 +25,7 @@ class Site:
     differ only for `x @ W.T + b`, whose entry is the matmul. `layout` is a key of `tunecomp_fx.forms.LAYOUTS`.
     `status` is "compress" for sites the passes rewrite, else the reason class for leaving it dense
     ("excluded" by the user, "shared" weights, "hidden" inside a leaf module or an opaque function,
-    "in_width" a squeeze-excitation's convolution sliced with the pruned width it sits in), with the
+    "in_width" a squeeze-excitation's layer sliced with the pruned width it sits in), with the
     human reason in `reason`.
     """
 
