@@ -55,10 +55,11 @@ def _with_per_head_reads(gm: fx.GraphModule, widths: list[HiddenWidth], inputs: 
 
 
 def _with_tokens_flattened_to_rows(gm: fx.GraphModule, widths: list[HiddenWidth], inputs: Inputs | None) -> list[HiddenWidth]:
-    """`widths` without those whose flatten(0, 1) (`flattens_tokens`) does not give (rows, width) on
-    `inputs` (the width would not be its dim 1); with no inputs to see it on, without any such width."""
+    """`widths` without the neuron widths whose flatten(0, 1) (`flattens_tokens`) does not give (rows,
+    width) on `inputs` (the width would not be its dim 1); with no inputs to see it on, without any
+    such width. A heads width's flatten (batch and heads merged) is its own matcher's business."""
     nodes = {node.name: node for node in gm.graph.nodes}
-    flattens = {name: nodes[name] for width in widths for name in width.between if flattens_tokens(nodes[name])}
+    flattens = {name: nodes[name] for width in widths if width.kind == "neurons" for name in width.between if flattens_tokens(nodes[name])}
     if inputs is None:
         return [width for width in widths if not flattens.keys() & set(width.between)]
     shapes = _observed_shapes(gm, [(node, next(iter(node.users))) for node in flattens.values()], inputs)

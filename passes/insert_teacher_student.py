@@ -229,7 +229,7 @@ def _mask_width(gm: fx.GraphModule, hidden: fx.Node, site: Site, width: HiddenWi
     weight = container.down.weight
     container.register_buffer("width_mask", torch.ones(LAYOUTS[site.layout].mask_shape(len(width.kept)), device=weight.device, dtype=weight.dtype))
     squeezed = {squeeze for squeeze, _, _ in width.squeezes}
-    squeezes = [n for n in gm.graph.nodes if n.meta.get("tunecomp", {}).get("site") == site.name and n.meta["tunecomp"].get("copy_of") in squeezed]
+    squeezes = [n for n in gm.graph.nodes if n.meta.get("tunecomp", {}).get("copy_of") in squeezed] if squeezed else []
     graph = gm.graph
     with graph.inserting_before(squeezes[0] if squeezes else hidden.next):
         mask = graph.get_attr(f"{LOWRANK_ROOT}.{site.key}.width_mask")
