@@ -1,6 +1,7 @@
-"""Analysis: stream calibration batches through the model once and accumulate, per site, the input
-second moment X^T X (float64 accumulation) and the number of rows. Observers are inserted as
-call_module nodes for the run and removed after it (the prepare/convert idea of torch.ao)."""
+"""Analysis: stream calibration batches through the model once and accumulate, per compressed site,
+the input second moment X^T X (float64 accumulation) and the number of rows; at the sites left
+alone (excluded, shared, in a width) only the rows, for the report's MACs. Observers are inserted
+as call_module nodes for the run and removed after it (the prepare/convert idea of torch.ao)."""
 
 from __future__ import annotations
 
@@ -30,19 +31,41 @@ class InputCovariance:
         return self.gram / max(self.rows, 1)
 
 
-class _Observer(nn.Module):
-    def __init__(self, site_name: str, features: int, layout: Layout, stride: int) -> None:
+class _RowCounter(nn.Module):
+    """Counts the rows (tokens, pixels) a site reads and the examples they came from."""
+
+    def __init__(self, layout: Layout, stride: int) -> None:
         super().__init__()
-        self.site_name = site_name
         self.layout = layout
         self.stride = stride
-        self.gram = torch.zeros(features, features, dtype=torch.float64)
         self.rows = 0
         self.samples = 0
+
+    def count(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` as the site's (rows, features), counted."""
+        rows = self.layout.rows(x.detach(), self.stride)
+        self.rows += rows.shape[0]
+        self.samples += x.shape[0] if x.dim() > 1 else 1
+        return rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.count(x)
+        return x
+
+    @property
+    def rows_per_sample(self) -> float:
+        return self.rows / max(self.samples, 1)
+
+
+class _Observer(_RowCounter):
+    def __init__(self, site_name: str, features: int, layout: Layout, stride: int) -> None:
+        super().__init__(layout, stride)
+        self.site_name = site_name
+        self.gram = torch.zeros(features, features, dtype=torch.float64)
         self.batch_index = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = self.layout.rows(x.detach(), self.stride).float()
+        rows = self.count(x).float()
         if not torch.isfinite(rows).all():
             raise CalibrationError(
                 f"calibration batch {self.batch_index} gives NaN or inf at the input of site '{self.site_name}'; "
@@ -50,8 +73,6 @@ class _Observer(nn.Module):
             )
         # Gram in float32 through BLAS, accumulated across batches in float64.
         self.gram += (rows.T @ rows).to(self.gram.device, torch.float64)
-        self.rows += rows.shape[0]
-        self.samples += x.shape[0] if x.dim() > 1 else 1
         return x
 
 
@@ -84,7 +105,11 @@ class CalibrateInputCovariance(GraphPass):
         observers = {
             site.name: _Observer(site.name, site.in_features, LAYOUTS[site.layout], site.stride) for site in ctx.compressed_sites
         }
+        # a layer hidden inside a leaf module has no input of its own in the graph
+        left_alone = [site for site in ctx.sites if site.status not in ("compress", "hidden")]
+        counters = {site.node: _RowCounter(LAYOUTS[site.layout], site.stride) for site in left_alone}
         routes = [(site_input(nodes[site.entry_node]), nodes[site.entry_node], observers[site.name]) for site in ctx.compressed_sites]
+        routes += [(site_input(nodes[site.entry_node]), nodes[site.entry_node], counters[site.node]) for site in left_alone]
         with observing(gm, _OBSERVERS, routes), torch.no_grad():
             for index, batch in enumerate(progress_bar(ctx.calibration, desc="calibrate", leave=False, enabled=len(ctx.calibration) >= 4)):
                 for observer in observers.values():
@@ -95,7 +120,8 @@ class CalibrateInputCovariance(GraphPass):
             if observer.rows == 0:
                 raise CalibrationError(f"site '{site.name}' saw no input during calibration; is it reachable from forward()?")
             ctx.covariances[site.name] = InputCovariance(observer.gram, observer.rows)
-            ctx.rows_per_sample[site.name] = observer.rows / max(observer.samples, 1)
+            ctx.rows_per_sample[site.node] = observer.rows_per_sample
+        ctx.rows_per_sample.update((node, counter.rows_per_sample) for node, counter in counters.items() if counter.rows)
         return gm
 
     def ensures(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:

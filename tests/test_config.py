@@ -14,6 +14,7 @@ def test_excluded_site_stays_dense_and_is_reported():
     compact = tunecomp_fx.compress(MLP().eval(), (torch.randn(4, 64),), ratio=0.4, exclude=("fc2",))
     rows = {row.name: row for row in tunecomp_fx.get_report(compact).sites}
     assert rows["fc2"].decision == "excluded" and rows["fc2"].params_after == rows["fc2"].params_before
+    assert rows["fc2"].macs_before == rows["fc2"].macs_after == rows["fc2"].in_features * rows["fc2"].out_features  # one row per example
     assert type(compact.get_submodule("fc2")) is torch.nn.Linear
 
 

@@ -407,6 +407,8 @@ def test_a_squeeze_excitation_in_the_width_is_sliced_with_it_and_kept_dense(libr
     assert [(rows[name].decision, rows[name].params_before, rows[name].params_after) for name in convolutions] == [
         ("in_width", 64 * 16 + 16, 32 * 16 + 16), ("in_width", 16 * 64 + 64, 16 * 32 + 32)  # weights and biases, sliced
     ]
+    # one position per example (the squeezed image), at the full and the kept width
+    assert [(rows[name].macs_before, rows[name].macs_after) for name in convolutions] == [(64 * 16, 32 * 16)] * 2
 
 
 class _LinearGates(nn.Module):

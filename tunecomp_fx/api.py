@@ -261,12 +261,12 @@ def _final_shape(container: nn.Module) -> tuple[int, int]:
     return container.up.weight.shape[0], container.down.weight.shape[1]
 
 
-def _sliced_with_width(lowrank: nn.Module, site: Site, context: PassContext) -> int:
-    """Parameters of the copy of a squeeze-excitation's layer that the width it sits in keeps
-    with its down site's student (`per_channel.channels_key`)."""
+def _squeeze_copy(lowrank: nn.Module, site: Site, context: PassContext) -> nn.Module:
+    """The copy of a squeeze-excitation's layer that the width it sits in keeps with its down site's
+    student, sliced to the kept channels (`per_channel.channels_key`)."""
     [down] = [width.down for width in context.hidden_widths if any(site.node in squeeze[1:] for squeeze in width.squeezes)]
     container = getattr(lowrank, next(s.key for s in context.sites if s.name == down))
-    return sum(p.numel() for p in getattr(container, channels_key(site.node)).parameters())
+    return getattr(container, channels_key(site.node))
 
 
 def get_report(compact: fx.GraphModule) -> CompressionReport:
@@ -274,6 +274,11 @@ def get_report(compact: fx.GraphModule) -> CompressionReport:
     if data is None:
         raise InputError("this model has no tunecomp report; it was not made by tunecomp_fx.finalize or compress")
     return CompressionReport.from_dict(data)
+
+
+def _macs(rows_per_sample: float | None, weights: int) -> int | None:
+    """Per-example MACs of a site that applies `weights` to each of its input rows (None: unknown)."""
+    return None if rows_per_sample is None else int(rows_per_sample * weights)
 
 
 def build_report(compact: fx.GraphModule, state: PreparedState) -> CompressionReport:
@@ -285,15 +290,19 @@ def build_report(compact: fx.GraphModule, state: PreparedState) -> CompressionRe
         decision = context.ranks.get(site.name)
         before = site.unpruned_params
         out_features, in_features = site.unpruned_shape or (site.out_features, site.in_features)
+        tokens = rows_per_sample.get(site.node)  # None where calibration saw no input of its own (hidden)
+        macs_before = _macs(tokens, in_features * out_features)
         rank = None
         if site.status == "in_width":
-            label, after, reason = site.status, _sliced_with_width(lowrank, site, context), site.reason
+            copy = _squeeze_copy(lowrank, site, context)
+            label, after, reason = site.status, sum(p.numel() for p in copy.parameters()), site.reason
+            macs_after = _macs(tokens, sum(p.numel() for p in copy.parameters() if p.dim() > 1))  # the weight, not the bias
         elif site.status != "compress":
-            label, after, reason = site.status, before, site.reason
+            label, after, reason, macs_after = site.status, before, site.reason, macs_before
         elif decision is None or decision.rank is None:
-            label, after, reason = "dense", before, decision.reason if decision else ""
+            label, after, reason, macs_after = "dense", before, decision.reason if decision else "", macs_before
         elif not hasattr(lowrank, site.key):
-            label, after, reason = "removed", 0, "its output is unused: removed as dead code"
+            label, after, reason, macs_after = "removed", 0, "its output is unused: removed as dead code", 0
         else:
             container = getattr(lowrank, site.key)
             after = site_parameters(container)
@@ -307,13 +316,8 @@ def build_report(compact: fx.GraphModule, state: PreparedState) -> CompressionRe
                 label, reason = "rank", ""
             if site.unpruned_shape is not None:
                 reason = "; ".join(filter(None, (_kept_neurons(site, context.hidden_widths), reason)))
-        tokens = rows_per_sample.get(site.name)
-        macs_before = int(tokens * in_features * out_features) if tokens else 0
-        macs_after = (
-            0 if label == "removed"
-            else int(tokens * site.in_features * site.out_features) if rank is None and tokens
-            else int(tokens * rank * (site.in_features + site.out_features)) if tokens else 0
-        )
+            weights = site.in_features * site.out_features if rank is None else rank * (site.in_features + site.out_features)
+            macs_after = _macs(tokens, weights)
         rows.append(
             SiteRow(
                 site.name, site.form, out_features, in_features, label, rank, before, after,

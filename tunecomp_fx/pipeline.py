@@ -52,7 +52,7 @@ class PassContext:
     # the covariance blocks of the groups of each width pruned during training, by down site (RankPruner ranks them)
     width_covariances: dict[str, torch.Tensor] = field(default_factory=dict)
     gradient_covariances: dict[str, Any] = field(default_factory=dict)  # of the loss at each site's output
-    rows_per_sample: dict[str, float] = field(default_factory=dict)  # input rows (tokens) per example
+    rows_per_sample: dict[str, float] = field(default_factory=dict)  # by site node: input rows (tokens) per example
     decompositions: dict[str, Any] = field(default_factory=dict)
     ranks: dict[str, RankDecision] = field(default_factory=dict)
     # ||(W - BA) X|| / ||W X|| of each initialized student on the calibration inputs

@@ -28,8 +28,8 @@ class SiteRow:
     rank: int | None
     params_before: int
     params_after: int
-    macs_before: int  # per example
-    macs_after: int
+    macs_before: int | None  # per example; None where calibration saw no input of the site's own (hidden in a leaf)
+    macs_after: int | None
     reason: str = ""
     layout: str = "linear"  # "linear", "conv1x1" or "pointwise_conv1d" (a pointwise convolution)
     init_error: float | None = None  # ||(W - BA) X|| / ||W X|| of the initialized student, on calibration data
@@ -145,8 +145,8 @@ class CompressionReport:
 
     def _summary_lines(self) -> list[str]:
         rows = self.compressed_rows
-        site_macs_before = sum(r.macs_before for r in rows)
-        site_macs_after = sum(r.macs_after for r in rows)
+        site_macs_before = sum(r.macs_before or 0 for r in rows)  # known for every compressed site
+        site_macs_after = sum(r.macs_after or 0 for r in rows)
         return [
             f"capture: {self.capture_path} ({self.capture_reason})",
             f"compressed sites: {len(rows)} of {len(self.sites)}; "
@@ -221,8 +221,10 @@ def _markdown_table(rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(cells[0]) + " |", "|" + "---|" * len(cells[0])] + ["| " + " | ".join(r) + " |" for r in cells[1:]]
 
 
-def _human(count: int) -> str:
-    """1234567 -> '1.23M': MAC counts read at a glance."""
+def _human(count: int | None) -> str:
+    """1234567 -> '1.23M': MAC counts read at a glance ('-' for an unknown count)."""
+    if count is None:
+        return "-"
     for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(count) >= size:
             return f"{count / size:.3g}{unit}"
