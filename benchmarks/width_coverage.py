@@ -1,6 +1,7 @@
 """Which hidden widths structured pruning finds, model by model: for each model of the coverage sweep
 (benchmarks/coverage.py) plus EfficientNet-B0 (timm's, torchvision's, Hugging Face's), torchvision's MobileNetV3
-and ReXNet (inverted residuals with squeeze-excitation) and small randomly initialized Hugging Face GPT-2, LLaMA and Qwen3 models,
+and ReXNet (inverted residuals with squeeze-excitation), RegNet and ResNeXt (bottlenecks with a grouped
+convolution) and small randomly initialized Hugging Face GPT-2, LLaMA and Qwen3 models,
 `prepare(ratio=0.6)` with prune_neurons=0.3 and, separately, with prune_heads=0.5, counting the
 neuron widths (FFNs) and head widths (attention blocks) found against the attentions in the graph
 (scaled_dot_product_attention calls and attention written out as matmul and softmax). Training-free
@@ -29,6 +30,7 @@ from tunecomp_fx.head_widths import attention_at  # noqa: E402
 RATIO = 0.6
 OPTIONS = {"neurons": {"prune_neurons": 0.3}, "heads": {"prune_heads": 0.5}}
 SQUEEZE_EXCITATION = ["timm:efficientnet_b0", "torchvision:efficientnet_b0", "hf-tiny:efficientnet", "torchvision:mobilenet_v3_small", "timm:rexnet_100"]
+GROUPED = ["torchvision:regnet_y_400mf", "torchvision:regnet_x_400mf", "timm:regnety_002", "torchvision:resnext50_32x4d"]
 TINY_HF = ["hf-tiny:gpt2", "hf-tiny:gpt2-eager", "hf-tiny:llama", "hf-tiny:llama-mha", "hf-tiny:llama-eager", "hf-tiny:qwen3"]
 
 
@@ -89,7 +91,11 @@ def survey(spec: str) -> dict:
         found = [width for width in context.hidden_widths if width.kind == kind]
         shapes = sorted({_shape(width.ups, width.parts, width.repeats) for width in found})
         squeezed = sum(bool(width.squeezes) for width in found)
-        row[kind] = f"{len(found)} ({'; '.join(shapes)}{f'; {squeezed} through a squeeze-excitation' if squeezed else ''})"
+        groups = "/".join(str(size) for size in sorted({width.group for width in found if kind == "neurons" and width.group > 1}))
+        row[kind] = (
+            f"{len(found)} ({'; '.join(shapes)}{f'; {squeezed} through a squeeze-excitation' if squeezed else ''}"
+            f"{f'; pruned in groups of {groups} channels' if groups else ''})"
+        )
         teachers = [n for n in prepared.graph.nodes if n.meta.get("tunecomp", {}).get("role") != "hidden" and attention_at(prepared, n)]
         row["attentions"] = len(teachers)
         row.setdefault("sites", len(context.compressed_sites))
@@ -103,7 +109,8 @@ def markdown(rows: list[dict], seconds: float) -> str:
         f"Command: `python benchmarks/width_coverage.py` (torch {torch.__version__}); {seconds / 60:.0f} min. Random "
         "initialization except all-MiniLM-L6-v2. `attentions`: scaled_dot_product_attention calls and attention "
         "written out as matmul, softmax and matmul in the graph; `compressed sites`: with prune_neurons where it succeeds (the "
-        "convolutions of a squeeze-excitation inside a pruned width are sliced with it, not compressed); a model whose prepare fails for the pruning option shows 0 and the error "
+        "convolutions of a squeeze-excitation inside a pruned width are sliced with it, not compressed); \"in groups of N channels\": "
+        "a grouped convolution in the width, whose groups are pruned whole; a model whose prepare fails for the pruning option shows 0 and the error "
         "(\"none recognized\": no width of the patterns in README's prune_neurons and prune_heads).",
         "",
         "| model | compressed sites | neuron widths | attentions | head widths |",
@@ -116,7 +123,7 @@ def markdown(rows: list[dict], seconds: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="*", default=[*MODELS, *SQUEEZE_EXCITATION, *TINY_HF])
+    parser.add_argument("--models", nargs="*", default=[*MODELS, *SQUEEZE_EXCITATION, *GROUPED, *TINY_HF])
     parser.add_argument("--output", type=Path, default=RESULTS / "width_coverage.md")
     args = parser.parse_args()
     start, rows = time.perf_counter(), []

@@ -11,7 +11,7 @@ from torch import fx
 
 from tunecomp_fx.forms import rebuilt
 from tunecomp_fx.graph_nodes import rescale_shape_entry
-from tunecomp_fx.per_channel import channels_key, set_channel_count, with_channels
+from tunecomp_fx.per_channel import channels_key, set_group_count, with_channels
 from tunecomp_fx.pipeline import GraphPass, PassContext
 from tunecomp_fx.sites import HiddenWidth, Site, site_container, student_nodes
 
@@ -64,7 +64,7 @@ def _slice_width(gm: fx.GraphModule, width: HiddenWidth, sites: dict[str, Site],
         if meta.get("copy_of") in resized:
             rescale_shape_entry(node, resized[meta["copy_of"]], len(kept), len(width.kept))
         if meta.get("copy_of") in width.channelwise:
-            set_channel_count(node, len(kept))
+            set_group_count(node, getattr(container, channels_key(meta["copy_of"])))
     for masked in list(roles["width_mask"].users):  # the down site's input, and any squeeze-excitation's
         masked.replace_all_uses_with(masked.args[0])
         gm.graph.erase_node(masked)

@@ -114,7 +114,7 @@ class FindHiddenWidths(GraphPass):
                 f"prune_neurons={ctx.config.prune_neurons} found no hidden width to prune: no compressed site's "
                 "output reaches another compressed site through an elementwise activation alone (up -> "
                 "activation -> down, as in a transformer's FFN, or act(gate(x)) * up(x) -> down; between pointwise "
-                "convolutions also batch norms and depthwise convolutions, as in MobileNetV2, and a squeeze-excitation "
+                "convolutions also batch norms and depthwise or grouped convolutions, as in MobileNetV2, RegNet and ResNeXt, and a squeeze-excitation "
                 "(x * gate(conv(act(conv(x.mean((2, 3), keepdim=True))))), as in EfficientNet, or of linear layers as in SENet), a depthwise convolution "
                 "over tokens viewed as an image, as in PVT v2, and a BatchNorm1d of the tokens flattened to rows, as in LeViT). Use prune_neurons=0 "
                 "for this model, or check that `exclude` leaves every layer of such a group compressed"

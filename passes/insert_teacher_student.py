@@ -183,7 +183,7 @@ def _copy_between(
             original = nodes[name]
             copy = graph.node_copy(original, lambda node: copies.get(node, node))
             if name in sides:
-                read_channels(graph, copy, _kept_channels(gm, original, sites[width.down], width, sides[name]), len(width.kept), sides[name])
+                read_channels(gm, copy, _kept_channels(gm, original, sites[width.down], width, sides[name]), sides[name])
             if name in per_head:
                 tensor = nodes[per_head[name]]
                 copy.replace_input_with(tensor, _kept_heads(gm, copy, tensor, sites[width.down], width))

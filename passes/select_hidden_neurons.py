@@ -1,6 +1,6 @@
 """Analysis (when prune_neurons or prune_heads > 0): in every hidden width keep the groups of neurons
-(single neurons of an FFN, heads of an attention block) that carry the most of the down-projection's
-output, E||W_g h_g||^2 = tr(W_g C_g W_g^T) on the calibration data (h_g: the group's part of the
+(single neurons of an FFN, a grouped convolution's groups of channels, heads of an attention block)
+that carry the most of the down-projection's output, E||W_g h_g||^2 = tr(W_g C_g W_g^T) on the calibration data (h_g: the group's part of the
 down site's input, C_g its covariance; for single neurons the ranking of sqrt(E[h_j^2]) * ||W[:, j]||),
 and restrict the sites to them: the up sites to the kept rows, the down site to the kept columns and
 its input covariance to the kept neurons. Everything after this pass (decomposition, allocation, the
@@ -78,8 +78,10 @@ class SelectHiddenNeurons(GraphPass):
             covariance = ctx.covariances[down.name]
             weight = down.weight(gm).detach().double()
             energies = group_energies(weight, group_blocks(covariance.covariance.to(weight.device), width.group))
-            neurons = width.kind == "neurons"  # heads are whole groups: no rank multiple
-            prune, multiple = (ctx.config.prune_neurons, ctx.config.rank_multiple) if neurons else (ctx.config.prune_heads, 1)
+            if width.kind == "neurons":  # whole groups (of a grouped convolution) whose neurons make a rank multiple
+                prune, multiple = ctx.config.prune_neurons, math.lcm(ctx.config.rank_multiple, width.group) // width.group
+            else:  # heads are whole groups: no rank multiple
+                prune, multiple = ctx.config.prune_heads, 1
             target = kept_neuron_count(len(energies), prune, multiple)
             start = min(len(energies), math.ceil(target * (1.0 + ctx.config.width_slack) - 1e-9))
             groups = energies.topk(start).indices.sort().values

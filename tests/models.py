@@ -244,20 +244,21 @@ SILENT_HEADS_RATIO = 1 - SILENT_HEADS_KEPT / (3 * (64 * 64 + 64) + 64 * 64)
 
 class InvertedResidual(nn.Module):
     """MobileNetV2's block: a pointwise convolution expands the channels, batch norms and a depthwise
-    convolution map each channel by itself, a pointwise convolution projects back. With `depthwise`
-    off the middle convolution mixes the channels (a dense 3 x 3); with `checked` a check of the
+    convolution map each channel by itself, a pointwise convolution projects back. `groups` of the
+    middle convolution: None a group per channel (depthwise), 1 a dense 3 x 3 mixing the channels, else
+    grouped (RegNet's and ResNeXt's, each group of channels by itself); with `checked` a check of the
     expanded shape, as timm's blocks make, leaves symbolic tracing to fail and torch.export to capture
     it (functional batch norms and convolutions on the graph's tensors); with `gated` a
     squeeze-excitation (EfficientNet's) multiplies the expanded channels by gates computed from their
     means by two pointwise convolutions."""
 
-    def __init__(self, channels: int = 16, hidden: int = 64, depthwise: bool = True, checked: bool = False, gated: bool = False) -> None:
+    def __init__(self, channels: int = 16, hidden: int = 64, groups: int | None = None, checked: bool = False, gated: bool = False) -> None:
         super().__init__()
         self.checked = checked
         self.gates = nn.Sequential(nn.Conv2d(hidden, hidden // 4, 1), nn.ReLU(), nn.Conv2d(hidden // 4, hidden, 1), nn.Sigmoid()) if gated else None
         self.expand = nn.Conv2d(channels, hidden, 1, bias=False)
         self.bn1, self.bn2 = nn.BatchNorm2d(hidden), nn.BatchNorm2d(hidden)
-        self.dw = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden if depthwise else 1, bias=False)
+        self.dw = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden if groups is None else groups, bias=False)
         self.project = nn.Conv2d(hidden, channels, 1)
         for norm in (self.bn1, self.bn2):  # statistics and affine maps worth slicing
             nn.init.normal_(norm.weight)

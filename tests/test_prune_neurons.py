@@ -337,6 +337,73 @@ def test_an_exported_depthwise_convolution_loses_the_channels_pruned_during_trai
         torch.testing.assert_close(compact(data[0][0]), trained, rtol=1e-5, atol=1e-5)
 
 
+def _grouped_copy(compact: torch.fx.GraphModule, checked: bool) -> tuple[int, torch.Tensor]:
+    """The groups and weight of the student path's copy of InvertedResidual's middle convolution."""
+    held = compact.lowrank.project
+    if not checked:
+        return held.channels_dw.groups, held.channels_dw.weight
+    [call] = [n for n in compact.graph.nodes if n.target == aten.conv2d.default and n.args[1].target == "lowrank.project.channels_conv2d_1.arg1"]
+    return call.args[6], held.channels_conv2d_1.arg1
+
+
+@pytest.mark.parametrize("checked", [False, True], ids=["traced", "exported"])
+def test_a_grouped_convolution_is_pruned_in_whole_groups(checked: bool, tmp_path) -> None:  # noqa: ANN001
+    torch.manual_seed(0)
+    model, x = InvertedResidual(groups=8, checked=checked).eval(), torch.randn(4, 16, 8, 8)  # 8 groups of 8 channels
+    with torch.no_grad():  # the projection reads the even groups alone: pruning the odd ones changes nothing
+        model.project.weight.view(16, 8, 8)[:, 1::2] = 0.0
+    prepared = tunecomp_fx.prepare(model, x, 0.5, prune_neurons=0.5, rank_slack=10.0)
+    [width] = _context(prepared).hidden_widths
+    kept = [channel for group in range(0, 8, 2) for channel in range(8 * group, 8 * group + 8)]
+    assert (width.group, width.kept) == (8, tuple(kept))
+    compact = full_rank_student_path_finalizes(prepared, model, x, tmp_path / "grouped.onnx")
+    groups, weight = _grouped_copy(compact, checked)
+    assert groups == 4 and torch.equal(weight, model.dw.weight[kept])  # the kept groups' filters, each reading its own group
+    rows = {row.name: row for row in tunecomp_fx.get_report(compact).sites}
+    assert rows["project"].reason.startswith("32 of 64 input neurons kept (4 of 8 groups)")
+    # groups of 4 channels: an even count of them keeps the width a multiple of rank_multiple=8
+    prepared = tunecomp_fx.prepare(InvertedResidual(groups=16, checked=checked).eval(), x, 0.5, prune_neurons=0.3)
+    [width] = _context(prepared).hidden_widths
+    assert (width.group, len(width.kept)) == (4, 48)
+
+
+@pytest.mark.parametrize("checked", [False, True], ids=["traced", "exported"])
+def test_a_grouped_convolution_loses_the_groups_pruned_during_training(checked: bool) -> None:
+    torch.manual_seed(0)
+    data = [(torch.randn(4, 16, 8, 8), torch.randn(4, 16, 8, 8)) for _ in range(3)]
+    options = {"prune_neurons": 0.5, "width_slack": 1.0, "rank_slack": 0.25}
+    prepared = tunecomp_fx.prepare(InvertedResidual(groups=8, checked=checked), data[0][0], 0.6, calib=[x for x, _ in data], **options)
+    assert _context(prepared).hidden_widths[0].kept == tuple(range(64))  # every group at first
+    assert train_with_hook(prepared.train(), data, F.mse_loss, 6, 3).teacher_removed
+    prepared.eval()
+    with torch.no_grad():
+        trained = prepared(data[0][0])
+    compact = tunecomp_fx.finalize(prepared)
+    groups, weight = _grouped_copy(compact, checked)
+    assert (groups, weight.shape) == (4, (32, 8, 3, 3))
+    with torch.no_grad():
+        torch.testing.assert_close(compact(data[0][0]), trained, rtol=1e-5, atol=1e-5)
+
+
+def test_regnets_bottleneck_prunes_whole_groups_through_its_squeeze_excitation(tmp_path) -> None:  # noqa: ANN001
+    from torchvision.models.regnet import ResBottleneckBlock
+
+    torch.manual_seed(0)
+    block = ResBottleneckBlock(32, 32, 1, nn.BatchNorm2d, nn.ReLU, group_width=8, se_ratio=0.25).eval()  # 4 groups of 8
+    with torch.no_grad():
+        for norm in (m for m in block.modules() if isinstance(m, nn.BatchNorm2d)):
+            norm.weight.normal_(), norm.bias.uniform_(1.0, 2.0), norm.running_mean.normal_()  # every channel fires
+        for layer in (block.f.c[0], block.f.se.fc1):  # the projection and the gates read the first and third groups alone
+            layer.weight.view(layer.weight.shape[0], 4, 8)[:, 1::2] = 0.0
+    x = torch.randn(4, 32, 8, 8)
+    prepared = tunecomp_fx.prepare(block, x, 0.5, prune_neurons=0.5, rank_slack=10.0)
+    [width] = _context(prepared).hidden_widths
+    assert (width.ups, width.down, width.group, width.squeezes) == (("f.a.0",), "f.c.0", 8, (("f_se_avgpool", "f_se_fc1", "f_se_fc2"),))
+    assert width.kept == (*range(8), *range(16, 24))
+    compact = full_rank_student_path_finalizes(prepared, block, x, tmp_path / "regnet_block.onnx")
+    assert compact.lowrank.f_c_0.channels_f_b_0.groups == 2
+
+
 def test_timms_inverted_residual_prunes_through_batch_norms_that_hold_the_activation() -> None:
     from timm.models._efficientnet_blocks import InvertedResidual as TimmInvertedResidual
 
@@ -643,7 +710,7 @@ def test_a_size_of_the_width_read_outside_the_ffn_leaves_no_width() -> None:
 
 def test_a_convolution_mixing_the_channels_leaves_no_width() -> None:
     with pytest.raises(SiteError, match="found no hidden width to prune"):
-        tunecomp_fx.prepare(InvertedResidual(depthwise=False).eval(), torch.randn(2, 16, 8, 8), 0.5, prune_neurons=0.5)
+        tunecomp_fx.prepare(InvertedResidual(groups=1).eval(), torch.randn(2, 16, 8, 8), 0.5, prune_neurons=0.5)
 
 
 def test_a_model_without_hidden_widths_says_so() -> None:

@@ -244,13 +244,16 @@ def _is_ours(thing: object) -> bool:
 
 def _kept_neurons(site: Site, widths: list[HiddenWidth]) -> str:
     """What width pruning kept of a site, e.g. "768 of 1536 output neurons kept", with the heads when
-    they were pruned: "128 of 384 output neurons kept (4 of 12 heads)"."""
+    they were pruned: "128 of 384 output neurons kept (4 of 12 heads)", or a grouped convolution's
+    groups: "48 of 96 input neurons kept (6 of 12 groups)"."""
     out_features, in_features = site.unpruned_shape or (site.out_features, site.in_features)
     kept = [f"{site.out_features} of {out_features} output" if site.kept_rows is not None else "",
             f"{site.in_features} of {in_features} input" if site.kept_columns is not None else ""]
     heads = [width for width in widths if width.kind == "heads" and site.name in width.sites]
     kept_width = {w.down: site.in_features for w in heads} | {up: site.out_features // w.parts_of(up) for w in heads for up in w.ups}
     groups = "".join(f" ({kept_width[site.name] // w.head_dim} of {w.width // w.repeats_of(site.name) // w.head_dim} heads)" for w in heads)
+    grouped = [w for w in widths if w.kind == "neurons" and w.group > 1 and site.name in w.sites]
+    groups += "".join(f" ({(site.in_features if site.name == w.down else site.out_features) // w.group} of {w.width // w.group} groups)" for w in grouped)
     return f"{' and '.join(filter(None, kept))} neurons kept{groups}"
 
 

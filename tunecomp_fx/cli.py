@@ -94,8 +94,8 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--prune-neurons", type=float, default=0.0, metavar="FRACTION",
         help="remove this fraction of the neurons of every hidden width up -> activation -> down (an FFN; the channels "
-        "of an inverted residual, batch norms and depthwise convolution included), the rest of the ratio by rank "
-        "(default 0: off)",
+        "of an inverted residual, batch norms, depthwise convolution and squeeze-excitation included; the groups of a "
+        "grouped convolution, as in RegNet and ResNeXt), the rest of the ratio by rank (default 0: off)",
     )
     group.add_argument(
         "--prune-heads", type=float, default=0.0, metavar="FRACTION",

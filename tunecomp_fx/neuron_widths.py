@@ -3,18 +3,20 @@ activation, perhaps a dropout or an identity, or an activation written out in ar
 width and numbers; reshapes of the tokens) into a down-projection, as in a transformer's FFN; a
 gated activation reads a second up-projection too (LLaMA's SwiGLU); between pointwise convolutions
 also per-channel modules (`tunecomp_fx.per_channel`: batch norms, depthwise convolutions, as in
-MobileNets) and a squeeze-excitation (`_squeeze_excitation`: its gates, computed from the width's
-mean over the image by two pointwise convolutions or linear layers, multiply the width, as in
-EfficientNet, MobileNetV3 and SENet; the two layers stay dense, copied into the student path with the kept channels'
-inputs and outputs alone), and between linear layers tokens swapped to channels and viewed as an image for a
-depthwise convolution, then flattened and swapped back (PVT v2's and SegFormer's FFN; sizes the
-region reads from its own shapes are read in the student path from the students'), or flattened
-to rows for a BatchNorm1d and reshaped back (LeViT's `bn(x.flatten(0, 1)).reshape_as(x)`). Dropping a neuron
-removes a row of each up, the activation's element (the per-channel modules' channel; the
-squeeze-excitation's input and gate) and a column of down."""
+MobileNets; grouped convolutions, as in RegNet and ResNeXt, whose groups are then pruned whole)
+and a squeeze-excitation (`_squeeze_excitation`: its gates, computed from the width's mean over the
+image by two pointwise convolutions or linear layers, multiply the width, as in EfficientNet,
+MobileNetV3 and SENet; the two layers stay dense, copied into the student path with the kept
+channels' inputs and outputs alone), and between linear layers tokens swapped to channels and
+viewed as an image for a depthwise convolution, then flattened and swapped back (PVT v2's and
+SegFormer's FFN; sizes the region reads from its own shapes are read in the student path from the
+students'), or flattened to rows for a BatchNorm1d and reshaped back (LeViT's
+`bn(x.flatten(0, 1)).reshape_as(x)`). Dropping a neuron removes a row of each up, the activation's
+element (the per-channel modules' channel; the squeeze-excitation's input and gate) and a column of down."""
 
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
@@ -23,7 +25,7 @@ from torch import fx, nn
 
 from tunecomp_fx.forms import LAYOUTS, match_site, site_input
 from tunecomp_fx.graph_nodes import RESHAPES, TRANSPOSES, data_input, is_dropout, is_identity, is_op, keeps_width_last, shape_entries, width_sizes
-from tunecomp_fx.per_channel import is_per_channel
+from tunecomp_fx.per_channel import channel_group, is_per_channel
 from tunecomp_fx.sites import HiddenWidth, Site
 
 aten = torch.ops.aten
@@ -63,10 +65,10 @@ _PADDING_FUNCTIONS = {F.pad, aten.constant_pad_nd.default, aten.pad.default}
 def _elementwise(gm: fx.GraphModule, node: fx.Node, width: int, channel_first: bool) -> str | None:
     """"activation", "dropout", "identity" (timm's Mlp has an nn.Identity norm when the norm is off),
     "arithmetic" (`_ARITHMETIC`, of tensors and numbers), "reshape" (of the tokens: the width stays
-    last), "channelwise" (`is_per_channel`, for widths in dim 1: pointwise convolutions' channels),
+    last), "channelwise" (`channel_group`, for widths in dim 1: pointwise convolutions' channels),
     "padding" (`_PADDINGS`, widths in dim 1), or None when `node` is none of them. Which tensors it
     reads is the caller's to check."""
-    if channel_first and is_per_channel(gm, node, width):
+    if channel_first and channel_group(gm, node, width) is not None:
         return "channelwise"
     if channel_first and (is_op(node, _PADDING_FUNCTIONS) or (node.op == "call_module" and isinstance(gm.get_submodule(node.target), _PADDINGS))):
         return "padding"
@@ -314,9 +316,10 @@ def neuron_width(
     resized = width_sizes([n for n in reshapes if not placed[n]], width)
     resized |= {n.name: 1 for n in reshapes if placed[n] and is_op(n, RESHAPES) and shape_entries(n)[1] == width}
     channelwise = tuple(name for name in between if kinds[nodes[name]] == "channelwise")
+    group = math.lcm(1, *(channel_group(gm, nodes[name], width) for name in channelwise))  # a grouped convolution's groups go whole
     squeezes = tuple(zip(*(tuple(name for name in between if kinds[nodes[name]] == kind) for kind in ("squeeze", "reduce", "expand"))))
     norms = tuple(name for name in between if kinds[nodes[name]] == "bottleneck_norm")
     return HiddenWidth(
-        "neurons", ups, down.name, between, width, resized=tuple(resized.items()), channelwise=channelwise, squeezes=squeezes, bottleneck_norms=norms
+        "neurons", ups, down.name, between, width, group, tuple(resized.items()), channelwise=channelwise, squeezes=squeezes, bottleneck_norms=norms
     )
 

@@ -1,6 +1,7 @@
 """Per-channel modules between pointwise convolutions (prune_neurons through MobileNet-style inverted
-residuals): a batch norm or a depthwise convolution maps each channel by itself, so a pruned width's
-student path can hold a copy with the kept channels alone (`with_channels`).
+residuals): a batch norm or a depthwise convolution maps each channel by itself, a grouped
+convolution (RegNet's, ResNeXt's) each group of channels, so a pruned width's student path can hold
+a copy with the kept channels (whole groups) alone (`with_channels`).
 
 A symbolically traced model calls the modules (nn.BatchNorm2d, nn.Conv2d with one group per channel),
 or torch.conv2d on get_attr tensors where it traced through a subclass of nn.Conv2d (Hugging Face's
@@ -22,11 +23,11 @@ from torch import fx, nn
 aten = torch.ops.aten
 
 # aten calls (or torch functions, as a traced subclass of nn.Conv2d calls them) whose tensors a width's
-# student path holds copies of, by argument position: those mapping each channel (dim 1) by itself
-# (`is_per_channel`) and a squeeze-excitation's layers
+# student path holds copies of, by argument position: those mapping each channel (dim 1), or each
+# group of channels, by itself (`channel_group`) and a squeeze-excitation's layers
 _CHANNEL_TENSORS: dict[Callable[..., Any], tuple[int, ...]] = {
     aten.batch_norm.default: (1, 2, 3, 4),  # weight, bias, running mean and variance
-    aten.conv2d.default: (1, 2),  # weight, bias; depthwise when groups (position 6) is the channel count
+    aten.conv2d.default: (1, 2),  # weight, bias; depthwise or grouped by its groups (position 6)
     aten.conv1d.default: (1, 2),
     aten.conv2d.padding: (1, 2),  # padding="same" or "valid"
     aten.linear.default: (1, 2),  # a squeeze-excitation's linear layers
@@ -65,21 +66,29 @@ def _channel_tensors(gm: fx.GraphModule, node: fx.Node) -> dict[int, torch.Tenso
     return {p: operator.attrgetter(read.target)(gm) for p, read in reads.items()}
 
 
-def is_per_channel(gm: fx.GraphModule, node: fx.Node, channels: int) -> bool:
-    """Whether `node` maps each of `channels` channels (dim 1) by itself: a batch norm or a depthwise
-    convolution, as a module call or an aten call on the graph's tensors."""
+def channel_group(gm: fx.GraphModule, node: fx.Node, channels: int) -> int | None:
+    """How many consecutive channels of `channels` (dim 1) `node` maps together, each group by itself:
+    1 for a batch norm or a depthwise convolution, the channels per group of a grouped convolution
+    from and to `channels`; a module call or an aten call on the graph's tensors. None for any other node."""
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            return module.num_features == channels
-        depthwise = isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.padding_mode == "zeros"
-        return depthwise and module.groups == module.in_channels == module.out_channels == channels
+            return 1 if module.num_features == channels else None
+        grouped = isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.padding_mode == "zeros" and module.groups > 1
+        return channels // module.groups if grouped and module.in_channels == module.out_channels == channels else None
     tensors = _channel_tensors(gm, node)
     if tensors is None or any(tensor.shape[0] != channels for tensor in tensors.values()):
-        return False
+        return None
     if node.target is aten.batch_norm.default:
-        return all(tensor.dim() == 1 for tensor in tensors.values())
-    return len(node.args) > _GROUPS and node.args[_GROUPS] == channels and tensors[1].shape[1] == 1
+        return 1 if all(tensor.dim() == 1 for tensor in tensors.values()) else None
+    groups = node.args[_GROUPS] if len(node.args) > _GROUPS else 1
+    per_group = tensors[1].shape[1]
+    return per_group if isinstance(groups, int) and groups > 1 and groups * per_group == channels else None
+
+
+def is_per_channel(gm: fx.GraphModule, node: fx.Node, channels: int) -> bool:
+    """Whether `node` maps each of `channels` channels by itself (`channel_group` 1)."""
+    return channel_group(gm, node, channels) == 1
 
 
 def per_channel_module(gm: fx.GraphModule, node: fx.Node) -> nn.Module:
@@ -96,36 +105,40 @@ def per_channel_module(gm: fx.GraphModule, node: fx.Node) -> nn.Module:
     return holder
 
 
-def read_channels(graph: fx.Graph, call: fx.Node, target: str, channels: int, side: str = "each") -> None:
+def read_channels(gm: fx.GraphModule, call: fx.Node, target: str, side: str = "each") -> None:
     """Point a copy of a node at the module `target` holding its kept channels (`with_channels`): a
-    module call calls it, a function call reads its tensors (get_attr) and, a depthwise convolution
-    (side "each"), has a group per channel."""
+    module call calls it, a function call reads its tensors (get_attr) and, a depthwise or grouped
+    convolution (side "each"), has the groups its kept channels make."""
     if call.op == "call_module":
         call.target = target
         return
     for position in _CHANNEL_TENSORS[call.target]:
         if position < len(call.args) and call.args[position] is not None:
-            with graph.inserting_before(call):
-                call.update_arg(position, graph.get_attr(f"{target}.arg{position}"))
+            with gm.graph.inserting_before(call):
+                call.update_arg(position, gm.graph.get_attr(f"{target}.arg{position}"))
     if side == "each":
-        set_channel_count(call, channels)
+        set_group_count(call, gm.get_submodule(target))
 
 
-def set_channel_count(call: fx.Node, channels: int) -> None:
-    """The groups of an aten depthwise convolution's copy, one per channel it keeps."""
+def set_group_count(call: fx.Node, holder: nn.Module) -> None:
+    """The groups of an aten depthwise or grouped convolution's copy: as many as the channels its
+    tensors in `holder` keep make (one per channel for a depthwise one)."""
     if call.op == "call_function" and call.target is not aten.batch_norm.default:
-        call.update_arg(_GROUPS, channels)
+        weight = holder.arg1
+        call.update_arg(_GROUPS, weight.shape[0] // weight.shape[1])
 
 
 def with_channels(module: nn.Module, index: torch.Tensor, side: str = "each") -> nn.Module:
     """A copy of a module (`per_channel_module`) that keeps the channels `index`, its channel counts set
-    to match: on every side of a per-channel module ("each": every parameter and statistic), or on
+    to match: on every side of a per-channel module or a grouped convolution ("each": every parameter
+    and statistic; `index` whole groups), or on
     the input ("in": the weight's columns) or output ("out": the weight's rows and the bias) of a
     convolution mixing the channels (a squeeze-excitation's); "none": a whole copy (a norm in a
     squeeze-excitation's bottleneck, which holds no channel of the width)."""
     kept = copy.deepcopy(module)
     if side == "none":
         return kept
+    per_group = module.in_channels // module.groups if isinstance(module, nn.modules.conv._ConvNd) else 1
     dim = 1 if side == "in" else 0
     with torch.no_grad():
         for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
@@ -143,5 +156,5 @@ def with_channels(module: nn.Module, index: torch.Tensor, side: str = "each") ->
         if side != "in":
             kept.out_channels = len(index)
         if side == "each":
-            kept.groups = len(index)
+            kept.groups = len(index) // per_group  # `index` holds whole groups
     return kept

@@ -115,7 +115,8 @@ class Site:
 class HiddenWidth:
     """ups -> the nodes between -> down: a width that structured pruning slices in groups of `group`
     neurons. kind "neurons": one up site (two for a gated activation), an elementwise activation
-    (perhaps a dropout, perhaps written out in arithmetic), groups of one (a transformer's FFN). kind "heads": the query, key and value sites (or
+    (perhaps a dropout, perhaps written out in arithmetic), groups of one (a transformer's FFN), or of a grouped
+    convolution's channels per group (RegNet's, ResNeXt's). kind "heads": the query, key and value sites (or
     fused sites whose outputs hold several copies of the width side by side, `parts` per up site:
     3 for one fused qkv site, 1 and 2 for a query site and a packed key/value site), the head split,
     the attention (a scaled_dot_product_attention call or one written out) and the head merge, groups of a head's size (with grouped-query
@@ -139,7 +140,7 @@ class HiddenWidth:
     parts: tuple[int, ...] = ()  # per up site; none given: one each
     repeats: tuple[int, ...] = ()  # per up site: how many query heads share each of its heads (grouped-query key/value)
     per_head_reads: tuple[tuple[str, str], ...] = ()
-    channelwise: tuple[str, ...] = ()  # nodes of per-channel modules (batch norms, depthwise convolutions): the student path's copies are sliced
+    channelwise: tuple[str, ...] = ()  # nodes of per-channel modules (batch norms, depthwise or grouped convolutions): the student path's copies are sliced
     per_head_parts: tuple[str, ...] = ()  # up sites holding each head's parts side by side (MaxViT's q, k, v), not each part's heads
     # squeeze-excitations the width passes through: (the squeeze, the convolution reading the width, the one writing its gates)
     squeezes: tuple[tuple[str, str, str], ...] = ()
