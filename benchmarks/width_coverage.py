@@ -1,7 +1,8 @@
 """Which hidden widths structured pruning finds, model by model: for each model of the coverage sweep
 (benchmarks/coverage.py) plus EfficientNet-B0 (timm's, torchvision's, Hugging Face's), torchvision's MobileNetV3
 and ReXNet (inverted residuals with squeeze-excitation), RegNet and ResNeXt (bottlenecks with a grouped
-convolution) and small randomly initialized Hugging Face GPT-2, LLaMA and Qwen3 models,
+convolution), timm's gMLP-Mixer (gated MLPs packed in one layer) and small randomly initialized
+Hugging Face GPT-2, LLaMA, Qwen3 and Phi-3 models,
 `prepare(ratio=0.6)` with prune_neurons=0.3 and, separately, with prune_heads=0.5, counting the
 neuron widths (FFNs) and head widths (attention blocks) found against the attentions in the graph
 (scaled_dot_product_attention calls and attention written out as matmul and softmax). Training-free
@@ -31,13 +32,15 @@ RATIO = 0.6
 OPTIONS = {"neurons": {"prune_neurons": 0.3}, "heads": {"prune_heads": 0.5}}
 SQUEEZE_EXCITATION = ["timm:efficientnet_b0", "torchvision:efficientnet_b0", "hf-tiny:efficientnet", "torchvision:mobilenet_v3_small", "timm:rexnet_100"]
 GROUPED = ["torchvision:regnet_y_400mf", "torchvision:regnet_x_400mf", "timm:regnety_002", "torchvision:resnext50_32x4d"]
-TINY_HF = ["hf-tiny:gpt2", "hf-tiny:gpt2-eager", "hf-tiny:llama", "hf-tiny:llama-mha", "hf-tiny:llama-eager", "hf-tiny:qwen3"]
+TINY_HF = ["hf-tiny:gpt2", "hf-tiny:gpt2-eager", "hf-tiny:llama", "hf-tiny:llama-mha", "hf-tiny:llama-eager", "hf-tiny:qwen3", "hf-tiny:phi3"]
+PACKED_GATES = ["timm:gmixer_12_224"]  # GluMlp: the gated activation's two up sites packed in one, chunked (Phi-3's too)
 
 
 def build_tiny_hf(name: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     """A 2-layer GPT-2, LLaMA (rotary embeddings; "llama": grouped-query attention, 2 key/value heads
-    for 4 query heads; "llama-mha": 4 of each) or Qwen3 (LLaMA's with a norm of each query and key
-    head) at random initialization; "-eager": with Hugging Face's eager attention (matmul and softmax)
+    for 4 query heads; "llama-mha": 4 of each), Qwen3 (LLaMA's with a norm of each query and key
+    head) or Phi-3 (gate and up projections packed in one, chunked; query, key and value packed in one,
+    sliced) at random initialization; "-eager": with Hugging Face's eager attention (matmul and softmax)
     in place of scaled_dot_product_attention; or Hugging Face's EfficientNet-B0 on 64 x 64 images."""
     import transformers
 
@@ -50,6 +53,13 @@ def build_tiny_hf(name: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     if name == "gpt2":
         config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=32, use_cache=False, attn_implementation=attention)
         model = transformers.GPT2Model(config)
+    elif name == "phi3":
+        config = transformers.Phi3Config(
+            num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4,
+            vocab_size=100, max_position_embeddings=32, use_cache=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            attn_implementation=attention,
+        )  # fmt: skip
+        model = transformers.Phi3Model(config)
     elif name == "qwen3":
         config = transformers.Qwen3Config(
             num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -123,7 +133,7 @@ def markdown(rows: list[dict], seconds: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="*", default=[*MODELS, *SQUEEZE_EXCITATION, *GROUPED, *TINY_HF])
+    parser.add_argument("--models", nargs="*", default=[*MODELS, *SQUEEZE_EXCITATION, *GROUPED, *PACKED_GATES, *TINY_HF])
     parser.add_argument("--output", type=Path, default=RESULTS / "width_coverage.md")
     args = parser.parse_args()
     start, rows = time.perf_counter(), []

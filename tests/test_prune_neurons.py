@@ -219,25 +219,91 @@ def test_a_gate_left_dense_leaves_no_width() -> None:
         tunecomp_fx.prepare(WrittenOutGelu(gated=True), torch.randn(4, 10, 64), 0.5, prune_neurons=0.3, exclude=("gate",))
 
 
-def test_llamas_gated_mlp_prunes_its_neurons_and_exports(tmp_path) -> None:  # noqa: ANN001
+def _hugging_face_gated_mlps(family: str) -> nn.Module:
+    """A 2-layer LLaMA (gate_proj and up_proj) or Phi-3 (gate_up_proj, chunked), random weights."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=100, max_position_embeddings=32, use_cache=False,
-    )  # fmt: skip
-    model, inputs = transformers.LlamaModel(config).eval(), {"input_ids": torch.randint(0, 100, (2, 12))}
+    common = {
+        "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+        "vocab_size": 100, "max_position_embeddings": 32, "use_cache": False,
+    }  # fmt: skip
+    if family == "llama":
+        return transformers.LlamaModel(transformers.LlamaConfig(num_key_value_heads=2, **common))
+    return transformers.Phi3Model(transformers.Phi3Config(num_key_value_heads=4, pad_token_id=0, bos_token_id=1, eos_token_id=2, **common))
+
+
+@pytest.mark.parametrize(
+    "family, ups, parts, kept_rows",
+    [("llama", ("gate_proj", "up_proj"), (), "88 of 128"), ("phi3", ("gate_up_proj",), (2,), "176 of 256")],  # two up sites; one, chunked
+)
+def test_hugging_faces_gated_mlps_prune_their_neurons_and_export(family: str, ups: tuple[str, ...], parts: tuple[int, ...], kept_rows: str, tmp_path) -> None:  # noqa: ANN001
+    model, inputs = _hugging_face_gated_mlps(family).eval(), {"input_ids": torch.randint(0, 100, (2, 12))}
     prepared = tunecomp_fx.prepare(model, inputs, 0.5, prune_neurons=0.3)
-    assert {(w.ups, w.down, len(w.kept)) for w in _context(prepared).hidden_widths} == {
-        ((f"layers.{i}.mlp.gate_proj", f"layers.{i}.mlp.up_proj"), f"layers.{i}.mlp.down_proj", 88) for i in range(2)
+    assert {(w.ups, w.down, w.parts, len(w.kept)) for w in _context(prepared).hidden_widths} == {
+        (tuple(f"layers.{i}.mlp.{up}" for up in ups), f"layers.{i}.mlp.down_proj", parts, 88) for i in range(2)
     }
     with torch.no_grad():
         torch.testing.assert_close(prepared(**inputs)[0], model(**inputs)[0], rtol=1e-5, atol=1e-5)  # alpha = 1: the teacher alone
     compact, _ = finalize_from_student_path(prepared, **inputs)
     rows = {row.name: row for row in tunecomp_fx.get_report(compact).sites}
-    assert rows["layers.1.mlp.up_proj"].reason.startswith("88 of 128 output neurons kept")
-    result = to_onnx(compact, inputs, tmp_path / "llama.onnx")
+    assert rows[f"layers.1.mlp.{ups[-1]}"].reason.startswith(f"{kept_rows} output neurons kept")
+    result = to_onnx(compact, inputs, tmp_path / f"{family}.onnx")
     assert all(error < 1e-4 for error in result.max_errors.values())
+
+
+def _glu_mlp() -> nn.Module:
+    """timm's GluMlp: fc1's output chunked in two along the last dim, act(first) * second (64 neurons), fc2."""
+    from timm.layers import GluMlp
+
+    torch.manual_seed(0)
+    return GluMlp(32, 128, act_layer=nn.SiLU)
+
+
+def test_a_gated_activation_packed_in_one_site_prunes_both_its_parts(tmp_path) -> None:  # noqa: ANN001
+    mlp, x = _glu_mlp().eval(), torch.randn(4, 10, 32)
+    prepared = tunecomp_fx.prepare(mlp, x, 0.5, prune_neurons=0.5, rank_slack=10.0)
+    [width] = _context(prepared).hidden_widths
+    assert (width.ups, width.down, width.width, width.parts, len(width.kept)) == (("fc1",), "fc2", 64, (2,), 32)
+    kept = list(width.kept)
+    sites = {site.name: site for site in _context(prepared).sites}
+    assert sites["fc1"].kept_rows == (*kept, *(64 + neuron for neuron in kept))  # each kept neuron's row in both parts
+    compact = full_rank_student_path_finalizes(prepared, silenced(mlp, [width]), x, tmp_path / "glu_mlp.onnx")
+    rows = {row.name: row for row in tunecomp_fx.get_report(compact).sites}
+    assert rows["fc1"].reason.startswith("64 of 128 output neurons kept") and rows["fc2"].reason.startswith("32 of 64 input neurons kept")
+
+
+def test_a_packed_gated_activation_loses_the_neurons_pruned_during_training() -> None:
+    torch.manual_seed(0)
+    data = [(torch.randn(4, 10, 32), torch.randn(4, 10, 32)) for _ in range(3)]
+    options = {"prune_neurons": 0.5, "width_slack": 1.0, "rank_slack": 0.25}
+    prepared = tunecomp_fx.prepare(_glu_mlp(), data[0][0], 0.6, calib=[x for x, _ in data], **options)
+    assert len(_context(prepared).hidden_widths[0].kept) == 64  # every neuron at first
+    assert train_with_hook(prepared.train(), data, F.mse_loss, 6, 3).teacher_removed
+    prepared.eval()
+    with torch.no_grad():
+        trained = prepared(data[0][0])
+    compact = tunecomp_fx.finalize(prepared)
+    rows = {row.name: row for row in tunecomp_fx.get_report(compact).sites}
+    assert rows["fc1"].reason.startswith("64 of 128 output neurons kept") and rows["fc2"].reason.startswith("32 of 64 input neurons kept")
+    with torch.no_grad():
+        torch.testing.assert_close(compact(data[0][0]), trained, rtol=1e-5, atol=1e-5)
+
+
+class _TokenChunks(nn.Module):
+    """fc1's output chunked along the tokens, not the width: silu(first half) * second half -> fc2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 64), nn.Linear(64, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first, second = self.fc1(x).chunk(2, dim=1)
+        return self.fc2(F.silu(first) * second)
+
+
+def test_a_chunk_of_the_tokens_is_no_packed_gated_activation() -> None:
+    with pytest.raises(SiteError, match="found no hidden width to prune"):
+        tunecomp_fx.prepare(_TokenChunks().eval(), torch.randn(2, 8, 16), 0.5, prune_neurons=0.5)
 
 
 def test_batch_norms_and_a_depthwise_convolution_are_copied_with_the_kept_channels(tmp_path) -> None:  # noqa: ANN001

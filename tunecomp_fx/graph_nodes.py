@@ -79,6 +79,19 @@ def is_op(node: fx.Node, targets: set) -> bool:
     return node.op in ("call_function", "call_method") and node.target in targets
 
 
+CHUNKS = {aten.chunk.default, torch.chunk, "chunk"}
+
+
+def chunk_parts(node: fx.Node) -> tuple[int, int] | None:
+    """(chunks, dim) of a chunk of one tensor, x.chunk(chunks, dim) as a method, function or aten call;
+    None for any other node."""
+    if not is_op(node, CHUNKS) or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    parts = node.args[1] if len(node.args) > 1 else node.kwargs.get("chunks")
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    return (parts, dim) if isinstance(parts, int) and parts > 0 and isinstance(dim, int) else None
+
+
 def is_identity(gm: fx.GraphModule, node: fx.Node) -> bool:
     """An nn.Identity call (timm's q_norm, k_norm and norm when those norms are off)."""
     return node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Identity)

@@ -31,7 +31,7 @@ from torch import fx, nn
 
 from tunecomp_fx.forms import site_input
 from tunecomp_fx.graph_nodes import (
-    PERMUTES, RESHAPES, TRANSPOSES, data_input, is_dropout, is_identity, is_op, keeps_width_last, shape_entries, width_sizes,
+    PERMUTES, RESHAPES, TRANSPOSES, chunk_parts, data_input, is_dropout, is_identity, is_op, keeps_width_last, shape_entries, width_sizes,
 )
 from tunecomp_fx.sites import HiddenWidth, Site
 
@@ -40,7 +40,6 @@ aten = torch.ops.aten
 _SWAPS = TRANSPOSES | PERMUTES
 _UNBINDS = {aten.unbind.int, torch.unbind, "unbind"}
 _SPLITS = {aten.split.Tensor, torch.split, "split"}
-_CHUNKS = {aten.chunk.default, torch.chunk, "chunk"}
 ATTENTION = {aten.scaled_dot_product_attention.default, F.scaled_dot_product_attention}
 
 
@@ -417,12 +416,11 @@ def _per_head_part(gm: fx.GraphModule, item: fx.Node, width: int, sites_by_node:
     """If `item` is part i of each head of one site's output, view(..., heads, parts * head_dim),
     transpose(1, 2), chunk(parts, dim=-1)[i] (timm's MaxViT: each head's query, key and value side by
     side in the site's rows)."""
-    if item.op != "call_function" or item.target is not operator.getitem or not is_op(item.args[0], _CHUNKS):
+    if item.op != "call_function" or item.target is not operator.getitem or not isinstance(item.args[0], fx.Node):
         return None
     chunk = item.args[0]
-    parts = chunk.args[1] if len(chunk.args) > 1 else chunk.kwargs.get("chunks")
-    dim = chunk.args[2] if len(chunk.args) > 2 else chunk.kwargs.get("dim", 0)
-    if not isinstance(parts, int) or parts < 1 or dim not in (3, -1) or not isinstance(chunk.args[0], fx.Node):
+    parts, dim = chunk_parts(chunk) or (0, 0)
+    if not parts or dim not in (3, -1):
         return None
     source, chain = _chain_back(gm, chunk.args[0])
     split = _sequence_major_split(chain, parts * width) if chain else None

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from tunecomp_fx.forms import LAYOUTS, match_site, site_input
-from tunecomp_fx.graph_nodes import RESHAPES, TRANSPOSES, data_input, is_dropout, is_identity, is_op, keeps_width_last, shape_entries, width_sizes
+from tunecomp_fx.graph_nodes import RESHAPES, TRANSPOSES, chunk_parts, data_input, is_dropout, is_identity, is_op, keeps_width_last, shape_entries, width_sizes
 from tunecomp_fx.per_channel import channel_group, is_per_channel
 from tunecomp_fx.sites import HiddenWidth, Site
 
@@ -273,14 +273,33 @@ def _activates(gm: fx.GraphModule, kinds: dict[fx.Node, str]) -> bool:
     )
 
 
+def _chunked_parts(output: fx.Node, up: Site) -> list[fx.Node] | None:
+    """The parts of a linear site's output chunked along its last dim, `up(x).chunk(k, dim=-1)` read by
+    one getitem each (a gated activation packed in one site: Phi-3's gate_up_proj, timm's GluMlp), in
+    order; None for an output read otherwise."""
+    chunk = next(iter(output.users)) if len(output.users) == 1 else None
+    parts, dim = (chunk_parts(chunk) if chunk is not None else None) or (0, 0)
+    value = output.meta.get("val")
+    last = dim == -1 or (isinstance(value, torch.Tensor) and dim == value.dim() - 1)
+    if parts < 2 or not last or up.layout != "linear" or up.out_features % parts:
+        return None
+    items = sorted(chunk.users, key=lambda item: item.args[1] if item.target is operator.getitem else -1)
+    if [item.args[1:] if item.target is operator.getitem else None for item in items] != [(i,) for i in range(parts)]:
+        return None
+    return items
+
+
 def neuron_width(
     gm: fx.GraphModule, up: Site, sites_by_node: dict[str, Site], sites_by_entry: dict[str, Site], nodes: dict[str, fx.Node]
 ) -> HiddenWidth | None:
     """The width `up` computes, if elementwise nodes alone (`_elementwise`, one an activation) lead from
     it to one compressed site's input, reading nothing but it, each other and other compressed sites
-    of the same width and layout (a gated activation, act(gate(x)) * up(x), as in LLaMA's SwiGLU).
-    The sites share the width's neurons; it is found from the first of them in the graph."""
-    width, starts = up.out_features, [nodes[up.node]]
+    of the same width and layout (a gated activation, act(gate(x)) * up(x), as in LLaMA's SwiGLU), or
+    from the parts of its output chunked along the last dim (the gated activation's two sites packed
+    in one, `_chunked_parts`). The sites share the width's neurons; it is found from the first of them
+    in the graph."""
+    chunked = _chunked_parts(nodes[up.node], up)
+    width, starts = (up.out_features // len(chunked), list(chunked)) if chunked else (up.out_features, [nodes[up.node]])
     while True:
         channels = LAYOUTS[up.layout].feature_dim != -1
         region = _elementwise_region(gm, starts, width, channels)
@@ -298,7 +317,11 @@ def neuron_width(
             return None
         if not gates:
             break
+        if chunked:
+            return None  # a chunked site gated by another site besides
         starts += gates
+    if chunked:  # the site's output, then the chunk and its parts, are the width's up and its first steps
+        kinds |= {nodes[up.node]: "up", chunked[0].args[0]: "chunk"} | dict.fromkeys(chunked, "part")
     leaving = [n for n in kinds if reader in n.users]
     down = sites_by_entry.get(reader.name) if reader is not None else None
     if down is None or len(leaving) != 1 or not _activates(gm, kinds):
@@ -320,6 +343,7 @@ def neuron_width(
     squeezes = tuple(zip(*(tuple(name for name in between if kinds[nodes[name]] == kind) for kind in ("squeeze", "reduce", "expand"))))
     norms = tuple(name for name in between if kinds[nodes[name]] == "bottleneck_norm")
     return HiddenWidth(
-        "neurons", ups, down.name, between, width, group, tuple(resized.items()), channelwise=channelwise, squeezes=squeezes, bottleneck_norms=norms
+        "neurons", ups, down.name, between, width, group, tuple(resized.items()), parts=(len(chunked),) if chunked else (),
+        channelwise=channelwise, squeezes=squeezes, bottleneck_norms=norms,
     )
 

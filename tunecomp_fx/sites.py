@@ -114,7 +114,7 @@ class Site:
 @dataclass(frozen=True)
 class HiddenWidth:
     """ups -> the nodes between -> down: a width that structured pruning slices in groups of `group`
-    neurons. kind "neurons": one up site (two for a gated activation), an elementwise activation
+    neurons. kind "neurons": one up site (two for a gated activation, or one in 2 `parts`, chunked), an elementwise activation
     (perhaps a dropout, perhaps written out in arithmetic), groups of one (a transformer's FFN), or of a grouped
     convolution's channels per group (RegNet's, ResNeXt's). kind "heads": the query, key and value sites (or
     fused sites whose outputs hold several copies of the width side by side, `parts` per up site:
@@ -137,7 +137,7 @@ class HiddenWidth:
     resized: tuple[tuple[str, int], ...] = ()
     kept: tuple[int, ...] = ()
     target: int = 0
-    parts: tuple[int, ...] = ()  # per up site; none given: one each
+    parts: tuple[int, ...] = ()  # per up site (a fused qkv site's, a packed gate and up site's); none given: one each
     repeats: tuple[int, ...] = ()  # per up site: how many query heads share each of its heads (grouped-query key/value)
     per_head_reads: tuple[tuple[str, str], ...] = ()
     channelwise: tuple[str, ...] = ()  # nodes of per-channel modules (batch norms, depthwise or grouped convolutions): the student path's copies are sliced
