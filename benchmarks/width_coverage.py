@@ -40,7 +40,7 @@ def build_tiny_hf(name: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     """A 2-layer GPT-2, LLaMA (rotary embeddings; "llama": grouped-query attention, 2 key/value heads
     for 4 query heads; "llama-mha": 4 of each), Qwen3 (LLaMA's with a norm of each query and key
     head) or Phi-3 (gate and up projections packed in one, chunked; query, key and value packed in one,
-    sliced) at random initialization; "-eager": with Hugging Face's eager attention (matmul and softmax)
+    sliced; 4 key/value heads, as Phi-3-mini) at random initialization; "-eager": with Hugging Face's eager attention (matmul and softmax)
     in place of scaled_dot_product_attention; or Hugging Face's EfficientNet-B0 on 64 x 64 images."""
     import transformers
 

@@ -31,7 +31,7 @@ import tunecomp_fx
 from tunecomp_fx.errors import BudgetError, SiteError
 from tunecomp_fx.export import to_onnx
 from tunecomp_fx.metrics import count_parameters
-from tunecomp_fx.graph_nodes import rescale_shape_entry, shape_entries
+from tunecomp_fx.graph_nodes import MAX_END, rescale_shape_entry, shape_entries
 from tunecomp_fx.sites import Blend, student_nodes
 
 aten = torch.ops.aten
@@ -631,6 +631,56 @@ def test_gpt2_prunes_the_heads_of_its_split_qkv_and_the_neurons_of_its_written_o
     assert rows["h.0.mlp.c_proj"].reason.startswith("176 of 256 input neurons kept")
     result = to_onnx(compact, other, tmp_path / "gpt2.onnx")
     assert all(error < 1e-4 for error in result.max_errors.values())
+
+
+def _phi3(key_value_heads: int) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A 2-layer Phi-3: query, key and value sliced out of one qkv_proj, a partial rotary embedding read
+    through an alias; `key_value_heads` of 4."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.Phi3Config(
+        num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=key_value_heads,
+        vocab_size=100, max_position_embeddings=32, use_cache=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    return transformers.Phi3Model(config).eval(), {"input_ids": torch.randint(0, 100, (2, 12))}
+
+
+def test_phi3_prunes_the_heads_of_query_key_and_value_sliced_out_of_its_qkv_site(tmp_path) -> None:  # noqa: ANN001
+    model, inputs = _phi3(key_value_heads=4)
+    prepared = tunecomp_fx.prepare(model, inputs, 0.6, prune_heads=0.5, rank_slack=10.0)
+    widths = _context(prepared).hidden_widths
+    assert {(w.ups, w.down, w.parts, len(w.kept)) for w in widths} == {
+        ((f"layers.{i}.self_attn.qkv_proj",), f"layers.{i}.self_attn.o_proj", (3,), 32) for i in range(2)  # qkv[..., :64] etc.
+    }
+    copies = [n for n in prepared.graph.nodes if "copy_of" in n.meta.get("tunecomp", {}) and n.target is aten.slice.Tensor and n.args[1] == 2]
+    assert sorted(n.args[2:] for n in copies) == [(0, 32)] * 2 + [(32, 64)] * 2 + [(64, MAX_END)] * 2  # 2 heads each; the last to the end
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(**inputs)[0], model(**inputs)[0], rtol=1e-5, atol=1e-5)  # alpha = 1: the teacher alone
+    tunecomp_fx.set_blend(prepared, 0.0)
+    with torch.no_grad():  # students at full rank: the model with the pruned heads alone taken out
+        torch.testing.assert_close(prepared(**inputs)[0], silenced(model, widths)(**inputs)[0], rtol=1e-5, atol=1e-5)
+    tunecomp_fx.prune_slack(prepared)
+    compact, _ = finalize_from_student_path(prepared, **inputs)
+    rows = {row.name: row for row in tunecomp_fx.get_report(compact).sites}
+    assert rows["layers.0.self_attn.qkv_proj"].reason.startswith("96 of 192 output neurons kept (2 of 4 heads)")
+    result = to_onnx(compact, inputs, tmp_path / "phi3.onnx")
+    assert all(error < 1e-4 for error in result.max_errors.values())
+
+
+def test_phi3_with_grouped_query_attention_slices_parts_of_unequal_heads_and_keeps_them() -> None:
+    # qkv[..., :64] holds 4 query heads, qkv[..., 64:96] and qkv[..., 96:] 2 key and 2 value heads each
+    model, inputs = _phi3(key_value_heads=2)
+    with pytest.raises(SiteError, match="found no attention heads to prune"):
+        tunecomp_fx.prepare(model, inputs, 0.5, prune_heads=0.5)
+
+
+def test_a_slices_bounds_scale_together_and_an_end_to_the_end_stays() -> None:
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    middle, last = (graph.call_function(aten.slice.Tensor, (x, 2, start, end)) for start, end in ((64, 128), (128, MAX_END)))
+    for node in (middle, last):
+        rescale_shape_entry(node, 1, 32, 64)  # 32 of 64 kept in each block
+    assert (middle.args[1:], last.args[1:]) == ((2, 32, 64), (2, 64, MAX_END))
 
 
 def test_cross_attention_prunes_the_same_heads_of_its_query_site_and_of_both_parts_of_its_key_value_site(tmp_path) -> None:  # noqa: ANN001

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import operator
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -53,10 +54,18 @@ def with_shape(node: fx.Node, entries: Sequence) -> tuple:
     return (node.args[0], list(entries)) if packed else (node.args[0], *entries)
 
 
+MAX_END = sys.maxsize  # a slice's end when it runs to the end of the dim (x[..., start:] under torch.export)
+
+
 def rescale_shape_entry(node: fx.Node, index: int, kept: int, width: int) -> None:
     """Scale the size `index` of a node (`shape_entries`), which counts `width` neurons (or their
     heads), to `kept` of them; a size read at run time (a node) is inferred instead (-1: the node's
-    other sizes are fixed), and stays inferred."""
+    other sizes are fixed), and stays inferred. A slice's bounds (dim, start, end) scale together,
+    an end that runs to the end of the dim staying so."""
+    if node.target is aten.slice.Tensor:
+        _, dim, start, end = node.args
+        node.args = (node.args[0], dim, start * kept // width, end if end == MAX_END else end * kept // width)
+        return
     entries = shape_entries(node)
     entry = entries[index]
     entries[index] = -1 if isinstance(entry, fx.Node) or entry == -1 else entry * kept // width

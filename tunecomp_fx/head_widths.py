@@ -14,7 +14,8 @@ select 0/1/2, each viewed as (seq, batch * heads, head_dim), swapped
 to batch-major and viewed as (batch, heads, seq, head_dim); the heads merged by permute(2, 0, 1, 3)
 and a reshape to (seq * batch, width); in cross-attention a query site and a key/value site packed
 in two parts), and a fused site split along its last dim into three blocks of width (Hugging Face's
-GPT-2: c_attn(x).split(width, dim=2)), each split into heads as the separate sites are. Rotary
+GPT-2: c_attn(x).split(width, dim=2); Phi-3: qkv[..., :width], qkv[..., width:2 * width],
+qkv[..., 2 * width:]), each split into heads as the separate sites are. Rotary
 embeddings (LLaMA) may stand between a head split and the attention, and norms over each head's
 head_dim with one weight for all heads (timm's qk_norm; Qwen3's q_norm and k_norm); with grouped-query
 attention a key/value head and the query heads that share it are one group, pruned together."""
@@ -31,7 +32,7 @@ from torch import fx, nn
 
 from tunecomp_fx.forms import site_input
 from tunecomp_fx.graph_nodes import (
-    PERMUTES, RESHAPES, TRANSPOSES, chunk_parts, data_input, is_dropout, is_identity, is_op, keeps_width_last, shape_entries, width_sizes,
+    MAX_END, PERMUTES, RESHAPES, TRANSPOSES, chunk_parts, data_input, is_dropout, is_identity, is_op, keeps_width_last, shape_entries, width_sizes,
 )
 from tunecomp_fx.sites import HiddenWidth, Site
 
@@ -316,9 +317,31 @@ def _block_part(gm: fx.GraphModule, item: fx.Node, width: int, sites_by_node: di
     return up, item.args[1], parts, blocks, [*tokens, blocks], width_sizes(tokens, parts * width) | {blocks.name: 0}
 
 
+def _sliced_part(item: fx.Node, width: int, sites_by_node: dict[str, Site]) -> _Part | None:
+    """(site, part, parts, the site's output, [], sizes) if `item` is block i of a site's output sliced
+    along its last dim, x[..., i * width:(i + 1) * width] (the last block may run to the end), as
+    Phi-3 takes query, key and value from its qkv_proj (torch.export records the slices)."""
+    if item.target is not aten.slice.Tensor or len(item.args) != 4 or item.kwargs:
+        return None
+    source, dim, start, end = item.args
+    up = sites_by_node.get(source.name)
+    value = source.meta.get("val")
+    if up is None or up.layout != "linear" or not isinstance(value, torch.Tensor) or dim not in (-1, value.dim() - 1):
+        return None
+    if up.out_features % width or not isinstance(start, int) or start % width:
+        return None
+    to_the_end = start + width == up.out_features and end == MAX_END
+    if end != start + width and not to_the_end:
+        return None
+    return up, start // width, up.out_features // width, source, [], {item.name: 1}  # its bounds count the width
+
+
 # Nodes that compute each head of a (batch, heads, seq, head_dim) tensor from that head alone, given
 # other tensors broadcast over the heads and slices and concatenation along head_dim: rotary embeddings.
-_WITHIN_HEADS = {aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.neg.default, aten.slice.Tensor, aten.cat.default}
+_WITHIN_HEADS = {
+    aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.neg.default, aten.slice.Tensor, aten.cat.default,
+    aten.alias.default,  # Phi-3's partial rotary embedding reads the heads through an alias
+}
 
 
 def _along_head_dim(node: fx.Node) -> bool:
@@ -464,7 +487,7 @@ def _source(gm: fx.GraphModule, query_key_or_value: object, width: int, sites_by
     up = _site_of(item, sites_by_node, width, 1)
     if up is not None:
         return _Source(up, 0, 1, item, chain[0], split, [*chain, *after_split], repeat_sizes, repeats)
-    part = _packed_part(item, width, sites_by_node) or _block_part(gm, item, width, sites_by_node)
+    part = _packed_part(item, width, sites_by_node) or _block_part(gm, item, width, sites_by_node) or _sliced_part(item, width, sites_by_node)
     if part is None:
         return None
     up, index, parts, shared, nodes, sizes = part
