@@ -2,7 +2,7 @@
 (benchmarks/coverage.py) plus EfficientNet-B0 (timm's, torchvision's, Hugging Face's), torchvision's MobileNetV3
 and ReXNet (inverted residuals with squeeze-excitation), RegNet and ResNeXt (bottlenecks with a grouped
 convolution), timm's gMLP-Mixer (gated MLPs packed in one layer) and small randomly initialized
-Hugging Face GPT-2, LLaMA, Qwen3 and Phi-3 models,
+Hugging Face GPT-2, LLaMA, Qwen3, Phi-3, OPT and GPT-NeoX models,
 `prepare(ratio=0.6)` with prune_neurons=0.3 and, separately, with prune_heads=0.5, counting the
 neuron widths (FFNs) and head widths (attention blocks) found against the attentions in the graph
 (scaled_dot_product_attention calls and attention written out as matmul and softmax). Training-free
@@ -32,7 +32,7 @@ RATIO = 0.6
 OPTIONS = {"neurons": {"prune_neurons": 0.3}, "heads": {"prune_heads": 0.5}}
 SQUEEZE_EXCITATION = ["timm:efficientnet_b0", "torchvision:efficientnet_b0", "hf-tiny:efficientnet", "torchvision:mobilenet_v3_small", "timm:rexnet_100"]
 GROUPED = ["torchvision:regnet_y_400mf", "torchvision:regnet_x_400mf", "timm:regnety_002", "torchvision:resnext50_32x4d"]
-TINY_HF = ["hf-tiny:gpt2", "hf-tiny:gpt2-eager", "hf-tiny:llama", "hf-tiny:llama-mha", "hf-tiny:llama-eager", "hf-tiny:qwen3", "hf-tiny:phi3"]
+TINY_HF = ["hf-tiny:gpt2", "hf-tiny:gpt2-eager", "hf-tiny:llama", "hf-tiny:llama-mha", "hf-tiny:llama-eager", "hf-tiny:qwen3", "hf-tiny:phi3", "hf-tiny:opt", "hf-tiny:gpt-neox"]
 PACKED_GATES = ["timm:gmixer_12_224"]  # GluMlp: the gated activation's two up sites packed in one, chunked (Phi-3's too)
 
 
@@ -40,7 +40,9 @@ def build_tiny_hf(name: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     """A 2-layer GPT-2, LLaMA (rotary embeddings; "llama": grouped-query attention, 2 key/value heads
     for 4 query heads; "llama-mha": 4 of each), Qwen3 (LLaMA's with a norm of each query and key
     head) or Phi-3 (gate and up projections packed in one, chunked; query, key and value packed in one,
-    sliced; 4 key/value heads, as Phi-3-mini) at random initialization; "-eager": with Hugging Face's eager attention (matmul and softmax)
+    sliced; 4 key/value heads, as Phi-3-mini), OPT (its query scaled by a number before the head split)
+    or GPT-NeoX (each head's query, key and value side by side, a partial rotary embedding) at random
+    initialization; "-eager": with Hugging Face's eager attention (matmul and softmax)
     in place of scaled_dot_product_attention; or Hugging Face's EfficientNet-B0 on 64 x 64 images."""
     import transformers
 
@@ -53,6 +55,18 @@ def build_tiny_hf(name: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     if name == "gpt2":
         config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=32, use_cache=False, attn_implementation=attention)
         model = transformers.GPT2Model(config)
+    elif name == "gpt-neox":
+        config = transformers.GPTNeoXConfig(
+            num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128, vocab_size=100,
+            max_position_embeddings=32, use_cache=False, attn_implementation=attention,
+        )  # fmt: skip
+        model = transformers.GPTNeoXModel(config)
+    elif name == "opt":
+        config = transformers.OPTConfig(
+            num_hidden_layers=2, hidden_size=64, num_attention_heads=4, ffn_dim=128, word_embed_proj_dim=64, vocab_size=100,
+            max_position_embeddings=32, use_cache=False, attn_implementation=attention,
+        )  # fmt: skip
+        model = transformers.OPTModel(config)
     elif name == "phi3":
         config = transformers.Phi3Config(
             num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import operator
+from pathlib import Path
 
 import pytest
 import torch
@@ -645,6 +646,22 @@ def _phi3(key_value_heads: int) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     return transformers.Phi3Model(config).eval(), {"input_ids": torch.randint(0, 100, (2, 12))}
 
 
+def _hugging_face_heads_prune_exactly(prepared: torch.fx.GraphModule, model: nn.Module, inputs: dict[str, torch.Tensor], onnx_path: Path) -> torch.fx.GraphModule:
+    """A Hugging Face model prepared with students at full rank: the teacher path is the model, the
+    student path the model with the pruned heads alone silenced (1e-5); pruned of its rank slack it
+    finalizes and exports to ONNX Runtime (1e-4). Returns the compact model."""
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(**inputs)[0], model(**inputs)[0], rtol=1e-5, atol=1e-5)  # alpha = 1: the teacher alone
+    tunecomp_fx.set_blend(prepared, 0.0)
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(**inputs)[0], silenced(model, _context(prepared).hidden_widths)(**inputs)[0], rtol=1e-5, atol=1e-5)
+    tunecomp_fx.prune_slack(prepared)
+    compact, _ = finalize_from_student_path(prepared, **inputs)
+    result = to_onnx(compact, inputs, onnx_path)
+    assert all(error < 1e-4 for error in result.max_errors.values())
+    return compact
+
+
 def test_phi3_prunes_the_heads_of_query_key_and_value_sliced_out_of_its_qkv_site(tmp_path) -> None:  # noqa: ANN001
     model, inputs = _phi3(key_value_heads=4)
     prepared = tunecomp_fx.prepare(model, inputs, 0.6, prune_heads=0.5, rank_slack=10.0)
@@ -654,17 +671,44 @@ def test_phi3_prunes_the_heads_of_query_key_and_value_sliced_out_of_its_qkv_site
     }
     copies = [n for n in prepared.graph.nodes if "copy_of" in n.meta.get("tunecomp", {}) and n.target is aten.slice.Tensor and n.args[1] == 2]
     assert sorted(n.args[2:] for n in copies) == [(0, 32)] * 2 + [(32, 64)] * 2 + [(64, MAX_END)] * 2  # 2 heads each; the last to the end
-    with torch.no_grad():
-        torch.testing.assert_close(prepared(**inputs)[0], model(**inputs)[0], rtol=1e-5, atol=1e-5)  # alpha = 1: the teacher alone
-    tunecomp_fx.set_blend(prepared, 0.0)
-    with torch.no_grad():  # students at full rank: the model with the pruned heads alone taken out
-        torch.testing.assert_close(prepared(**inputs)[0], silenced(model, widths)(**inputs)[0], rtol=1e-5, atol=1e-5)
-    tunecomp_fx.prune_slack(prepared)
-    compact, _ = finalize_from_student_path(prepared, **inputs)
+    compact = _hugging_face_heads_prune_exactly(prepared, model, inputs, tmp_path / "phi3.onnx")
     rows = {row.name: row for row in tunecomp_fx.get_report(compact).sites}
     assert rows["layers.0.self_attn.qkv_proj"].reason.startswith("96 of 192 output neurons kept (2 of 4 heads)")
-    result = to_onnx(compact, inputs, tmp_path / "phi3.onnx")
-    assert all(error < 1e-4 for error in result.max_errors.values())
+
+
+def test_opts_query_scaled_before_its_head_split_prunes_its_heads(tmp_path) -> None:  # noqa: ANN001
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.OPTConfig(
+        num_hidden_layers=2, hidden_size=64, num_attention_heads=4, ffn_dim=128, word_embed_proj_dim=64, vocab_size=100,
+        max_position_embeddings=32, use_cache=False,
+    )  # fmt: skip
+    model, inputs = transformers.OPTModel(config).eval(), {"input_ids": torch.randint(0, 100, (2, 12))}
+    prepared = tunecomp_fx.prepare(model, inputs, 0.6, prune_heads=0.5, rank_slack=10.0)
+    layer = "decoder.layers.{}.self_attn.{}"
+    assert {(w.ups, w.down, len(w.kept)) for w in _context(prepared).hidden_widths} == {
+        (tuple(layer.format(i, name) for name in ("q_proj", "k_proj", "v_proj")), layer.format(i, "out_proj"), 32) for i in range(2)
+    }
+    scales = [n for n in prepared.graph.nodes if "copy_of" in n.meta.get("tunecomp", {}) and n.target is aten.mul.Tensor and n.args[1] == 0.25]
+    assert [n.args[0].meta["tunecomp"]["site"] for n in scales] == [layer.format(i, "q_proj") for i in range(2)]  # q_proj(x) * scaling, copied
+    _hugging_face_heads_prune_exactly(prepared, model, inputs, tmp_path / "opt.onnx")
+
+
+def test_gpt_neox_prunes_each_heads_query_key_and_value_through_its_partial_rotary_embedding(tmp_path) -> None:  # noqa: ANN001
+    # view(b, t, -1, 3 * head_dim), transpose(1, 2), chunk(3, dim=-1); the rotary embedding on a quarter of head_dim
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPTNeoXConfig(
+        num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128, vocab_size=100,
+        max_position_embeddings=32, use_cache=False,
+    )  # fmt: skip
+    model, inputs = transformers.GPTNeoXModel(config).eval(), {"input_ids": torch.randint(0, 100, (2, 12))}
+    prepared = tunecomp_fx.prepare(model, inputs, 0.6, prune_heads=0.5, rank_slack=10.0)
+    qkv = "layers.{}.attention.query_key_value"
+    assert {(w.ups, w.down, w.per_head_parts, len(w.kept)) for w in _context(prepared).hidden_widths} == {
+        ((qkv.format(i),), f"layers.{i}.attention.dense", (qkv.format(i),), 32) for i in range(2)  # each kept head's 3 x 16 rows
+    }
+    _hugging_face_heads_prune_exactly(prepared, model, inputs, tmp_path / "gpt_neox.onnx")
 
 
 def test_phi3_with_grouped_query_attention_slices_parts_of_unequal_heads_and_keeps_them() -> None:

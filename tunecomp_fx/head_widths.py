@@ -6,7 +6,7 @@ removes head_dim rows of each of query, key and value and head_dim columns of th
 head attends on its own, so the others compute what they did. A fused qkv site (timm's ViT:
 reshape (..., 3, heads, head_dim), permute(2, 0, 3, 1, 4), unbind(0); timm's MaxViT: the same reshape,
 transpose(1, 3), unbind(2)) loses the head's rows in each of its three parts; one holding each head's
-parts side by side (MaxViT's other layout: view (..., heads, 3 * head_dim), transpose(1, 2),
+parts side by side (MaxViT's other layout, and GPT-NeoX's: view (..., heads, 3 * head_dim), transpose(1, 2),
 chunk(3, dim=-1)) loses the head's block of rows (`HiddenWidth.per_head_parts`); a key/value site split
 the same way in two parts beside a query site (PVT v2) loses the head's rows in both. So does
 nn.MultiheadAttention's packed in-projection under torch.export (unflatten (..., 3, width), then
@@ -16,7 +16,8 @@ and a reshape to (seq * batch, width); in cross-attention a query site and a key
 in two parts), and a fused site split along its last dim into three blocks of width (Hugging Face's
 GPT-2: c_attn(x).split(width, dim=2); Phi-3: qkv[..., :width], qkv[..., width:2 * width],
 qkv[..., 2 * width:]), each split into heads as the separate sites are. Rotary
-embeddings (LLaMA) may stand between a head split and the attention, and norms over each head's
+embeddings (LLaMA) may stand between a head split and the attention, a scale by a number between a
+site and its split (OPT's query), and norms over each head's
 head_dim with one weight for all heads (timm's qk_norm; Qwen3's q_norm and k_norm); with grouped-query
 attention a key/value head and the query heads that share it are one group, pruned together."""
 
@@ -79,6 +80,11 @@ def _norms_last_dim(gm: fx.GraphModule, node: fx.Node) -> bool:
     if not is_op(node, _NORMS) or len(node.args) < 2 or not isinstance(node.args[1], (list, tuple)) or len(node.args[1]) != 1:
         return False
     return all(tensor is node.args[0] or tensor.op == "get_attr" for tensor in node.all_input_nodes)
+
+
+def _scales_by_a_number(node: fx.Node) -> bool:
+    """x * c or x / c for a number c (`_SCALES`): every head scaled alike."""
+    return is_op(node, _SCALES) and not node.kwargs and len(node.args) == 2 and isinstance(node.args[0], fx.Node) and isinstance(node.args[1], (int, float))
 
 
 def _chain_back(gm: fx.GraphModule, end: fx.Node, head_norms: bool = False) -> tuple[fx.Node, list[fx.Node]]:
@@ -466,6 +472,10 @@ def _source(gm: fx.GraphModule, query_key_or_value: object, width: int, sites_by
     in_parts = (_per_head_part(gm, query_key_or_value, width, sites_by_node) or _permuted_part(gm, query_key_or_value, width, sites_by_node)) if shared_by == 1 else None
     if in_parts is not None:
         return in_parts
+    rotary = _per_head_nodes(query_key_or_value) if shared_by == 1 else None  # GPT-NeoX: rotary embeddings on a part of each head
+    in_parts = _per_head_part(gm, rotary[0], width, sites_by_node) if rotary is not None else None
+    if in_parts is not None:
+        return in_parts._replace(nodes=[*in_parts.nodes, *rotary[1]])
     repeated = _repeated_heads(query_key_or_value)
     end, repeat_nodes, repeats, repeat_sizes = repeated if repeated is not None else (query_key_or_value, [], shared_by, {})
     if width % repeats:
@@ -484,9 +494,11 @@ def _source(gm: fx.GraphModule, query_key_or_value: object, width: int, sites_by
     if split is None:
         return None
     after_split = [*(rotary[1] if rotary is not None else []), *repeat_nodes]
-    up = _site_of(item, sites_by_node, width, 1)
+    scale = item if _scales_by_a_number(item) and len(item.users) == 1 else None  # OPT's q_proj(x) * scaling
+    up = _site_of(scale.args[0] if scale is not None else item, sites_by_node, width, 1)
     if up is not None:
-        return _Source(up, 0, 1, item, chain[0], split, [*chain, *after_split], repeat_sizes, repeats)
+        head = [scale] if scale is not None else []
+        return _Source(up, 0, 1, head[0].args[0] if head else item, (head or chain)[0], split, [*head, *chain, *after_split], repeat_sizes, repeats)
     part = _packed_part(item, width, sites_by_node) or _block_part(gm, item, width, sites_by_node) or _sliced_part(item, width, sites_by_node)
     if part is None:
         return None
