@@ -494,11 +494,12 @@ def _source(gm: fx.GraphModule, query_key_or_value: object, width: int, sites_by
     if split is None:
         return None
     after_split = [*(rotary[1] if rotary is not None else []), *repeat_nodes]
-    scale = item if _scales_by_a_number(item) and len(item.users) == 1 else None  # OPT's q_proj(x) * scaling
-    up = _site_of(scale.args[0] if scale is not None else item, sites_by_node, width, 1)
+    scaled = _scales_by_a_number(item) and len(item.users) == 1  # OPT's q_proj(x) * scaling
+    output = item.args[0] if scaled else item
+    up = _site_of(output, sites_by_node, width, 1)
     if up is not None:
-        head = [scale] if scale is not None else []
-        return _Source(up, 0, 1, head[0].args[0] if head else item, (head or chain)[0], split, [*head, *chain, *after_split], repeat_sizes, repeats)
+        scale = [item] if scaled else []
+        return _Source(up, 0, 1, output, (scale or chain)[0], split, [*scale, *chain, *after_split], repeat_sizes, repeats)
     part = _packed_part(item, width, sites_by_node) or _block_part(gm, item, width, sites_by_node) or _sliced_part(item, width, sites_by_node)
     if part is None:
         return None
