@@ -1,9 +1,9 @@
 """Analysis (when prune_neurons or prune_heads > 0): in every hidden width keep the groups of neurons
 (single neurons of an FFN, a grouped convolution's groups of channels, heads of an attention block)
-that carry the most of the down-projection's output, E||W_g h_g||^2 = tr(W_g C_g W_g^T) on the calibration data (h_g: the group's part of the
-down site's input, C_g its covariance; for single neurons the ranking of sqrt(E[h_j^2]) * ||W[:, j]||),
-and restrict the sites to them: the up sites to the kept rows, the down site to the kept columns and
-its input covariance to the kept neurons. Everything after this pass (decomposition, allocation, the
+that carry the most of the down-projection's output, E||W_g h_g||^2 = tr(W_g C_g W_g^T) on the
+calibration data (h_g: the group's part of the down site's input, C_g its covariance; for single
+neurons the ranking of sqrt(E[h_j^2]) * ||W[:, j]||), and restrict the sites to them: the up sites to
+the kept rows, the down site to the kept columns and its input covariance to the kept neurons. Everything after this pass (decomposition, allocation, the
 students) sees the sliced sites.
 
 With width_slack the students start with more groups than the target, the next most important ones;

@@ -33,7 +33,7 @@ from torch import fx, nn
 
 from tunecomp_fx.forms import site_input
 from tunecomp_fx.graph_nodes import (
-    MAX_END, PERMUTES, RESHAPES, TRANSPOSES, chunk_parts, data_input, is_dropout, is_identity, is_op, keeps_width_last, shape_entries, width_sizes,
+    MAX_END, PERMUTES, RESHAPES, TRANSPOSES, chunk_parts, data_input, is_dropout, is_identity, is_last_dim, is_op, keeps_width_last, shape_entries, width_sizes,
 )
 from tunecomp_fx.sites import HiddenWidth, Site
 
@@ -302,9 +302,7 @@ def _splits_last_dim_into_blocks(node: fx.Node, width: int) -> bool:
     or dim=2 of a 3-d x as GPT-2 writes it; torch.export records the input's rank)."""
     if not is_op(node, _SPLITS) or len(node.args) < 2 or node.args[1] != width:
         return False
-    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
-    value = node.args[0].meta.get("val")
-    return dim == -1 or (isinstance(value, torch.Tensor) and dim == value.dim() - 1)
+    return is_last_dim(node.args[0], node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0))
 
 
 def _block_part(gm: fx.GraphModule, item: fx.Node, width: int, sites_by_node: dict[str, Site]) -> _Part | None:
@@ -331,8 +329,7 @@ def _sliced_part(item: fx.Node, width: int, sites_by_node: dict[str, Site]) -> _
         return None
     source, dim, start, end = item.args
     up = sites_by_node.get(source.name)
-    value = source.meta.get("val")
-    if up is None or up.layout != "linear" or not isinstance(value, torch.Tensor) or dim not in (-1, value.dim() - 1):
+    if up is None or up.layout != "linear" or not is_last_dim(source, dim):
         return None
     if up.out_features % width or not isinstance(start, int) or start % width:
         return None
@@ -355,9 +352,7 @@ def _along_head_dim(node: fx.Node) -> bool:
     if node.target not in (aten.slice.Tensor, aten.cat.default):
         return True
     dim = node.args[1] if len(node.args) > 1 else 0
-    tensor = node.args[0][0] if node.target is aten.cat.default else node.args[0]
-    value = tensor.meta.get("val")
-    return isinstance(value, torch.Tensor) and dim in (-1, value.dim() - 1)
+    return is_last_dim(node.args[0][0] if node.target is aten.cat.default else node.args[0], dim)
 
 
 def _head_region(end: fx.Node, within: Callable[[fx.Node], bool], heads_at: int) -> tuple[fx.Node, list[fx.Node]] | None:
@@ -472,10 +467,6 @@ def _source(gm: fx.GraphModule, query_key_or_value: object, width: int, sites_by
     in_parts = (_per_head_part(gm, query_key_or_value, width, sites_by_node) or _permuted_part(gm, query_key_or_value, width, sites_by_node)) if shared_by == 1 else None
     if in_parts is not None:
         return in_parts
-    rotary = _per_head_nodes(query_key_or_value) if shared_by == 1 else None  # GPT-NeoX: rotary embeddings on a part of each head
-    in_parts = _per_head_part(gm, rotary[0], width, sites_by_node) if rotary is not None else None
-    if in_parts is not None:
-        return in_parts._replace(nodes=[*in_parts.nodes, *rotary[1]])
     repeated = _repeated_heads(query_key_or_value)
     end, repeat_nodes, repeats, repeat_sizes = repeated if repeated is not None else (query_key_or_value, [], shared_by, {})
     if width % repeats:
@@ -483,6 +474,9 @@ def _source(gm: fx.GraphModule, query_key_or_value: object, width: int, sites_by
     width //= repeats
     item, chain = _chain_back(gm, end)
     rotary = _per_head_nodes(end) if not chain else None
+    in_parts = _per_head_part(gm, rotary[0], width, sites_by_node) if rotary is not None and repeats == 1 else None
+    if in_parts is not None:  # GPT-NeoX: a rotary embedding on part of each head of a per-head chunk
+        return in_parts._replace(nodes=[*in_parts.nodes, *rotary[1]])
     if rotary is not None and is_op(rotary[0], _PASS_THROUGH) and data_input(rotary[0]) is not None:
         item, chain = _chain_back(gm, data_input(rotary[0]))
         chain.append(rotary[0])  # the split's last node, read by the rotary embedding alone

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from tunecomp_fx.forms import LAYOUTS, match_site, site_input
-from tunecomp_fx.graph_nodes import RESHAPES, TRANSPOSES, chunk_parts, data_input, is_dropout, is_identity, is_op, keeps_width_last, shape_entries, width_sizes
+from tunecomp_fx.graph_nodes import RESHAPES, TRANSPOSES, chunk_parts, data_input, is_dropout, is_identity, is_last_dim, is_op, keeps_width_last, shape_entries, width_sizes
 from tunecomp_fx.per_channel import channel_group, is_per_channel
 from tunecomp_fx.sites import HiddenWidth, Site
 
@@ -279,14 +279,12 @@ def _chunked_parts(output: fx.Node, up: Site) -> list[fx.Node] | None:
     order; None for an output read otherwise."""
     chunk = next(iter(output.users)) if len(output.users) == 1 else None
     parts, dim = (chunk_parts(chunk) if chunk is not None else None) or (0, 0)
-    value = output.meta.get("val")
-    last = dim == -1 or (isinstance(value, torch.Tensor) and dim == value.dim() - 1)
-    if parts < 2 or not last or up.layout != "linear" or up.out_features % parts:
+    if parts < 2 or not is_last_dim(output, dim) or up.layout != "linear" or up.out_features % parts:
         return None
-    items = sorted(chunk.users, key=lambda item: item.args[1] if item.target is operator.getitem else -1)
-    if [item.args[1:] if item.target is operator.getitem else None for item in items] != [(i,) for i in range(parts)]:
+    items = {item.args[1]: item for item in chunk.users if item.target is operator.getitem}
+    if len(chunk.users) != parts or sorted(items) != list(range(parts)):
         return None
-    return items
+    return [items[part] for part in range(parts)]
 
 
 def neuron_width(
