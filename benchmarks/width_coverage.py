@@ -32,7 +32,7 @@ RATIO = 0.6
 OPTIONS = {"neurons": {"prune_neurons": 0.3}, "heads": {"prune_heads": 0.5}}
 SQUEEZE_EXCITATION = ["timm:efficientnet_b0", "torchvision:efficientnet_b0", "hf-tiny:efficientnet", "torchvision:mobilenet_v3_small", "timm:rexnet_100"]
 GROUPED = ["torchvision:regnet_y_400mf", "torchvision:regnet_x_400mf", "timm:regnety_002", "torchvision:resnext50_32x4d"]
-TINY_HF = ["hf-tiny:gpt2", "hf-tiny:gpt2-eager", "hf-tiny:llama", "hf-tiny:llama-mha", "hf-tiny:llama-eager", "hf-tiny:qwen3", "hf-tiny:phi3", "hf-tiny:opt", "hf-tiny:gpt-neox"]
+TINY_HF = ["hf-tiny:gpt2", "hf-tiny:gpt2-eager", "hf-tiny:llama", "hf-tiny:llama-mha", "hf-tiny:llama-eager", "hf-tiny:qwen3", "hf-tiny:phi3", "hf-tiny:phi3-gqa", "hf-tiny:opt", "hf-tiny:gpt-neox"]
 PACKED_GATES = ["timm:gmixer_12_224"]  # GluMlp: the gated activation's two up sites packed in one, chunked (Phi-3's too)
 
 
@@ -40,7 +40,8 @@ def build_tiny_hf(name: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     """A 2-layer GPT-2, LLaMA (rotary embeddings; "llama": grouped-query attention, 2 key/value heads
     for 4 query heads; "llama-mha": 4 of each), Qwen3 (LLaMA's with a norm of each query and key
     head) or Phi-3 (gate and up projections packed in one, chunked; query, key and value packed in one,
-    sliced; 4 key/value heads, as Phi-3-mini), OPT (its query scaled by a number before the head split)
+    sliced; 4 key/value heads, as Phi-3-mini; "phi3-gqa": 2 key/value heads for 4 query heads, as
+    Phi-3-medium and Phi-4-mini), OPT (its query scaled by a number before the head split)
     or GPT-NeoX (each head's query, key and value side by side, a partial rotary embedding) at random
     initialization; "-eager": with Hugging Face's eager attention (matmul and softmax)
     in place of scaled_dot_product_attention; or Hugging Face's EfficientNet-B0 on 64 x 64 images."""
@@ -67,9 +68,9 @@ def build_tiny_hf(name: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
             max_position_embeddings=32, use_cache=False, attn_implementation=attention,
         )  # fmt: skip
         model = transformers.OPTModel(config)
-    elif name == "phi3":
+    elif name in ("phi3", "phi3-gqa"):
         config = transformers.Phi3Config(
-            num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4,
+            num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2 if name == "phi3-gqa" else 4,
             vocab_size=100, max_position_embeddings=32, use_cache=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
             attn_implementation=attention,
         )  # fmt: skip
@@ -89,13 +90,13 @@ def build_tiny_hf(name: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     return model.eval(), {"input_ids": torch.randint(0, 100, (2, 12))}
 
 
-def _shape(ups: tuple[str, ...], parts: tuple[int, ...], repeats: tuple[int, ...]) -> str:
+def _shape(ups: tuple[str, ...], parts: tuple[int, ...], repeats: tuple[tuple[int, ...], ...]) -> str:
     """"2 ups", or "1 up in 3 parts", "2 ups in 1+2 parts" when a site holds several copies of the width,
     and "key/value heads repeated 2x" with grouped-query attention."""
     described = f"{len(ups)} up{'s' * (len(ups) > 1)}"
     if any(part > 1 for part in parts):
         described += f" in {'+'.join(map(str, parts))} parts"
-    return described + (f", key/value heads repeated {max(repeats)}x" if repeats else "")
+    return described + (f", key/value heads repeated {max(max(part) for part in repeats)}x" if repeats else "")
 
 
 def survey(spec: str) -> dict:

@@ -33,7 +33,7 @@ from tunecomp_fx.errors import BudgetError, SiteError
 from tunecomp_fx.export import to_onnx
 from tunecomp_fx.metrics import count_parameters
 from tunecomp_fx.graph_nodes import MAX_END, rescale_shape_entry, shape_entries
-from tunecomp_fx.sites import Blend, student_nodes
+from tunecomp_fx.sites import Blend, HiddenWidth, Site, final_sites, student_nodes
 
 aten = torch.ops.aten
 ATTENTION = (F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default)
@@ -711,11 +711,50 @@ def test_gpt_neox_prunes_each_heads_query_key_and_value_through_its_partial_rota
     _hugging_face_heads_prune_exactly(prepared, model, inputs, tmp_path / "gpt_neox.onnx")
 
 
-def test_phi3_with_grouped_query_attention_slices_parts_of_unequal_heads_and_keeps_them() -> None:
-    # qkv[..., :64] holds 4 query heads, qkv[..., 64:96] and qkv[..., 96:] 2 key and 2 value heads each
+def test_phi3_with_grouped_query_attention_prunes_whole_groups_from_its_parts_of_unequal_widths(tmp_path) -> None:  # noqa: ANN001
+    # qkv[..., :64] holds 4 query heads, qkv[..., 64:96] and qkv[..., 96:] 2 key and 2 value heads, each shared by 2 query heads
     model, inputs = _phi3(key_value_heads=2)
-    with pytest.raises(SiteError, match="found no attention heads to prune"):
-        tunecomp_fx.prepare(model, inputs, 0.5, prune_heads=0.5)
+    prepared = tunecomp_fx.prepare(model, inputs, 0.6, prune_heads=0.5, rank_slack=10.0)
+    widths = _context(prepared).hidden_widths
+    assert {(w.ups, w.parts, w.repeats, w.group, len(w.kept)) for w in widths} == {
+        ((f"layers.{i}.self_attn.qkv_proj",), (3,), ((1, 2, 2),), 32, 32) for i in range(2)  # 1 group of 2: 2 query heads, 1 key/value head
+    }
+    sites = {site.name: site for site in _context(prepared).sites}
+    kept = widths[0].kept
+    key_value_head = range(kept[0] // 32 * 16, kept[0] // 32 * 16 + 16)  # the kept group's
+    assert sites["layers.0.self_attn.qkv_proj"].kept_rows == (*kept, *(64 + row for row in key_value_head), *(96 + row for row in key_value_head))
+    copies = [n for n in prepared.graph.nodes if "copy_of" in n.meta.get("tunecomp", {}) and n.target is aten.slice.Tensor and n.args[1] == 2]
+    assert sorted(n.args[2:] for n in copies) == [(0, 32)] * 2 + [(32, 48)] * 2 + [(48, MAX_END)] * 2
+    compact = _hugging_face_heads_prune_exactly(prepared, model, inputs, tmp_path / "phi3_gqa.onnx")
+    rows = {row.name: row for row in tunecomp_fx.get_report(compact).sites}
+    assert rows["layers.0.self_attn.qkv_proj"].reason.startswith("64 of 128 output neurons kept (2 of 4 query heads, 1 of 2 key/value heads)")
+    assert rows["layers.0.self_attn.o_proj"].reason.startswith("32 of 64 input neurons kept (2 of 4 heads)")
+
+
+def test_falcons_grouped_query_heads_interleaved_in_one_site_are_refused_and_its_neurons_still_prune() -> None:
+    # query_key_value(x).view(b, t, key_value_heads, heads_per_group + 2, head_dim): each group's queries, key and value side by side
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.FalconConfig(
+        num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_kv_heads=2, new_decoder_architecture=True, alibi=False,
+        vocab_size=100, use_cache=False,
+    )  # fmt: skip
+    model, inputs = transformers.FalconModel(config).eval(), {"input_ids": torch.randint(0, 100, (2, 12))}
+    with pytest.raises(SiteError, match="grouped-query heads interleaved in one fused site"):
+        tunecomp_fx.prepare(model, inputs, 0.6, prune_heads=0.5)
+    prepared = tunecomp_fx.prepare(model, inputs, 0.6, prune_neurons=0.3)
+    assert [w.ups for w in _context(prepared).hidden_widths] == [(f"h.{i}.mlp.dense_h_to_4h",) for i in range(2)]
+
+
+def test_a_fused_site_with_grouped_query_key_and_value_keeps_each_kept_groups_rows_in_every_part() -> None:
+    # 4 query heads of 16 in groups of 2 sharing a key/value head: rows 0-63 query, 64-95 key, 96-127 value
+    width = HiddenWidth("heads", ("qkv",), "out", (), 64, group=32, parts=(3,), repeats=((1, 2, 2),), kept=tuple(range(64)), target=32)
+    assert width.head_dim == 16
+    assert width.up_rows("qkv", range(32, 64), 64) == (*range(32, 64), *range(80, 96), *range(112, 128))  # the second group
+    assert width.up_rows("qkv", range(32), 32) == tuple(range(64))  # a student site already down to one group keeps it whole
+    sites = [Site(name, name, "aten.linear", 64, out_features, f"{name}.weight", None) for name, out_features in (("qkv", 128), ("out", 64))]
+    [qkv, out] = final_sites(sites, [width])
+    assert (qkv.out_features, out.in_features) == (64, 32)
 
 
 def test_a_slices_bounds_scale_together_and_an_end_to_the_end_stays() -> None:
@@ -881,7 +920,7 @@ def test_grouped_query_attention_prunes_each_key_value_head_with_the_query_heads
     prepared = tunecomp_fx.prepare(model, inputs, 0.5, calib=[inputs], prune_heads=0.5, width_slack=1.0)
     widths = {width.down: width for width in _context(prepared).hidden_widths}
     width = widths["layers.1.self_attn.o_proj"]
-    assert (width.group, width.head_dim, width.repeats, len(width.kept), width.target) == (16, 8, (1, 2, 2), 64, 32)
+    assert (width.group, width.head_dim, width.repeats, len(width.kept), width.target) == (16, 8, ((1,), (2,), (2,)), 64, 32)
     copies = [n for n in prepared.graph.nodes if "copy_of" in n.meta.get("tunecomp", {})]
     assert {tuple(shape_entries(n))[1:3] for n in copies if n.target is aten.expand.default and len(shape_entries(n)) == 5} == {(4, 2)}  # all 4 groups at first, 2 repeats
     train_with_hook(prepared, [(inputs["input_ids"], None)] * 2, lambda outputs, _: outputs[0].pow(2).mean(), 4, 2)
@@ -925,7 +964,7 @@ def test_grouped_query_attention_inside_the_attention_call_prunes_whole_groups(t
     kept = (32 * 64 + 32) + 2 * (16 * 64 + 16) + (64 * 32 + 64)  # half of each site's heads, every site whole
     prepared = tunecomp_fx.prepare(model, x, 1 - kept / count_parameters(model), prune_heads=0.5)
     [width] = _context(prepared).hidden_widths
-    assert (width.ups, width.group, width.repeats, width.kept) == (("query", "key", "value"), 16, (1, 2, 2), (*range(0, 16), *range(32, 48)))
+    assert (width.ups, width.group, width.repeats, width.kept) == (("query", "key", "value"), 16, ((1,), (2,), (2,)), (*range(0, 16), *range(32, 48)))
     assert _student_attention(prepared).kwargs["enable_gqa"]
     tunecomp_fx.set_blend(prepared, 0.0)
     compact = tunecomp_fx.finalize(prepared)

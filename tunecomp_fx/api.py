@@ -249,12 +249,26 @@ def _kept_neurons(site: Site, widths: list[HiddenWidth]) -> str:
     out_features, in_features = site.unpruned_shape or (site.out_features, site.in_features)
     kept = [f"{site.out_features} of {out_features} output" if site.kept_rows is not None else "",
             f"{site.in_features} of {in_features} input" if site.kept_columns is not None else ""]
-    heads = [width for width in widths if width.kind == "heads" and site.name in width.sites]
-    kept_width = {w.down: site.in_features for w in heads} | {up: site.out_features // w.parts_of(up) for w in heads for up in w.ups}
-    groups = "".join(f" ({kept_width[site.name] // w.head_dim} of {w.width // w.repeats_of(site.name) // w.head_dim} heads)" for w in heads)
+    groups = "".join(_heads_kept(site, w) for w in widths if w.kind == "heads" and site.name in w.sites)
     grouped = [w for w in widths if w.kind == "neurons" and w.group > 1 and site.name in w.sites]
     groups += "".join(f" ({(site.in_features if site.name == w.down else site.out_features) // w.group} of {w.width // w.group} groups)" for w in grouped)
     return f"{' and '.join(filter(None, kept))} neurons kept{groups}"
+
+
+def _heads_kept(site: Site, width: HiddenWidth) -> str:
+    """" (2 of 4 heads)" for a site of a heads width; for one holding query and grouped-query key/value
+    parts (Phi-3's qkv_proj): " (2 of 4 query heads, 1 of 2 key/value heads)"."""
+    if site.name == width.down:
+        repeats, kept = (1,), site.in_features
+    else:  # the query neurons kept: each part keeps the same share of its neurons
+        repeats = width.repeats_of(site.name)
+        kept = width.width * site.out_features // sum(width.width // shared_by for shared_by in repeats)
+    named = len(set(repeats)) > 1
+    counts = [
+        f"{kept // shared_by // width.head_dim} of {width.width // shared_by // width.head_dim} {('key/value ' if shared_by > 1 else 'query ') * named}heads"
+        for shared_by in sorted(set(repeats))
+    ]  # fmt: skip
+    return f" ({', '.join(counts)})"
 
 
 def _final_shape(container: nn.Module) -> tuple[int, int]:

@@ -19,10 +19,12 @@ qkv[..., 2 * width:]), each split into heads as the separate sites are. Rotary
 embeddings (LLaMA) may stand between a head split and the attention, a scale by a number between a
 site and its split (OPT's query), and norms over each head's
 head_dim with one weight for all heads (timm's qk_norm; Qwen3's q_norm and k_norm); with grouped-query
-attention a key/value head and the query heads that share it are one group, pruned together."""
+attention a key/value head and the query heads that share it are one group, pruned together, also
+when key and value are narrower slices of one fused site than the query (Phi-3-medium, Phi-4-mini)."""
 
 from __future__ import annotations
 
+import itertools
 import operator
 from collections.abc import Callable
 from typing import NamedTuple
@@ -142,7 +144,7 @@ class _Projections(NamedTuple):
     resized: dict[str, int]  # node name -> index of a size that counts heads
     between: list[fx.Node]
     parts: tuple[int, ...]  # per up site
-    repeats: tuple[int, ...] = ()  # per up site: query heads sharing each of its heads
+    repeats: tuple[tuple[int, ...], ...] = ()  # per up site, per part: query heads sharing each of its heads
     per_head_parts: tuple[str, ...] = ()  # up sites holding each head's parts side by side
 
 
@@ -194,7 +196,7 @@ def _permuted_part(gm: fx.GraphModule, end: fx.Node, width: int, sites_by_node: 
         return None
     heads = _HeadSplit(head_dim, {split.name: 3} if entries[3] == width // head_dim else {}, [])
     nodes = [split, permute, *([shared] if shared is not permute else []), item, *through]
-    return _Source(up, index, parts, shared, item, heads, nodes, {})
+    return _Source(up, index * width, shared, item, heads, nodes, {})
 
 
 def _batch_times_heads(node: fx.Node, index: int, heads: int) -> tuple[dict[str, int], list[fx.Node]] | None:
@@ -257,14 +259,13 @@ _PACKED_PARTS = (
 
 
 class _Source(NamedTuple):
-    """Where query, key or value comes from: part `part` of the `parts` copies of the width side by side
-    in compressed site `up`'s output, which `reader` takes from `shared` (the site's output itself when
-    it holds one copy), then split into heads; `nodes` from the site to the split, `sizes` those of
-    them that count the width."""
+    """Where query, key or value comes from: the part of compressed site `up`'s output from neuron
+    `offset` on (its parts side by side: one copy of the width, or width / `repeats` for grouped-query
+    key and value), which `reader` takes from `shared` (the site's output itself when it holds one part),
+    then split into heads; `nodes` from the site to the split, `sizes` those of them that count the width."""
 
     up: Site
-    part: int
-    parts: int
+    offset: int
     shared: fx.Node
     reader: fx.Node
     split: _HeadSplit
@@ -274,12 +275,12 @@ class _Source(NamedTuple):
     per_head_parts: bool = False  # each head's parts side by side in the site's output (MaxViT), not each part's heads
 
 
-# (site, part, parts, the node the parts are read from, the nodes from the site to it, the sizes of them counting the width)
-_Part = tuple[Site, int, int, fx.Node, list[fx.Node], dict[str, int]]
+# (site, the part's first neuron, the node the parts are read from, the nodes from the site to it, the sizes of them counting the width)
+_Part = tuple[Site, int, fx.Node, list[fx.Node], dict[str, int]]
 
 
 def _packed_part(item: fx.Node, width: int, sites_by_node: dict[str, Site]) -> _Part | None:
-    """(site, part, parts, packed, nodes, sizes) if `item` is select(packed, 0, i) of a site's output packed
+    """(site, offset, packed, nodes, sizes) if `item` is select(packed, 0, i) of a site's output packed
     as nn.MultiheadAttention packs it: 3 copies for self-attention, 2 (key, value) for cross-attention."""
     if not is_op(item, {aten.select.int}) or item.args[1] != 0:
         return None
@@ -294,7 +295,7 @@ def _packed_part(item: fx.Node, width: int, sites_by_node: dict[str, Site]) -> _
     if unflatten.args[1:2] != (-1,) or len(entries) != 2 or entries[1] != width or len(unflatten.users) != 1:
         return None
     up = _site_of(unflatten.args[0], sites_by_node, width, entries[0])
-    return (up, item.args[2], entries[0], packed, [unflatten, *packing], {unflatten.name: 1}) if up is not None else None
+    return (up, item.args[2] * width, packed, [unflatten, *packing], {unflatten.name: 1}) if up is not None else None
 
 
 def _splits_last_dim_into_blocks(node: fx.Node, width: int) -> bool:
@@ -306,7 +307,7 @@ def _splits_last_dim_into_blocks(node: fx.Node, width: int) -> bool:
 
 
 def _block_part(gm: fx.GraphModule, item: fx.Node, width: int, sites_by_node: dict[str, Site]) -> _Part | None:
-    """(site, part, parts, blocks, nodes, sizes) if `item` is block i of a site's output split along its
+    """(site, offset, blocks, nodes, sizes) if `item` is block i of a site's output split along its
     last dim into blocks of `width`, perhaps after reshapes of its tokens (Hugging Face's GPT-2)."""
     if item.target is not operator.getitem or not _splits_last_dim_into_blocks(item.args[0], width):
         return None
@@ -318,25 +319,23 @@ def _block_part(gm: fx.GraphModule, item: fx.Node, width: int, sites_by_node: di
         return None
     if not all(keeps_width_last(n, parts * width) for n in tokens):
         return None
-    return up, item.args[1], parts, blocks, [*tokens, blocks], width_sizes(tokens, parts * width) | {blocks.name: 0}
+    return up, item.args[1] * width, blocks, [*tokens, blocks], width_sizes(tokens, parts * width) | {blocks.name: 0}
 
 
 def _sliced_part(item: fx.Node, width: int, sites_by_node: dict[str, Site]) -> _Part | None:
-    """(site, part, parts, the site's output, [], sizes) if `item` is block i of a site's output sliced
-    along its last dim, x[..., i * width:(i + 1) * width] (the last block may run to the end), as
-    Phi-3 takes query, key and value from its qkv_proj (torch.export records the slices)."""
+    """(site, offset, the site's output, [], sizes) if `item` is `width` neurons of a site's output sliced
+    along its last dim, x[..., offset:offset + width] (the last part may run to the end), as Phi-3 takes
+    query, key and value from its qkv_proj (torch.export records the slices); with grouped-query
+    attention key and value are narrower than the query (_projections checks that the parts tile the output)."""
     if item.target is not aten.slice.Tensor or len(item.args) != 4 or item.kwargs:
         return None
     source, dim, start, end = item.args
     up = sites_by_node.get(source.name)
     if up is None or up.layout != "linear" or not is_last_dim(source, dim):
         return None
-    if up.out_features % width or not isinstance(start, int) or start % width:
+    if not isinstance(start, int) or end != start + width and not (start + width == up.out_features and end == MAX_END):
         return None
-    to_the_end = start + width == up.out_features and end == MAX_END
-    if end != start + width and not to_the_end:
-        return None
-    return up, start // width, up.out_features // width, source, [], {item.name: 1}  # its bounds count the width
+    return up, start, source, [], {item.name: 1}  # its bounds count the width
 
 
 # Nodes that compute each head of a (batch, heads, seq, head_dim) tensor from that head alone, given
@@ -452,7 +451,7 @@ def _per_head_part(gm: fx.GraphModule, item: fx.Node, width: int, sites_by_node:
     if split is None or up is None or split.head_dim % parts:
         return None
     heads = _HeadSplit(split.head_dim // parts, split.sizes, split.products)
-    return _Source(up, item.args[1], parts, chunk, item, heads, [*chain, chunk, item], {}, per_head_parts=True)
+    return _Source(up, item.args[1] * width, chunk, item, heads, [*chain, chunk, item], {}, per_head_parts=True)
 
 
 def _source(gm: fx.GraphModule, query_key_or_value: object, width: int, sites_by_node: dict[str, Site], shared_by: int = 1) -> _Source | None:
@@ -493,12 +492,12 @@ def _source(gm: fx.GraphModule, query_key_or_value: object, width: int, sites_by
     up = _site_of(output, sites_by_node, width, 1)
     if up is not None:
         scale = [item] if scaled else []
-        return _Source(up, 0, 1, output, (scale or chain)[0], split, [*scale, *chain, *after_split], repeat_sizes, repeats)
+        return _Source(up, 0, output, (scale or chain)[0], split, [*scale, *chain, *after_split], repeat_sizes, repeats)
     part = _packed_part(item, width, sites_by_node) or _block_part(gm, item, width, sites_by_node) or _sliced_part(item, width, sites_by_node)
     if part is None:
         return None
-    up, index, parts, shared, nodes, sizes = part
-    return _Source(up, index, parts, shared, item, split, [*nodes, item, *chain, *after_split], sizes | repeat_sizes, repeats)
+    up, offset, shared, nodes, sizes = part
+    return _Source(up, offset, shared, item, split, [*nodes, item, *chain, *after_split], sizes | repeat_sizes, repeats)
 
 
 class _Attention(NamedTuple):
@@ -657,18 +656,24 @@ def _projections(gm: fx.GraphModule, attention: _Attention, width: int, sites_by
     sources = [_source(gm, argument, width, sites_by_node, 1 if index == 0 else shared_by) for index, argument in enumerate(attention.inputs)]
     if any(source is None for source in sources) or len({source.split.head_dim for source in sources}) != 1:
         return None
-    for shared in {source.shared for source in sources}:
-        parts = [source for source in sources if source.shared is shared]
-        if set(shared.users) != {source.reader for source in parts} or sorted(source.part for source in parts) != list(range(parts[0].parts)):
-            return None
     if sources[0].repeats != 1 or sources[1].repeats != sources[2].repeats:
         return None  # the queries' heads are the groups; key and value repeat theirs alike
-    ups = {source.up.name: (source.parts, source.repeats) for source in sources}
+    ups: dict[str, tuple[int, ...]] = {}  # up site -> the repeats of its parts, in the order of its rows
+    for up in dict.fromkeys(source.up.name for source in sources):
+        parts = sorted((source for source in sources if source.up.name == up), key=lambda source: source.offset)
+        ends = list(itertools.accumulate(width // source.repeats for source in parts))
+        shared = parts[0].shared
+        if any(source.shared is not shared for source in parts) or set(shared.users) != {source.reader for source in parts}:
+            return None
+        if [source.offset for source in parts] != [0, *ends[:-1]] or ends[-1] != parts[0].up.out_features:
+            return None  # every part read once, side by side, filling the site's output
+        ups[up] = tuple(source.repeats for source in parts)
     resized = {name: index for source in sources for name, index in (source.sizes | source.split.sizes).items()}
     between = [node for source in sources for node in (*source.nodes, *source.split.products)]
-    parts, repeats = zip(*ups.values())
+    parts = tuple(len(repeats) for repeats in ups.values())
+    repeated = any(source.repeats > 1 for source in sources)
     per_head_parts = tuple(dict.fromkeys(source.up.name for source in sources if source.per_head_parts))
-    return _Projections(tuple(ups), sources[0].split.head_dim, resized, between, parts, repeats if max(repeats) > 1 else (), per_head_parts)
+    return _Projections(tuple(ups), sources[0].split.head_dim, resized, between, parts, tuple(ups.values()) if repeated else (), per_head_parts)
 
 
 def head_width(gm: fx.GraphModule, down: Site, sites_by_node: dict[str, Site], nodes: dict[str, fx.Node]) -> HiddenWidth | None:
@@ -715,7 +720,7 @@ def head_width(gm: fx.GraphModule, down: Site, sites_by_node: dict[str, Site], n
     names = {node.name for node in (*attention.nodes, *after, *projections.between, *mask_nodes)}
     ordered = tuple(name for name in nodes if name in names)
     # grouped-query attention: a key/value head and the query heads sharing it are pruned together
-    group = head_dim * max(projections.repeats, default=1)
+    group = head_dim * max((repeats for parts in projections.repeats for repeats in parts), default=1)
     return HiddenWidth("heads", projections.ups, down.name, ordered, width, group, tuple(resized.items()), parts=projections.parts, repeats=projections.repeats, per_head_parts=projections.per_head_parts)
 
 

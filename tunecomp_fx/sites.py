@@ -138,7 +138,7 @@ class HiddenWidth:
     kept: tuple[int, ...] = ()
     target: int = 0
     parts: tuple[int, ...] = ()  # per up site (a fused qkv site's, a packed gate and up site's); none given: one each
-    repeats: tuple[int, ...] = ()  # per up site: how many query heads share each of its heads (grouped-query key/value)
+    repeats: tuple[tuple[int, ...], ...] = ()  # per up site, per part: how many query heads share each of its heads (grouped-query key/value)
     per_head_reads: tuple[tuple[str, str], ...] = ()
     channelwise: tuple[str, ...] = ()  # nodes of per-channel modules (batch norms, depthwise or grouped convolutions): the student path's copies are sliced
     per_head_parts: tuple[str, ...] = ()  # up sites holding each head's parts side by side (MaxViT's q, k, v), not each part's heads
@@ -161,15 +161,16 @@ class HiddenWidth:
     @property
     def head_dim(self) -> int:
         """A head's size: a group holds one key/value head and the query heads that share it."""
-        return self.group // max(self.repeats, default=1)
+        return self.group // max((repeats for parts in self.repeats for repeats in parts), default=1)
 
     def parts_of(self, up: str) -> int:
         """How many copies of the width side by side the up site's output holds."""
         return self.parts[self.ups.index(up)] if self.parts else 1
 
-    def repeats_of(self, up: str) -> int:
-        """How many of the down site's heads share each head of the up site (1 but for grouped-query key/value)."""
-        return self.repeats[self.ups.index(up)] if self.repeats and up in self.ups else 1
+    def repeats_of(self, up: str) -> tuple[int, ...]:
+        """Per part of up site `up`: how many of the down site's heads share each of its heads (1 but for
+        grouped-query key/value). Its part i holds width / repeats[i] neurons."""
+        return self.repeats[self.ups.index(up)] if self.repeats else (1,) * self.parts_of(up)
 
     def heads_of(self, kept: Sequence[int]) -> list[int]:
         """The (query) heads whose neurons `kept` holds, a head's neurons all kept or none."""
@@ -185,15 +186,19 @@ class HiddenWidth:
                 heads.setdefault(neuron // self.group, []).append(neuron % self.group)
             parts = self.parts_of(up)
             return tuple((head * parts + part) * self.group + offset for head, offsets in heads.items() for part in range(parts) for offset in offsets)
-        per_group = self.group // self.repeats_of(up)
-        rows = [neuron // self.group * per_group + neuron % self.group for neuron in kept if neuron % self.group < per_group]
-        return tuple(part * (size // self.repeats_of(up)) + row for part in range(self.parts_of(up)) for row in rows)
+        rows: list[int] = []
+        offset = 0
+        for repeats in self.repeats_of(up):  # part by part, side by side in the site's rows
+            per_group = self.group // repeats
+            rows += [offset + neuron // self.group * per_group + neuron % self.group for neuron in kept if neuron % self.group < per_group]
+            offset += size // repeats
+        return tuple(rows)
 
 
 def final_sites(sites: Iterable[Site], widths: Iterable[HiddenWidth]) -> list[Site]:
     """`sites` with the shapes finalize leaves them: a hidden width's sites at its target width
     (the students start wider with width_slack). Budgets and rank allocation count these."""
-    targets = {up: ("out_features", width.parts_of(up) * width.target // width.repeats_of(up)) for width in widths for up in width.ups}
+    targets = {up: ("out_features", sum(width.target // repeats for repeats in width.repeats_of(up))) for width in widths for up in width.ups}
     targets.update({width.down: ("in_features", width.target) for width in widths})
     return [replace(site, **dict([targets[site.name]])) if site.name in targets else site for site in sites]
 
