@@ -2,7 +2,9 @@
 (benchmarks/coverage.py) plus EfficientNet-B0 (timm's, torchvision's, Hugging Face's), torchvision's MobileNetV3
 and ReXNet (inverted residuals with squeeze-excitation), RegNet and ResNeXt (bottlenecks with a grouped
 convolution), timm's gMLP-Mixer (gated MLPs packed in one layer) and small randomly initialized
-Hugging Face GPT-2, LLaMA, Qwen3, Phi-3, OPT and GPT-NeoX models,
+Hugging Face GPT-2, LLaMA, Qwen3, Phi-3, OPT and GPT-NeoX models and 18 more architectures built by
+model type ("hf-auto:<type>", AUTO_HF: encoders as MPNet, DeBERTa-v2 and ModernBERT, decoders as Gemma 2
+and 3, OLMo, Cohere, GPT-J, BLOOM, Falcon and Mixtral),
 `prepare(ratio=0.6)` with prune_neurons=0.3 and, separately, with prune_heads=0.5, counting the
 neuron widths (FFNs) and head widths (attention blocks) found against the attentions in the graph
 (scaled_dot_product_attention calls and attention written out as matmul and softmax). Training-free
@@ -90,6 +92,32 @@ def build_tiny_hf(name: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     return model.eval(), {"input_ids": torch.randint(0, 100, (2, 12))}
 
 
+# More Hugging Face architectures at the same size, built from their default configuration by model type
+# (AutoConfig.for_model) with these options beside the common ones
+AUTO_HF = {
+    "mpnet": {}, "deberta-v2": {}, "modernbert": {}, "olmo": {}, "olmo2": {},
+    "gemma2": {"num_key_value_heads": 2, "head_dim": 16}, "gemma3_text": {"num_key_value_heads": 2, "head_dim": 16},
+    "cohere": {"num_key_value_heads": 2}, "glm": {"num_key_value_heads": 2, "head_dim": 16}, "helium": {"num_key_value_heads": 2, "head_dim": 16},
+    "starcoder2": {"num_key_value_heads": 2}, "granite": {"num_key_value_heads": 2},
+    "gpt_neo": {"attention_types": [[["global", "local"], 1]], "window_size": 8}, "gptj": {"rotary_dim": 8},
+    "xglm": {"d_model": 64, "ffn_dim": 128, "num_layers": 2}, "bloom": {"n_layer": 2, "n_head": 4},
+    "falcon": {"num_kv_heads": 2, "new_decoder_architecture": True, "alibi": False},
+    "mixtral": {"num_key_value_heads": 2, "num_local_experts": 4},
+}  # fmt: skip
+
+
+def build_auto_hf(model_type: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """A 2-layer model of `model_type` (a key of AUTO_HF) at random initialization."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model(
+        model_type, num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128, vocab_size=100,
+        max_position_embeddings=64, use_cache=False, pad_token_id=0, bos_token_id=1, eos_token_id=2, **AUTO_HF[model_type],
+    )  # fmt: skip
+    return transformers.AutoModel.from_config(config).eval(), {"input_ids": torch.randint(3, 100, (2, 12))}
+
+
 def _shape(ups: tuple[str, ...], parts: tuple[int, ...], repeats: tuple[tuple[int, ...], ...]) -> str:
     """"2 ups", or "1 up in 3 parts", "2 ups in 1+2 parts" when a site holds several copies of the width,
     and "key/value heads repeated 2x" with grouped-query attention."""
@@ -101,7 +129,8 @@ def _shape(ups: tuple[str, ...], parts: tuple[int, ...], repeats: tuple[tuple[in
 
 def survey(spec: str) -> dict:
     source, name = spec.split(":", 1)
-    model, inputs = build_tiny_hf(name) if source == "hf-tiny" else build(spec)[:2]
+    builders = {"hf-tiny": build_tiny_hf, "hf-auto": build_auto_hf}
+    model, inputs = builders[source](name) if source in builders else build(spec)[:2]
     row: dict = {"model": spec}
     for kind, options in OPTIONS.items():
         start = time.perf_counter()
@@ -148,7 +177,7 @@ def markdown(rows: list[dict], seconds: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="*", default=[*MODELS, *SQUEEZE_EXCITATION, *GROUPED, *PACKED_GATES, *TINY_HF])
+    parser.add_argument("--models", nargs="*", default=[*MODELS, *SQUEEZE_EXCITATION, *GROUPED, *PACKED_GATES, *TINY_HF, *(f"hf-auto:{t}" for t in AUTO_HF)])
     parser.add_argument("--output", type=Path, default=RESULTS / "width_coverage.md")
     args = parser.parse_args()
     start, rows = time.perf_counter(), []

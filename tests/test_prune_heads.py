@@ -711,6 +711,31 @@ def test_gpt_neox_prunes_each_heads_query_key_and_value_through_its_partial_rota
     _hugging_face_heads_prune_exactly(prepared, model, inputs, tmp_path / "gpt_neox.onnx")
 
 
+@pytest.mark.parametrize(
+    ("model_type", "options", "copied"),
+    [
+        ("mpnet", {}, aten.add_.Tensor),  # its relative position bias per head, added to the scores in place
+        ("gemma2", {"num_key_value_heads": 2, "head_dim": 16}, aten.tanh.default),  # scores soft-capped: 50 * tanh(scores / 50)
+        ("gemma3_text", {"num_key_value_heads": 2, "head_dim": 16}, aten.rsqrt.default),  # a norm of each head after the swap
+        ("gpt_neo", {"attention_types": [[["global", "local"], 1]], "window_size": 8}, aten.to.dtype),  # query and key cast to float
+        ("cohere", {"num_key_value_heads": 2}, aten.stack.default),  # an interleaved rotary embedding: stack, flatten
+    ],
+)
+def test_hugging_face_attentions_prune_their_heads_exactly(tmp_path, model_type: str, options: dict, copied: object) -> None:  # noqa: ANN001
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model(
+        model_type, num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128, vocab_size=100,
+        max_position_embeddings=64, use_cache=False, pad_token_id=0, bos_token_id=1, eos_token_id=2, **options,
+    )  # fmt: skip
+    model, inputs = transformers.AutoModel.from_config(config).eval(), {"input_ids": torch.randint(3, 100, (2, 12))}
+    prepared = tunecomp_fx.prepare(model, inputs, 0.6, prune_heads=0.5, rank_slack=10.0)
+    assert len([w for w in _context(prepared).hidden_widths if w.kind == "heads"]) == 2
+    copies = [n for n in prepared.graph.nodes if "copy_of" in n.meta.get("tunecomp", {})]
+    assert copied in {n.target for n in copies}
+    _hugging_face_heads_prune_exactly(prepared, model, inputs, tmp_path / f"{model_type}.onnx")
+
+
 def test_phi3_with_grouped_query_attention_prunes_whole_groups_from_its_parts_of_unequal_widths(tmp_path) -> None:  # noqa: ANN001
     # qkv[..., :64] holds 4 query heads, qkv[..., 64:96] and qkv[..., 96:] 2 key and 2 value heads, each shared by 2 query heads
     model, inputs = _phi3(key_value_heads=2)

@@ -338,20 +338,35 @@ def _sliced_part(item: fx.Node, width: int, sites_by_node: dict[str, Site]) -> _
     return up, start, source, [], {item.name: 1}  # its bounds count the width
 
 
-# Nodes that compute each head of a (batch, heads, seq, head_dim) tensor from that head alone, given
-# other tensors broadcast over the heads and slices and concatenation along head_dim: rotary embeddings.
+# Nodes that compute each head of a tensor split into heads from that head alone, given other tensors
+# broadcast over the heads: elementwise arithmetic and casts, and slices, concatenation, stacking,
+# flattening and means along head_dim (`_within_heads`), as torch.export records rotary embeddings
+# (Cohere's interleaved one stacks and flattens), norms of each head over its head_dim (Qwen3's and
+# Gemma 3's q_norm and k_norm) and casts of query and key to float (OLMo's, GPT-Neo's).
 _WITHIN_HEADS = {
-    aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.neg.default, aten.slice.Tensor, aten.cat.default,
+    aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.div.Tensor, aten.neg.default, aten.pow.Tensor_Scalar,
+    aten.rsqrt.default, aten.to.dtype, aten._to_copy.default, aten.type_as.default,
+    aten.slice.Tensor, aten.cat.default, aten.stack.default, aten.flatten.using_ints, aten.mean.dim,
     aten.alias.default,  # Phi-3's partial rotary embedding reads the heads through an alias
 }
 
 
-def _along_head_dim(node: fx.Node) -> bool:
-    """Whether a slice or concatenation works along the last dim (anything else: true)."""
-    if node.target not in (aten.slice.Tensor, aten.cat.default):
-        return True
-    dim = node.args[1] if len(node.args) > 1 else 0
-    return is_last_dim(node.args[0][0] if node.target is aten.cat.default else node.args[0], dim)
+def _within_heads(node: fx.Node) -> bool:
+    """A `_WITHIN_HEADS` node that leaves the heads apart: slices, concatenation, stacking, flattening
+    and means work along the last dim, head_dim."""
+    if not is_op(node, _WITHIN_HEADS):
+        return False
+    first = node.args[0][0] if node.target in (aten.cat.default, aten.stack.default) else node.args[0]
+    if node.target is aten.mean.dim:
+        return _means_last_dim(node)
+    if node.target is aten.flatten.using_ints:  # the last two dims into one
+        start, end = (list(node.args[1:3]) + [-1])[:2]
+        return isinstance(start, int) and is_last_dim(first, start + 1) and is_last_dim(first, end)
+    if node.target is aten.stack.default:  # along a new last dim
+        return is_last_dim(node, node.args[1] if len(node.args) > 1 else 0)
+    if node.target in (aten.slice.Tensor, aten.cat.default):
+        return is_last_dim(first, node.args[1] if len(node.args) > 1 else 0)
+    return True
 
 
 def _head_region(end: fx.Node, within: Callable[[fx.Node], bool], heads_at: int) -> tuple[fx.Node, list[fx.Node]] | None:
@@ -383,24 +398,15 @@ def _head_region(end: fx.Node, within: Callable[[fx.Node], bool], heads_at: int)
 
 def _per_head_nodes(end: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
     """`_head_region` of `_WITHIN_HEADS` nodes on a (batch, heads, seq, head_dim) tensor: rotary
-    embeddings under torch.export."""
-    return _head_region(end, lambda node: is_op(node, _WITHIN_HEADS) and _along_head_dim(node), -3)
-
-
-# Nodes normalizing each head over head_dim, as torch.export records an RMSNorm (Qwen3's q_norm and k_norm):
-# elementwise arithmetic, casts, and means over the last dim
-_OVER_HEAD_DIM = {
-    aten.pow.Tensor_Scalar, aten.mean.dim, aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor,
-    aten.rsqrt.default, aten.to.dtype, aten._to_copy.default,
-}
+    embeddings, norms of each head (Gemma 3's) and casts between the swap and the attention."""
+    return _head_region(end, _within_heads, -3)
 
 
 def _head_norm_nodes(end: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
-    """`_head_region` of nodes normalizing each head of a (batch, seq, heads, head_dim) tensor over
-    head_dim alone (`_OVER_HEAD_DIM`, means over the last dim), with a weight of head_dim: Qwen3's q_norm
-    and k_norm under torch.export. (A norm over the whole projection before the split, as OLMo2's,
-    mixes the heads: it is not between the split and the swap, and leaves no head width.)"""
-    return _head_region(end, lambda node: is_op(node, _OVER_HEAD_DIM) and (node.target is not aten.mean.dim or _means_last_dim(node)), -2)
+    """`_head_region` of `_WITHIN_HEADS` nodes on a (batch, seq, heads, head_dim) tensor: Qwen3's q_norm
+    and k_norm between the view and the swap. (A norm over the whole projection before the split, as
+    OLMo2's, mixes the heads: it is not between the split and the swap, and leaves no head width.)"""
+    return _head_region(end, _within_heads, -2)
 
 
 def _means_last_dim(node: fx.Node) -> bool:
@@ -515,12 +521,14 @@ class _Attention(NamedTuple):
 _MATMULS = {aten.matmul.default, torch.matmul, operator.matmul, "matmul"}
 _SOFTMAXES = {aten.softmax.int, aten._softmax.default, torch.softmax, F.softmax, "softmax"}
 # What a written-out attention may do to its scores between the two matmuls, head by head: scale,
-# add or fill a mask (whose entries are checked to be shared by the heads), cast.
+# add or fill a mask (whose entries are checked to be shared by the heads; MPNet adds its bias in place),
+# soft-cap (Gemma 2's tanh between two scales), cast.
 _SCALES = {aten.mul.Tensor, aten.div.Tensor, operator.mul, operator.truediv, torch.mul, torch.div, "mul", "div"}
 _MASKS = {
-    aten.add.Tensor, aten.sub.Tensor, operator.add, operator.sub, torch.add, torch.sub, "add", "sub",
+    aten.add.Tensor, aten.add_.Tensor, aten.sub.Tensor, operator.add, operator.sub, torch.add, torch.sub, "add", "add_", "sub",
     aten.masked_fill.Scalar, aten.masked_fill.Tensor, torch.masked_fill, "masked_fill", aten.where.self, torch.where,
 }
+_SOFT_CAPS = {aten.tanh.default, torch.tanh, "tanh"}
 _CASTS = {aten.to.dtype, aten._to_copy.default, "to", "float"}
 
 
@@ -576,7 +584,7 @@ def _scores_of(gm: fx.GraphModule, node: fx.Node, nodes: list[fx.Node], reads: l
         if found is not None:
             nodes.append(node)
         return found
-    if not (is_op(node, _SCALES | _MASKS) or _is_cast(node) or is_dropout(gm, node) or _is_timm_attention_function(node, "maybe_add_mask")):
+    if not (is_op(node, _SCALES | _MASKS | _SOFT_CAPS) or _is_cast(node) or is_dropout(gm, node) or _is_timm_attention_function(node, "maybe_add_mask")):
         return None
     for scores in node.all_input_nodes:  # the scores are the operand that leads back to q @ k^T
         found = _scores_of(gm, scores, before := [], reads_before := [])
