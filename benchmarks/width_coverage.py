@@ -95,7 +95,7 @@ def build_tiny_hf(name: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
 # More Hugging Face architectures at the same size, built from their default configuration by model type
 # (AutoConfig.for_model) with these options beside the common ones
 AUTO_HF = {
-    "mpnet": {}, "deberta-v2": {}, "modernbert": {}, "olmo": {}, "olmo2": {},
+    "mpnet": {}, "deberta-v2": {}, "modernbert": {"cls_token_id": 1, "sep_token_id": 2}, "olmo": {}, "olmo2": {},
     "gemma2": {"num_key_value_heads": 2, "head_dim": 16}, "gemma3_text": {"num_key_value_heads": 2, "head_dim": 16},
     "cohere": {"num_key_value_heads": 2}, "glm": {"num_key_value_heads": 2, "head_dim": 16}, "helium": {"num_key_value_heads": 2, "head_dim": 16},
     "starcoder2": {"num_key_value_heads": 2}, "granite": {"num_key_value_heads": 2},

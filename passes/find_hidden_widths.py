@@ -126,7 +126,7 @@ class FindHiddenWidths(GraphPass):
                 "scaled_dot_product_attention (or attention written out: matmul(q, k.transpose(-2, -1)), scaled, "
                 "masked, soft-capped by tanh, softmax over the last dim, matmul with v) whose query, key and value are split from three compressed sites "
                 "(view (..., heads, head_dim), transpose(1, 2)), from one fused qkv site (reshape (..., 3, heads, "
-                "head_dim), permute(2, 0, 3, 1, 4) or transpose(1, 3); view(..., heads, 3 * head_dim), transpose(1, 2), "
+                "head_dim), permute(2, 0, 3, 1, 4) or transpose(1, 3), or unbind(2) and transpose(1, 2) of each part; view(..., heads, 3 * head_dim), transpose(1, 2), "
                 "chunk(3, dim=-1); split(width, dim=-1) as GPT-2's or sliced x[..., :width], x[..., width:2 * width], x[..., 2 * width:] "
                 "as Phi-3's, key and value narrower with grouped-query attention; a key/value site split so in two parts) or from nn.MultiheadAttention's "
                 "packed in-projection, self- or cross-attention (captured with torch.export); rotary embeddings, casts and "

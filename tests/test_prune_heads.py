@@ -719,6 +719,7 @@ def test_gpt_neox_prunes_each_heads_query_key_and_value_through_its_partial_rota
         ("gemma3_text", {"num_key_value_heads": 2, "head_dim": 16}, aten.rsqrt.default),  # a norm of each head after the swap
         ("gpt_neo", {"attention_types": [[["global", "local"], 1]], "window_size": 8}, aten.to.dtype),  # query and key cast to float
         ("cohere", {"num_key_value_heads": 2}, aten.stack.default),  # an interleaved rotary embedding: stack, flatten
+        ("modernbert", {"cls_token_id": 1, "sep_token_id": 2}, aten.unbind.int),  # view(b, t, 3, -1, 16).unbind(2), then each part swapped
     ],
 )
 def test_hugging_face_attentions_prune_their_heads_exactly(tmp_path, model_type: str, options: dict, copied: object) -> None:  # noqa: ANN001

@@ -5,7 +5,8 @@ Face's eager attention), and the heads are swapped back and merged into the outp
 removes head_dim rows of each of query, key and value and head_dim columns of the output site; each
 head attends on its own, so the others compute what they did. A fused qkv site (timm's ViT:
 reshape (..., 3, heads, head_dim), permute(2, 0, 3, 1, 4), unbind(0); timm's MaxViT: the same reshape,
-transpose(1, 3), unbind(2)) loses the head's rows in each of its three parts; one holding each head's
+transpose(1, 3), unbind(2); ModernBERT: the same reshape, unbind(2), each part transpose(1, 2)) loses the
+head's rows in each of its three parts; one holding each head's
 parts side by side (MaxViT's other layout, and GPT-NeoX's: view (..., heads, 3 * head_dim), transpose(1, 2),
 chunk(3, dim=-1)) loses the head's block of rows (`HiddenWidth.per_head_parts`); a key/value site split
 the same way in two parts beside a query site (PVT v2) loses the head's rows in both. So does
@@ -338,6 +339,27 @@ def _sliced_part(item: fx.Node, width: int, sites_by_node: dict[str, Site]) -> _
     return up, start, source, [], {item.name: 1}  # its bounds count the width
 
 
+def _unbound_part(item: fx.Node, chain: list[fx.Node], width: int, sites_by_node: dict[str, Site]) -> tuple[_Part, _HeadSplit] | None:
+    """(part, split) if `item` is part i of a site's output viewed as (batch, seq, parts, heads, head_dim)
+    and taken along the parts (unbound or selected), and `chain` then swaps its heads and sequence:
+    ModernBERT's Wqkv, view(b, t, 3, heads or -1, head_dim).unbind(dim=2), each part transpose(1, 2)."""
+    found = _part(item)
+    if found is None or len(chain) != 1 or not _swaps_heads_and_sequence(chain[0]):
+        return None
+    view, index, dim = found
+    shared = item.args[0]  # the unbind, or the view itself when its parts are selected one by one
+    entries = shape_entries(view) if is_op(view, RESHAPES) else []
+    if len(entries) != 5 or dim not in (2, -3) or shared is not view and len(view.users) != 1:
+        return None
+    parts = entries[2] if isinstance(entries[2], int) and entries[2] > 0 else 0
+    up = _site_of(data_input(view), sites_by_node, width, parts) if parts else None
+    head_dim = _head_size(entries[3], entries[4], width) if up is not None else None
+    if head_dim is None:
+        return None
+    sizes = {view.name: 3} if entries[3] == width // head_dim else {}
+    return (up, index * width, shared, [view, *([shared] if shared is not view else [])], sizes), _HeadSplit(head_dim, {}, [])
+
+
 # Nodes that compute each head of a tensor split into heads from that head alone, given other tensors
 # broadcast over the heads: elementwise arithmetic and casts, and slices, concatenation, stacking,
 # flattening and means along head_dim (`_within_heads`), as torch.export records rotary embeddings
@@ -489,19 +511,23 @@ def _source(gm: fx.GraphModule, query_key_or_value: object, width: int, sites_by
     if norm is not None and is_op(norm[0], _PASS_THROUGH) and data_input(norm[0]) is not None:
         item, split_chain = _chain_back(gm, data_input(norm[0]))
         chain = [*split_chain, norm[0], *norm[1], *chain]  # the view, read by the norm alone, its nodes (ordered later), the swap
+    after_split = [*(rotary[1] if rotary is not None else []), *repeat_nodes]
     split = (_sequence_major_split(chain, width) or _batch_major_split(chain, width)) if chain else None
     if split is None:
-        return None
-    after_split = [*(rotary[1] if rotary is not None else []), *repeat_nodes]
-    scaled = _scales_by_a_number(item) and len(item.users) == 1  # OPT's q_proj(x) * scaling
-    output = item.args[0] if scaled else item
-    up = _site_of(output, sites_by_node, width, 1)
-    if up is not None:
-        scale = [item] if scaled else []
-        return _Source(up, 0, output, (scale or chain)[0], split, [*scale, *chain, *after_split], repeat_sizes, repeats)
-    part = _packed_part(item, width, sites_by_node) or _block_part(gm, item, width, sites_by_node) or _sliced_part(item, width, sites_by_node)
-    if part is None:
-        return None
+        unbound = _unbound_part(item, chain, width, sites_by_node)
+        if unbound is None:
+            return None
+        part, split = unbound
+    else:
+        scaled = _scales_by_a_number(item) and len(item.users) == 1  # OPT's q_proj(x) * scaling
+        output = item.args[0] if scaled else item
+        up = _site_of(output, sites_by_node, width, 1)
+        if up is not None:
+            scale = [item] if scaled else []
+            return _Source(up, 0, output, (scale or chain)[0], split, [*scale, *chain, *after_split], repeat_sizes, repeats)
+        part = _packed_part(item, width, sites_by_node) or _block_part(gm, item, width, sites_by_node) or _sliced_part(item, width, sites_by_node)
+        if part is None:
+            return None
     up, offset, shared, nodes, sizes = part
     return _Source(up, offset, shared, item, split, [*nodes, item, *chain, *after_split], sizes | repeat_sizes, repeats)
 
