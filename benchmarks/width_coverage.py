@@ -2,9 +2,9 @@
 (benchmarks/coverage.py) plus EfficientNet-B0 (timm's, torchvision's, Hugging Face's), torchvision's MobileNetV3
 and ReXNet (inverted residuals with squeeze-excitation), RegNet and ResNeXt (bottlenecks with a grouped
 convolution), timm's gMLP-Mixer (gated MLPs packed in one layer) and small randomly initialized
-Hugging Face GPT-2, LLaMA, Qwen3, Phi-3, OPT and GPT-NeoX models and 18 more architectures built by
+Hugging Face GPT-2, LLaMA, Qwen3, Phi-3, OPT and GPT-NeoX models and 20 more architectures built by
 model type ("hf-auto:<type>", AUTO_HF: encoders as MPNet, DeBERTa-v2 and ModernBERT, decoders as Gemma 2
-and 3, OLMo, Cohere, GPT-J, BLOOM, Falcon and Mixtral),
+and 3, OLMo, Cohere, GPT-J, BLOOM, Falcon, Mixtral, ESM and Nemotron),
 `prepare(ratio=0.6)` with prune_neurons=0.3 and, separately, with prune_heads=0.5, counting the
 neuron widths (FFNs) and head widths (attention blocks) found against the attentions in the graph
 (scaled_dot_product_attention calls and attention written out as matmul and softmax). Training-free
@@ -103,6 +103,7 @@ AUTO_HF = {
     "xglm": {"d_model": 64, "ffn_dim": 128, "num_layers": 2}, "bloom": {"n_layer": 2, "n_head": 4},
     "falcon": {"num_kv_heads": 2, "new_decoder_architecture": True, "alibi": False},
     "mixtral": {"num_key_value_heads": 2, "num_local_experts": 4},
+    "esm": {}, "nemotron": {"num_key_value_heads": 2, "head_dim": 16},
 }  # fmt: skip
 
 

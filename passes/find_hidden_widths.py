@@ -133,7 +133,7 @@ class FindHiddenWidths(GraphPass):
                 "norms of each head may stand between the split and the attention, and a key/value head may be shared by a group of query heads "
                 "(repeated, or enable_gqa under torch.export). "
                 "Not recognized: grouped-query heads interleaved in one fused site (each group's query heads, key and value side by side, as Falcon's), "
-                "attention over batch * heads with bmm (DeBERTa-v2's, XGLM's, BLOOM's), a rotary embedding before the swap (GPT-J's), "
+                "attention over batch * heads with bmm (DeBERTa-v2's, XGLM's, BLOOM's), a qkv in model-parallel groups (CodeGen's), "
                 "per-head scales or norm weights between the heads and the projections, norms over all heads together "
                 "(normalize each head over its head_dim, with one weight for all heads, to be recognized), and steps of a "
                 "written-out attention other than those (or scores whose values something else reads too); "

@@ -39,6 +39,39 @@ def full_rank_student_path_finalizes(prepared: torch.fx.GraphModule, reference: 
     return compact
 
 
+def tiny_hugging_face(model_type: str, **options: Any) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """A 2-layer Hugging Face model of `model_type` (width 64, 4 heads, 128 hidden neurons, `options`
+    beside) at random initialization, in eval mode, and a batch of 2 texts of 12 tokens."""
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model(
+        model_type, num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128, vocab_size=100,
+        max_position_embeddings=64, use_cache=False, pad_token_id=0, bos_token_id=1, eos_token_id=2, **options,
+    )  # fmt: skip
+    return transformers.AutoModel.from_config(config).eval(), {"input_ids": torch.randint(3, 100, (2, 12))}
+
+
+def hugging_face_prunes_exactly(prepared: torch.fx.GraphModule, model: torch.nn.Module, inputs: dict[str, torch.Tensor], onnx_path: Any) -> torch.fx.GraphModule:
+    """A Hugging Face model prepared with students at full rank: the teacher path is the model, the
+    student path the model with the pruned neurons (heads) alone silenced (1e-5); pruned of its rank
+    slack it finalizes and exports to ONNX Runtime (1e-4). Returns the compact model."""
+    from tunecomp_fx.export import to_onnx
+
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(**inputs)[0], model(**inputs)[0], rtol=1e-5, atol=1e-5)  # alpha = 1: the teacher alone
+    tunecomp_fx.set_blend(prepared, 0.0)
+    with torch.no_grad():
+        reference = silenced(model, prepared.meta["tunecomp"].context.hidden_widths)(**inputs)[0]
+        torch.testing.assert_close(prepared(**inputs)[0], reference, rtol=1e-5, atol=1e-5)
+    tunecomp_fx.prune_slack(prepared)
+    compact, _ = finalize_from_student_path(prepared, **inputs)
+    result = to_onnx(compact, inputs, onnx_path)
+    assert all(error < 1e-4 for error in result.max_errors.values())
+    return compact
+
+
 def train_with_hook(
     prepared: torch.fx.GraphModule, data: list[tuple[torch.Tensor, torch.Tensor]], loss_fn: Callable[[Any, Any], torch.Tensor], steps: int, blend_steps: int
 ) -> tunecomp_fx.StepHook:

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import functools
 import operator
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.graph_checks import finalize_from_student_path, silenced, train_with_hook
+from tests.graph_checks import finalize_from_student_path, hugging_face_prunes_exactly, silenced, tiny_hugging_face, train_with_hook
 from tests.models import (
     SILENT_HEADS_KEPT,
     SILENT_HEADS_RATIO,
@@ -646,22 +645,6 @@ def _phi3(key_value_heads: int) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     return transformers.Phi3Model(config).eval(), {"input_ids": torch.randint(0, 100, (2, 12))}
 
 
-def _hugging_face_heads_prune_exactly(prepared: torch.fx.GraphModule, model: nn.Module, inputs: dict[str, torch.Tensor], onnx_path: Path) -> torch.fx.GraphModule:
-    """A Hugging Face model prepared with students at full rank: the teacher path is the model, the
-    student path the model with the pruned heads alone silenced (1e-5); pruned of its rank slack it
-    finalizes and exports to ONNX Runtime (1e-4). Returns the compact model."""
-    with torch.no_grad():
-        torch.testing.assert_close(prepared(**inputs)[0], model(**inputs)[0], rtol=1e-5, atol=1e-5)  # alpha = 1: the teacher alone
-    tunecomp_fx.set_blend(prepared, 0.0)
-    with torch.no_grad():
-        torch.testing.assert_close(prepared(**inputs)[0], silenced(model, _context(prepared).hidden_widths)(**inputs)[0], rtol=1e-5, atol=1e-5)
-    tunecomp_fx.prune_slack(prepared)
-    compact, _ = finalize_from_student_path(prepared, **inputs)
-    result = to_onnx(compact, inputs, onnx_path)
-    assert all(error < 1e-4 for error in result.max_errors.values())
-    return compact
-
-
 def test_phi3_prunes_the_heads_of_query_key_and_value_sliced_out_of_its_qkv_site(tmp_path) -> None:  # noqa: ANN001
     model, inputs = _phi3(key_value_heads=4)
     prepared = tunecomp_fx.prepare(model, inputs, 0.6, prune_heads=0.5, rank_slack=10.0)
@@ -671,7 +654,7 @@ def test_phi3_prunes_the_heads_of_query_key_and_value_sliced_out_of_its_qkv_site
     }
     copies = [n for n in prepared.graph.nodes if "copy_of" in n.meta.get("tunecomp", {}) and n.target is aten.slice.Tensor and n.args[1] == 2]
     assert sorted(n.args[2:] for n in copies) == [(0, 32)] * 2 + [(32, 64)] * 2 + [(64, MAX_END)] * 2  # 2 heads each; the last to the end
-    compact = _hugging_face_heads_prune_exactly(prepared, model, inputs, tmp_path / "phi3.onnx")
+    compact = hugging_face_prunes_exactly(prepared, model, inputs, tmp_path / "phi3.onnx")
     rows = {row.name: row for row in tunecomp_fx.get_report(compact).sites}
     assert rows["layers.0.self_attn.qkv_proj"].reason.startswith("96 of 192 output neurons kept (2 of 4 heads)")
 
@@ -691,7 +674,7 @@ def test_opts_query_scaled_before_its_head_split_prunes_its_heads(tmp_path) -> N
     }
     scales = [n for n in prepared.graph.nodes if "copy_of" in n.meta.get("tunecomp", {}) and n.target is aten.mul.Tensor and n.args[1] == 0.25]
     assert [n.args[0].meta["tunecomp"]["site"] for n in scales] == [layer.format(i, "q_proj") for i in range(2)]  # q_proj(x) * scaling, copied
-    _hugging_face_heads_prune_exactly(prepared, model, inputs, tmp_path / "opt.onnx")
+    hugging_face_prunes_exactly(prepared, model, inputs, tmp_path / "opt.onnx")
 
 
 def test_gpt_neox_prunes_each_heads_query_key_and_value_through_its_partial_rotary_embedding(tmp_path) -> None:  # noqa: ANN001
@@ -708,7 +691,7 @@ def test_gpt_neox_prunes_each_heads_query_key_and_value_through_its_partial_rota
     assert {(w.ups, w.down, w.per_head_parts, len(w.kept)) for w in _context(prepared).hidden_widths} == {
         ((qkv.format(i),), f"layers.{i}.attention.dense", (qkv.format(i),), 32) for i in range(2)  # each kept head's 3 x 16 rows
     }
-    _hugging_face_heads_prune_exactly(prepared, model, inputs, tmp_path / "gpt_neox.onnx")
+    hugging_face_prunes_exactly(prepared, model, inputs, tmp_path / "gpt_neox.onnx")
 
 
 @pytest.mark.parametrize(
@@ -719,22 +702,17 @@ def test_gpt_neox_prunes_each_heads_query_key_and_value_through_its_partial_rota
         ("gemma3_text", {"num_key_value_heads": 2, "head_dim": 16}, aten.rsqrt.default),  # a norm of each head after the swap
         ("gpt_neo", {"attention_types": [[["global", "local"], 1]], "window_size": 8}, aten.to.dtype),  # query and key cast to float
         ("cohere", {"num_key_value_heads": 2}, aten.stack.default),  # an interleaved rotary embedding: stack, flatten
-        ("modernbert", {"cls_token_id": 1, "sep_token_id": 2}, aten.unbind.int),  # view(b, t, 3, -1, 16).unbind(2), then each part swapped
+        ("modernbert", {"cls_token_id": 1, "sep_token_id": 2}, aten.unbind.int),
+        ("gptj", {"rotary_dim": 8}, aten.flatten.using_ints),  # an interleaved rotary embedding on part of each head, before the swap  # view(b, t, 3, -1, 16).unbind(2), then each part swapped
     ],
 )
 def test_hugging_face_attentions_prune_their_heads_exactly(tmp_path, model_type: str, options: dict, copied: object) -> None:  # noqa: ANN001
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.AutoConfig.for_model(
-        model_type, num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128, vocab_size=100,
-        max_position_embeddings=64, use_cache=False, pad_token_id=0, bos_token_id=1, eos_token_id=2, **options,
-    )  # fmt: skip
-    model, inputs = transformers.AutoModel.from_config(config).eval(), {"input_ids": torch.randint(3, 100, (2, 12))}
+    model, inputs = tiny_hugging_face(model_type, **options)
     prepared = tunecomp_fx.prepare(model, inputs, 0.6, prune_heads=0.5, rank_slack=10.0)
     assert len([w for w in _context(prepared).hidden_widths if w.kind == "heads"]) == 2
     copies = [n for n in prepared.graph.nodes if "copy_of" in n.meta.get("tunecomp", {})]
     assert copied in {n.target for n in copies}
-    _hugging_face_heads_prune_exactly(prepared, model, inputs, tmp_path / f"{model_type}.onnx")
+    hugging_face_prunes_exactly(prepared, model, inputs, tmp_path / f"{model_type}.onnx")
 
 
 def test_phi3_with_grouped_query_attention_prunes_whole_groups_from_its_parts_of_unequal_widths(tmp_path) -> None:  # noqa: ANN001
@@ -751,7 +729,7 @@ def test_phi3_with_grouped_query_attention_prunes_whole_groups_from_its_parts_of
     assert sites["layers.0.self_attn.qkv_proj"].kept_rows == (*kept, *(64 + row for row in key_value_head), *(96 + row for row in key_value_head))
     copies = [n for n in prepared.graph.nodes if "copy_of" in n.meta.get("tunecomp", {}) and n.target is aten.slice.Tensor and n.args[1] == 2]
     assert sorted(n.args[2:] for n in copies) == [(0, 32)] * 2 + [(32, 48)] * 2 + [(48, MAX_END)] * 2
-    compact = _hugging_face_heads_prune_exactly(prepared, model, inputs, tmp_path / "phi3_gqa.onnx")
+    compact = hugging_face_prunes_exactly(prepared, model, inputs, tmp_path / "phi3_gqa.onnx")
     rows = {row.name: row for row in tunecomp_fx.get_report(compact).sites}
     assert rows["layers.0.self_attn.qkv_proj"].reason.startswith("64 of 128 output neurons kept (2 of 4 query heads, 1 of 2 key/value heads)")
     assert rows["layers.0.self_attn.o_proj"].reason.startswith("32 of 64 input neurons kept (2 of 4 heads)")

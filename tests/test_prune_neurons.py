@@ -9,7 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tests.joint_task import digits_task, endless, fresh, single_thread  # noqa: F401
-from tests.graph_checks import finalize_from_student_path, full_rank_student_path_finalizes, silenced, train_with_hook
+from tests.graph_checks import (
+    finalize_from_student_path, full_rank_student_path_finalizes, hugging_face_prunes_exactly, silenced, tiny_hugging_face, train_with_hook,
+)
 from tests.models import MLP, ActivatedMLP, AttentionBlock, InvertedResidual, TokenConvMlp, WrittenOutGelu
 from torch import nn
 
@@ -249,6 +251,23 @@ def test_hugging_faces_gated_mlps_prune_their_neurons_and_export(family: str, up
     assert rows[f"layers.1.mlp.{ups[-1]}"].reason.startswith(f"{kept_rows} output neurons kept")
     result = to_onnx(compact, inputs, tmp_path / f"{family}.onnx")
     assert all(error < 1e-4 for error in result.max_errors.values())
+
+
+@pytest.mark.parametrize(
+    ("model_type", "options", "activation"),
+    [
+        ("esm", {}, aten.erf.default),  # GELU written out: x * 0.5 * (1 + erf(x / sqrt(2)))
+        ("nemotron", {"num_key_value_heads": 2, "head_dim": 16}, aten.square.default),  # a squared ReLU
+    ],
+)
+def test_hugging_face_activations_written_out_prune_their_neurons_exactly(tmp_path, model_type: str, options: dict, activation: object) -> None:  # noqa: ANN001
+    model, inputs = tiny_hugging_face(model_type, **options)
+    prepared = tunecomp_fx.prepare(model, inputs, 0.6, prune_neurons=0.3, rank_slack=10.0)
+    widths = _context(prepared).hidden_widths
+    assert len(widths) == 2 and all(len(w.kept) == 88 for w in widths)
+    nodes = {n.name: n for n in prepared.graph.nodes}
+    assert all(any(nodes[name].target is activation for name in w.between) for w in widths)  # the activation is in the width
+    hugging_face_prunes_exactly(prepared, model, inputs, tmp_path / f"{model_type}.onnx")
 
 
 def _glu_mlp() -> nn.Module:

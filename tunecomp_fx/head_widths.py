@@ -375,7 +375,7 @@ _WITHIN_HEADS = {
 
 def _within_heads(node: fx.Node) -> bool:
     """A `_WITHIN_HEADS` node that leaves the heads apart: slices, concatenation, stacking, flattening
-    and means work along the last dim, head_dim."""
+    and means work along the last dim, head_dim (a slice may also take a whole dim, as GPT-J's x[:, :, :, :8])."""
     if not is_op(node, _WITHIN_HEADS):
         return False
     first = node.args[0][0] if node.target in (aten.cat.default, aten.stack.default) else node.args[0]
@@ -387,7 +387,7 @@ def _within_heads(node: fx.Node) -> bool:
     if node.target is aten.stack.default:  # along a new last dim
         return is_last_dim(node, node.args[1] if len(node.args) > 1 else 0)
     if node.target in (aten.slice.Tensor, aten.cat.default):
-        return is_last_dim(first, node.args[1] if len(node.args) > 1 else 0)
+        return is_last_dim(first, node.args[1] if len(node.args) > 1 else 0) or _is_whole_slice(node)
     return True
 
 
@@ -425,8 +425,8 @@ def _per_head_nodes(end: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
 
 
 def _head_norm_nodes(end: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
-    """`_head_region` of `_WITHIN_HEADS` nodes on a (batch, seq, heads, head_dim) tensor: Qwen3's q_norm
-    and k_norm between the view and the swap. (A norm over the whole projection before the split, as
+    """`_head_region` of `_WITHIN_HEADS` nodes on a (batch, seq, heads, head_dim) tensor between the view
+    and the swap: Qwen3's q_norm and k_norm, GPT-J's rotary embedding. (A norm over the whole projection before the split, as
     OLMo2's, mixes the heads: it is not between the split and the swap, and leaves no head width.)"""
     return _head_region(end, _within_heads, -2)
 

@@ -35,12 +35,13 @@ _ACTIVATION_FUNCTIONS = {
     aten.gelu.default, aten.relu.default, aten.silu.default, aten.tanh.default, aten.sigmoid.default,
     aten.hardtanh.default, aten.hardswish.default, aten.hardsigmoid.default, aten.leaky_relu.default,
     aten.elu.default, aten.selu.default, aten.mish.default, aten.softplus.default,
+    aten.erf.default, aten.square.default,  # ESM's GELU written out with erf; Nemotron's and Persimmon's squared ReLU
     aten.relu6.default, aten.relu_.default, aten.silu_.default, aten.hardtanh_.default, aten.hardswish_.default,  # in place: inplace=True
     aten.hardsigmoid_.default, aten.leaky_relu_.default, aten.elu_.default, aten.mish_.default,
     F.gelu, F.relu, F.silu, F.relu6, F.hardtanh, F.hardswish, F.hardsigmoid, F.leaky_relu, F.elu, F.selu,
-    F.mish, F.softplus, torch.relu, torch.tanh, torch.sigmoid,
+    F.mish, F.softplus, torch.relu, torch.tanh, torch.sigmoid, torch.erf, torch.square,
 }
-_ACTIVATION_METHODS = {"relu", "tanh", "sigmoid"}
+_ACTIVATION_METHODS = {"relu", "tanh", "sigmoid", "erf", "square"}
 _ACTIVATION_MODULES = (
     nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.ReLU6, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid,
     nn.LeakyReLU, nn.ELU, nn.SELU, nn.Mish, nn.Softplus,
