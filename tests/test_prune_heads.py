@@ -715,6 +715,21 @@ def test_hugging_face_attentions_prune_their_heads_exactly(tmp_path, model_type:
     hugging_face_prunes_exactly(prepared, model, inputs, tmp_path / f"{model_type}.onnx")
 
 
+def test_swin_v2s_cosine_attention_prunes_its_heads_with_their_logit_scales_and_position_biases(tmp_path) -> None:  # noqa: ANN001
+    # query and key normalized over head_dim (F.normalize), the scores scaled by exp(logit_scale) and biased
+    # by a small MLP's output, both one entry per head: the student path reads them sliced to its heads
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.Swinv2Config(embed_dim=32, depths=[1, 1], num_heads=[2, 4], window_size=2, image_size=32, patch_size=4)
+    model, inputs = transformers.Swinv2Model(config).eval(), {"pixel_values": torch.randn(2, 3, 32, 32)}
+    prepared = tunecomp_fx.prepare(model, inputs, 0.6, prune_heads=0.5, rank_slack=10.0)
+    widths = _context(prepared).hidden_widths
+    assert [(len(w.kept), len(w.per_head_reads)) for w in widths] == [(16, 2), (32, 2)]  # 1 of 2 heads, 2 of 4
+    copies = {n.target for n in prepared.graph.nodes if "copy_of" in n.meta.get("tunecomp", {})}
+    assert aten.linalg_vector_norm.default in copies
+    hugging_face_prunes_exactly(prepared, model, inputs, tmp_path / "swinv2.onnx")
+
+
 def test_phi3_with_grouped_query_attention_prunes_whole_groups_from_its_parts_of_unequal_widths(tmp_path) -> None:  # noqa: ANN001
     # qkv[..., :64] holds 4 query heads, qkv[..., 64:96] and qkv[..., 96:] 2 key and 2 value heads, each shared by 2 query heads
     model, inputs = _phi3(key_value_heads=2)

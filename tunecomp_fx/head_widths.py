@@ -362,25 +362,29 @@ def _unbound_part(item: fx.Node, chain: list[fx.Node], width: int, sites_by_node
 
 # Nodes that compute each head of a tensor split into heads from that head alone, given other tensors
 # broadcast over the heads: elementwise arithmetic and casts, and slices, concatenation, stacking,
-# flattening and means along head_dim (`_within_heads`), as torch.export records rotary embeddings
-# (Cohere's interleaved one stacks and flattens), norms of each head over its head_dim (Qwen3's and
-# Gemma 3's q_norm and k_norm) and casts of query and key to float (OLMo's, GPT-Neo's).
+# flattening, means and vector norms along head_dim (`_within_heads`), as torch.export records rotary
+# embeddings (Cohere's interleaved one stacks and flattens), norms of each head over its head_dim
+# (Qwen3's and Gemma 3's q_norm and k_norm, Swin V2's F.normalize for its cosine attention) and casts
+# of query and key to float (OLMo's, GPT-Neo's).
 _WITHIN_HEADS = {
     aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.div.Tensor, aten.neg.default, aten.pow.Tensor_Scalar,
-    aten.rsqrt.default, aten.to.dtype, aten._to_copy.default, aten.type_as.default,
-    aten.slice.Tensor, aten.cat.default, aten.stack.default, aten.flatten.using_ints, aten.mean.dim,
+    aten.rsqrt.default, aten.clamp_min.default, aten.to.dtype, aten._to_copy.default, aten.type_as.default, aten.expand_as.default,
+    aten.slice.Tensor, aten.cat.default, aten.stack.default, aten.flatten.using_ints, aten.mean.dim, aten.linalg_vector_norm.default,
     aten.alias.default,  # Phi-3's partial rotary embedding reads the heads through an alias
 }
 
 
 def _within_heads(node: fx.Node) -> bool:
-    """A `_WITHIN_HEADS` node that leaves the heads apart: slices, concatenation, stacking, flattening
-    and means work along the last dim, head_dim (a slice may also take a whole dim, as GPT-J's x[:, :, :, :8])."""
+    """A `_WITHIN_HEADS` node that leaves the heads apart: slices, concatenation, stacking, flattening,
+    means and vector norms work along the last dim, head_dim (a slice may also take a whole dim, as
+    GPT-J's x[:, :, :, :8] does)."""
     if not is_op(node, _WITHIN_HEADS):
         return False
     first = node.args[0][0] if node.target in (aten.cat.default, aten.stack.default) else node.args[0]
     if node.target is aten.mean.dim:
-        return _means_last_dim(node)
+        return _reduces_last_dim(node, *(list(node.args[1:3]) + [False])[:2])
+    if node.target is aten.linalg_vector_norm.default:
+        return _reduces_last_dim(node, *(list(node.args[2:4]) + [False])[:2])
     if node.target is aten.flatten.using_ints:  # the last two dims into one
         start, end = (list(node.args[1:3]) + [-1])[:2]
         return isinstance(start, int) and is_last_dim(first, start + 1) and is_last_dim(first, end)
@@ -420,21 +424,22 @@ def _head_region(end: fx.Node, within: Callable[[fx.Node], bool], heads_at: int)
 
 def _per_head_nodes(end: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
     """`_head_region` of `_WITHIN_HEADS` nodes on a (batch, heads, seq, head_dim) tensor: rotary
-    embeddings, norms of each head (Gemma 3's) and casts between the swap and the attention."""
+    embeddings, norms of each head (Gemma 3's, Swin V2's) and casts between the swap and the attention."""
     return _head_region(end, _within_heads, -3)
 
 
 def _head_norm_nodes(end: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
     """`_head_region` of `_WITHIN_HEADS` nodes on a (batch, seq, heads, head_dim) tensor between the view
-    and the swap: Qwen3's q_norm and k_norm, GPT-J's rotary embedding. (A norm over the whole projection before the split, as
-    OLMo2's, mixes the heads: it is not between the split and the swap, and leaves no head width.)"""
+    and the swap: Qwen3's q_norm and k_norm, GPT-J's rotary embedding. (A norm over the whole projection
+    before the split, as OLMo2's, mixes the heads: it is not between the split and the swap, and leaves
+    no head width.)"""
     return _head_region(end, _within_heads, -2)
 
 
-def _means_last_dim(node: fx.Node) -> bool:
+def _reduces_last_dim(node: fx.Node, dims: object, keepdim: object) -> bool:
+    """Whether a reduction (a mean, a vector norm) of `dims` works over the last dim of its input alone, keeping it."""
     value = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
-    dims, keepdim = (list(node.args[1:3]) + [False])[:2]
-    return isinstance(value, torch.Tensor) and keepdim is True and list(dims) in ([-1], [value.dim() - 1])
+    return isinstance(value, torch.Tensor) and keepdim is True and isinstance(dims, (list, tuple)) and list(dims) in ([-1], [value.dim() - 1])
 
 
 def _is_whole_slice(node: fx.Node) -> bool:
