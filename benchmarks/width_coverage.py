@@ -24,7 +24,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from coverage import MODELS, RESULTS, build  # noqa: E402
+from tests.graph_checks import tiny_hugging_face  # noqa: E402
 
 import tunecomp_fx  # noqa: E402
 from tunecomp_fx.errors import TunecompError  # noqa: E402
@@ -93,7 +95,7 @@ def build_tiny_hf(name: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
 
 
 # More Hugging Face architectures at the same size, built from their default configuration by model type
-# (AutoConfig.for_model) with these options beside the common ones
+# (tests.graph_checks.tiny_hugging_face, as the tests build them) with these options beside the common ones
 AUTO_HF = {
     "mpnet": {}, "deberta-v2": {}, "modernbert": {"cls_token_id": 1, "sep_token_id": 2}, "olmo": {}, "olmo2": {},
     "gemma2": {"num_key_value_heads": 2, "head_dim": 16}, "gemma3_text": {"num_key_value_heads": 2, "head_dim": 16},
@@ -107,18 +109,6 @@ AUTO_HF = {
 }  # fmt: skip
 
 
-def build_auto_hf(model_type: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-    """A 2-layer model of `model_type` (a key of AUTO_HF) at random initialization."""
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.AutoConfig.for_model(
-        model_type, num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128, vocab_size=100,
-        max_position_embeddings=64, use_cache=False, pad_token_id=0, bos_token_id=1, eos_token_id=2, **AUTO_HF[model_type],
-    )  # fmt: skip
-    return transformers.AutoModel.from_config(config).eval(), {"input_ids": torch.randint(3, 100, (2, 12))}
-
-
 def _shape(ups: tuple[str, ...], parts: tuple[int, ...], repeats: tuple[tuple[int, ...], ...]) -> str:
     """"2 ups", or "1 up in 3 parts", "2 ups in 1+2 parts" when a site holds several copies of the width,
     and "key/value heads repeated 2x" with grouped-query attention."""
@@ -130,7 +120,7 @@ def _shape(ups: tuple[str, ...], parts: tuple[int, ...], repeats: tuple[tuple[in
 
 def survey(spec: str) -> dict:
     source, name = spec.split(":", 1)
-    builders = {"hf-tiny": build_tiny_hf, "hf-auto": build_auto_hf}
+    builders = {"hf-tiny": build_tiny_hf, "hf-auto": lambda model_type: tiny_hugging_face(model_type, **AUTO_HF[model_type])}
     model, inputs = builders[source](name) if source in builders else build(spec)[:2]
     row: dict = {"model": spec}
     for kind, options in OPTIONS.items():
