@@ -9,13 +9,17 @@ two out of the box and on timm's fx-traced ViT, but it does trace data-dependent
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import os
 import re
+import sys
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -33,6 +37,7 @@ from .translations import TRANSLATIONS
 
 ExampleInputs = Sequence[torch.Tensor] | Mapping[str, torch.Tensor]
 DynamicAxes = dict[str, dict[int, str]]
+Translations = Mapping[Callable[..., Any], Callable[..., Any]]
 
 BATCH_AXIS = "batch"
 
@@ -65,6 +70,7 @@ def to_onnx(
     atol: float = 1e-4,
     rtol: float = 1e-3,
     opset: int | None = None,
+    translations: Translations | None = None,
     progress: bool = False,
 ) -> ExportResult:
     """Write `model` to `path` as ONNX and (by default) check ONNX Runtime against PyTorch at two shapes.
@@ -72,11 +78,16 @@ def to_onnx(
     Dim 0 of every input is a dynamic batch axis; `dynamic_dims` names more per input, e.g.
     `{"input_ids": {1: "sequence"}, "attention_mask": {1: "sequence"}}`. Positional inputs are named
     after the parameters of `model.forward`. The model runs in eval mode throughout; its mode is
-    restored afterwards. `progress` shows a bar over the stages (export, each verified shape).
+    restored afterwards. `translations` maps ops ONNX lacks (custom ops, e.g.
+    `torch.ops.mylib.op.default`) to onnxscript functions, as torch.onnx.export's
+    `custom_translation_table` does; they join tunecomp's own (`TRANSLATIONS`) and win over them.
+    `progress` shows a bar over the stages (export, each verified shape).
     """
     keyword = isinstance(example_inputs, Mapping)
     names, tensors = _named_inputs(model, example_inputs)
     axes = _dynamic_axes(names, tensors, dynamic_dims)
+    if translations is not None and not isinstance(translations, Mapping):
+        raise ConfigError(f"translations must map ops to onnxscript functions (a dict); got {type(translations).__name__}")
     path = Path(path)
     _check_writable(path)
     flat_model = _FlatOutputs(model, names, keyword)
@@ -89,7 +100,7 @@ def to_onnx(
             raise InputError("the model returns no tensor on example_inputs, so there is nothing to export")
         stages = 1 + (1 + len(_axis_names(axes)) if verify else 0)
         with progress_bar(total=stages, desc="ONNX export", leave=False, enabled=progress) as bar:
-            exporter = _export(flat_model, tensors, path, axes, opset)
+            exporter = _export(flat_model, tensors, path, axes, opset, {**TRANSLATIONS, **(translations or {})})
             bar.update()
             max_errors = _verify(flat_model, path, names, tensors, axes, atol, rtol, bar) if verify else {}
 
@@ -208,13 +219,17 @@ def _dynamic_axes(
 
 
 def _export(
-    flat_model: _FlatOutputs, tensors: list[torch.Tensor], path: Path, axes: DynamicAxes, opset: int | None
+    flat_model: _FlatOutputs, tensors: list[torch.Tensor], path: Path, axes: DynamicAxes, opset: int | None, translations: Translations
 ) -> str:
     """Try the exporters in order of preference; return the name of the one that worked."""
+    exporters: tuple[tuple[str, Callable[[], None]], ...] = (
+        ("dynamo", lambda: _export_dynamo(flat_model, tensors, path, axes, opset, translations)),
+        ("torchscript", lambda: _export_torchscript(flat_model, tensors, path, axes, opset)),
+    )
     failures: list[str] = []
-    for exporter_name, export in _EXPORTERS:
+    for exporter_name, export in exporters:
         try:
-            export(flat_model, tensors, path, axes, opset)
+            export()
         except Exception as error:
             failures.append(f"{exporter_name}: {_first_line(error)}")
             continue
@@ -223,16 +238,27 @@ def _export(
                 f"exported with the {exporter_name} exporter because {'; '.join(failures)}", stacklevel=3
             )
         return exporter_name
-    raise ExportError(
-        "ONNX export failed with every exporter tried: "
-        + "; ".join(failures)
-        + ". Replace the op named there with ones ONNX supports, and keep data-dependent Python "
+    raise ExportError("ONNX export failed with every exporter tried: " + "; ".join(failures) + ". " + _export_advice(failures[0]))
+
+
+def _export_advice(dynamo_failure: str) -> str:
+    """What to do about a failed export: give the op torch.export's exporter has no ONNX function for a
+    translation, or replace what stops the export."""
+    missing = re.search(r"No ONNX function found for <OpOverload\(op='([\w.]+)', overload='(\w+)'\)>", dynamo_failure)
+    if missing is not None:
+        op = f"torch.ops.{missing[1]}.{missing[2]}"
+        return (
+            f"{op} has no ONNX translation: pass one, to_onnx(..., translations={{{op}: function}}) with an "
+            "onnxscript function computing it from ONNX ops, or replace the op in the model"
+        )
+    return (
+        "Replace the op named there with ones ONNX supports, and keep data-dependent Python "
         "control flow out of the model so that torch.export can capture it."
     )
 
 
 def _export_dynamo(
-    flat_model: _FlatOutputs, tensors: list[torch.Tensor], path: Path, axes: DynamicAxes, opset: int | None
+    flat_model: _FlatOutputs, tensors: list[torch.Tensor], path: Path, axes: DynamicAxes, opset: int | None, translations: Translations
 ) -> None:
     # String axis names become Dim.DYNAMIC (ranges inferred, e.g. sequence <= 512 for BERT) and are
     # written to the ONNX file under these names.
@@ -250,7 +276,7 @@ def _export_dynamo(
             output_names=flat_model.output_names,
             dynamic_shapes=dynamic_shapes,
             opset_version=opset,
-            custom_translation_table=TRANSLATIONS,
+            custom_translation_table=dict(translations),
             # One self-contained file; the exporter still splits weights out past the 2 GB protobuf limit.
             external_data=False,
         )
@@ -259,7 +285,7 @@ def _export_dynamo(
 def _export_torchscript(
     flat_model: _FlatOutputs, tensors: list[torch.Tensor], path: Path, axes: DynamicAxes, opset: int | None
 ) -> None:
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _native_stdout_discarded():
         # The exporter and its helpers announce their own deprecation; choosing it as fallback is deliberate.
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         torch.onnx.export(
@@ -274,10 +300,25 @@ def _export_torchscript(
         )
 
 
-_EXPORTERS: tuple[tuple[str, Callable[..., None]], ...] = (
-    ("dynamo", _export_dynamo),
-    ("torchscript", _export_torchscript),
-)
+@contextlib.contextmanager
+def _native_stdout_discarded() -> Iterator[None]:
+    """Discard what native code writes to the process's stdout meanwhile. torch 2.14's TorchScript
+    exporter turns its C++ log on whatever `verbose` says (setup_onnx_logging tests the function
+    _jit_is_onnx_log_enabled, not its result) and, when it fails, prints its whole IR graph there;
+    the failure itself reaches the ExportError."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no stdout to keep clean
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _verify(

@@ -7,6 +7,7 @@ models this small agree to ~1e-6.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import tunecomp_fx
 from tunecomp_fx.errors import ConfigError, ExportError, InputError
 from tunecomp_fx.export import compare_latency, cpu_session, ort_latency, to_onnx
 
@@ -174,6 +176,61 @@ class Inverse(nn.Module):
 def test_export_failure_names_every_exporter_tried(tmp_path):
     with pytest.raises(ExportError, match=r"dynamo: .*linalg_inv.*; torchscript: .*linalg_inv"):
         to_onnx(Inverse(), (torch.randn(2, 4, 4),), tmp_path / "inverse.onnx")
+
+
+def test_torchscript_fallback_keeps_its_ir_dump_off_stdout(tmp_path, capfd):
+    # torch 2.14's TorchScript exporter prints its whole IR graph to the native stdout when it fails
+    with pytest.raises(ExportError):
+        to_onnx(Inverse(), (torch.randn(2, 4, 4),), tmp_path / "inverse.onnx")
+
+    assert "Torch IR graph" not in capfd.readouterr().out
+
+
+@torch.library.custom_op("tunecomp_test::scaled_tanh", mutates_args=())
+def scaled_tanh(x: torch.Tensor, scale: float) -> torch.Tensor:
+    return torch.tanh(x) * scale
+
+
+@scaled_tanh.register_fake
+def _scaled_tanh_shape(x: torch.Tensor, scale: float) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def scaled_tanh_onnx(x: Any, scale: float) -> Any:
+    from onnxscript import opset20 as op
+
+    return op.Mul(op.Tanh(x), op.CastLike(op.Constant(value_float=scale), x))
+
+
+class CustomOpMLP(MLP):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.ops.tunecomp_test.scaled_tanh(self.fc1(x), 0.5))
+
+
+def test_op_without_onnx_translation_names_it_and_the_option(tmp_path):
+    with pytest.raises(ExportError, match=r"torch\.ops\.tunecomp_test\.scaled_tanh\.default has no ONNX translation: pass one, to_onnx\(\.\.\., translations="):
+        to_onnx(CustomOpMLP().eval(), (torch.randn(3, 16),), tmp_path / "custom.onnx")
+
+    assert not (tmp_path / "custom.onnx").exists()
+
+
+def test_translations_export_a_custom_op_in_a_compressed_model(tmp_path):
+    torch.manual_seed(0)
+    model, x = CustomOpMLP().eval(), torch.randn(3, 16)
+    compact = tunecomp_fx.compress(model, (x,), 0.3)
+
+    result = to_onnx(compact, (x,), tmp_path / "custom.onnx", translations={torch.ops.tunecomp_test.scaled_tanh.default: scaled_tanh_onnx})
+
+    assert result.exporter == "dynamo"
+    assert all(error < ATOL for error in result.max_errors.values()) and len(result.max_errors) == 2
+    assert "Tanh" in {node.op_type for node in onnx.load(str(result.path)).graph.node}
+    assert torch.ops.tunecomp_test.scaled_tanh in {node.target for node in compact.graph.nodes}  # symbolically traced: the packet
+    assert sum(p.numel() for p in compact.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+def test_translations_must_be_a_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="translations must map ops to onnxscript functions"):
+        to_onnx(MLP().eval(), (torch.randn(3, 16),), tmp_path / "model.onnx", translations=[scaled_tanh_onnx])
 
 
 class DataDependentBranch(nn.Module):
