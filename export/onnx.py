@@ -78,7 +78,8 @@ def to_onnx(
     Dim 0 of every input is a dynamic batch axis; `dynamic_dims` names more per input, e.g.
     `{"input_ids": {1: "sequence"}, "attention_mask": {1: "sequence"}}`. Positional inputs are named
     after the parameters of `model.forward`. The model runs in eval mode throughout; its mode is
-    restored afterwards. `translations` maps ops ONNX lacks (custom ops, e.g.
+    restored afterwards. A file that fails the check is moved to `<name>.unverified.onnx` and the
+    ExportError says why. `translations` maps ops ONNX lacks (custom ops, e.g.
     `torch.ops.mylib.op.default`) to onnxscript functions, as torch.onnx.export's
     `custom_translation_table` does; they join tunecomp's own (`TRANSLATIONS`) and win over them.
     `progress` shows a bar over the stages (export, each verified shape).
@@ -102,7 +103,7 @@ def to_onnx(
         with progress_bar(total=stages, desc="ONNX export", leave=False, enabled=progress) as bar:
             exporter = _export(flat_model, tensors, path, axes, opset, {**TRANSLATIONS, **(translations or {})})
             bar.update()
-            max_errors = _verify(flat_model, path, names, tensors, axes, atol, rtol, bar) if verify else {}
+            max_errors = _verified(flat_model, path, names, tensors, axes, atol, rtol, bar) if verify else {}
 
     proto = onnx.load(str(path), load_external_data=False)
     return ExportResult(
@@ -321,6 +322,19 @@ def _native_stdout_discarded() -> Iterator[None]:
         os.close(saved)
 
 
+def _verified(
+    flat_model: _FlatOutputs, path: Path, names: list[str], tensors: list[torch.Tensor], axes: DynamicAxes, atol: float, rtol: float, bar: tqdm
+) -> dict[str, float]:
+    """`_verify`; a file that fails it is moved aside (`<name>.unverified.onnx`), so that nothing
+    unverified is left at `path` to be deployed, and the error says where it went."""
+    try:
+        return _verify(flat_model, path, names, tensors, axes, atol, rtol, bar)
+    except ExportError as error:
+        kept = path.with_name(f"{path.stem}.unverified{path.suffix}")
+        path.replace(kept)
+        raise ExportError(f"{error} The unverified export is kept at {kept} for inspection; nothing is left at {path}.") from error.__cause__
+
+
 def _verify(
     flat_model: _FlatOutputs,
     path: Path,
@@ -333,7 +347,14 @@ def _verify(
 ) -> dict[str, float]:
     """Max abs error of ONNX Runtime against PyTorch at the example shapes, then at one more size
     per dynamic axis name; `bar` advances once per shape."""
-    session = cpu_session(path)
+    try:
+        session = cpu_session(path)
+    except Exception as error:
+        raise ExportError(
+            f"ONNX Runtime cannot load the export: {_first_line(error)}. Its CPU provider lacks a kernel the "
+            "model's ops need in their dtype (often arithmetic in bfloat16 or float16: compute that part "
+            "in float32), or pass verify=False to keep the file without the check."
+        ) from error
     onnx_names = [value.name for value in session.get_inputs()]
     max_errors: dict[str, float] = {}
     for variant in [tensors] + [_resized(names, tensors, axes, axis_name) for axis_name in _axis_names(axes)]:
@@ -344,7 +365,7 @@ def _verify(
             actual = session.run(None, feed)
         except Exception as error:
             raise ExportError(
-                f"ONNX Runtime fails on {path} at input shapes {shapes}: {_first_line(error)}. "
+                f"ONNX Runtime fails at input shapes {shapes}: {_first_line(error)}. "
                 "A dynamic axis was probably baked in as a constant; "
                 "check the model for shape-dependent Python code."
             ) from error

@@ -164,8 +164,25 @@ def test_disagreeing_onnx_runtime_raises_with_max_error(tmp_path, monkeypatch):
     monkeypatch.setattr(ort.InferenceSession, "run", off_by_half)
     traced = torch.fx.symbolic_trace(MLP().eval())
 
-    with pytest.raises(ExportError, match=r"output 'output' at input shapes x=3x16: max abs error 0\.5"):
+    with pytest.raises(ExportError, match=r"output 'output' at input shapes x=3x16: max abs error 0\.5.* kept at .*model\.unverified\.onnx"):
         to_onnx(traced, (torch.randn(3, 16),), tmp_path / "model.onnx")
+
+    assert not (tmp_path / "model.onnx").exists()  # nothing unverified where a deployment would look
+    assert onnx.load(str(tmp_path / "model.unverified.onnx")).graph.node
+
+
+class BFloat16Square(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.bfloat16()
+        return (y * y).float()  # ONNX Runtime's CPU provider has no bfloat16 Mul
+
+
+def test_export_onnx_runtime_cannot_load_is_an_export_error_and_moved_aside(tmp_path):
+    with pytest.raises(ExportError, match=r"ONNX Runtime cannot load the export: .*Mul.*compute that part in float32.*kept at"):
+        to_onnx(BFloat16Square(), (torch.randn(2, 4),), tmp_path / "square.onnx")
+
+    assert not (tmp_path / "square.onnx").exists() and (tmp_path / "square.unverified.onnx").exists()
+    assert to_onnx(BFloat16Square(), (torch.randn(2, 4),), tmp_path / "square.onnx", verify=False).max_errors == {}
 
 
 class Inverse(nn.Module):
