@@ -750,19 +750,46 @@ def test_phi3_with_grouped_query_attention_prunes_whole_groups_from_its_parts_of
     assert rows["layers.0.self_attn.o_proj"].reason.startswith("32 of 64 input neurons kept (2 of 4 heads)")
 
 
-def test_falcons_grouped_query_heads_interleaved_in_one_site_are_refused_and_its_neurons_still_prune() -> None:
-    # query_key_value(x).view(b, t, key_value_heads, heads_per_group + 2, head_dim): each group's queries, key and value side by side
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.FalconConfig(
-        num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_kv_heads=2, new_decoder_architecture=True, alibi=False,
-        vocab_size=100, use_cache=False,
-    )  # fmt: skip
-    model, inputs = transformers.FalconModel(config).eval(), {"input_ids": torch.randint(0, 100, (2, 12))}
-    with pytest.raises(SiteError, match="grouped-query heads interleaved in one fused site"):
+@pytest.mark.parametrize(
+    ("options", "repeats", "group", "block", "reported"),
+    [
+        # view(b, t, 2, -1, 16): each key/value group's 2 query heads, its key and its value side by side, 64 rows a group
+        ({"num_kv_heads": 2, "new_decoder_architecture": True}, ((1, 2, 2),), 32, 64, "64 of 128 output neurons kept (2 of 4 query heads, 1 of 2 key/value heads)"),
+        # unflatten(-2, (4, 3)).unbind(-2): each head's query, key and value side by side, 48 rows a head
+        ({"num_kv_heads": 4, "new_decoder_architecture": False, "multi_query": False}, (), 16, 48, "96 of 192 output neurons kept (2 of 4 heads)"),
+    ],
+    ids=["new_decoder_architecture", "heads_side_by_side"],
+)
+def test_falcons_query_key_value_prunes_whole_groups_of_its_rows(tmp_path, options: dict, repeats: tuple, group: int, block: int, reported: str) -> None:  # noqa: ANN001
+    model, inputs = tiny_hugging_face("falcon", alibi=False, **options)
+    prepared = tunecomp_fx.prepare(model, inputs, 0.6, prune_heads=0.5, rank_slack=10.0)
+    widths = _context(prepared).hidden_widths
+    qkv = "h.{}.self_attention.query_key_value"
+    assert {(w.ups, w.parts, w.repeats, w.per_head_parts, w.group, len(w.kept)) for w in widths} == {
+        ((qkv.format(i),), (3,), repeats, (qkv.format(i),), group, 32) for i in range(2)
+    }
+    kept_groups = sorted({neuron // group for neuron in widths[0].kept})
+    sites = {site.name: site for site in _context(prepared).sites}
+    assert sites[qkv.format(0)].kept_rows == tuple(row for kept in kept_groups for row in range(kept * block, (kept + 1) * block))
+    compact = hugging_face_prunes_exactly(prepared, model, inputs, tmp_path / "falcon.onnx")
+    rows = {row.name: row for row in tunecomp_fx.get_report(compact).sites}
+    assert rows[qkv.format(0)].reason.startswith(reported)
+
+
+def test_falcons_multi_query_attention_is_refused_and_its_neurons_still_prune() -> None:
+    # Falcon-7B's layout: one key and value head shared by every query head, so no group smaller than the block
+    model, inputs = tiny_hugging_face("falcon", new_decoder_architecture=False, multi_query=True, alibi=False)
+    with pytest.raises(SiteError, match="one key/value head shared by every query head"):
         tunecomp_fx.prepare(model, inputs, 0.6, prune_heads=0.5)
     prepared = tunecomp_fx.prepare(model, inputs, 0.6, prune_neurons=0.3)
     assert [w.ups for w in _context(prepared).hidden_widths] == [(f"h.{i}.mlp.dense_h_to_4h",) for i in range(2)]
+
+
+def test_a_site_holding_each_groups_queries_key_and_value_side_by_side_keeps_the_kept_groups_blocks() -> None:
+    # Falcon's layout: rows 0-31 group 0's 2 query heads, 32-47 its key, 48-63 its value; rows 64-127 group 1
+    width = HiddenWidth("heads", ("qkv",), "out", (), 64, group=32, parts=(3,), repeats=((1, 2, 2),), per_head_parts=("qkv",), kept=tuple(range(64)), target=32)
+    assert width.up_rows("qkv", range(32, 64), 64) == tuple(range(64, 128))
+    assert width.up_rows("qkv", range(32), 64) == tuple(range(64))
 
 
 def test_a_fused_site_with_grouped_query_key_and_value_keeps_each_kept_groups_rows_in_every_part() -> None:

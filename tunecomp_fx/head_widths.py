@@ -21,7 +21,9 @@ embeddings (LLaMA) may stand between a head split and the attention, a scale by 
 site and its split (OPT's query), and norms over each head's
 head_dim with one weight for all heads (timm's qk_norm; Qwen3's q_norm and k_norm); with grouped-query
 attention a key/value head and the query heads that share it are one group, pruned together, also
-when key and value are narrower slices of one fused site than the query (Phi-3-medium, Phi-4-mini)."""
+when key and value are narrower slices of one fused site than the query (Phi-3-medium, Phi-4-mini)
+and when one fused site holds each group's query heads, key and value side by side (Falcon's
+query_key_value: the group's block of rows)."""
 
 from __future__ import annotations
 
@@ -487,6 +489,51 @@ def _per_head_part(gm: fx.GraphModule, item: fx.Node, width: int, sites_by_node:
     return _Source(up, item.args[1] * width, chunk, item, heads, [*chain, chunk, item], {}, per_head_parts=True)
 
 
+def _grouped_part(gm: fx.GraphModule, item: fx.Node, chain: list[fx.Node], width: int, sites_by_node: dict[str, Site]) -> _Source | None:
+    """If `item` is taken from one site's output viewed as (batch, seq, groups, slots, head_dim), each
+    key/value group's query heads then its key and its value side by side, and `chain` swaps its heads
+    and sequence: the queries (slots [:-2] flattened into heads; slot 0 when a group has one query head),
+    the key (slot -2) or the value (slot -1) of every group. Falcon's new_decoder_architecture:
+    view(b, t, groups, -1, head_dim), [..., :-2, :].flatten(-3, -2), [..., -2, :], [..., -1, :]; its
+    older layout: unflatten(-2, (heads, 3)).unbind(-2)."""
+    if len(chain) != 1 or not _swaps_heads_and_sequence(chain[0]):
+        return None
+    flattened = item.target is aten.flatten.using_ints and list(item.args[1:3]) in ([-3, -2], [2, 3])
+    taken = data_input(item) if flattened else item
+    if flattened and taken is not None and taken.target is aten.slice.Tensor and len(taken.args) == 4 and taken.args[1:3] in ((3, 0), (-2, 0)):
+        grouped, slot = taken.args[0], None  # the queries: slots 0 up to the group's key
+    else:
+        part = None if flattened else _part(taken)
+        if part is None or part[2] not in (3, -2):
+            return None
+        grouped, slot = part[0], part[1]
+    value = grouped.meta.get("val")
+    entries = shape_entries(grouped)
+    index = 0 if grouped.target is aten.unflatten.int and grouped.args[1] in (-2, 2) else 2 if is_op(grouped, RESHAPES) and len(entries) == 5 else None
+    if index is None or not isinstance(value, torch.Tensor) or value.dim() != 5:
+        return None
+    groups, slots, head_dim = value.shape[2:]
+    queries = slots - 2  # query heads per group
+    if entries[index] != groups or entries[index + 1] not in (slots, -1) or queries < 1:
+        return None
+    if slot is None:
+        kind = "queries" if taken.args[3] in (-2, queries) else None
+    else:
+        kind = {0: "queries" if queries == 1 else None, queries: "key", queries + 1: "value"}.get(slot % slots)
+    if kind is None or width != groups * head_dim * (queries if kind == "queries" else 1):
+        return None
+    source, views = _chain_back(gm, data_input(grouped))
+    up = sites_by_node.get(source.name)
+    if up is None or up.layout != "linear" or up.out_features != groups * slots * head_dim or len(source.users) != 1:
+        return None
+    if any(shape_entries(view)[-2:] != [-1, head_dim] for view in views):
+        return None  # views before the grouping may not count heads
+    shared = taken.args[0]  # the grouped view, or its unbind
+    offset = {"queries": 0, "key": groups * queries * head_dim, "value": groups * (queries + 1) * head_dim}[kind]
+    nodes = [*views, grouped, *([shared] if shared is not grouped else []), taken, *([item] if flattened else []), *chain]
+    return _Source(up, offset, shared, taken, _HeadSplit(head_dim, {}, []), nodes, {grouped.name: index}, per_head_parts=True)
+
+
 def _source(gm: fx.GraphModule, query_key_or_value: object, width: int, sites_by_node: dict[str, Site], shared_by: int = 1) -> _Source | None:
     """Where `query_key_or_value` comes from, if it is split into heads (sequence- or batch-major) from a
     site's output of one copy of `width`, or from a part of a packed or block-split output; rotary
@@ -519,6 +566,9 @@ def _source(gm: fx.GraphModule, query_key_or_value: object, width: int, sites_by
     after_split = [*(rotary[1] if rotary is not None else []), *repeat_nodes]
     split = (_sequence_major_split(chain, width) or _batch_major_split(chain, width)) if chain else None
     if split is None:
+        grouped = _grouped_part(gm, item, chain, width, sites_by_node)
+        if grouped is not None:
+            return grouped._replace(nodes=[*grouped.nodes, *after_split], sizes=grouped.sizes | repeat_sizes, repeats=repeats)
         unbound = _unbound_part(item, chain, width, sites_by_node)
         if unbound is None:
             return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -179,18 +180,23 @@ class HiddenWidth:
     def up_rows(self, up: str, kept: Sequence[int], size: int) -> tuple[int, ...]:
         """The rows of up site `up` that compute the `kept` neurons (as the down site reads them) of a
         width of `size`, in each of its parts. An up site whose heads are repeated holds each kept
-        group's first head alone; one in `per_head_parts` holds each kept head's parts side by side."""
+        group's first head alone (group // repeats rows of the part); one in `per_head_parts` holds each
+        kept group's parts side by side (MaxViT's q, k, v of each head; Falcon's queries, key and
+        value of each key/value group), the others each part's groups side by side."""
+        per_group = [self.group // repeats for repeats in self.repeats_of(up)]  # each part's rows of one group
         if up in self.per_head_parts:
-            heads: dict[int, list[int]] = {}
+            groups: dict[int, list[int]] = {}
             for neuron in kept:
-                heads.setdefault(neuron // self.group, []).append(neuron % self.group)
-            parts = self.parts_of(up)
-            return tuple((head * parts + part) * self.group + offset for head, offsets in heads.items() for part in range(parts) for offset in offsets)
+                groups.setdefault(neuron // self.group, []).append(neuron % self.group)
+            starts = [0, *itertools.accumulate(per_group)]
+            return tuple(
+                group * starts[-1] + start + offset
+                for group, offsets in groups.items() for start, rows in zip(starts, per_group) for offset in offsets if offset < rows
+            )  # fmt: skip
         rows: list[int] = []
         offset = 0
-        for repeats in self.repeats_of(up):  # part by part, side by side in the site's rows
-            per_group = self.group // repeats
-            rows += [offset + neuron // self.group * per_group + neuron % self.group for neuron in kept if neuron % self.group < per_group]
+        for repeats, part_rows in zip(self.repeats_of(up), per_group):  # part by part, side by side in the site's rows
+            rows += [offset + neuron // self.group * part_rows + neuron % self.group for neuron in kept if neuron % self.group < part_rows]
             offset += size // repeats
         return tuple(rows)
 
