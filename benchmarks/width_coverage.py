@@ -2,12 +2,12 @@
 (benchmarks/coverage.py) plus EfficientNet-B0 (timm's, torchvision's, Hugging Face's), torchvision's MobileNetV3
 and ReXNet (inverted residuals with squeeze-excitation), RegNet and ResNeXt (bottlenecks with a grouped
 convolution), timm's gMLP-Mixer (gated MLPs packed in one layer) and small randomly initialized
-Hugging Face GPT-2, LLaMA, Qwen3, Phi-3, OPT and GPT-NeoX models and 20 more architectures built by
+Hugging Face GPT-2, LLaMA, Qwen3, Phi-3, OPT and GPT-NeoX models and 21 more architectures built by
 model type ("hf-auto:<type>", AUTO_HF: encoders as MPNet, DeBERTa-v2 and ModernBERT, decoders as Gemma 2
-and 3, OLMo, Cohere, GPT-J, BLOOM, Falcon, Mixtral, ESM and Nemotron),
+and 3, OLMo, Cohere, GPT-J, BLOOM, Falcon, Mixtral, ESM and Nemotron, and MVP, an encoder-decoder),
 `prepare(ratio=0.6)` with prune_neurons=0.3 and, separately, with prune_heads=0.5, counting the
 neuron widths (FFNs) and head widths (attention blocks) found against the attentions in the graph
-(scaled_dot_product_attention calls and attention written out as matmul and softmax). Training-free
+(scaled_dot_product_attention calls and attention written out as matmul or bmm and softmax). Training-free
 and without export: what is recognized, not what it costs.
 
     python benchmarks/width_coverage.py                   # -> benchmarks/results/width_coverage.md
@@ -106,6 +106,7 @@ AUTO_HF = {
     "falcon": {"num_kv_heads": 2, "new_decoder_architecture": True, "alibi": False},
     "mixtral": {"num_key_value_heads": 2, "num_local_experts": 4},
     "esm": {}, "nemotron": {"num_key_value_heads": 2, "head_dim": 16},
+    "mvp": {"decoder_layers": 1, "decoder_attention_heads": 4, "encoder_ffn_dim": 128, "decoder_ffn_dim": 128},
 }  # fmt: skip
 
 
@@ -153,7 +154,7 @@ def markdown(rows: list[dict], seconds: float) -> str:
         "",
         f"Command: `python benchmarks/width_coverage.py` (torch {torch.__version__}); {seconds / 60:.0f} min. Random "
         "initialization except all-MiniLM-L6-v2. `attentions`: scaled_dot_product_attention calls and attention "
-        "written out as matmul, softmax and matmul in the graph; `compressed sites`: with prune_neurons where it succeeds (the "
+        "written out as matmul (or bmm), softmax and matmul in the graph; `compressed sites`: with prune_neurons where it succeeds (the "
         "convolutions of a squeeze-excitation inside a pruned width are sliced with it, not compressed); \"in groups of N channels\": "
         "a grouped convolution in the width, whose groups are pruned whole; a model whose prepare fails for the pruning option shows 0 and the error "
         "(\"none recognized\": no width of the patterns in README's prune_neurons and prune_heads).",

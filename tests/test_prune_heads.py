@@ -704,6 +704,7 @@ def test_gpt_neox_prunes_each_heads_query_key_and_value_through_its_partial_rota
         ("cohere", {"num_key_value_heads": 2}, aten.stack.default),  # an interleaved rotary embedding: stack, flatten
         ("modernbert", {"cls_token_id": 1, "sep_token_id": 2}, aten.unbind.int),
         ("gptj", {"rotary_dim": 8}, aten.flatten.using_ints),  # an interleaved rotary embedding on part of each head, before the swap  # view(b, t, 3, -1, 16).unbind(2), then each part swapped
+        ("xglm", {"d_model": 64, "ffn_dim": 128, "num_layers": 2}, aten.bmm.default),  # attention over batch * heads with bmm, scores clamped by torch.max
     ],
 )
 def test_hugging_face_attentions_prune_their_heads_exactly(tmp_path, model_type: str, options: dict, copied: object) -> None:  # noqa: ANN001
@@ -713,6 +714,22 @@ def test_hugging_face_attentions_prune_their_heads_exactly(tmp_path, model_type:
     copies = [n for n in prepared.graph.nodes if "copy_of" in n.meta.get("tunecomp", {})]
     assert copied in {n.target for n in copies}
     hugging_face_prunes_exactly(prepared, model, inputs, tmp_path / f"{model_type}.onnx")
+
+
+def test_an_encoder_decoder_with_bmm_attention_prunes_self_causal_and_cross_attention_heads(tmp_path) -> None:  # noqa: ANN001
+    # MVP (BART's attention of old): heads merged into the batch, reshape(batch * heads, -1, head_dim), bmm, and
+    # the scores viewed as (batch, heads, queries, keys) for the mask; batch * heads a product of the dynamic batch
+    model, inputs = tiny_hugging_face("mvp", decoder_layers=1, decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128)
+    prepared = tunecomp_fx.prepare(model, inputs, 0.6, prune_heads=0.5, rank_slack=10.0)
+    widths = _context(prepared).hidden_widths
+    assert [w.down for w in widths] == [
+        "encoder.layers.0.self_attn.out_proj", "encoder.layers.1.self_attn.out_proj", "decoder.layers.0.self_attn.out_proj", "decoder.layers.0.encoder_attn.out_proj",
+    ]  # fmt: skip
+    copies = [n for n in prepared.graph.nodes if "copy_of" in n.meta.get("tunecomp", {})]
+    assert len([n for n in copies if n.target is aten.bmm.default]) == 8
+    products = [n for n in copies if n.target is operator.mul and isinstance(n.args[0], torch.fx.Node) and n.args[1] == 2]  # batch * 2 kept heads
+    assert products
+    hugging_face_prunes_exactly(prepared, model, inputs, tmp_path / "mvp.onnx")
 
 
 def test_swin_v2s_cosine_attention_prunes_its_heads_with_their_logit_scales_and_position_biases(tmp_path) -> None:  # noqa: ANN001

@@ -1,9 +1,10 @@
 """Head widths (prune_heads): the query, key and value sites each split their output into heads
 (view (..., heads, head_dim), swap to (batch, heads, seq, head_dim)), an attention reads them
 (scaled_dot_product_attention, or written out: softmax(scale * q @ k^T + mask) @ v, as Hugging
-Face's eager attention), and the heads are swapped back and merged into the output site's input. Dropping a head
-removes head_dim rows of each of query, key and value and head_dim columns of the output site; each
-head attends on its own, so the others compute what they did. A fused qkv site (timm's ViT:
+Face's eager attention, also with bmm over the heads merged into the batch, as XGLM's), and the
+heads are swapped back and merged into the output site's input. Dropping a head removes head_dim
+rows of each of query, key and value and head_dim columns of the output site; each head attends on
+its own, so the others compute what they did. A fused qkv site (timm's ViT:
 reshape (..., 3, heads, head_dim), permute(2, 0, 3, 1, 4), unbind(0); timm's MaxViT: the same reshape,
 transpose(1, 3), unbind(2); ModernBERT: the same reshape, unbind(2), each part transpose(1, 2)) loses the
 head's rows in each of its three parts; one holding each head's
@@ -212,6 +213,23 @@ def _batch_times_heads(node: fx.Node, index: int, heads: int) -> tuple[dict[str,
     if isinstance(size, fx.Node) and size.target is operator.mul and list(size.args).count(heads) == 1:
         return {size.name: list(size.args).index(heads)}, [size]
     return None
+
+
+def _batch_merged_split(chain: list[fx.Node], width: int) -> _HeadSplit | None:
+    """If `chain` is view(..., heads or -1, head_dim), one heads/sequence swap, then reshape(batch * heads,
+    -1 or seq, head_dim): heads split, then merged into the batch for attention written with bmm
+    (Hugging Face's XGLM and MVP, BART's attention of old)."""
+    if len(chain) != 3 or not is_op(chain[2], RESHAPES):
+        return None
+    split = _sequence_major_split(chain[:2], width)
+    entries = shape_entries(chain[2])
+    if split is None or len(entries) != 3 or entries[2] != split.head_dim:
+        return None
+    batch_heads = _batch_times_heads(chain[2], 0, width // split.head_dim)
+    if batch_heads is None:
+        return None
+    sizes, products = batch_heads
+    return _HeadSplit(split.head_dim, split.sizes | sizes, split.products + products)
 
 
 def _batch_major_split(chain: list[fx.Node], width: int) -> _HeadSplit | None:
@@ -444,6 +462,12 @@ def _reduces_last_dim(node: fx.Node, dims: object, keepdim: object) -> bool:
     return isinstance(value, torch.Tensor) and keepdim is True and isinstance(dims, (list, tuple)) and list(dims) in ([-1], [value.dim() - 1])
 
 
+def _rank(node: fx.Node | None) -> int | None:
+    """How many dims the tensor `node` computes has, where torch.export recorded it."""
+    value = node.meta.get("val") if node is not None else None
+    return value.dim() if isinstance(value, torch.Tensor) else None
+
+
 def _is_whole_slice(node: fx.Node) -> bool:
     """x[:] along some dim: a slice from 0 to the end (torch.export records x[:, :, None] with them)."""
     start, end = (list(node.args[2:4]) + [None, None])[:2]
@@ -564,7 +588,7 @@ def _source(gm: fx.GraphModule, query_key_or_value: object, width: int, sites_by
         item, split_chain = _chain_back(gm, data_input(norm[0]))
         chain = [*split_chain, norm[0], *norm[1], *chain]  # the view, read by the norm alone, its nodes (ordered later), the swap
     after_split = [*(rotary[1] if rotary is not None else []), *repeat_nodes]
-    split = (_sequence_major_split(chain, width) or _batch_major_split(chain, width)) if chain else None
+    split = (_sequence_major_split(chain, width) or _batch_major_split(chain, width) or _batch_merged_split(chain, width)) if chain else None
     if split is None:
         grouped = _grouped_part(gm, item, chain, width, sites_by_node)
         if grouped is not None:
@@ -599,7 +623,7 @@ class _Attention(NamedTuple):
     shared_by: int | None
 
 
-_MATMULS = {aten.matmul.default, torch.matmul, operator.matmul, "matmul"}
+_MATMULS = {aten.matmul.default, torch.matmul, operator.matmul, "matmul", aten.bmm.default, torch.bmm, "bmm"}
 _SOFTMAXES = {aten.softmax.int, aten._softmax.default, torch.softmax, F.softmax, "softmax"}
 # What a written-out attention may do to its scores between the two matmuls, head by head: scale,
 # add or fill a mask (whose entries are checked to be shared by the heads; MPNet adds its bias in place),
@@ -608,6 +632,7 @@ _SCALES = {aten.mul.Tensor, aten.div.Tensor, operator.mul, operator.truediv, tor
 _MASKS = {
     aten.add.Tensor, aten.add_.Tensor, aten.sub.Tensor, operator.add, operator.sub, torch.add, torch.sub, "add", "add_", "sub",
     aten.masked_fill.Scalar, aten.masked_fill.Tensor, torch.masked_fill, "masked_fill", aten.where.self, torch.where,
+    aten.max.other, aten.maximum.default,  # XGLM's torch.max(scores, the dtype's minimum)
 }
 _SOFT_CAPS = {aten.tanh.default, torch.tanh, "tanh"}
 _CASTS = {aten.to.dtype, aten._to_copy.default, "to", "float"}
@@ -638,11 +663,12 @@ def _readers(node: fx.Node) -> list[fx.Node]:
 
 
 def _swaps_last_two_dims(node: fx.Node) -> bool:
-    """transpose(-2, -1) (or (2, 3)) or permute(0, 1, 3, 2) of a 4-d tensor: the key turned for q @ k^T."""
+    """transpose(-2, -1) (or (2, 3)) or permute(0, 1, 3, 2) of a 4-d tensor, or transpose(1, 2) of a 3-d one
+    (batch * heads first, for bmm): the key turned for q @ k^T."""
     dims = _dims(node)
     if node.target in PERMUTES:
         return dims == (0, 1, 3, 2)
-    return is_op(node, _SWAPS) and set(dims) in ({-2, -1}, {2, 3})
+    return is_op(node, _SWAPS) and (set(dims) in ({-2, -1}, {2, 3}) or (set(dims) == {1, 2} and is_last_dim(data_input(node), 2)))
 
 
 def _scores_of(gm: fx.GraphModule, node: fx.Node, nodes: list[fx.Node], reads: list[tuple[fx.Node, fx.Node]]) -> tuple[fx.Node, fx.Node] | None:
@@ -694,12 +720,13 @@ def _softmax_dim(gm: fx.GraphModule, node: fx.Node) -> int | None:
 
 def _written_out_attention(gm: fx.GraphModule, context: fx.Node) -> _Attention | None:
     """softmax(scale * q @ k^T + mask) @ v as written out with matmuls (Hugging Face's eager attention,
-    Swin's window attention): the weights over the last dim, perhaps dropped out or cast."""
+    Swin's window attention) or with bmm over batch * heads (XGLM's): the weights over the last dim,
+    perhaps dropped out, cast or viewed with the batch regrouped."""
     if not is_op(context, _MATMULS) or context.kwargs or not all(isinstance(a, fx.Node) for a in context.args[:2]):
         return None
     weights, value = context.args[:2]
     after: list[fx.Node] = []
-    while (is_dropout(gm, weights) or _is_cast(weights) or is_identity(gm, weights)) and len(_readers(weights)) == 1:
+    while (is_dropout(gm, weights) or _is_cast(weights) or is_identity(gm, weights) or is_op(weights, RESHAPES)) and len(_readers(weights)) == 1:
         after.insert(0, weights)
         weights = data_input(weights)
     if weights is None or _softmax_dim(gm, weights) not in (-1, 3) or len(_readers(weights)) != 1:
@@ -791,22 +818,33 @@ def head_width(gm: fx.GraphModule, down: Site, sites_by_node: dict[str, Site], n
         return None
     head_dim = projections.head_dim
     heads = width // head_dim
-    # reshapes between attention and the merge must keep (heads, head_dim) apart without naming the head count
-    if any(is_op(n, RESHAPES) and (shape_entries(n)[-1:] != [head_dim] or heads in shape_entries(n)[:-1]) for n in after[: after.index(reshapes[0])]):
-        return None
-    # views of written-out scores regroup the batch: (..., heads or -1, queries, keys), the head count nowhere else
-    regrouped = [shape_entries(n) for n in attention.nodes if is_op(n, RESHAPES)]
-    if any(len(entries) < 3 or entries[-3] not in (heads, -1) or heads in entries[:-3] for entries in regrouped):
-        return None
-    resized, mask_nodes = projections.resized, []
-    resized |= width_sizes(reshapes, width) | inferred
-    resized |= {n.name: len(shape_entries(n)) - 3 for n in attention.nodes if is_op(n, RESHAPES) and shape_entries(n)[-3] == heads}
+    resized, mask_nodes, products = projections.resized | width_sizes(reshapes, width) | inferred, [], []
+    # reshapes between attention and the merge keep (heads, head_dim) apart without naming the head count,
+    # or split bmm's (batch * heads, seq, head_dim) into (batch, heads, seq, head_dim)
+    for n in (n for n in after[: after.index(reshapes[0])] if is_op(n, RESHAPES)):
+        entries = shape_entries(n)
+        splits_batch = len(entries) == 4 and entries[1] == heads and _rank(data_input(n)) == 3
+        if entries[-1:] != [head_dim] or entries[:-1].count(heads) > splits_batch:
+            return None
+        resized |= {n.name: 1} if splits_batch else {}
+    # views of written-out scores regroup the batch: (..., heads or -1, queries, keys), the head count
+    # nowhere else, or (batch * heads, queries, keys) for bmm
+    for n in (n for n in attention.nodes if is_op(n, RESHAPES)):
+        entries = shape_entries(n)
+        merged_batch = _batch_times_heads(n, 0, heads) if len(entries) == 3 else None
+        if merged_batch is not None:
+            resized |= merged_batch[0]
+            products += merged_batch[1]
+        elif len(entries) >= 3 and entries[-3] in (heads, -1) and heads not in entries[:-3]:
+            resized |= {n.name: len(entries) - 3} if entries[-3] == heads else {}
+        else:
+            return None
     mask = mask_argument(end) if is_op(end, ATTENTION) else None
     expansion = _mask_expanded_over_heads(mask, heads) if mask is not None else None
     if expansion is not None:  # the student path expands the mask over its kept heads
         mask_nodes, mask_sizes = expansion
         resized |= mask_sizes
-    names = {node.name for node in (*attention.nodes, *after, *projections.between, *mask_nodes)}
+    names = {node.name for node in (*attention.nodes, *after, *projections.between, *mask_nodes, *products)}
     ordered = tuple(name for name in nodes if name in names)
     # grouped-query attention: a key/value head and the query heads sharing it are pruned together
     group = head_dim * max((repeats for parts in projections.repeats for repeats in parts), default=1)
