@@ -37,7 +37,7 @@ import torch
 from torch import fx, nn
 
 from tunecomp_fx.forms import LAYOUTS, site_input
-from tunecomp_fx.graph_nodes import rescale_shape_entry
+from tunecomp_fx.graph_nodes import rescale_shape_entry, tensor_rank
 from tunecomp_fx.per_channel import channels_key, per_channel_module, read_channels, with_channels
 from tunecomp_fx.pipeline import GraphPass, PassContext
 from tunecomp_fx.sites import LOWRANK_ROOT, Blend, HiddenWidth, Site, site_container, student_nodes, teacher_parameters
@@ -186,7 +186,7 @@ def _copy_between(
                 read_channels(gm, copy, _kept_channels(gm, original, sites[width.down], width, sides[name]), sides[name])
             if name in per_head:
                 tensor = nodes[per_head[name]]
-                copy.replace_input_with(tensor, _kept_heads(gm, copy, tensor, sites[width.down], width))
+                copy.replace_input_with(tensor, _kept_heads(gm, copy, tensor, sites[width.down], width, tensor_rank(original) == 3))
             if name in resized:
                 rescale_shape_entry(copy, resized[name], len(width.kept), width.width)
             for stale in ("val", "tensor_meta"):  # the copy computes fewer neurons
@@ -207,16 +207,24 @@ def _kept_channels(gm: fx.GraphModule, original: fx.Node, down: Site, width: Hid
     return f"{LOWRANK_ROOT}.{down.key}.{channels_key(original.name)}"
 
 
-def _kept_heads(gm: fx.GraphModule, reader: fx.Node, tensor: fx.Node, down: Site, width: HiddenWidth) -> fx.Node:
+def _kept_heads(gm: fx.GraphModule, reader: fx.Node, tensor: fx.Node, down: Site, width: HiddenWidth, merged_batch: bool) -> fx.Node:
     """index_select(tensor, -3, lowrank.<down>.kept_heads), for `reader`: a tensor with one entry per
     head (dim -3, where it meets the scores' heads) cut to the heads the students keep
-    (eliminate_pruned_neurons narrows the buffer with the width)."""
+    (eliminate_pruned_neurons narrows the buffer with the width). Where `reader` works on batch * heads
+    in one dim (`merged_batch`: attention written with bmm, as BLOOM adds its ALiBi), that dim is
+    unflattened into (batch, heads) for the selection and flattened back."""
     container = site_container(gm, down)
     container.register_buffer("kept_heads", torch.tensor(width.heads_of(width.kept), device=container.down.weight.device))
-    with gm.graph.inserting_before(reader):
-        index = gm.graph.get_attr(f"{LOWRANK_ROOT}.{down.key}.kept_heads")
-        sliced = gm.graph.call_function(torch.index_select, (tensor, -3, index))
-    for node in (index, sliced):
+    graph = gm.graph
+    with graph.inserting_before(reader):
+        index = graph.get_attr(f"{LOWRANK_ROOT}.{down.key}.kept_heads")
+        by_head = graph.call_function(torch.unflatten, (tensor, -3, (-1, width.width // width.head_dim))) if merged_batch else tensor
+        sliced = graph.call_function(torch.index_select, (by_head, -3, index))
+        added = [index, *([by_head] if merged_batch else []), sliced]
+        if merged_batch:
+            sliced = graph.call_function(torch.flatten, (sliced, -4, -3))
+            added.append(sliced)
+    for node in added:
         node.meta["tunecomp"] = {"site": down.name, "role": "hidden"}
     return sliced
 

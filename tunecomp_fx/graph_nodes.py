@@ -123,6 +123,12 @@ def is_dropout(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in DROPOUTS and node.args[:1] == tuple(node.all_input_nodes)
 
 
+def tensor_rank(node: fx.Node | None) -> int | None:
+    """How many dims the tensor `node` computes has, where torch.export recorded it."""
+    value = node.meta.get("val") if node is not None else None
+    return value.dim() if isinstance(value, torch.Tensor) else None
+
+
 def data_input(node: fx.Node) -> fx.Node | None:
     """The tensor a reshape, swap, contiguous or identity reads (its other inputs are sizes)."""
     return node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None

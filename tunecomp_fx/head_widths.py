@@ -1,10 +1,10 @@
 """Head widths (prune_heads): the query, key and value sites each split their output into heads
 (view (..., heads, head_dim), swap to (batch, heads, seq, head_dim)), an attention reads them
 (scaled_dot_product_attention, or written out: softmax(scale * q @ k^T + mask) @ v, as Hugging
-Face's eager attention, also with bmm over the heads merged into the batch, as XGLM's), and the
-heads are swapped back and merged into the output site's input. Dropping a head removes head_dim
-rows of each of query, key and value and head_dim columns of the output site; each head attends on
-its own, so the others compute what they did. A fused qkv site (timm's ViT:
+Face's eager attention, also with bmm over the heads merged into the batch, as XGLM's and
+BLOOM's), and the heads are swapped back and merged into the output site's input. Dropping a head
+removes head_dim rows of each of query, key and value and head_dim columns of the output site; each
+head attends on its own, so the others compute what they did. A fused qkv site (timm's ViT:
 reshape (..., 3, heads, head_dim), permute(2, 0, 3, 1, 4), unbind(0); timm's MaxViT: the same reshape,
 transpose(1, 3), unbind(2); ModernBERT: the same reshape, unbind(2), each part transpose(1, 2)) loses the
 head's rows in each of its three parts; one holding each head's
@@ -39,7 +39,8 @@ from torch import fx, nn
 
 from tunecomp_fx.forms import site_input
 from tunecomp_fx.graph_nodes import (
-    MAX_END, PERMUTES, RESHAPES, TRANSPOSES, chunk_parts, data_input, is_dropout, is_identity, is_last_dim, is_op, keeps_width_last, shape_entries, width_sizes,
+    MAX_END, PERMUTES, RESHAPES, TRANSPOSES, chunk_parts, data_input, is_dropout, is_identity, is_last_dim, is_op, keeps_width_last, shape_entries, tensor_rank,
+    width_sizes,
 )
 from tunecomp_fx.sites import HiddenWidth, Site
 
@@ -215,20 +216,21 @@ def _batch_times_heads(node: fx.Node, index: int, heads: int) -> tuple[dict[str,
     return None
 
 
+def _merged_into_batch(node: fx.Node, heads: int, head_dim: int) -> tuple[dict[str, int], list[fx.Node]] | None:
+    """`_batch_times_heads` of `node` if it is reshape(batch * heads, -1 or seq, head_dim) of (batch, heads,
+    seq, head_dim): the heads merged into the batch for attention written with bmm."""
+    entries = shape_entries(node) if is_op(node, RESHAPES) else []
+    return _batch_times_heads(node, 0, heads) if len(entries) == 3 and entries[2] == head_dim else None
+
+
 def _batch_merged_split(chain: list[fx.Node], width: int) -> _HeadSplit | None:
-    """If `chain` is view(..., heads or -1, head_dim), one heads/sequence swap, then reshape(batch * heads,
-    -1 or seq, head_dim): heads split, then merged into the batch for attention written with bmm
-    (Hugging Face's XGLM and MVP, BART's attention of old)."""
-    if len(chain) != 3 or not is_op(chain[2], RESHAPES):
+    """If `chain` is view(..., heads or -1, head_dim), one heads/sequence swap, then the heads merged into
+    the batch (`_merged_into_batch`; Hugging Face's XGLM and MVP, BART's attention of old)."""
+    split = _sequence_major_split(chain[:2], width) if len(chain) == 3 else None
+    merged = _merged_into_batch(chain[2], width // split.head_dim, split.head_dim) if split is not None else None
+    if merged is None:
         return None
-    split = _sequence_major_split(chain[:2], width)
-    entries = shape_entries(chain[2])
-    if split is None or len(entries) != 3 or entries[2] != split.head_dim:
-        return None
-    batch_heads = _batch_times_heads(chain[2], 0, width // split.head_dim)
-    if batch_heads is None:
-        return None
-    sizes, products = batch_heads
+    sizes, products = merged
     return _HeadSplit(split.head_dim, split.sizes | sizes, split.products + products)
 
 
@@ -462,12 +464,6 @@ def _reduces_last_dim(node: fx.Node, dims: object, keepdim: object) -> bool:
     return isinstance(value, torch.Tensor) and keepdim is True and isinstance(dims, (list, tuple)) and list(dims) in ([-1], [value.dim() - 1])
 
 
-def _rank(node: fx.Node | None) -> int | None:
-    """How many dims the tensor `node` computes has, where torch.export recorded it."""
-    value = node.meta.get("val") if node is not None else None
-    return value.dim() if isinstance(value, torch.Tensor) else None
-
-
 def _is_whole_slice(node: fx.Node) -> bool:
     """x[:] along some dim: a slice from 0 to the end (torch.export records x[:, :, None] with them)."""
     start, end = (list(node.args[2:4]) + [None, None])[:2]
@@ -519,8 +515,9 @@ def _grouped_part(gm: fx.GraphModule, item: fx.Node, chain: list[fx.Node], width
     and sequence: the queries (slots [:-2] flattened into heads; slot 0 when a group has one query head),
     the key (slot -2) or the value (slot -1) of every group. Falcon's new_decoder_architecture:
     view(b, t, groups, -1, head_dim), [..., :-2, :].flatten(-3, -2), [..., -2, :], [..., -1, :]; its
-    older layout: unflatten(-2, (heads, 3)).unbind(-2)."""
-    if len(chain) != 1 or not _swaps_heads_and_sequence(chain[0]):
+    older layout: unflatten(-2, (heads, 3)).unbind(-2); BLOOM's: view(b, t, heads, 3, head_dim), each part
+    selected, swapped, then merged into the batch for its bmm (`_merged_into_batch`)."""
+    if len(chain) not in (1, 2) or not _swaps_heads_and_sequence(chain[0]):
         return None
     flattened = item.target is aten.flatten.using_ints and list(item.args[1:3]) in ([-3, -2], [2, 3])
     taken = data_input(item) if flattened else item
@@ -546,6 +543,9 @@ def _grouped_part(gm: fx.GraphModule, item: fx.Node, chain: list[fx.Node], width
         kind = {0: "queries" if queries == 1 else None, queries: "key", queries + 1: "value"}.get(slot % slots)
     if kind is None or width != groups * head_dim * (queries if kind == "queries" else 1):
         return None
+    merged = _merged_into_batch(chain[1], width // head_dim, head_dim) if len(chain) == 2 else ({}, [])
+    if merged is None:
+        return None
     source, views = _chain_back(gm, data_input(grouped))
     up = sites_by_node.get(source.name)
     if up is None or up.layout != "linear" or up.out_features != groups * slots * head_dim or len(source.users) != 1:
@@ -555,7 +555,7 @@ def _grouped_part(gm: fx.GraphModule, item: fx.Node, chain: list[fx.Node], width
     shared = taken.args[0]  # the grouped view, or its unbind
     offset = {"queries": 0, "key": groups * queries * head_dim, "value": groups * (queries + 1) * head_dim}[kind]
     nodes = [*views, grouped, *([shared] if shared is not grouped else []), taken, *([item] if flattened else []), *chain]
-    return _Source(up, offset, shared, taken, _HeadSplit(head_dim, {}, []), nodes, {grouped.name: index}, per_head_parts=True)
+    return _Source(up, offset, shared, taken, _HeadSplit(head_dim, *merged), nodes, {grouped.name: index}, per_head_parts=True)
 
 
 def _source(gm: fx.GraphModule, query_key_or_value: object, width: int, sites_by_node: dict[str, Site], shared_by: int = 1) -> _Source | None:
@@ -668,23 +668,27 @@ def _swaps_last_two_dims(node: fx.Node) -> bool:
     dims = _dims(node)
     if node.target in PERMUTES:
         return dims == (0, 1, 3, 2)
-    return is_op(node, _SWAPS) and (set(dims) in ({-2, -1}, {2, 3}) or (set(dims) == {1, 2} and is_last_dim(data_input(node), 2)))
+    return is_op(node, _SWAPS) and (set(dims) in ({-2, -1}, {2, 3}) or (set(dims) == {1, 2} and tensor_rank(data_input(node)) == 3))
 
 
 def _scores_of(gm: fx.GraphModule, node: fx.Node, nodes: list[fx.Node], reads: list[tuple[fx.Node, fx.Node]]) -> tuple[fx.Node, fx.Node] | None:
     """(query, key) if `node` is q @ k^T (q perhaps scaled by a number), perhaps scaled, masked, cast
     and viewed, each step read by the next alone; collects the steps in `nodes` and the tensors they
     read from elsewhere in `reads`."""
-    if len(_readers(node)) != 1 or node.kwargs and not _is_cast(node):
+    added = node.target is aten.baddbmm.default  # beta * bias + alpha * q @ k^T (BLOOM's ALiBi)
+    if len(_readers(node)) != 1 or node.kwargs and not (_is_cast(node) or added and all(isinstance(v, (int, float)) for v in node.kwargs.values())):
         return None
-    if is_op(node, _MATMULS):
-        query, turned = node.args[:2]
+    if is_op(node, _MATMULS) or added:
+        query, turned = node.args[1:3] if added else node.args[:2]
         if not isinstance(turned, fx.Node) or not _swaps_last_two_dims(turned) or len(_readers(turned)) != 1:
+            return None
+        if added and not isinstance(node.args[0], fx.Node):
             return None
         if isinstance(query, fx.Node) and is_op(query, _SCALES) and len(_readers(query)) == 1 and isinstance(query.args[1], (int, float)):
             nodes.append(query)
             query = query.args[0]
         nodes += [turned, node]
+        reads += [(node, node.args[0])] if added else []
         return query, data_input(turned)
     if is_op(node, RESHAPES) and data_input(node) is not None:  # regrouping the batch (Swin's shifted windows)
         found = _scores_of(gm, data_input(node), nodes, reads)
@@ -823,7 +827,7 @@ def head_width(gm: fx.GraphModule, down: Site, sites_by_node: dict[str, Site], n
     # or split bmm's (batch * heads, seq, head_dim) into (batch, heads, seq, head_dim)
     for n in (n for n in after[: after.index(reshapes[0])] if is_op(n, RESHAPES)):
         entries = shape_entries(n)
-        splits_batch = len(entries) == 4 and entries[1] == heads and _rank(data_input(n)) == 3
+        splits_batch = len(entries) == 4 and entries[1] == heads and tensor_rank(data_input(n)) == 3
         if entries[-1:] != [head_dim] or entries[:-1].count(heads) > splits_batch:
             return None
         resized |= {n.name: 1} if splits_batch else {}
