@@ -2,9 +2,10 @@
 (benchmarks/coverage.py) plus EfficientNet-B0 (timm's, torchvision's, Hugging Face's), torchvision's MobileNetV3
 and ReXNet (inverted residuals with squeeze-excitation), RegNet and ResNeXt (bottlenecks with a grouped
 convolution), timm's gMLP-Mixer (gated MLPs packed in one layer) and small randomly initialized
-Hugging Face GPT-2, LLaMA, Qwen3, Phi-3, OPT and GPT-NeoX models and 21 more architectures built by
+Hugging Face GPT-2, LLaMA, Qwen3, Phi-3, OPT and GPT-NeoX models and 22 more architectures built by
 model type ("hf-auto:<type>", AUTO_HF: encoders as MPNet, DeBERTa-v2 and ModernBERT, decoders as Gemma 2
-and 3, OLMo, Cohere, GPT-J, BLOOM, Falcon, Mixtral, ESM and Nemotron, and MVP, an encoder-decoder),
+and 3, OLMo, Cohere, GPT-J, BLOOM, Falcon, Mixtral, ESM, Nemotron and Gemma with multi-query attention, and
+MVP, an encoder-decoder),
 `prepare(ratio=0.6)` with prune_neurons=0.3 and, separately, with prune_heads=0.5, counting the
 neuron widths (FFNs) and head widths (attention blocks) found against the attentions in the graph
 (scaled_dot_product_attention calls and attention written out as matmul or bmm and softmax). Training-free
@@ -107,15 +108,19 @@ AUTO_HF = {
     "mixtral": {"num_key_value_heads": 2, "num_local_experts": 4},
     "esm": {}, "nemotron": {"num_key_value_heads": 2, "head_dim": 16},
     "mvp": {"decoder_layers": 1, "decoder_attention_heads": 4, "encoder_ffn_dim": 128, "decoder_ffn_dim": 128},
+    "gemma": {"num_key_value_heads": 1, "head_dim": 32},  # multi-query, as Gemma-2B
 }  # fmt: skip
 
 
 def _shape(ups: tuple[str, ...], parts: tuple[int, ...], repeats: tuple[tuple[int, ...], ...]) -> str:
     """"2 ups", or "1 up in 3 parts", "2 ups in 1+2 parts" when a site holds several copies of the width,
-    and "key/value heads repeated 2x" with grouped-query attention."""
+    and "key/value heads repeated 2x" with grouped-query attention ("one key/value head shared by every
+    query head" with multi-query attention)."""
     described = f"{len(ups)} up{'s' * (len(ups) > 1)}"
     if any(part > 1 for part in parts):
         described += f" in {'+'.join(map(str, parts))} parts"
+    if any(0 in part for part in repeats):
+        return described + ", one key/value head shared by every query head"
     return described + (f", key/value heads repeated {max(max(part) for part in repeats)}x" if repeats else "")
 
 

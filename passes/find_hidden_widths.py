@@ -133,7 +133,7 @@ class FindHiddenWidths(GraphPass):
                 "packed in-projection, self- or cross-attention (captured with torch.export); rotary embeddings, casts and "
                 "norms of each head may stand between the split and the attention, and a key/value head may be shared by a group of query heads "
                 "(repeated, or enable_gqa under torch.export). "
-                "Not recognized: one key/value head shared by every query head (multi-query attention, as Falcon-7B's: no smaller group to prune), "
+                "Not recognized: Falcon-7B's multi-query split of its fused qkv (split([heads, 1, 1]) along the heads), "
                 "relative position terms computed from the projections in the scores (DeBERTa-v2's), a qkv in model-parallel groups (CodeGen's), "
                 "per-head scales or norm weights between the heads and the projections, norms over all heads together "
                 "(normalize each head over its head_dim, with one weight for all heads, to be recognized), and steps of a "

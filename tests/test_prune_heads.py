@@ -794,13 +794,43 @@ def test_falcons_query_key_value_prunes_whole_groups_of_its_rows(tmp_path, optio
     assert rows[qkv.format(0)].reason.startswith(reported)
 
 
-def test_falcons_multi_query_attention_is_refused_and_its_neurons_still_prune() -> None:
-    # Falcon-7B's layout: one key and value head shared by every query head, so no group smaller than the block
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_multi_query_attention_prunes_query_heads_and_keeps_the_key_value_head_they_share(tmp_path, attention: str) -> None:  # noqa: ANN001
+    # Gemma-2B's layout: 4 query heads of 32 share one key/value head, repeated for them (repeat_kv's expand)
+    model, inputs = tiny_hugging_face("gemma", num_key_value_heads=1, head_dim=32, attn_implementation=attention)
+    prepared = tunecomp_fx.prepare(model, inputs, 0.6, prune_heads=0.5, rank_slack=10.0)
+    widths = _context(prepared).hidden_widths
+    attention_sites = "layers.{}.self_attn.{}_proj"
+    assert {(w.ups, w.repeats, w.group, len(w.kept)) for w in widths if w.kind == "heads"} == {
+        (tuple(attention_sites.format(i, name) for name in "qkv"), ((1,), (0,), (0,)), 32, 64) for i in range(2)  # 2 of 4 heads, one at a time
+    }
+    sites = {site.name: site for site in _context(prepared).sites}
+    assert sites[attention_sites.format(0, "k")].kept_rows == sites[attention_sites.format(0, "v")].kept_rows == tuple(range(32))
+    expands = [n for n in prepared.graph.nodes if "copy_of" in n.meta.get("tunecomp", {}) and n.target is aten.expand.default]
+    assert len(expands) == 4 and all(list(n.args[1])[1:3] == [1, 2] for n in expands)  # the one head repeated for the 2 kept
+    compact = hugging_face_prunes_exactly(prepared, model, inputs, tmp_path / "gemma_mqa.onnx")
+    rows = {row.name: row for row in tunecomp_fx.get_report(compact).sites}
+    assert rows[attention_sites.format(0, "q")].reason.startswith("64 of 128 output neurons kept (2 of 4 heads)")
+    assert rows[attention_sites.format(0, "k")].reason.startswith("32 of 32 output neurons kept (the key/value head they share)")
+
+
+def test_falcons_multi_query_split_is_refused_and_its_neurons_still_prune() -> None:
+    # Falcon-7B's layout: view(b, t, heads + 2, head_dim).split([heads, 1, 1], dim=-2), the split's sizes counting heads
     model, inputs = tiny_hugging_face("falcon", new_decoder_architecture=False, multi_query=True, alibi=False)
-    with pytest.raises(SiteError, match="one key/value head shared by every query head"):
+    with pytest.raises(SiteError, match=r"Falcon-7B's multi-query split"):
         tunecomp_fx.prepare(model, inputs, 0.6, prune_heads=0.5)
     prepared = tunecomp_fx.prepare(model, inputs, 0.6, prune_neurons=0.3)
     assert [w.ups for w in _context(prepared).hidden_widths] == [(f"h.{i}.mlp.dense_h_to_4h",) for i in range(2)]
+
+
+def test_a_key_value_head_every_query_head_shares_is_kept_whole() -> None:
+    # one fused site: rows 0-63 four query heads of 16, 64-79 the shared key head, 80-95 the shared value head
+    width = HiddenWidth("heads", ("qkv",), "out", (), 64, group=16, parts=(3,), repeats=((1, 0, 0),), kept=tuple(range(64)), target=32)
+    assert width.head_dim == 16
+    assert width.up_rows("qkv", (*range(16), *range(48, 64)), 64) == (*range(16), *range(48, 64), *range(64, 96))
+    assert width.up_rows("qkv", range(32), 32) == tuple(range(64))  # a student site down to 2 query heads: rows 32-63 the shared pair
+    sites = [Site(name, name, "aten.linear", 64, out_features, f"{name}.weight", None) for name, out_features in (("qkv", 96), ("out", 64))]
+    assert [(site.out_features, site.in_features) for site in final_sites(sites, [width])] == [(64, 64), (64, 32)]
 
 
 def test_a_site_holding_each_groups_queries_key_and_value_side_by_side_keeps_the_kept_groups_blocks() -> None:

@@ -260,13 +260,15 @@ def _heads_kept(site: Site, width: HiddenWidth) -> str:
     parts (Phi-3's qkv_proj): " (2 of 4 query heads, 1 of 2 key/value heads)"."""
     if site.name == width.down:
         repeats, kept = (1,), site.in_features
-    else:  # the query neurons kept: each part keeps the same share of its neurons
+    else:  # the query neurons kept: each part keeps the same share of its neurons (a shared key/value head whole)
         repeats = width.repeats_of(site.name)
-        kept = width.width * site.out_features // sum(width.width // shared_by for shared_by in repeats)
+        pruned = site.out_features - width.head_dim * repeats.count(0)
+        kept = width.width * pruned // max(sum(width.width // shared_by for shared_by in repeats if shared_by), 1)
     named = len(set(repeats)) > 1
     counts = [
         f"{kept // shared_by // width.head_dim} of {width.width // shared_by // width.head_dim} {('key/value ' if shared_by > 1 else 'query ') * named}heads"
-        for shared_by in sorted(set(repeats))
+        if shared_by else "the key/value head they share"
+        for shared_by in sorted(set(repeats), key=lambda shared_by: shared_by or width.width)
     ]  # fmt: skip
     return f" ({', '.join(counts)})"
 

@@ -24,7 +24,8 @@ head_dim with one weight for all heads (timm's qk_norm; Qwen3's q_norm and k_nor
 attention a key/value head and the query heads that share it are one group, pruned together, also
 when key and value are narrower slices of one fused site than the query (Phi-3-medium, Phi-4-mini)
 and when one fused site holds each group's query heads, key and value side by side (Falcon's
-query_key_value: the group's block of rows)."""
+query_key_value: the group's block of rows); a key/value head every query head shares (multi-query
+attention) is kept whole while the query heads are pruned one by one."""
 
 from __future__ import annotations
 
@@ -422,7 +423,7 @@ def _head_region(end: fx.Node, within: Callable[[fx.Node], bool], heads_at: int)
     tensors broadcast over the heads (size 1 there), as torch.export records the shapes: that tensor and
     the nodes; none of them, nor `end`, is read from outside (torch.export's dtype checks aside)."""
     region: set[fx.Node] = set()
-    stack, heads = [end], set()
+    stack, leaves = [end], set()
     while stack:
         node = stack.pop()
         if node in region:
@@ -431,11 +432,12 @@ def _head_region(end: fx.Node, within: Callable[[fx.Node], bool], heads_at: int)
             region.add(node)
             stack.extend(node.all_input_nodes)
             continue
-        value = node.meta.get("val")
-        if not isinstance(value, torch.Tensor):
+        if not isinstance(node.meta.get("val"), torch.Tensor):
             return None
-        if value.dim() >= -heads_at and value.shape[heads_at] != 1:
-            heads.add(node)
+        leaves.add(node)
+    heads = {node for node in leaves if node.meta["val"].dim() >= -heads_at and node.meta["val"].shape[heads_at] != 1}
+    if not heads:  # a single head (a multi-query key or value): the tensor the head split computes
+        heads = {node for node in leaves if is_op(node, _PASS_THROUGH)}
     if not region or len(heads) != 1 or len(_readers(end)) != 1:
         return None
     [root] = heads
@@ -487,7 +489,8 @@ def _repeated_heads(end: fx.Node) -> tuple[fx.Node, list[fx.Node], int, dict[str
     heads, repeats = entries[1], entries[2]
     if not (isinstance(heads, int) and isinstance(repeats, int) and heads > 0 and repeats > 0) or merged[1] not in (-1, heads * repeats):
         return None
-    return node, nodes, repeats, {expand.name: 1} | ({end.name: 1} if merged[1] == heads * repeats else {})
+    # with one key/value head (multi-query) the query heads it is repeated for are what pruning shrinks
+    return node, nodes, repeats, {expand.name: 1 if heads > 1 else 2} | ({end.name: 1} if merged[1] == heads * repeats else {})
 
 
 def _per_head_part(gm: fx.GraphModule, item: fx.Node, width: int, sites_by_node: dict[str, Site]) -> _Source | None:
@@ -778,6 +781,7 @@ def _projections(gm: fx.GraphModule, attention: _Attention, width: int, sites_by
         return None
     if sources[0].repeats != 1 or sources[1].repeats != sources[2].repeats:
         return None  # the queries' heads are the groups; key and value repeat theirs alike
+    heads = width // sources[0].split.head_dim
     ups: dict[str, tuple[int, ...]] = {}  # up site -> the repeats of its parts, in the order of its rows
     for up in dict.fromkeys(source.up.name for source in sources):
         parts = sorted((source for source in sources if source.up.name == up), key=lambda source: source.offset)
@@ -787,7 +791,10 @@ def _projections(gm: fx.GraphModule, attention: _Attention, width: int, sites_by
             return None
         if [source.offset for source in parts] != [0, *ends[:-1]] or ends[-1] != parts[0].up.out_features:
             return None  # every part read once, side by side, filling the site's output
-        ups[up] = tuple(source.repeats for source in parts)
+        # a key/value head every query head shares (multi-query) stays whole as query heads are pruned: 0
+        ups[up] = tuple(0 if source.repeats == heads > 1 else source.repeats for source in parts)
+        if 0 in ups[up] and any(source.per_head_parts for source in parts):
+            return None
     resized = {name: index for source in sources for name, index in (source.sizes | source.split.sizes).items()}
     between = [node for source in sources for node in (*source.nodes, *source.split.products)]
     parts = tuple(len(repeats) for repeats in ups.values())

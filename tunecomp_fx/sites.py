@@ -139,7 +139,9 @@ class HiddenWidth:
     kept: tuple[int, ...] = ()
     target: int = 0
     parts: tuple[int, ...] = ()  # per up site (a fused qkv site's, a packed gate and up site's); none given: one each
-    repeats: tuple[tuple[int, ...], ...] = ()  # per up site, per part: how many query heads share each of its heads (grouped-query key/value)
+    # per up site, per part: how many query heads share each of its heads (grouped-query key/value); 0: one
+    # head shared by every query head (multi-query key/value), kept whole as query heads are pruned
+    repeats: tuple[tuple[int, ...], ...] = ()
     per_head_reads: tuple[tuple[str, str], ...] = ()
     channelwise: tuple[str, ...] = ()  # nodes of per-channel modules (batch norms, depthwise or grouped convolutions): the student path's copies are sliced
     per_head_parts: tuple[str, ...] = ()  # up sites holding each head's parts side by side (MaxViT's q, k, v), not each part's heads
@@ -170,8 +172,13 @@ class HiddenWidth:
 
     def repeats_of(self, up: str) -> tuple[int, ...]:
         """Per part of up site `up`: how many of the down site's heads share each of its heads (1 but for
-        grouped-query key/value). Its part i holds width / repeats[i] neurons."""
+        grouped-query key/value; 0 for a multi-query one). Its part i holds `part_width` neurons."""
         return self.repeats[self.ups.index(up)] if self.repeats else (1,) * self.parts_of(up)
+
+    def part_width(self, repeats: int, size: int) -> int:
+        """How many neurons a part of an up site holds for a width of `size`: size / repeats, or one
+        head for a key/value head every query head shares (repeats 0)."""
+        return size // repeats if repeats else self.head_dim
 
     def heads_of(self, kept: Sequence[int]) -> list[int]:
         """The (query) heads whose neurons `kept` holds, a head's neurons all kept or none."""
@@ -183,7 +190,7 @@ class HiddenWidth:
         group's first head alone (group // repeats rows of the part); one in `per_head_parts` holds each
         kept group's parts side by side (MaxViT's q, k, v of each head; Falcon's queries, key and
         value of each key/value group), the others each part's groups side by side."""
-        per_group = [self.group // repeats for repeats in self.repeats_of(up)]  # each part's rows of one group
+        per_group = [self.group // max(repeats, 1) for repeats in self.repeats_of(up)]  # each part's rows of one group
         if up in self.per_head_parts:
             groups: dict[int, list[int]] = {}
             for neuron in kept:
@@ -196,15 +203,18 @@ class HiddenWidth:
         rows: list[int] = []
         offset = 0
         for repeats, part_rows in zip(self.repeats_of(up), per_group):  # part by part, side by side in the site's rows
-            rows += [offset + neuron // self.group * part_rows + neuron % self.group for neuron in kept if neuron % self.group < part_rows]
-            offset += size // repeats
+            if repeats:
+                rows += [offset + neuron // self.group * part_rows + neuron % self.group for neuron in kept if neuron % self.group < part_rows]
+            else:  # the key/value head every query head shares
+                rows += range(offset, offset + self.head_dim)
+            offset += self.part_width(repeats, size)
         return tuple(rows)
 
 
 def final_sites(sites: Iterable[Site], widths: Iterable[HiddenWidth]) -> list[Site]:
     """`sites` with the shapes finalize leaves them: a hidden width's sites at its target width
     (the students start wider with width_slack). Budgets and rank allocation count these."""
-    targets = {up: ("out_features", sum(width.target // repeats for repeats in width.repeats_of(up))) for width in widths for up in width.ups}
+    targets = {up: ("out_features", sum(width.part_width(repeats, width.target) for repeats in width.repeats_of(up))) for width in widths for up in width.ups}
     targets.update({width.down: ("in_features", width.target) for width in widths})
     return [replace(site, **dict([targets[site.name]])) if site.name in targets else site for site in sites]
 
