@@ -91,8 +91,8 @@ def is_op(node: fx.Node, targets: set) -> bool:
 def is_last_dim(tensor: fx.Node, dim: object) -> bool:
     """Whether `dim` is the last dim of `tensor`: -1, or its rank less one where torch.export recorded
     the shape (it writes x.split(w, dim=-1) of a 3-d x with dim=2)."""
-    value = tensor.meta.get("val")
-    return dim == -1 or (isinstance(value, torch.Tensor) and dim == value.dim() - 1)
+    rank = tensor_rank(tensor)
+    return dim == -1 or (rank is not None and dim == rank - 1)
 
 
 CHUNKS = {aten.chunk.default, torch.chunk, "chunk"}

@@ -462,8 +462,8 @@ def _head_norm_nodes(end: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
 
 def _reduces_last_dim(node: fx.Node, dims: object, keepdim: object) -> bool:
     """Whether a reduction (a mean, a vector norm) of `dims` works over the last dim of its input alone, keeping it."""
-    value = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
-    return isinstance(value, torch.Tensor) and keepdim is True and isinstance(dims, (list, tuple)) and list(dims) in ([-1], [value.dim() - 1])
+    rank = tensor_rank(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+    return rank is not None and keepdim is True and isinstance(dims, (list, tuple)) and list(dims) in ([-1], [rank - 1])
 
 
 def _is_whole_slice(node: fx.Node) -> bool:
@@ -792,7 +792,7 @@ def _projections(gm: fx.GraphModule, attention: _Attention, width: int, sites_by
         if [source.offset for source in parts] != [0, *ends[:-1]] or ends[-1] != parts[0].up.out_features:
             return None  # every part read once, side by side, filling the site's output
         # a key/value head every query head shares (multi-query) stays whole as query heads are pruned: 0
-        ups[up] = tuple(0 if source.repeats == heads > 1 else source.repeats for source in parts)
+        ups[up] = tuple(0 if heads > 1 and source.repeats == heads else source.repeats for source in parts)
         if 0 in ups[up] and any(source.per_head_parts for source in parts):
             return None
     resized = {name: index for source in sources for name, index in (source.sizes | source.split.sizes).items()}

@@ -190,7 +190,7 @@ class HiddenWidth:
         group's first head alone (group // repeats rows of the part); one in `per_head_parts` holds each
         kept group's parts side by side (MaxViT's q, k, v of each head; Falcon's queries, key and
         value of each key/value group), the others each part's groups side by side."""
-        per_group = [self.group // max(repeats, 1) for repeats in self.repeats_of(up)]  # each part's rows of one group
+        per_group = [self.part_width(repeats, self.group) for repeats in self.repeats_of(up)]  # each part's rows of one group
         if up in self.per_head_parts:
             groups: dict[int, list[int]] = {}
             for neuron in kept:
