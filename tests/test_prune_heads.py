@@ -814,13 +814,19 @@ def test_multi_query_attention_prunes_query_heads_and_keeps_the_key_value_head_t
     assert rows[attention_sites.format(0, "k")].reason.startswith("32 of 32 output neurons kept (the key/value head they share)")
 
 
-def test_falcons_multi_query_split_is_refused_and_its_neurons_still_prune() -> None:
-    # Falcon-7B's layout: view(b, t, heads + 2, head_dim).split([heads, 1, 1], dim=-2), the split's sizes counting heads
+def test_falcons_multi_query_split_prunes_query_heads_and_keeps_the_key_value_head_they_share(tmp_path) -> None:  # noqa: ANN001
+    # Falcon-7B's layout: view(b, t, -1, 16).split([4, 1, 1], dim=-2), rows 0-63 the query heads, 64-79 key, 80-95 value
     model, inputs = tiny_hugging_face("falcon", new_decoder_architecture=False, multi_query=True, alibi=False)
-    with pytest.raises(SiteError, match=r"Falcon-7B's multi-query split"):
-        tunecomp_fx.prepare(model, inputs, 0.6, prune_heads=0.5)
-    prepared = tunecomp_fx.prepare(model, inputs, 0.6, prune_neurons=0.3)
-    assert [w.ups for w in _context(prepared).hidden_widths] == [(f"h.{i}.mlp.dense_h_to_4h",) for i in range(2)]
+    prepared = tunecomp_fx.prepare(model, inputs, 0.6, prune_heads=0.5, rank_slack=10.0)
+    widths = _context(prepared).hidden_widths
+    qkv = "h.{}.self_attention.query_key_value"
+    assert {(w.ups, w.parts, w.repeats, w.group, len(w.kept)) for w in widths} == {((qkv.format(i),), (3,), ((1, 0, 0),), 16, 32) for i in range(2)}
+    assert _context(prepared).sites[0].name == qkv.format(0) and _context(prepared).sites[0].kept_rows == (*widths[0].kept, *range(64, 96))
+    splits = [n for n in prepared.graph.nodes if "copy_of" in n.meta.get("tunecomp", {}) and n.target is aten.split_with_sizes.default]
+    assert [list(n.args[1]) for n in splits] == [[2, 1, 1]] * 2  # 2 kept query heads, the shared key and value heads
+    compact = hugging_face_prunes_exactly(prepared, model, inputs, tmp_path / "falcon_mqa.onnx")
+    rows = {row.name: row for row in tunecomp_fx.get_report(compact).sites}
+    assert rows[qkv.format(0)].reason.startswith("64 of 96 output neurons kept (2 of 4 query heads, the key/value head they share)")
 
 
 def test_a_key_value_head_every_query_head_shares_is_kept_whole() -> None:

@@ -20,10 +20,12 @@ TRANSPOSES = {aten.transpose.int, torch.transpose, "transpose"}
 
 def shape_entries(node: fx.Node) -> list:
     """The sizes a node sets: the shape a view/reshape asks for (one list or separate arguments), the
-    sizes of an unflatten, or the factors of a product that computes a size (batch * heads under
-    torch.export)."""
+    sizes of an unflatten or of a split into parts of given sizes, or the factors of a product that
+    computes a size (batch * heads under torch.export)."""
     if node.target is aten.unflatten.int:
         return list(node.args[2])
+    if node.target is aten.split_with_sizes.default:
+        return list(node.args[1])
     if node.target is operator.mul:
         return list(node.args)
     rest = node.args[1:]
@@ -42,6 +44,8 @@ def with_shape(node: fx.Node, entries: Sequence) -> tuple:
     """`node`'s arguments with its sizes (`shape_entries`) replaced, in the form the node gave them."""
     if node.target is aten.unflatten.int:
         return (*node.args[:2], list(entries))
+    if node.target is aten.split_with_sizes.default:
+        return (node.args[0], list(entries), *node.args[2:])
     if node.target is operator.mul:
         return tuple(entries)
     rest = node.args[1:]

@@ -25,7 +25,8 @@ attention a key/value head and the query heads that share it are one group, prun
 when key and value are narrower slices of one fused site than the query (Phi-3-medium, Phi-4-mini)
 and when one fused site holds each group's query heads, key and value side by side (Falcon's
 query_key_value: the group's block of rows); a key/value head every query head shares (multi-query
-attention) is kept whole while the query heads are pruned one by one."""
+attention, also split from one fused site as Falcon-7B's) is kept whole while the query heads are
+pruned one by one."""
 
 from __future__ import annotations
 
@@ -561,6 +562,30 @@ def _grouped_part(gm: fx.GraphModule, item: fx.Node, chain: list[fx.Node], width
     return _Source(up, offset, shared, taken, _HeadSplit(head_dim, *merged), nodes, {grouped.name: index}, per_head_parts=True)
 
 
+def _split_heads_part(gm: fx.GraphModule, item: fx.Node, chain: list[fx.Node], width: int, sites_by_node: dict[str, Site]) -> _Source | None:
+    """If `item` is part i of one site's output viewed as (batch, seq, -1, head_dim) and split along its
+    heads into the query heads and one key and one value head (multi-query attention), and `chain`
+    swaps heads and sequence: Falcon-7B's view(b, t, -1, head_dim).split([heads, 1, 1], dim=-2). The
+    split's first size counts the query heads; the key and value heads stay whole."""
+    split = item.args[0] if item.target is operator.getitem and isinstance(item.args[0], fx.Node) else None
+    if split is None or split.target is not aten.split_with_sizes.default or len(chain) != 1 or not _swaps_heads_and_sequence(chain[0]):
+        return None
+    sizes, dim = split.args[1], split.args[2] if len(split.args) > 2 else 0
+    view = data_input(split)
+    entries = shape_entries(view) if is_op(view, RESHAPES) else []
+    if dim not in (2, -2) or len(entries) != 4 or entries[2] != -1 or list(sizes[1:]) != [1, 1] or sizes[0] < 2:
+        return None
+    head_dim = entries[3]
+    up = sites_by_node.get(data_input(view).name)
+    if up is None or up.layout != "linear" or up.out_features != sum(sizes) * head_dim or len(view.users) != 1:
+        return None
+    index = item.args[1]
+    if width != sizes[index] * head_dim:
+        return None
+    offset = sum(sizes[:index]) * head_dim
+    return _Source(up, offset, split, item, _HeadSplit(head_dim, {}, []), [view, split, item, *chain], {split.name: 0} if index == 0 else {})
+
+
 def _source(gm: fx.GraphModule, query_key_or_value: object, width: int, sites_by_node: dict[str, Site], shared_by: int = 1) -> _Source | None:
     """Where `query_key_or_value` comes from, if it is split into heads (sequence- or batch-major) from a
     site's output of one copy of `width`, or from a part of a packed or block-split output; rotary
@@ -593,7 +618,7 @@ def _source(gm: fx.GraphModule, query_key_or_value: object, width: int, sites_by
     after_split = [*(rotary[1] if rotary is not None else []), *repeat_nodes]
     split = (_sequence_major_split(chain, width) or _batch_major_split(chain, width) or _batch_merged_split(chain, width)) if chain else None
     if split is None:
-        grouped = _grouped_part(gm, item, chain, width, sites_by_node)
+        grouped = _grouped_part(gm, item, chain, width, sites_by_node) or _split_heads_part(gm, item, chain, width, sites_by_node)
         if grouped is not None:
             return grouped._replace(nodes=[*grouped.nodes, *after_split], sizes=grouped.sizes | repeat_sizes, repeats=repeats)
         unbound = _unbound_part(item, chain, width, sites_by_node)
