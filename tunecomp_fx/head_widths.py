@@ -551,8 +551,8 @@ def _grouped_part(gm: fx.GraphModule, item: fx.Node, chain: list[fx.Node], width
     if merged is None:
         return None
     source, views = _chain_back(gm, data_input(grouped))
-    up = sites_by_node.get(source.name)
-    if up is None or up.layout != "linear" or up.out_features != groups * slots * head_dim or len(source.users) != 1:
+    up = _site_of(source, sites_by_node, groups * slots * head_dim, 1)
+    if up is None:
         return None
     if any(shape_entries(view)[-2:] != [-1, head_dim] for view in views):
         return None  # views before the grouping may not count heads
@@ -562,7 +562,7 @@ def _grouped_part(gm: fx.GraphModule, item: fx.Node, chain: list[fx.Node], width
     return _Source(up, offset, shared, taken, _HeadSplit(head_dim, *merged), nodes, {grouped.name: index}, per_head_parts=True)
 
 
-def _split_heads_part(gm: fx.GraphModule, item: fx.Node, chain: list[fx.Node], width: int, sites_by_node: dict[str, Site]) -> _Source | None:
+def _split_heads_part(item: fx.Node, chain: list[fx.Node], width: int, sites_by_node: dict[str, Site]) -> _Source | None:
     """If `item` is part i of one site's output viewed as (batch, seq, -1, head_dim) and split along its
     heads into the query heads and one key and one value head (multi-query attention), and `chain`
     swaps heads and sequence: Falcon-7B's view(b, t, -1, head_dim).split([heads, 1, 1], dim=-2). The
@@ -576,8 +576,8 @@ def _split_heads_part(gm: fx.GraphModule, item: fx.Node, chain: list[fx.Node], w
     if dim not in (2, -2) or len(entries) != 4 or entries[2] != -1 or list(sizes[1:]) != [1, 1] or sizes[0] < 2:
         return None
     head_dim = entries[3]
-    up = sites_by_node.get(data_input(view).name)
-    if up is None or up.layout != "linear" or up.out_features != sum(sizes) * head_dim or len(view.users) != 1:
+    up = _site_of(data_input(view), sites_by_node, sum(sizes) * head_dim, 1) if len(view.users) == 1 else None
+    if up is None:
         return None
     index = item.args[1]
     if width != sizes[index] * head_dim:
@@ -618,7 +618,7 @@ def _source(gm: fx.GraphModule, query_key_or_value: object, width: int, sites_by
     after_split = [*(rotary[1] if rotary is not None else []), *repeat_nodes]
     split = (_sequence_major_split(chain, width) or _batch_major_split(chain, width) or _batch_merged_split(chain, width)) if chain else None
     if split is None:
-        grouped = _grouped_part(gm, item, chain, width, sites_by_node) or _split_heads_part(gm, item, chain, width, sites_by_node)
+        grouped = _grouped_part(gm, item, chain, width, sites_by_node) or _split_heads_part(item, chain, width, sites_by_node)
         if grouped is not None:
             return grouped._replace(nodes=[*grouped.nodes, *after_split], sizes=grouped.sizes | repeat_sizes, repeats=repeats)
         unbound = _unbound_part(item, chain, width, sites_by_node)
