@@ -56,13 +56,12 @@ def _slice_width(gm: fx.GraphModule, width: HiddenWidth, sites: dict[str, Site],
     for name, side in width.channel_slices.items():
         key = channels_key(name)
         setattr(container, key, with_channels(getattr(container, key), kept, side))
-    resized = dict(width.resized)
     for node in gm.graph.nodes:
         meta = node.meta.get("tunecomp", {})
         if meta.get("site") != width.down:
             continue
-        if meta.get("copy_of") in resized:
-            rescale_shape_entry(node, resized[meta["copy_of"]], len(kept), len(width.kept))
+        for index in width.resized_entries(meta.get("copy_of")):
+            rescale_shape_entry(node, index, len(kept), len(width.kept))
         if meta.get("copy_of") in width.channelwise:
             set_group_count(node, getattr(container, channels_key(meta["copy_of"])))
     for masked in list(roles["width_mask"].users):  # the down site's input, and any squeeze-excitation's

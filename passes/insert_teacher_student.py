@@ -174,7 +174,6 @@ def _copy_between(
     sliced to the kept heads (`_kept_heads`); returns the copy the down site's student reads."""
     graph = gm.graph
     copies = {nodes[sites[up].node]: student_outputs[up] for up in width.ups}
-    resized = dict(width.resized)
     per_head = dict(width.per_head_reads)
     sides = width.channel_slices
     entry = nodes[sites[width.down].entry_node]
@@ -187,8 +186,8 @@ def _copy_between(
             if name in per_head:
                 tensor = nodes[per_head[name]]
                 copy.replace_input_with(tensor, _kept_heads(gm, copy, tensor, sites[width.down], width, tensor_rank(original) == 3))
-            if name in resized:
-                rescale_shape_entry(copy, resized[name], len(width.kept), width.width)
+            for index in width.resized_entries(name):
+                rescale_shape_entry(copy, index, len(width.kept), width.width)
             for stale in ("val", "tensor_meta"):  # the copy computes fewer neurons
                 copy.meta.pop(stale, None)
             # eliminate_pruned_neurons rescales the copies of `resized` nodes again

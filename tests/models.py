@@ -128,18 +128,26 @@ class NormedHeadsBlock(HeadsBlock):
 
 
 class GroupedQueryAttention(nn.Module):
-    """8 query heads of 8 sharing 4 key/value heads in pairs inside scaled_dot_product_attention
-    (enable_gqa=True), captured with torch.export."""
+    """8 query heads of 8 sharing `key_value_heads` key/value heads (4: in pairs) inside
+    scaled_dot_product_attention (enable_gqa=True), captured with torch.export. `fused=True` takes
+    query, key and value from one site, qkv(x).split([64, kv, kv], dim=-1)."""
 
-    def __init__(self) -> None:
+    def __init__(self, key_value_heads: int = 4, fused: bool = False) -> None:
         super().__init__()
-        self.query, self.key, self.value, self.out = nn.Linear(64, 64), nn.Linear(64, 32), nn.Linear(64, 32), nn.Linear(64, 64)
+        self.sizes = [64, 8 * key_value_heads, 8 * key_value_heads]
+        self.fused = fused
+        if fused:
+            self.qkv = nn.Linear(64, sum(self.sizes))
+        else:
+            self.query, self.key, self.value = (nn.Linear(64, size) for size in self.sizes)
+        self.out = nn.Linear(64, 64)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
         if x.shape[-1] < 0:  # a proxy bool: symbolic tracing cannot evaluate this
             raise ValueError("negative width")
-        q, k, v = (layer(x).view(b, t, -1, 8).transpose(1, 2) for layer in (self.query, self.key, self.value))
+        parts = self.qkv(x).split(self.sizes, dim=-1) if self.fused else (layer(x) for layer in (self.query, self.key, self.value))
+        q, k, v = (part.view(b, t, -1, 8).transpose(1, 2) for part in parts)
         return self.out(F.scaled_dot_product_attention(q, k, v, enable_gqa=True).transpose(1, 2).reshape(b, t, -1))
 
 

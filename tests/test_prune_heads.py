@@ -11,7 +11,7 @@ import operator
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.graph_checks import finalize_from_student_path, hugging_face_prunes_exactly, silenced, tiny_hugging_face, train_with_hook
+from tests.graph_checks import finalize_from_student_path, full_rank_student_path_finalizes, hugging_face_prunes_exactly, silenced, tiny_hugging_face, train_with_hook
 from tests.models import (
     SILENT_HEADS_KEPT,
     SILENT_HEADS_RATIO,
@@ -814,19 +814,78 @@ def test_multi_query_attention_prunes_query_heads_and_keeps_the_key_value_head_t
     assert rows[attention_sites.format(0, "k")].reason.startswith("32 of 32 output neurons kept (the key/value head they share)")
 
 
-def test_falcons_multi_query_split_prunes_query_heads_and_keeps_the_key_value_head_they_share(tmp_path) -> None:  # noqa: ANN001
-    # Falcon-7B's layout: view(b, t, -1, 16).split([4, 1, 1], dim=-2), rows 0-63 the query heads, 64-79 key, 80-95 value
-    model, inputs = tiny_hugging_face("falcon", new_decoder_architecture=False, multi_query=True, alibi=False)
+@pytest.mark.parametrize(
+    ("model_type", "options", "qkv", "split_sizes"),
+    [
+        # Falcon-7B's: view(b, t, -1, 16).split([4, 1, 1], dim=-2), rows 0-63 the query heads, 64-79 key, 80-95 value
+        ("falcon", {"new_decoder_architecture": False, "multi_query": True, "alibi": False}, "h.{}.self_attention.query_key_value", [2, 1, 1]),
+        # GPTBigCode's (StarCoder's): c_attn(x).unsqueeze(1).split((64, 16, 16), dim=3), key and value (b, 1, t, 16) one head each
+        ("gpt_bigcode", {"multi_query": True, "attn_implementation": "sdpa"}, "h.{}.attn.c_attn", [32, 16, 16]),
+        ("gpt_bigcode", {"multi_query": True, "attn_implementation": "eager"}, "h.{}.attn.c_attn", [32, 16, 16]),
+    ],
+    ids=["falcon", "gpt_bigcode-sdpa", "gpt_bigcode-eager"],
+)
+def test_a_fused_multi_query_split_prunes_query_heads_and_keeps_the_key_value_head_they_share(
+    tmp_path, model_type: str, options: dict, qkv: str, split_sizes: list  # noqa: ANN001
+) -> None:
+    model, inputs = tiny_hugging_face(model_type, **options)
     prepared = tunecomp_fx.prepare(model, inputs, 0.6, prune_heads=0.5, rank_slack=10.0)
     widths = _context(prepared).hidden_widths
-    qkv = "h.{}.self_attention.query_key_value"
     assert {(w.ups, w.parts, w.repeats, w.group, len(w.kept)) for w in widths} == {((qkv.format(i),), (3,), ((1, 0, 0),), 16, 32) for i in range(2)}
     assert _context(prepared).sites[0].name == qkv.format(0) and _context(prepared).sites[0].kept_rows == (*widths[0].kept, *range(64, 96))
     splits = [n for n in prepared.graph.nodes if "copy_of" in n.meta.get("tunecomp", {}) and n.target is aten.split_with_sizes.default]
-    assert [list(n.args[1]) for n in splits] == [[2, 1, 1]] * 2  # 2 kept query heads, the shared key and value heads
-    compact = hugging_face_prunes_exactly(prepared, model, inputs, tmp_path / "falcon_mqa.onnx")
+    assert [list(n.args[1]) for n in splits] == [split_sizes] * 2  # 2 kept query heads, the shared key and value heads
+    compact = hugging_face_prunes_exactly(prepared, model, inputs, tmp_path / f"{model_type}_mqa.onnx")
     rows = {row.name: row for row in tunecomp_fx.get_report(compact).sites}
     assert rows[qkv.format(0)].reason.startswith("64 of 96 output neurons kept (2 of 4 query heads, the key/value head they share)")
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_gpt_bigcodes_c_attn_prunes_whole_heads_of_its_side_by_side_parts(tmp_path, attention: str) -> None:  # noqa: ANN001
+    # view(b, t, 4, 48).transpose(1, 2).split([16, 16, 16], dim=3): each head's query, key and value in a block of 48 rows
+    model, inputs = tiny_hugging_face("gpt_bigcode", multi_query=False, attn_implementation=attention)
+    prepared = tunecomp_fx.prepare(model, inputs, 0.6, prune_heads=0.5, rank_slack=10.0)
+    widths = _context(prepared).hidden_widths
+    c_attn = "h.{}.attn.c_attn"
+    assert {(w.ups, w.parts, w.repeats, w.per_head_parts, w.group, len(w.kept)) for w in widths} == {((c_attn.format(i),), (3,), (), (c_attn.format(i),), 16, 32) for i in range(2)}
+    kept_heads = sorted({neuron // 16 for neuron in widths[0].kept})
+    assert _context(prepared).sites[0].kept_rows == tuple(row for head in kept_heads for row in range(head * 48, (head + 1) * 48))
+    splits = [n for n in prepared.graph.nodes if "copy_of" in n.meta.get("tunecomp", {}) and n.target is aten.split_with_sizes.default]
+    assert [list(n.args[1]) for n in splits] == [[16, 16, 16]] * 2  # each head's parts: pruning whole heads leaves them
+    compact = hugging_face_prunes_exactly(prepared, model, inputs, tmp_path / "gpt_bigcode.onnx")
+    rows = {row.name: row for row in tunecomp_fx.get_report(compact).sites}
+    assert rows[c_attn.format(0)].reason.startswith("96 of 192 output neurons kept (2 of 4 heads)")
+
+
+@pytest.mark.parametrize(
+    ("key_value_heads", "repeats", "group", "split_sizes", "reported"),
+    [
+        (1, ((1, 0, 0),), 8, [32, 8, 8], "48 of 80 output neurons kept (4 of 8 query heads, the key/value head they share)"),
+        (2, ((1, 4, 4),), 32, [32, 8, 8], "48 of 96 output neurons kept (4 of 8 query heads, 1 of 2 key/value heads)"),
+    ],
+    ids=["multi_query", "grouped_query"],
+)
+def test_a_fused_site_split_in_listed_sizes_prunes_its_query_heads_with_their_key_value_heads(
+    tmp_path, key_value_heads: int, repeats: tuple, group: int, split_sizes: list, reported: str  # noqa: ANN001
+) -> None:
+    # qkv(x).split([64, kv, kv], dim=-1), as DBRX's Wqkv: 8 query heads of 8 share the key/value heads inside the attention (enable_gqa)
+    torch.manual_seed(0)
+    model, x = GroupedQueryAttention(key_value_heads=key_value_heads, fused=True).eval(), torch.randn(4, 10, 64)
+    prepared = tunecomp_fx.prepare(model, x, 0.6, prune_heads=0.5, rank_slack=10.0)
+    [width] = _context(prepared).hidden_widths
+    assert (width.ups, width.parts, width.repeats, width.group, len(width.kept)) == (("qkv",), (3,), repeats, group, 32)
+    splits = [n for n in prepared.graph.nodes if "copy_of" in n.meta.get("tunecomp", {}) and n.target is aten.split_with_sizes.default]
+    assert [list(n.args[1]) for n in splits] == [split_sizes]  # each part's size scaled to its kept heads, a shared head's kept
+    compact = full_rank_student_path_finalizes(prepared, silenced(model, [width]), x, tmp_path / "fused_gqa.onnx")
+    rows = {row.name: row for row in tunecomp_fx.get_report(compact).sites}
+    assert rows["qkv"].reason.startswith(reported)
+
+
+def test_a_shared_key_value_head_sliced_out_of_a_fused_site_is_refused_not_miscut() -> None:
+    # Phi-3 with one key/value head: qkv[..., 64:80] would have to shift with the pruned query rows, not scale
+    model, inputs = _phi3(key_value_heads=1)
+    with pytest.raises(SiteError, match="found no attention heads to prune"):
+        tunecomp_fx.prepare(model, inputs, 0.6, prune_heads=0.5)
 
 
 def test_a_key_value_head_every_query_head_shares_is_kept_whole() -> None:

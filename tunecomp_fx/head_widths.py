@@ -9,7 +9,7 @@ reshape (..., 3, heads, head_dim), permute(2, 0, 3, 1, 4), unbind(0); timm's Max
 transpose(1, 3), unbind(2); ModernBERT: the same reshape, unbind(2), each part transpose(1, 2)) loses the
 head's rows in each of its three parts; one holding each head's
 parts side by side (MaxViT's other layout, and GPT-NeoX's: view (..., heads, 3 * head_dim), transpose(1, 2),
-chunk(3, dim=-1)) loses the head's block of rows (`HiddenWidth.per_head_parts`); a key/value site split
+chunk(3, dim=-1); GPTBigCode's split(3 * [head_dim], dim=3)) loses the head's block of rows (`HiddenWidth.per_head_parts`); a key/value site split
 the same way in two parts beside a query site (PVT v2) loses the head's rows in both. So does
 nn.MultiheadAttention's packed in-projection under torch.export (unflatten (..., 3, width), then
 select 0/1/2, each viewed as (seq, batch * heads, head_dim), swapped
@@ -23,10 +23,11 @@ site and its split (OPT's query), and norms over each head's
 head_dim with one weight for all heads (timm's qk_norm; Qwen3's q_norm and k_norm); with grouped-query
 attention a key/value head and the query heads that share it are one group, pruned together, also
 when key and value are narrower slices of one fused site than the query (Phi-3-medium, Phi-4-mini)
-and when one fused site holds each group's query heads, key and value side by side (Falcon's
+or narrower blocks of a split into listed sizes (DBRX's Wqkv), and when one fused site holds each group's query heads, key and value side by side (Falcon's
 query_key_value: the group's block of rows); a key/value head every query head shares (multi-query
-attention, also split from one fused site as Falcon-7B's) is kept whole while the query heads are
-pruned one by one."""
+attention, also split from one fused site: Falcon-7B's split along the heads, GPTBigCode's
+c_attn(x).unsqueeze(1).split((width, head_dim, head_dim), dim=3), its key and value one head each)
+is kept whole while the query heads are pruned one by one."""
 
 from __future__ import annotations
 
@@ -148,7 +149,7 @@ class _Projections(NamedTuple):
 
     ups: tuple[str, ...]
     head_dim: int
-    resized: dict[str, int]  # node name -> index of a size that counts heads
+    resized: tuple[tuple[str, int], ...]  # (node name, index of a size that counts heads)
     between: list[fx.Node]
     parts: tuple[int, ...]  # per up site
     repeats: tuple[tuple[int, ...], ...] = ()  # per up site, per part: query heads sharing each of its heads
@@ -323,28 +324,61 @@ def _packed_part(item: fx.Node, width: int, sites_by_node: dict[str, Site]) -> _
     return (up, item.args[2] * width, packed, [unflatten, *packing], {unflatten.name: 1}) if up is not None else None
 
 
-def _splits_last_dim_into_blocks(node: fx.Node, width: int) -> bool:
-    """Whether `node` splits its input along the last dim into blocks of `width` (x.split(width, dim=-1),
-    or dim=2 of a 3-d x as GPT-2 writes it; torch.export records the input's rank)."""
-    if not is_op(node, _SPLITS) or len(node.args) < 2 or node.args[1] != width:
-        return False
-    return is_last_dim(node.args[0], node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0))
+def _block_offset(node: fx.Node, index: int, width: int) -> int | None:
+    """Where block `index` starts if `node` splits its input along the last dim into blocks and that
+    block is `width` wide: blocks of `width` each (x.split(width, dim=-1), or dim=2 of a 3-d x as GPT-2
+    writes it; torch.export records the input's rank), or of the sizes listed (DBRX's split([width,
+    kv_width, kv_width], dim=2); GPTBigCode's multi-query split((width, head_dim, head_dim), dim=3))."""
+    if is_op(node, _SPLITS) and len(node.args) >= 2 and node.args[1] == width:
+        offset, dim = index * width, node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    elif node.target is aten.split_with_sizes.default and node.args[1][index] == width:
+        offset, dim = sum(node.args[1][:index]), node.args[2] if len(node.args) > 2 else 0
+    else:
+        return None
+    return offset if is_last_dim(node.args[0], dim) else None
+
+
+def _adds_a_dim_before_the_last(node: fx.Node) -> bool:
+    """x.unsqueeze(d) for a d before the new last dim, read once (GPTBigCode's c_attn(x).unsqueeze(1))."""
+    return node.target is aten.unsqueeze.default and not is_last_dim(node, node.args[1]) and len(node.users) == 1
 
 
 def _block_part(gm: fx.GraphModule, item: fx.Node, width: int, sites_by_node: dict[str, Site]) -> _Part | None:
     """(site, offset, blocks, nodes, sizes) if `item` is block i of a site's output split along its
-    last dim into blocks of `width`, perhaps after reshapes of its tokens (Hugging Face's GPT-2)."""
-    if item.target is not operator.getitem or not _splits_last_dim_into_blocks(item.args[0], width):
+    last dim into blocks (`_block_offset`), perhaps after reshapes of its tokens (Hugging Face's GPT-2)
+    or a new dim before the last (GPTBigCode's). A split into blocks of `width` counts the width once;
+    one into listed sizes, at the block's own index."""
+    offset = _block_offset(item.args[0], item.args[1], width) if item.target is operator.getitem and isinstance(item.args[0], fx.Node) else None
+    if offset is None:
         return None
     blocks = item.args[0]
     source, tokens = _chain_back(gm, blocks.args[0])
+    if _adds_a_dim_before_the_last(source) and data_input(source) is not None:
+        before, reshapes = _chain_back(gm, data_input(source))
+        source, tokens = before, [*reshapes, source, *tokens]
     up = sites_by_node.get(source.name)
-    parts = up.out_features // width if up is not None else 0
-    if not parts or _site_of(source, sites_by_node, width, parts) is None:
+    listed = blocks.target is aten.split_with_sizes.default
+    total = sum(blocks.args[1]) if listed else up.out_features if up is not None else 0
+    if _site_of(source, sites_by_node, total, 1) is None or total % width and not listed:
         return None
-    if not all(keeps_width_last(n, parts * width) for n in tokens):
+    if not all(keeps_width_last(n, total) or _adds_a_dim_before_the_last(n) for n in tokens):
         return None
-    return up, item.args[1] * width, blocks, [*tokens, blocks], width_sizes(tokens, parts * width) | {blocks.name: 0}
+    sizes = width_sizes([n for n in tokens if is_op(n, RESHAPES)], total)
+    if listed and sizes:
+        return None  # the total of parts that may not all shrink alike: not a proportion of the kept heads
+    return up, offset, blocks, [*tokens, blocks], sizes | {blocks.name: item.args[1] if listed else 0}
+
+
+def _one_head_part(gm: fx.GraphModule, item: fx.Node, chain: list[fx.Node], width: int, sites_by_node: dict[str, Site]) -> tuple[_Part, _HeadSplit] | None:
+    """(part, split) if `item` is already one head, (batch, 1, seq, head_dim), a block of a site's output
+    (`_block_part`) with no head split: GPTBigCode's multi-query key and value,
+    c_attn(x).unsqueeze(1).split((width, head_dim, head_dim), dim=3)[1] and [2]. The head is every
+    query head's, kept whole (`_kept_whole`)."""
+    value = item.meta.get("val")
+    if chain or not isinstance(value, torch.Tensor) or value.dim() != 4 or value.shape[1] != 1 or value.shape[-1] != width:
+        return None
+    part = _block_part(gm, item, width, sites_by_node)
+    return (part, _HeadSplit(width, {}, [])) if part is not None else None
 
 
 def _sliced_part(item: fx.Node, width: int, sites_by_node: dict[str, Site]) -> _Part | None:
@@ -494,14 +528,23 @@ def _repeated_heads(end: fx.Node) -> tuple[fx.Node, list[fx.Node], int, dict[str
     return node, nodes, repeats, {expand.name: 1 if heads > 1 else 2} | ({end.name: 1} if merged[1] == heads * repeats else {})
 
 
+def _each_heads_parts(node: fx.Node) -> tuple[int, int] | None:
+    """(parts, dim) of x.chunk(parts, dim) or x.split([size] * parts, dim): parts of equal size within
+    each head, which pruning whole heads leaves as they are."""
+    if node.target is not aten.split_with_sizes.default:
+        return chunk_parts(node)
+    sizes = node.args[1]
+    return (len(sizes), node.args[2] if len(node.args) > 2 else 0) if len(set(sizes)) == 1 else None
+
+
 def _per_head_part(gm: fx.GraphModule, item: fx.Node, width: int, sites_by_node: dict[str, Site]) -> _Source | None:
     """If `item` is part i of each head of one site's output, view(..., heads, parts * head_dim),
     transpose(1, 2), chunk(parts, dim=-1)[i] (timm's MaxViT: each head's query, key and value side by
-    side in the site's rows)."""
+    side in the site's rows; GPTBigCode's split(3 * [head_dim], dim=3))."""
     if item.op != "call_function" or item.target is not operator.getitem or not isinstance(item.args[0], fx.Node):
         return None
     chunk = item.args[0]
-    parts, dim = chunk_parts(chunk) or (0, 0)
+    parts, dim = _each_heads_parts(chunk) or (0, 0)
     if not parts or dim not in (3, -1):
         return None
     source, chain = _chain_back(gm, chunk.args[0])
@@ -586,6 +629,18 @@ def _split_heads_part(item: fx.Node, chain: list[fx.Node], width: int, sites_by_
     return _Source(up, offset, split, item, _HeadSplit(head_dim, {}, []), [view, split, item, *chain], {split.name: 0} if index == 0 else {})
 
 
+def _kept_whole(split: _HeadSplit, sizes: dict[str, int], nodes: list[fx.Node]) -> tuple[_HeadSplit, dict[str, int]] | None:
+    """(split, sizes) of a part that is one key/value head every query head shares, which pruning keeps
+    whole: the head count of its split and its size in a split into listed sizes stay (the query's
+    size there is rescaled by the query's part); a slice's bounds would have to shift, not scale, and
+    are refused (None)."""
+    listed = {n.name for n in nodes if n.target is aten.split_with_sizes.default}
+    sizes = {name: index for name, index in sizes.items() if name not in listed}
+    if any(n.target is aten.slice.Tensor and n.name in sizes for n in nodes):
+        return None
+    return split._replace(sizes={}), sizes
+
+
 def _source(gm: fx.GraphModule, query_key_or_value: object, width: int, sites_by_node: dict[str, Site], shared_by: int = 1) -> _Source | None:
     """Where `query_key_or_value` comes from, if it is split into heads (sequence- or batch-major) from a
     site's output of one copy of `width`, or from a part of a packed or block-split output; rotary
@@ -621,7 +676,7 @@ def _source(gm: fx.GraphModule, query_key_or_value: object, width: int, sites_by
         grouped = _grouped_part(gm, item, chain, width, sites_by_node) or _split_heads_part(item, chain, width, sites_by_node)
         if grouped is not None:
             return grouped._replace(nodes=[*grouped.nodes, *after_split], sizes=grouped.sizes | repeat_sizes, repeats=repeats)
-        unbound = _unbound_part(item, chain, width, sites_by_node)
+        unbound = _unbound_part(item, chain, width, sites_by_node) or _one_head_part(gm, item, chain, width, sites_by_node)
         if unbound is None:
             return None
         part, split = unbound
@@ -629,13 +684,19 @@ def _source(gm: fx.GraphModule, query_key_or_value: object, width: int, sites_by
         scaled = _scales_by_a_number(item) and len(item.users) == 1  # OPT's q_proj(x) * scaling
         output = item.args[0] if scaled else item
         up = _site_of(output, sites_by_node, width, 1)
-        if up is not None:
-            scale = [item] if scaled else []
-            return _Source(up, 0, output, (scale or chain)[0], split, [*scale, *chain, *after_split], repeat_sizes, repeats)
-        part = _packed_part(item, width, sites_by_node) or _block_part(gm, item, width, sites_by_node) or _sliced_part(item, width, sites_by_node)
+        if up is not None:  # the site's output itself: the split (or OPT's scale) reads it
+            steps = [item, *chain] if scaled else chain
+            part, item, chain = (up, 0, output, [], {}), steps[0], steps[1:]
+        else:
+            part = _packed_part(item, width, sites_by_node) or _block_part(gm, item, width, sites_by_node) or _sliced_part(item, width, sites_by_node)
         if part is None:
             return None
     up, offset, shared, nodes, sizes = part
+    if repeats > 1 and width == split.head_dim:  # one key/value head every query head shares
+        kept_whole = _kept_whole(split, sizes, [*nodes, item])
+        if kept_whole is None:
+            return None
+        split, sizes = kept_whole
     return _Source(up, offset, shared, item, split, [*nodes, item, *chain, *after_split], sizes | repeat_sizes, repeats)
 
 
@@ -820,7 +881,8 @@ def _projections(gm: fx.GraphModule, attention: _Attention, width: int, sites_by
         ups[up] = tuple(0 if heads > 1 and source.repeats == heads else source.repeats for source in parts)
         if 0 in ups[up] and any(source.per_head_parts for source in parts):
             return None
-    resized = {name: index for source in sources for name, index in (source.sizes | source.split.sizes).items()}
+    # a split into listed sizes may count heads in several of its sizes, one per part
+    resized = tuple(dict.fromkeys(entry for source in sources for entry in (source.sizes | source.split.sizes).items()))
     between = [node for source in sources for node in (*source.nodes, *source.split.products)]
     parts = tuple(len(repeats) for repeats in ups.values())
     repeated = any(source.repeats > 1 for source in sources)
@@ -854,7 +916,7 @@ def head_width(gm: fx.GraphModule, down: Site, sites_by_node: dict[str, Site], n
         return None
     head_dim = projections.head_dim
     heads = width // head_dim
-    resized, mask_nodes, products = projections.resized | width_sizes(reshapes, width) | inferred, [], []
+    resized, mask_nodes, products = width_sizes(reshapes, width) | inferred, [], []
     # reshapes between attention and the merge keep (heads, head_dim) apart without naming the head count,
     # or split bmm's (batch * heads, seq, head_dim) into (batch, heads, seq, head_dim)
     for n in (n for n in after[: after.index(reshapes[0])] if is_op(n, RESHAPES)):
@@ -884,7 +946,7 @@ def head_width(gm: fx.GraphModule, down: Site, sites_by_node: dict[str, Site], n
     ordered = tuple(name for name in nodes if name in names)
     # grouped-query attention: a key/value head and the query heads sharing it are pruned together
     group = head_dim * max((repeats for parts in projections.repeats for repeats in parts), default=1)
-    return HiddenWidth("heads", projections.ups, down.name, ordered, width, group, tuple(resized.items()), parts=projections.parts, repeats=projections.repeats, per_head_parts=projections.per_head_parts)
+    return HiddenWidth("heads", projections.ups, down.name, ordered, width, group, tuple(dict.fromkeys((*projections.resized, *resized.items()))), parts=projections.parts, repeats=projections.repeats, per_head_parts=projections.per_head_parts)
 
 
 def mask_argument(attention: fx.Node) -> fx.Node | None:

@@ -123,7 +123,8 @@ class HiddenWidth:
     the attention (a scaled_dot_product_attention call or one written out) and the head merge, groups of a head's size (with grouped-query
     attention, a key/value head and the `repeats` query heads sharing it). `between` lists the
     nodes in graph order, `resized` the (node, shape entry) pairs that count the width (a literal
-    head count or width in a view), scaled to what is kept; `kept` the neurons the students start
+    head count or width in a view; several of one node for a split into listed sizes of parts that
+    each hold heads), scaled to what is kept; `kept` the neurons the students start
     with and `target` how many of them finalize keeps (select_hidden_neurons decides; fewer than
     `kept` with width_slack, the rest pruned during the blend). `per_head_reads` names (reader, tensor)
     pairs of nodes: a tensor from outside the width with one entry per head (a relative position
@@ -156,6 +157,10 @@ class HiddenWidth:
         batch norm of its bottleneck (the student path's copy is whole)."""
         sides = {name: "each" for name in self.channelwise} | {name: "none" for name in self.bottleneck_norms}
         return sides | {reduce: "in" for _, reduce, _ in self.squeezes} | {expand: "out" for _, _, expand in self.squeezes}
+
+    def resized_entries(self, node: str) -> list[int]:
+        """The shape entries of `node` that count the width (`resized`)."""
+        return [index for name, index in self.resized if name == node]
 
     @property
     def sites(self) -> tuple[str, ...]:
