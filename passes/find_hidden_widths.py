@@ -127,7 +127,7 @@ class FindHiddenWidths(GraphPass):
                 "masked, clamped, soft-capped by tanh, softmax over the last dim, matmul with v) whose query, key and value are split from three compressed sites "
                 "(view (..., heads, head_dim), transpose(1, 2)), from one fused qkv site (reshape (..., 3, heads, "
                 "head_dim), permute(2, 0, 3, 1, 4) or transpose(1, 3), or unbind(2) and transpose(1, 2) of each part; view(..., heads, 3 * head_dim), transpose(1, 2), "
-                "chunk(3, dim=-1) or split(3 * [head_dim], dim=3); split(width, dim=-1) as GPT-2's or sliced x[..., :width], x[..., width:2 * width], x[..., 2 * width:] "
+                "chunk(3, dim=-1) or split(3 * [head_dim], dim=3); split(width, dim=-1) as GPT-2's or chunk(3, dim=-1) as MPT's or sliced x[..., :width], x[..., width:2 * width], x[..., 2 * width:] "
                 "as Phi-3's, key and value narrower with grouped-query attention; split([width, kv_width, kv_width], dim=-1) as DBRX's, "
                 "also of the output unsqueezed(1) as GPTBigCode's multi-query c_attn; view(..., groups, -1, head_dim) with each key/value group's "
                 "query heads, key and value side by side, as Falcon's, or split([heads, 1, 1], dim=-2) as Falcon-7B's; a key/value site split so in two parts) or from nn.MultiheadAttention's "

@@ -16,7 +16,7 @@ select 0/1/2, each viewed as (seq, batch * heads, head_dim), swapped
 to batch-major and viewed as (batch, heads, seq, head_dim); the heads merged by permute(2, 0, 1, 3)
 and a reshape to (seq * batch, width); in cross-attention a query site and a key/value site packed
 in two parts), and a fused site split along its last dim into three blocks of width (Hugging Face's
-GPT-2: c_attn(x).split(width, dim=2); Phi-3: qkv[..., :width], qkv[..., width:2 * width],
+GPT-2: c_attn(x).split(width, dim=2); MPT: Wqkv(x).chunk(3, dim=2); Phi-3: qkv[..., :width], qkv[..., width:2 * width],
 qkv[..., 2 * width:]), each split into heads as the separate sites are. Rotary
 embeddings (LLaMA) may stand between a head split and the attention, a scale by a number between a
 site and its split (OPT's query), and norms over each head's
@@ -327,10 +327,14 @@ def _packed_part(item: fx.Node, width: int, sites_by_node: dict[str, Site]) -> _
 def _block_offset(node: fx.Node, index: int, width: int) -> int | None:
     """Where block `index` starts if `node` splits its input along the last dim into blocks and that
     block is `width` wide: blocks of `width` each (x.split(width, dim=-1), or dim=2 of a 3-d x as GPT-2
-    writes it; torch.export records the input's rank), or of the sizes listed (DBRX's split([width,
-    kv_width, kv_width], dim=2); GPTBigCode's multi-query split((width, head_dim, head_dim), dim=3))."""
+    writes it; torch.export records the input's rank; or x.chunk(parts, dim=-1)), or of the sizes
+    listed (DBRX's split([width, kv_width, kv_width], dim=2); GPTBigCode's multi-query split((width,
+    head_dim, head_dim), dim=3))."""
+    chunks = chunk_parts(node)
     if is_op(node, _SPLITS) and len(node.args) >= 2 and node.args[1] == width:
         offset, dim = index * width, node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    elif chunks is not None:  # x.chunk(parts, dim=-1), MPT's Wqkv: blocks of width if the site holds parts * width (_block_part)
+        offset, dim = index * width, chunks[1]
     elif node.target is aten.split_with_sizes.default and node.args[1][index] == width:
         offset, dim = sum(node.args[1][:index]), node.args[2] if len(node.args) > 2 else 0
     else:
@@ -346,8 +350,7 @@ def _adds_a_dim_before_the_last(node: fx.Node) -> bool:
 def _block_part(gm: fx.GraphModule, item: fx.Node, width: int, sites_by_node: dict[str, Site]) -> _Part | None:
     """(site, offset, blocks, nodes, sizes) if `item` is block i of a site's output split along its
     last dim into blocks (`_block_offset`), perhaps after reshapes of its tokens (Hugging Face's GPT-2)
-    or a new dim before the last (GPTBigCode's). A split into blocks of `width` counts the width once;
-    one into listed sizes, at the block's own index."""
+    or a new dim before the last (GPTBigCode's)."""
     offset = _block_offset(item.args[0], item.args[1], width) if item.target is operator.getitem and isinstance(item.args[0], fx.Node) else None
     if offset is None:
         return None
@@ -359,14 +362,16 @@ def _block_part(gm: fx.GraphModule, item: fx.Node, width: int, sites_by_node: di
     up = sites_by_node.get(source.name)
     listed = blocks.target is aten.split_with_sizes.default
     total = sum(blocks.args[1]) if listed else up.out_features if up is not None else 0
-    if _site_of(source, sites_by_node, total, 1) is None or total % width and not listed:
+    chunks = chunk_parts(blocks)
+    if _site_of(source, sites_by_node, total, 1) is None or total % width and not listed or chunks and chunks[0] * width != total:
         return None
     if not all(keeps_width_last(n, total) or _adds_a_dim_before_the_last(n) for n in tokens):
         return None
     sizes = width_sizes([n for n in tokens if is_op(n, RESHAPES)], total)
     if listed and sizes:
         return None  # the total of parts that may not all shrink alike: not a proportion of the kept heads
-    return up, offset, blocks, [*tokens, blocks], sizes | {blocks.name: item.args[1] if listed else 0}
+    # split(width) names the block's width; a listed split, each block's; chunk(parts) none
+    return up, offset, blocks, [*tokens, blocks], sizes | ({} if chunks else {blocks.name: item.args[1] if listed else 0})
 
 
 def _one_head_part(gm: fx.GraphModule, item: fx.Node, chain: list[fx.Node], width: int, sites_by_node: dict[str, Site]) -> tuple[_Part, _HeadSplit] | None:
