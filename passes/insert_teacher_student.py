@@ -26,7 +26,9 @@ so the teacher path keeps the full width until the blend drops it. With width_sl
 start wider than the target and the down site's student reads the copy through a mask,
     gelu (copy) --> mul(lowrank.<down>.width_mask) --> down site's student,
 whose groups the rank pruner switches off during the blend (tunecomp_fx.pruning says how it ranks
-them), as it is for a squeeze-excitation's squeeze; finalize's eliminate_pruned_neurons slices them away."""
+them), as it is for a squeeze-excitation's squeeze; finalize's eliminate_pruned_neurons slices them away.
+The pass ensures that the students alone run on the example inputs and compute outputs of the
+model's shapes, so that a layout the width analysis misread stops prepare, naming the pass."""
 
 from __future__ import annotations
 
@@ -38,9 +40,11 @@ from torch import fx, nn
 
 from tunecomp_fx.forms import LAYOUTS, site_input
 from tunecomp_fx.graph_nodes import rescale_shape_entry, tensor_rank
+from tunecomp_fx.inputs import Inputs, call_model, flatten_outputs
+from tunecomp_fx.mode import evaluating
 from tunecomp_fx.per_channel import channels_key, per_channel_module, read_channels, with_channels
 from tunecomp_fx.pipeline import GraphPass, PassContext
-from tunecomp_fx.sites import LOWRANK_ROOT, Blend, HiddenWidth, Site, site_container, student_nodes, teacher_parameters
+from tunecomp_fx.sites import LOWRANK_ROOT, Blend, HiddenWidth, Site, site_container, student_nodes, students_alone, teacher_parameters
 
 
 def student_rank(site: Site, rank: int, slack: float) -> int:
@@ -163,7 +167,32 @@ class InsertTeacherStudent(GraphPass):
                 return f"the blend of site '{site.name}' does not read the site's output"
             if list(teacher.users) != [roles["blend"]] or roles["blend"].args != (teacher, roles["up"]):
                 return f"the teacher of site '{site.name}' is not read by its blend alone"
+        if ctx.hidden_widths and ctx.check_inputs is not None:
+            return _student_path_problem(gm, ctx.check_inputs)
         return None
+
+
+def _student_path_problem(gm: fx.GraphModule, inputs: Inputs) -> str | None:
+    """Why the students alone do not compute outputs of the blended model's shapes on the example
+    inputs, if they do not: the copied split, attention and merge of a pruned width would then fail
+    (or broadcast against the teacher's output) only in training. Two forwards, without gradients."""
+    with evaluating(gm), torch.no_grad():
+        try:
+            blended = [tuple(t.shape) for t in flatten_outputs(call_model(gm, inputs))]
+            with students_alone(gm):
+                alone = [tuple(t.shape) for t in flatten_outputs(call_model(gm, inputs))]
+        except Exception as error:  # noqa: BLE001 - the teachers run as captured: a failure is the copied nodes'
+            problem = f"fail ({type(error).__name__}: {error})"
+        else:
+            problem = None if alone == blended else f"compute outputs of shapes {alone}, not {blended}"
+    if problem is None:
+        return None
+    return (
+        f"the students' path through the pruned widths would {problem} on the example inputs: a layout the "
+        "width analysis misread. Use prune_heads=0 and prune_neurons=0 for this model (and report it)"
+    )
+
+
 
 
 def _copy_between(

@@ -28,7 +28,8 @@ from tests.models import (
 from torch import nn
 
 import tunecomp_fx
-from tunecomp_fx.errors import BudgetError, SiteError
+from tunecomp_fx import head_widths
+from tunecomp_fx.errors import BudgetError, PassError, SiteError
 from tunecomp_fx.export import to_onnx
 from tunecomp_fx.metrics import count_parameters
 from tunecomp_fx.graph_nodes import MAX_END, rescale_shape_entry, shape_entries
@@ -886,6 +887,15 @@ def test_a_shared_key_value_head_sliced_out_of_a_fused_site_is_refused_not_miscu
     # Phi-3 with one key/value head: qkv[..., 64:80] would have to shift with the pruned query rows, not scale
     model, inputs = _phi3(key_value_heads=1)
     with pytest.raises(SiteError, match="found no attention heads to prune"):
+        tunecomp_fx.prepare(model, inputs, 0.6, prune_heads=0.5)
+
+
+def test_a_students_path_that_would_not_run_stops_prepare_naming_the_pass(monkeypatch) -> None:  # noqa: ANN001
+    # the same layout misread on purpose: the shared head's slice bounds scaled as if they held query heads
+    monkeypatch.setattr(head_widths, "_kept_whole", lambda split, sizes, nodes: (split._replace(sizes={}), sizes))
+    model, inputs = _phi3(key_value_heads=1)
+    message = r"pass 'insert_teacher_student' broke its guarantee: the students' path through the pruned widths would fail \(RuntimeError"
+    with pytest.raises(PassError, match=message):
         tunecomp_fx.prepare(model, inputs, 0.6, prune_heads=0.5)
 
 
