@@ -2,8 +2,8 @@
 (benchmarks/coverage.py) plus EfficientNet-B0 (timm's, torchvision's, Hugging Face's), torchvision's MobileNetV3
 and ReXNet (inverted residuals with squeeze-excitation), RegNet and ResNeXt (bottlenecks with a grouped
 convolution), timm's gMLP-Mixer (gated MLPs packed in one layer) and small randomly initialized
-Hugging Face GPT-2, LLaMA, Qwen3, Phi-3, OPT and GPT-NeoX models and 24 more architectures built by
-model type ("hf-auto:<type>", AUTO_HF: encoders as MPNet, DeBERTa-v2 and ModernBERT, decoders as Gemma 2
+Hugging Face GPT-2, LLaMA, Qwen3, Phi-3, OPT and GPT-NeoX models and 25 more architectures built by
+model type ("hf-auto:<type>", AUTO_HF: encoders as MPNet, RoFormer, DeBERTa-v2 and ModernBERT, decoders as Gemma 2
 and 3, OLMo, Cohere, GPT-J, BLOOM, Falcon, MPT, Mixtral, ESM, Nemotron, and Gemma and GPTBigCode with
 multi-query attention, and MVP, an encoder-decoder),
 `prepare(ratio=0.6)` with prune_neurons=0.3 and, separately, with prune_heads=0.5, counting the
@@ -98,7 +98,7 @@ def build_tiny_hf(name: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
 # More Hugging Face architectures at the same size, built from their default configuration by model type
 # (tests.graph_checks.tiny_hugging_face, as the tests build them) with these options beside the common ones
 AUTO_HF = {
-    "mpnet": {}, "deberta-v2": {}, "modernbert": {"cls_token_id": 1, "sep_token_id": 2}, "olmo": {}, "olmo2": {},
+    "mpnet": {}, "roformer": {}, "deberta-v2": {}, "modernbert": {"cls_token_id": 1, "sep_token_id": 2}, "olmo": {}, "olmo2": {},
     "gemma2": {"num_key_value_heads": 2, "head_dim": 16}, "gemma3_text": {"num_key_value_heads": 2, "head_dim": 16},
     "cohere": {"num_key_value_heads": 2}, "glm": {"num_key_value_heads": 2, "head_dim": 16}, "helium": {"num_key_value_heads": 2, "head_dim": 16},
     "starcoder2": {"num_key_value_heads": 2}, "granite": {"num_key_value_heads": 2},

@@ -426,7 +426,7 @@ def _unbound_part(item: fx.Node, chain: list[fx.Node], width: int, sites_by_node
 # Nodes that compute each head of a tensor split into heads from that head alone, given other tensors
 # broadcast over the heads: elementwise arithmetic and casts, and slices, concatenation, stacking,
 # flattening, means and vector norms along head_dim (`_within_heads`), as torch.export records rotary
-# embeddings (Cohere's interleaved one stacks and flattens), norms of each head over its head_dim
+# embeddings (Cohere's interleaved one stacks and flattens, RoFormer's stacks and reshapes as the heads), norms of each head over its head_dim
 # (Qwen3's and Gemma 3's q_norm and k_norm, Swin V2's F.normalize for its cosine attention) and casts
 # of query and key to float (OLMo's, GPT-Neo's).
 _WITHIN_HEADS = {
@@ -434,13 +434,14 @@ _WITHIN_HEADS = {
     aten.rsqrt.default, aten.clamp_min.default, aten.to.dtype, aten._to_copy.default, aten.type_as.default, aten.expand_as.default,
     aten.slice.Tensor, aten.cat.default, aten.stack.default, aten.flatten.using_ints, aten.mean.dim, aten.linalg_vector_norm.default,
     aten.alias.default,  # Phi-3's partial rotary embedding reads the heads through an alias
+    aten.reshape_as.default,  # RoFormer's interleaved rotary embedding: a stack flattened into the heads' shape
 }
 
 
 def _within_heads(node: fx.Node) -> bool:
-    """A `_WITHIN_HEADS` node that leaves the heads apart: slices, concatenation, stacking, flattening,
-    means and vector norms work along the last dim, head_dim (a slice may also take a whole dim, as
-    GPT-J's x[:, :, :, :8] does)."""
+    """A `_WITHIN_HEADS` node that leaves the heads apart: slices, concatenation, stacking, flattening
+    (also by reshape_as), means and vector norms work along the last dim, head_dim (a slice may also
+    take a whole dim, as GPT-J's x[:, :, :, :8] does)."""
     if not is_op(node, _WITHIN_HEADS):
         return False
     first = node.args[0][0] if node.target in (aten.cat.default, aten.stack.default) else node.args[0]
@@ -453,6 +454,9 @@ def _within_heads(node: fx.Node) -> bool:
         return isinstance(start, int) and is_last_dim(first, start + 1) and is_last_dim(first, end)
     if node.target is aten.stack.default:  # along a new last dim
         return is_last_dim(node, node.args[1] if len(node.args) > 1 else 0)
+    if node.target is aten.reshape_as.default:  # x.reshape_as(y), x's last two dims flattened into y's last
+        x, y = (argument.meta.get("val") for argument in node.args[:2])
+        return isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.dim() == y.dim() + 1 and x.shape[:-2] == y.shape[:-1]
     if node.target in (aten.slice.Tensor, aten.cat.default):
         return is_last_dim(first, node.args[1] if len(node.args) > 1 else 0) or _is_whole_slice(node)
     return True
@@ -460,8 +464,9 @@ def _within_heads(node: fx.Node) -> bool:
 
 def _head_region(end: fx.Node, within: Callable[[fx.Node], bool], heads_at: int) -> tuple[fx.Node, list[fx.Node]] | None:
     """If `end` is computed by nodes `within` from one tensor with its heads at dim `heads_at` and
-    tensors broadcast over the heads (size 1 there), as torch.export records the shapes: that tensor and
-    the nodes; none of them, nor `end`, is read from outside (torch.export's dtype checks aside)."""
+    tensors broadcast over the heads (size 1 there, as torch.export records the shapes; also when
+    `within` nodes compute them from such tensors alone): that tensor and the nodes that read it; none
+    of them, nor `end`, is read from outside (torch.export's dtype checks aside)."""
     region: set[fx.Node] = set()
     stack, leaves = [end], set()
     while stack:
@@ -481,6 +486,17 @@ def _head_region(end: fx.Node, within: Callable[[fx.Node], bool], heads_at: int)
     if not region or len(heads) != 1 or len(_readers(end)) != 1:
         return None
     [root] = heads
+    # nodes that do not read the heads (RoFormer's cos and sin, stacked and reshaped as the heads) stay
+    # outside: computed from the leaves broadcast over the heads alone, the student path's copies read
+    # them as they read those leaves
+    reads_heads: dict[fx.Node, bool] = {}
+
+    def reads(node: fx.Node) -> bool:
+        if node not in reads_heads:
+            reads_heads[node] = node is root or (node in region and any(reads(source) for source in node.all_input_nodes))
+        return reads_heads[node]
+
+    region = {node for node in region if reads(node)}
     if any(not set(_readers(node)) <= region for node in (region - {end}) | heads):
         return None
     return root, list(region)
