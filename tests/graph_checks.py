@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 import tunecomp_fx
+from tunecomp_fx.inputs import flatten_outputs
 
 
 def finalize_from_student_path(prepared: torch.fx.GraphModule, *inputs: torch.Tensor, **named: torch.Tensor) -> tuple[torch.fx.GraphModule, Any]:
@@ -53,6 +54,12 @@ def tiny_hugging_face(model_type: str, **options: Any) -> tuple[torch.nn.Module,
     return transformers.AutoModel.from_config(config).eval(), {"input_ids": torch.randint(3, 100, (2, 12))}
 
 
+def first(outputs: Any) -> torch.Tensor:
+    """A model output's first tensor (a Hugging Face model's last hidden state), as a tuple, a model
+    output or the dict a symbolic trace returns."""
+    return flatten_outputs(outputs)[0]
+
+
 def hugging_face_prunes_exactly(prepared: torch.fx.GraphModule, model: torch.nn.Module, inputs: dict[str, torch.Tensor], onnx_path: Any) -> torch.fx.GraphModule:
     """A Hugging Face model prepared with students at full rank: the teacher path is the model, the
     student path the model with the pruned neurons (heads) alone silenced (1e-5); pruned of its rank
@@ -60,11 +67,11 @@ def hugging_face_prunes_exactly(prepared: torch.fx.GraphModule, model: torch.nn.
     from tunecomp_fx.export import to_onnx
 
     with torch.no_grad():
-        torch.testing.assert_close(prepared(**inputs)[0], model(**inputs)[0], rtol=1e-5, atol=1e-5)  # alpha = 1: the teacher alone
+        torch.testing.assert_close(first(prepared(**inputs)), first(model(**inputs)), rtol=1e-5, atol=1e-5)  # alpha = 1: the teacher alone
     tunecomp_fx.set_blend(prepared, 0.0)
     with torch.no_grad():
-        reference = silenced(model, prepared.meta["tunecomp"].context.hidden_widths)(**inputs)[0]
-        torch.testing.assert_close(prepared(**inputs)[0], reference, rtol=1e-5, atol=1e-5)
+        reference = first(silenced(model, prepared.meta["tunecomp"].context.hidden_widths)(**inputs))
+        torch.testing.assert_close(first(prepared(**inputs)), reference, rtol=1e-5, atol=1e-5)
     tunecomp_fx.prune_slack(prepared)
     compact, _ = finalize_from_student_path(prepared, **inputs)
     result = to_onnx(compact, inputs, onnx_path)

@@ -380,6 +380,24 @@ def test_maxvit_prunes_heads_of_both_qkv_layouts(head_first: bool, tmp_path) -> 
     assert all(error < 1e-4 for error in result.max_errors.values())
 
 
+def test_hugging_faces_pvt_v2_traced_prunes_heads_split_by_a_view_of_the_leading_sizes(tmp_path) -> None:  # noqa: ANN001
+    # symbolic tracing: x.view(x.size()[:-1] + (heads, head_dim)), the size read from the projection's output beside the
+    # split; the merge's width read from the block's input; each stage's keys and values from its spatial reduction
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.PvtV2Config(hidden_sizes=[32, 64, 64, 64], num_attention_heads=[2, 2, 4, 4], depths=[1, 1, 1, 1], mlp_ratios=[2, 2, 2, 2])
+    model, inputs = transformers.PvtV2Model(config).eval(), {"pixel_values": torch.randn(2, 3, 64, 64)}
+    prepared = tunecomp_fx.prepare(model, inputs, 0.6, prune_heads=0.5, rank_slack=10.0)
+    assert prepared.meta["tunecomp"].capture_path == "symbolic_trace"
+    widths = _context(prepared).hidden_widths
+    assert [(len(w.ups), len(w.kept), w.width) for w in widths] == [(3, 16, 32), (3, 32, 64), (3, 32, 64), (3, 32, 64)]
+    views = [n for n in prepared.graph.nodes if "copy_of" in n.meta.get("tunecomp", {}) and n.target == "view"]
+    assert {tuple(n.args[1].args[1]) for n in views} == {(1, 16), (1, 32), (2, 16)}  # the kept heads, head_dim after the leading sizes
+    compact = hugging_face_prunes_exactly(prepared, model, inputs, tmp_path / "pvt_v2.onnx")
+    rows = {row.name: row for row in tunecomp_fx.get_report(compact).sites}
+    assert rows["encoder.layers.0.blocks.0.attention.query"].reason.startswith("16 of 32 output neurons kept (1 of 2 heads)")
+
+
 def test_pvt_v2s_spatial_reduction_attention_prunes_the_heads_of_its_query_and_packed_key_value() -> None:
     pytest.importorskip("timm")
     from timm.models.pvt_v2 import Attention as SpatialReductionAttention

@@ -40,6 +40,22 @@ def _is_shape_sum(shape: object) -> bool:
     return isinstance(shape, fx.Node) and shape.target is operator.add and isinstance(shape.args[1], (list, tuple))
 
 
+def splits_the_last_dim(node: fx.Node) -> bool:
+    """Whether a reshape's shape is its input's sizes but the last, read at run time, plus literal
+    sizes: x.view(x.size()[:-1] + (heads, head_dim)) (Hugging Face's PVT v2 under symbolic tracing),
+    or with x.shape[:-1]; `shape_entries` then gives that prefix first."""
+    rest = node.args[1:]
+    if len(rest) != 1 or not _is_shape_sum(rest[0]):
+        return False
+    prefix = rest[0].args[0]
+    if not isinstance(prefix, fx.Node) or prefix.target is not operator.getitem or prefix.args[1] != slice(None, -1, None):
+        return False
+    read = prefix.args[0]
+    reads_size = read.op == "call_method" and read.target == "size" and len(read.args) == 1
+    reads_shape = read.target is getattr and read.args[1] == "shape"
+    return (reads_size or reads_shape) and read.args[0] is node.args[0]
+
+
 def with_shape(node: fx.Node, entries: Sequence) -> tuple:
     """`node`'s arguments with its sizes (`shape_entries`) replaced, in the form the node gave them."""
     if node.target is aten.unflatten.int:

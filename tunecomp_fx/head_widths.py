@@ -42,8 +42,8 @@ from torch import fx, nn
 
 from tunecomp_fx.forms import site_input
 from tunecomp_fx.graph_nodes import (
-    MAX_END, PERMUTES, RESHAPES, TRANSPOSES, chunk_parts, data_input, is_dropout, is_identity, is_last_dim, is_op, keeps_width_last, shape_entries, tensor_rank,
-    width_sizes,
+    MAX_END, PERMUTES, RESHAPES, TRANSPOSES, chunk_parts, data_input, is_dropout, is_identity, is_last_dim, is_op, keeps_width_last, shape_entries,
+    splits_the_last_dim, tensor_rank, width_sizes,
 )
 from tunecomp_fx.sites import HiddenWidth, Site
 
@@ -132,16 +132,18 @@ class _HeadSplit(NamedTuple):
 
 
 def _sequence_major_split(chain: list[fx.Node], width: int) -> _HeadSplit | None:
-    """If `chain` is view(..., heads or -1, head_dim) then one heads/sequence swap (Hugging Face's BERT)."""
+    """If `chain` is view(..., heads or -1, head_dim) then one heads/sequence swap (Hugging Face's BERT;
+    traced, the view may keep the leading sizes read at run time: Hugging Face's PVT v2)."""
     reshapes = [n for n in chain if is_op(n, RESHAPES)]
     swaps = [n for n in chain if is_op(n, _SWAPS)]
     if len(reshapes) != 1 or len(swaps) != 1 or chain[0] is not reshapes[0] or not _swaps_heads_and_sequence(swaps[0]):
         return None
     entries = shape_entries(reshapes[0])
-    head_dim = _head_size(entries[-2], entries[-1], width) if len(entries) == 4 else None
+    leading = len(entries) == 4 or len(entries) == 3 and splits_the_last_dim(reshapes[0])  # (batch, seq) kept
+    head_dim = _head_size(entries[-2], entries[-1], width) if leading else None
     if head_dim is None:
         return None
-    return _HeadSplit(head_dim, {reshapes[0].name: 2} if entries[2] == width // head_dim else {}, [])
+    return _HeadSplit(head_dim, {reshapes[0].name: len(entries) - 2} if entries[-2] == width // head_dim else {}, [])
 
 
 class _Projections(NamedTuple):
@@ -159,7 +161,7 @@ class _Projections(NamedTuple):
 def _site_of(node: fx.Node, sites_by_node: dict[str, Site], width: int, parts: int) -> Site | None:
     """The compressed linear site whose output `node` is, if it holds `parts` copies of `width` and is read once."""
     up = sites_by_node.get(node.name)
-    return up if up is not None and up.layout == "linear" and up.out_features == parts * width and len(node.users) == 1 else None
+    return up if up is not None and up.layout == "linear" and up.out_features == parts * width and len(_readers(node)) == 1 else None
 
 
 # How a (batch, seq, 3, heads, head_dim) split of a fused qkv output is swapped to put the parts on a dim
@@ -759,10 +761,11 @@ def _is_timm_attention_function(node: fx.Node, name: str) -> bool:
 
 
 def _reads_only_metadata(reader: fx.Node, node: fx.Node) -> bool:
-    """Whether `reader` takes nothing of `node` but its dtype and device: torch.export's checks of a
-    dtype before a cast (they go with the tensor: eliminate_dead_code), and timm's
+    """Whether `reader` takes nothing of `node` but its dtype, device or sizes: torch.export's checks of a
+    dtype before a cast (they go with the tensor: eliminate_dead_code), x.size() under symbolic tracing
+    (Hugging Face's PVT v2 reads a projection's leading sizes for its head split), and timm's
     resolve_self_attn_mask(seq_len, attn, attn_mask, is_causal), which builds a mask like the scores."""
-    if reader.target is aten._assert_tensor_metadata.default:
+    if reader.target is aten._assert_tensor_metadata.default or reader.op == "call_method" and reader.target == "size" and reader.args == (node,):
         return True
     return _is_timm_attention_function(reader, "resolve_self_attn_mask") and reader.args[1] is node and node not in (reader.args[0], *reader.args[2:])
 
@@ -894,7 +897,7 @@ def _projections(gm: fx.GraphModule, attention: _Attention, width: int, sites_by
         parts = sorted((source for source in sources if source.up.name == up), key=lambda source: source.offset)
         ends = list(itertools.accumulate(width // source.repeats for source in parts))
         shared = parts[0].shared
-        if any(source.shared is not shared for source in parts) or set(shared.users) != {source.reader for source in parts}:
+        if any(source.shared is not shared for source in parts) or set(_readers(shared)) != {source.reader for source in parts}:
             return None
         if [source.offset for source in parts] != [0, *ends[:-1]] or ends[-1] != parts[0].up.out_features:
             return None  # every part read once, side by side, filling the site's output
