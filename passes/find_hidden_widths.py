@@ -123,7 +123,7 @@ class FindHiddenWidths(GraphPass):
             raise SiteError(
                 f"prune_heads={ctx.config.prune_heads} found no attention heads to prune: no compressed site reads "
                 "heads merged (transpose(1, 2), reshape to a literal width, -1 or a width read from a tensor's shape) from one "
-                "scaled_dot_product_attention (or attention written out: matmul(q, k.transpose(-2, -1)) or bmm over batch * heads, scaled, "
+                "scaled_dot_product_attention (or attention written out: matmul(q, k.transpose(-2, -1)), its einsum or bmm over batch * heads, scaled, "
                 "masked, clamped, soft-capped by tanh, softmax over the last dim, matmul with v) whose query, key and value are split from three compressed sites "
                 "(view (..., heads, head_dim), transpose(1, 2)), from one fused qkv site (reshape (..., 3, heads, "
                 "head_dim), permute(2, 0, 3, 1, 4) or transpose(1, 3), or unbind(2) and transpose(1, 2) of each part; view(..., heads, 3 * head_dim), transpose(1, 2), "

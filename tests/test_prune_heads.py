@@ -380,22 +380,34 @@ def test_maxvit_prunes_heads_of_both_qkv_layouts(head_first: bool, tmp_path) -> 
     assert all(error < 1e-4 for error in result.max_errors.values())
 
 
-def test_hugging_faces_pvt_v2_traced_prunes_heads_split_by_a_view_of_the_leading_sizes(tmp_path) -> None:  # noqa: ANN001
-    # symbolic tracing: x.view(x.size()[:-1] + (heads, head_dim)), the size read from the projection's output beside the
-    # split; the merge's width read from the block's input; each stage's keys and values from its spatial reduction
+@pytest.mark.parametrize(
+    ("model_type", "options", "widths", "query", "reported"),
+    [
+        # x.view(x.size()[:-1] + (heads, head_dim)), the size read from the projection's output beside the split;
+        # the merge's width read from the block's input; each stage's keys and values from its spatial reduction
+        (
+            "pvt_v2", {"hidden_sizes": [32, 64, 64, 64], "num_attention_heads": [2, 2, 4, 4], "depths": [1, 1, 1, 1], "mlp_ratios": [2, 2, 2, 2]},
+            [(16, 32), (32, 64), (32, 64), (32, 64)], "encoder.layers.0.blocks.0.attention.query", "16 of 32 output neurons kept (1 of 2 heads)",
+        ),
+        # einsum("bhlk,bhtk->bhlt", q, k) and einsum("bhlt,bhtv->bhlv", p, v); query, key and value from convolutional
+        # projections, the last stage's with a class token; its one-head stage keeps its head
+        (
+            "cvt", {"embed_dim": [32, 64, 64], "num_heads": [1, 2, 4], "depth": [1, 2, 3]},
+            [(32, 32)] + [(32, 64)] * 5, "encoder.stages.1.layers.0.attention.attention.projection_query", "32 of 64 output neurons kept (1 of 2 heads)",
+        ),
+    ],
+)  # fmt: skip
+def test_hugging_face_vision_attentions_traced_prune_their_heads_exactly(tmp_path, model_type: str, options: dict, widths: list, query: str, reported: str) -> None:  # noqa: ANN001
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.PvtV2Config(hidden_sizes=[32, 64, 64, 64], num_attention_heads=[2, 2, 4, 4], depths=[1, 1, 1, 1], mlp_ratios=[2, 2, 2, 2])
-    model, inputs = transformers.PvtV2Model(config).eval(), {"pixel_values": torch.randn(2, 3, 64, 64)}
+    model = transformers.AutoModel.from_config(transformers.AutoConfig.for_model(model_type, **options)).eval()
+    inputs = {"pixel_values": torch.randn(2, 3, 64, 64)}
     prepared = tunecomp_fx.prepare(model, inputs, 0.6, prune_heads=0.5, rank_slack=10.0)
     assert prepared.meta["tunecomp"].capture_path == "symbolic_trace"
-    widths = _context(prepared).hidden_widths
-    assert [(len(w.ups), len(w.kept), w.width) for w in widths] == [(3, 16, 32), (3, 32, 64), (3, 32, 64), (3, 32, 64)]
-    views = [n for n in prepared.graph.nodes if "copy_of" in n.meta.get("tunecomp", {}) and n.target == "view"]
-    assert {tuple(n.args[1].args[1]) for n in views} == {(1, 16), (1, 32), (2, 16)}  # the kept heads, head_dim after the leading sizes
-    compact = hugging_face_prunes_exactly(prepared, model, inputs, tmp_path / "pvt_v2.onnx")
+    assert [(len(w.kept), w.width) for w in _context(prepared).hidden_widths] == widths
+    compact = hugging_face_prunes_exactly(prepared, model, inputs, tmp_path / f"{model_type}.onnx")
     rows = {row.name: row for row in tunecomp_fx.get_report(compact).sites}
-    assert rows["encoder.layers.0.blocks.0.attention.query"].reason.startswith("16 of 32 output neurons kept (1 of 2 heads)")
+    assert rows[query].reason.startswith(reported)
 
 
 def test_pvt_v2s_spatial_reduction_attention_prunes_the_heads_of_its_query_and_packed_key_value() -> None:

@@ -2,7 +2,7 @@
 (view (..., heads, head_dim), swap to (batch, heads, seq, head_dim)), an attention reads them
 (scaled_dot_product_attention, or written out: softmax(scale * q @ k^T + mask) @ v, as Hugging
 Face's eager attention, also with bmm over the heads merged into the batch, as XGLM's and
-BLOOM's), and the heads are swapped back and merged into the output site's input. Dropping a head
+BLOOM's, or with einsum, as CvT's), and the heads are swapped back and merged into the output site's input. Dropping a head
 removes head_dim rows of each of query, key and value and head_dim columns of the output site; each
 head attends on its own, so the others compute what they did. A fused qkv site (timm's ViT:
 reshape (..., 3, heads, head_dim), permute(2, 0, 3, 1, 4), unbind(0); timm's MaxViT: the same reshape,
@@ -736,6 +736,23 @@ class _Attention(NamedTuple):
 
 
 _MATMULS = {aten.matmul.default, torch.matmul, operator.matmul, "matmul", aten.bmm.default, torch.bmm, "bmm"}
+_EINSUMS = {aten.einsum.default, torch.einsum, torch.functional.einsum}
+
+
+def _einsum_operands(node: fx.Node, product: str) -> tuple[fx.Node, fx.Node] | None:
+    """(a, b) if `node` is an einsum of two (batch, heads, ., .) operands that computes a @ b^T
+    (`product` "scores": "bhlk,bhtk->bhlt") or a @ b ("context": "bhlt,bhtv->bhlv"), as Hugging Face's
+    CvT writes its attention; its equation and operands as symbolic tracing or torch.export records them."""
+    if not is_op(node, _EINSUMS) or node.kwargs or not node.args or not isinstance(node.args[0], str):
+        return None
+    equation, *operands = node.args
+    operands = list(operands[0]) if len(operands) == 1 and isinstance(operands[0], (list, tuple)) else operands
+    inputs, _, output = equation.replace(" ", "").partition("->")
+    a, _, b = inputs.partition(",")
+    if len(operands) != 2 or not all(isinstance(o, fx.Node) for o in operands) or len(a) != 4 or len(b) != 4 or a[:2] != b[:2] or len(set(a + b)) != 5:
+        return None
+    matches = {"scores": a[3] == b[3] and output == a[:3] + b[2], "context": a[3] == b[2] and output == a[:3] + b[3]}[product]
+    return (operands[0], operands[1]) if matches else None
 _SOFTMAXES = {aten.softmax.int, aten._softmax.default, torch.softmax, F.softmax, "softmax"}
 # What a written-out attention may do to its scores between the two matmuls, head by head: scale,
 # add or fill a mask (whose entries are checked to be shared by the heads; MPNet adds its bias in place),
@@ -762,10 +779,13 @@ def _is_timm_attention_function(node: fx.Node, name: str) -> bool:
 
 def _reads_only_metadata(reader: fx.Node, node: fx.Node) -> bool:
     """Whether `reader` takes nothing of `node` but its dtype, device or sizes: torch.export's checks of a
-    dtype before a cast (they go with the tensor: eliminate_dead_code), x.size() under symbolic tracing
-    (Hugging Face's PVT v2 reads a projection's leading sizes for its head split), and timm's
+    dtype before a cast (they go with the tensor: eliminate_dead_code), x.size() and x.shape under
+    symbolic tracing (Hugging Face's PVT v2 and CvT read a projection's leading sizes for its head
+    split), and timm's
     resolve_self_attn_mask(seq_len, attn, attn_mask, is_causal), which builds a mask like the scores."""
     if reader.target is aten._assert_tensor_metadata.default or reader.op == "call_method" and reader.target == "size" and reader.args == (node,):
+        return True
+    if reader.target is getattr and reader.args == (node, "shape"):
         return True
     return _is_timm_attention_function(reader, "resolve_self_attn_mask") and reader.args[1] is node and node not in (reader.args[0], *reader.args[2:])
 
@@ -791,6 +811,10 @@ def _scores_of(gm: fx.GraphModule, node: fx.Node, nodes: list[fx.Node], reads: l
     added = node.target is aten.baddbmm.default  # beta * bias + alpha * q @ k^T (BLOOM's ALiBi)
     if len(_readers(node)) != 1 or node.kwargs and not (_is_cast(node) or added and all(isinstance(v, (int, float)) for v in node.kwargs.values())):
         return None
+    operands = _einsum_operands(node, "scores")
+    if operands is not None:
+        nodes.append(node)
+        return operands
     if is_op(node, _MATMULS) or added:
         query, turned = node.args[1:3] if added else node.args[:2]
         if not isinstance(turned, fx.Node) or not _swaps_last_two_dims(turned) or len(_readers(turned)) != 1:
@@ -839,9 +863,10 @@ def _written_out_attention(gm: fx.GraphModule, context: fx.Node) -> _Attention |
     """softmax(scale * q @ k^T + mask) @ v as written out with matmuls (Hugging Face's eager attention,
     Swin's window attention) or with bmm over batch * heads (XGLM's): the weights over the last dim,
     perhaps dropped out, cast or viewed with the batch regrouped."""
-    if not is_op(context, _MATMULS) or context.kwargs or not all(isinstance(a, fx.Node) for a in context.args[:2]):
+    operands = _einsum_operands(context, "context")
+    if operands is None and (not is_op(context, _MATMULS) or context.kwargs or not all(isinstance(a, fx.Node) for a in context.args[:2])):
         return None
-    weights, value = context.args[:2]
+    weights, value = operands or context.args[:2]
     after: list[fx.Node] = []
     while (is_dropout(gm, weights) or _is_cast(weights) or is_identity(gm, weights) or is_op(weights, RESHAPES)) and len(_readers(weights)) == 1:
         after.insert(0, weights)
@@ -921,7 +946,7 @@ def head_width(gm: fx.GraphModule, down: Site, sites_by_node: dict[str, Site], n
     width = down.in_features
     end, after = _chain_back(gm, site_input(nodes[down.entry_node]))
     attention = attention_at(gm, end)
-    if attention is None or len(end.users) != 1:
+    if attention is None or len(_readers(end)) != 1:
         return None
     swaps = [n for n in after if is_op(n, _SWAPS)]
     if len(swaps) != 1 or not _merges_heads(swaps[0]):
