@@ -193,8 +193,6 @@ def _student_path_problem(gm: fx.GraphModule, inputs: Inputs) -> str | None:
     )
 
 
-
-
 def _copy_between(
     gm: fx.GraphModule, nodes: dict[str, fx.Node], sites: dict[str, Site], width: HiddenWidth, student_outputs: dict[str, fx.Node]
 ) -> fx.Node:

@@ -737,22 +737,6 @@ class _Attention(NamedTuple):
 
 _MATMULS = {aten.matmul.default, torch.matmul, operator.matmul, "matmul", aten.bmm.default, torch.bmm, "bmm"}
 _EINSUMS = {aten.einsum.default, torch.einsum, torch.functional.einsum}
-
-
-def _einsum_operands(node: fx.Node, product: str) -> tuple[fx.Node, fx.Node] | None:
-    """(a, b) if `node` is an einsum of two (batch, heads, ., .) operands that computes a @ b^T
-    (`product` "scores": "bhlk,bhtk->bhlt") or a @ b ("context": "bhlt,bhtv->bhlv"), as Hugging Face's
-    CvT writes its attention; its equation and operands as symbolic tracing or torch.export records them."""
-    if not is_op(node, _EINSUMS) or node.kwargs or not node.args or not isinstance(node.args[0], str):
-        return None
-    equation, *operands = node.args
-    operands = list(operands[0]) if len(operands) == 1 and isinstance(operands[0], (list, tuple)) else operands
-    inputs, _, output = equation.replace(" ", "").partition("->")
-    a, _, b = inputs.partition(",")
-    if len(operands) != 2 or not all(isinstance(o, fx.Node) for o in operands) or len(a) != 4 or len(b) != 4 or a[:2] != b[:2] or len(set(a + b)) != 5:
-        return None
-    matches = {"scores": a[3] == b[3] and output == a[:3] + b[2], "context": a[3] == b[2] and output == a[:3] + b[3]}[product]
-    return (operands[0], operands[1]) if matches else None
 _SOFTMAXES = {aten.softmax.int, aten._softmax.default, torch.softmax, F.softmax, "softmax"}
 # What a written-out attention may do to its scores between the two matmuls, head by head: scale,
 # add or fill a mask (whose entries are checked to be shared by the heads; MPNet adds its bias in place),
@@ -778,11 +762,11 @@ def _is_timm_attention_function(node: fx.Node, name: str) -> bool:
 
 
 def _reads_only_metadata(reader: fx.Node, node: fx.Node) -> bool:
-    """Whether `reader` takes nothing of `node` but its dtype, device or sizes: torch.export's checks of a
-    dtype before a cast (they go with the tensor: eliminate_dead_code), x.size() and x.shape under
+    """Whether `reader` takes nothing of `node` but its dtype, device or sizes: torch.export's checks of
+    a dtype before a cast (they go with the tensor: eliminate_dead_code), x.size() and x.shape under
     symbolic tracing (Hugging Face's PVT v2 and CvT read a projection's leading sizes for its head
-    split), and timm's
-    resolve_self_attn_mask(seq_len, attn, attn_mask, is_causal), which builds a mask like the scores."""
+    split), and timm's resolve_self_attn_mask(seq_len, attn, attn_mask, is_causal), which builds a
+    mask like the scores."""
     if reader.target is aten._assert_tensor_metadata.default or reader.op == "call_method" and reader.target == "size" and reader.args == (node,):
         return True
     if reader.target is getattr and reader.args == (node, "shape"):
@@ -793,6 +777,22 @@ def _reads_only_metadata(reader: fx.Node, node: fx.Node) -> bool:
 def _readers(node: fx.Node) -> list[fx.Node]:
     """The nodes reading `node` for its values (`_reads_only_metadata`)."""
     return [user for user in node.users if not _reads_only_metadata(user, node)]
+
+
+def _einsum_operands(node: fx.Node, product: str) -> tuple[fx.Node, fx.Node] | None:
+    """(a, b) if `node` is an einsum of two (batch, heads, ., .) operands that computes a @ b^T
+    (`product` "scores": "bhlk,bhtk->bhlt") or a @ b ("context": "bhlt,bhtv->bhlv"), as Hugging Face's
+    CvT writes its attention; its equation and operands as symbolic tracing or torch.export records them."""
+    if not is_op(node, _EINSUMS) or node.kwargs or not node.args or not isinstance(node.args[0], str):
+        return None
+    equation, *operands = node.args
+    operands = list(operands[0]) if len(operands) == 1 and isinstance(operands[0], (list, tuple)) else operands
+    inputs, _, output = equation.replace(" ", "").partition("->")
+    a, _, b = inputs.partition(",")
+    if len(operands) != 2 or not all(isinstance(o, fx.Node) for o in operands) or len(a) != 4 or len(b) != 4 or a[:2] != b[:2] or len(set(a + b)) != 5:
+        return None
+    matches = {"scores": a[3] == b[3] and output == a[:3] + b[2], "context": a[3] == b[2] and output == a[:3] + b[3]}[product]
+    return (operands[0], operands[1]) if matches else None
 
 
 def _swaps_last_two_dims(node: fx.Node) -> bool:
