@@ -2,9 +2,9 @@
 (benchmarks/coverage.py) plus EfficientNet-B0 (timm's, torchvision's, Hugging Face's), torchvision's MobileNetV3
 and ReXNet (inverted residuals with squeeze-excitation), RegNet and ResNeXt (bottlenecks with a grouped
 convolution), timm's gMLP-Mixer (gated MLPs packed in one layer) and small randomly initialized
-Hugging Face GPT-2, LLaMA, Qwen3, Phi-3, OPT and GPT-NeoX models and 25 more architectures built by
+Hugging Face GPT-2, LLaMA, Qwen3, Phi-3, OPT and GPT-NeoX models and 26 more architectures built by
 model type ("hf-auto:<type>", AUTO_HF: encoders as MPNet, RoFormer, DeBERTa-v2 and ModernBERT, decoders as Gemma 2
-and 3, OLMo, Cohere, GPT-J, BLOOM, Falcon, MPT, Mixtral, ESM, Nemotron, and Gemma and GPTBigCode with
+and 3, OLMo, Cohere, GPT-J, BLOOM, Falcon, MPT, Persimmon, Mixtral, ESM, Nemotron, and Gemma and GPTBigCode with
 multi-query attention, and MVP, an encoder-decoder),
 `prepare(ratio=0.6)` with prune_neurons=0.3 and, separately, with prune_heads=0.5, counting the
 neuron widths (FFNs) and head widths (attention blocks) found against the attentions in the graph
@@ -111,6 +111,7 @@ AUTO_HF = {
     "gemma": {"num_key_value_heads": 1, "head_dim": 32},  # multi-query, as Gemma-2B
     "gpt_bigcode": {},  # multi-query by default, as StarCoder: one fused c_attn split in listed sizes
     "mpt": {},  # Wqkv(x).chunk(3, dim=2), ALiBi per head
+    "persimmon": {},  # view(b, t, heads, 3, head_dim), each part selected; query and key normed head by head
 }  # fmt: skip
 
 

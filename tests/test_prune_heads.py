@@ -738,6 +738,7 @@ def test_gpt_neox_prunes_each_heads_query_key_and_value_through_its_partial_rota
         ("xglm", {"d_model": 64, "ffn_dim": 128, "num_layers": 2}, aten.bmm.default),  # attention over batch * heads with bmm, scores clamped by torch.max
         ("bloom", {"n_layer": 2, "n_head": 4}, aten.baddbmm.default),  # each head's q, k, v side by side; its ALiBi per (batch, head) in baddbmm, read sliced
         ("roformer", {}, aten.reshape_as.default),  # an interleaved rotary embedding: stack(-x[..., 1::2], x[..., ::2]).reshape_as(x)
+        ("persimmon", {}, aten.layer_norm.default),  # view(b, t, heads, 3, head_dim), each part selected; query and key normed head by head
         ("mpt", {}, aten.chunk.default),  # Wqkv(x).chunk(3, dim=2), each part split into heads; its ALiBi per head added to the scores, read sliced
     ],
 )

@@ -20,7 +20,8 @@ GPT-2: c_attn(x).split(width, dim=2); MPT: Wqkv(x).chunk(3, dim=2); Phi-3: qkv[.
 qkv[..., 2 * width:]), each split into heads as the separate sites are. Rotary
 embeddings (LLaMA) may stand between a head split and the attention, a scale by a number between a
 site and its split (OPT's query), and norms over each head's
-head_dim with one weight for all heads (timm's qk_norm; Qwen3's q_norm and k_norm); with grouped-query
+head_dim with one weight for all heads (timm's qk_norm; Qwen3's q_norm and k_norm; Persimmon's on the
+parts of its fused view); with grouped-query
 attention a key/value head and the query heads that share it are one group, pruned together, also
 when key and value are narrower slices of one fused site than the query (Phi-3-medium, Phi-4-mini)
 or narrower blocks of a split into listed sizes (DBRX's Wqkv), and when one fused site holds each group's query heads, key and value side by side (Falcon's
@@ -87,6 +88,11 @@ def _norms_last_dim(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
         return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) and len(module.normalized_shape) == 1
+    return _norm_call_over_last_dim(node)
+
+
+def _norm_call_over_last_dim(node: fx.Node) -> bool:
+    """F.layer_norm, F.rms_norm or their aten ops over the last dim alone, its weights the graph's."""
     if not is_op(node, _NORMS) or len(node.args) < 2 or not isinstance(node.args[1], (list, tuple)) or len(node.args[1]) != 1:
         return False
     return all(tensor is node.args[0] or tensor.op == "get_attr" for tensor in node.all_input_nodes)
@@ -444,6 +450,8 @@ def _within_heads(node: fx.Node) -> bool:
     """A `_WITHIN_HEADS` node that leaves the heads apart: slices, concatenation, stacking, flattening
     (also by reshape_as), means and vector norms work along the last dim, head_dim (a slice may also
     take a whole dim, as GPT-J's x[:, :, :, :8] does)."""
+    if is_op(node, _NORMS):  # each head normed over its head_dim, one weight for all heads (Persimmon's q and k layernorms)
+        return _norm_call_over_last_dim(node)
     if not is_op(node, _WITHIN_HEADS):
         return False
     first = node.args[0][0] if node.target in (aten.cat.default, aten.stack.default) else node.args[0]
@@ -690,10 +698,13 @@ def _source(gm: fx.GraphModule, query_key_or_value: object, width: int, sites_by
         item, chain = _chain_back(gm, data_input(rotary[0]))
         chain.append(rotary[0])  # the split's last node, read by the rotary embedding alone
     norm = _head_norm_nodes(item) if chain and is_op(chain[0], _SWAPS) else None
+    normed: list[fx.Node] = []
     if norm is not None and is_op(norm[0], _PASS_THROUGH) and data_input(norm[0]) is not None:
         item, split_chain = _chain_back(gm, data_input(norm[0]))
         chain = [*split_chain, norm[0], *norm[1], *chain]  # the view, read by the norm alone, its nodes (ordered later), the swap
-    after_split = [*(rotary[1] if rotary is not None else []), *repeat_nodes]
+    elif norm is not None:  # a part taken from a grouped view, normed head by head, then swapped (Persimmon's)
+        item, normed = norm
+    after_split = [*normed, *(rotary[1] if rotary is not None else []), *repeat_nodes]
     split = (_sequence_major_split(chain, width) or _batch_major_split(chain, width) or _batch_merged_split(chain, width)) if chain else None
     if split is None:
         grouped = _grouped_part(gm, item, chain, width, sites_by_node) or _split_heads_part(item, chain, width, sites_by_node)
