@@ -924,7 +924,7 @@ def test_a_shared_key_value_head_sliced_out_of_a_fused_site_is_refused_not_miscu
 
 def test_a_students_path_that_would_not_run_stops_prepare_naming_the_pass(monkeypatch) -> None:  # noqa: ANN001
     # the same layout misread on purpose: the shared head's slice bounds scaled as if they held query heads
-    monkeypatch.setattr(head_widths, "_kept_whole", lambda split, sizes, nodes: (split._replace(sizes={}), sizes))
+    monkeypatch.setattr(head_widths, "_kept_whole", lambda source, width: source._replace(split=source.split._replace(sizes={})))
     model, inputs = _phi3(key_value_heads=1)
     message = r"pass 'insert_teacher_student' broke its guarantee: the students' path through the pruned widths would fail \(RuntimeError"
     with pytest.raises(PassError, match=message):

@@ -640,7 +640,7 @@ def _split_heads_part(item: fx.Node, chain: list[fx.Node], width: int, sites_by_
     """If `item` is part i of one site's output viewed as (batch, seq, -1, head_dim) and split along its
     heads into the query heads and one key and one value head (multi-query attention), and `chain`
     swaps heads and sequence: Falcon-7B's view(b, t, -1, head_dim).split([heads, 1, 1], dim=-2). The
-    split's first size counts the query heads; the key and value heads stay whole."""
+    split's sizes count heads; the shared key and value heads stay whole (`_kept_whole`)."""
     split = item.args[0] if item.target is operator.getitem and isinstance(item.args[0], fx.Node) else None
     if split is None or split.target is not aten.split_with_sizes.default or len(chain) != 1 or not _swaps_heads_and_sequence(chain[0]):
         return None
@@ -657,19 +657,21 @@ def _split_heads_part(item: fx.Node, chain: list[fx.Node], width: int, sites_by_
     if width != sizes[index] * head_dim:
         return None
     offset = sum(sizes[:index]) * head_dim
-    return _Source(up, offset, split, item, _HeadSplit(head_dim, {}, []), [view, split, item, *chain], {split.name: 0} if index == 0 else {})
+    return _Source(up, offset, split, item, _HeadSplit(head_dim, {}, []), [view, split, item, *chain], {split.name: index})
 
 
-def _kept_whole(split: _HeadSplit, sizes: dict[str, int], nodes: list[fx.Node]) -> tuple[_HeadSplit, dict[str, int]] | None:
-    """(split, sizes) of a part that is one key/value head every query head shares, which pruning keeps
-    whole: the head count of its split and its size in a split into listed sizes stay (the query's
-    size there is rescaled by the query's part); a slice's bounds would have to shift, not scale, and
-    are refused (None)."""
-    listed = {n.name for n in nodes if n.target is aten.split_with_sizes.default}
-    sizes = {name: index for name, index in sizes.items() if name not in listed}
-    if any(n.target is aten.slice.Tensor and n.name in sizes for n in nodes):
+def _kept_whole(source: _Source, width: int) -> _Source | None:
+    """`source` as it must be if it is one key/value head every query head shares (repeated for all,
+    `width` its head), which pruning keeps whole: the head count of its split and its size in a split
+    into listed sizes stay (the query's size there is rescaled by the query's part); a slice's bounds
+    would have to shift, not scale, and are refused (None)."""
+    if source.repeats == 1 or width != source.split.head_dim:
+        return source
+    listed = {n.name for n in source.nodes if n.target is aten.split_with_sizes.default}
+    sizes = {name: index for name, index in source.sizes.items() if name not in listed}
+    if any(n.target is aten.slice.Tensor and n.name in sizes for n in source.nodes):
         return None
-    return split._replace(sizes={}), sizes
+    return source._replace(split=source.split._replace(sizes={}), sizes=sizes)
 
 
 def _source(gm: fx.GraphModule, query_key_or_value: object, width: int, sites_by_node: dict[str, Site], shared_by: int = 1) -> _Source | None:
@@ -709,7 +711,7 @@ def _source(gm: fx.GraphModule, query_key_or_value: object, width: int, sites_by
     if split is None:
         grouped = _grouped_part(gm, item, chain, width, sites_by_node) or _split_heads_part(item, chain, width, sites_by_node)
         if grouped is not None:
-            return grouped._replace(nodes=[*grouped.nodes, *after_split], sizes=grouped.sizes | repeat_sizes, repeats=repeats)
+            return _kept_whole(grouped._replace(nodes=[*grouped.nodes, *after_split], sizes=grouped.sizes | repeat_sizes, repeats=repeats), width)
         unbound = _unbound_part(item, chain, width, sites_by_node) or _one_head_part(gm, item, chain, width, sites_by_node)
         if unbound is None:
             return None
@@ -726,12 +728,7 @@ def _source(gm: fx.GraphModule, query_key_or_value: object, width: int, sites_by
         if part is None:
             return None
     up, offset, shared, nodes, sizes = part
-    if repeats > 1 and width == split.head_dim:  # one key/value head every query head shares
-        kept_whole = _kept_whole(split, sizes, [*nodes, item])
-        if kept_whole is None:
-            return None
-        split, sizes = kept_whole
-    return _Source(up, offset, shared, item, split, [*nodes, item, *chain, *after_split], sizes | repeat_sizes, repeats)
+    return _kept_whole(_Source(up, offset, shared, item, split, [*nodes, item, *chain, *after_split], sizes | repeat_sizes, repeats), width)
 
 
 class _Attention(NamedTuple):
