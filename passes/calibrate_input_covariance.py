@@ -1,10 +1,12 @@
 """Analysis: stream calibration batches through the model once and accumulate, per compressed site,
-the input second moment X^T X (float64 accumulation) and the number of rows; at the sites left
+the input second moment X^T X (float64 accumulation) and the number of rows, over every call of its
+weight (`Site.calls`: the one student serves them all); at the sites left
 alone (excluded, shared, in a width) only the rows, for the report's MACs. Observers are inserted
 as call_module nodes for the run and removed after it (the prepare/convert idea of torch.ao)."""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -58,10 +60,12 @@ class _RowCounter(nn.Module):
 
 
 class _Observer(_RowCounter):
-    def __init__(self, site_name: str, features: int, layout: Layout, stride: int) -> None:
+    """Adds the rows of one call of a site into `gram`, which the observers of its other calls share."""
+
+    def __init__(self, site_name: str, gram: torch.Tensor, layout: Layout, stride: int) -> None:
         super().__init__(layout, stride)
         self.site_name = site_name
-        self.gram = torch.zeros(features, features, dtype=torch.float64)
+        self.gram = gram
         self.batch_index = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -102,25 +106,31 @@ class CalibrateInputCovariance(GraphPass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         nodes = {node.name: node for node in gm.graph.nodes}
+        grams = {site.name: torch.zeros(site.in_features, site.in_features, dtype=torch.float64) for site in ctx.compressed_sites}
         observers = {
-            site.name: _Observer(site.name, site.in_features, LAYOUTS[site.layout], site.stride) for site in ctx.compressed_sites
+            site.name: [_Observer(site.name, grams[site.name], LAYOUTS[site.layout], site.stride) for _ in site.calls] for site in ctx.compressed_sites
         }
         # a layer hidden inside a leaf module has no input of its own in the graph
         left_alone = [site for site in ctx.sites if site.status not in ("compress", "hidden")]
         counters = {site.node: _RowCounter(LAYOUTS[site.layout], site.stride) for site in left_alone}
-        routes = [(site_input(nodes[site.entry_node]), nodes[site.entry_node], observers[site.name]) for site in ctx.compressed_sites]
+        routes = [
+            (site_input(nodes[entry]), nodes[entry], observer)
+            for site in ctx.compressed_sites for (_, entry), observer in zip(site.calls, observers[site.name])
+        ]  # fmt: skip
         routes += [(site_input(nodes[site.entry_node]), nodes[site.entry_node], counters[site.node]) for site in left_alone]
         with observing(gm, _OBSERVERS, routes), torch.no_grad():
             for index, batch in enumerate(progress_bar(ctx.calibration, desc="calibrate", leave=False, enabled=len(ctx.calibration) >= 4)):
-                for observer in observers.values():
+                for observer in itertools.chain.from_iterable(observers.values()):
                     observer.batch_index = index
                 _calibrate_on(gm, batch, index)
         for site in ctx.compressed_sites:
-            observer = observers[site.name]
-            if observer.rows == 0:
+            rows = sum(observer.rows for observer in observers[site.name])
+            if rows == 0:
                 raise CalibrationError(f"site '{site.name}' saw no input during calibration; is it reachable from forward()?")
-            ctx.covariances[site.name] = InputCovariance(observer.gram, observer.rows)
-            ctx.rows_per_sample[site.node] = observer.rows_per_sample
+            ctx.covariances[site.name] = InputCovariance(grams[site.name], rows)
+            # the weight's MACs: every call's rows, per example of the first call's batches (a later call may
+            # read a tensor without a batch, as DeBERTa's relative embeddings)
+            ctx.rows_per_sample[site.node] = rows / max(observers[site.name][0].samples, 1)
         ctx.rows_per_sample.update((node, counter.rows_per_sample) for node, counter in counters.items() if counter.rows)
         return gm
 

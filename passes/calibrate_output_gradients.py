@@ -1,6 +1,6 @@
 """Analysis: stream labelled calibration batches through the model with the loss and accumulate, per
 site, the second moment of the gradient of the loss with respect to the site's output
-(pre-activation), G = sum g g^T over output rows, in float64 (method="union").
+(pre-activation), G = sum g g^T over output rows (of every call of its weight), in float64 (method="union").
 
 Observers are inserted after each site's linear node for the run and removed after it; they keep
 the site outputs of one batch so that torch.autograd.grad returns every site's gradient at once
@@ -69,10 +69,11 @@ class CalibrateOutputGradients(GraphPass):
         loss_fn = ctx.loss_fn or F.cross_entropy
         nodes = {node.name: node for node in gm.graph.nodes}
         sites = ctx.compressed_sites
+        # one keeper per site, at each call of its weight (`Site.calls`): the gradients of every call add up
         keepers = {site.name: _OutputKeeper() for site in sites}
         grams = {s.name: torch.zeros(s.out_features, s.out_features, dtype=torch.float64) for s in sites}
         rows = dict.fromkeys(grams, 0)
-        routes = [(nodes[site.node], None, keepers[site.name]) for site in sites]
+        routes = [(nodes[node], None, keepers[site.name]) for site in sites for node, _ in site.calls]
         with observing(gm, _OBSERVERS, routes), _site_weights_require_grad(gm, ctx), torch.enable_grad():
             for index, (batch, targets) in enumerate(zip(ctx.calibration, ctx.calibration_targets)):
                 outputs = prediction(call_model(gm, batch))

@@ -8,7 +8,7 @@ from torch import fx, nn
 
 from tunecomp_fx.forms import rebuilt
 from tunecomp_fx.pipeline import GraphPass, PassContext
-from tunecomp_fx.sites import LOWRANK_ROOT, student_nodes
+from tunecomp_fx.sites import LOWRANK_ROOT, student_calls, student_nodes
 
 
 def past_break_even(down: nn.Module, up: nn.Module) -> bool:
@@ -26,8 +26,8 @@ class DensifyPastBreakEven(GraphPass):
         return f"sites {masked[:3]} still hold rank masks (run eliminate_pruned_ranks first)" if masked else None
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-        for key, roles in student_nodes(gm).items():
-            if "down" not in roles or "up" not in roles:
+        for key, calls in student_calls(gm).items():
+            if "down" not in calls[0] or "up" not in calls[0]:
                 continue
             container = gm.get_submodule(f"{LOWRANK_ROOT}.{key}")
             if not past_break_even(container.down, container.up):
@@ -37,11 +37,12 @@ class DensifyPastBreakEven(GraphPass):
                 product = up.weight.flatten(1).double() @ down.weight.flatten(1).double()
                 weight = product.reshape(up.weight.shape[:1] + down.weight.shape[1:]).to(up.weight.dtype)
                 container.dense = rebuilt(down, weight, up.bias)  # down's layout and stride, up's bias
-            with gm.graph.inserting_before(roles["up"]):
-                node = gm.graph.call_module(f"{LOWRANK_ROOT}.{key}.dense", roles["down"].args)
-            roles["up"].replace_all_uses_with(node)
-            gm.graph.erase_node(roles["up"])
-            gm.graph.erase_node(roles["down"])
+            for roles in calls:  # each call of the site's weight
+                with gm.graph.inserting_before(roles["up"]):
+                    node = gm.graph.call_module(f"{LOWRANK_ROOT}.{key}.dense", roles["down"].args)
+                roles["up"].replace_all_uses_with(node)
+                gm.graph.erase_node(roles["up"])
+                gm.graph.erase_node(roles["down"])
             del container.down, container.up
         return gm
 

@@ -9,7 +9,7 @@ from torch import fx
 from tunecomp_fx.forms import rebuilt
 from tunecomp_fx.pipeline import GraphPass, PassContext
 from tunecomp_fx.pruning import RankPruner
-from tunecomp_fx.sites import LOWRANK_ROOT, student_nodes
+from tunecomp_fx.sites import LOWRANK_ROOT, student_calls, student_nodes
 
 
 class EliminatePrunedRanks(GraphPass):
@@ -27,8 +27,8 @@ class EliminatePrunedRanks(GraphPass):
         return None
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-        for key, roles in student_nodes(gm).items():
-            if "rank_mask" not in roles:
+        for key, calls in student_calls(gm).items():
+            if "rank_mask" not in calls[0]:
                 continue
             container = gm.get_submodule(f"{LOWRANK_ROOT}.{key}")
             mask = container.rank_mask.flatten()
@@ -40,9 +40,10 @@ class EliminatePrunedRanks(GraphPass):
                 scale = mask[kept].to(down.weight.dtype).reshape((-1,) + (1,) * (down.weight.dim() - 1))
                 container.down = rebuilt(down, down.weight[kept] * scale, down.bias)
                 container.up = rebuilt(up, up.weight[:, kept], up.bias)
-            roles["masked"].replace_all_uses_with(roles["down"])
-            gm.graph.erase_node(roles["masked"])
-            gm.graph.erase_node(roles["rank_mask"])
+            for roles in calls:  # each call of the site's weight
+                roles["masked"].replace_all_uses_with(roles["down"])
+                gm.graph.erase_node(roles["masked"])
+                gm.graph.erase_node(roles["rank_mask"])
             del container._buffers["rank_mask"]
         return gm
 

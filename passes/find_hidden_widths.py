@@ -93,7 +93,8 @@ class FindHiddenWidths(GraphPass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         nodes = {node.name: node for node in gm.graph.nodes}
-        compressed = ctx.compressed_sites
+        # a weight several linear calls share would have to keep the same neurons at each: not sliced
+        compressed = [site for site in ctx.compressed_sites if not site.more_calls]
         widths: list[HiddenWidth | None] = []
         sites_by_node = {site.node: site for site in compressed}
         if ctx.config.prune_neurons > 0:
@@ -116,7 +117,8 @@ class FindHiddenWidths(GraphPass):
                 "activation -> down, as in a transformer's FFN, or act(gate(x)) * up(x) -> down; between pointwise "
                 "convolutions also batch norms and depthwise or grouped convolutions, as in MobileNetV2, RegNet and ResNeXt, and a squeeze-excitation "
                 "(x * gate(conv(act(conv(x.mean((2, 3), keepdim=True))))), as in EfficientNet, or of linear layers as in SENet), a depthwise convolution "
-                "over tokens viewed as an image, as in PVT v2, and a BatchNorm1d of the tokens flattened to rows, as in LeViT). Use prune_neurons=0 "
+                "over tokens viewed as an image, as in PVT v2, and a BatchNorm1d of the tokens flattened to rows, as in LeViT); a layer whose weight "
+                "several linear calls apply (ALBERT's shared layers) is not sliced. Use prune_neurons=0 "
                 "for this model, or check that `exclude` leaves every layer of such a group compressed"
             )
         if ctx.config.prune_heads > 0 and "heads" not in kinds:
@@ -134,7 +136,7 @@ class FindHiddenWidths(GraphPass):
                 "packed in-projection, self- or cross-attention (captured with torch.export); rotary embeddings, casts and "
                 "norms of each head may stand between the split and the attention, and a key/value head may be shared by a group of query heads or by all "
                 "(repeated, or enable_gqa under torch.export). "
-                "Not recognized: relative position terms computed from the projections in the scores (DeBERTa-v2's), a qkv in model-parallel groups (CodeGen's), "
+                "Not recognized: projections whose weight several linear calls apply (ALBERT's shared layers), relative position terms computed from the projections in the scores (DeBERTa-v2's), a qkv in model-parallel groups (CodeGen's), "
                 "a shared key/value head sliced out of a fused site, "
                 "per-head scales or norm weights between the heads and the projections, norms over all heads together "
                 "(normalize each head over its head_dim, with one weight for all heads, to be recognized), and steps of a "

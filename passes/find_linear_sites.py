@@ -1,5 +1,8 @@
 """Analysis: find every compressible linear site, in each form a capture produces (see
-tunecomp_fx.forms), and the layers the capture hid from it, which stay dense with the reason."""
+tunecomp_fx.forms), and the layers the capture hid from it, which stay dense with the reason. A
+weight that several linear calls apply alike (the same layout, stride and bias) is one site, its
+further calls in `Site.more_calls`; one tied to another parameter, used outside linear calls, or
+applied by calls that differ stays dense ("shared")."""
 
 from __future__ import annotations
 
@@ -21,22 +24,26 @@ class FindLinearSites(GraphPass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         matches = match_sites(gm)
-        weight_uses = Counter(match.weight for match in matches)
+        calls_of: dict[str, list[SiteMatch]] = defaultdict(list)  # each weight's linear calls, in graph order
+        for match in matches:
+            calls_of[match.weight].append(match)
         aliases = _parameter_aliases(gm)
         # Uses of a weight outside linear sites (e.g. a tied embedding lookup) make it shared too.
         other_uses = _get_attr_uses_outside(gm, {node for match in matches for node in match.nodes})
 
         def status(match: SiteMatch, name: str) -> tuple[str, str]:
+            calls = calls_of[match.weight]
             if any(fnmatch.fnmatchcase(name, pattern) for pattern in ctx.config.exclude):
                 return "excluded", "excluded by the user's pattern"
-            if weight_uses[match.weight] > 1:
-                return "shared", f"weight used by {weight_uses[match.weight]} linear calls"
             if len(aliases[match.weight]) > 1:
                 return "shared", f"weight tied with {', '.join(sorted(set(aliases[match.weight]) - {match.weight}))}"
             if match.weight in other_uses:
                 return "shared", "weight also used outside linear calls"
             if isinstance(match.bias, fx.Node):
                 return "unsupported", f"bias computed from the model's input at node '{match.bias.name}'"
+            # one student serves every call only if each applies the weight alike
+            if len({(call.layout, call.stride, call.bias) for call in calls}) > 1:
+                return "shared", f"weight used by {len(calls)} linear calls that differ in layout, stride or bias"
             return "compress", ""
 
         sites = []
@@ -44,6 +51,9 @@ class FindLinearSites(GraphPass):
             weight = gm.get_parameter(match.weight)
             name = match.weight.removesuffix(".weight")
             site_status, reason = status(match, name)
+            calls = calls_of[match.weight] if site_status == "compress" else [match]
+            if match is not calls[0]:
+                continue  # a further call of a compressed site's weight, which its student serves
             sites.append(
                 Site(
                     name=name,
@@ -58,6 +68,7 @@ class FindLinearSites(GraphPass):
                     entry_node=match.entry.name,
                     layout=match.layout,
                     stride=match.stride,
+                    more_calls=tuple((call.output.name, call.entry.name) for call in calls[1:]),
                 )
             )
         ctx.sites = sites + hidden_layers(gm)
@@ -87,7 +98,7 @@ class FindLinearSites(GraphPass):
 # What makes a site of each status (but "compress") compressible.
 _REMEDIES = {
     "excluded": "loosen `exclude`",
-    "shared": "give the layers weights of their own (a weight used twice stays dense)",
+    "shared": "give the layers weights of their own (a weight tied to another parameter or used outside linear calls stays dense)",
     "unsupported": "compute the bias from parameters, not from the input",
     "hidden": "make the layers visible to a capture (symbolic tracing does not enter leaf modules; torch.export needs "
     "example inputs whose dynamic axes, `dynamic_dims`, the model also runs at other sizes)",

@@ -10,7 +10,7 @@ import torch
 from torch import fx
 
 from tunecomp_fx.pipeline import GraphPass, PassContext
-from tunecomp_fx.sites import LOWRANK_ROOT, student_nodes
+from tunecomp_fx.sites import LOWRANK_ROOT, student_calls, student_nodes
 
 
 class FoldBlends(GraphPass):
@@ -28,20 +28,21 @@ class FoldBlends(GraphPass):
         return None
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-        for key, roles in student_nodes(gm).items():
-            if "blend" not in roles:
+        for key, calls in student_calls(gm).items():
+            if "blend" not in calls[0]:
                 continue
-            blend_node, teacher = roles["blend"], roles["teacher"]
-            student_out = blend_node.args[1]
-            beta = gm.get_submodule(blend_node.target).beta
-            up = gm.get_submodule(student_out.target)
+            blend = calls[0]["blend"]
+            beta = gm.get_submodule(blend.target).beta
+            up = gm.get_submodule(blend.args[1].target)
             with torch.no_grad():
                 up.weight.mul_(beta.to(up.weight.dtype))
                 up.bias.mul_(beta.to(up.bias.dtype))
-            blend_node.replace_all_uses_with(student_out)
-            gm.graph.erase_node(blend_node)
-            if not teacher.users:
-                gm.graph.erase_node(teacher)
+            for roles in calls:  # each call of the site's weight
+                blend_node, teacher = roles["blend"], roles["teacher"]
+                blend_node.replace_all_uses_with(blend_node.args[1])
+                gm.graph.erase_node(blend_node)
+                if not teacher.users:
+                    gm.graph.erase_node(teacher)
             delattr(gm.get_submodule(f"{LOWRANK_ROOT}.{key}"), "blend")
         return gm
 

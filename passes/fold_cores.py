@@ -8,7 +8,7 @@ import torch
 from torch import fx
 
 from tunecomp_fx.pipeline import GraphPass, PassContext
-from tunecomp_fx.sites import LOWRANK_ROOT, student_nodes
+from tunecomp_fx.sites import LOWRANK_ROOT, student_calls, student_nodes
 
 
 class FoldCores(GraphPass):
@@ -16,16 +16,17 @@ class FoldCores(GraphPass):
     preserves_outputs = True
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-        for key, roles in student_nodes(gm).items():
-            if "core" not in roles:
+        for key, calls in student_calls(gm).items():
+            if "core" not in calls[0]:
                 continue
             container = gm.get_submodule(f"{LOWRANK_ROOT}.{key}")
             down = container.down.weight
             with torch.no_grad():
                 folded = (container.core.weight.flatten(1) @ down.flatten(1)).reshape(down.shape[:1] + down.shape[1:])
             container.down.weight = torch.nn.Parameter(folded)
-            roles["core"].replace_all_uses_with(roles["down"])
-            gm.graph.erase_node(roles["core"])
+            for roles in calls:  # each call of the site's weight
+                roles["core"].replace_all_uses_with(roles["down"])
+                gm.graph.erase_node(roles["core"])
             del container.core
         return gm
 

@@ -6,6 +6,8 @@
 
 The student starts with `rank * (1 + rank_slack)` ranks (the slack is pruned during training);
 alpha starts at 1 and beta at 0, so the rewritten model computes exactly what the original did.
+A weight that several linear calls apply (`Site.calls`) has one student, inserted and blended at each
+call: the same lowrank.<site> modules, one node of each role per call (`sites.student_calls`).
 
 method="union" puts a trainable core between fixed orthonormal bases:
     down (V^T, frozen) --> lowrank.<site>.core (rank x rank, trained) --> mul(rank_mask) --> up (U, frozen; bias trained)
@@ -44,7 +46,7 @@ from tunecomp_fx.inputs import Inputs, call_model, flatten_outputs
 from tunecomp_fx.mode import evaluating
 from tunecomp_fx.per_channel import channels_key, per_channel_module, read_channels, with_channels
 from tunecomp_fx.pipeline import GraphPass, PassContext
-from tunecomp_fx.sites import LOWRANK_ROOT, Blend, HiddenWidth, Site, site_container, student_nodes, students_alone, teacher_parameters
+from tunecomp_fx.sites import LOWRANK_ROOT, Blend, HiddenWidth, Site, site_container, student_calls, students_alone, teacher_parameters
 
 
 def student_rank(site: Site, rank: int, slack: float) -> int:
@@ -95,43 +97,19 @@ class InsertTeacherStudent(GraphPass):
             root.add_module(site.key, _new_student(site, rank, weight, core, blended=site.name not in unblended))
             for parameter in teacher_parameters(gm, [site]):
                 parameter.requires_grad_(False)
-            teacher = nodes[site.node]
-            prefix = f"{LOWRANK_ROOT}.{site.key}"
-            graph = gm.graph
             if site.name in widths_by_down:
                 width = widths_by_down[site.name]
                 x = _copy_between(gm, nodes, sites, width, student_outputs)
                 if width.target < len(width.kept):
                     x = _mask_width(gm, x, site, width)
+                _insert_student_call(gm, site, nodes[site.node], x, site.name not in unblended, student_outputs)
             else:
-                x = site_input(nodes[site.entry_node])
-            with graph.inserting_after(teacher):
-                down = graph.call_module(f"{prefix}.down", (x,))
-            projected = down
-            if core:
-                with graph.inserting_after(down):
-                    projected = graph.call_module(f"{prefix}.core", (down,))
-                projected.meta["tunecomp"] = {"site": site.name, "role": "core"}
-            with graph.inserting_after(projected):
-                mask = graph.get_attr(f"{prefix}.rank_mask")
-            with graph.inserting_after(mask):
-                masked = graph.call_function(operator.mul, (projected, mask))
-            with graph.inserting_after(masked):
-                up = graph.call_module(f"{prefix}.up", (masked,))
-            for node, role in ((down, "down"), (masked, "rank_mask"), (up, "up")):
-                node.meta["tunecomp"] = {"site": site.name, "role": role}
-            if site.name in unblended:
-                student_outputs[site.name] = up
-            else:
-                with graph.inserting_after(up):
-                    blend = graph.call_module(f"{prefix}.blend", (teacher, up))
-                teacher.replace_all_uses_with(blend, delete_user_cb=lambda user: user is not blend)
-                blend.meta["tunecomp"] = {"site": site.name, "role": "blend"}
-            teacher.meta["tunecomp"] = {"site": site.name, "role": "teacher"}
+                for node, entry in site.calls:
+                    _insert_student_call(gm, site, nodes[node], site_input(nodes[entry]), site.name not in unblended, student_outputs)
         return gm
 
     def ensures(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:
-        found = student_nodes(gm)
+        found = student_calls(gm)
         nodes = {node.name: node for node in gm.graph.nodes}
         sites = ctx.factorized_sites()
         unblended = {up for width in ctx.hidden_widths for up in width.ups}
@@ -139,37 +117,78 @@ class InsertTeacherStudent(GraphPass):
         if len(found) != len(sites):
             return f"{len(found)} students for {len(sites)} factorized sites"
         for site in sites:
-            roles = found.get(site.key, {})
-            expected = {"down", "rank_mask", "masked", "up"} | (set() if site.name in unblended else {"blend"})
-            missing = sorted(expected - set(roles))
-            if missing:
-                return f"the student of site '{site.name}' lacks its {missing} nodes"
-            if site.name in unblended:
-                if "blend" in roles or any(user.meta.get("tunecomp", {}).get("role") != "hidden" for user in roles["up"].users):
-                    return f"the student of site '{site.name}' must feed its hidden width's copy alone, unblended"
-            student_input = roles["down"].args[0]
-            if site.name in hidden_inputs:
-                meta = student_input.meta.get("tunecomp", {})
-                if (meta.get("site"), meta.get("role")) != (site.name, "hidden"):
-                    return f"the student of site '{site.name}' does not read its hidden width's student path"
-            elif student_input is not site_input(nodes[site.entry_node]):
-                return f"the student of site '{site.name}' does not read the site's input"
-            # method="union" puts its core between down and the mask
-            masked_input = roles.get("core", roles["down"])
-            if "core" in roles and roles["core"].args != (roles["down"],):
-                return f"the core of site '{site.name}' does not read its down-projection"
-            if roles["masked"].args != (masked_input, roles["rank_mask"]) or roles["up"].args != (roles["masked"],):
-                return f"the student of site '{site.name}' is not down -> {'core -> ' * ('core' in roles)}mul(rank_mask) -> up"
-            if site.name in unblended:
-                continue
-            teacher = roles["teacher"]
-            if teacher.name != site.node:
-                return f"the blend of site '{site.name}' does not read the site's output"
-            if list(teacher.users) != [roles["blend"]] or roles["blend"].args != (teacher, roles["up"]):
-                return f"the teacher of site '{site.name}' is not read by its blend alone"
+            calls = found.get(site.key, [{}])
+            if len(calls) != len(site.calls):
+                return f"the student of site '{site.name}' is called {len(calls)} times for its weight's {len(site.calls)} calls"
+            for (node, entry), roles in zip(site.calls, calls):
+                problem = _call_problem(site, roles, nodes[node], nodes[entry], site.name in unblended, site.name in hidden_inputs)
+                if problem:
+                    return problem
         if ctx.hidden_widths and ctx.check_inputs is not None:
             return _student_path_problem(gm, ctx.check_inputs)
         return None
+
+
+def _call_problem(site: Site, roles: dict[str, fx.Node], teacher: fx.Node, entry: fx.Node, unblended: bool, hidden_input: bool) -> str | None:
+    """What is wrong with one call of the site's student (`student_calls`' roles), if anything."""
+    expected = {"down", "rank_mask", "masked", "up"} | (set() if unblended else {"blend"})
+    missing = sorted(expected - set(roles))
+    if missing:
+        return f"the student of site '{site.name}' lacks its {missing} nodes"
+    if unblended:
+        if "blend" in roles or any(user.meta.get("tunecomp", {}).get("role") != "hidden" for user in roles["up"].users):
+            return f"the student of site '{site.name}' must feed its hidden width's copy alone, unblended"
+    student_input = roles["down"].args[0]
+    if hidden_input:
+        meta = student_input.meta.get("tunecomp", {})
+        if (meta.get("site"), meta.get("role")) != (site.name, "hidden"):
+            return f"the student of site '{site.name}' does not read its hidden width's student path"
+    elif student_input is not site_input(entry):
+        return f"the student of site '{site.name}' does not read the site's input"
+    # method="union" puts its core between down and the mask
+    masked_input = roles.get("core", roles["down"])
+    if "core" in roles and roles["core"].args != (roles["down"],):
+        return f"the core of site '{site.name}' does not read its down-projection"
+    if roles["masked"].args != (masked_input, roles["rank_mask"]) or roles["up"].args != (roles["masked"],):
+        return f"the student of site '{site.name}' is not down -> {'core -> ' * ('core' in roles)}mul(rank_mask) -> up"
+    if unblended:
+        return None
+    if roles["teacher"] is not teacher:
+        return f"the blend of site '{site.name}' does not read the site's output"
+    if list(teacher.users) != [roles["blend"]] or roles["blend"].args != (teacher, roles["up"]):
+        return f"the teacher of site '{site.name}' is not read by its blend alone"
+    return None
+
+
+def _insert_student_call(gm: fx.GraphModule, site: Site, teacher: fx.Node, x: fx.Node, blended: bool, student_outputs: dict[str, fx.Node]) -> None:
+    """down -> (core ->) mul(rank_mask) -> up on `x`, after `teacher` (one call of the site's weight),
+    and the blend of the two in place of the teacher; an up site of a pruned width is left unblended,
+    its student's output in `student_outputs`."""
+    prefix = f"{LOWRANK_ROOT}.{site.key}"
+    graph = gm.graph
+    with graph.inserting_after(teacher):
+        down = graph.call_module(f"{prefix}.down", (x,))
+    projected = down
+    if hasattr(site_container(gm, site), "core"):
+        with graph.inserting_after(down):
+            projected = graph.call_module(f"{prefix}.core", (down,))
+        projected.meta["tunecomp"] = {"site": site.name, "role": "core"}
+    with graph.inserting_after(projected):
+        mask = graph.get_attr(f"{prefix}.rank_mask")
+    with graph.inserting_after(mask):
+        masked = graph.call_function(operator.mul, (projected, mask))
+    with graph.inserting_after(masked):
+        up = graph.call_module(f"{prefix}.up", (masked,))
+    for node, role in ((down, "down"), (masked, "rank_mask"), (up, "up")):
+        node.meta["tunecomp"] = {"site": site.name, "role": role}
+    if blended:
+        with graph.inserting_after(up):
+            blend = graph.call_module(f"{prefix}.blend", (teacher, up))
+        teacher.replace_all_uses_with(blend, delete_user_cb=lambda user: user is not blend)
+        blend.meta["tunecomp"] = {"site": site.name, "role": "blend"}
+    else:
+        student_outputs[site.name] = up
+    teacher.meta["tunecomp"] = {"site": site.name, "role": "teacher"}
 
 
 def _student_path_problem(gm: fx.GraphModule, inputs: Inputs) -> str | None:

@@ -43,6 +43,39 @@ class AttentionBlock(nn.Module):
         return x + self.fc2(F.gelu(self.fc1(x)))
 
 
+class SharedLayerEncoder(nn.Module):
+    """One AttentionBlock applied `depth` times, as ALBERT shares its layer, then a classifier: each of
+    the block's layers is one weight that `depth` linear calls apply."""
+
+    def __init__(self, dim: int = 64, heads: int = 4, depth: int = 3, classes: int = 10) -> None:
+        super().__init__()
+        self.depth = depth
+        self.block = AttentionBlock(dim, heads)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(self.depth):
+            x = self.block(x)
+        return self.head(x.mean(1))
+
+
+class RelativeKeys(nn.Module):
+    """Attention whose key projection is applied to the tokens and to relative position embeddings
+    (a parameter of `span` rows, no batch), which the scores add, as DeBERTa-v2's key_proj."""
+
+    def __init__(self, dim: int = 64, span: int = 16) -> None:
+        super().__init__()
+        self.query, self.key, self.value, self.out = (nn.Linear(dim, dim) for _ in range(4))
+        self.relative = nn.Parameter(torch.randn(span, dim) / dim**0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.shape[1]
+        q, k, v = self.query(x), self.key(x), self.value(x)
+        positions = self.key(self.relative)[:t]
+        scores = (q @ k.transpose(-2, -1) + q @ positions.transpose(-2, -1)) * q.shape[-1] ** -0.5
+        return self.out(scores.softmax(-1) @ v)
+
+
 class HeadsBlock(nn.Module):
     """Separate query, key, value and output projections around scaled_dot_product_attention, as in
     Hugging Face's BERT. `literal_heads` writes the head count into the views (a symbolic trace keeps

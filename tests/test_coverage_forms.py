@@ -278,7 +278,7 @@ def test_capture_path_of_untraceable_constructs(factory, path):
 
 
 class TiedLanguageModel(nn.Module):
-    """An embedding tied to the output head, and one linear applied twice."""
+    """An embedding tied to the output head, and one linear applied twice (one site, compressed)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -294,17 +294,18 @@ class TiedLanguageModel(nn.Module):
         return self.head(self.back(torch.relu(self.fc(h))))
 
 
-def test_shared_and_tied_weights_stay_dense_with_the_reason():
+def test_tied_weights_stay_dense_with_the_reason():
     torch.manual_seed(0)
     model = TiedLanguageModel().eval()
     ids = torch.randint(0, 100, (4, 10))
     compact = tunecomp_fx.compress(model, (ids,), ratio=RATIO)
     rows = {row.name: row for row in tunecomp_fx.get_report(compact).sites}
     assert rows["head"].decision == "shared" and "tied with embed.weight" in rows["head"].reason
-    assert rows["mix"].decision == "shared" and "used by 2 linear calls" in rows["mix"].reason
+    assert rows["mix"].decision == "rank" and "one student for the weight's 2 linear calls" in rows["mix"].reason
+    assert rows["mix"].macs_before == 2 * 10 * 32 * 32  # one site for both calls
     assert {rows["fc"].decision, rows["back"].decision} == {"rank"}
     assert compact.head.weight is compact.embed.weight  # still tied, still dense
-    assert {row.name for row in tunecomp_fx.get_report(compact).compressed_rows} == {"fc", "back"}
+    assert {row.name for row in tunecomp_fx.get_report(compact).compressed_rows} == {"mix", "fc", "back"}
 
 
 class ComputedBias(nn.Module):

@@ -335,6 +335,8 @@ def build_report(compact: fx.GraphModule, state: PreparedState) -> CompressionRe
                 label, reason = "rank", ""
             if site.unpruned_shape is not None:
                 reason = "; ".join(filter(None, (_kept_neurons(site, context.hidden_widths), reason)))
+            if site.more_calls:
+                reason = "; ".join(filter(None, (f"one student for the weight's {len(site.calls)} linear calls", reason)))
             weights = site.in_features * site.out_features if rank is None else rank * (site.in_features + site.out_features)
             macs_after = _macs(tokens, weights)
         rows.append(

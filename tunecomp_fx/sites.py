@@ -24,6 +24,9 @@ class Site:
 
     `node` computes y (the teacher), `entry_node` reads x (`tunecomp_fx.forms.site_input`); they
     differ only for `x @ W.T + b`, whose entry is the matmul. `layout` is a key of `tunecomp_fx.forms.LAYOUTS`.
+    `more_calls` lists the (node, entry_node) of each further call of a weight that several linear calls
+    apply alike (ALBERT's layers, DeBERTa's projections of the relative embeddings): the site's one
+    student is called at each of its `calls`, in graph order.
     `status` is "compress" for sites the passes rewrite, else the reason class for leaving it dense
     ("excluded" by the user, "shared" weights, "hidden" inside a leaf module or an opaque function,
     "in_width" a squeeze-excitation's layer sliced with the pruned width it sits in), with the
@@ -42,12 +45,18 @@ class Site:
     entry_node: str = ""
     layout: str = "linear"
     stride: int = 1  # a strided pointwise convolution reads every stride-th position (x[..., ::stride, ::stride] in 2-d)
+    more_calls: tuple[tuple[str, str], ...] = ()
     # Neuron pruning (prune_neurons) keeps some neurons of a hidden width: the rows of the up-projection
     # that computes it, the columns of the down-projection that reads it. in/out_features count what
     # is kept; unpruned_shape is the weight's (out, in) before.
     kept_rows: tuple[int, ...] | None = None
     kept_columns: tuple[int, ...] | None = None
     unpruned_shape: tuple[int, int] | None = None
+
+    @property
+    def calls(self) -> list[tuple[str, str]]:
+        """(node, entry_node) of every call of the site's weight, the first the site's own."""
+        return [(self.node, self.entry_node), *self.more_calls]
 
     @property
     def key(self) -> str:
@@ -277,21 +286,32 @@ def set_blend(gm: nn.Module, alpha: float, mix: str = DEFAULT_MIX) -> None:
             module.beta.fill_(beta)
 
 
-def student_nodes(gm: fx.GraphModule) -> dict[str, dict[str, fx.Node]]:
+def student_calls(gm: fx.GraphModule) -> dict[str, list[dict[str, fx.Node]]]:
     """Each rewritten site's nodes by role (down, rank_mask, masked, up, blend, dense, teacher; a down
-    site of a hidden width pruned gradually also width_mask, width_masked),
+    site of a hidden width pruned gradually also width_mask, width_masked), one dict per call of its
+    student (`Site.calls`; the nodes of a role in graph order, a call's nodes inserted together),
     keyed by the site's container key, found from the targets under `lowrank`."""
     prefix = f"{LOWRANK_ROOT}."
-    found: dict[str, dict[str, fx.Node]] = {}
+    found: dict[str, dict[str, list[fx.Node]]] = {}
     for node in gm.graph.nodes:
         if node.op in ("call_module", "get_attr") and isinstance(node.target, str) and node.target.startswith(prefix):
             key, _, role = node.target[len(prefix) :].partition(".")
-            found.setdefault(key, {})[role] = node
-    for roles in found.values():
-        if "rank_mask" in roles:
-            roles["masked"] = next(iter(roles["rank_mask"].users))
-        if "width_mask" in roles:
-            roles["width_masked"] = next(iter(roles["width_mask"].users))
-        if "blend" in roles:
-            roles["teacher"] = roles["blend"].args[0]
-    return found
+            found.setdefault(key, {}).setdefault(role, []).append(node)
+    calls: dict[str, list[dict[str, fx.Node]]] = {}
+    for key, by_role in found.items():
+        # roles a hidden width adds (kept_heads, channels_*) belong to its one call
+        count = max(len(by_role.get(role, ())) for role in ("down", "dense", "rank_mask", "blend"))
+        calls[key] = [{role: nodes[min(index, len(nodes) - 1)] for role, nodes in by_role.items()} for index in range(max(count, 1))]
+        for roles in calls[key]:
+            if "rank_mask" in roles:
+                roles["masked"] = next(iter(roles["rank_mask"].users))
+            if "width_mask" in roles:
+                roles["width_masked"] = next(iter(roles["width_mask"].users))
+            if "blend" in roles:
+                roles["teacher"] = roles["blend"].args[0]
+    return calls
+
+
+def student_nodes(gm: fx.GraphModule) -> dict[str, dict[str, fx.Node]]:
+    """`student_calls` of each site's first call: the nodes of a site whose weight one linear call applies."""
+    return {key: calls[0] for key, calls in student_calls(gm).items()}
