@@ -54,9 +54,11 @@ class _RowCounter(nn.Module):
         self.count(x)
         return x
 
-    @property
-    def rows_per_sample(self) -> float:
-        return self.rows / max(self.samples, 1)
+
+def _rows_per_sample(calls: list[_RowCounter]) -> float:
+    """The rows a site's weight reads per example: every call's rows, per example of the first call's
+    batches (a later call may read a tensor without a batch, as DeBERTa's relative embeddings)."""
+    return sum(counter.rows for counter in calls) / max(calls[0].samples, 1)
 
 
 class _Observer(_RowCounter):
@@ -112,12 +114,9 @@ class CalibrateInputCovariance(GraphPass):
         }
         # a layer hidden inside a leaf module has no input of its own in the graph
         left_alone = [site for site in ctx.sites if site.status not in ("compress", "hidden")]
-        counters = {site.node: _RowCounter(LAYOUTS[site.layout], site.stride) for site in left_alone}
-        routes = [
-            (site_input(nodes[entry]), nodes[entry], observer)
-            for site in ctx.compressed_sites for (_, entry), observer in zip(site.calls, observers[site.name])
-        ]  # fmt: skip
-        routes += [(site_input(nodes[site.entry_node]), nodes[site.entry_node], counters[site.node]) for site in left_alone]
+        counters = {site.node: [_RowCounter(LAYOUTS[site.layout], site.stride) for _ in site.calls] for site in left_alone}
+        per_call = [(site, observers[site.name]) for site in ctx.compressed_sites] + [(site, counters[site.node]) for site in left_alone]
+        routes = [(site_input(nodes[entry]), nodes[entry], counter) for site, calls in per_call for (_, entry), counter in zip(site.calls, calls)]
         with observing(gm, _OBSERVERS, routes), torch.no_grad():
             for index, batch in enumerate(progress_bar(ctx.calibration, desc="calibrate", leave=False, enabled=len(ctx.calibration) >= 4)):
                 for observer in itertools.chain.from_iterable(observers.values()):
@@ -128,10 +127,7 @@ class CalibrateInputCovariance(GraphPass):
             if rows == 0:
                 raise CalibrationError(f"site '{site.name}' saw no input during calibration; is it reachable from forward()?")
             ctx.covariances[site.name] = InputCovariance(grams[site.name], rows)
-            # the weight's MACs: every call's rows, per example of the first call's batches (a later call may
-            # read a tensor without a batch, as DeBERTa's relative embeddings)
-            ctx.rows_per_sample[site.node] = rows / max(observers[site.name][0].samples, 1)
-        ctx.rows_per_sample.update((node, counter.rows_per_sample) for node, counter in counters.items() if counter.rows)
+        ctx.rows_per_sample.update((site.node, _rows_per_sample(calls)) for site, calls in per_call if any(counter.rows for counter in calls))
         return gm
 
     def ensures(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:

@@ -99,7 +99,10 @@ class CalibrateOutputGradients(GraphPass):
                     ys.clear()
         for site in sites:
             if rows[site.name] == 0:
-                raise CalibrationError(f"the loss does not depend on site '{site.name}'; no gradient reached it")
+                raise CalibrationError(
+                    f"the loss does not depend on site '{site.name}'; no gradient reached it. method='union' needs every "
+                    f"compressed site on the loss's path: exclude it (exclude=('{site.name}',)) or use method='tunecomp'"
+                )
             ctx.gradient_covariances[site.name] = InputCovariance(grams[site.name], rows[site.name])
         return gm
 

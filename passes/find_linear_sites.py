@@ -1,8 +1,8 @@
 """Analysis: find every compressible linear site, in each form a capture produces (see
 tunecomp_fx.forms), and the layers the capture hid from it, which stay dense with the reason. A
-weight that several linear calls apply alike (the same layout, stride and bias) is one site, its
-further calls in `Site.more_calls`; one tied to another parameter, used outside linear calls, or
-applied by calls that differ stays dense ("shared")."""
+weight's linear calls of one layout and stride are one site, its further calls in `Site.more_calls`:
+compressed with one student if they apply the weight alike (the same bias too); a weight tied to
+another parameter, used outside linear calls, or applied by calls that differ stays dense ("shared")."""
 
 from __future__ import annotations
 
@@ -24,50 +24,51 @@ class FindLinearSites(GraphPass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         matches = match_sites(gm)
-        calls_of: dict[str, list[SiteMatch]] = defaultdict(list)  # each weight's linear calls, in graph order
+        # a site: a weight's linear calls of one layout and stride (several for a shared weight), in graph order
+        calls_of: dict[tuple[str, str, int], list[SiteMatch]] = defaultdict(list)
         for match in matches:
-            calls_of[match.weight].append(match)
+            calls_of[(match.weight, match.layout, match.stride)].append(match)
+        forms_of_weight = Counter(weight for weight, _, _ in calls_of)
         aliases = _parameter_aliases(gm)
         # Uses of a weight outside linear sites (e.g. a tied embedding lookup) make it shared too.
         other_uses = _get_attr_uses_outside(gm, {node for match in matches for node in match.nodes})
 
-        def status(match: SiteMatch, name: str) -> tuple[str, str]:
-            calls = calls_of[match.weight]
+        def status(calls: list[SiteMatch], name: str) -> tuple[str, str]:
+            weight = calls[0].weight
             if any(fnmatch.fnmatchcase(name, pattern) for pattern in ctx.config.exclude):
                 return "excluded", "excluded by the user's pattern"
-            if len(aliases[match.weight]) > 1:
-                return "shared", f"weight tied with {', '.join(sorted(set(aliases[match.weight]) - {match.weight}))}"
-            if match.weight in other_uses:
+            if len(aliases[weight]) > 1:
+                return "shared", f"weight tied with {', '.join(sorted(set(aliases[weight]) - {weight}))}"
+            if weight in other_uses:
                 return "shared", "weight also used outside linear calls"
-            if isinstance(match.bias, fx.Node):
-                return "unsupported", f"bias computed from the model's input at node '{match.bias.name}'"
+            computed = [call.bias for call in calls if isinstance(call.bias, fx.Node)]
+            if computed:
+                return "unsupported", f"bias computed from the model's input at node '{computed[0].name}'"
             # one student serves every call only if each applies the weight alike
-            if len({(call.layout, call.stride, call.bias) for call in calls}) > 1:
-                return "shared", f"weight used by {len(calls)} linear calls that differ in layout, stride or bias"
+            if forms_of_weight[weight] > 1 or len({call.bias for call in calls}) > 1:
+                return "shared", "weight applied by linear calls that differ in layout, stride or bias"
             return "compress", ""
 
         sites = []
-        for match in matches:
-            weight = gm.get_parameter(match.weight)
-            name = match.weight.removesuffix(".weight")
-            site_status, reason = status(match, name)
-            calls = calls_of[match.weight] if site_status == "compress" else [match]
-            if match is not calls[0]:
-                continue  # a further call of a compressed site's weight, which its student serves
+        for calls in calls_of.values():
+            first = calls[0]
+            weight = gm.get_parameter(first.weight)
+            name = first.weight.removesuffix(".weight")
+            site_status, reason = status(calls, name)
             sites.append(
                 Site(
                     name=name,
-                    node=match.output.name,
-                    form=match.form,
+                    node=first.output.name,
+                    form=first.form,
                     in_features=weight.shape[1],
                     out_features=weight.shape[0],
-                    weight_target=match.weight,
-                    bias_target=match.bias if isinstance(match.bias, str) else None,
+                    weight_target=first.weight,
+                    bias_target=first.bias if isinstance(first.bias, str) else None,
                     status=site_status,
                     reason=reason,
-                    entry_node=match.entry.name,
-                    layout=match.layout,
-                    stride=match.stride,
+                    entry_node=first.entry.name,
+                    layout=first.layout,
+                    stride=first.stride,
                     more_calls=tuple((call.output.name, call.entry.name) for call in calls[1:]),
                 )
             )

@@ -194,10 +194,18 @@ class BiasOnce(nn.Module):
 def test_calls_that_apply_a_weight_differently_stay_dense_with_the_reason():
     torch.manual_seed(0)
     compact = tunecomp_fx.compress(BiasOnce().eval(), (torch.randn(8, 64),), ratio=0.2)
-    rows = [row for row in tunecomp_fx.get_report(compact).sites if row.name == "shared"]
-    assert len(rows) == 2 and all(row.decision == "shared" for row in rows)
-    assert all(row.reason == "weight used by 2 linear calls that differ in layout, stride or bias" for row in rows)
+    [row] = [row for row in tunecomp_fx.get_report(compact).sites if row.name == "shared"]  # one row for both calls
+    assert row.decision == "shared" and row.reason == "weight applied by linear calls that differ in layout, stride or bias"
+    assert row.macs_before == 2 * 64 * 64  # both calls, one row each per example
     assert compact.shared.weight.shape == (64, 64)  # still dense
+
+
+def test_an_excluded_shared_weight_is_one_row_with_every_calls_macs():
+    model, x = _encoder()
+    compact = tunecomp_fx.compress(model, (x,), ratio=RATIO, exclude=("block.fc1",))
+    [row] = [row for row in tunecomp_fx.get_report(compact).sites if row.name == "block.fc1"]
+    assert row.decision == "excluded" and row.macs_before == row.macs_after == 3 * 10 * 256 * 64
+    assert compact.block.fc1.weight.shape == (256, 64)
 
 
 @pytest.mark.parametrize("prune", [{"prune_neurons": 0.3}, {"prune_heads": 0.5}])
