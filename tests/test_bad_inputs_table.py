@@ -181,6 +181,23 @@ def unwritable_folder(tmp_path: Path) -> Path:
     return folder / "model.onnx"
 
 
+class TwoHeads(nn.Module):
+    """A trunk and two heads; the loss below reads the first output alone (as a pooler beside the hidden states)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk, self.head, self.pooler = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 64)
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.relu(self.trunk(h))
+        return self.head(h), self.pooler(h)
+
+
+def union_without_the_pooler() -> object:
+    calib = [((x(),), torch.randint(0, 64, (4,)))]
+    return compress(model=TwoHeads(), method="union", rank_slack=0.0, calib=calib, loss_fn=lambda outputs, t: F.cross_entropy(outputs[0], t))
+
+
 @dataclass(frozen=True)
 class Row:
     bad_input: str  # what the user did, as the README's table says it
@@ -234,6 +251,8 @@ ROWS = [
         lambda _: without_torch_export(lambda: compress(model=SelfAttention(), inputs=(torch.randn(2, 10, 64),))), SiteError,
         ("all 1 linear sites are left dense", r"hidden: 'attn.out_proj', inside leaf module attn \(MultiheadAttention",
          "torch.export failed .*cannot trace this model", "make the layers visible to a capture")),
+    Row("method='union' with a compressed site the loss does not reach", "union_unreached", lambda _: union_without_the_pooler(), CalibrationError,
+        ("the loss does not depend on site 'pooler'", "on the loss's path", r"exclude=\('pooler',\)", "method='tunecomp'")),
     Row("NaN or inf in calibration data", "calib_nan", lambda _: compress(calib=NAN_CALIB), CalibrationError,
         ("calibration batch 1", "NaN or inf", "site 'fc1'", "clean the calibration data")),
     Row("NaN or inf in calibration data", "calib_inf", lambda _: compress(calib=INF_CALIB), CalibrationError,

@@ -19,6 +19,7 @@ from tunecomp_fx import StepHook
 from tunecomp_fx.capture import capture
 from tunecomp_fx.config import CompressionConfig
 from tunecomp_fx.export import to_onnx
+from tunecomp_fx.inspect import site_subgraph
 from tunecomp_fx.metrics import count_parameters
 from tunecomp_fx.passes.calibrate_input_covariance import CalibrateInputCovariance
 from tunecomp_fx.passes.calibrate_output_gradients import CalibrateOutputGradients
@@ -67,6 +68,8 @@ def test_one_student_is_called_at_every_call_of_a_shared_weight():
             assert list(nodes[teacher].users) == [roles["blend"]] and roles["blend"].args == (nodes[teacher], roles["up"])
             assert roles["down"].target == f"lowrank.{site.key}.down" and roles["up"].target == f"lowrank.{site.key}.up"
     assert dict(prepared.lowrank.named_children()).keys() == {site.key for site in map(sites.get, BLOCK_SITES)}  # one per weight (the head stays dense)
+    shown = site_subgraph(prepared, "block.fc1")
+    assert "3 calls of the weight" in shown.splitlines()[0] and shown.count("[teacher]") == shown.count("[blend]") == 3
     with torch.no_grad():
         torch.testing.assert_close(prepared(x), model(x), rtol=0, atol=1e-6)  # alpha = 1: the teachers alone
         with students_alone(prepared):

@@ -170,28 +170,6 @@ def test_union_needs_labels_and_no_slack() -> None:
         CompressionConfig(method="union", rank_slack=0.25)
 
 
-class TwoHeads(nn.Module):
-    """A trunk and two heads; the loss reads the first output alone (as a pooler beside the hidden states)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.trunk, self.head, self.pooler = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 64)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = torch.relu(self.trunk(x))
-        return self.head(h), self.pooler(h)
-
-
-def test_union_names_a_site_the_loss_does_not_reach_and_what_to_do() -> None:
-    torch.manual_seed(0)
-    x, targets = torch.randn(8, 64), torch.randint(0, 64, (8,))
-    options = {"method": "union", "rank_slack": 0.0, "calib": [((x,), targets)], "loss_fn": lambda outputs, t: F.cross_entropy(outputs[0], t)}
-    with pytest.raises(CalibrationError, match=r"site 'pooler'; no gradient reached it.*exclude=\('pooler',\)"):
-        tunecomp_fx.prepare(TwoHeads(), (x,), 0.5, **options)
-    prepared = tunecomp_fx.prepare(TwoHeads(), (x,), 0.5, exclude=("pooler",), **options)
-    assert {site.name for site in prepared.meta["tunecomp"].context.compressed_sites} == {"trunk", "head"}
-
-
 def test_cli_union_says_it_needs_labelled_data(capsys: pytest.CaptureFixture[str]) -> None:
     from tunecomp_fx.cli import main
 

@@ -161,7 +161,8 @@ def _site_description(model: fx.GraphModule, name: str) -> str:
         site = next(s for s in state.context.sites if s.name == name)
         decision = state.context.ranks.get(name)
         what = site.status if site.status != "compress" else (f"rank {decision.rank}" if decision and decision.rank else "dense")
-        return f"{site.form} {site.in_features} -> {site.out_features}, {what} (prepared model)"
+        calls = f", {len(site.calls)} calls of the weight" if site.more_calls else ""
+        return f"{site.form} {site.in_features} -> {site.out_features}, {what}{calls} (prepared model)"
     row = next(r for r in get_report(model).sites if r.name == name)
     what = f"rank {row.rank}" if row.rank is not None else row.decision
     return f"{row.form} {row.in_features} -> {row.out_features}, {what} (compact model)"
