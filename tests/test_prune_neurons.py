@@ -659,15 +659,15 @@ def test_an_excluded_convolution_of_a_squeeze_excitation_leaves_the_width_around
 
 
 class _Checked(nn.Module):
-    """`block` behind a check of the input's channels: symbolic tracing cannot evaluate it, torch.export captures it."""
+    """`block` behind a check of the input's channels (in `dim`): symbolic tracing cannot evaluate it, torch.export captures it."""
 
-    def __init__(self, block: nn.Module, channels: int) -> None:
+    def __init__(self, block: nn.Module, channels: int, dim: int = 1) -> None:
         super().__init__()
-        self.block, self.channels = block, channels
+        self.block, self.channels, self.dim = block, channels, dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[1] != self.channels:
-            raise ValueError(f"expected {self.channels} channels, got {x.shape[1]}")
+        if x.shape[self.dim] != self.channels:
+            raise ValueError(f"expected {self.channels} channels, got {x.shape[self.dim]}")
         return self.block(x)
 
 
@@ -715,21 +715,44 @@ class _RowNormedMlp(nn.Module):
         return x + self.fc2(F.hardswish(self.bn(h.flatten(0, 1)).reshape_as(h)))
 
 
-def test_a_batch_norm_of_tokens_flattened_to_rows_is_copied_with_the_kept_neurons(tmp_path) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("checked", [False, True], ids=["traced", "exported"])
+def test_a_batch_norm_of_tokens_flattened_to_rows_is_copied_with_the_kept_neurons(checked: bool, tmp_path) -> None:  # noqa: ANN001
     torch.manual_seed(0)
-    model, x = _RowNormedMlp().eval(), torch.randn(2, 9, 16)
+    mlp, x = _RowNormedMlp().eval(), torch.randn(2, 9, 16)
     with torch.no_grad():
-        model.fc2.weight[:, 1::2] = 0.0
+        mlp.fc2.weight[:, 1::2] = 0.0
+    # exported (as Hugging Face's LeViT is): aten.flatten, aten.batch_norm and aten.reshape_as
+    model, prefix = (_Checked(mlp, 16, dim=-1).eval(), "block.") if checked else (mlp, "")
     prepared = tunecomp_fx.prepare(model, x, 0.5, prune_neurons=0.5, rank_slack=10.0)
+    assert prepared.meta["tunecomp"].capture_path == ("torch.export" if checked else "symbolic_trace")
     [width] = _context(prepared).hidden_widths
-    assert (width.ups, width.down, width.channelwise, width.kept) == (("fc1",), "fc2", ("bn",), tuple(range(0, 64, 2)))
-    norm = prepared.lowrank.fc2.channels_bn
-    assert norm.num_features == 32 and torch.equal(norm.running_mean, model.bn.running_mean[0::2])
+    assert (width.ups, width.down, len(width.channelwise), width.kept) == ((f"{prefix}fc1",), f"{prefix}fc2", 1, tuple(range(0, 64, 2)))
+    copies = {n.meta["tunecomp"]["copy_of"]: n for n in prepared.graph.nodes if "copy_of" in n.meta.get("tunecomp", {})}
+    norm = copies[width.channelwise[0]]
+    running_mean = prepared.get_submodule(norm.target).running_mean if norm.op == "call_module" else prepared.get_buffer(norm.args[3].target)
+    assert torch.equal(running_mean, mlp.bn.running_mean[0::2])  # the kept neurons' statistics
     # the copy's reshape_as reads the up site's student, not the teacher
-    restore = next(n for n in prepared.graph.nodes if n.meta.get("tunecomp", {}).get("copy_of") == "reshape_as")
-    assert restore.args[1].target == "lowrank.fc1.up"
+    assert copies["reshape_as"].args[1].target == f"lowrank.{prefix.replace('.', '_')}fc1.up"
     compact = full_rank_student_path_finalizes(prepared, model, x, tmp_path / "row_normed_mlp.onnx")
-    assert "bn" not in dict(compact.named_children())  # the teacher's went with it
+    assert not [name for name, _ in compact.named_buffers() if name.startswith(f"{prefix}bn.")]  # the teacher's went with it
+
+
+def test_hugging_faces_levit_prunes_each_mlp_through_its_row_batch_norms(tmp_path) -> None:  # noqa: ANN001
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LevitConfig(
+        image_size=64, hidden_sizes=[32, 48, 64], num_attention_heads=[1, 2, 2], depths=[1, 1, 1], key_dim=[8, 8, 8], mlp_ratio=[2, 2, 2], attention_ratio=[2, 2, 2],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LevitModel(config).eval()
+    for norm in (m for m in model.modules() if isinstance(m, nn.BatchNorm1d)):
+        nn.init.normal_(norm.weight), nn.init.normal_(norm.bias), norm.running_mean.normal_()
+    inputs = {"pixel_values": torch.randn(2, 3, 64, 64)}
+    prepared = tunecomp_fx.prepare(model, inputs, 0.5, prune_neurons=0.5, rank_slack=10.0)
+    assert prepared.meta["tunecomp"].capture_path == "torch.export"
+    widths = _context(prepared).hidden_widths
+    # every MLP: the three stages' and the two subsampling blocks', each up -> batch norm -> hardswish -> down
+    assert len(widths) == 5 and all(width.down.endswith("linear_down.linear") and len(width.channelwise) == 1 for width in widths)
+    hugging_face_prunes_exactly(prepared, model, inputs, tmp_path / "levit.onnx")
 
 
 def test_a_flatten_that_leaves_the_width_out_of_the_rows_leaves_no_width() -> None:

@@ -118,7 +118,9 @@ def _to_image(node: fx.Node, width: int, sizes: set[fx.Node]) -> bool:
     return len(entries) == 4 and (entries[1] == width or entries[1] in sizes)
 
 
-_LIKE = {"reshape_as", "expand_as"}  # read their second tensor for its shape alone
+_RESHAPE_AS = {"reshape_as", aten.reshape_as.default}
+_EXPAND_AS = {"expand_as", aten.expand_as.default}
+_LIKE = _RESHAPE_AS | _EXPAND_AS  # read their second tensor for its shape alone (methods traced, aten ops exported)
 
 
 def flattens_tokens(node: fx.Node) -> bool:
@@ -138,9 +140,9 @@ def _step(
     if not channels and flattens_tokens(node):
         return "flatten_tokens", True
     if is_op(node, _LIKE) and len(node.args) == 2 and node.args[1] in placed:
-        if node.target == "reshape_as" and channels and placed[node.args[1]] is False:
+        if node.target in _RESHAPE_AS and channels and placed[node.args[1]] is False:
             return "reshape", False
-        if node.target == "expand_as" and placed[node.args[1]] == channels:
+        if node.target in _EXPAND_AS and placed[node.args[1]] == channels:
             return "broadcast", channels  # gates (batch, width, 1, 1) over the image
         return None
     if channels and _to_image(node, width, sizes) and shape_entries(node)[2:] == [1, 1]:
