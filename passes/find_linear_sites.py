@@ -28,7 +28,7 @@ class FindLinearSites(GraphPass):
         calls_of: dict[tuple[str, str, int], list[SiteMatch]] = defaultdict(list)
         for match in matches:
             calls_of[(match.weight, match.layout, match.stride)].append(match)
-        forms_of_weight = Counter(weight for weight, _, _ in calls_of)
+        sites_of_weight = Counter(weight for weight, _, _ in calls_of)
         aliases = _parameter_aliases(gm)
         # Uses of a weight outside linear sites (e.g. a tied embedding lookup) make it shared too.
         other_uses = _get_attr_uses_outside(gm, {node for match in matches for node in match.nodes})
@@ -45,7 +45,7 @@ class FindLinearSites(GraphPass):
             if computed:
                 return "unsupported", f"bias computed from the model's input at node '{computed[0].name}'"
             # one student serves every call only if each applies the weight alike
-            if forms_of_weight[weight] > 1 or len({call.bias for call in calls}) > 1:
+            if sites_of_weight[weight] > 1 or len({call.bias for call in calls}) > 1:
                 return "shared", "weight applied by linear calls that differ in layout, stride or bias"
             return "compress", ""
 
@@ -99,7 +99,8 @@ class FindLinearSites(GraphPass):
 # What makes a site of each status (but "compress") compressible.
 _REMEDIES = {
     "excluded": "loosen `exclude`",
-    "shared": "give the layers weights of their own (a weight tied to another parameter or used outside linear calls stays dense)",
+    "shared": "give the layers weights of their own (a weight tied to another parameter, used outside linear calls, or "
+    "applied by linear calls that differ stays dense)",
     "unsupported": "compute the bias from parameters, not from the input",
     "hidden": "make the layers visible to a capture (symbolic tracing does not enter leaf modules; torch.export needs "
     "example inputs whose dynamic axes, `dynamic_dims`, the model also runs at other sizes)",

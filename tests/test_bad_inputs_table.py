@@ -193,6 +193,18 @@ class TwoHeads(nn.Module):
         return self.head(h), self.pooler(h)
 
 
+class TiedOnly(nn.Module):
+    """One linear layer, its weight tied to the embedding's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Embedding(100, 32), nn.Linear(32, 100, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(ids))
+
+
 def union_without_the_pooler() -> object:
     calib = [((x(),), torch.randint(0, 64, (4,)))]
     return compress(model=TwoHeads(), method="union", rank_slack=0.0, calib=calib, loss_fn=lambda outputs, t: F.cross_entropy(outputs[0], t))
@@ -247,6 +259,8 @@ ROWS = [
         ("NoLinear has no compressible linear site", "nothing to compress")),
     Row("every site excluded", "all_excluded", lambda _: compress(exclude=("fc*", "head*")), SiteError,
         ("all 3 linear sites are left dense", "'excluded': 3", "excluded: 'fc1', excluded by the user's pattern", "loosen `exclude`")),
+    Row("every site's weight tied to another parameter", "all_tied", lambda _: compress(model=TiedOnly(), inputs=(torch.randint(0, 100, (4, 10)),)), SiteError,
+        ("all 1 linear sites are left dense", "shared: 'head', weight tied with embed.weight", "give the layers weights of their own")),
     Row("every site hidden from the capture", "all_hidden",
         lambda _: without_torch_export(lambda: compress(model=SelfAttention(), inputs=(torch.randn(2, 10, 64),))), SiteError,
         ("all 1 linear sites are left dense", r"hidden: 'attn.out_proj', inside leaf module attn \(MultiheadAttention",
