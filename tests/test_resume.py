@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 import tunecomp_fx
 from tunecomp_fx import JointTrainer, TrainingError
+from tunecomp_fx.sites import student_calls
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -25,12 +26,14 @@ STEPS, BLEND = 40, 20
 
 class DropoutMLP(nn.Module):
     """Dropout draws on the RNG; the unused `aux` norm is dead code whose trainable parameters
-    leave the model with the teachers (eliminate_dead_code), and so leave the optimizer."""
+    leave the model with the teachers (eliminate_dead_code), and so leave the optimizer. With
+    `shared`, one more layer is applied twice (one student, two calls)."""
 
-    def __init__(self) -> None:
+    def __init__(self, shared: bool = False) -> None:
         super().__init__()
         self.fc1 = nn.Linear(64, 128)
         self.fc2 = nn.Linear(128, 128)
+        self.shared = nn.Linear(128, 128) if shared else None
         self.head = nn.Linear(128, 10)
         self.drop = nn.Dropout(0.2)
         self.aux = nn.LayerNorm(64)
@@ -38,7 +41,10 @@ class DropoutMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.aux(x)
         h = self.drop(F.relu(self.fc1(x)))
-        return self.head(self.drop(F.relu(self.fc2(h))))
+        h = self.drop(F.relu(self.fc2(h)))
+        if self.shared is not None:
+            h = self.shared(F.relu(self.shared(h)))
+        return self.head(h)
 
 
 class Interrupted:
@@ -58,10 +64,10 @@ class Interrupted:
             yield batch
 
 
-def _trainer(data: Any, checkpoints: Path, compression: dict[str, Any] | None = None, **options: Any) -> JointTrainer:
+def _trainer(data: Any, checkpoints: Path, compression: dict[str, Any] | None = None, shared: bool = False, **options: Any) -> JointTrainer:
     task = digits_task()
     torch.manual_seed(123)
-    model = DropoutMLP()
+    model = DropoutMLP(shared)
     prepared = tunecomp_fx.prepare(model, task.example_inputs(), 0.5, rank_slack=0.25, **(compression or {}))
     settings = {"steps": STEPS, "blend_steps": BLEND, "lr": 1e-3, "warmup": 5, **options}
     return JointTrainer(prepared, data=data, checkpoint_dir=checkpoints, checkpoint_every=5, progress=False, **settings)
@@ -81,8 +87,8 @@ PRUNING_PAST_THE_BLEND = {"blend_steps": 10, "prune_steps": 30}
 
 @pytest.mark.parametrize(
     ("interrupt_after", "compression", "options"),
-    [(13, None, {}), (33, None, {}), (13, WIDTH_SLACK, {}), (23, WIDTH_SLACK, PRUNING_PAST_THE_BLEND)],
-    ids=["during-blend", "after-teacher-removal", "during-blend-width-slack", "pruning-past-the-blend-width-slack"],
+    [(13, None, {}), (33, None, {}), (13, WIDTH_SLACK, {}), (23, WIDTH_SLACK, PRUNING_PAST_THE_BLEND), (33, None, {"shared": True})],
+    ids=["during-blend", "after-teacher-removal", "during-blend-width-slack", "pruning-past-the-blend-width-slack", "after-teacher-removal-shared-layer"],
 )
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(
     tmp_path: Path, interrupt_after: int, compression: dict | None, options: dict
@@ -90,6 +96,7 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(
     full = _trainer(_loader(), tmp_path / "full", compression, **options)
     full.fit()
     assert "aux.weight" not in dict(full.model.named_parameters())
+    assert len(student_calls(full.model).get("shared", ())) == (2 if options.get("shared") else 0)  # one student, both calls
 
     broken = _trainer(Interrupted(_loader(), interrupt_after), tmp_path / "broken", compression, **options)
     with pytest.raises(KeyboardInterrupt):
