@@ -3,9 +3,11 @@ before tunecomp-fx compressed them), on base-size Hugging Face configurations at
 (nothing is downloaded): ALBERT-base (one layer's weights applied by all 12 layers) and DeBERTa-v3-base
 (each layer's query_proj and key_proj also project the relative embeddings).
 
-Both forms are training-free `compress` at one ratio; "dense" excludes the layers called more than
+Every form is training-free `compress` at one ratio; "dense" excludes the layers called more than
 once (found by counting module calls on the example inputs), which is what became of them before.
-Parameters, MACs and ONNX Runtime latency against the original, interleaved in one run.
+ALBERT also prunes its shared layer's FFN neurons and attention heads (`WIDTH_PRUNING`), the same
+ones at every call. Parameters, MACs and ONNX Runtime latency against the original, interleaved in
+one run.
 
     .venv/bin/python benchmarks/shared_weights.py                    # both models, ratio 0.4
     .venv/bin/python benchmarks/shared_weights.py --models albert --ratio 0.5
@@ -36,6 +38,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "max_relative_positions": -1, "share_att_key": True, "norm_rel_ebd": "layer_norm", "position_biased_input": False,
     },
 }  # fmt: skip
+# the widths of ALBERT's shared layer (DeBERTa-v3's shared query_proj and key_proj feed relative position terms, whose heads are not pruned)
+WIDTH_PRUNING: dict[str, dict[str, float]] = {"albert": {"prune_neurons": 0.3, "prune_heads": 0.5}}
 
 
 def linear_calls(model: nn.Module, inputs: dict[str, torch.Tensor]) -> Counter[str]:
@@ -58,10 +62,15 @@ def measure(model_type: str, ratio: float, tokens: int, batches: list[int], repe
     inputs = {"input_ids": torch.randint(3, 1000, (8, tokens))}
     shared = sorted(name for name, count in linear_calls(model, inputs).items() if count > 1)
     result: dict[str, Any] = {"model": model_type, "ratio": ratio, "tokens": tokens, "shared_layers": shared, "forms": {}, "original_ms": {}}
+    forms: dict[str, dict[str, Any]] = {"one student per shared weight": {}}
+    if model_type in WIDTH_PRUNING:
+        pruning = WIDTH_PRUNING[model_type]
+        forms[f"one student per shared weight, {', '.join(f'{key}={value}' for key, value in pruning.items())}"] = pruning
+    forms["shared weights dense"] = {"exclude": tuple(shared)}
     compacts = {}
-    for form, exclude in (("one student per shared weight", ()), ("shared weights dense", tuple(shared))):
+    for form, options in forms.items():
         start = time.perf_counter()
-        compacts[form] = tunecomp_fx.compress(model, inputs, ratio=ratio, exclude=exclude, progress=True)
+        compacts[form] = tunecomp_fx.compress(model, inputs, ratio=ratio, progress=True, **options)
         report = tunecomp_fx.get_report(compacts[form])
         print(f"\n{model_type}, {form}: {time.perf_counter() - start:.0f} s\n{report}")
         result["forms"][form] = {

@@ -2,7 +2,7 @@
 students lose those output rows, the down site's student those input columns, each copied shape
 entry that counts the width is scaled to what is left (and the heads a tensor with one entry per head
 is read for, and the channels of the per-channel modules and squeeze-excitations copied into the
-width), and the mask and the products that read it are dropped."""
+width), and the mask and the products that read it are dropped (at each call of a shared weight)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from tunecomp_fx.forms import rebuilt
 from tunecomp_fx.graph_nodes import rescale_shape_entry
 from tunecomp_fx.per_channel import channels_key, set_group_count, with_channels
 from tunecomp_fx.pipeline import GraphPass, PassContext
-from tunecomp_fx.sites import HiddenWidth, Site, site_container, student_nodes
+from tunecomp_fx.sites import HiddenWidth, Site, site_container, student_calls, student_nodes
 
 
 class EliminatePrunedNeurons(GraphPass):
@@ -26,11 +26,12 @@ class EliminatePrunedNeurons(GraphPass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         sites = {site.name: site for site in ctx.sites}
-        found = student_nodes(gm)
+        found = student_calls(gm)
         for width in ctx.hidden_widths:
             down = sites[width.down]
-            if "width_mask" in found.get(down.key, {}):
-                _slice_width(gm, width, sites, down, found[down.key])
+            calls = found.get(down.key, [{}])
+            if "width_mask" in calls[0]:
+                _slice_width(gm, width, sites, down, calls)
         return gm
 
     def ensures(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:
@@ -38,7 +39,7 @@ class EliminatePrunedNeurons(GraphPass):
         return f"width masks left at {left[:3]}" if left else None
 
 
-def _slice_width(gm: fx.GraphModule, width: HiddenWidth, sites: dict[str, Site], down: Site, roles: dict[str, fx.Node]) -> None:
+def _slice_width(gm: fx.GraphModule, width: HiddenWidth, sites: dict[str, Site], down: Site, calls: list[dict[str, fx.Node]]) -> None:
     container = site_container(gm, down)
     mask = container.width_mask.flatten()
     kept = mask.nonzero().flatten()
@@ -64,8 +65,9 @@ def _slice_width(gm: fx.GraphModule, width: HiddenWidth, sites: dict[str, Site],
             rescale_shape_entry(node, index, len(kept), len(width.kept))
         if meta.get("copy_of") in width.channelwise:
             set_group_count(node, getattr(container, channels_key(meta["copy_of"])))
-    for masked in list(roles["width_mask"].users):  # the down site's input, and any squeeze-excitation's
-        masked.replace_all_uses_with(masked.args[0])
-        gm.graph.erase_node(masked)
-    gm.graph.erase_node(roles["width_mask"])
+    for roles in calls:  # one mask node for each call of a shared weight
+        for masked in list(roles["width_mask"].users):  # the down site's input, and any squeeze-excitation's
+            masked.replace_all_uses_with(masked.args[0])
+            gm.graph.erase_node(masked)
+        gm.graph.erase_node(roles["width_mask"])
     del container._buffers["width_mask"]

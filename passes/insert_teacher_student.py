@@ -24,7 +24,9 @@ convolutions are with the inputs and outputs of the kept channels), and the down
 reads that copy:
     x --> teacher up --> gelu --> teacher down ----------------------------------------------.
     x --> up site's student (kept rows) --> gelu (copy) --> down site's student (kept columns) --> blend
-so the teacher path keeps the full width until the blend drops it. With width_slack the students
+so the teacher path keeps the full width until the blend drops it. Sites whose weights several linear
+calls apply get a copy of the nodes between for each call (`HiddenWidth.betweens`), each reading the
+up sites' students at that call, and one mask (and one kept_heads) read at every call. With width_slack the students
 start wider than the target and the down site's student reads the copy through a mask,
     gelu (copy) --> mul(lowrank.<down>.width_mask) --> down site's student,
 whose groups the rank pruner switches off during the blend (tunecomp_fx.pruning says how it ranks
@@ -87,7 +89,7 @@ class InsertTeacherStudent(GraphPass):
         sites = {site.name: site for site in ctx.sites}
         unblended = {up for width in ctx.hidden_widths for up in width.ups}
         widths_by_down = {width.down: width for width in ctx.hidden_widths}
-        student_outputs: dict[str, fx.Node] = {}  # up site of a hidden width -> its student's output
+        student_outputs: dict[fx.Node, fx.Node] = {}  # a call of an up site of a hidden width -> its student's output
         root = nn.Module()
         gm.add_module(LOWRANK_ROOT, root)
         for site in ctx.factorized_sites():
@@ -97,15 +99,14 @@ class InsertTeacherStudent(GraphPass):
             root.add_module(site.key, _new_student(site, rank, weight, core, blended=site.name not in unblended))
             for parameter in teacher_parameters(gm, [site]):
                 parameter.requires_grad_(False)
-            if site.name in widths_by_down:
-                width = widths_by_down[site.name]
-                x = _copy_between(gm, nodes, sites, width, student_outputs)
-                if width.target < len(width.kept):
-                    x = _mask_width(gm, x, site, width)
-                _insert_student_call(gm, site, nodes[site.node], x, site.name not in unblended, student_outputs)
-            else:
-                for node, entry in site.calls:
-                    _insert_student_call(gm, site, nodes[node], site_input(nodes[entry]), site.name not in unblended, student_outputs)
+            width = widths_by_down.get(site.name)
+            for index, (node, entry) in enumerate(site.calls):
+                x = site_input(nodes[entry])
+                if width is not None:
+                    x = _copy_between(gm, nodes, sites[width.down], width, width.betweens[index], nodes[entry], student_outputs)
+                    if width.target < len(width.kept):
+                        x = _mask_width(gm, x, site, width)
+                _insert_student_call(gm, site, nodes[node], x, site.name not in unblended, student_outputs)
         return gm
 
     def ensures(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:
@@ -160,7 +161,7 @@ def _call_problem(site: Site, roles: dict[str, fx.Node], teacher: fx.Node, entry
     return None
 
 
-def _insert_student_call(gm: fx.GraphModule, site: Site, teacher: fx.Node, x: fx.Node, blended: bool, student_outputs: dict[str, fx.Node]) -> None:
+def _insert_student_call(gm: fx.GraphModule, site: Site, teacher: fx.Node, x: fx.Node, blended: bool, student_outputs: dict[fx.Node, fx.Node]) -> None:
     """down -> (core ->) mul(rank_mask) -> up on `x`, after `teacher` (one call of the site's weight),
     and the blend of the two in place of the teacher; an up site of a pruned width is left unblended,
     its student's output in `student_outputs`."""
@@ -187,7 +188,7 @@ def _insert_student_call(gm: fx.GraphModule, site: Site, teacher: fx.Node, x: fx
         teacher.replace_all_uses_with(blend, delete_user_cb=lambda user: user is not blend)
         blend.meta["tunecomp"] = {"site": site.name, "role": "blend"}
     else:
-        student_outputs[site.name] = up
+        student_outputs[teacher] = up
     teacher.meta["tunecomp"] = {"site": site.name, "role": "teacher"}
 
 
@@ -213,25 +214,26 @@ def _student_path_problem(gm: fx.GraphModule, inputs: Inputs) -> str | None:
 
 
 def _copy_between(
-    gm: fx.GraphModule, nodes: dict[str, fx.Node], sites: dict[str, Site], width: HiddenWidth, student_outputs: dict[str, fx.Node]
+    gm: fx.GraphModule, nodes: dict[str, fx.Node], down: Site, width: HiddenWidth, between: tuple[str, ...], entry: fx.Node,
+    student_outputs: dict[fx.Node, fx.Node],
 ) -> fx.Node:
-    """The width's nodes between its ups and its down again, reading the up sites' students, each shape
-    entry that counts the width scaled to the kept neurons, each tensor with one entry per head read
-    sliced to the kept heads (`_kept_heads`); returns the copy the down site's student reads."""
+    """One call's nodes `between` the width's ups and its down (whose call reads at `entry`) again,
+    reading the up sites' students, each shape entry that counts the width scaled to the kept neurons,
+    each tensor with one entry per head read sliced to the kept heads (`_kept_heads`); returns the copy
+    the down site's student reads."""
     graph = gm.graph
-    copies = {nodes[sites[up].node]: student_outputs[up] for up in width.ups}
+    copies = dict(student_outputs)
     per_head = dict(width.per_head_reads)
     sides = width.channel_slices
-    entry = nodes[sites[width.down].entry_node]
     with graph.inserting_before(entry):
-        for name in width.between:
+        for name in between:
             original = nodes[name]
             copy = graph.node_copy(original, lambda node: copies.get(node, node))
             if name in sides:
-                read_channels(gm, copy, _kept_channels(gm, original, sites[width.down], width, sides[name]), sides[name])
+                read_channels(gm, copy, _kept_channels(gm, original, down, width, sides[name]), sides[name])
             if name in per_head:
                 tensor = nodes[per_head[name]]
-                copy.replace_input_with(tensor, _kept_heads(gm, copy, tensor, sites[width.down], width, tensor_rank(original) == 3))
+                copy.replace_input_with(tensor, _kept_heads(gm, copy, tensor, down, width, tensor_rank(original) == 3))
             for index in width.resized_entries(name):
                 rescale_shape_entry(copy, index, len(width.kept), width.width)
             for stale in ("val", "tensor_meta"):  # the copy computes fewer neurons
@@ -259,7 +261,8 @@ def _kept_heads(gm: fx.GraphModule, reader: fx.Node, tensor: fx.Node, down: Site
     in one dim (`merged_batch`: attention written with bmm, as BLOOM adds its ALiBi), that dim is
     unflattened into (batch, heads) for the selection and flattened back."""
     container = site_container(gm, down)
-    container.register_buffer("kept_heads", torch.tensor(width.heads_of(width.kept), device=container.down.weight.device))
+    if not hasattr(container, "kept_heads"):  # one buffer for every call of a shared weight and every tensor read
+        container.register_buffer("kept_heads", torch.tensor(width.heads_of(width.kept), device=container.down.weight.device))
     graph = gm.graph
     with graph.inserting_before(reader):
         index = graph.get_attr(f"{LOWRANK_ROOT}.{down.key}.kept_heads")
@@ -280,7 +283,8 @@ def _mask_width(gm: fx.GraphModule, hidden: fx.Node, site: Site, width: HiddenWi
     the mask too, so that a neuron switched off moves no other neuron's gate (as once sliced away)."""
     container = site_container(gm, site)
     weight = container.down.weight
-    container.register_buffer("width_mask", torch.ones(LAYOUTS[site.layout].mask_shape(len(width.kept)), device=weight.device, dtype=weight.dtype))
+    if not hasattr(container, "width_mask"):  # one mask for every call of a shared weight
+        container.register_buffer("width_mask", torch.ones(LAYOUTS[site.layout].mask_shape(len(width.kept)), device=weight.device, dtype=weight.dtype))
     squeezed = {squeeze for squeeze, _, _ in width.squeezes}
     squeezes = [n for n in gm.graph.nodes if n.meta.get("tunecomp", {}).get("copy_of") in squeezed] if squeezed else []
     graph = gm.graph

@@ -1,6 +1,7 @@
 """A weight that several linear calls apply alike (ALBERT's shared layer, DeBERTa's key projection of
 the relative embeddings) gets one student, called at each: calibrated over every call, blended at
-each call's teacher, counted once in the budget and in the compact model."""
+each call's teacher, counted once in the budget and in the compact model; the widths of shared layers
+are pruned with the same neurons kept at every call."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.graph_checks import finalize_from_student_path, first, tiny_hugging_face
+from tests.graph_checks import finalize_from_student_path, first, full_rank_student_path_finalizes, hugging_face_prunes_exactly, silenced, tiny_hugging_face, train_with_hook
 from tests.joint_task import single_thread  # noqa: F401
 from tests.models import RelativeKeys, SharedLayerEncoder
 from torch import nn
@@ -136,18 +137,17 @@ def test_a_shared_weight_finalizes_and_exports(method, tmp_path):
     assert all(error < 1e-4 for error in result.max_errors.values())
 
 
+def _train_jointly(prepared: torch.fx.GraphModule) -> StepHook:
+    """Six steps on random batches of the encoder's task, the blend over four."""
+    torch.manual_seed(1)
+    data = [(torch.randn(4, 10, 64), torch.randint(0, 10, (4,))) for _ in range(6)]
+    return train_with_hook(prepared, data, F.cross_entropy, steps=6, blend_steps=4)
+
+
 def test_joint_training_removes_every_calls_teacher():
     model, x = _encoder()
     prepared = tunecomp_fx.prepare(model, (x,), ratio=RATIO, rank_slack=0.25)
-    hook = StepHook(prepared, steps=6, blend_steps=4)
-    optimizer = torch.optim.AdamW([p for p in prepared.parameters() if p.requires_grad], lr=1e-3)
-    torch.manual_seed(1)
-    for _ in range(6):
-        inputs, targets = torch.randn(4, 10, 64), torch.randint(0, 10, (4,))
-        (F.cross_entropy(prepared(inputs), targets) + hook.distill_loss()).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        hook.step()
+    hook = _train_jointly(prepared)
     assert hook.teacher_removed and not any(isinstance(m, Blend) for m in prepared.modules())
     assert not any(n.op == "call_module" and n.target in BLOCK_SITES for n in prepared.graph.nodes)  # no call's teacher left
     assert all(len(calls) == 3 for calls in student_calls(prepared).values())
@@ -211,11 +211,85 @@ def test_an_excluded_shared_weight_is_one_row_with_every_calls_macs():
     assert compact.block.fc1.weight.shape == (256, 64)
 
 
-@pytest.mark.parametrize("prune", [{"prune_neurons": 0.3}, {"prune_heads": 0.5}])
-def test_widths_of_shared_weights_are_not_sliced(prune):
+PRUNINGS = {"neurons": {"prune_neurons": 0.3}, "heads": {"prune_heads": 0.5}}
+
+
+def _hidden_copies(prepared: torch.fx.GraphModule, down: str, between: tuple[str, ...]) -> list[torch.fx.Node]:
+    """The student path's copies of one call's nodes of the width read by `down`."""
+    return [n for n in prepared.graph.nodes if n.meta.get("tunecomp", {}).get("site") == down and n.meta["tunecomp"].get("copy_of") in between]
+
+
+@pytest.mark.parametrize("kind", ["neurons", "heads"])
+def test_a_width_of_shared_layers_keeps_the_same_neurons_at_every_call(kind, tmp_path):
     model, x = _encoder()
-    with pytest.raises(tunecomp_fx.SiteError, match="several linear calls"):
-        tunecomp_fx.prepare(model, (x,), ratio=RATIO, **prune)
+    prepared = tunecomp_fx.prepare(model, (x,), ratio=0.6, rank_slack=10.0, **PRUNINGS[kind])  # students at full rank
+    context = prepared.meta["tunecomp"].context
+    [width] = context.hidden_widths
+    assert (width.ups, width.down) == ((("block.fc1",), "block.fc2") if kind == "neurons" else (("block.qkv",), "block.proj"))
+    assert len(width.betweens) == 3 and len({name for between in width.betweens for name in between}) == 3 * len(width.between)
+    sites = {site.name: site for site in context.sites}
+    calls = student_calls(prepared)
+    for index, (roles, between) in enumerate(zip(calls[sites[width.down].key], width.betweens)):
+        # call i of the down site's student reads the copy of call i's nodes, which reads the up sites' students at call i alone
+        copies = _hidden_copies(prepared, width.down, between)
+        assert len(copies) == len(between) and roles["down"].args[0] in copies
+        read = {node for copy_node in copies for node in copy_node.all_input_nodes if node.meta.get("tunecomp", {}).get("role") == "up"}
+        assert read == {calls[sites[up].key][index]["up"] for up in width.ups}
+    compact = full_rank_student_path_finalizes(prepared, silenced(model, [width]), x, tmp_path / f"{kind}.onnx")
+    down = compact.get_submodule(f"lowrank.{sites[width.down].key}")
+    assert next(iter(down.children())).in_features == len(width.kept) < width.width  # one module, sliced once, for every call
+
+
+def test_joint_training_prunes_a_shared_layers_widths_gradually():
+    model, x = _encoder()
+    prepared = tunecomp_fx.prepare(model, (x,), ratio=RATIO, prune_neurons=0.3, prune_heads=0.5, width_slack=1.0)
+    widths = prepared.meta["tunecomp"].context.hidden_widths
+    assert sorted((w.kind, len(w.betweens), len(w.kept), w.target) for w in widths) == [("heads", 3, 64, 32), ("neurons", 3, 256, 176)]
+    masks = {node.target for node in prepared.graph.nodes if node.op == "get_attr" and node.target.endswith("width_mask")}
+    assert len(masks) == 2 and sum(node.target in masks for node in prepared.graph.nodes) == 6  # one mask per width, read at each call
+    _train_jointly(prepared)
+    assert sorted(int(prepared.get_buffer(mask).count_nonzero()) for mask in masks) == [32, 176]  # at the targets when the blend ends
+    with torch.no_grad():
+        trained = prepared(x)
+    compact = tunecomp_fx.finalize(prepared)
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x), trained, rtol=1e-5, atol=1e-5)
+    readers = {name: next(iter(compact.get_submodule(f"lowrank.{name.replace('.', '_')}").children())) for name in ("block.fc2", "block.proj")}
+    assert (readers["block.fc2"].in_features, readers["block.proj"].in_features) == (176, 32)
+    assert tunecomp_fx.get_report(compact).kept_fraction <= 1 - RATIO
+
+
+class SharedUpTwoDowns(nn.Module):
+    """One up layer applied twice, each call's activation read by a down layer of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.first, self.second = nn.Linear(64, 256), nn.Linear(256, 64), nn.Linear(256, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.first(F.gelu(self.up(x))) + self.second(F.gelu(self.up(-x)))
+
+
+class SharedConvBlock(nn.Module):
+    """A pointwise convolution, batch norm, ReLU and pointwise convolution applied twice: a width with a
+    per-channel module in it, which the student path's copy per call would untie."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expand, self.norm, self.project = nn.Conv2d(16, 64, 1), nn.BatchNorm2d(64), nn.Conv2d(64, 16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(2):
+            x = x + self.project(F.relu(self.norm(self.expand(x))))
+        return x
+
+
+@pytest.mark.parametrize(("model", "x", "shared"), [(SharedUpTwoDowns(), torch.randn(4, 64), "up"), (SharedConvBlock().eval(), torch.randn(2, 16, 6, 6), "expand")])
+def test_a_shared_layers_width_that_calls_differently_or_through_a_batch_norm_is_not_sliced(model, x, shared):
+    prepared = tunecomp_fx.prepare(model, (x,), ratio=RATIO)
+    assert len(student_calls(prepared)[shared]) == 2  # compressed, one student
+    with pytest.raises(tunecomp_fx.SiteError, match="found no hidden width.*sliced where each call of the down layer reads such a width"):
+        tunecomp_fx.prepare(model, (x,), ratio=RATIO, prune_neurons=0.3)
 
 
 @pytest.mark.parametrize(
@@ -240,3 +314,14 @@ def test_hugging_face_shared_projections_have_one_student_each(model_type, optio
     assert report.kept_fraction <= 1 - RATIO and not [row for row in report.sites if row.decision == "shared"]
     result = to_onnx(compact, inputs, tmp_path / f"{model_type}.onnx")
     assert all(error < 1e-4 for error in result.max_errors.values())
+
+
+@pytest.mark.parametrize("kind", ["neurons", "heads"])
+def test_hugging_face_albert_prunes_its_shared_layers_widths(kind, tmp_path):
+    model, inputs = tiny_hugging_face("albert")
+    prepared = tunecomp_fx.prepare(model, inputs, 0.6, rank_slack=10.0, **PRUNINGS[kind])
+    [width] = prepared.meta["tunecomp"].context.hidden_widths
+    layer = "encoder.albert_layer_groups.0.albert_layers.0."
+    assert width.down == layer + ("ffn_output" if kind == "neurons" else "attention.dense") and len(width.betweens) == 2
+    compact = hugging_face_prunes_exactly(prepared, model, inputs, tmp_path / f"albert_{kind}.onnx")
+    assert count_parameters(compact) < count_parameters(model)

@@ -1012,15 +1012,15 @@ def mask_argument(attention: fx.Node) -> fx.Node | None:
     return mask if isinstance(mask, fx.Node) else None
 
 
-def attention_reads(gm: fx.GraphModule, width: HiddenWidth, nodes: dict[str, fx.Node]) -> list[tuple[fx.Node, fx.Node]]:
+def attention_reads(gm: fx.GraphModule, between: tuple[str, ...], nodes: dict[str, fx.Node]) -> list[tuple[fx.Node, fx.Node]]:
     """(the node of a heads width that reads it, the tensor) for each tensor from outside the width its
-    attention reads beside the heads: an attn_mask (the mask an expansion over the heads reads), a
-    mask or scale applied to written-out scores. The student path shares them, sliced to its heads
-    where they hold one entry per head (find_hidden_widths, insert_teacher_student)."""
-    [attention] = filter(None, (attention_at(gm, nodes[name]) for name in width.between))
+    attention reads beside the heads, `between` one call's nodes of the width: an attn_mask (the mask an
+    expansion over the heads reads), a mask or scale applied to written-out scores. The student path
+    shares them, sliced to its heads where they hold one entry per head (find_hidden_widths)."""
+    [attention] = filter(None, (attention_at(gm, nodes[name]) for name in between))
     reads = []
     for reader, tensor in attention.reads:
-        while tensor.name in width.between:
+        while tensor.name in between:
             reader, tensor = tensor, data_input(tensor)
         reads.append((reader, tensor))
     return reads

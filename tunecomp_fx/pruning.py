@@ -89,6 +89,7 @@ class _Width:
     covariance: torch.Tensor  # (groups, group, group) blocks C_gg: the calibration's, then what the student reads
     start: int  # groups the students start with
     target: int  # groups finalize keeps
+    decay: float  # per call of the down student: the calls of a shared weight in a step decay the average as one call does elsewhere
 
     @property
     def mask(self) -> torch.Tensor:
@@ -114,7 +115,7 @@ class _Width:
         hidden = args[0].detach().float().movedim(layout_of(module).feature_dim, -1)
         groups = hidden.reshape(-1, self.start, hidden.shape[-1] // self.start)
         blocks = torch.einsum("ngi,ngj->gij", groups, groups) / max(groups.shape[0], 1)
-        self.covariance.mul_(WIDTH_TRACKING_DECAY).add_(blocks, alpha=1.0 - WIDTH_TRACKING_DECAY)
+        self.covariance.mul_(self.decay).add_(blocks, alpha=1.0 - self.decay)
 
 
 class RankPruner:
@@ -135,7 +136,8 @@ class RankPruner:
             if width.target < len(width.kept):
                 module = containers[width.down]
                 covariance = context.width_covariances[width.down].to(module.down.weight.device, copy=True)
-                self.widths.append(_Width(width, module, covariance, len(width.kept) // width.group, width.target // width.group))
+                decay = WIDTH_TRACKING_DECAY ** (1.0 / len(width.betweens))
+                self.widths.append(_Width(width, module, covariance, len(width.kept) // width.group, width.target // width.group, decay))
         dense_sites = [s for s in context.compressed_sites if s not in factorized]
         self.fixed_params = sum(site.dense_params for site in dense_sites)
         self.dense_total = sum(site.unpruned_params for site in context.compressed_sites)

@@ -137,7 +137,10 @@ class HiddenWidth:
     with and `target` how many of them finalize keeps (select_hidden_neurons decides; fewer than
     `kept` with width_slack, the rest pruned during the blend). `per_head_reads` names (reader, tensor)
     pairs of nodes: a tensor from outside the width with one entry per head (a relative position
-    bias, a mask per head) that the reader, in the student path, takes sliced to the kept heads."""
+    bias, a mask per head) that the reader, in the student path, takes sliced to the kept heads.
+    Sites whose weights several linear calls apply (`Site.more_calls`, ALBERT's shared layer) make one
+    width with the nodes between of each further call of the down site in `more_between`: every call
+    keeps the same neurons, and `resized` and `per_head_reads` name the nodes of every call."""
 
     kind: str
     ups: tuple[str, ...]
@@ -158,6 +161,12 @@ class HiddenWidth:
     # squeeze-excitations the width passes through: (the squeeze, the convolution reading the width, the one writing its gates)
     squeezes: tuple[tuple[str, str, str], ...] = ()
     bottleneck_norms: tuple[str, ...] = ()  # batch norms between a squeeze-excitation's two layers (ReXNet's)
+    more_between: tuple[tuple[str, ...], ...] = ()
+
+    @property
+    def betweens(self) -> list[tuple[str, ...]]:
+        """The nodes between of every call of the down site (`Site.calls`), in its calls' order."""
+        return [self.between, *self.more_between]
 
     @property
     def channel_slices(self) -> dict[str, str]:
