@@ -2,8 +2,9 @@
 (benchmarks/coverage.py) plus EfficientNet-B0 (timm's, torchvision's, Hugging Face's), torchvision's MobileNetV3
 and ReXNet (inverted residuals with squeeze-excitation), RegNet and ResNeXt (bottlenecks with a grouped
 convolution), timm's gMLP-Mixer (gated MLPs packed in one layer) and small randomly initialized
-Hugging Face GPT-2, LLaMA, Qwen3, Phi-3, OPT and GPT-NeoX models and 26 more architectures built by
-model type ("hf-auto:<type>", AUTO_HF: encoders as MPNet, RoFormer, DeBERTa-v2 and ModernBERT, decoders as Gemma 2
+Hugging Face GPT-2, LLaMA, Qwen3, Phi-3, OPT and GPT-NeoX models and 27 more architectures built by
+model type ("hf-auto:<type>", AUTO_HF: encoders as MPNet, RoFormer, DeBERTa-v2, ModernBERT and ALBERT (one layer
+shared by all), decoders as Gemma 2
 and 3, OLMo, Cohere, GPT-J, BLOOM, Falcon, MPT, Persimmon, Mixtral, ESM, Nemotron, and Gemma and GPTBigCode with
 multi-query attention, and MVP, an encoder-decoder),
 `prepare(ratio=0.6)` with prune_neurons=0.3 and, separately, with prune_heads=0.5, counting the
@@ -112,6 +113,7 @@ AUTO_HF = {
     "gpt_bigcode": {},  # multi-query by default, as StarCoder: one fused c_attn split in listed sizes
     "mpt": {},  # Wqkv(x).chunk(3, dim=2), ALiBi per head
     "persimmon": {},  # view(b, t, heads, 3, head_dim), each part selected; query and key normed head by head
+    "albert": {},  # one layer's weights applied by both layers: one width per kind, the same neurons kept at each call
 }  # fmt: skip
 
 
@@ -146,9 +148,10 @@ def survey(spec: str) -> dict:
         shapes = sorted({_shape(width.ups, width.parts, width.repeats) for width in found})
         squeezed = sum(bool(width.squeezes) for width in found)
         groups = "/".join(str(size) for size in sorted({width.group for width in found if kind == "neurons" and width.group > 1}))
+        calls = sum(len(width.betweens) for width in found if width.more_between)
         row[kind] = (
             f"{len(found)} ({'; '.join(shapes)}{f'; {squeezed} through a squeeze-excitation' if squeezed else ''}"
-            f"{f'; pruned in groups of {groups} channels' if groups else ''})"
+            f"{f'; pruned in groups of {groups} channels' if groups else ''}{f'; at {calls} calls of shared layers' if calls else ''})"
         )
         teachers = [n for n in prepared.graph.nodes if n.meta.get("tunecomp", {}).get("role") != "hidden" and attention_at(prepared, n)]
         row["attentions"] = len(teachers)

@@ -27,13 +27,14 @@ STEPS, BLEND = 40, 20
 class DropoutMLP(nn.Module):
     """Dropout draws on the RNG; the unused `aux` norm is dead code whose trainable parameters
     leave the model with the teachers (eliminate_dead_code), and so leave the optimizer. With
-    `shared`, one more layer is applied twice (one student, two calls)."""
+    `shared`, an FFN of two more layers is applied twice (a student per layer, two calls each; with
+    prune_neurons its width keeps the same neurons at both)."""
 
     def __init__(self, shared: bool = False) -> None:
         super().__init__()
         self.fc1 = nn.Linear(64, 128)
         self.fc2 = nn.Linear(128, 128)
-        self.shared = nn.Linear(128, 128) if shared else None
+        self.shared_up, self.shared_down = (nn.Linear(128, 256), nn.Linear(256, 128)) if shared else (None, None)
         self.head = nn.Linear(128, 10)
         self.drop = nn.Dropout(0.2)
         self.aux = nn.LayerNorm(64)
@@ -42,8 +43,9 @@ class DropoutMLP(nn.Module):
         self.aux(x)
         h = self.drop(F.relu(self.fc1(x)))
         h = self.drop(F.relu(self.fc2(h)))
-        if self.shared is not None:
-            h = self.shared(F.relu(self.shared(h)))
+        if self.shared_up is not None:
+            for _ in range(2):
+                h = h + self.shared_down(F.relu(self.shared_up(h)))
         return self.head(h)
 
 
@@ -87,8 +89,11 @@ PRUNING_PAST_THE_BLEND = {"blend_steps": 10, "prune_steps": 30}
 
 @pytest.mark.parametrize(
     ("interrupt_after", "compression", "options"),
-    [(13, None, {}), (33, None, {}), (13, WIDTH_SLACK, {}), (23, WIDTH_SLACK, PRUNING_PAST_THE_BLEND), (33, None, {"shared": True})],
-    ids=["during-blend", "after-teacher-removal", "during-blend-width-slack", "pruning-past-the-blend-width-slack", "after-teacher-removal-shared-layer"],
+    [(13, None, {}), (33, None, {}), (13, WIDTH_SLACK, {}), (23, WIDTH_SLACK, PRUNING_PAST_THE_BLEND), (33, None, {"shared": True}), (13, WIDTH_SLACK, {"shared": True})],
+    ids=[
+        "during-blend", "after-teacher-removal", "during-blend-width-slack", "pruning-past-the-blend-width-slack",
+        "after-teacher-removal-shared-layers", "during-blend-width-slack-shared-layers",
+    ],  # fmt: skip
 )
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(
     tmp_path: Path, interrupt_after: int, compression: dict | None, options: dict
@@ -96,7 +101,9 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(
     full = _trainer(_loader(), tmp_path / "full", compression, **options)
     full.fit()
     assert "aux.weight" not in dict(full.model.named_parameters())
-    assert len(student_calls(full.model).get("shared", ())) == (2 if options.get("shared") else 0)  # one student, both calls
+    assert len(student_calls(full.model).get("shared_up", ())) == (2 if options.get("shared") else 0)  # one student, both calls
+    widths = full.model.meta["tunecomp"].context.hidden_widths
+    assert any(w.down == "shared_down" and len(w.betweens) == 2 for w in widths) == bool(options.get("shared") and compression)
 
     broken = _trainer(Interrupted(_loader(), interrupt_after), tmp_path / "broken", compression, **options)
     with pytest.raises(KeyboardInterrupt):

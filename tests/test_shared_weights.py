@@ -259,6 +259,41 @@ def test_joint_training_prunes_a_shared_layers_widths_gradually():
     assert tunecomp_fx.get_report(compact).kept_fraction <= 1 - RATIO
 
 
+class PerHeadBiasEncoder(nn.Module):
+    """An attention block applied three times, its scores biased by one parameter with an entry per head
+    (as Swin's relative position bias) at every call."""
+
+    def __init__(self, dim: int = 64, heads: int = 4, tokens: int = 10) -> None:
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.bias = nn.Parameter(torch.randn(heads, tokens, tokens))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        for _ in range(3):
+            q, k, v = self.qkv(x).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+            x = x + self.proj(F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias).transpose(1, 2).reshape(b, t, d))
+        return x
+
+
+@pytest.mark.parametrize("width_slack", [0.0, 1.0])
+def test_a_bias_per_head_read_at_every_call_is_read_for_the_kept_heads(width_slack, tmp_path):
+    torch.manual_seed(0)
+    model, x = PerHeadBiasEncoder().eval(), torch.randn(2, 10, 64)
+    prepared = tunecomp_fx.prepare(model, (x,), 0.6, rank_slack=10.0, prune_heads=0.5, width_slack=width_slack)
+    [width] = prepared.meta["tunecomp"].context.hidden_widths
+    assert len(width.per_head_reads) == 3 and {tensor for _, tensor in width.per_head_reads} == {"bias"}  # each call's attention reads it
+    selections = [node for node in prepared.graph.nodes if node.target is torch.index_select]
+    assert len(selections) == 3 and {node.args[2].target for node in selections} == {"lowrank.proj.kept_heads"}  # one buffer
+    if not width_slack:
+        full_rank_student_path_finalizes(prepared, silenced(model, [width]), x, tmp_path / "bias.onnx")
+        return
+    tunecomp_fx.prune_slack(prepared)  # two of the four heads switched off, at every call
+    compact, _ = finalize_from_student_path(prepared, x)
+    assert compact.lowrank.proj.kept_heads.tolist() == width.heads_of([n for n, on in zip(width.kept, prepared.lowrank.proj.width_mask.tolist()) if on])
+    assert len(compact.lowrank.proj.kept_heads) == 2
+
+
 class SharedUpTwoDowns(nn.Module):
     """One up layer applied twice, each call's activation read by a down layer of its own."""
 
