@@ -2,10 +2,10 @@
 (benchmarks/coverage.py) plus EfficientNet-B0 (timm's, torchvision's, Hugging Face's), torchvision's MobileNetV3
 and ReXNet (inverted residuals with squeeze-excitation), RegNet and ResNeXt (bottlenecks with a grouped
 convolution), timm's gMLP-Mixer (gated MLPs packed in one layer) and small randomly initialized
-Hugging Face GPT-2, LLaMA, Qwen3, Phi-3, OPT and GPT-NeoX models and 27 more architectures built by
+Hugging Face GPT-2, LLaMA, Qwen3, Phi-3, OPT and GPT-NeoX models and 28 more architectures built by
 model type ("hf-auto:<type>", AUTO_HF: encoders as MPNet, RoFormer, DeBERTa-v2, ModernBERT and ALBERT (one layer
 shared by all), decoders as Gemma 2
-and 3, OLMo, Cohere, GPT-J, BLOOM, Falcon, MPT, Persimmon, Mixtral, ESM, Nemotron, and Gemma and GPTBigCode with
+and 3, OLMo, Cohere, GPT-J, BLOOM, Falcon, MPT, Persimmon, CodeGen, Mixtral, ESM, Nemotron, and Gemma and GPTBigCode with
 multi-query attention, and MVP, an encoder-decoder),
 `prepare(ratio=0.6)` with prune_neurons=0.3 and, separately, with prune_heads=0.5, counting the
 neuron widths (FFNs) and head widths (attention blocks) found against the attentions in the graph
@@ -114,6 +114,7 @@ AUTO_HF = {
     "mpt": {},  # Wqkv(x).chunk(3, dim=2), ALiBi per head
     "persimmon": {},  # view(b, t, heads, 3, head_dim), each part selected; query and key normed head by head
     "albert": {},  # one layer's weights applied by both layers: one width per kind, the same neurons kept at each call
+    "codegen": {"rotary_dim": 8},  # qkv_proj(x).view(b, t, -1, 3 * local).split(local, dim=-1): 4 model-parallel groups, each pruned whole
 }  # fmt: skip
 
 

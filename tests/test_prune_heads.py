@@ -782,6 +782,27 @@ def test_swin_v2s_cosine_attention_prunes_its_heads_with_their_logit_scales_and_
     hugging_face_prunes_exactly(prepared, model, inputs, tmp_path / "swinv2.onnx")
 
 
+def test_codegen_prunes_whole_model_parallel_groups_of_heads(tmp_path) -> None:  # noqa: ANN001
+    # qkv_proj(x).view(b, t, -1, 3 * 16).split(16, dim=-1): 4 model-parallel groups of 2 heads of 8, each group's
+    # query, value and key side by side in the site's rows; a group is pruned whole, its 48 rows with it
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model(
+        "codegen", n_layer=2, n_embd=64, n_head=8, n_inner=128, rotary_dim=4, n_ctx=64, n_positions=64, vocab_size=100,
+        use_cache=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    model, inputs = transformers.AutoModel.from_config(config).eval(), {"input_ids": torch.randint(3, 100, (2, 12))}
+    prepared = tunecomp_fx.prepare(model, inputs, 0.6, prune_heads=0.5, rank_slack=10.0)
+    widths = _context(prepared).hidden_widths
+    assert {(w.ups, w.group, w.heads_per_group, w.head_dim, len(w.kept)) for w in widths} == {((f"h.{i}.attn.qkv_proj",), 16, 2, 8, 32) for i in range(2)}
+    groups = sorted({neuron // 16 for neuron in widths[0].kept})
+    sites = {site.name: site for site in _context(prepared).sites}
+    assert sites["h.0.attn.qkv_proj"].kept_rows == tuple(group * 48 + row for group in groups for row in range(48))
+    compact = hugging_face_prunes_exactly(prepared, model, inputs, tmp_path / "codegen.onnx")
+    rows = {row.name: row for row in tunecomp_fx.get_report(compact).sites}
+    assert "96 of 192 output neurons kept (4 of 8 heads)" in rows["h.0.attn.qkv_proj"].reason
+
+
 def test_phi3_with_grouped_query_attention_prunes_whole_groups_from_its_parts_of_unequal_widths(tmp_path) -> None:  # noqa: ANN001
     # qkv[..., :64] holds 4 query heads, qkv[..., 64:96] and qkv[..., 96:] 2 key and 2 value heads, each shared by 2 query heads
     model, inputs = _phi3(key_value_heads=2)

@@ -162,6 +162,7 @@ class _Projections(NamedTuple):
     parts: tuple[int, ...]  # per up site
     repeats: tuple[tuple[int, ...], ...] = ()  # per up site, per part: query heads sharing each of its heads
     per_head_parts: tuple[str, ...] = ()  # up sites holding each head's parts side by side
+    heads_per_group: int = 1
 
 
 def _site_of(node: fx.Node, sites_by_node: dict[str, Site], width: int, parts: int) -> Site | None:
@@ -307,6 +308,7 @@ class _Source(NamedTuple):
     sizes: dict[str, int]
     repeats: int = 1
     per_head_parts: bool = False  # each head's parts side by side in the site's output (MaxViT), not each part's heads
+    heads_per_group: int = 1  # heads whose parts sit side by side as one group, pruned together (CodeGen's model-parallel groups)
 
 
 # (site, the part's first neuron, the node the parts are read from, the nodes from the site to it, the sizes of them counting the width)
@@ -408,6 +410,29 @@ def _sliced_part(item: fx.Node, width: int, sites_by_node: dict[str, Site]) -> _
     if not isinstance(start, int) or end != start + width and not (start + width == up.out_features and end == MAX_END):
         return None
     return up, start, source, [], {item.name: 1}  # its bounds count the width
+
+
+def _model_parallel_part(item: fx.Node, head_dim: int, width: int, sites_by_node: dict[str, Site]) -> tuple[_Part, int] | None:
+    """(part, heads per group) if `item` is part i of a site's output viewed as (batch, seq, groups or
+    -1, parts * size) and split along the last dim in `parts` of `size`: model-parallel groups, each
+    holding its heads' parts side by side, CodeGen's qkv_proj(x).view(b, t, -1, 3 * local).split(local,
+    dim=-1) (query, value, key), each part then split into heads of `head_dim`. A group's heads are
+    pruned together: its rows in every part go with it (`HiddenWidth.per_head_parts`)."""
+    blocks = item.args[0] if item.target is operator.getitem and isinstance(item.args[0], fx.Node) else None
+    if blocks is None or not is_op(blocks, _SPLITS) or len(blocks.args) < 2 or not isinstance(blocks.args[1], int):
+        return None
+    size, dim, view = blocks.args[1], blocks.args[2] if len(blocks.args) > 2 else blocks.kwargs.get("dim", 0), blocks.args[0]
+    entries = shape_entries(view) if is_op(view, RESHAPES) else []
+    if len(entries) != 4 or not is_last_dim(view, dim) or len(view.users) != 1 or width % size or size % head_dim or size == width:
+        return None
+    groups = width // size
+    source = data_input(view)
+    parts = sites_by_node[source.name].out_features // width if source is not None and source.name in sites_by_node else 0
+    up = _site_of(source, sites_by_node, width, parts) if parts else None
+    if up is None or entries[2] not in (groups, -1) or entries[3] not in (parts * size, -1) or entries[2] == entries[3] == -1:
+        return None
+    sizes = {view.name: 2} if entries[2] == groups else {}  # a literal group count; a group's size stays
+    return (up, item.args[1] * width, blocks, [view, blocks], sizes), size // head_dim
 
 
 def _unbound_part(item: fx.Node, chain: list[fx.Node], width: int, sites_by_node: dict[str, Site]) -> tuple[_Part, _HeadSplit] | None:
@@ -708,6 +733,7 @@ def _source(gm: fx.GraphModule, query_key_or_value: object, width: int, sites_by
         item, normed = norm
     after_split = [*normed, *(rotary[1] if rotary is not None else []), *repeat_nodes]
     split = (_sequence_major_split(chain, width) or _batch_major_split(chain, width) or _batch_merged_split(chain, width)) if chain else None
+    heads_per_group = 0  # model-parallel groups of heads: none
     if split is None:
         grouped = _grouped_part(gm, item, chain, width, sites_by_node) or _split_heads_part(item, chain, width, sites_by_node)
         if grouped is not None:
@@ -720,15 +746,19 @@ def _source(gm: fx.GraphModule, query_key_or_value: object, width: int, sites_by
         scaled = _scales_by_a_number(item) and len(item.users) == 1  # OPT's q_proj(x) * scaling
         output = item.args[0] if scaled else item
         up = _site_of(output, sites_by_node, width, 1)
+        model_parallel = _model_parallel_part(item, split.head_dim, width, sites_by_node) if up is None and repeats == 1 else None
         if up is not None:  # the site's output itself: the split (or OPT's scale) reads it
             steps = [item, *chain] if scaled else chain
             part, item, chain = (up, 0, output, [], {}), steps[0], steps[1:]
+        elif model_parallel is not None:
+            part, heads_per_group = model_parallel
         else:
             part = _packed_part(item, width, sites_by_node) or _block_part(gm, item, width, sites_by_node) or _sliced_part(item, width, sites_by_node)
         if part is None:
             return None
     up, offset, shared, nodes, sizes = part
-    return _kept_whole(_Source(up, offset, shared, item, split, [*nodes, item, *chain, *after_split], sizes | repeat_sizes, repeats), width)
+    source = _Source(up, offset, shared, item, split, [*nodes, item, *chain, *after_split], sizes | repeat_sizes, repeats, bool(heads_per_group), max(heads_per_group, 1))
+    return _kept_whole(source, width)
 
 
 class _Attention(NamedTuple):
@@ -920,7 +950,7 @@ def _projections(gm: fx.GraphModule, attention: _Attention, width: int, sites_by
     if shared_by is None:
         return None
     sources = [_source(gm, argument, width, sites_by_node, 1 if index == 0 else shared_by) for index, argument in enumerate(attention.inputs)]
-    if any(source is None for source in sources) or len({source.split.head_dim for source in sources}) != 1:
+    if any(source is None for source in sources) or len({(source.split.head_dim, source.heads_per_group) for source in sources}) != 1:
         return None
     if sources[0].repeats != 1 or sources[1].repeats != sources[2].repeats:
         return None  # the queries' heads are the groups; key and value repeat theirs alike
@@ -944,7 +974,7 @@ def _projections(gm: fx.GraphModule, attention: _Attention, width: int, sites_by
     parts = tuple(len(repeats) for repeats in ups.values())
     repeated = any(source.repeats > 1 for source in sources)
     per_head_parts = tuple(dict.fromkeys(source.up.name for source in sources if source.per_head_parts))
-    return _Projections(tuple(ups), sources[0].split.head_dim, resized, between, parts, tuple(ups.values()) if repeated else (), per_head_parts)
+    return _Projections(tuple(ups), sources[0].split.head_dim, resized, between, parts, tuple(ups.values()) if repeated else (), per_head_parts, sources[0].heads_per_group)
 
 
 def head_width(gm: fx.GraphModule, down: Site, sites_by_node: dict[str, Site], nodes: dict[str, fx.Node]) -> HiddenWidth | None:
@@ -1001,9 +1031,12 @@ def head_width(gm: fx.GraphModule, down: Site, sites_by_node: dict[str, Site], n
         resized |= mask_sizes
     names = {node.name for node in (*attention.nodes, *after, *projections.between, *mask_nodes, *products)}
     ordered = tuple(name for name in nodes if name in names)
-    # grouped-query attention: a key/value head and the query heads sharing it are pruned together
-    group = head_dim * max((repeats for parts in projections.repeats for repeats in parts), default=1)
-    return HiddenWidth("heads", projections.ups, down.name, ordered, width, group, tuple(dict.fromkeys((*projections.resized, *resized.items()))), parts=projections.parts, repeats=projections.repeats, per_head_parts=projections.per_head_parts)
+    # grouped-query attention: a key/value head and the query heads sharing it are pruned together; so are a model-parallel group's heads
+    group = head_dim * max((repeats for parts in projections.repeats for repeats in parts), default=1) * projections.heads_per_group
+    return HiddenWidth(
+        "heads", projections.ups, down.name, ordered, width, group, tuple(dict.fromkeys((*projections.resized, *resized.items()))),
+        parts=projections.parts, repeats=projections.repeats, per_head_parts=projections.per_head_parts, heads_per_group=projections.heads_per_group,
+    )
 
 
 def mask_argument(attention: fx.Node) -> fx.Node | None:

@@ -162,6 +162,7 @@ class HiddenWidth:
     squeezes: tuple[tuple[str, str, str], ...] = ()
     bottleneck_norms: tuple[str, ...] = ()  # batch norms between a squeeze-excitation's two layers (ReXNet's)
     more_between: tuple[tuple[str, ...], ...] = ()
+    heads_per_group: int = 1  # query heads pruned as one group (CodeGen's model-parallel groups, each holding its heads' q, v, k)
 
     @property
     def betweens(self) -> list[tuple[str, ...]]:
@@ -186,8 +187,9 @@ class HiddenWidth:
 
     @property
     def head_dim(self) -> int:
-        """A head's size: a group holds one key/value head and the query heads that share it."""
-        return self.group // max((repeats for parts in self.repeats for repeats in parts), default=1)
+        """A head's size: a group holds one key/value head and the query heads that share it (or
+        `heads_per_group` heads)."""
+        return self.group // max((repeats for parts in self.repeats for repeats in parts), default=1) // self.heads_per_group
 
     def parts_of(self, up: str) -> int:
         """How many copies of the width side by side the up site's output holds."""
