@@ -803,6 +803,33 @@ def test_codegen_prunes_whole_model_parallel_groups_of_heads(tmp_path) -> None: 
     assert "96 of 192 output neurons kept (4 of 8 heads)" in rows["h.0.attn.qkv_proj"].reason
 
 
+class ModelParallelGroups(nn.Module):
+    """CodeGen's layout with a literal group count, symbolically traced: qkv(x).view(b, t, groups, -1)
+    .split(local, dim=-1) into query, value and key, each reshaped into 8 heads of 8."""
+
+    def __init__(self, groups: int) -> None:
+        super().__init__()
+        self.groups, self.qkv, self.out = groups, nn.Linear(64, 192, bias=False), nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        query, value, key = self.qkv(x).view(b, t, self.groups, -1).split(64 // self.groups, dim=-1)
+        q, k, v = (part.reshape(b, t, -1, 8).transpose(1, 2) for part in (query, key, value))
+        return self.out(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d))
+
+
+@pytest.mark.parametrize(("groups", "heads_per_group"), [(4, 2), (8, 1)])
+def test_a_literal_count_of_model_parallel_groups_is_scaled_to_the_kept_groups(tmp_path, groups: int, heads_per_group: int) -> None:  # noqa: ANN001
+    torch.manual_seed(0)
+    model, x = ModelParallelGroups(groups).eval(), torch.randn(2, 10, 64)
+    prepared = tunecomp_fx.prepare(model, (x,), 0.6, prune_heads=0.5, rank_slack=10.0)
+    [width] = _context(prepared).hidden_widths
+    assert (width.heads_per_group, width.group, len(width.kept)) == (heads_per_group, 64 // groups, 32)
+    views = [n for n in prepared.graph.nodes if n.meta.get("tunecomp", {}).get("copy_of") == "view"]
+    assert [n.args[3] for n in views] == [groups // 2]  # the student path's view keeps half the groups
+    full_rank_student_path_finalizes(prepared, silenced(model, [width]), x, tmp_path / "groups.onnx")
+
+
 def test_phi3_with_grouped_query_attention_prunes_whole_groups_from_its_parts_of_unequal_widths(tmp_path) -> None:  # noqa: ANN001
     # qkv[..., :64] holds 4 query heads, qkv[..., 64:96] and qkv[..., 96:] 2 key and 2 value heads, each shared by 2 query heads
     model, inputs = _phi3(key_value_heads=2)
