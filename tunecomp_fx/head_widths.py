@@ -746,18 +746,20 @@ def _source(gm: fx.GraphModule, query_key_or_value: object, width: int, sites_by
         scaled = _scales_by_a_number(item) and len(item.users) == 1  # OPT's q_proj(x) * scaling
         output = item.args[0] if scaled else item
         up = _site_of(output, sites_by_node, width, 1)
-        model_parallel = _model_parallel_part(item, split.head_dim, width, sites_by_node) if up is None and repeats == 1 else None
         if up is not None:  # the site's output itself: the split (or OPT's scale) reads it
             steps = [item, *chain] if scaled else chain
             part, item, chain = (up, 0, output, [], {}), steps[0], steps[1:]
-        elif model_parallel is not None:
+        elif repeats == 1 and (model_parallel := _model_parallel_part(item, split.head_dim, width, sites_by_node)) is not None:
             part, heads_per_group = model_parallel
         else:
             part = _packed_part(item, width, sites_by_node) or _block_part(gm, item, width, sites_by_node) or _sliced_part(item, width, sites_by_node)
         if part is None:
             return None
     up, offset, shared, nodes, sizes = part
-    source = _Source(up, offset, shared, item, split, [*nodes, item, *chain, *after_split], sizes | repeat_sizes, repeats, bool(heads_per_group), max(heads_per_group, 1))
+    source = _Source(
+        up, offset, shared, item, split, [*nodes, item, *chain, *after_split], sizes | repeat_sizes, repeats,
+        per_head_parts=heads_per_group > 0, heads_per_group=max(heads_per_group, 1),
+    )
     return _kept_whole(source, width)
 
 
