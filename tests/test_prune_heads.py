@@ -740,6 +740,7 @@ def test_gpt_neox_prunes_each_heads_query_key_and_value_through_its_partial_rota
         ("roformer", {}, aten.reshape_as.default),  # an interleaved rotary embedding: stack(-x[..., 1::2], x[..., ::2]).reshape_as(x)
         ("persimmon", {}, aten.layer_norm.default),  # view(b, t, heads, 3, head_dim), each part selected; query and key normed head by head
         ("mpt", {}, aten.chunk.default),  # Wqkv(x).chunk(3, dim=2), each part split into heads; its ALiBi per head added to the scores, read sliced
+        ("deberta-v2", {}, aten.div.Tensor),  # without relative positions: bmm(q, k^T / scale), scale a 0-d tensor; heads merged into the batch by -1
     ],
 )
 def test_hugging_face_attentions_prune_their_heads_exactly(tmp_path, model_type: str, options: dict, copied: object) -> None:  # noqa: ANN001
@@ -749,6 +750,15 @@ def test_hugging_face_attentions_prune_their_heads_exactly(tmp_path, model_type:
     copies = [n for n in prepared.graph.nodes if "copy_of" in n.meta.get("tunecomp", {})]
     assert copied in {n.target for n in copies}
     hugging_face_prunes_exactly(prepared, model, inputs, tmp_path / f"{model_type}.onnx")
+
+
+@pytest.mark.parametrize("terms", [["c2p"], ["p2c", "c2p"]])
+def test_deberta_v2s_relative_position_terms_are_not_recognized(terms: list[str]) -> None:
+    # the scores add terms computed from the query (and the key) itself with the relative embeddings' own
+    # projections: the students would read them at full width, so the heads are refused
+    model, inputs = tiny_hugging_face("deberta-v2", relative_attention=True, pos_att_type=terms, position_buckets=32, share_att_key=False)
+    with pytest.raises(SiteError, match="found no attention heads to prune"):
+        tunecomp_fx.prepare(model, inputs, 0.6, prune_heads=0.5)
 
 
 def test_an_encoder_decoder_with_bmm_attention_prunes_self_causal_and_cross_attention_heads(tmp_path) -> None:  # noqa: ANN001

@@ -219,8 +219,10 @@ def _permuted_part(gm: fx.GraphModule, end: fx.Node, width: int, sites_by_node: 
 def _batch_times_heads(node: fx.Node, index: int, heads: int) -> tuple[dict[str, int], list[fx.Node]] | None:
     """If size `index` of `node` is batch * heads: the size to rescale (node name -> index) and the
     product computing it, if any. A static batch makes it one literal; a dynamic one, a product of the
-    batch's size and the literal head count (a node of its own)."""
+    batch's size and the literal head count (a node of its own); -1 infers it (nothing to rescale)."""
     size = shape_entries(node)[index]
+    if size == -1:
+        return {}, []
     if isinstance(size, int) and size > 0 and size % heads == 0:
         return {node.name: index}, []
     if isinstance(size, fx.Node) and size.target is operator.mul and list(size.args).count(heads) == 1:
@@ -237,9 +239,11 @@ def _merged_into_batch(node: fx.Node, heads: int, head_dim: int) -> tuple[dict[s
 
 def _batch_merged_split(chain: list[fx.Node], width: int) -> _HeadSplit | None:
     """If `chain` is view(..., heads or -1, head_dim), one heads/sequence swap, then the heads merged into
-    the batch (`_merged_into_batch`; Hugging Face's XGLM and MVP, BART's attention of old)."""
-    split = _sequence_major_split(chain[:2], width) if len(chain) == 3 else None
-    merged = _merged_into_batch(chain[2], width // split.head_dim, split.head_dim) if split is not None else None
+    the batch (`_merged_into_batch`; Hugging Face's XGLM and MVP, BART's attention of old; DeBERTa-v2's
+    with a contiguous() before the merge)."""
+    steps = [node for node in chain if not is_op(node, {"contiguous", aten.contiguous.default})]
+    split = _sequence_major_split(steps[:2], width) if len(steps) == 3 else None
+    merged = _merged_into_batch(steps[2], width // split.head_dim, split.head_dim) if split is not None else None
     if merged is None:
         return None
     sizes, products = merged
@@ -844,6 +848,15 @@ def _swaps_last_two_dims(node: fx.Node) -> bool:
     return is_op(node, _SWAPS) and (set(dims) in ({-2, -1}, {2, 3}) or (set(dims) == {1, 2} and tensor_rank(data_input(node)) == 3))
 
 
+def _scaled_by_a_scalar(node: object) -> bool:
+    """x * s or x / s, read once, with s a number or a tensor of one element (the same for every head)."""
+    if not isinstance(node, fx.Node) or not is_op(node, _SCALES) or len(_readers(node)) != 1 or len(node.args) != 2:
+        return False
+    scale = node.args[1]
+    value = scale.meta.get("val") if isinstance(scale, fx.Node) else None
+    return isinstance(scale, (int, float)) or isinstance(value, torch.Tensor) and value.numel() == 1
+
+
 def _scores_of(gm: fx.GraphModule, node: fx.Node, nodes: list[fx.Node], reads: list[tuple[fx.Node, fx.Node]]) -> tuple[fx.Node, fx.Node] | None:
     """(query, key) if `node` is q @ k^T (q perhaps scaled by a number), perhaps scaled, masked, cast
     and viewed, each step read by the next alone; collects the steps in `nodes` and the tensors they
@@ -857,6 +870,11 @@ def _scores_of(gm: fx.GraphModule, node: fx.Node, nodes: list[fx.Node], reads: l
         return operands
     if is_op(node, _MATMULS) or added:
         query, turned = node.args[1:3] if added else node.args[:2]
+        scaled_key = _scaled_by_a_scalar(turned)  # DeBERTa-v2's bmm(q, k^T / scale), scale a 0-d tensor
+        if scaled_key:
+            nodes.append(turned)
+            reads += [(turned, turned.args[1])] if isinstance(turned.args[1], fx.Node) else []
+            turned = turned.args[0]
         if not isinstance(turned, fx.Node) or not _swaps_last_two_dims(turned) or len(_readers(turned)) != 1:
             return None
         if added and not isinstance(node.args[0], fx.Node):
