@@ -858,9 +858,9 @@ def _scaled_by_a_scalar(node: object) -> bool:
 
 
 def _scores_of(gm: fx.GraphModule, node: fx.Node, nodes: list[fx.Node], reads: list[tuple[fx.Node, fx.Node]]) -> tuple[fx.Node, fx.Node] | None:
-    """(query, key) if `node` is q @ k^T (q perhaps scaled by a number), perhaps scaled, masked, cast
-    and viewed, each step read by the next alone; collects the steps in `nodes` and the tensors they
-    read from elsewhere in `reads`."""
+    """(query, key) if `node` is q @ k^T (q perhaps scaled by a number, k^T by a number or a one-element
+    tensor), perhaps scaled, masked, cast and viewed, each step read by the next alone; collects the
+    steps in `nodes` and the tensors they read from elsewhere in `reads`."""
     added = node.target is aten.baddbmm.default  # beta * bias + alpha * q @ k^T (BLOOM's ALiBi)
     if len(_readers(node)) != 1 or node.kwargs and not (_is_cast(node) or added and all(isinstance(v, (int, float)) for v in node.kwargs.values())):
         return None
@@ -870,8 +870,7 @@ def _scores_of(gm: fx.GraphModule, node: fx.Node, nodes: list[fx.Node], reads: l
         return operands
     if is_op(node, _MATMULS) or added:
         query, turned = node.args[1:3] if added else node.args[:2]
-        scaled_key = _scaled_by_a_scalar(turned)  # DeBERTa-v2's bmm(q, k^T / scale), scale a 0-d tensor
-        if scaled_key:
+        if _scaled_by_a_scalar(turned):  # DeBERTa-v2's bmm(q, k^T / scale), scale a 0-d tensor
             nodes.append(turned)
             reads += [(turned, turned.args[1])] if isinstance(turned.args[1], fx.Node) else []
             turned = turned.args[0]
