@@ -1,15 +1,17 @@
-"""Weights that several linear calls share, compressed with one student each against left dense (as
-before tunecomp-fx compressed them), on base-size Hugging Face configurations at random init
-(nothing is downloaded): ALBERT-base (one layer's weights applied by all 12 layers) and DeBERTa-v3-base
-(each layer's query_proj and key_proj also project the relative embeddings).
+"""Weights that several linear calls share, or that embedding lookups read too, compressed with one
+student each against left dense (as before tunecomp-fx compressed them), on base-size Hugging Face
+configurations at random init (nothing is downloaded): ALBERT-base (one layer's weights applied by all
+12 layers), DeBERTa-v3-base (each layer's query_proj and key_proj also project the relative
+embeddings) and GPT-2 (small) with its language-model head, tied to its token embedding.
 
 Every form is training-free `compress` at one ratio; "dense" excludes the layers called more than
-once (found by counting module calls on the example inputs), which is what became of them before.
+once (found by counting module calls on the example inputs) and the layers whose weight an embedding
+holds too, which is what became of them before.
 ALBERT also prunes its shared layer's FFN neurons and attention heads (`WIDTH_PRUNING`), the same
 ones at every call. Parameters, MACs and ONNX Runtime latency against the original, interleaved in
 one run.
 
-    .venv/bin/python benchmarks/shared_weights.py                    # both models, ratio 0.4
+    .venv/bin/python benchmarks/shared_weights.py                    # all three models, ratio 0.4
     .venv/bin/python benchmarks/shared_weights.py --models albert --ratio 0.5
 """
 
@@ -37,7 +39,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
         **BASE, "vocab_size": 128100, "relative_attention": True, "pos_att_type": ["p2c", "c2p"], "position_buckets": 256,
         "max_relative_positions": -1, "share_att_key": True, "norm_rel_ebd": "layer_norm", "position_biased_input": False,
     },
+    "gpt2": {"use_cache": False},  # gpt2 (small): lm_head tied to the token embedding wte, 50257 x 768
 }  # fmt: skip
+HEADS = {"gpt2": transformers.AutoModelForCausalLM}  # the model with its tied head; the others without a head
 # the widths of ALBERT's shared layer (DeBERTa-v3's shared query_proj and key_proj feed relative position terms, whose heads are not pruned)
 WIDTH_PRUNING: dict[str, dict[str, float]] = {"albert": {"prune_neurons": 0.3, "prune_heads": 0.5}}
 
@@ -56,11 +60,18 @@ def linear_calls(model: nn.Module, inputs: dict[str, torch.Tensor]) -> Counter[s
     return calls
 
 
+def tied_to_embeddings(model: nn.Module) -> list[str]:
+    """The nn.Linear modules of `model` whose weight an nn.Embedding holds too."""
+    tables = {id(module.weight) for module in model.modules() if isinstance(module, nn.Embedding)}
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and id(module.weight) in tables]
+
+
 def measure(model_type: str, ratio: float, tokens: int, batches: list[int], repeats: int) -> dict[str, Any]:
     torch.manual_seed(0)
-    model = transformers.AutoModel.from_config(transformers.AutoConfig.for_model(model_type, **CONFIGS[model_type])).eval()
+    config = transformers.AutoConfig.for_model(model_type, **CONFIGS[model_type])
+    model = HEADS.get(model_type, transformers.AutoModel).from_config(config).eval()
     inputs = {"input_ids": torch.randint(3, 1000, (8, tokens))}
-    shared = sorted(name for name, count in linear_calls(model, inputs).items() if count > 1)
+    shared = sorted({name for name, count in linear_calls(model, inputs).items() if count > 1} | set(tied_to_embeddings(model)))
     result: dict[str, Any] = {"model": model_type, "ratio": ratio, "tokens": tokens, "shared_layers": shared, "forms": {}, "original_ms": {}}
     forms: dict[str, dict[str, Any]] = {"one student per shared weight": {}}
     if model_type in WIDTH_PRUNING:

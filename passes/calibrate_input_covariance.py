@@ -1,7 +1,8 @@
 """Analysis: stream calibration batches through the model once and accumulate, per compressed site,
 the input second moment X^T X (float64 accumulation) and the number of rows, over every call of its
 weight (`Site.calls`: the one student serves them all); at the sites left
-alone (excluded, shared, in a width) only the rows, for the report's MACs. Observers are inserted
+alone (excluded, shared, in a width) only the rows, for the report's MACs, as at the embedding lookups
+of a tied weight (`Site.lookups`, one row per id). Observers are inserted
 as call_module nodes for the run and removed after it (the prepare/convert idea of torch.ao)."""
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 from torch import fx, nn
 
 from tunecomp_fx.errors import CalibrationError, TunecompError, first_line
-from tunecomp_fx.forms import LAYOUTS, Layout, site_input
+from tunecomp_fx.forms import LAYOUTS, Layout, match_lookup, site_input
 from tunecomp_fx.inputs import Inputs, call_model, describe_inputs
 from tunecomp_fx.pipeline import GraphPass, PassContext, observing
 from tunecomp_fx.progress import progress_bar
@@ -34,9 +35,10 @@ class InputCovariance:
 
 
 class _RowCounter(nn.Module):
-    """Counts the rows (tokens, pixels) a site reads and the examples they came from."""
+    """Counts the rows (tokens, pixels) a site reads and the examples they came from; with no layout,
+    the ids an embedding lookup reads."""
 
-    def __init__(self, layout: Layout, stride: int) -> None:
+    def __init__(self, layout: Layout | None, stride: int = 1) -> None:
         super().__init__()
         self.layout = layout
         self.stride = stride
@@ -45,7 +47,7 @@ class _RowCounter(nn.Module):
 
     def count(self, x: torch.Tensor) -> torch.Tensor:
         """`x` as the site's (rows, features), counted."""
-        rows = self.layout.rows(x.detach(), self.stride)
+        rows = x.detach().reshape(-1, 1) if self.layout is None else self.layout.rows(x.detach(), self.stride)
         self.rows += rows.shape[0]
         self.samples += x.shape[0] if x.dim() > 1 else 1
         return rows
@@ -117,6 +119,8 @@ class CalibrateInputCovariance(GraphPass):
         counters = {site.node: [_RowCounter(LAYOUTS[site.layout], site.stride) for _ in site.calls] for site in left_alone}
         per_call = [(site, observers[site.name]) for site in ctx.compressed_sites] + [(site, counters[site.node]) for site in left_alone]
         routes = [(site_input(nodes[entry]), nodes[entry], counter) for site, calls in per_call for (_, entry), counter in zip(site.calls, calls)]
+        id_counters = {name: _RowCounter(None) for site in ctx.compressed_sites for name in site.lookups}
+        routes += [(match_lookup(gm, nodes[name]).ids, nodes[name], counter) for name, counter in id_counters.items()]
         with observing(gm, _OBSERVERS, routes), torch.no_grad():
             for index, batch in enumerate(progress_bar(ctx.calibration, desc="calibrate", leave=False, enabled=len(ctx.calibration) >= 4)):
                 for observer in itertools.chain.from_iterable(observers.values()):
@@ -128,6 +132,7 @@ class CalibrateInputCovariance(GraphPass):
                 raise CalibrationError(f"site '{site.name}' saw no input during calibration; is it reachable from forward()?")
             ctx.covariances[site.name] = InputCovariance(grams[site.name], rows)
         ctx.rows_per_sample.update((site.node, _rows_per_sample(calls)) for site, calls in per_call if any(counter.rows for counter in calls))
+        ctx.rows_per_sample.update((name, _rows_per_sample([counter])) for name, counter in id_counters.items() if counter.rows)
         return gm
 
     def ensures(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:

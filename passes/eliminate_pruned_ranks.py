@@ -1,5 +1,6 @@
 """Transform: slice away the ranks the mask switched off, and drop the mask: each student becomes
-two plain modules of its layout, down (in -> kept rank) and up (kept rank -> out)."""
+two plain modules of its layout, down (in -> kept rank) and up (kept rank -> out), which the
+student lookups of a tied embedding read as they are."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from torch import fx
 from tunecomp_fx.forms import rebuilt
 from tunecomp_fx.pipeline import GraphPass, PassContext
 from tunecomp_fx.pruning import RankPruner
-from tunecomp_fx.sites import LOWRANK_ROOT, student_calls, student_nodes
+from tunecomp_fx.sites import LOWRANK_ROOT, lookup_calls, student_calls, student_nodes
 
 
 class EliminatePrunedRanks(GraphPass):
@@ -27,6 +28,7 @@ class EliminatePrunedRanks(GraphPass):
         return None
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+        lookups = lookup_calls(gm)
         for key, calls in student_calls(gm).items():
             if "rank_mask" not in calls[0]:
                 continue
@@ -42,6 +44,9 @@ class EliminatePrunedRanks(GraphPass):
                 container.up = rebuilt(up, up.weight[:, kept], up.bias)
             for roles in calls:  # each call of the site's weight
                 roles["masked"].replace_all_uses_with(roles["down"])
+            for roles in lookups.get(key, []):
+                roles["masked"].replace_all_uses_with(roles["rows"])
+            for roles in calls + lookups.get(key, []):
                 gm.graph.erase_node(roles["masked"])
                 gm.graph.erase_node(roles["rank_mask"])
             del container._buffers["rank_mask"]

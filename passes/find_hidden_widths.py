@@ -142,7 +142,8 @@ class FindHiddenWidths(GraphPass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         nodes = {node.name: node for node in gm.graph.nodes}
-        calls = _call_views(ctx.compressed_sites)
+        # a weight that embedding lookups read keeps its rows and columns: the lookups would lose them too
+        calls = _call_views([site for site in ctx.compressed_sites if not site.lookups])
         widths: list[HiddenWidth | None] = []
         sites_by_node = {site.node: site for site in calls}
         if ctx.config.prune_neurons > 0:

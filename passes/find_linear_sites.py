@@ -1,8 +1,10 @@
 """Analysis: find every compressible linear site, in each form a capture produces (see
 tunecomp_fx.forms), and the layers the capture hid from it, which stay dense with the reason. A
 weight's linear calls of one layout and stride are one site, its further calls in `Site.more_calls`:
-compressed with one student if they apply the weight alike (the same bias too); a weight tied to
-another parameter, used outside linear calls, or applied by calls that differ stays dense ("shared")."""
+compressed with one student if they apply the weight alike (the same bias too). A weight that
+embedding lookups read too (an output head tied to its embedding, under any of its parameter names)
+is compressed with its lookups (`Site.lookups`); one tied to another parameter read otherwise, used
+outside linear calls and lookups, or applied by calls that differ stays dense ("shared")."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from torch import fx, nn
 
 from tunecomp_fx.capture import hidden_layers
 from tunecomp_fx.errors import SiteError
-from tunecomp_fx.forms import SiteMatch, match_sites
+from tunecomp_fx.forms import LookupMatch, SiteMatch, match_lookup, match_sites
 from tunecomp_fx.pipeline import GraphPass, PassContext
 from tunecomp_fx.sites import Site
 
@@ -30,17 +32,19 @@ class FindLinearSites(GraphPass):
             calls_of[(match.weight, match.layout, match.stride)].append(match)
         sites_of_weight = Counter(weight for weight, _, _ in calls_of)
         aliases = _parameter_aliases(gm)
-        # Uses of a weight outside linear sites (e.g. a tied embedding lookup) make it shared too.
-        other_uses = _get_attr_uses_outside(gm, {node for match in matches for node in match.nodes})
+        lookups = [lookup for node in gm.graph.nodes if (lookup := match_lookup(gm, node)) is not None]
+        readers = _parameter_readers(gm)
 
         def status(calls: list[SiteMatch], name: str) -> tuple[str, str]:
             weight = calls[0].weight
             if any(fnmatch.fnmatchcase(name, pattern) for pattern in ctx.config.exclude):
                 return "excluded", "excluded by the user's pattern"
-            if len(aliases[weight]) > 1:
-                return "shared", f"weight tied with {', '.join(sorted(set(aliases[weight]) - {weight}))}"
-            if weight in other_uses:
-                return "shared", "weight also used outside linear calls"
+            outside = set().union(*(readers[alias] for alias in aliases[weight])) - {node for call in calls for node in call.nodes}
+            if outside - {lookup.node for lookup in _lookups_of(calls, lookups, aliases)}:
+                tied = sorted(set(aliases[weight]) - {weight})
+                return "shared", f"weight tied with {', '.join(tied)}" if tied else "weight also used outside linear calls"
+            if outside and ctx.config.method != "tunecomp":
+                return "shared", "weight also read by embedding lookups, compressed with them by method='tunecomp' alone"
             computed = [call.bias for call in calls if isinstance(call.bias, fx.Node)]
             if computed:
                 return "unsupported", f"bias computed from the model's input at node '{computed[0].name}'"
@@ -70,6 +74,7 @@ class FindLinearSites(GraphPass):
                     layout=first.layout,
                     stride=first.stride,
                     more_calls=tuple((call.output.name, call.entry.name) for call in calls[1:]),
+                    lookups=tuple(lookup.node.name for lookup in _lookups_of(calls, lookups, aliases)) if site_status == "compress" else (),
                 )
             )
         ctx.sites = sites + hidden_layers(gm)
@@ -99,8 +104,8 @@ class FindLinearSites(GraphPass):
 # What makes a site of each status (but "compress") compressible.
 _REMEDIES = {
     "excluded": "loosen `exclude`",
-    "shared": "give the layers weights of their own (a weight tied to another parameter, used outside linear calls, or "
-    "applied by linear calls that differ stays dense)",
+    "shared": "give the layers weights of their own (a weight tied to another parameter, used outside linear calls and "
+    "embedding lookups, or applied by linear calls that differ stays dense)",
     "unsupported": "compute the bias from parameters, not from the input",
     "hidden": "make the layers visible to a capture (symbolic tracing does not enter leaf modules; torch.export needs "
     "example inputs whose dynamic axes, `dynamic_dims`, the model also runs at other sizes)",
@@ -114,9 +119,19 @@ def _parameter_aliases(gm: nn.Module) -> dict[str, list[str]]:
     return defaultdict(list, {name: names for names in by_identity.values() for name in names})
 
 
-def _get_attr_uses_outside(gm: fx.GraphModule, site_nodes: set[fx.Node]) -> set[str]:
-    used = set()
+def _parameter_readers(gm: fx.GraphModule) -> dict[str, set[fx.Node]]:
+    """The nodes that read each parameter name: its get_attrs' users, and calls of the modules that hold it."""
+    readers: dict[str, set[fx.Node]] = defaultdict(set)
     for node in gm.graph.nodes:
-        if node.op == "get_attr" and any(user not in site_nodes for user in node.users):
-            used.add(node.target)
-    return used
+        if node.op == "get_attr":
+            readers[node.target].update(node.users)
+        elif node.op == "call_module":
+            for name, _ in gm.get_submodule(node.target).named_parameters(remove_duplicate=False):
+                readers[f"{node.target}.{name}"].add(node)
+    return readers
+
+
+def _lookups_of(calls: list[SiteMatch], lookups: list[LookupMatch], aliases: dict[str, list[str]]) -> list[LookupMatch]:
+    """The embedding lookups of the weight the site's `calls` apply, under any of its names."""
+    names = aliases[calls[0].weight] or [calls[0].weight]
+    return [lookup for lookup in lookups if lookup.weight in names]

@@ -8,6 +8,11 @@ The student starts with `rank * (1 + rank_slack)` ranks (the slack is pruned dur
 alpha starts at 1 and beta at 0, so the rewritten model computes exactly what the original did.
 A weight that several linear calls apply (`Site.calls`) has one student, inserted and blended at each
 call: the same lowrank.<site> modules, one node of each role per call (`sites.student_calls`).
+A weight that embedding lookups read too (`Site.lookups`, a head tied to its embedding) is looked up
+in the student's factors at each of them, W[ids] = up.weight[ids] @ down.weight:
+    ids --> teacher lookup (W[ids]) ----------------------------------------------------------------.
+    ids --> embedding(ids, lowrank.<site>.up.weight) --> mul(rank_mask) --> matmul(lowrank.<site>.down.weight) --> lookup_blend
+(`sites.lookup_calls`), the lookup blended as the calls are.
 
 method="union" puts a trainable core between fixed orthonormal bases:
     down (V^T, frozen) --> lowrank.<site>.core (rank x rank, trained) --> mul(rank_mask) --> up (U, frozen; bias trained)
@@ -40,15 +45,18 @@ import math
 import operator
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
-from tunecomp_fx.forms import LAYOUTS, site_input
+from tunecomp_fx.forms import LAYOUTS, match_lookup, site_input
 from tunecomp_fx.graph_nodes import rescale_shape_entry, tensor_rank
 from tunecomp_fx.inputs import Inputs, call_model, flatten_outputs
 from tunecomp_fx.mode import evaluating
 from tunecomp_fx.per_channel import channels_key, per_channel_module, read_channels, with_channels
 from tunecomp_fx.pipeline import GraphPass, PassContext
-from tunecomp_fx.sites import LOWRANK_ROOT, Blend, HiddenWidth, Site, site_container, student_calls, students_alone, teacher_parameters
+from tunecomp_fx.sites import (
+    LOWRANK_ROOT, Blend, HiddenWidth, Site, lookup_calls, site_container, student_calls, students_alone, teacher_parameters,
+)
 
 
 def student_rank(site: Site, rank: int, slack: float) -> int:
@@ -107,6 +115,8 @@ class InsertTeacherStudent(GraphPass):
                     if width.target < len(width.kept):
                         x = _mask_width(gm, x, site, width)
                 _insert_student_call(gm, site, nodes[node], x, site.name not in unblended, student_outputs)
+            for name in site.lookups:
+                _insert_student_lookup(gm, site, nodes[name])
         return gm
 
     def ensures(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:
@@ -125,6 +135,9 @@ class InsertTeacherStudent(GraphPass):
                 problem = _call_problem(site, roles, nodes[node], nodes[entry], site.name in unblended, site.name in hidden_inputs)
                 if problem:
                     return problem
+            lookups = lookup_calls(gm).get(site.key, [])
+            if [roles.get("teacher") for roles in lookups] != [nodes[name] for name in site.lookups]:
+                return f"the embedding lookups {list(site.lookups)} of site '{site.name}' are not each blended with a student lookup"
         if ctx.hidden_widths and ctx.check_inputs is not None:
             return _student_path_problem(gm, ctx.check_inputs)
         return None
@@ -190,6 +203,30 @@ def _insert_student_call(gm: fx.GraphModule, site: Site, teacher: fx.Node, x: fx
     else:
         student_outputs[teacher] = up
     teacher.meta["tunecomp"] = {"site": site.name, "role": "teacher"}
+
+
+def _insert_student_lookup(gm: fx.GraphModule, site: Site, lookup: fx.Node) -> None:
+    """embedding(ids, up.weight) -> mul(rank_mask) -> matmul(down.weight) after `lookup`, an embedding
+    lookup of the site's weight W ~ up.weight @ down.weight (up's bias is no part of W), and
+    lowrank.<site>.lookup_blend of the two in its place."""
+    prefix = f"{LOWRANK_ROOT}.{site.key}"
+    container = site_container(gm, site)
+    if not hasattr(container, "lookup_blend"):  # one blend for every lookup
+        container.lookup_blend = Blend().to(container.up.weight.device)
+    graph = gm.graph
+    with graph.inserting_before(lookup.next):
+        table = graph.get_attr(f"{prefix}.up.weight")
+        rows = graph.call_function(F.embedding, (match_lookup(gm, lookup).ids, table))
+        mask = graph.get_attr(f"{prefix}.rank_mask")
+        masked = graph.call_function(operator.mul, (rows, mask))
+        factor = graph.get_attr(f"{prefix}.down.weight")
+        student = graph.call_function(torch.matmul, (masked, factor))
+        blend = graph.call_module(f"{prefix}.lookup_blend", (lookup, student))
+    lookup.replace_all_uses_with(blend, delete_user_cb=lambda user: user is not blend)
+    parts = {"table": table, "rows": rows, "rank_mask": mask, "masked": masked, "factor": factor, "student": student, "blend": blend}
+    for part, node in parts.items():
+        node.meta["tunecomp"] = {"site": site.name, "role": "lookup", "part": part}
+    lookup.meta["tunecomp"] = {"site": site.name, "role": "teacher"}
 
 
 def _student_path_problem(gm: fx.GraphModule, inputs: Inputs) -> str | None:

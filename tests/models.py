@@ -390,3 +390,34 @@ def anisotropic_inputs(batch: int, width: int, seed: int = 0) -> torch.Tensor:
     """Inputs whose channel scales span three orders of magnitude."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(batch, width, generator=generator) * torch.logspace(-1.5, 1.5, width)
+
+
+class TiedLanguageModel(nn.Module):
+    """An embedding tied to the output head (compressed with its lookup), and one linear applied twice (one site)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(100, 32)
+        self.mix = nn.Linear(32, 32)
+        self.fc = nn.Linear(32, 64)
+        self.back = nn.Linear(64, 32)
+        self.head = nn.Linear(32, 100, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.mix(self.mix(self.embed(ids)))
+        return self.head(self.back(torch.relu(self.fc(h))))
+
+
+class SharedVocabulary(nn.Module):
+    """T5's layout: one table looked up by F.embedding for two token inputs and tied to the output head (F.linear)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Parameter(torch.randn(100, 32) / 32**0.5)
+        self.mix = nn.Linear(64, 32)
+
+    def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        context = F.embedding(source, self.shared).mean(1, keepdim=True).expand(-1, target.shape[1], -1)
+        h = torch.tanh(self.mix(torch.cat([F.embedding(target, self.shared), context], -1)))
+        return F.linear(h, self.shared)

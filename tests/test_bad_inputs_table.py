@@ -194,11 +194,12 @@ class TwoHeads(nn.Module):
 
 
 class TiedOnly(nn.Module):
-    """One linear layer, its weight tied to the embedding's."""
+    """One linear layer, its weight tied to an embedding with max_norm (which renormalizes the table in
+    place, so no lookup of a student's factors can stand in for it)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.embed, self.head = nn.Embedding(100, 32), nn.Linear(32, 100, bias=False)
+        self.embed, self.head = nn.Embedding(100, 32, max_norm=1.0), nn.Linear(32, 100, bias=False)
         self.head.weight = self.embed.weight
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ import operator
 import pytest
 import torch
 import torch.nn.functional as F
+from tests.models import TiedLanguageModel
 from torch import fx, nn
 
 import tunecomp_fx
@@ -277,30 +278,14 @@ def test_capture_path_of_untraceable_constructs(factory, path):
         torch.testing.assert_close(prepared(*inputs), model(*inputs), atol=ALPHA_ONE_ATOL, rtol=0)
 
 
-class TiedLanguageModel(nn.Module):
-    """An embedding tied to the output head, and one linear applied twice (one site, compressed)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(100, 32)
-        self.mix = nn.Linear(32, 32)
-        self.fc = nn.Linear(32, 64)
-        self.back = nn.Linear(64, 32)
-        self.head = nn.Linear(32, 100, bias=False)
-        self.head.weight = self.embed.weight
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        h = self.mix(self.mix(self.embed(ids)))
-        return self.head(self.back(torch.relu(self.fc(h))))
-
-
-def test_tied_weights_stay_dense_with_the_reason():
+def test_a_linear_applied_twice_is_one_site_and_an_excluded_tied_head_stays_tied():
+    """(A tied head compressed with its embedding lookup: tests/test_tied_embeddings.py.)"""
     torch.manual_seed(0)
     model = TiedLanguageModel().eval()
     ids = torch.randint(0, 100, (4, 10))
-    compact = tunecomp_fx.compress(model, (ids,), ratio=RATIO)
+    compact = tunecomp_fx.compress(model, (ids,), ratio=RATIO, exclude=("head",))
     rows = {row.name: row for row in tunecomp_fx.get_report(compact).sites}
-    assert rows["head"].decision == "shared" and "tied with embed.weight" in rows["head"].reason
+    assert rows["head"].decision == "excluded"
     assert rows["mix"].decision == "rank" and "one student for the weight's 2 linear calls" in rows["mix"].reason
     assert rows["mix"].macs_before == 2 * 10 * 32 * 32  # one site for both calls
     assert {rows["fc"].decision, rows["back"].decision} == {"rank"}

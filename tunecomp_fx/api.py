@@ -337,8 +337,13 @@ def build_report(compact: fx.GraphModule, state: PreparedState) -> CompressionRe
                 reason = "; ".join(filter(None, (_kept_neurons(site, context.hidden_widths), reason)))
             if site.more_calls:
                 reason = "; ".join(filter(None, (f"one student for the weight's {len(site.calls)} linear calls", reason)))
+            if site.lookups:
+                lookups = "its embedding lookup reads" if len(site.lookups) == 1 else f"its {len(site.lookups)} embedding lookups read"
+                reason = "; ".join(filter(None, (f"tied: {lookups} the student's factors", reason)))
             weights = site.in_features * site.out_features if rank is None else rank * (site.in_features + site.out_features)
             macs_after = _macs(tokens, weights)
+            if rank is not None and macs_after is not None:  # a lookup of the factors: rank x in MACs per id
+                macs_after += sum(_macs(rows_per_sample.get(name), rank * site.in_features) or 0 for name in site.lookups)
         rows.append(
             SiteRow(
                 site.name, site.form, out_features, in_features, label, rank, before, after,

@@ -10,6 +10,8 @@ A site is a linear map over the features of its input x, with its weight held as
   the map of x[..., ::s, ::s]: the student's down convolution takes the stride;
 - layout "pointwise_conv1d": channels of (N, C, L), W is (out, in, 1): a pointwise `nn.Conv1d`,
   `F.conv1d` or `aten.conv1d` (speech and point-cloud models), a stride as above along L.
+A linear site's weight may also be read by embedding lookups (`match_lookup`), W[ids], when an output
+head is tied to its embedding.
 Every pass that builds, slices or densifies a student goes through `Layout`, so the layouts share
 one mechanism: a student is down (in -> r) then up (r -> out), two modules of the site's layout.
 """
@@ -236,6 +238,38 @@ def match_site(gm: fx.GraphModule, node: fx.Node) -> SiteMatch | None:
         if match is not None:
             return match
     return None
+
+
+@dataclass(frozen=True)
+class LookupMatch:
+    """An embedding lookup, y = W[ids]: a read of a linear site's weight that a tied embedding makes
+    (an output head tied to its embedding, as GPT-2's); its student is up.weight[ids] @ down.weight."""
+
+    node: fx.Node  # the lookup, whose value is y
+    ids: fx.Node
+    weight: str  # target of the table parameter
+
+
+_EMBEDDINGS = {F.embedding, aten.embedding.default}
+
+
+def match_lookup(gm: fx.GraphModule, node: fx.Node) -> LookupMatch | None:
+    """A lookup of rows of a parameter, as is (no max_norm, which renormalizes the table in place):
+    an nn.Embedding module, `F.embedding(ids, W)` or `aten.embedding(W, ids)`."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        plain = isinstance(module, nn.Embedding) and type(module).forward is nn.Embedding.forward and module.max_norm is None
+        ids = _argument(node, 0, "input")
+        return LookupMatch(node, ids, f"{node.target}.weight") if plain and isinstance(ids, fx.Node) else None
+    if node.op != "call_function" or node.target not in _EMBEDDINGS:
+        return None
+    if node.target is F.embedding:
+        ids, table = _argument(node, 0, "input"), _argument(node, 1, "weight")
+        if _argument(node, 3, "max_norm") is not None:
+            return None
+    else:
+        table, ids = _argument(node, 0, "weight"), _argument(node, 1, "indices")
+    return LookupMatch(node, ids, table.target) if isinstance(ids, fx.Node) and is_parameter(gm, table) else None
 
 
 def match_sites(gm: fx.GraphModule) -> list[SiteMatch]:

@@ -9,7 +9,6 @@ printed readably, and a graph as a networkx DiGraph (or GraphML / DOT file) for 
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -23,7 +22,7 @@ from tunecomp_fx.errors import InputError
 from tunecomp_fx.forms import match_site
 from tunecomp_fx.pipeline import PassRecord
 from tunecomp_fx.report import format_table
-from tunecomp_fx.sites import LOWRANK_ROOT, Blend
+from tunecomp_fx.sites import LOWRANK_ROOT, Blend, site_key
 
 _ROLE_COLOURS = {"teacher": "#d9d9d9", "down": "#9ecae1", "up": "#9ecae1", "dense": "#a1d99b", "rank_mask": "#fff3b0", "masked": "#fff3b0", "blend": "#fdae6b"}
 
@@ -93,7 +92,8 @@ def _shape(node: fx.Node) -> str | None:
 
 
 def _role(node: fx.Node) -> str | None:
-    role = node.meta.get("tunecomp", {}).get("role")
+    meta = node.meta.get("tunecomp", {})
+    role = f"lookup {meta['part']}" if meta.get("role") == "lookup" else meta.get("role")
     if role is None and isinstance(node.target, str) and node.target.startswith(f"{LOWRANK_ROOT}."):
         role = node.target.rpartition(".")[2]
     return role
@@ -162,7 +162,8 @@ def _site_description(model: fx.GraphModule, name: str) -> str:
         decision = state.context.ranks.get(name)
         what = site.status if site.status != "compress" else (f"rank {decision.rank}" if decision and decision.rank else "dense")
         calls = f", {len(site.calls)} calls of the weight" if site.more_calls else ""
-        return f"{site.form} {site.in_features} -> {site.out_features}, {what}{calls} (prepared model)"
+        lookups = f", {len(site.lookups)} embedding lookup{'s' * (len(site.lookups) > 1)} of the weight" if site.lookups else ""
+        return f"{site.form} {site.in_features} -> {site.out_features}, {what}{calls}{lookups} (prepared model)"
     row = next(r for r in get_report(model).sites if r.name == name)
     what = f"rank {row.rank}" if row.rank is not None else row.decision
     return f"{row.form} {row.in_features} -> {row.out_features}, {what} (compact model)"
@@ -184,8 +185,7 @@ def _describe_attribute(gm: fx.GraphModule, node: fx.Node) -> str:
 
 
 def _site_nodes(gm: fx.GraphModule, name: str) -> list[fx.Node]:
-    key = re.sub(r"\W", "_", name)
-    prefix = f"{LOWRANK_ROOT}.{key}."
+    prefix = f"{LOWRANK_ROOT}.{site_key(name)}."
     chosen = {
         node
         for node in gm.graph.nodes

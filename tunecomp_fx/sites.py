@@ -18,6 +18,11 @@ from tunecomp_fx.schedules import DEFAULT_MIX, blend_beta
 LOWRANK_ROOT = "lowrank"  # the submodule of the rewritten model that holds every site's student
 
 
+def site_key(name: str) -> str:
+    """A site's name as an attribute name, for its container under `lowrank`."""
+    return re.sub(r"\W", "_", name)
+
+
 @dataclass(frozen=True)
 class Site:
     """One linear map y = W x + b found in the captured graph.
@@ -27,6 +32,8 @@ class Site:
     `more_calls` lists the (node, entry_node) of each further call of a weight that several linear calls
     apply alike (ALBERT's layers, DeBERTa's projections of the relative embeddings): the site's one
     student is called at each of its `calls`, in graph order.
+    `lookups` names the embedding lookups that read the weight too (an output head tied to its
+    embedding): each gets the student's lookup, up.weight[ids] @ down.weight (`lookup_calls`).
     `status` is "compress" for sites the passes rewrite, else the reason class for leaving it dense
     ("excluded" by the user, "shared" weights, "hidden" inside a leaf module or an opaque function,
     "in_width" a squeeze-excitation's layer sliced with the pruned width it sits in), with the
@@ -46,6 +53,7 @@ class Site:
     layout: str = "linear"
     stride: int = 1  # a strided pointwise convolution reads every stride-th position (x[..., ::stride, ::stride] in 2-d)
     more_calls: tuple[tuple[str, str], ...] = ()
+    lookups: tuple[str, ...] = ()
     # Neuron pruning (prune_neurons) keeps some neurons of a hidden width: the rows of the up-projection
     # that computes it, the columns of the down-projection that reads it. in/out_features count what
     # is kept; unpruned_shape is the weight's (out, in) before.
@@ -61,7 +69,7 @@ class Site:
     @property
     def key(self) -> str:
         """The site's name as an attribute name, for its container under `lowrank`."""
-        return re.sub(r"\W", "_", self.name)
+        return site_key(self.name)
 
     @property
     def dense_params(self) -> int:
@@ -305,6 +313,8 @@ def student_calls(gm: fx.GraphModule) -> dict[str, list[dict[str, fx.Node]]]:
     prefix = f"{LOWRANK_ROOT}."
     found: dict[str, dict[str, list[fx.Node]]] = {}
     for node in gm.graph.nodes:
+        if _lookup_part(node):  # a tied embedding's lookup reads the student's modules too (`lookup_calls`)
+            continue
         if node.op in ("call_module", "get_attr") and isinstance(node.target, str) and node.target.startswith(prefix):
             key, _, role = node.target[len(prefix) :].partition(".")
             found.setdefault(key, {}).setdefault(role, []).append(node)
@@ -326,3 +336,29 @@ def student_calls(gm: fx.GraphModule) -> dict[str, list[dict[str, fx.Node]]]:
 def student_nodes(gm: fx.GraphModule) -> dict[str, dict[str, fx.Node]]:
     """`student_calls` of each site's first call: the nodes of a site whose weight one linear call applies."""
     return {key: calls[0] for key, calls in student_calls(gm).items()}
+
+
+def _lookup_part(node: fx.Node) -> str | None:
+    meta = node.meta.get("tunecomp", {})
+    return meta.get("part") if meta.get("role") == "lookup" else None
+
+
+def lookup_calls(gm: fx.GraphModule) -> dict[str, list[dict[str, fx.Node]]]:
+    """The student lookups of each rewritten site whose weight embedding lookups read too
+    (`Site.lookups`), by container key: per lookup its nodes by part, as insert_teacher_student adds
+    them (table = up.weight, rows = embedding(ids, table), rank_mask, masked, factor = down.weight,
+    student = masked @ factor, blend, teacher) and as later passes leave them; a lookup's nodes start
+    at its table. (Such a site is no up or down site of a hidden width, so its rank stays below
+    break-even and densify_past_break_even leaves it factorized.)"""
+    calls: dict[str, list[dict[str, fx.Node]]] = {}
+    for node in gm.graph.nodes:
+        part = _lookup_part(node)
+        if part is None:
+            continue
+        lookups = calls.setdefault(site_key(node.meta["tunecomp"]["site"]), [])
+        if part == "table":
+            lookups.append({})
+        lookups[-1][part] = node
+        if part == "blend":
+            lookups[-1]["teacher"] = node.args[0]
+    return calls
