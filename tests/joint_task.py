@@ -7,6 +7,7 @@ import copy
 import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
@@ -118,3 +119,20 @@ def single_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class Interrupted:
+    """The training data, cut off (as by Ctrl-C) after `after` batches (over all its passes)."""
+
+    def __init__(self, loader: DataLoader | list[Any], after: int) -> None:
+        self.loader, self.after, self.count = loader, after, 0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.loader:
+            if self.count == self.after:
+                raise KeyboardInterrupt
+            self.count += 1
+            yield batch

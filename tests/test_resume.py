@@ -4,14 +4,13 @@ NaN/inf stops the run with the step named and no checkpoint written for it."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.joint_task import digits_task, single_thread  # noqa: F401
+from tests.joint_task import Interrupted, digits_task, single_thread  # noqa: F401
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -47,23 +46,6 @@ class DropoutMLP(nn.Module):
             for _ in range(2):
                 h = h + self.shared_down(F.relu(self.shared_up(h)))
         return self.head(h)
-
-
-class Interrupted:
-    """The training data, cut off (as by Ctrl-C) after `after` batches."""
-
-    def __init__(self, loader: DataLoader, after: int) -> None:
-        self.loader, self.after, self.count = loader, after, 0
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self) -> Iterator[Any]:
-        for batch in self.loader:
-            if self.count == self.after:
-                raise KeyboardInterrupt
-            self.count += 1
-            yield batch
 
 
 def _trainer(data: Any, checkpoints: Path, compression: dict[str, Any] | None = None, shared: bool = False, **options: Any) -> JointTrainer:
