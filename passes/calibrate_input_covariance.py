@@ -1,8 +1,9 @@
 """Analysis: stream calibration batches through the model once and accumulate, per compressed site,
 the input second moment X^T X (float64 accumulation) and the number of rows, over every call of its
 weight (`Site.calls`: the one student serves them all); at the sites left
-alone (excluded, shared, in a width) only the rows, for the report's MACs, as at the embedding lookups
-of a tied weight (`Site.lookups`, one row per id). Observers are inserted
+alone (excluded, shared, in a width) only the rows, for the report's MACs; at the embedding lookups
+of a tied weight (`Site.lookups`) the ids per example and how often each row of the table is read
+(decompose_weights weights the rows by it). Observers are inserted
 as call_module nodes for the run and removed after it (the prepare/convert idea of torch.ao)."""
 
 from __future__ import annotations
@@ -35,10 +36,9 @@ class InputCovariance:
 
 
 class _RowCounter(nn.Module):
-    """Counts the rows (tokens, pixels) a site reads and the examples they came from; with no layout,
-    the ids an embedding lookup reads."""
+    """Counts the rows (tokens, pixels) a site reads and the examples they came from."""
 
-    def __init__(self, layout: Layout | None, stride: int = 1) -> None:
+    def __init__(self, layout: Layout, stride: int) -> None:
         super().__init__()
         self.layout = layout
         self.stride = stride
@@ -47,7 +47,7 @@ class _RowCounter(nn.Module):
 
     def count(self, x: torch.Tensor) -> torch.Tensor:
         """`x` as the site's (rows, features), counted."""
-        rows = x.detach().reshape(-1, 1) if self.layout is None else self.layout.rows(x.detach(), self.stride)
+        rows = self.layout.rows(x.detach(), self.stride)
         self.rows += rows.shape[0]
         self.samples += x.shape[0] if x.dim() > 1 else 1
         return rows
@@ -57,7 +57,23 @@ class _RowCounter(nn.Module):
         return x
 
 
-def _rows_per_sample(calls: list[_RowCounter]) -> float:
+class _IdCounter(nn.Module):
+    """Counts the ids an embedding lookup reads, the examples they came from, and each row's reads."""
+
+    def __init__(self, table_rows: int) -> None:
+        super().__init__()
+        self.rows = 0
+        self.samples = 0
+        self.counts = torch.zeros(table_rows, dtype=torch.float64)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        self.rows += ids.numel()
+        self.samples += ids.shape[0] if ids.dim() > 1 else 1
+        self.counts += torch.bincount(ids.detach().flatten().cpu(), minlength=len(self.counts)).to(torch.float64)
+        return ids
+
+
+def _rows_per_sample(calls: list[_RowCounter] | list[_IdCounter]) -> float:
     """The rows a site's weight reads per example: every call's rows, per example of the first call's
     batches (a later call may read a tensor without a batch, as DeBERTa's relative embeddings)."""
     return sum(counter.rows for counter in calls) / max(calls[0].samples, 1)
@@ -119,7 +135,7 @@ class CalibrateInputCovariance(GraphPass):
         counters = {site.node: [_RowCounter(LAYOUTS[site.layout], site.stride) for _ in site.calls] for site in left_alone}
         per_call = [(site, observers[site.name]) for site in ctx.compressed_sites] + [(site, counters[site.node]) for site in left_alone]
         routes = [(site_input(nodes[entry]), nodes[entry], counter) for site, calls in per_call for (_, entry), counter in zip(site.calls, calls)]
-        id_counters = {name: _RowCounter(None) for site in ctx.compressed_sites for name in site.lookups}
+        id_counters = {name: _IdCounter(site.out_features) for site in ctx.compressed_sites for name in site.lookups}
         routes += [(match_lookup(gm, nodes[name]).ids, nodes[name], counter) for name, counter in id_counters.items()]
         with observing(gm, _OBSERVERS, routes), torch.no_grad():
             for index, batch in enumerate(progress_bar(ctx.calibration, desc="calibrate", leave=False, enabled=len(ctx.calibration) >= 4)):
@@ -133,6 +149,7 @@ class CalibrateInputCovariance(GraphPass):
             ctx.covariances[site.name] = InputCovariance(grams[site.name], rows)
         ctx.rows_per_sample.update((site.node, _rows_per_sample(calls)) for site, calls in per_call if any(counter.rows for counter in calls))
         ctx.rows_per_sample.update((name, _rows_per_sample([counter])) for name, counter in id_counters.items() if counter.rows)
+        ctx.lookup_counts.update((site.name, sum(id_counters[name].counts for name in site.lookups)) for site in ctx.compressed_sites if site.lookups)
         return gm
 
     def ensures(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tunecomp_fx.passes.decompose_weights import decompose, whitening_factor
+from tunecomp_fx.passes.decompose_weights import decompose, lookup_row_weights, whitening_factor
 from tunecomp_fx.passes.initialize_students import activation_error
 from tests.models import anisotropic_inputs
 
@@ -34,6 +34,29 @@ def test_whitened_factors_are_the_rank_r_optimum(shape):
     ours = _truncated(weight.float(), covariance, "whitened", rank).double()
     assert _activation_error(weight, ours, x) == pytest.approx(_activation_error(weight, reference, x), rel=1e-4)
     torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("shape", [(48, 96), (96, 48)])  # both branches: m <= n and m > n
+def test_row_weighted_factors_are_the_weighted_rank_r_optimum(shape):
+    """A tied table's rows weighted by the lookups' reads: B A minimises ||P^1/2 (W - B A) X^T||_F."""
+    torch.manual_seed(0)
+    weight = torch.randn(*shape, dtype=torch.float64)
+    x = anisotropic_inputs(500, shape[1]).double()
+    covariance = x.T @ x / len(x)
+    counts = torch.randint(0, 50, (shape[0],)) * (torch.rand(shape[0]) < 0.5)  # half the rows never read
+    weights = lookup_row_weights(counts)
+    assert weights.mean().item() == pytest.approx(1.0) and weights.min() > 0
+    rank = 12
+    root = weights.sqrt()[:, None]
+    u = torch.linalg.svd(root * weight @ x.T, full_matrices=False)[0][:, :rank]
+    reference = (u @ u.T @ (root * weight)) / root  # Eckart-Young on the weighted rows, unweighted back
+    factors = decompose(weight.float(), covariance, "whitened", damping=1e-8, row_weights=weights)
+    ours = (factors.up[:, :rank] @ factors.down[:rank]).double()
+    torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-3)
+    weighted_error = lambda approx: (root * (weight - approx) @ x.T).norm().item()  # noqa: E731
+    assert weighted_error(ours) < weighted_error(_truncated(weight.float(), covariance, "whitened", rank).double())
+    unweighted = decompose(weight.float(), covariance, "whitened", damping=1e-8, row_weights=torch.ones(shape[0]))
+    torch.testing.assert_close(unweighted.up @ unweighted.down, _truncated(weight.float(), covariance, "whitened", min(shape)), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("shape", [(48, 96), (96, 48)])

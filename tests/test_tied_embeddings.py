@@ -25,6 +25,8 @@ from tunecomp_fx.config import CompressionConfig
 from tunecomp_fx.export import to_onnx
 from tunecomp_fx.inspect import site_subgraph
 from tunecomp_fx.metrics import count_parameters
+from tunecomp_fx.passes.calibrate_input_covariance import CalibrateInputCovariance
+from tunecomp_fx.passes.decompose_weights import DecomposeWeights, decompose, lookup_row_weights
 from tunecomp_fx.passes.find_linear_sites import FindLinearSites
 from tunecomp_fx.pipeline import PassContext, run_passes
 from tunecomp_fx.sites import Blend, lookup_calls, student_calls, students_alone
@@ -86,6 +88,21 @@ def test_each_lookup_of_a_tied_head_reads_the_heads_student(build):
         torch.testing.assert_close(prepared(*inputs), model(*inputs), rtol=0, atol=1e-6)  # alpha = 1: the teachers alone
         with students_alone(prepared):  # the head and the lookups apply the student's map, W ~ up.weight @ down.weight
             torch.testing.assert_close(prepared(*inputs), _with_student_weights(model, prepared)(*inputs), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("build", [_tied_language_model, _shared_vocabulary], ids=["nn.Embedding", "F.embedding"])
+def test_a_tied_heads_rows_are_weighted_by_how_often_its_lookups_read_them(build):
+    model, inputs, name = build()
+    context = PassContext(config=CompressionConfig(), calibration=[inputs])
+    gm = run_passes(capture(model, inputs).graph_module, [FindLinearSites(), CalibrateInputCovariance(), DecomposeWeights()], context)
+    site = next(site for site in context.compressed_sites if site.name == name)
+    counts = sum(torch.bincount(ids.flatten(), minlength=100) for ids in inputs).double()  # SharedVocabulary looks up both inputs
+    torch.testing.assert_close(context.lookup_counts[name], counts)
+    assert set(context.lookup_counts) == {name}  # the sites without lookups are factored as before
+    expected = decompose(site.weight(gm), context.covariances[name].covariance, "whitened", CompressionConfig().damping, lookup_row_weights(counts))
+    torch.testing.assert_close(context.decompositions[name].up, expected.up)
+    unweighted = decompose(site.weight(gm), context.covariances[name].covariance, "whitened", CompressionConfig().damping)
+    assert not torch.allclose(context.decompositions[name].singular_values, unweighted.singular_values)
 
 
 def test_a_tied_head_finalizes_to_its_factors_alone_counted_once_and_exports(tmp_path):

@@ -139,6 +139,7 @@ def prepare(
     context.covariances.clear()
     context.gradient_covariances.clear()
     context.decompositions.clear()
+    context.lookup_counts.clear()
     context.calibration = context.calibration_targets = ()
     gm.meta[STATE_KEY] = PreparedState(context, captured.path, captured.reason, inputs, params_before, macs_before)
     return gm

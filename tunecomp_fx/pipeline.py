@@ -53,6 +53,8 @@ class PassContext:
     width_covariances: dict[str, torch.Tensor] = field(default_factory=dict)
     gradient_covariances: dict[str, Any] = field(default_factory=dict)  # of the loss at each site's output
     rows_per_sample: dict[str, float] = field(default_factory=dict)  # by site node: input rows (tokens) per example
+    # by site whose weight embedding lookups read too: how often the calibration's lookups read each row
+    lookup_counts: dict[str, torch.Tensor] = field(default_factory=dict)
     decompositions: dict[str, Any] = field(default_factory=dict)
     ranks: dict[str, RankDecision] = field(default_factory=dict)
     # ||(W - BA) X|| / ||W X|| of each initialized student on the calibration inputs
