@@ -21,42 +21,33 @@ def _truncated(weight, covariance, init, rank):
     return d.up[:, :rank] @ d.down[:rank]
 
 
+@pytest.mark.parametrize("rows", ["unweighted", "unit weights", "weighted by reads"])
 @pytest.mark.parametrize("shape", [(48, 96), (96, 48)])  # both branches: m <= n and m > n
-def test_whitened_factors_are_the_rank_r_optimum(shape):
+def test_whitened_factors_are_the_rank_r_optimum(shape, rows):
+    """Of ||(W - B A) X^T||_F; with a tied table's rows weighted by its lookups' reads (P), of
+    ||P^1/2 (W - B A) X^T||_F, which unit weights leave as it is."""
     torch.manual_seed(0)
     weight = torch.randn(*shape, dtype=torch.float64)
     x = anisotropic_inputs(500, shape[1]).double()
     covariance = x.T @ x / len(x)
     rank = 12
-    # Reference: the Eckart-Young truncation of W X projected back (exact SVD).
-    u = torch.linalg.svd(weight @ x.T, full_matrices=False)[0][:, :rank]
-    reference = u @ u.T @ weight
-    ours = _truncated(weight.float(), covariance, "whitened", rank).double()
-    assert _activation_error(weight, ours, x) == pytest.approx(_activation_error(weight, reference, x), rel=1e-4)
-    torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-3)
-
-
-@pytest.mark.parametrize("shape", [(48, 96), (96, 48)])  # both branches: m <= n and m > n
-def test_row_weighted_factors_are_the_weighted_rank_r_optimum(shape):
-    """A tied table's rows weighted by the lookups' reads: B A minimises ||P^1/2 (W - B A) X^T||_F."""
-    torch.manual_seed(0)
-    weight = torch.randn(*shape, dtype=torch.float64)
-    x = anisotropic_inputs(500, shape[1]).double()
-    covariance = x.T @ x / len(x)
-    counts = torch.randint(0, 50, (shape[0],)) * (torch.rand(shape[0]) < 0.5)  # half the rows never read
-    weights = lookup_row_weights(counts)
-    assert weights.mean().item() == pytest.approx(1.0) and weights.min() > 0
-    rank = 12
-    root = weights.sqrt()[:, None]
+    weights = {
+        "unweighted": None,
+        "unit weights": torch.ones(shape[0]),
+        "weighted by reads": lookup_row_weights(torch.randint(0, 50, (shape[0],)) * (torch.rand(shape[0]) < 0.5)),  # half never read
+    }[rows]
+    root = torch.ones(shape[0], 1, dtype=torch.float64) if weights is None else weights.double().sqrt()[:, None]
+    # Reference: the Eckart-Young truncation of P^1/2 W X projected back (exact SVD), unweighted back.
     u = torch.linalg.svd(root * weight @ x.T, full_matrices=False)[0][:, :rank]
-    reference = (u @ u.T @ (root * weight)) / root  # Eckart-Young on the weighted rows, unweighted back
+    reference = u @ u.T @ (root * weight) / root
     factors = decompose(weight.float(), covariance, "whitened", damping=1e-8, row_weights=weights)
     ours = (factors.up[:, :rank] @ factors.down[:rank]).double()
+    error = lambda approx: (root * (weight - approx) @ x.T).norm().item()  # noqa: E731
+    assert error(ours) == pytest.approx(error(reference), rel=1e-4)
     torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-3)
-    weighted_error = lambda approx: (root * (weight - approx) @ x.T).norm().item()  # noqa: E731
-    assert weighted_error(ours) < weighted_error(_truncated(weight.float(), covariance, "whitened", rank).double())
-    unweighted = decompose(weight.float(), covariance, "whitened", damping=1e-8, row_weights=torch.ones(shape[0]))
-    torch.testing.assert_close(unweighted.up @ unweighted.down, _truncated(weight.float(), covariance, "whitened", min(shape)), atol=1e-4, rtol=1e-4)
+    if rows == "weighted by reads":
+        assert weights.mean().item() == pytest.approx(1.0) and weights.min() > 0
+        assert error(ours) < error(_truncated(weight.float(), covariance, "whitened", rank).double())
 
 
 @pytest.mark.parametrize("shape", [(48, 96), (96, 48)])
