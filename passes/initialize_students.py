@@ -1,6 +1,7 @@
 """Transform: write each student's factors from its site's decomposition (the leading ranks), copy
 the teacher's bias into the student's bias, and record how well each student reproduces its
-teacher on the calibration data (the relative activation-weighted error of the written factors).
+teacher on the calibration data (the relative activation-weighted error of the written factors;
+for a table tied to the site, also the error of the rows the calibration's lookups read).
 A student with a core (method="union") gets the fixed bases as factors and the diagonal of the
 projected W0 as its core."""
 
@@ -25,6 +26,16 @@ def activation_error(weight: torch.Tensor, approx: torch.Tensor, covariance: tor
     # accurate relative to each trace and several times faster than float64 on large layers.
     error = ((e.float() @ c) * e.float()).sum().double().clamp_min(0)
     total = ((w.float() @ c) * w.float()).sum().double()
+    return float((error / total).sqrt()) if total > 0 else 0.0
+
+
+def lookup_error(weight: torch.Tensor, approx: torch.Tensor, counts: torch.Tensor) -> float:
+    """||W[ids] - approx[ids]|| / ||W[ids]|| over the ids the lookups read, row i read counts[i] times
+    (0 when they read only zero rows)."""
+    w = weight.detach().double()
+    reads = counts.to(w.device, torch.float64)
+    error = (reads * (w - approx.detach().double()).square().sum(1)).sum()
+    total = (reads * w.square().sum(1)).sum()
     return float((error / total).sqrt()) if total > 0 else 0.0
 
 
@@ -68,6 +79,8 @@ class InitializeStudents(GraphPass):
                 ctx.init_errors[site.name] = activation_error(
                     site.weight(gm), student_weight(student), ctx.covariances[site.name].covariance
                 )
+                if site.name in ctx.lookup_counts:
+                    ctx.lookup_init_errors[site.name] = lookup_error(site.weight(gm), student_weight(student), ctx.lookup_counts[site.name])
         return gm
 
     def ensures(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:

@@ -28,6 +28,7 @@ from tunecomp_fx.metrics import count_parameters
 from tunecomp_fx.passes.calibrate_input_covariance import CalibrateInputCovariance
 from tunecomp_fx.passes.decompose_weights import DecomposeWeights, decompose, lookup_row_weights
 from tunecomp_fx.passes.find_linear_sites import FindLinearSites
+from tunecomp_fx.passes.initialize_students import student_weight
 from tunecomp_fx.pipeline import PassContext, run_passes
 from tunecomp_fx.sites import Blend, lookup_calls, student_calls, students_alone
 
@@ -108,6 +109,11 @@ def test_a_tied_heads_rows_are_weighted_by_how_often_its_lookups_read_them(build
 def test_a_tied_head_finalizes_to_its_factors_alone_counted_once_and_exports(tmp_path):
     model, inputs, _ = _tied_language_model()
     prepared = tunecomp_fx.prepare(model, inputs, ratio=RATIO)
+    # the initial factors' error over the rows the example ids read, as often as they read them
+    table, approximation = model.embed.weight.double(), student_weight(prepared.lowrank.head)
+    reads = torch.bincount(inputs[0].flatten(), minlength=100).double()[:, None]
+    lookup_error = ((reads * (table - approximation) ** 2).sum() / (reads * table**2).sum()).sqrt().item()
+    assert 0 < lookup_error < 1
     tunecomp_fx.prune_slack(prepared)
     compact, _ = finalize_from_student_path(prepared, *inputs)
     assert not hasattr(compact, "embed") and not hasattr(compact, "head")  # the tied table is gone
@@ -117,7 +123,7 @@ def test_a_tied_head_finalizes_to_its_factors_alone_counted_once_and_exports(tmp
     report = tunecomp_fx.get_report(compact)
     rows = {row.name: row for row in report.sites}
     head = rows["head"]
-    assert head.decision == "rank" and "tied: its embedding lookup reads the student's factors" in head.reason
+    assert head.decision == "rank" and f"tied: its embedding lookup reads the student's factors (init error {lookup_error:.3g} over the calibration's lookups)" in head.reason
     assert head.params_before == 100 * 32 and head.params_after == head.rank * (100 + 32) + 100  # the factors and up's bias
     assert head.macs_before == 10 * 100 * 32 and head.macs_after == 10 * head.rank * (100 + 32) + 10 * head.rank * 32  # the head, the lookup
     assert count_parameters(compact) == sum(row.params_after for row in report.sites) == report.model_params_after

@@ -340,7 +340,9 @@ def build_report(compact: fx.GraphModule, state: PreparedState) -> CompressionRe
                 reason = "; ".join(filter(None, (f"one student for the weight's {len(site.calls)} linear calls", reason)))
             if site.lookups:
                 lookups = "its embedding lookup reads" if len(site.lookups) == 1 else f"its {len(site.lookups)} embedding lookups read"
-                reason = "; ".join(filter(None, (f"tied: {lookups} the student's factors", reason)))
+                error = context.lookup_init_errors.get(site.name)
+                looked_up = f" (init error {error:.3g} over the calibration's lookups)" if error is not None else ""
+                reason = "; ".join(filter(None, (f"tied: {lookups} the student's factors{looked_up}", reason)))
             weights = site.in_features * site.out_features if rank is None else rank * (site.in_features + site.out_features)
             macs_after = _macs(tokens, weights)
             if rank is not None and macs_after is not None:  # a lookup of the factors: rank x in MACs per id

@@ -59,6 +59,8 @@ class PassContext:
     ranks: dict[str, RankDecision] = field(default_factory=dict)
     # ||(W - BA) X|| / ||W X|| of each initialized student on the calibration inputs
     init_errors: dict[str, float] = field(default_factory=dict)
+    # ||W[ids] - (BA)[ids]|| / ||W[ids]|| over the rows the calibration's lookups read, of each tied site
+    lookup_init_errors: dict[str, float] = field(default_factory=dict)
     log: list[PassRecord] = field(default_factory=list)
 
     @property
