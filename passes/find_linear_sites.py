@@ -133,5 +133,4 @@ def _parameter_readers(gm: fx.GraphModule) -> dict[str, set[fx.Node]]:
 
 def _lookups_of(calls: list[SiteMatch], lookups: list[LookupMatch], aliases: dict[str, list[str]]) -> list[LookupMatch]:
     """The embedding lookups of the weight the site's `calls` apply, under any of its names."""
-    names = aliases[calls[0].weight] or [calls[0].weight]
-    return [lookup for lookup in lookups if lookup.weight in names]
+    return [lookup for lookup in lookups if lookup.weight in aliases[calls[0].weight]]
