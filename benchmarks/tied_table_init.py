@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from tunecomp_fx.config import CompressionConfig
 from tunecomp_fx.data import load_minilm_classifier, load_rotten_tomatoes, tokenize
 from tunecomp_fx.passes.decompose_weights import decompose, lookup_row_weights
+from tunecomp_fx.passes.initialize_students import activation_error, lookup_error
 
 # (label, init, rows weighted by the lookups' reads): the first is what a tied head got before, the second what it gets now
 FORMS = (
@@ -85,16 +86,15 @@ def main() -> None:
     covariance = states.T @ states / len(states)
     held_out_covariance = held_out_states.T @ held_out_states / len(held_out_states)
     counts = torch.bincount(ids, minlength=rows)
-    exact = table.double()
+    held_out_counts = torch.bincount(held_out_ids, minlength=rows)
     results = []
     for kept in args.kept:
         rank = int(kept * rows * width / (rows + width))
         for label, init, weighted in FORMS:
             factors = decompose(table, covariance, init, CompressionConfig().damping, lookup_row_weights(counts) if weighted else None)
             approximation = factors.up[:, :rank].double() @ factors.down[:rank].double()
-            delta = exact - approximation
-            head = (((delta @ held_out_covariance) * delta).sum() / ((exact @ held_out_covariance) * exact).sum()).sqrt().item()
-            lookup = ((delta[held_out_ids] ** 2).sum() / (exact[held_out_ids] ** 2).sum()).sqrt().item()
+            head = activation_error(table, approximation, held_out_covariance)  # the report's init errors, on held-out texts
+            lookup = lookup_error(table, approximation, held_out_counts)
             cosine = sentence_cosine(bert, tokenizer, validation, approximation)
             results.append({"kept": kept, "rank": rank, "form": label, "head_error": head, "lookup_error": lookup, "sentence_cosine": cosine})
             print(f"kept {kept} rank {rank} | {label:58s} head {head:.3f} lookup {lookup:.3f} cosine {cosine:.4f}", flush=True)

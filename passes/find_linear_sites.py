@@ -15,7 +15,7 @@ from torch import fx, nn
 
 from tunecomp_fx.capture import hidden_layers
 from tunecomp_fx.errors import SiteError
-from tunecomp_fx.forms import LookupMatch, SiteMatch, match_lookup, match_sites
+from tunecomp_fx.forms import SiteMatch, match_lookup, match_sites
 from tunecomp_fx.pipeline import GraphPass, PassContext
 from tunecomp_fx.sites import Site
 
@@ -35,12 +35,12 @@ class FindLinearSites(GraphPass):
         lookups = [lookup for node in gm.graph.nodes if (lookup := match_lookup(gm, node)) is not None]
         readers = _parameter_readers(gm)
 
-        def status(calls: list[SiteMatch], name: str) -> tuple[str, str]:
+        def status(calls: list[SiteMatch], name: str, own_lookups: list[fx.Node]) -> tuple[str, str]:
             weight = calls[0].weight
             if any(fnmatch.fnmatchcase(name, pattern) for pattern in ctx.config.exclude):
                 return "excluded", "excluded by the user's pattern"
             outside = set().union(*(readers[alias] for alias in aliases[weight])) - {node for call in calls for node in call.nodes}
-            if outside - {lookup.node for lookup in _lookups_of(calls, lookups, aliases)}:
+            if outside - set(own_lookups):
                 tied = sorted(set(aliases[weight]) - {weight})
                 return "shared", f"weight tied with {', '.join(tied)}" if tied else "weight also used outside linear calls"
             if outside and ctx.config.method != "tunecomp":
@@ -58,7 +58,8 @@ class FindLinearSites(GraphPass):
             first = calls[0]
             weight = gm.get_parameter(first.weight)
             name = first.weight.removesuffix(".weight")
-            site_status, reason = status(calls, name)
+            own_lookups = [lookup.node for lookup in lookups if lookup.weight in aliases[first.weight]]  # under any of its names
+            site_status, reason = status(calls, name, own_lookups)
             sites.append(
                 Site(
                     name=name,
@@ -74,7 +75,7 @@ class FindLinearSites(GraphPass):
                     layout=first.layout,
                     stride=first.stride,
                     more_calls=tuple((call.output.name, call.entry.name) for call in calls[1:]),
-                    lookups=tuple(lookup.node.name for lookup in _lookups_of(calls, lookups, aliases)) if site_status == "compress" else (),
+                    lookups=tuple(node.name for node in own_lookups) if site_status == "compress" else (),
                 )
             )
         ctx.sites = sites + hidden_layers(gm)
@@ -129,8 +130,3 @@ def _parameter_readers(gm: fx.GraphModule) -> dict[str, set[fx.Node]]:
             for name, _ in gm.get_submodule(node.target).named_parameters(remove_duplicate=False):
                 readers[f"{node.target}.{name}"].add(node)
     return readers
-
-
-def _lookups_of(calls: list[SiteMatch], lookups: list[LookupMatch], aliases: dict[str, list[str]]) -> list[LookupMatch]:
-    """The embedding lookups of the weight the site's `calls` apply, under any of its names."""
-    return [lookup for lookup in lookups if lookup.weight in aliases[calls[0].weight]]

@@ -125,6 +125,7 @@ class InsertTeacherStudent(GraphPass):
         sites = ctx.factorized_sites()
         unblended = {up for width in ctx.hidden_widths for up in width.ups}
         hidden_inputs = {width.down for width in ctx.hidden_widths}
+        lookups = lookup_calls(gm)
         if len(found) != len(sites):
             return f"{len(found)} students for {len(sites)} factorized sites"
         for site in sites:
@@ -135,8 +136,7 @@ class InsertTeacherStudent(GraphPass):
                 problem = _call_problem(site, roles, nodes[node], nodes[entry], site.name in unblended, site.name in hidden_inputs)
                 if problem:
                     return problem
-            lookups = lookup_calls(gm).get(site.key, [])
-            if [roles.get("teacher") for roles in lookups] != [nodes[name] for name in site.lookups]:
+            if [roles.get("teacher") for roles in lookups.get(site.key, [])] != [nodes[name] for name in site.lookups]:
                 return f"the embedding lookups {list(site.lookups)} of site '{site.name}' are not each blended with a student lookup"
         if ctx.hidden_widths and ctx.check_inputs is not None:
             return _student_path_problem(gm, ctx.check_inputs)

@@ -1,5 +1,8 @@
 """A small shifted-task setup for the joint-training tests: a model "pretrained" on scikit-learn's
-8x8 digits 0-4, then fine-tuned (or jointly fine-tuned and compressed) on digits 5-9."""
+8x8 digits 0-4, then fine-tuned (or jointly fine-tuned and compressed) on digits 5-9; the
+single-thread fixture, and training data cut off as by Ctrl-C (`Interrupted`). Fixtures, not tests:
+the test_*.py modules import them and assert on what training makes of them; pytest does not collect
+this module."""
 
 from __future__ import annotations
 
