@@ -2,8 +2,9 @@
 the input second moment X^T X (float64 accumulation) and the number of rows, over every call of its
 weight (`Site.calls`: the one student serves them all); at the sites left
 alone (excluded, shared, in a width) only the rows, for the report's MACs; at the embedding lookups
-of a tied weight (`Site.lookups`) the ids per example and how often each row of the table is read
-(decompose_weights weights the rows by it). Observers are inserted
+of a tied weight or a table (`Site.lookups`) the ids per example and how often each row of the table
+is read (decompose_weights weights the rows by it; a table's metric on its features is the identity,
+as its lookups read whole rows). Observers are inserted
 as call_module nodes for the run and removed after it (the prepare/convert idea of torch.ao)."""
 
 from __future__ import annotations
@@ -144,6 +145,9 @@ class CalibrateInputCovariance(GraphPass):
                 _calibrate_on(gm, batch, index)
         for site in ctx.compressed_sites:
             rows = sum(observer.rows for observer in observers[site.name])
+            if site.is_table:  # a lookup reads whole rows: the metric on the features is the plain one
+                rows = sum(id_counters[name].rows for name in site.lookups)
+                grams[site.name] += rows * torch.eye(site.in_features, dtype=torch.float64)
             if rows == 0:
                 raise CalibrationError(f"site '{site.name}' saw no input during calibration; is it reachable from forward()?")
             ctx.covariances[site.name] = InputCovariance(grams[site.name], rows)

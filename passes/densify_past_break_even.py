@@ -1,5 +1,6 @@
 """Transform: a student whose kept rank r has r * (m + n) >= m * n is no smaller than a dense
-matrix and runs slower; replace its down/up pair by one module of its layout with W = up @ down."""
+matrix and runs slower; replace its down/up pair by one module of its layout with W = up @ down,
+whose weight the embedding lookups of the site (a tied head's, a table's) then read as it is."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from torch import fx, nn
 
 from tunecomp_fx.forms import rebuilt
 from tunecomp_fx.pipeline import GraphPass, PassContext
-from tunecomp_fx.sites import LOWRANK_ROOT, student_calls, student_nodes
+from tunecomp_fx.sites import LOWRANK_ROOT, student_roles
 
 
 def past_break_even(down: nn.Module, up: nn.Module) -> bool:
@@ -22,24 +23,32 @@ class DensifyPastBreakEven(GraphPass):
     preserves_outputs = True
 
     def requires(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:
-        masked = [key for key, roles in student_nodes(gm).items() if "rank_mask" in roles]
+        masked = [key for key, reads in student_roles(gm).items() if any("rank_mask" in roles for roles in reads)]
         return f"sites {masked[:3]} still hold rank masks (run eliminate_pruned_ranks first)" if masked else None
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-        for key, calls in student_calls(gm).items():
-            if "down" not in calls[0] or "up" not in calls[0]:
-                continue
-            container = gm.get_submodule(f"{LOWRANK_ROOT}.{key}")
-            if not past_break_even(container.down, container.up):
+        for key, reads in student_roles(gm).items():
+            prefix = f"{LOWRANK_ROOT}.{key}"
+            container = gm.get_submodule(prefix)
+            if not _factorized(container) or not past_break_even(container.down, container.up):
                 continue
             down, up = container.down, container.up
             with torch.no_grad():
                 product = up.weight.flatten(1).double() @ down.weight.flatten(1).double()
                 weight = product.reshape(up.weight.shape[:1] + down.weight.shape[1:]).to(up.weight.dtype)
                 container.dense = rebuilt(down, weight, up.bias)  # down's layout and stride, up's bias
-            for roles in calls:  # each call of the site's weight
-                with gm.graph.inserting_before(roles["up"]):
-                    node = gm.graph.call_module(f"{LOWRANK_ROOT}.{key}.dense", roles["down"].args)
+            for roles in reads:
+                if "factor" in roles:  # a lookup of the weight reads the dense rows
+                    with gm.graph.inserting_before(roles["rows"]):
+                        table = gm.graph.get_attr(f"{prefix}.dense.weight")
+                    table.meta["tunecomp"] = roles["table"].meta["tunecomp"]
+                    roles["rows"].replace_input_with(roles["table"], table)
+                    roles["student"].replace_all_uses_with(roles["rows"])
+                    for node in (roles["student"], roles["factor"], roles["table"]):
+                        gm.graph.erase_node(node)
+                    continue
+                with gm.graph.inserting_before(roles["up"]):  # a call of the weight
+                    node = gm.graph.call_module(f"{prefix}.dense", roles["down"].args)
                 roles["up"].replace_all_uses_with(node)
                 gm.graph.erase_node(roles["up"])
                 gm.graph.erase_node(roles["down"])
@@ -47,7 +56,12 @@ class DensifyPastBreakEven(GraphPass):
         return gm
 
     def ensures(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:
-        for key, roles in student_nodes(gm).items():
-            if "down" in roles and past_break_even(gm.get_submodule(roles["down"].target), gm.get_submodule(roles["up"].target)):
+        for key in student_roles(gm):
+            container = gm.get_submodule(f"{LOWRANK_ROOT}.{key}")
+            if _factorized(container) and past_break_even(container.down, container.up):
                 return f"site '{key}' is factorized past break-even"
         return None
+
+
+def _factorized(container: nn.Module) -> bool:
+    return hasattr(container, "down") and hasattr(container, "up")

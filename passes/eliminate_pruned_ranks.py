@@ -10,7 +10,7 @@ from torch import fx
 from tunecomp_fx.forms import rebuilt
 from tunecomp_fx.pipeline import GraphPass, PassContext
 from tunecomp_fx.pruning import RankPruner
-from tunecomp_fx.sites import LOWRANK_ROOT, lookup_calls, student_calls, student_nodes
+from tunecomp_fx.sites import LOWRANK_ROOT, student_roles
 
 
 class EliminatePrunedRanks(GraphPass):
@@ -28,9 +28,8 @@ class EliminatePrunedRanks(GraphPass):
         return None
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-        lookups = lookup_calls(gm)
-        for key, calls in student_calls(gm).items():
-            if "rank_mask" not in calls[0]:
+        for key, reads in student_roles(gm).items():
+            if "rank_mask" not in reads[0]:
                 continue
             container = gm.get_submodule(f"{LOWRANK_ROOT}.{key}")
             mask = container.rank_mask.flatten()
@@ -42,16 +41,13 @@ class EliminatePrunedRanks(GraphPass):
                 scale = mask[kept].to(down.weight.dtype).reshape((-1,) + (1,) * (down.weight.dim() - 1))
                 container.down = rebuilt(down, down.weight[kept] * scale, down.bias)
                 container.up = rebuilt(up, up.weight[:, kept], up.bias)
-            for roles in calls:  # each call of the site's weight
-                roles["masked"].replace_all_uses_with(roles["down"])
-            for roles in lookups.get(key, []):
-                roles["masked"].replace_all_uses_with(roles["rows"])
-            for roles in calls + lookups.get(key, []):
+            for roles in reads:  # each call of the site's weight (its down), each lookup of it (its rows)
+                roles["masked"].replace_all_uses_with(roles["rows"] if "rows" in roles else roles["down"])
                 gm.graph.erase_node(roles["masked"])
                 gm.graph.erase_node(roles["rank_mask"])
             del container._buffers["rank_mask"]
         return gm
 
     def ensures(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:
-        left = [key for key, roles in student_nodes(gm).items() if "rank_mask" in roles]
+        left = [key for key, reads in student_roles(gm).items() if any("rank_mask" in roles for roles in reads)]
         return f"rank masks left at {left[:3]}" if left else None

@@ -4,7 +4,10 @@ weight's linear calls of one layout and stride are one site, its further calls i
 compressed with one student if they apply the weight alike (the same bias too). A weight that
 embedding lookups read too (an output head tied to its embedding, under any of its parameter names)
 is compressed with its lookups (`Site.lookups`); one tied to another parameter read otherwise, used
-outside linear calls and lookups, or applied by calls that differ stays dense ("shared")."""
+outside linear calls and lookups, or applied by calls that differ stays dense ("shared"). With
+compress_embeddings, a table that lookups alone read and that has more rows than features (a
+vocabulary; a smaller table saves nothing worth its rank) is a site of its own (`Site.is_table`), in
+graph order with the linear sites."""
 
 from __future__ import annotations
 
@@ -15,9 +18,9 @@ from torch import fx, nn
 
 from tunecomp_fx.capture import hidden_layers
 from tunecomp_fx.errors import SiteError
-from tunecomp_fx.forms import SiteMatch, match_lookup, match_sites
+from tunecomp_fx.forms import LookupMatch, SiteMatch, match_lookup, match_sites
 from tunecomp_fx.pipeline import GraphPass, PassContext
-from tunecomp_fx.sites import Site
+from tunecomp_fx.sites import TABLE_FORM, Site
 
 
 class FindLinearSites(GraphPass):
@@ -35,12 +38,13 @@ class FindLinearSites(GraphPass):
         lookups = [lookup for node in gm.graph.nodes if (lookup := match_lookup(gm, node)) is not None]
         readers = _parameter_readers(gm)
 
-        def status(calls: list[SiteMatch], name: str, own_lookups: list[fx.Node]) -> tuple[str, str]:
-            weight = calls[0].weight
+        def status(weight: str, calls: list[SiteMatch], name: str, own_lookups: list[fx.Node]) -> tuple[str, str]:
             if any(fnmatch.fnmatchcase(name, pattern) for pattern in ctx.config.exclude):
                 return "excluded", "excluded by the user's pattern"
             outside = set().union(*(readers[alias] for alias in aliases[weight])) - {node for call in calls for node in call.nodes}
             if outside - set(own_lookups):
+                if not calls:
+                    return "shared", "table also read outside plain embedding lookups"
                 tied = sorted(set(aliases[weight]) - {weight})
                 return "shared", f"weight tied with {', '.join(tied)}" if tied else "weight also used outside linear calls"
             if outside and ctx.config.method != "tunecomp":
@@ -59,7 +63,7 @@ class FindLinearSites(GraphPass):
             weight = gm.get_parameter(first.weight)
             name = first.weight.removesuffix(".weight")
             own_lookups = [lookup.node for lookup in lookups if lookup.weight in aliases[first.weight]]  # under any of its names
-            site_status, reason = status(calls, name, own_lookups)
+            site_status, reason = status(first.weight, calls, name, own_lookups)
             sites.append(
                 Site(
                     name=name,
@@ -78,6 +82,27 @@ class FindLinearSites(GraphPass):
                     lookups=tuple(node.name for node in own_lookups) if site_status == "compress" else (),
                 )
             )
+        if ctx.config.compress_embeddings:
+            linear_weights = {alias for weight, _, _ in calls_of for alias in aliases[weight]}
+            tables: dict[str, list[LookupMatch]] = defaultdict(list)  # by the table's first name
+            for lookup in lookups:
+                if lookup.weight not in linear_weights:
+                    tables[aliases[lookup.weight][0]].append(lookup)
+            for weight, table_lookups in tables.items():
+                rows, features = gm.get_parameter(weight).shape
+                if rows <= features:
+                    continue
+                name = weight.removesuffix(".weight")
+                site_status, reason = status(weight, [], name, [lookup.node for lookup in table_lookups])
+                sites.append(
+                    Site(
+                        name=name, node=table_lookups[0].node.name, form=TABLE_FORM, in_features=features, out_features=rows,
+                        weight_target=weight, bias_target=None, status=site_status, reason=reason,
+                        lookups=tuple(lookup.node.name for lookup in table_lookups) if site_status == "compress" else (),
+                    )
+                )
+            order = {node.name: index for index, node in enumerate(gm.graph.nodes)}
+            sites.sort(key=lambda site: order[site.node])
         ctx.sites = sites + hidden_layers(gm)
         return gm
 

@@ -11,7 +11,7 @@ import torch
 from torch import fx
 
 from tunecomp_fx.pipeline import GraphPass, PassContext
-from tunecomp_fx.sites import LOWRANK_ROOT, lookup_calls, student_calls, student_nodes
+from tunecomp_fx.sites import LOWRANK_ROOT, student_roles
 
 
 class FoldBlends(GraphPass):
@@ -19,38 +19,35 @@ class FoldBlends(GraphPass):
     preserves_outputs = True
 
     def requires(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:
-        for key, roles in student_nodes(gm).items():
-            if "blend" in roles and gm.get_submodule(roles["blend"].target).alpha.item() != 0.0:
+        for key, reads in student_roles(gm).items():
+            if "blend" in reads[0] and (alpha := gm.get_submodule(reads[0]["blend"].target).alpha.item()) != 0.0:
                 return (
-                    f"site '{key}' still blends in its teacher (alpha = "
-                    f"{gm.get_submodule(roles['blend'].target).alpha.item():.3g}); train to the end of the blend "
+                    f"site '{key}' still blends in its teacher (alpha = {alpha:.3g}); train to the end of the blend "
                     "or call tunecomp_fx.set_blend(model, 0.0) before folding"
                 )
         return None
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-        lookups = lookup_calls(gm)
-        for key, calls in student_calls(gm).items():
-            if "blend" not in calls[0]:
+        for key, reads in student_roles(gm).items():
+            if "blend" not in reads[0]:  # an up site of a pruned width: blended at its down site
                 continue
-            blend = calls[0]["blend"]
-            beta = gm.get_submodule(blend.target).beta
-            up = gm.get_submodule(blend.args[1].target)
+            beta = gm.get_submodule(reads[0]["blend"].target).beta  # every blend of the site holds the same
+            container = gm.get_submodule(f"{LOWRANK_ROOT}.{key}")
             with torch.no_grad():
-                up.weight.mul_(beta.to(up.weight.dtype))
-                up.bias.mul_(beta.to(up.bias.dtype))
-            for roles in calls + lookups.get(key, []):  # each call of the site's weight, each lookup of it
+                container.up.weight.mul_(beta.to(container.up.weight.dtype))
+                if container.up.bias is not None:
+                    container.up.bias.mul_(beta.to(container.up.bias.dtype))
+            for roles in reads:  # each call of the site's weight, each lookup of it
                 blend_node, teacher = roles["blend"], roles["teacher"]
                 blend_node.replace_all_uses_with(blend_node.args[1])
                 gm.graph.erase_node(blend_node)
                 if not teacher.users:
                     gm.graph.erase_node(teacher)
-            container = gm.get_submodule(f"{LOWRANK_ROOT}.{key}")
-            delattr(container, "blend")
-            if hasattr(container, "lookup_blend"):
-                delattr(container, "lookup_blend")
+            for name in ("blend", "lookup_blend"):
+                if hasattr(container, name):
+                    delattr(container, name)
         return gm
 
     def ensures(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:
-        left = [key for key, roles in student_nodes(gm).items() if "blend" in roles]
+        left = [key for key, reads in student_roles(gm).items() if any("blend" in roles for roles in reads)]
         return f"blends left at {left[:3]}" if left else None

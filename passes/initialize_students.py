@@ -74,7 +74,7 @@ class InitializeStudents(GraphPass):
                 bias = site.bias(gm)
                 if bias is not None:
                     student.up.bias.copy_(bias)
-                else:
+                elif student.up.bias is not None:  # a table's student has none
                     student.up.bias.zero_()
                 ctx.init_errors[site.name] = activation_error(
                     site.weight(gm), student_weight(student), ctx.covariances[site.name].covariance

@@ -12,7 +12,8 @@ A weight that embedding lookups read too (`Site.lookups`, a head tied to its emb
 in the student's factors at each of them, W[ids] = up.weight[ids] @ down.weight:
     ids --> teacher lookup (W[ids]) ----------------------------------------------------------------.
     ids --> embedding(ids, lowrank.<site>.up.weight) --> mul(rank_mask) --> matmul(lowrank.<site>.down.weight) --> lookup_blend
-(`sites.lookup_calls`), the lookup blended as the calls are.
+(`sites.lookup_calls`), the lookup blended as the calls are. A table that lookups alone read
+(compress_embeddings, `Site.is_table`) gets the student lookups alone, its up without a bias.
 
 method="union" puts a trainable core between fixed orthonormal bases:
     down (V^T, frozen) --> lowrank.<site>.core (rank x rank, trained) --> mul(rank_mask) --> up (U, frozen; bias trained)
@@ -70,7 +71,7 @@ def _new_student(site: Site, rank: int, weight: torch.Tensor, core: bool, blende
     layout = LAYOUTS[site.layout]
     container = nn.Module()
     container.down = layout.make(site.in_features, rank, False, weight, site.stride)
-    container.up = layout.make(rank, site.out_features, True, weight)
+    container.up = layout.make(rank, site.out_features, not site.is_table, weight)  # a table's lookups read no bias
     if core:
         container.core = layout.make(rank, rank, False, weight)
         container.down.weight.requires_grad_(False)
@@ -104,7 +105,8 @@ class InsertTeacherStudent(GraphPass):
             weight = gm.get_parameter(site.weight_target)
             rank = student_rank(site, ctx.ranks[site.name].rank, ctx.config.rank_slack)
             core = ctx.config.method == "union"
-            root.add_module(site.key, _new_student(site, rank, weight, core, blended=site.name not in unblended))
+            blended = site.name not in unblended and not site.is_table  # a table's lookups have a blend of their own
+            root.add_module(site.key, _new_student(site, rank, weight, core, blended))
             for parameter in teacher_parameters(gm, [site]):
                 parameter.requires_grad_(False)
             width = widths_by_down.get(site.name)
@@ -126,10 +128,11 @@ class InsertTeacherStudent(GraphPass):
         unblended = {up for width in ctx.hidden_widths for up in width.ups}
         hidden_inputs = {width.down for width in ctx.hidden_widths}
         lookups = lookup_calls(gm)
-        if len(found) != len(sites):
-            return f"{len(found)} students for {len(sites)} factorized sites"
+        called = [site for site in sites if site.calls]
+        if len(found) != len(called):
+            return f"{len(found)} students called by linear calls for {len(called)} factorized sites with such calls"
         for site in sites:
-            calls = found.get(site.key, [{}])
+            calls = found.get(site.key, [])
             if len(calls) != len(site.calls):
                 return f"the student of site '{site.name}' is called {len(calls)} times for its weight's {len(site.calls)} calls"
             for (node, entry), roles in zip(site.calls, calls):
@@ -216,7 +219,9 @@ def _insert_student_lookup(gm: fx.GraphModule, site: Site, lookup: fx.Node) -> N
     graph = gm.graph
     with graph.inserting_before(lookup.next):
         table = graph.get_attr(f"{prefix}.up.weight")
-        rows = graph.call_function(F.embedding, (match_lookup(gm, lookup).ids, table))
+        match = match_lookup(gm, lookup)
+        # padding_idx: the student's row of the padding id gets no gradient either
+        rows = graph.call_function(F.embedding, (match.ids, table), {"padding_idx": match.padding_idx} if match.padding_idx is not None else {})
         mask = graph.get_attr(f"{prefix}.rank_mask")
         masked = graph.call_function(operator.mul, (rows, mask))
         factor = graph.get_attr(f"{prefix}.down.weight")

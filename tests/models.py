@@ -421,3 +421,20 @@ class SharedVocabulary(nn.Module):
         context = F.embedding(source, self.shared).mean(1, keepdim=True).expand(-1, target.shape[1], -1)
         h = torch.tanh(self.mix(torch.cat([F.embedding(target, self.shared), context], -1)))
         return F.linear(h, self.shared)
+
+
+class TokenClassifier(nn.Module):
+    """A vocabulary table (more rows than features: a site with compress_embeddings) and a position
+    table (fewer: never one), then an MLP and a classifier over the mean token."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(100, 16)
+        self.position = nn.Embedding(10, 16)
+        self.fc = nn.Linear(16, 64)
+        self.back = nn.Linear(64, 16)
+        self.classifier = nn.Linear(16, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids) + self.position(torch.arange(ids.shape[1], device=ids.device))
+        return self.classifier(self.back(torch.relu(self.fc(h))).mean(1))

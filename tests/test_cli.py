@@ -140,6 +140,22 @@ def test_compress_prunes_the_heads_and_neurons_of_a_hugging_face_bert(tmp_path: 
     assert len(attention) == 1  # the student's, over two of the four heads; the teacher's is gone
 
 
+def test_compress_embeddings_factorizes_a_hugging_face_berts_vocabulary(tmp_path: Path) -> None:
+    _save_tiny_bert(tmp_path / "bert", heads=2)
+    args = ["compress", str(tmp_path / "bert"), "--input-shape", "2,16", "--compress-embeddings", "-o", str(tmp_path / "out")]
+    assert main(args) == 0
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["compress_embeddings"] is True
+    sites = {s["name"]: s for s in json.loads((tmp_path / "out" / "report.json").read_text())["sites"]}
+    words = sites["bert.embeddings.word_embeddings"]  # 100 x 32; the position (32 x 32) and token type tables are no sites
+    assert (words["form"], words["decision"], words["params_before"]) == ("embedding", "rank", 100 * 32)
+    assert words["reason"].startswith("table: its embedding lookup reads the student's factors")
+    assert "bert.embeddings.position_embeddings" not in sites
+    compact = load_compact(tmp_path / "out")
+    assert "bert.embeddings.word_embeddings.weight" not in dict(compact.named_parameters())
+    (lookup,) = [node for node in compact.graph.nodes if node.target is torch.ops.aten.embedding.default and "lowrank" in node.args[0].name]
+    assert lookup.args[2:] == (0,)  # the student's lookup keeps BERT's padding row ([PAD], 0) out of the gradient
+
+
 def test_export_writes_an_onnx_model_that_matches(compressed, tmp_path: Path) -> None:
     output, done = compressed
     assert done.returncode == 0, done.stderr

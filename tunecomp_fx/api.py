@@ -310,7 +310,8 @@ def build_report(compact: fx.GraphModule, state: PreparedState) -> CompressionRe
         decision = context.ranks.get(site.name)
         before = site.unpruned_params
         out_features, in_features = site.unpruned_shape or (site.out_features, site.in_features)
-        tokens = rows_per_sample.get(site.node)  # None where calibration saw no input of its own (hidden)
+        # None where calibration saw no input of its own (hidden); a table's lookups have no MACs of their own
+        tokens = rows_per_sample.get(site.node) if not site.is_table else 0.0
         macs_before = _macs(tokens, in_features * out_features)
         rank = None
         if site.status == "in_width":
@@ -342,7 +343,8 @@ def build_report(compact: fx.GraphModule, state: PreparedState) -> CompressionRe
                 lookups = "its embedding lookup reads" if len(site.lookups) == 1 else f"its {len(site.lookups)} embedding lookups read"
                 error = context.lookup_init_errors.get(site.name)
                 looked_up = f" (init error {error:.3g} over the calibration's lookups)" if error is not None else ""
-                reason = "; ".join(filter(None, (f"tied: {lookups} the student's factors{looked_up}", reason)))
+                kind = "table" if site.is_table else "tied"
+                reason = "; ".join(filter(None, (f"{kind}: {lookups} the student's factors{looked_up}", reason)))
             weights = site.in_features * site.out_features if rank is None else rank * (site.in_features + site.out_features)
             macs_after = _macs(tokens, weights)
             if rank is not None and macs_after is not None:  # a lookup of the factors: rank x in MACs per id

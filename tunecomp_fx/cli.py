@@ -102,6 +102,11 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
         help="remove this fraction of the heads of every attention block (query, key, value or a fused qkv -> "
         "scaled_dot_product_attention or softmax(q @ k^T) @ v -> output), the rest of the ratio by rank (default 0: off)",
     )
+    group.add_argument(
+        "--compress-embeddings", action="store_true",
+        help="also factorize each embedding table that plain lookups alone read and that has more rows than features "
+        "(a vocabulary), counted in the ratio: less memory, a little more compute per token (default off)",
+    )
 
 
 def _steps_or_fraction(text: str) -> int | float:
@@ -211,6 +216,7 @@ def _config(args: argparse.Namespace, trains: bool) -> CompressionConfig:
         rank_slack=getattr(args, "rank_slack", None),  # None: the run's default (inspect has no training options)
         prune_neurons=args.prune_neurons,
         prune_heads=args.prune_heads,
+        compress_embeddings=args.compress_embeddings,
         width_slack=getattr(args, "width_slack", None) or 0.0,  # inspect has no training options
     )
 

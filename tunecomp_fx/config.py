@@ -47,6 +47,11 @@ class CompressionConfig:
     width_slack: extra neurons (heads) of each pruned width the students start with, the least
         important pruned away during joint training as the blend progresses, like rank_slack's ranks
         (0: the width is cut once, at prepare; needs prune_neurons or prune_heads).
+    compress_embeddings: also compress each embedding table that plain lookups alone read (and that has
+        more rows than features, as a vocabulary has), W[ids] ~ up.weight[ids] @ down.weight, its rows
+        weighted by how often the calibration reads them; the table then counts in the ratio's
+        parameters. Saves memory, not time: each lookup adds rank x features MACs per id (default off;
+        a table tied to a linear site is compressed with it either way).
     damping: relative diagonal damping of the input covariance before whitening.
     check_numerics: after every pass that promises unchanged outputs, run the model on the example
         inputs and compare (slower; default on when the environment sets TUNECOMP_CHECK_NUMERICS=1,
@@ -63,6 +68,7 @@ class CompressionConfig:
     prune_neurons: float = 0.0
     prune_heads: float = 0.0
     width_slack: float = 0.0
+    compress_embeddings: bool = False
     damping: float = 1e-6
     check_numerics: bool = field(default_factory=lambda: os.environ.get(CHECK_NUMERICS_ENV) == "1")
 
@@ -105,6 +111,10 @@ class CompressionConfig:
                 f"width_slack={self.width_slack} starts pruned widths wider, but no width is pruned: "
                 "set prune_neurons or prune_heads too, or leave width_slack at 0"
             )
+        if not isinstance(self.compress_embeddings, bool):
+            raise ConfigError(f"compress_embeddings must be True or False; got {self.compress_embeddings!r}")
+        if self.method == "union" and self.compress_embeddings:
+            raise ConfigError("method='union' does not compress embedding tables; use method='tunecomp' with compress_embeddings")
         if not self.damping > 0:
             raise ConfigError(f"damping must be > 0; got {self.damping}")
 

@@ -248,6 +248,7 @@ class LookupMatch:
     node: fx.Node  # the lookup, whose value is y
     ids: fx.Node
     weight: str  # target of the table parameter
+    padding_idx: int | None = None  # the row the lookup leaves out of the gradient
 
 
 _EMBEDDINGS = {F.embedding, aten.embedding.default}
@@ -260,16 +261,19 @@ def match_lookup(gm: fx.GraphModule, node: fx.Node) -> LookupMatch | None:
         module = gm.get_submodule(node.target)
         plain = isinstance(module, nn.Embedding) and type(module).forward is nn.Embedding.forward and module.max_norm is None
         ids = _argument(node, 0, "input")
-        return LookupMatch(node, ids, f"{node.target}.weight") if plain and isinstance(ids, fx.Node) else None
+        return LookupMatch(node, ids, f"{node.target}.weight", module.padding_idx) if plain and isinstance(ids, fx.Node) else None
     if node.op != "call_function" or node.target not in _EMBEDDINGS:
         return None
     if node.target is F.embedding:
-        ids, table = _argument(node, 0, "input"), _argument(node, 1, "weight")
+        ids, table, padding_idx = _argument(node, 0, "input"), _argument(node, 1, "weight"), _argument(node, 2, "padding_idx")
         if _argument(node, 3, "max_norm") is not None:
             return None
     else:
-        table, ids = _argument(node, 0, "weight"), _argument(node, 1, "indices")
-    return LookupMatch(node, ids, table.target) if isinstance(ids, fx.Node) and is_parameter(gm, table) else None
+        table, ids, padding_idx = _argument(node, 0, "weight"), _argument(node, 1, "indices"), _argument(node, 2, "padding_idx", -1)
+        padding_idx = None if padding_idx == -1 else padding_idx  # aten's -1: no padding row
+    if not (isinstance(ids, fx.Node) and is_parameter(gm, table)):
+        return None
+    return LookupMatch(node, ids, table.target, padding_idx)
 
 
 def match_sites(gm: fx.GraphModule) -> list[SiteMatch]:

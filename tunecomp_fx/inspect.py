@@ -22,7 +22,7 @@ from tunecomp_fx.errors import InputError
 from tunecomp_fx.forms import match_site
 from tunecomp_fx.pipeline import PassRecord
 from tunecomp_fx.report import format_table
-from tunecomp_fx.sites import LOWRANK_ROOT, Blend, site_key
+from tunecomp_fx.sites import LOWRANK_ROOT, TABLE_FORM, Blend, site_key
 
 _ROLE_COLOURS = {"teacher": "#d9d9d9", "down": "#9ecae1", "up": "#9ecae1", "dense": "#a1d99b", "rank_mask": "#fff3b0", "masked": "#fff3b0", "blend": "#fdae6b"}
 
@@ -163,10 +163,15 @@ def _site_description(model: fx.GraphModule, name: str) -> str:
         what = site.status if site.status != "compress" else (f"rank {decision.rank}" if decision and decision.rank else "dense")
         calls = f", {len(site.calls)} calls of the weight" if site.more_calls else ""
         lookups = f", {len(site.lookups)} embedding lookup{'s' * (len(site.lookups) > 1)} of the weight" if site.lookups else ""
-        return f"{site.form} {site.in_features} -> {site.out_features}, {what}{calls}{lookups} (prepared model)"
+        return f"{_site_shape(site.form, site.in_features, site.out_features)}, {what}{calls}{lookups} (prepared model)"
     row = next(r for r in get_report(model).sites if r.name == name)
     what = f"rank {row.rank}" if row.rank is not None else row.decision
-    return f"{row.form} {row.in_features} -> {row.out_features}, {what} (compact model)"
+    return f"{_site_shape(row.form, row.in_features, row.out_features)}, {what} (compact model)"
+
+
+def _site_shape(form: str, in_features: int, out_features: int) -> str:
+    """A linear map's in -> out, a table's rows x features."""
+    return f"{form} {out_features} x {in_features}" if form == TABLE_FORM else f"{form} {in_features} -> {out_features}"
 
 
 def _describe_attribute(gm: fx.GraphModule, node: fx.Node) -> str:

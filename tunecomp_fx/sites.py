@@ -16,6 +16,7 @@ from tunecomp_fx.errors import ConfigError
 from tunecomp_fx.schedules import DEFAULT_MIX, blend_beta
 
 LOWRANK_ROOT = "lowrank"  # the submodule of the rewritten model that holds every site's student
+TABLE_FORM = "embedding"  # the form of a site that embedding lookups alone read (compress_embeddings)
 
 
 def site_key(name: str) -> str:
@@ -34,6 +35,9 @@ class Site:
     student is called at each of its `calls`, in graph order.
     `lookups` names the embedding lookups that read the weight too (an output head tied to its
     embedding): each gets the student's lookup, up.weight[ids] @ down.weight (`lookup_calls`).
+    A table that lookups alone read (form `TABLE_FORM`, with compress_embeddings) is a site of no linear
+    call: its (rows, features) weight seen as a head's, `node` its first lookup, its student's up
+    without a bias.
     `status` is "compress" for sites the passes rewrite, else the reason class for leaving it dense
     ("excluded" by the user, "shared" weights, "hidden" inside a leaf module or an opaque function,
     "in_width" a squeeze-excitation's layer sliced with the pruned width it sits in), with the
@@ -42,7 +46,7 @@ class Site:
 
     name: str
     node: str
-    form: str  # "call_module", "F.linear", "aten.linear", "F.conv2d", "aten.conv2d", "F.conv1d", "aten.conv1d" or "matmul"
+    form: str  # "call_module", "F.linear", "aten.linear", "F.conv2d", "aten.conv2d", "F.conv1d", "aten.conv1d", "matmul" or TABLE_FORM
     in_features: int
     out_features: int
     weight_target: str
@@ -62,9 +66,14 @@ class Site:
     unpruned_shape: tuple[int, int] | None = None
 
     @property
+    def is_table(self) -> bool:
+        """An embedding table read by lookups alone (no linear call)."""
+        return self.form == TABLE_FORM
+
+    @property
     def calls(self) -> list[tuple[str, str]]:
-        """(node, entry_node) of every call of the site's weight, the first the site's own."""
-        return [(self.node, self.entry_node), *self.more_calls]
+        """(node, entry_node) of every linear call of the site's weight, the first the site's own (none for a table)."""
+        return [] if self.is_table else [(self.node, self.entry_node), *self.more_calls]
 
     @property
     def key(self) -> str:
@@ -109,13 +118,14 @@ class Site:
         return bias[list(self.kept_rows)] if self.kept_rows is not None else bias
 
     def factorized_params(self, rank: int) -> int:
-        # The student carries its own bias of the full output width.
-        return rank * (self.in_features + self.out_features) + self.out_features
+        # The student carries its own bias of the full output width (a table's lookups read none).
+        return rank * (self.in_features + self.out_features) + (0 if self.is_table else self.out_features)
 
     @property
     def student_dense_params(self) -> int:
-        """A student densified by finalize: the weight and the student's own bias (even where the site has none)."""
-        return self.out_features * (self.in_features + 1)
+        """A student densified by finalize: the weight and the student's own bias (even where the site has
+        none; a table's student has none)."""
+        return self.out_features * (self.in_features + (0 if self.is_table else 1))
 
     def kept_params(self, rank: int) -> int:
         """Parameters this site's student holds after finalize at kept `rank`: the factors, or one dense
@@ -348,8 +358,7 @@ def lookup_calls(gm: fx.GraphModule) -> dict[str, list[dict[str, fx.Node]]]:
     (`Site.lookups`), by container key: per lookup its nodes by part, as insert_teacher_student adds
     them (table = up.weight, rows = embedding(ids, table), rank_mask, masked, factor = down.weight,
     student = masked @ factor, blend, teacher) and as later passes leave them; a lookup's nodes start
-    at its table. (Such a site is no up or down site of a hidden width, so its rank stays below
-    break-even and densify_past_break_even leaves it factorized.)"""
+    at its table (densify_past_break_even leaves table and rows, reading the dense weight)."""
     calls: dict[str, list[dict[str, fx.Node]]] = {}
     for node in gm.graph.nodes:
         part = _lookup_part(node)
@@ -362,3 +371,10 @@ def lookup_calls(gm: fx.GraphModule) -> dict[str, list[dict[str, fx.Node]]]:
         if part == "blend":
             lookups[-1]["teacher"] = node.args[0]
     return calls
+
+
+def student_roles(gm: fx.GraphModule) -> dict[str, list[dict[str, fx.Node]]]:
+    """Every place each rewritten site's student is read, by container key: the roles of each of its
+    linear calls (`student_calls`), then of each of its lookups (`lookup_calls`); a table's lookups alone."""
+    calls, lookups = student_calls(gm), lookup_calls(gm)
+    return {key: calls.get(key, []) + lookups.get(key, []) for key in [*calls, *(key for key in lookups if key not in calls)]}

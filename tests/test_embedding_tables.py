@@ -1,0 +1,226 @@
+"""compress_embeddings: an embedding table that plain lookups alone read, and that has more rows
+than features, is a site of its own. Its student W ~ up.weight @ down.weight (no bias) is looked up
+as up.weight[ids] @ down.weight, blended with the table's lookup as a tied head's lookups are, its
+rows weighted by how often the calibration reads them; the compact model holds the factors alone."""
+
+from __future__ import annotations
+
+import copy
+import operator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tests.graph_checks import finalize_from_student_path, train_with_hook
+from tests.joint_task import single_thread  # noqa: F401
+from tests.models import TiedLanguageModel, TokenClassifier
+from torch import nn
+
+import tunecomp_fx
+from tunecomp_fx.capture import capture
+from tunecomp_fx.config import CompressionConfig
+from tunecomp_fx.errors import ConfigError
+from tunecomp_fx.export import to_onnx
+from tunecomp_fx.inspect import site_subgraph
+from tunecomp_fx.metrics import count_parameters
+from tunecomp_fx.passes.calibrate_input_covariance import CalibrateInputCovariance
+from tunecomp_fx.passes.decompose_weights import DecomposeWeights, decompose, lookup_row_weights
+from tunecomp_fx.passes.find_linear_sites import FindLinearSites
+from tunecomp_fx.pipeline import PassContext, run_passes
+from tunecomp_fx.sites import TABLE_FORM, Blend, lookup_calls, student_calls, students_alone
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+RATIO = 0.4
+TOKENS = 10
+
+
+def _model_and_inputs(seed: int = 0) -> tuple[nn.Module, tuple[torch.Tensor]]:
+    torch.manual_seed(seed)
+    return TokenClassifier().eval(), (torch.randint(0, 100, (4, TOKENS)),)
+
+
+def _sites(model: nn.Module, inputs: tuple[torch.Tensor], **options: object) -> dict[str, object]:
+    context = PassContext(config=CompressionConfig(**options))
+    run_passes(capture(model, inputs).graph_module, [FindLinearSites()], context)
+    return {site.name: site for site in context.sites}
+
+
+def test_a_vocabulary_table_is_a_site_only_with_compress_embeddings():
+    model, inputs = _model_and_inputs()
+    assert list(_sites(model, inputs)) == ["fc", "back", "classifier"]
+    sites = _sites(model, inputs, compress_embeddings=True)
+    assert list(sites) == ["embed", "fc", "back", "classifier"]  # in graph order; the position table (10 x 16) is none
+    table = sites["embed"]
+    assert (table.form, table.status, table.out_features, table.in_features) == (TABLE_FORM, "compress", 100, 16)
+    assert table.is_table and table.calls == [] and table.lookups == (table.node,) == ("embed",)
+    assert (table.factorized_params(4), table.break_even_rank) == (4 * 116, 14)  # no bias: its lookups read none
+
+
+class ReadElsewhere(TokenClassifier):
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids) + self.embed.weight.mean()
+
+
+@pytest.mark.parametrize(
+    ("model", "options", "status", "reason"),
+    [
+        (TokenClassifier(), {"exclude": ("embed",)}, "excluded", "excluded by the user's pattern"),
+        (ReadElsewhere(), {}, "shared", "table also read outside plain embedding lookups"),
+    ],
+    ids=["excluded", "read-elsewhere"],
+)
+def test_a_table_stays_dense_where_its_lookups_could_not_read_factors(model, options, status, reason):
+    _, inputs = _model_and_inputs()
+    table = _sites(model.eval(), inputs, compress_embeddings=True, **options)["embed"]
+    assert (table.status, table.reason, table.lookups) == (status, reason, ())
+
+
+def test_compress_embeddings_must_be_a_bool_and_needs_the_default_method():
+    with pytest.raises(ConfigError, match="compress_embeddings must be True or False; got 'yes'"):
+        CompressionConfig(compress_embeddings="yes")
+    with pytest.raises(ConfigError, match="method='union' does not compress embedding tables"):
+        CompressionConfig(method="union", compress_embeddings=True)
+
+
+def test_a_tables_factors_are_its_row_weighted_truncation():
+    model, inputs = _model_and_inputs()
+    context = PassContext(config=CompressionConfig(compress_embeddings=True), calibration=[inputs])
+    run_passes(capture(model, inputs).graph_module, [FindLinearSites(), CalibrateInputCovariance(), DecomposeWeights()], context)
+    counts = torch.bincount(inputs[0].flatten(), minlength=100).double()
+    torch.testing.assert_close(context.lookup_counts["embed"], counts)
+    assert context.covariances["embed"].rows == inputs[0].numel()
+    torch.testing.assert_close(context.covariances["embed"].covariance, torch.eye(16, dtype=torch.float64))  # whole rows: the plain metric
+    # the rank-r truncation of P^1/2 W in the plain metric, P the reads add-one smoothed
+    plain = decompose(model.embed.weight, None, "svd", 0.0, lookup_row_weights(counts))
+    factors = context.decompositions["embed"]
+    unweighted = decompose(model.embed.weight, None, "svd", 0.0)
+    for rank in (2, 6):
+        truncation = factors.up[:, :rank] @ factors.down[:rank]
+        torch.testing.assert_close(truncation, plain.up[:, :rank] @ plain.down[:rank], rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(truncation, unweighted.up[:, :rank] @ unweighted.down[:rank], atol=1e-3)
+
+
+def _with_student_maps(model: nn.Module, prepared: torch.fx.GraphModule) -> nn.Module:
+    """`model` with each compressed weight (the table among them) replaced by its student's map,
+    up.weight @ (rank_mask * down.weight), and each bias by up's."""
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for site in prepared.meta["tunecomp"].context.factorized_sites():
+            student = prepared.get_submodule(f"lowrank.{site.key}")
+            reference.get_parameter(site.weight_target).copy_(student.up.weight @ (student.rank_mask[:, None] * student.down.weight))
+            if site.bias_target is not None:
+                reference.get_parameter(site.bias_target).copy_(student.up.bias)
+    return reference
+
+
+def test_a_tables_lookup_reads_its_student_and_blends_with_it():
+    model, inputs = _model_and_inputs()
+    prepared = tunecomp_fx.prepare(model, inputs, ratio=RATIO, compress_embeddings=True)
+    nodes = {node.name: node for node in prepared.graph.nodes}
+    (parts,) = lookup_calls(prepared)["embed"]
+    assert "embed" not in student_calls(prepared)  # no linear call of its own
+    assert parts["teacher"] is nodes["embed"] and list(nodes["embed"].users) == [parts["blend"]]
+    assert parts["blend"].target == "lowrank.embed.lookup_blend" and parts["blend"].args == (nodes["embed"], parts["student"])
+    assert parts["rows"].target is F.embedding and parts["rows"].args == (nodes["ids"], parts["table"])
+    assert parts["table"].target == "lowrank.embed.up.weight" and parts["factor"].target == "lowrank.embed.down.weight"
+    assert parts["masked"].target is operator.mul and parts["masked"].args == (parts["rows"], parts["rank_mask"])
+    assert parts["student"].target is torch.matmul and parts["student"].args == (parts["masked"], parts["factor"])
+    shown = site_subgraph(prepared, "embed").splitlines()
+    assert shown[0].startswith("site embed: embedding 100 x 16, rank ") and shown[0].endswith(", 1 embedding lookup of the weight (prepared model)")
+    assert [line.split("[")[1].split("]")[0] for line in shown if "[" in line][:2] == ["teacher", "lookup table"]
+    student = prepared.lowrank.embed
+    assert student.up.bias is None and not hasattr(student, "blend")  # the lookup's blend is its own
+    assert not prepared.get_parameter("embed.weight").requires_grad  # the teacher table is frozen
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(*inputs), model(*inputs), rtol=0, atol=1e-6)  # alpha = 1: the teachers alone
+        with students_alone(prepared):
+            torch.testing.assert_close(prepared(*inputs), _with_student_maps(model, prepared)(*inputs), rtol=1e-5, atol=1e-5)
+
+
+def test_the_students_lookup_leaves_the_padding_row_out_of_the_gradient_as_the_tables_does():
+    model, inputs = _model_and_inputs()
+    model.embed.padding_idx = 0
+    ids = torch.cat([torch.zeros(4, 1, dtype=torch.long), inputs[0][:, 1:]], 1)  # every text starts with the padding id
+    prepared = tunecomp_fx.prepare(model, inputs, ratio=RATIO, compress_embeddings=True)
+    (parts,) = lookup_calls(prepared)["embed"]
+    assert parts["rows"].kwargs == {"padding_idx": 0}
+    with students_alone(prepared):
+        prepared(ids).square().sum().backward()
+    gradient = prepared.lowrank.embed.up.weight.grad
+    assert not gradient[0].any() and gradient[ids[:, 1:].flatten()].abs().sum(1).min() > 0
+
+
+def test_a_table_finalizes_to_its_factors_counted_in_the_ratio_and_exports(tmp_path):
+    model, inputs = _model_and_inputs()
+    prepared = tunecomp_fx.prepare(model, inputs, ratio=RATIO, compress_embeddings=True)
+    tunecomp_fx.prune_slack(prepared)
+    compact, _ = finalize_from_student_path(prepared, *inputs)
+    assert "embed.weight" not in dict(compact.named_parameters()) and "position.weight" in dict(compact.named_parameters())
+    (lookup,) = [node for node in compact.graph.nodes if node.target is F.embedding]
+    (product,) = lookup.users
+    assert [lookup.args[1].target, product.target, product.args[1].target] == ["lowrank.embed.up.weight", torch.matmul, "lowrank.embed.down.weight"]
+    report = tunecomp_fx.get_report(compact)
+    table = {row.name: row for row in report.sites}["embed"]
+    assert (table.form, table.decision) == (TABLE_FORM, "rank")
+    assert table.reason.startswith("table: its embedding lookup reads the student's factors (init error ")
+    assert table.params_before == 100 * 16 and table.params_after == table.rank * (100 + 16)  # the factors alone
+    assert table.macs_before == 0 and table.macs_after == TOKENS * table.rank * 16  # a lookup, then rank x features per id
+    assert count_parameters(compact) == sum(row.params_after for row in report.sites) + 10 * 16 == report.model_params_after
+    assert report.kept_fraction <= 1 - RATIO  # the table counts in the ratio's parameters
+    result = to_onnx(compact, inputs, tmp_path / "table.onnx")
+    assert all(error < 1e-4 for error in result.max_errors.values())
+
+
+# the sites whose lookups read their students: a table (compress_embeddings) and a head tied to its embedding
+LOOKUP_SITES = pytest.mark.parametrize(
+    ("build", "name", "options", "targets", "loss_fn"),
+    [
+        (TokenClassifier, "embed", {"compress_embeddings": True}, (3, (4,)), F.cross_entropy),
+        (TiedLanguageModel, "head", {}, (100, (4, TOKENS)), lambda logits, targets: F.cross_entropy(logits.flatten(0, 1), targets.flatten())),
+    ],
+    ids=["table", "tied-head"],
+)
+
+
+@LOOKUP_SITES
+def test_joint_training_blends_the_lookups_out(build, name, options, targets, loss_fn):
+    torch.manual_seed(0)
+    model, inputs = build().eval(), (torch.randint(0, 100, (4, TOKENS)),)
+    prepared = tunecomp_fx.prepare(model, inputs, ratio=RATIO, rank_slack=0.5, **options)
+    torch.manual_seed(1)
+    classes, shape = targets
+    data = [(torch.randint(0, 100, (4, TOKENS)), torch.randint(0, classes, shape)) for _ in range(6)]
+    hook = train_with_hook(prepared, data, loss_fn, steps=6, blend_steps=4)
+    assert hook.teacher_removed and not any(isinstance(module, Blend) for module in prepared.modules())
+    assert not any(node.op == "call_module" and node.target in ("embed", "head") for node in prepared.graph.nodes)
+    (parts,) = lookup_calls(prepared)[name]
+    assert set(parts) == {"table", "rows", "rank_mask", "masked", "factor", "student"}
+    mask = prepared.get_submodule(f"lowrank.{name}").rank_mask
+    assert 0 < int(mask.count_nonzero()) < mask.numel()  # the slack the pruner switched off, for the site and its lookup alike
+    with torch.no_grad():
+        trained = prepared(*inputs)
+    compact = tunecomp_fx.finalize(prepared)
+    with torch.no_grad():
+        torch.testing.assert_close(compact(*inputs), trained, rtol=1e-5, atol=1e-5)
+    assert tunecomp_fx.get_report(compact).kept_fraction <= 1 - RATIO
+
+
+@LOOKUP_SITES
+def test_a_lookup_site_kept_past_break_even_is_densified_and_its_lookups_read_the_dense_rows(build, name, options, targets, loss_fn):
+    # "global" rank selection may leave a site above its allocated rank; from the slack rank that can be past break-even
+    torch.manual_seed(0)
+    model, inputs = build().eval(), (torch.randint(0, 100, (4, TOKENS)),)
+    prepared = tunecomp_fx.prepare(model, inputs, ratio=0.3, rank_slack=1.0, **options)
+    site = next(site for site in prepared.meta["tunecomp"].context.factorized_sites() if site.name == name)
+    assert prepared.get_submodule(f"lowrank.{site.key}").rank_mask.numel() >= site.break_even_rank
+    with torch.no_grad():
+        for other in prepared.meta["tunecomp"].context.factorized_sites():
+            if other.name != name:  # the others give their ranks up, so that the kept parameters meet the budget
+                prepared.get_submodule(f"lowrank.{other.key}").rank_mask[1:] = 0
+    compact, _ = finalize_from_student_path(prepared, *inputs)
+    (lookup,) = [node for node in compact.graph.nodes if node.target is F.embedding]
+    assert lookup.args[1].target == f"lowrank.{site.key}.dense.weight" and not any(node.target is torch.matmul for node in lookup.users)
+    row = {row.name: row for row in tunecomp_fx.get_report(compact).sites}[name]
+    assert (row.decision, row.params_after) == ("dense", site.student_dense_params)
+    assert count_parameters(compact) == tunecomp_fx.get_report(compact).model_params_after
