@@ -7,16 +7,20 @@ from __future__ import annotations
 
 import copy
 import operator
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 from tests.graph_checks import finalize_from_student_path, train_with_hook
-from tests.joint_task import single_thread  # noqa: F401
+from tests.joint_task import Interrupted, single_thread  # noqa: F401
 from tests.models import TiedLanguageModel, TokenClassifier
 from torch import nn
 
 import tunecomp_fx
+from tunecomp_fx import JointTrainer
 from tunecomp_fx.capture import capture
 from tunecomp_fx.config import CompressionConfig
 from tunecomp_fx.errors import ConfigError
@@ -204,6 +208,36 @@ def test_joint_training_blends_the_lookups_out(build, name, options, targets, lo
     with torch.no_grad():
         torch.testing.assert_close(compact(*inputs), trained, rtol=1e-5, atol=1e-5)
     assert tunecomp_fx.get_report(compact).kept_fraction <= 1 - RATIO
+
+
+def _trainer(build: type[nn.Module], options: dict[str, Any], loss_fn: Callable[..., torch.Tensor], data: Any, checkpoints: Path) -> JointTrainer:
+    torch.manual_seed(0)
+    prepared = tunecomp_fx.prepare(build().eval(), (torch.randint(0, 100, (4, TOKENS)),), ratio=RATIO, rank_slack=0.5, **options)
+    return JointTrainer(
+        prepared, data=data, loss_fn=loss_fn, steps=12, blend_steps=6, lr=1e-3, warmup=2,
+        checkpoint_dir=checkpoints, checkpoint_every=3, progress=False,
+    )  # fmt: skip
+
+
+@LOOKUP_SITES
+@pytest.mark.parametrize("interrupt_after", [4, 10], ids=["during-blend", "after-teacher-removal"])
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, build, name, options, targets, loss_fn, interrupt_after):
+    torch.manual_seed(1)
+    classes, shape = targets
+    batches = [(torch.randint(0, 100, (4, TOKENS)), torch.randint(0, classes, shape)) for _ in range(4)]
+    full = _trainer(build, options, loss_fn, batches, tmp_path / "full")
+    full.fit()
+    broken = _trainer(build, options, loss_fn, Interrupted(batches, interrupt_after), tmp_path / "broken")
+    with pytest.raises(KeyboardInterrupt):
+        broken.fit()
+    assert sorted((tmp_path / "broken").glob("step_*.pt"))[-1].name == f"step_{interrupt_after // 3 * 3:07d}.pt"
+    resumed = _trainer(build, options, loss_fn, batches, tmp_path / "broken")
+    resumed.fit(resume=tmp_path / "broken")
+    expected, actual = full.model.state_dict(), resumed.model.state_dict()
+    assert expected.keys() == actual.keys() and f"lowrank.{name}.rank_mask" in actual
+    for key in expected:
+        assert torch.equal(expected[key], actual[key]), key
+    assert resumed.history == full.history
 
 
 @LOOKUP_SITES

@@ -1,26 +1,23 @@
 """An output head tied to its embedding (GPT-2's, T5's layout) is compressed with its lookups: the
 head's one student, W ~ up.weight @ down.weight, is looked up at every embedding lookup of the weight
 as up.weight[ids] @ down.weight, blended with the lookup as the head's calls are, so the compact model
-holds the factors alone, once. (Joint training and densifying past break-even are tested for tied heads
-and tables alike in tests/test_embedding_tables.py.)"""
+holds the factors alone, once. (Joint training, resuming it and densifying past break-even are tested
+for tied heads and tables alike in tests/test_embedding_tables.py.)"""
 
 from __future__ import annotations
 
 import copy
 import operator
-from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 from tests.graph_checks import finalize_from_student_path
-from tests.joint_task import Interrupted, single_thread  # noqa: F401
+from tests.joint_task import single_thread  # noqa: F401
 from tests.models import SharedVocabulary, TiedLanguageModel
 from torch import nn
 
 import tunecomp_fx
-from tunecomp_fx import JointTrainer
 from tunecomp_fx.capture import capture
 from tunecomp_fx.config import CompressionConfig
 from tunecomp_fx.export import to_onnx
@@ -131,38 +128,6 @@ def test_a_tied_head_finalizes_to_its_factors_alone_counted_once_and_exports(tmp
     assert report.kept_fraction <= 1 - RATIO
     result = to_onnx(compact, inputs, tmp_path / "tied.onnx")
     assert all(error < 1e-4 for error in result.max_errors.values())
-
-
-def _language_model_trainer(data: Any, checkpoints: Path) -> JointTrainer:
-    model, inputs, _ = _tied_language_model()
-    prepared = tunecomp_fx.prepare(model, inputs, ratio=RATIO, rank_slack=0.5)
-    return JointTrainer(
-        prepared, data=data, loss_fn=_next_token_loss, steps=12, blend_steps=6, lr=1e-3, warmup=2,
-        checkpoint_dir=checkpoints, checkpoint_every=3, progress=False,
-    )  # fmt: skip
-
-
-def _next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-
-
-@pytest.mark.parametrize("interrupt_after", [4, 10], ids=["during-blend", "after-teacher-removal"])
-def test_a_resumed_run_with_a_tied_head_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, interrupt_after):
-    torch.manual_seed(1)
-    batches = [(torch.randint(0, 100, (4, 10)), torch.randint(0, 100, (4, 10))) for _ in range(4)]
-    full = _language_model_trainer(batches, tmp_path / "full")
-    full.fit()
-    broken = _language_model_trainer(Interrupted(batches, interrupt_after), tmp_path / "broken")
-    with pytest.raises(KeyboardInterrupt):
-        broken.fit()
-    assert sorted((tmp_path / "broken").glob("step_*.pt"))[-1].name == f"step_{interrupt_after // 3 * 3:07d}.pt"
-    resumed = _language_model_trainer(batches, tmp_path / "broken")
-    resumed.fit(resume=tmp_path / "broken")
-    expected, actual = full.model.state_dict(), resumed.model.state_dict()
-    assert expected.keys() == actual.keys() and "lowrank.head.rank_mask" in actual
-    for key in expected:
-        assert torch.equal(expected[key], actual[key]), key
-    assert resumed.history == full.history
 
 
 def test_hugging_face_gpt2s_tied_head_is_compressed_with_its_token_embedding(tmp_path):
