@@ -71,7 +71,7 @@ def _new_student(site: Site, rank: int, weight: torch.Tensor, core: bool, blende
     layout = LAYOUTS[site.layout]
     container = nn.Module()
     container.down = layout.make(site.in_features, rank, False, weight, site.stride)
-    container.up = layout.make(rank, site.out_features, not site.is_table, weight)  # a table's lookups read no bias
+    container.up = layout.make(rank, site.out_features, site.student_has_bias, weight)
     if core:
         container.core = layout.make(rank, rank, False, weight)
         container.down.weight.requires_grad_(False)

@@ -117,15 +117,19 @@ class Site:
         bias = gm.get_parameter(self.bias_target)
         return bias[list(self.kept_rows)] if self.kept_rows is not None else bias
 
+    @property
+    def student_has_bias(self) -> bool:
+        """The student carries its own bias of the full output width (a table's lookups read none)."""
+        return not self.is_table
+
     def factorized_params(self, rank: int) -> int:
-        # The student carries its own bias of the full output width (a table's lookups read none).
-        return rank * (self.in_features + self.out_features) + (0 if self.is_table else self.out_features)
+        return rank * (self.in_features + self.out_features) + (self.out_features if self.student_has_bias else 0)
 
     @property
     def student_dense_params(self) -> int:
         """A student densified by finalize: the weight and the student's own bias (even where the site has
         none; a table's student has none)."""
-        return self.out_features * (self.in_features + (0 if self.is_table else 1))
+        return self.out_features * (self.in_features + int(self.student_has_bias))
 
     def kept_params(self, rank: int) -> int:
         """Parameters this site's student holds after finalize at kept `rank`: the factors, or one dense
