@@ -82,10 +82,11 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "prune_neurons=0.7,prune_heads=0.67,width_slack=1": {"prune_neurons": 0.7, "prune_heads": 0.67, "width_slack": 1.0},
     "rank_multiple=16": {"rank_multiple": 16},
     "prune_heads=0.5,rank_multiple=16": {"prune_heads": 0.5, "rank_multiple": 16},
+    "compress_embeddings": {"compress_embeddings": True},  # the word and position tables count in the ratio too
     "seed=1": {"seed": 1},  # the same run with another shuffle and dropout: the noise between runs
 }
 TRAINING_OPTIONS = {field.name for field in dataclasses.fields(TrainingConfig)}
-STRUCTURE_OPTIONS = {"init", "allocation", "prune_neurons", "prune_heads", "rank_multiple"}  # what --form may set
+STRUCTURE_OPTIONS = {"init", "allocation", "prune_neurons", "prune_heads", "rank_multiple", "compress_embeddings"}  # what --form may set
 METHODS = ("ft", "joint", "ft_c_ft", "ft_svd", "c_ft", "union")
 UNION_LR_FACTOR = 3.0
 PROFILES = {

@@ -7,7 +7,8 @@ is compressed with its lookups (`Site.lookups`); one tied to another parameter r
 outside linear calls and lookups, or applied by calls that differ stays dense ("shared"). With
 compress_embeddings, a table that lookups alone read and that has more rows than features (a
 vocabulary; a smaller table saves nothing worth its rank) is a site of its own (`Site.is_table`), in
-graph order with the linear sites."""
+graph order with the linear sites; one that something else reads too (an nn.EmbeddingBag, a lookup
+with max_norm, any other op) stays dense ("shared")."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from torch import fx, nn
 
 from tunecomp_fx.capture import hidden_layers
 from tunecomp_fx.errors import SiteError
-from tunecomp_fx.forms import LookupMatch, SiteMatch, match_lookup, match_sites
+from tunecomp_fx.forms import LookupMatch, SiteMatch, match_lookup, match_sites, read_table
 from tunecomp_fx.pipeline import GraphPass, PassContext
 from tunecomp_fx.sites import TABLE_FORM, Site
 
@@ -43,7 +44,7 @@ class FindLinearSites(GraphPass):
                 return "excluded", "excluded by the user's pattern"
             outside = set().union(*(readers[alias] for alias in aliases[weight])) - {node for call in calls for node in call.nodes}
             if outside - set(own_lookups):
-                if not calls:
+                if not calls:  # an nn.EmbeddingBag, a lookup with max_norm (renormalizing the table in place), another op
                     return "shared", "table also read outside plain embedding lookups"
                 tied = sorted(set(aliases[weight]) - {weight})
                 return "shared", f"weight tied with {', '.join(tied)}" if tied else "weight also used outside linear calls"
@@ -84,19 +85,24 @@ class FindLinearSites(GraphPass):
             )
         if ctx.config.compress_embeddings:
             linear_weights = {alias for weight, _, _ in calls_of for alias in aliases[weight]}
-            tables: dict[str, list[LookupMatch]] = defaultdict(list)  # by the table's first name
+            # every table an embedding read of any kind takes rows of (by its first name), with its plain lookups
+            first_reads: dict[str, fx.Node] = {}
+            for node in gm.graph.nodes:
+                if (table := read_table(gm, node)) is not None and table not in linear_weights:
+                    first_reads.setdefault(aliases[table][0], node)
+            tables: dict[str, list[LookupMatch]] = defaultdict(list)
             for lookup in lookups:
-                if lookup.weight not in linear_weights:
-                    tables[aliases[lookup.weight][0]].append(lookup)
-            for weight, table_lookups in tables.items():
+                tables[aliases[lookup.weight][0]].append(lookup)
+            for weight, first_read in first_reads.items():
                 rows, features = gm.get_parameter(weight).shape
                 if rows <= features:
                     continue
-                name = weight.removesuffix(".weight")
+                name, table_lookups = weight.removesuffix(".weight"), tables[weight]
                 site_status, reason = status(weight, [], name, [lookup.node for lookup in table_lookups])
+                node = table_lookups[0].node if table_lookups else first_read  # a table no plain lookup reads stays dense
                 sites.append(
                     Site(
-                        name=name, node=table_lookups[0].node.name, form=TABLE_FORM, in_features=features, out_features=rows,
+                        name=name, node=node.name, form=TABLE_FORM, in_features=features, out_features=rows,
                         weight_target=weight, bias_target=None, status=site_status, reason=reason,
                         lookups=tuple(lookup.node.name for lookup in table_lookups) if site_status == "compress" else (),
                     )

@@ -171,15 +171,21 @@ def test_export_writes_an_onnx_model_that_matches(compressed, tmp_path: Path) ->
     torch.testing.assert_close(torch.from_numpy(actual), load_compact(output)(x), rtol=1e-4, atol=1e-5)
 
 
-def test_demo_quick(tmp_path: Path) -> None:
-    done = _run("demo", "--quick", "--repeats", "2", "-o", str(tmp_path))
+@pytest.mark.parametrize(("options", "kept_params"), [((), (0.75, 0.85)), (("--compress-embeddings",), (0.55, 0.65))], ids=["linear", "tables"])
+def test_demo_quick(tmp_path: Path, options: tuple[str, ...], kept_params: tuple[float, float]) -> None:
+    done = _run("demo", "--quick", "--repeats", "2", "-o", str(tmp_path), *options)
     assert done.returncode == 0, done.stderr
     for name in ("model.onnx", "original.onnx", "config.json", "report.json", "report.md"):
         assert (tmp_path / name).is_file(), name
-    rows = json.loads((tmp_path / "report.json").read_text())["before_after"]
-    assert rows["compressed"]["params"] < rows["original"]["params"]
+    result = json.loads((tmp_path / "report.json").read_text())
+    rows = result["before_after"]
+    low, high = kept_params  # MiniLM's tables hold about half its parameters
+    assert low * rows["original"]["params"] < rows["compressed"]["params"] < high * rows["original"]["params"]
     assert rows["compressed"]["macs"] < 0.8 * rows["original"]["macs"]  # ratio 0.4 of the linear layers
-    assert json.loads((tmp_path / "config.json").read_text())["compression"]["ratio"] == 0.4
+    config = json.loads((tmp_path / "config.json").read_text())["compression"]
+    assert (config["ratio"], config["compress_embeddings"]) == (0.4, bool(options))
+    forms = {site["name"]: (site["form"], site["decision"]) for site in result["compression"]["sites"]}
+    assert (forms.get("bert.embeddings.word_embeddings") == ("embedding", "rank")) == bool(options), forms
     assert "ORT b32 ms" in done.stdout and "compressed" in done.stdout
 
 

@@ -31,6 +31,7 @@ from tunecomp_fx.passes.calibrate_input_covariance import CalibrateInputCovarian
 from tunecomp_fx.passes.decompose_weights import DecomposeWeights, decompose, lookup_row_weights
 from tunecomp_fx.passes.find_linear_sites import FindLinearSites
 from tunecomp_fx.pipeline import PassContext, run_passes
+from tunecomp_fx.pruning import RankPruner, scheduled_count
 from tunecomp_fx.sites import TABLE_FORM, Blend, lookup_calls, student_calls, students_alone
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -66,13 +67,30 @@ class ReadElsewhere(TokenClassifier):
         return super().forward(ids) + self.embed.weight.mean()
 
 
+class MaxNormLookup(TokenClassifier):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(100, 16, max_norm=1.0)  # renormalizes the rows it reads, in place
+
+
+class BagOfWords(TokenClassifier):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.EmbeddingBag(100, 16, mode="mean")
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.back(torch.relu(self.fc(self.embed(ids)))))
+
+
 @pytest.mark.parametrize(
     ("model", "options", "status", "reason"),
     [
         (TokenClassifier(), {"exclude": ("embed",)}, "excluded", "excluded by the user's pattern"),
         (ReadElsewhere(), {}, "shared", "table also read outside plain embedding lookups"),
+        (MaxNormLookup(), {}, "shared", "table also read outside plain embedding lookups"),
+        (BagOfWords(), {}, "shared", "table also read outside plain embedding lookups"),
     ],
-    ids=["excluded", "read-elsewhere"],
+    ids=["excluded", "read-elsewhere", "max-norm", "bag"],
 )
 def test_a_table_stays_dense_where_its_lookups_could_not_read_factors(model, options, status, reason):
     _, inputs = _model_and_inputs()
@@ -208,6 +226,20 @@ def test_joint_training_blends_the_lookups_out(build, name, options, targets, lo
     with torch.no_grad():
         torch.testing.assert_close(compact(*inputs), trained, rtol=1e-5, atol=1e-5)
     assert tunecomp_fx.get_report(compact).kept_fraction <= 1 - RATIO
+
+
+def test_global_rank_selection_leaves_a_table_on_its_own_schedule_and_meets_the_budget_with_the_layers():
+    # On the per-parameter score a table's rank (rows + features parameters) would go first, for no MACs saved.
+    model, inputs = _model_and_inputs()
+    prepared = tunecomp_fx.prepare(model, inputs, ratio=RATIO, rank_slack=0.5, compress_embeddings=True)
+    context = prepared.meta["tunecomp"].context
+    pruner = RankPruner(prepared, context, "global")
+    table = next(student for student in pruner.students if student.site.is_table)
+    for progress in (0.25, 0.5, 0.75, 1.0):
+        pruner.update(progress)
+        assert table.kept == scheduled_count(table.start_rank, table.target_rank, progress), progress
+    assert table.kept == context.ranks["embed"].rank
+    assert pruner.kept_params() <= pruner.budget and pruner.slack_left() is None
 
 
 def _trainer(build: type[nn.Module], options: dict[str, Any], loss_fn: Callable[..., torch.Tensor], data: Any, checkpoints: Path) -> JointTrainer:

@@ -276,6 +276,25 @@ def match_lookup(gm: fx.GraphModule, node: fx.Node) -> LookupMatch | None:
     return LookupMatch(node, ids, table.target, padding_idx)
 
 
+# Every op that reads rows of a table, plain lookups or not (max_norm renormalizes the table; a bag sums rows).
+_TABLE_READS = {
+    F.embedding, F.embedding_bag, aten.embedding.default, aten.embedding_bag.default, aten.embedding_bag.padding_idx,
+    aten._embedding_bag.default, aten._embedding_bag_forward_only.default,
+}  # fmt: skip
+
+
+def read_table(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """The parameter an embedding read of any kind at `node` takes rows of (an nn.Embedding or
+    nn.EmbeddingBag module, F.embedding(_bag), aten's embedding ops), plain lookup or not."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        return f"{node.target}.weight" if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) else None
+    if node.op != "call_function" or node.target not in _TABLE_READS:
+        return None
+    table = _argument(node, 1, "weight") if node.target in (F.embedding, F.embedding_bag) else node.args[0]
+    return table.target if is_parameter(gm, table) else None
+
+
 def match_sites(gm: fx.GraphModule) -> list[SiteMatch]:
     """Every site of the graph, in graph order; a node belongs to at most one site."""
     matches, taken = [], set()

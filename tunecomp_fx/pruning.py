@@ -29,7 +29,8 @@ Two ways to place the threshold:
   allocation chose for it (the threshold is the importance of its k_t-th rank);
 - "global": one threshold over importances normalized per site (the fraction of the site's
   squared importance a rank carries, per parameter it costs), chosen so the total kept
-  parameters follow the schedule to the budget; ranks may move between sites.
+  parameters follow the schedule to the budget; ranks may move between sites. Embedding tables
+  (compress_embeddings) stay out of it and follow their own schedule as with "site".
 """
 
 from __future__ import annotations
@@ -217,16 +218,23 @@ class RankPruner:
     def _global_counts(self, progress: float, counts: list[int]) -> list[int]:
         target = self.start_params - (self.start_params - self.budget) * progress
         counts, sites = list(counts), self.final_sites
+        # Tables follow their own schedule: a table's rank costs rows + features parameters and saves
+        # no MACs, so on a per-parameter score the threshold would cut the tables and spare the
+        # layers that cost time (benchmarks/embedding_tables.py).
+        scheduled = self._site_counts(progress)
+        for index, student in enumerate(self.students):
+            if student.site.is_table:
+                counts[index] = min(counts[index], scheduled[index])
         used = self.kept_params(counts, sites)
         if used <= target:
             return counts
-        # Kept ranks in ascending order of the share of their site's squared importance they
-        # carry, per parameter they cost (masked ranks score inf and are skipped).
+        # Kept ranks of the linear sites in ascending order of the share of their site's squared
+        # importance they carry, per parameter they cost (masked ranks and tables score inf and are skipped).
         scores = []
         for student, site in zip(self.students, sites):
             energy = student.importance().double().pow(2)
             share = energy / energy.sum().clamp_min(1e-300) / (site.in_features + site.out_features)
-            scores.append(torch.where(student.mask > 0, share, math.inf))
+            scores.append(torch.where((student.mask > 0) & (not site.is_table), share, math.inf))
         flat = torch.cat(scores).cpu()  # the one transfer
         owners = torch.cat([torch.full((s.mask.numel(),), i) for i, s in enumerate(self.students)])
         order = flat.argsort(stable=True)

@@ -84,8 +84,9 @@ class TrainingConfig:
         1 did not pass compress -> fine-tune at 0.5 in the MiniLM benchmark, benchmarks/README.md).
     logit_distill, temperature: weight of a KL loss against the original model's outputs (0: off).
     rank_selection: "global" (one threshold over per-site normalized importances, so ranks move to
-        the sites that use them; the default, better on the digits transformer test) or "site"
-        (each student shrinks to the rank allocation gave it).
+        the sites that use them; the default, better on the digits transformer test; embedding
+        tables, which save no MACs, keep their own schedule) or "site" (each student shrinks to the
+        rank allocation gave it).
     hardshrink: element-wise hard-shrink of the factors, in units of each factor's RMS, rising
         with the blend (0: off).
     train_teachers: the teachers' weights train too until they leave (their task gradient scaled
