@@ -277,9 +277,9 @@ def match_lookup(gm: fx.GraphModule, node: fx.Node) -> LookupMatch | None:
 
 
 # Every op that reads rows of a table, plain lookups or not (max_norm renormalizes the table; a bag sums rows).
-_TABLE_READS = {
-    F.embedding, F.embedding_bag, aten.embedding.default, aten.embedding_bag.default, aten.embedding_bag.padding_idx,
-    aten._embedding_bag.default, aten._embedding_bag_forward_only.default,
+_TABLE_READS = _EMBEDDINGS | {
+    F.embedding_bag, aten.embedding_bag.default, aten.embedding_bag.padding_idx, aten._embedding_bag.default,
+    aten._embedding_bag_forward_only.default,
 }  # fmt: skip
 
 

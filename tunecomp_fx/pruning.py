@@ -232,9 +232,12 @@ class RankPruner:
         # importance they carry, per parameter they cost (masked ranks and tables score inf and are skipped).
         scores = []
         for student, site in zip(self.students, sites):
+            if site.is_table:
+                scores.append(torch.full(student.mask.shape, math.inf, dtype=torch.float64, device=student.mask.device))
+                continue
             energy = student.importance().double().pow(2)
             share = energy / energy.sum().clamp_min(1e-300) / (site.in_features + site.out_features)
-            scores.append(torch.where((student.mask > 0) & (not site.is_table), share, math.inf))
+            scores.append(torch.where(student.mask > 0, share, math.inf))
         flat = torch.cat(scores).cpu()  # the one transfer
         owners = torch.cat([torch.full((s.mask.numel(),), i) for i, s in enumerate(self.students)])
         order = flat.argsort(stable=True)
