@@ -2,10 +2,10 @@
 the input second moment X^T X (float64 accumulation) and the number of rows, over every call of its
 weight (`Site.calls`: the one student serves them all); at the sites left
 alone (excluded, shared, in a width) only the rows, for the report's MACs; at the embedding lookups
-of a tied weight or a table (`Site.lookups`) the ids per example and how often each row of the table
-is read (decompose_weights weights the rows by it; a table's metric on its features is the identity,
-as its lookups read whole rows). Observers are inserted
-as call_module nodes for the run and removed after it (the prepare/convert idea of torch.ao)."""
+of a tied weight or a table (`Site.lookups`) the ids (a bag's: its bags) per example and how often
+each row of the table is read (decompose_weights weights the rows by it; a table's metric on its
+features is the identity, as its lookups read whole rows). Observers are inserted as call_module
+nodes for the run and removed after it (the prepare/convert idea of torch.ao)."""
 
 from __future__ import annotations
 
@@ -136,8 +136,13 @@ class CalibrateInputCovariance(GraphPass):
         counters = {site.node: [_RowCounter(LAYOUTS[site.layout], site.stride) for _ in site.calls] for site in left_alone}
         per_call = [(site, observers[site.name]) for site in ctx.compressed_sites] + [(site, counters[site.node]) for site in left_alone]
         routes = [(site_input(nodes[entry]), nodes[entry], counter) for site, calls in per_call for (_, entry), counter in zip(site.calls, calls)]
-        id_counters = {name: _IdCounter(site.out_features) for site in ctx.compressed_sites for name in site.lookups}
-        routes += [(match_lookup(gm, nodes[name]).ids, nodes[name], counter) for name, counter in id_counters.items()]
+        lookups = {name: (site, match_lookup(gm, nodes[name])) for site in ctx.compressed_sites for name in site.lookups}
+        id_counters = {name: _IdCounter(site.out_features) for name, (site, _) in lookups.items()}
+        routes += [(lookup.ids, lookup.table_reader, id_counters[name]) for name, (_, lookup) in lookups.items()]
+        # the rows each lookup's student multiplies by down.weight: its ids, or a bag's bags
+        bags = {name: _RowCounter(LAYOUTS["linear"], 1) for name, (_, lookup) in lookups.items() if lookup.bag is not None}
+        routes += [(nodes[name], None, counter) for name, counter in bags.items()]
+        looked_up = id_counters | bags
         with observing(gm, _OBSERVERS, routes), torch.no_grad():
             for index, batch in enumerate(progress_bar(ctx.calibration, desc="calibrate", leave=False, enabled=len(ctx.calibration) >= 4)):
                 for observer in itertools.chain.from_iterable(observers.values()):
@@ -146,13 +151,13 @@ class CalibrateInputCovariance(GraphPass):
         for site in ctx.compressed_sites:
             rows = sum(observer.rows for observer in observers[site.name])
             if site.is_table:  # a lookup reads whole rows: the metric on the features is the plain one
-                rows = sum(id_counters[name].rows for name in site.lookups)
+                rows = sum(looked_up[name].rows for name in site.lookups)
                 grams[site.name] += rows * torch.eye(site.in_features, dtype=torch.float64)
             if rows == 0:
                 raise CalibrationError(f"site '{site.name}' saw no input during calibration; is it reachable from forward()?")
             ctx.covariances[site.name] = InputCovariance(grams[site.name], rows)
         ctx.rows_per_sample.update((site.node, _rows_per_sample(calls)) for site, calls in per_call if any(counter.rows for counter in calls))
-        ctx.rows_per_sample.update((name, _rows_per_sample([counter])) for name, counter in id_counters.items() if counter.rows)
+        ctx.rows_per_sample.update((name, _rows_per_sample([counter])) for name, counter in looked_up.items() if counter.rows)
         ctx.lookup_counts.update((site.name, sum(id_counters[name].counts for name in site.lookups)) for site in ctx.compressed_sites if site.lookups)
         return gm
 

@@ -7,8 +7,9 @@ is compressed with its lookups (`Site.lookups`); one tied to another parameter r
 outside linear calls and lookups, or applied by calls that differ stays dense ("shared"). With
 compress_embeddings, a table that lookups alone read and that has more rows than features (a
 vocabulary; a smaller table saves nothing worth its rank) is a site of its own (`Site.is_table`), in
-graph order with the linear sites; one that something else reads too (an nn.EmbeddingBag, a lookup
-with max_norm, any other op) stays dense ("shared")."""
+graph order with the linear sites (lookups of rows, or bags of them summed or averaged, as
+nn.EmbeddingBag's); one that something else reads too (a "max" bag, a lookup with max_norm, any other
+op) stays dense ("shared")."""
 
 from __future__ import annotations
 
@@ -39,13 +40,13 @@ class FindLinearSites(GraphPass):
         lookups = [lookup for node in gm.graph.nodes if (lookup := match_lookup(gm, node)) is not None]
         readers = _parameter_readers(gm)
 
-        def status(weight: str, calls: list[SiteMatch], name: str, own_lookups: list[fx.Node]) -> tuple[str, str]:
+        def status(weight: str, calls: list[SiteMatch], name: str, own_lookups: list[LookupMatch]) -> tuple[str, str]:
             if any(fnmatch.fnmatchcase(name, pattern) for pattern in ctx.config.exclude):
                 return "excluded", "excluded by the user's pattern"
             outside = set().union(*(readers[alias] for alias in aliases[weight])) - {node for call in calls for node in call.nodes}
-            if outside - set(own_lookups):
-                if not calls:  # an nn.EmbeddingBag, a lookup with max_norm (renormalizing the table in place), another op
-                    return "shared", "table also read outside plain embedding lookups"
+            if outside - {lookup.table_reader for lookup in own_lookups}:
+                if not calls:  # a "max" bag, a lookup with max_norm (renormalizing the table in place), another op
+                    return "shared", "table also read outside embedding lookups and sum or mean bags"
                 tied = sorted(set(aliases[weight]) - {weight})
                 return "shared", f"weight tied with {', '.join(tied)}" if tied else "weight also used outside linear calls"
             if outside and ctx.config.method != "tunecomp":
@@ -63,7 +64,7 @@ class FindLinearSites(GraphPass):
             first = calls[0]
             weight = gm.get_parameter(first.weight)
             name = first.weight.removesuffix(".weight")
-            own_lookups = [lookup.node for lookup in lookups if lookup.weight in aliases[first.weight]]  # under any of its names
+            own_lookups = [lookup for lookup in lookups if lookup.weight in aliases[first.weight]]  # under any of its names
             site_status, reason = status(first.weight, calls, name, own_lookups)
             sites.append(
                 Site(
@@ -80,7 +81,7 @@ class FindLinearSites(GraphPass):
                     layout=first.layout,
                     stride=first.stride,
                     more_calls=tuple((call.output.name, call.entry.name) for call in calls[1:]),
-                    lookups=tuple(node.name for node in own_lookups) if site_status == "compress" else (),
+                    lookups=tuple(lookup.node.name for lookup in own_lookups) if site_status == "compress" else (),
                 )
             )
         if ctx.config.compress_embeddings:
@@ -98,7 +99,7 @@ class FindLinearSites(GraphPass):
                 if rows <= features:
                     continue
                 name, table_lookups = weight.removesuffix(".weight"), tables[weight]
-                site_status, reason = status(weight, [], name, [lookup.node for lookup in table_lookups])
+                site_status, reason = status(weight, [], name, table_lookups)
                 node = table_lookups[0].node if table_lookups else first_read  # a table no plain lookup reads stays dense
                 sites.append(
                     Site(

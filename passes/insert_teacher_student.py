@@ -12,7 +12,8 @@ A weight that embedding lookups read too (`Site.lookups`, a head tied to its emb
 in the student's factors at each of them, W[ids] = up.weight[ids] @ down.weight:
     ids --> teacher lookup (W[ids]) ----------------------------------------------------------------.
     ids --> embedding(ids, lowrank.<site>.up.weight) --> mul(rank_mask) --> matmul(lowrank.<site>.down.weight) --> lookup_blend
-(`sites.lookup_calls`), the lookup blended as the calls are. A table that lookups alone read
+(`sites.lookup_calls`), the lookup blended as the calls are; a bag of rows summed or averaged (an
+nn.EmbeddingBag) reads the same bag of up.weight's rows. A table that lookups alone read
 (compress_embeddings, `Site.is_table`) gets the student lookups alone, its up without a bias.
 
 method="union" puts a trainable core between fixed orthonormal bases:
@@ -46,7 +47,6 @@ import math
 import operator
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from tunecomp_fx.forms import LAYOUTS, match_lookup, site_input
@@ -209,9 +209,10 @@ def _insert_student_call(gm: fx.GraphModule, site: Site, teacher: fx.Node, x: fx
 
 
 def _insert_student_lookup(gm: fx.GraphModule, site: Site, lookup: fx.Node) -> None:
-    """embedding(ids, up.weight) -> mul(rank_mask) -> matmul(down.weight) after `lookup`, an embedding
-    lookup of the site's weight W ~ up.weight @ down.weight (up's bias is no part of W), and
-    lowrank.<site>.lookup_blend of the two in its place."""
+    """embedding(ids, up.weight) (or the bag of the lookup) -> mul(rank_mask) -> matmul(down.weight)
+    after `lookup`, an embedding lookup of the site's weight W ~ up.weight @ down.weight (up's bias is
+    no part of W; a sum or mean of rows is linear, so a bag of up.weight's rows times down.weight is
+    the bag of W's), and lowrank.<site>.lookup_blend of the two in its place."""
     prefix = f"{LOWRANK_ROOT}.{site.key}"
     container = site_container(gm, site)
     if not hasattr(container, "lookup_blend"):  # one blend for every lookup
@@ -219,9 +220,8 @@ def _insert_student_lookup(gm: fx.GraphModule, site: Site, lookup: fx.Node) -> N
     graph = gm.graph
     with graph.inserting_before(lookup.next):
         table = graph.get_attr(f"{prefix}.up.weight")
-        match = match_lookup(gm, lookup)
-        # padding_idx: the student's row of the padding id gets no gradient either
-        rows = graph.call_function(F.embedding, (match.ids, table), {"padding_idx": match.padding_idx} if match.padding_idx is not None else {})
+        # the same read (a bag's too) of the student's table; padding_idx: its row gets no gradient either
+        rows = match_lookup(gm, lookup).read(graph, table)
         mask = graph.get_attr(f"{prefix}.rank_mask")
         masked = graph.call_function(operator.mul, (rows, mask))
         factor = graph.get_attr(f"{prefix}.down.weight")

@@ -1,7 +1,8 @@
-"""compress_embeddings: an embedding table that plain lookups alone read, and that has more rows
-than features, is a site of its own. Its student W ~ up.weight @ down.weight (no bias) is looked up
-as up.weight[ids] @ down.weight, blended with the table's lookup as a tied head's lookups are, its
-rows weighted by how often the calibration reads them; the compact model holds the factors alone."""
+"""compress_embeddings: an embedding table that plain lookups (or sum and mean bags) alone read, and
+that has more rows than features, is a site of its own. Its student W ~ up.weight @ down.weight (no
+bias) is looked up as up.weight[ids] @ down.weight (a bag: the bag of up.weight's rows @ down.weight),
+blended with the table's lookup as a tied head's lookups are, its rows weighted by how often the
+calibration reads them; the compact model holds the factors alone."""
 
 from __future__ import annotations
 
@@ -74,23 +75,28 @@ class MaxNormLookup(TokenClassifier):
 
 
 class BagOfWords(TokenClassifier):
-    def __init__(self) -> None:
+    """Each text's tokens averaged (or summed, or their maximum taken) by an nn.EmbeddingBag."""
+
+    def __init__(self, mode: str = "mean") -> None:
         super().__init__()
-        self.embed = nn.EmbeddingBag(100, 16, mode="mean")
+        self.embed = nn.EmbeddingBag(100, 16, mode=mode)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.back(torch.relu(self.fc(self.embed(ids)))))
+
+
+READ_OTHERWISE = "table also read outside embedding lookups and sum or mean bags"
 
 
 @pytest.mark.parametrize(
     ("model", "options", "status", "reason"),
     [
         (TokenClassifier(), {"exclude": ("embed",)}, "excluded", "excluded by the user's pattern"),
-        (ReadElsewhere(), {}, "shared", "table also read outside plain embedding lookups"),
-        (MaxNormLookup(), {}, "shared", "table also read outside plain embedding lookups"),
-        (BagOfWords(), {}, "shared", "table also read outside plain embedding lookups"),
+        (ReadElsewhere(), {}, "shared", READ_OTHERWISE),
+        (MaxNormLookup(), {}, "shared", READ_OTHERWISE),
+        (BagOfWords("max"), {}, "shared", READ_OTHERWISE),  # a maximum of rows is no product with down.weight
     ],
-    ids=["excluded", "read-elsewhere", "max-norm", "bag"],
+    ids=["excluded", "read-elsewhere", "max-norm", "max-bag"],
 )
 def test_a_table_stays_dense_where_its_lookups_could_not_read_factors(model, options, status, reason):
     _, inputs = _model_and_inputs()
@@ -194,14 +200,99 @@ def test_a_table_finalizes_to_its_factors_counted_in_the_ratio_and_exports(tmp_p
     assert all(error < 1e-4 for error in result.max_errors.values())
 
 
-# the sites whose lookups read their students: a table (compress_embeddings) and a head tied to its embedding
+class WeightedBags(nn.Module):
+    """F.embedding_bag over 1-D ids cut into bags by offsets, each id's row scaled by its weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(100, 16))
+        self.fc = nn.Linear(16, 64)
+        self.classifier = nn.Linear(64, 3)
+
+    def forward(self, ids: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        bags = F.embedding_bag(ids, self.table, offsets, mode="sum", per_sample_weights=weights, padding_idx=0)
+        return self.classifier(torch.relu(self.fc(bags)))
+
+
+class ExportedBags(BagOfWords):
+    """Summed bags behind a branch on a size: torch.export captures them, as aten's embedding_bag (y its first output)."""
+
+    def __init__(self) -> None:
+        super().__init__("sum")
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        bags = self.embed(ids)
+        if bags.shape[-1] > 8:  # a proxy bool: symbolic tracing cannot evaluate this
+            bags = torch.relu(bags)
+        return self.classifier(self.back(torch.relu(self.fc(bags))))
+
+
+def _text_ids() -> tuple[torch.Tensor]:
+    return (torch.randint(0, 100, (4, TOKENS)),)
+
+
+def _weighted_bags() -> tuple[torch.Tensor, ...]:
+    ids = torch.cat([torch.zeros(2, dtype=torch.long), torch.randint(0, 100, (18,))])  # padding ids, then words
+    return ids, torch.tensor([0, 5, 5, 12]), torch.rand(20)  # four bags, the second empty
+
+
+@pytest.mark.parametrize(
+    ("build", "make_inputs", "capture_path", "teacher", "options", "dynamic_dims"),
+    [
+        (BagOfWords, _text_ids, "symbolic_trace", "embed", {"mode": "mean", "per_sample_weights": None, "include_last_offset": False}, None),
+        (
+            WeightedBags, _weighted_bags, "symbolic_trace", "embedding_bag",
+            {"mode": "sum", "per_sample_weights": "weights", "include_last_offset": False, "padding_idx": 0}, {"offsets": {0: "bags"}},
+        ),
+        # aten's bag returns a tuple: the lookup is its first output
+        (ExportedBags, _text_ids, "torch.export", "getitem", {"mode": "sum", "per_sample_weights": None, "include_last_offset": False}, None),
+    ],
+    ids=["mean-bag-module", "weighted-sum-bag-function", "sum-bag-exported"],
+)  # fmt: skip
+def test_a_bag_of_rows_reads_the_same_bag_of_the_students_rows_and_finalizes_to_it(
+    tmp_path, build, make_inputs, capture_path, teacher, options, dynamic_dims
+):
+    # a sum or mean of rows is linear: the bag of up.weight's rows times down.weight is the bag of W's
+    torch.manual_seed(0)
+    model, inputs = build().eval(), make_inputs()
+    prepared = tunecomp_fx.prepare(model, inputs, ratio=RATIO, compress_embeddings=True)
+    context = prepared.meta["tunecomp"].context
+    (table,) = [site for site in context.sites if site.is_table]
+    assert table.status == "compress" and table.lookups == (teacher,)
+    (parts,) = lookup_calls(prepared)[table.key]
+    assert parts["teacher"].name == teacher
+    assert parts["rows"].target is F.embedding_bag and parts["rows"].args[1] is parts["table"]
+    assert {key: getattr(value, "name", value) for key, value in parts["rows"].kwargs.items()} == options
+    calibrated = PassContext(config=CompressionConfig(compress_embeddings=True), calibration=[inputs])
+    captured = capture(model, inputs)
+    assert captured.path == capture_path
+    run_passes(captured.graph_module, [FindLinearSites(), CalibrateInputCovariance()], calibrated)
+    counts = torch.bincount(inputs[0].flatten(), minlength=100).double()
+    torch.testing.assert_close(calibrated.lookup_counts[table.name], counts)  # the ids of every bag
+    assert calibrated.rows_per_sample[table.lookups[0]] == 1.0  # its student multiplies each bag by down.weight, one a text
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(*inputs), model(*inputs), rtol=0, atol=1e-6)
+        with students_alone(prepared):
+            torch.testing.assert_close(prepared(*inputs), _with_student_maps(model, prepared)(*inputs), rtol=1e-5, atol=1e-5)
+    tunecomp_fx.prune_slack(prepared)
+    compact, _ = finalize_from_student_path(prepared, *inputs)
+    assert table.weight_target not in dict(compact.named_parameters())
+    row = {row.name: row for row in tunecomp_fx.get_report(compact).sites}[table.name]
+    assert (row.decision, row.params_after) == ("rank", row.rank * (100 + 16))
+    assert row.macs_after == row.rank * 16  # rank x features MACs per bag (one a text), not per id
+    result = to_onnx(compact, inputs, tmp_path / "bags.onnx", dynamic_dims=dynamic_dims)
+    assert all(error < 1e-4 for error in result.max_errors.values())
+
+
+# the sites whose lookups read their students: a table (compress_embeddings; looked up or read in bags) and a head tied to its embedding
 LOOKUP_SITES = pytest.mark.parametrize(
     ("build", "name", "options", "targets", "loss_fn"),
     [
         (TokenClassifier, "embed", {"compress_embeddings": True}, (3, (4,)), F.cross_entropy),
+        (BagOfWords, "embed", {"compress_embeddings": True}, (3, (4,)), F.cross_entropy),
         (TiedLanguageModel, "head", {}, (100, (4, TOKENS)), lambda logits, targets: F.cross_entropy(logits.flatten(0, 1), targets.flatten())),
     ],
-    ids=["table", "tied-head"],
+    ids=["table", "bag", "tied-head"],
 )
 
 
@@ -285,7 +376,7 @@ def test_a_lookup_site_kept_past_break_even_is_densified_and_its_lookups_read_th
             if other.name != name:  # the others give their ranks up, so that the kept parameters meet the budget
                 prepared.get_submodule(f"lowrank.{other.key}").rank_mask[1:] = 0
     compact, _ = finalize_from_student_path(prepared, *inputs)
-    (lookup,) = [node for node in compact.graph.nodes if node.target is F.embedding]
+    (lookup,) = [node for node in compact.graph.nodes if node.target in (F.embedding, F.embedding_bag)]
     assert lookup.args[1].target == f"lowrank.{site.key}.dense.weight" and not any(node.target is torch.matmul for node in lookup.users)
     row = {row.name: row for row in tunecomp_fx.get_report(compact).sites}[name]
     assert (row.decision, row.params_after) == ("dense", site.student_dense_params)

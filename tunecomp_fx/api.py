@@ -347,7 +347,7 @@ def build_report(compact: fx.GraphModule, state: PreparedState) -> CompressionRe
                 reason = "; ".join(filter(None, (f"{kind}: {lookups} the student's factors{looked_up}", reason)))
             weights = site.in_features * site.out_features if rank is None else rank * (site.in_features + site.out_features)
             macs_after = _macs(tokens, weights)
-            if rank is not None and macs_after is not None:  # a lookup of the factors: rank x in MACs per id
+            if rank is not None and macs_after is not None:  # a lookup of the factors: rank x in MACs per id (a bag's: per bag)
                 macs_after += sum(_macs(rows_per_sample.get(name), rank * site.in_features) or 0 for name in site.lookups)
         rows.append(
             SiteRow(

@@ -104,7 +104,7 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--compress-embeddings", action="store_true",
-        help="also factorize each embedding table that plain lookups alone read and that has more rows than features "
+        help="also factorize each embedding table that plain lookups (or sum and mean bags) alone read and that has more rows than features "
         "(a vocabulary), counted in the ratio: less memory, a little more compute per token (default off)",
     )
 

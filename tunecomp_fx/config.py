@@ -47,11 +47,12 @@ class CompressionConfig:
     width_slack: extra neurons (heads) of each pruned width the students start with, the least
         important pruned away during joint training as the blend progresses, like rank_slack's ranks
         (0: the width is cut once, at prepare; needs prune_neurons or prune_heads).
-    compress_embeddings: also compress each embedding table that plain lookups alone read (and that has
-        more rows than features, as a vocabulary has), W[ids] ~ up.weight[ids] @ down.weight, its rows
+    compress_embeddings: also compress each embedding table that plain lookups (or sum and mean bags,
+        nn.EmbeddingBag) alone read (and that has more rows than features, as a vocabulary has),
+        W[ids] ~ up.weight[ids] @ down.weight (a bag: the bag of up.weight's rows @ down.weight), its rows
         weighted by how often the calibration reads them; the table then counts in the ratio's
-        parameters. Saves memory, not time: each lookup adds rank x features MACs per id (default off;
-        a table tied to a linear site is compressed with it either way).
+        parameters. Saves memory, not time: each lookup adds rank x features MACs per id (a bag's: per
+        bag; default off; a table tied to a linear site is compressed with it either way).
     damping: relative diagonal damping of the input covariance before whitening.
     check_numerics: after every pass that promises unchanged outputs, run the model on the example
         inputs and compare (slower; default on when the environment sets TUNECOMP_CHECK_NUMERICS=1,

@@ -11,7 +11,8 @@ A site is a linear map over the features of its input x, with its weight held as
 - layout "pointwise_conv1d": channels of (N, C, L), W is (out, in, 1): a pointwise `nn.Conv1d`,
   `F.conv1d` or `aten.conv1d` (speech and point-cloud models), a stride as above along L.
 A linear site's weight may also be read by embedding lookups (`match_lookup`), W[ids], when an output
-head is tied to its embedding.
+head is tied to its embedding; with compress_embeddings a table that lookups alone read is a site of
+its own, its lookups plain or bags of rows summed or averaged (nn.EmbeddingBag).
 Every pass that builds, slices or densifies a student goes through `Layout`, so the layouts share
 one mechanism: a student is down (in -> r) then up (r -> out), two modules of the site's layout.
 """
@@ -241,29 +242,96 @@ def match_site(gm: fx.GraphModule, node: fx.Node) -> SiteMatch | None:
 
 
 @dataclass(frozen=True)
+class Bag:
+    """How a bag read combines its rows: summed or averaged per bag, both linear in the table, so that
+    the bag of the student's up.weight rows times down.weight is the bag of W's rows (a "max" bag is not)."""
+
+    mode: str  # "sum" or "mean"
+    offsets: fx.Node | None  # where each bag starts in 1-D ids; None: each row of 2-D ids is a bag
+    per_sample_weights: fx.Node | None = None  # "sum" alone: each id's row scaled
+    include_last_offset: bool = False
+
+
+@dataclass(frozen=True)
 class LookupMatch:
-    """An embedding lookup, y = W[ids]: a read of a linear site's weight that a tied embedding makes
-    (an output head tied to its embedding, as GPT-2's); its student is up.weight[ids] @ down.weight."""
+    """An embedding lookup, y = W[ids], or a bag of such rows summed or averaged (`bag`): a read of a
+    table or of a linear site's weight (an output head tied to its embedding, as GPT-2's); its student
+    reads up.weight the same way, then multiplies by down.weight."""
 
     node: fx.Node  # the lookup, whose value is y
     ids: fx.Node
     weight: str  # target of the table parameter
-    padding_idx: int | None = None  # the row the lookup leaves out of the gradient
+    padding_idx: int | None = None  # the row the lookup leaves out of the gradient (and of a bag)
+    bag: Bag | None = None
+    reader: fx.Node | None = None  # the node that reads the table, where it is not `node` (aten's bag, y its first output)
+
+    @property
+    def table_reader(self) -> fx.Node:
+        return self.reader or self.node
+
+    def read(self, graph: fx.Graph, table: fx.Node) -> fx.Node:
+        """The same read of another table of the same rows (a student's up.weight), at the graph's insert point."""
+        padding = {"padding_idx": self.padding_idx} if self.padding_idx is not None else {}
+        if self.bag is None:
+            return graph.call_function(F.embedding, (self.ids, table), padding)
+        bag = self.bag
+        options = {"mode": bag.mode, "per_sample_weights": bag.per_sample_weights, "include_last_offset": bag.include_last_offset}
+        return graph.call_function(F.embedding_bag, (self.ids, table, bag.offsets), options | padding)
 
 
 _EMBEDDINGS = {F.embedding, aten.embedding.default}
+# aten's bag ops share their leading arguments: (weight, indices, offsets, scale_grad_by_freq, mode, sparse,
+# per_sample_weights, include_last_offset, padding_idx), mode 0 sum, 1 mean, 2 max; y is their first output.
+_ATEN_BAGS = {aten.embedding_bag.default, aten.embedding_bag.padding_idx, aten._embedding_bag.default, aten._embedding_bag_forward_only.default}
+_LINEAR_BAG_MODES = ("sum", "mean")
+
+
+def _aten_bag(gm: fx.GraphModule, node: fx.Node) -> LookupMatch | None:
+    """`getitem(aten bag op, 0)` at `node`, the bag's other outputs unread (bag sizes and row indices
+    that a student's bag would not give)."""
+    if not (node.op == "call_function" and node.target is operator.getitem and node.args[1] == 0):
+        return None
+    read = node.args[0]
+    if not (isinstance(read, fx.Node) and read.op == "call_function" and read.target in _ATEN_BAGS):
+        return None
+    if any(user is not node and user.users for user in read.users):
+        return None
+    mode = ("sum", "mean", "max")[_argument(read, 4, "mode", 0)]
+    table, ids, offsets = read.args[:3]
+    padding_idx = _argument(read, 8, "padding_idx", -1)
+    bag = Bag(mode, offsets, _argument(read, 6, "per_sample_weights"), _argument(read, 7, "include_last_offset", False))
+    if mode not in _LINEAR_BAG_MODES or not (isinstance(ids, fx.Node) and is_parameter(gm, table)):
+        return None
+    return LookupMatch(node, ids, table.target, None if padding_idx in (None, -1) else padding_idx, bag, read)
 
 
 def match_lookup(gm: fx.GraphModule, node: fx.Node) -> LookupMatch | None:
-    """A lookup of rows of a parameter, as is (no max_norm, which renormalizes the table in place):
-    an nn.Embedding module, `F.embedding(ids, W)` or `aten.embedding(W, ids)`."""
+    """A read of rows of a parameter, as is (no max_norm, which renormalizes the table in place): an
+    nn.Embedding module, `F.embedding(ids, W)` or `aten.embedding(W, ids)`; or a bag of rows summed or
+    averaged: an nn.EmbeddingBag module, `F.embedding_bag` or aten's bag ops."""
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
-        plain = isinstance(module, nn.Embedding) and type(module).forward is nn.Embedding.forward and module.max_norm is None
         ids = _argument(node, 0, "input")
-        return LookupMatch(node, ids, f"{node.target}.weight", module.padding_idx) if plain and isinstance(ids, fx.Node) else None
-    if node.op != "call_function" or node.target not in _EMBEDDINGS:
+        if not isinstance(ids, fx.Node) or getattr(module, "max_norm", None) is not None:
+            return None
+        weight = f"{node.target}.weight"
+        if isinstance(module, nn.Embedding) and type(module).forward is nn.Embedding.forward:
+            return LookupMatch(node, ids, weight, module.padding_idx)
+        if isinstance(module, nn.EmbeddingBag) and type(module).forward is nn.EmbeddingBag.forward and module.mode in _LINEAR_BAG_MODES:
+            bag = Bag(module.mode, _argument(node, 1, "offsets"), _argument(node, 2, "per_sample_weights"), module.include_last_offset)
+            return LookupMatch(node, ids, weight, module.padding_idx, bag)
         return None
+    if node.op != "call_function":
+        return None
+    if node.target is F.embedding_bag:
+        ids, table, offsets = _argument(node, 0, "input"), _argument(node, 1, "weight"), _argument(node, 2, "offsets")
+        bag = Bag(_argument(node, 6, "mode", "mean"), offsets, _argument(node, 8, "per_sample_weights"), _argument(node, 9, "include_last_offset", False))
+        plain = _argument(node, 3, "max_norm") is None and bag.mode in _LINEAR_BAG_MODES
+        if not (plain and isinstance(ids, fx.Node) and is_parameter(gm, table)):
+            return None
+        return LookupMatch(node, ids, table.target, _argument(node, 10, "padding_idx"), bag)
+    if node.target not in _EMBEDDINGS:
+        return _aten_bag(gm, node)
     if node.target is F.embedding:
         ids, table, padding_idx = _argument(node, 0, "input"), _argument(node, 1, "weight"), _argument(node, 2, "padding_idx")
         if _argument(node, 3, "max_norm") is not None:
@@ -276,11 +344,8 @@ def match_lookup(gm: fx.GraphModule, node: fx.Node) -> LookupMatch | None:
     return LookupMatch(node, ids, table.target, padding_idx)
 
 
-# Every op that reads rows of a table, plain lookups or not (max_norm renormalizes the table; a bag sums rows).
-_TABLE_READS = _EMBEDDINGS | {
-    F.embedding_bag, aten.embedding_bag.default, aten.embedding_bag.padding_idx, aten._embedding_bag.default,
-    aten._embedding_bag_forward_only.default,
-}  # fmt: skip
+# Every op that reads rows of a table, plain lookups or not (max_norm renormalizes the table; a "max" bag is not linear).
+_TABLE_READS = _EMBEDDINGS | _ATEN_BAGS | {F.embedding_bag}
 
 
 def read_table(gm: fx.GraphModule, node: fx.Node) -> str | None:
