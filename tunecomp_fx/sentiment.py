@@ -56,16 +56,18 @@ def sentiment_task(
 def onnx_latency(
     models: Mapping[str, nn.Module], example: Mapping[str, torch.Tensor], folder: str | Path, *,
     baseline: str, batch_sizes: tuple[int, ...] = (1, 32), repeats: int = 10, threads: int = 1,
+    translations: Mapping[str, Mapping[Any, Any]] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Export each model to `folder/<label>.onnx` and time them interleaved in ONNX Runtime at each
-    batch size: {label: {"batch<B>_ms": median, "batch<B>_speedup": baseline median / median}}."""
+    """Export each model to `folder/<label>.onnx` (with `translations[label]`, to_onnx's, where given)
+    and time them interleaved in ONNX Runtime at each batch size:
+    {label: {"batch<B>_ms": median, "batch<B>_speedup": baseline median / median}}."""
     from tunecomp_fx import export
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = {label: folder / f"{label}.onnx" for label in models}
     for label, model in models.items():
-        export.to_onnx(model, dict(example), paths[label])
+        export.to_onnx(model, dict(example), paths[label], translations=(translations or {}).get(label))
     results: dict[str, dict[str, Any]] = {label: {} for label in models}
     for size in batch_sizes:
         inputs = {name: value[:1].expand(size, *value.shape[1:]).contiguous().cpu().numpy() for name, value in example.items()}
