@@ -333,6 +333,21 @@ def test_global_rank_selection_leaves_a_table_on_its_own_schedule_and_meets_the_
     assert pruner.kept_params() <= pruner.budget and pruner.slack_left() is None
 
 
+def test_global_allocation_gives_a_table_its_own_share_and_the_layers_theirs_by_energy():
+    # on the energy per parameter a table's rank (rows + features parameters, no MACs saved) would take the cut
+    model, inputs = _model_and_inputs()
+    sites = {}
+    for allocation in ("uniform", "global"):
+        prepared = tunecomp_fx.prepare(model, inputs, ratio=RATIO, compress_embeddings=True, allocation=allocation)
+        context = prepared.meta["tunecomp"].context
+        sites[allocation] = {site.name: (site, context.ranks[site.name].rank) for site in context.compressed_sites}
+    assert sites["global"]["embed"][1] == sites["uniform"]["embed"][1]  # the table's own share
+    layers = [site for site, _ in sites["global"].values() if not site.is_table]
+    kept = sum(site.dense_params if rank is None else site.kept_params(rank) for site, rank in sites["global"].values() if not site.is_table)
+    assert kept <= (1 - RATIO) * sum(site.dense_params for site in layers)  # the layers meet theirs
+    assert [sites["global"][site.name][1] for site in layers] != [sites["uniform"][site.name][1] for site in layers]  # by energy
+
+
 def _trainer(build: type[nn.Module], options: dict[str, Any], loss_fn: Callable[..., torch.Tensor], data: Any, checkpoints: Path) -> JointTrainer:
     torch.manual_seed(0)
     prepared = tunecomp_fx.prepare(build().eval(), (torch.randint(0, 100, (4, TOKENS)),), ratio=RATIO, rank_slack=0.5, **options)
