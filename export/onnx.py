@@ -75,7 +75,8 @@ def to_onnx(
 ) -> ExportResult:
     """Write `model` to `path` as ONNX and (by default) check ONNX Runtime against PyTorch at two shapes.
 
-    Dim 0 of every input is a dynamic batch axis; `dynamic_dims` names more per input, e.g.
+    Dim 0 of every input is a dynamic batch axis (`<name>_0` for an input whose length differs from
+    the first input's, as offsets beside ids); `dynamic_dims` names more per input, e.g.
     `{"input_ids": {1: "sequence"}, "attention_mask": {1: "sequence"}}`. Positional inputs are named
     after the parameters of `model.forward`. The model runs in eval mode throughout; its mode is
     restored afterwards. A file that fails the check is moved to `<name>.unverified.onnx` and the
@@ -204,8 +205,12 @@ def _positional_names(model: nn.Module, count: int) -> list[str]:
 def _dynamic_axes(
     names: list[str], tensors: list[torch.Tensor], dynamic_dims: Mapping[str, Mapping[int, str]] | None
 ) -> DynamicAxes:
-    """Dim 0 of every input is the batch axis; `dynamic_dims` adds (or renames) axes per input."""
-    axes: DynamicAxes = {name: {0: BATCH_AXIS} for name, tensor in zip(names, tensors) if tensor.dim() > 0}
+    """Dim 0 of every input of the first input's length is the batch axis; an input of another length
+    (an EmbeddingBag's offsets beside its ids) gets its own, `<name>_0`, since one name tells ONNX
+    Runtime the sizes are equal. `dynamic_dims` adds (or renames) axes per input."""
+    batched = [(name, tensor) for name, tensor in zip(names, tensors) if tensor.dim() > 0]
+    batch = batched[0][1].shape[0] if batched else None
+    axes: DynamicAxes = {name: {0: BATCH_AXIS if tensor.shape[0] == batch else f"{name}_0"} for name, tensor in batched}
     ranks = dict(zip(names, (tensor.dim() for tensor in tensors)))
     for name, dims in (dynamic_dims or {}).items():
         if name not in ranks:

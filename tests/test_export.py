@@ -155,6 +155,23 @@ def test_keyword_text_model_has_dynamic_batch_and_sequence(capture, tmp_path):
     assert_ort_matches(result.path, model, _text_inputs(5, 11))
 
 
+class OffsetBags(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(30, 4))
+
+    def forward(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return F.embedding_bag(ids, self.table, offsets, mode="sum")
+
+
+def test_an_input_of_another_length_gets_a_dim_zero_of_its_own(tmp_path):
+    # one name for ids (9) and offsets (3) would tell ONNX Runtime their sizes are equal
+    result = to_onnx(OffsetBags(), (torch.randint(0, 30, (9,)), torch.tensor([0, 4, 4])), tmp_path / "bags.onnx")
+    assert result.dynamic_axes == {"ids": {0: "batch"}, "offsets": {0: "offsets_0"}}
+    assert input_dims(result.path) == {"ids": ["batch"], "offsets": ["offsets_0"]}
+    assert list(result.max_errors) == ["ids=9, offsets=3", "ids=10, offsets=3", "ids=9, offsets=2"]  # each axis checked on its own
+
+
 def test_disagreeing_onnx_runtime_raises_with_max_error(tmp_path, monkeypatch):
     real_run = ort.InferenceSession.run
 
