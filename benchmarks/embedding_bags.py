@@ -22,7 +22,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -40,7 +39,7 @@ from tunecomp_fx.train import TrainingConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
 from minilm_sentiment import ABLATIONS, TRAINING_OPTIONS  # noqa: E402
-from seed_summary import mean_and_error  # noqa: E402
+from seed_summary import mean_and_error, seed_cells  # noqa: E402
 
 METHODS = ("ft_svd", "ft_c_ft", "c_ft", "joint")
 # ft exported with onnxscript's embedding_bag translation (a Loop over the bags) instead of tunecomp's
@@ -141,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         f"`{command}`", "",
         f"| method | ratio | test accuracy (seeds {', '.join(map(str, seeds))}) | mean | joint minus it (paired) | params | MACs/text |",
         "|---|---|---|---|---|---|---|",
-        f"| ft | | {' / '.join(f'{a:.2f}' for a in accuracies('ft'))} | {statistics.mean(accuracies('ft')):.2f} | | "
+        f"| ft | | {seed_cells(accuracies('ft'))} | | "
         f"{first['ft']['params'] / 1e6:.2f}M | {first['ft']['macs'] / 1e3:.0f}K |",
     ]  # fmt: skip
     for ratio in args.ratios:
@@ -151,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             values = accuracies(label)
             difference = mean_and_error([a - b for a, b in zip(joint, values)]) if method != "joint" else ""
             lines.append(
-                f"| {method} | {ratio} | {' / '.join(f'{a:.2f}' for a in values)} | {statistics.mean(values):.2f} | {difference} "
+                f"| {method} | {ratio} | {seed_cells(values)} | {difference} "
                 f"| {first[label]['params'] / 1e6:.2f}M | {first[label]['macs'] / 1e3:.0f}K |"
             )
     lines += ["", f"ONNX Runtime (1 thread, interleaved, seed {seeds[0]}'s models), joint's compact models against ft (both with tunecomp's embedding_bag translation):", ""]

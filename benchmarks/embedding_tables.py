@@ -15,7 +15,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -28,7 +27,7 @@ from tunecomp_fx.sentiment import onnx_latency, sentiment_task
 from tunecomp_fx.train import TrainingConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
-from seed_summary import mean_and_error  # noqa: E402
+from seed_summary import mean_and_error, seed_cells  # noqa: E402
 
 
 def _equal_params_ratio(tables: Any, linear_params_after: int) -> float:
@@ -99,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         differences = [a - 100 * by_seed[seed]["linear layers"]["accuracy"] for a, seed in zip(accuracies, args.seeds)]
         speed = latency[label] if label != "original" else {"batch1_speedup": 1.0, "batch32_speedup": 1.0}
         lines.append(
-            f"| {label} | {row['ratio']:.3g} | {' / '.join(f'{a:.2f}' for a in accuracies)} | {statistics.mean(accuracies):.2f} "
+            f"| {label} | {row['ratio']:.3g} | {seed_cells(accuracies)} "
             f"| {mean_and_error(differences)} "
             f"| {row['params'] / 1e6:.2f}M | {row['macs'] / 1e6:.0f}M | x{speed['batch1_speedup']:.2f} | x{speed['batch32_speedup']:.2f} |"
         )

@@ -52,6 +52,11 @@ def label(method: str, run: dict[str, Any], ratio: float) -> str:
     return f"joint[{','.join([changed, *inherited])}]"
 
 
+def seed_cells(values: list[float]) -> str:
+    """Two markdown cells: each seed's value, then their mean."""
+    return f"{' / '.join(f'{value:.2f}' for value in values)} | {statistics.mean(values):.2f}"
+
+
 def mean_and_error(values: list[float]) -> str:
     """Mean, and its standard error when there are two or more values."""
     if len(values) < 2:
