@@ -4,7 +4,7 @@ hidden layer and a 2-way head (fastText's shape; the table holds 99% of the para
 for Rotten Tomatoes sentiment. At each ratio, every method gets the same S steps on the same batches:
   ft        fine-tune only (the uncompressed reference)
   ft_svd    fine-tune S, then training-free compression (activation-whitened SVD, rows weighted by their reads)
-  ft_c_ft   fine-tune S/2, compress, fine-tune the compact model S/2
+  ft_c_ft   fine-tune S/2, compress, fine-tune the compact model S/2 on the batches ft sees in its second half
   c_ft      compress the pretrained model, fine-tune the compact model S
   joint     tunecomp_fx.compress(..., data=train, training=S steps), the default TrainingConfig
   joint[...] joint with one of minilm_sentiment.py's ablations (--ablations), at every ratio
@@ -32,6 +32,7 @@ from onnxscript.function_libs.torch_lib.ops.core import aten_embedding_bag_paddi
 from torch import nn
 
 from tunecomp_fx.api import compress
+from tunecomp_fx.batches import ContinuedData
 from tunecomp_fx.finetune import evaluate, finetune
 from tunecomp_fx.metrics import count_macs, count_parameters
 from tunecomp_fx.sentiment import onnx_latency, sentiment_task
@@ -86,13 +87,16 @@ def run_seed(
         )  # fmt: skip
 
     models = {"ft": trained(finetune, copy.deepcopy(model), task.train, recipe, desc="ft")}
-    ft_half = trained(finetune, copy.deepcopy(model), task.train, dataclasses.replace(recipe, steps=steps // 2), desc="ft S/2")
+    half = dataclasses.replace(recipe, steps=steps // 2)
+    task.train.generator.manual_seed(seed)
+    second_half = ContinuedData(task.train, start=half.steps)  # not the first half's batches again
+    ft_half = trained(finetune, copy.deepcopy(model), task.train, half, desc="ft S/2")
     for ratio in ratios:
         models[f"joint@{ratio}"] = joint(ratio)
         for name in ablations:
             models[f"joint[{name}]@{ratio}"] = joint(ratio, **ABLATIONS[name])
         models[f"c_ft@{ratio}"] = trained(finetune, squeeze(model, ratio), task.train, recipe, desc=f"c_ft {ratio}")
-        models[f"ft_c_ft@{ratio}"] = trained(finetune, squeeze(ft_half, ratio), task.train, dataclasses.replace(recipe, steps=steps // 2), desc=f"ft_c_ft {ratio}")
+        models[f"ft_c_ft@{ratio}"] = trained(finetune, squeeze(ft_half, ratio), second_half, half, desc=f"ft_c_ft {ratio}")
         models[f"ft_svd@{ratio}"] = squeeze(models["ft"], ratio)
     rows = {}
     for label, trained_model in models.items():

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from tests.joint_task import digits_task, fresh
 from tunecomp_fx import TrainingConfig, compress
+from tunecomp_fx.batches import ContinuedData
 from tunecomp_fx.errors import InputError, TrainingError
 from tunecomp_fx.finetune import evaluate, finetune
 
@@ -56,3 +57,34 @@ def test_finetune_rejects_a_loss_that_is_not_a_scalar() -> None:
 def test_finetune_shows_no_progress_bar_outside_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
     finetune(fresh("mlp"), _loader(), TrainingConfig(steps=3, lr=1e-3), desc="fine-tune")  # progress defaults on
     assert capsys.readouterr().err == ""  # a log or CI output gets no carriage-return noise
+
+
+def test_a_second_run_on_continued_data_sees_the_batches_of_the_first_runs_rest() -> None:
+    # 30 samples in batches of 4: 7 batches a pass, so the 12 steps cross a pass; targets name the samples
+    loader = DataLoader(TensorDataset(torch.randn(30, 3), torch.arange(30)), batch_size=4, shuffle=True, drop_last=True, generator=torch.Generator())
+
+    def seen(data: object, steps: int) -> list[list[int]]:
+        batches: list[list[int]] = []
+
+        def recording_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            batches.append(targets.tolist())
+            return outputs.square().mean()
+
+        finetune(torch.nn.Linear(3, 2), data, TrainingConfig(steps=steps, lr=1e-3), loss_fn=recording_loss, progress=False)
+        return batches
+
+    loader.generator.manual_seed(5)
+    whole = seen(loader, 12)
+    loader.generator.manual_seed(5)
+    rest = ContinuedData(loader, start=5)
+    assert seen(loader, 5) == whole[:5]
+    assert seen(rest, 7) == whole[5:]
+    assert seen(rest, 7) == whole[5:]  # every pass over it starts at the same batch
+    loader.generator.manual_seed(5)
+    assert seen(loader, 7) != whole[5:]  # the loader itself would repeat the first run's batches
+
+
+@pytest.mark.parametrize("start", [-1, 1.5, True])
+def test_continued_data_needs_a_batch_count(start: object) -> None:
+    with pytest.raises(InputError, match=f"start must be a batch count >= 0; got {start!r}"):
+        ContinuedData(_loader(), start)  # type: ignore[arg-type]

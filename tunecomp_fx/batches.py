@@ -1,10 +1,10 @@
 """Training and evaluation batches: (inputs, targets) pairs moved to a device, the errors for data
-without batches, and `DataCursor`, the endless resumable pass over a run's data that the joint
-driver and plain fine-tuning share."""
+without batches, `DataCursor`, the endless resumable pass over a run's data that the joint driver
+and plain fine-tuning share, and `ContinuedData`, the rest of such a pass for a second run."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -90,6 +90,30 @@ class DataCursor:
         for _ in range(int(state["index"])):
             next(self._iterator)
             self.index += 1
+
+
+class ContinuedData:
+    """The batches a run over `data` sees from its batch `start` on (DataCursor's endless passes), so
+    that a second run continues the first one's data instead of repeating it: the sequential
+    pipelines' second fine-tune sees the batches the uncompressed run sees in its second half. A
+    DataLoader's shuffle generator is put back, at every iteration, to its state when this was made."""
+
+    def __init__(self, data: Iterable[Any], start: int) -> None:
+        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+            raise InputError(f"start must be a batch count >= 0; got {start!r}")
+        self.data = data
+        self.start = start
+        generator = getattr(data, "generator", None)
+        self._generator_state = None if generator is None else generator.get_state()
+
+    def __iter__(self) -> Iterator[Any]:
+        if self._generator_state is not None:
+            self.data.generator.set_state(self._generator_state)  # type: ignore[attr-defined]
+        cursor = DataCursor(self.data)
+        for _ in range(self.start):
+            cursor.next()
+        while True:
+            yield cursor.next()
 
 
 def to_device(value: Any, device: torch.device) -> Any:
