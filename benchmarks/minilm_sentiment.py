@@ -143,6 +143,7 @@ def main() -> int:
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "torch": torch.__version__,
         "default_rank_slack": DEFAULT_RANK_SLACK,  # a compression default, not in the recipe
+        "ft_c_ft_second_half": "continued",  # its batches; runs without this key repeated the first half's
         "rows": [],
     }
     params_before = count_parameters(task.model)

@@ -15,7 +15,9 @@ default_rank_slack predates that and ran 0.25); an ablation made under another d
 default added to its label (joint[T=0.25,blend_mix=power]), so that it is not taken for the same
 ablation under the fixed configuration. The fixed configuration blends over half the run; a run whose
 recipe leaves blend_steps to the ratio (None: min(ratio, 0.5)) is labelled T=0.3 at ratio 0.3, the same
-label as that ablation under the fixed blend.
+label as that ablation under the fixed blend. The ft_c_ft rows of a run made before its second
+fine-tune continued the data (no "ft_c_ft_second_half" in results.json: it saw the first half's
+batches again) are labelled ft_c_ft[repeated batches].
 """
 
 from __future__ import annotations
@@ -35,7 +37,10 @@ FIXED_BLEND_STEPS = 0.5  # and its blend length, as a fraction of the run
 
 
 def label(method: str, run: dict[str, Any], ratio: float) -> str:
-    """The row label of `method` in `run` at `ratio`: joint runs named by what differs from the fixed configuration."""
+    """The row label of `method` in `run` at `ratio`: joint runs named by what differs from the fixed
+    configuration, ft_c_ft runs that repeated their first half's batches marked so."""
+    if method.startswith("ft_c_ft") and "ft_c_ft_second_half" not in run:
+        return f"{method[:-1]},repeated batches]" if method.endswith("]") else f"{method}[repeated batches]"
     if not method.startswith("joint"):
         return method
     mix = run["recipe"].get("blend_mix", "power")

@@ -13,12 +13,16 @@ SCRIPT = Path(__file__).parent.parent / "benchmarks" / "seed_summary.py"
 PROFILE = {"max_length": 64, "batch_size": 32, "steps": 600, "lr": 1e-4}
 
 
-def write_run(folder: Path, seed: int, accuracies: dict[str, float], profile: dict[str, Any] = PROFILE) -> Path:
-    """A run folder as benchmarks/minilm_sentiment.py writes it, reduced to what the summary reads."""
+def write_run(
+    folder: Path, seed: int, accuracies: dict[str, float], profile: dict[str, Any] = PROFILE, continued: bool = True
+) -> Path:
+    """A run folder as benchmarks/minilm_sentiment.py writes it, reduced to what the summary reads;
+    `continued=False`: as it wrote them before ft_c_ft's second half continued the data."""
     run = {
         "command": f"python benchmarks/minilm_sentiment.py --seed {seed}",
         "profile": profile,
         "recipe": {"seed": seed, "blend_mix": "convex", "blend_steps": 0.5},
+        **({"ft_c_ft_second_half": "continued"} if continued else {}),
         "rows": [{"method": method, "ratio": 0.5, "accuracy": accuracy} for method, accuracy in accuracies.items()],
     }
     folder.mkdir(parents=True)
@@ -59,6 +63,21 @@ def test_the_reference_defaults_to_fine_tune_compress_fine_tune(tmp_path: Path) 
     table = rows(output.read_text())
     assert table["method"][-1] == "minus ft_c_ft"
     assert table["c_ft"][-1] == "+1.00"  # one seed: no standard error
+
+
+def test_fine_tune_compress_fine_tune_runs_that_repeated_their_first_half_s_batches_get_rows_of_their_own(tmp_path: Path) -> None:
+    runs = [
+        write_run(tmp_path / "s0", 0, {"ft_c_ft": 0.80, "ft_c_ft[prune_heads=0.5]": 0.79, "c_ft": 0.81}, continued=False),
+        write_run(tmp_path / "s0_continued", 0, {"ft_c_ft": 0.83, "ft_c_ft[prune_heads=0.5]": 0.82}),
+    ]
+    output = tmp_path / "summary.md"
+    assert summarize(output, *runs, "--reference", "ft_c_ft", "--reference", "ft_c_ft[repeated batches]").returncode == 0
+    table = rows(output.read_text())
+    assert table["ft_c_ft"][1:3] == ["83.00", "83.00"]
+    assert table["ft_c_ft[repeated batches]"][1:3] == ["80.00", "80.00"]
+    assert table["ft_c_ft[prune_heads=0.5]"][1] == "82.00"
+    assert table["ft_c_ft[prune_heads=0.5,repeated batches]"][1] == "79.00"
+    assert table["c_ft"][-2:] == ["-2.00", "+1.00"]
 
 
 def test_runs_of_different_recipes_are_refused(tmp_path: Path) -> None:
