@@ -8,7 +8,7 @@ Per model, ratio and seed, the same step budget and learning rate:
   union_lr3_densehead - union_lr3 with the classifier head left dense (exclude=), so the new
                classes are not confined to a fixed output basis;
   sequential - plain fine-tuning for half the steps, training-free compression (whitened SVD),
-               fine-tuning of the compact model for the other half.
+               fine-tuning of the compact model for the other half, on the batches that follow.
 Then, on the transformer at ratio 0.5, the trainable parameter count of the prepared models and
 their training step time during the blend, the two models' steps interleaved (order alternating
 every round) in one process.
@@ -20,6 +20,7 @@ every round) in one process.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -30,10 +31,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.joint_task import accuracy, digits_task, endless, fine_tune, fresh  # noqa: E402
+from tests.joint_task import accuracy, digits_task, endless, fresh  # noqa: E402
 
 import tunecomp_fx  # noqa: E402
-from tunecomp_fx import StepHook  # noqa: E402
+from tunecomp_fx import StepHook, TrainingConfig  # noqa: E402
+from tunecomp_fx.batches import ContinuedData  # noqa: E402
+from tunecomp_fx.finetune import finetune  # noqa: E402
 from tunecomp_fx.sites import LOWRANK_ROOT  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -45,9 +48,11 @@ def run_method(method: str, kind: str, ratio: float, steps: int, lr: float, seed
     task = digits_task()
     start = time.perf_counter()
     if method == "sequential":
-        tuned = fine_tune(fresh(kind), task.loader(seed=seed), steps // 2, lr, seed)
+        recipe = TrainingConfig(steps=steps // 2, lr=lr, warmup=0, seed=seed)
+        tuned = finetune(fresh(kind), task.loader(seed=seed), recipe, progress=False)
         compact = tunecomp_fx.compress(tuned, task.example_inputs(), ratio)
-        compact = fine_tune(compact, task.loader(seed=seed), steps - steps // 2, lr, seed)
+        rest = ContinuedData(task.loader(seed=seed), start=steps // 2)
+        compact = finetune(compact, rest, dataclasses.replace(recipe, steps=steps - steps // 2), progress=False)
     else:
         options = {"method": "union", "allocation": "global"} if method.startswith("union") else {}
         lr = 3 * lr if method.startswith("union_lr3") else lr
