@@ -71,6 +71,7 @@ def to_onnx(
     rtol: float = 1e-3,
     opset: int | None = None,
     translations: Translations | None = None,
+    check_inputs: Sequence[ExampleInputs] | None = None,
     progress: bool = False,
 ) -> ExportResult:
     """Write `model` to `path` as ONNX and (by default) check ONNX Runtime against PyTorch at two shapes.
@@ -83,11 +84,15 @@ def to_onnx(
     ExportError says why. `translations` maps ops ONNX lacks (custom ops, e.g.
     `torch.ops.mylib.op.default`) to onnxscript functions, as torch.onnx.export's
     `custom_translation_table` does; they join tunecomp's own (`TRANSLATIONS`) and win over them.
+    The check runs at `example_inputs` and then at each dynamic axis resized by one, or at
+    `check_inputs` (inputs given as `example_inputs` are) where sizes are tied: an EmbeddingBag's
+    offsets index into its ids, so that resizing either alone makes inputs PyTorch does not define.
     `progress` shows a bar over the stages (export, each verified shape).
     """
     keyword = isinstance(example_inputs, Mapping)
     names, tensors = _named_inputs(model, example_inputs)
     axes = _dynamic_axes(names, tensors, dynamic_dims)
+    variants = _check_variants(model, names, tensors, axes, check_inputs)
     if translations is not None and not isinstance(translations, Mapping):
         raise ConfigError(f"translations must map ops to onnxscript functions (a dict); got {type(translations).__name__}")
     path = Path(path)
@@ -100,11 +105,11 @@ def to_onnx(
             raise InputError(f"the model fails on example_inputs: {_first_line(error)}") from error
         if not flat_model.output_names:
             raise InputError("the model returns no tensor on example_inputs, so there is nothing to export")
-        stages = 1 + (1 + len(_axis_names(axes)) if verify else 0)
+        stages = 1 + (len(variants) if verify else 0)
         with progress_bar(total=stages, desc="ONNX export", leave=False, enabled=progress) as bar:
             exporter = _export(flat_model, tensors, path, axes, opset, {**TRANSLATIONS, **(translations or {})})
             bar.update()
-            max_errors = _verified(flat_model, path, names, tensors, axes, atol, rtol, bar) if verify else {}
+            max_errors = _verified(flat_model, path, names, variants, check_inputs is None, atol, rtol, bar) if verify else {}
 
     proto = onnx.load(str(path), load_external_data=False)
     return ExportResult(
@@ -328,12 +333,13 @@ def _native_stdout_discarded() -> Iterator[None]:
 
 
 def _verified(
-    flat_model: _FlatOutputs, path: Path, names: list[str], tensors: list[torch.Tensor], axes: DynamicAxes, atol: float, rtol: float, bar: tqdm
+    flat_model: _FlatOutputs, path: Path, names: list[str], variants: list[list[torch.Tensor]], resized: bool,
+    atol: float, rtol: float, bar: tqdm,
 ) -> dict[str, float]:
     """`_verify`; a file that fails it is moved aside (`<name>.unverified.onnx`), so that nothing
     unverified is left at `path` to be deployed, and the error says where it went."""
     try:
-        return _verify(flat_model, path, names, tensors, axes, atol, rtol, bar)
+        return _verify(flat_model, path, names, variants, resized, atol, rtol, bar)
     except ExportError as error:
         kept = path.with_name(f"{path.stem}.unverified{path.suffix}")
         path.replace(kept)
@@ -344,14 +350,14 @@ def _verify(
     flat_model: _FlatOutputs,
     path: Path,
     names: list[str],
-    tensors: list[torch.Tensor],
-    axes: DynamicAxes,
+    variants: list[list[torch.Tensor]],
+    resized: bool,
     atol: float,
     rtol: float,
     bar: tqdm,
 ) -> dict[str, float]:
-    """Max abs error of ONNX Runtime against PyTorch at the example shapes, then at one more size
-    per dynamic axis name; `bar` advances once per shape."""
+    """Max abs error of ONNX Runtime against PyTorch at each variant of the inputs (the example's
+    first; the others `resized` from it, or the user's check_inputs); `bar` advances once per variant."""
     try:
         session = cpu_session(path)
     except Exception as error:
@@ -362,9 +368,14 @@ def _verify(
         ) from error
     onnx_names = [value.name for value in session.get_inputs()]
     max_errors: dict[str, float] = {}
-    for variant in [tensors] + [_resized(names, tensors, axes, axis_name) for axis_name in _axis_names(axes)]:
+    for index, variant in enumerate(variants):
         shapes = ", ".join(f"{name}={'x'.join(map(str, tensor.shape))}" for name, tensor in zip(names, variant))
         bar.set_description(f"ONNX Runtime check at {shapes}")
+        tied = _TIED_SIZES_ADVICE if resized and index > 0 else ""
+        try:
+            expected = flat_model(*variant)
+        except Exception as error:
+            raise ExportError(f"the model fails in PyTorch at the check's input shapes {shapes}: {_first_line(error)}.{tied}") from error
         feed = {name: to_numpy(tensor) for name, tensor in zip(names, variant) if name in onnx_names}
         try:
             actual = session.run(None, feed)
@@ -372,15 +383,54 @@ def _verify(
             raise ExportError(
                 f"ONNX Runtime fails at input shapes {shapes}: {_first_line(error)}. "
                 "A dynamic axis was probably baked in as a constant; "
-                "check the model for shape-dependent Python code."
+                f"check the model for shape-dependent Python code.{tied}"
             ) from error
-        expected = flat_model(*variant)
         max_errors[shapes] = max(
-            _max_error(output_name, got, want, shapes, atol, rtol)
+            _max_error(output_name, got, want, shapes, atol, rtol, tied)
             for output_name, got, want in zip(flat_model.output_names, actual, expected, strict=True)
         )
         bar.update()
     return max_errors
+
+
+_TIED_SIZES_ADVICE = (
+    " The check resized each dynamic axis by one from the example's inputs; where inputs' sizes are tied "
+    "(offsets that index into ids), that makes inputs the model does not define: pass check_inputs=[...] "
+    "with valid inputs of other sizes."
+)
+
+
+def _check_variants(
+    model: nn.Module, names: list[str], tensors: list[torch.Tensor], axes: DynamicAxes, check_inputs: Sequence[ExampleInputs] | None
+) -> list[list[torch.Tensor]]:
+    """The inputs the check runs at: the example's, then each dynamic axis resized by one or the
+    user's `check_inputs`, which must name the same inputs and differ only along dynamic axes."""
+    if check_inputs is None:
+        return [tensors] + [_resized(names, tensors, axes, axis_name) for axis_name in _axis_names(axes)]
+    if (
+        isinstance(check_inputs, Mapping) or not isinstance(check_inputs, Sequence) or not check_inputs
+        or not all(isinstance(inputs, (Mapping, Sequence)) for inputs in check_inputs)
+    ):
+        raise InputError(
+            "check_inputs must be a non-empty list of inputs, each given as example_inputs is (a tuple of tensors "
+            "or a dict of keyword tensors; one set of inputs goes in a list too)"
+        )
+    variants = [tensors]
+    for index, inputs in enumerate(check_inputs):
+        these_names, these = _named_inputs(model, inputs)
+        if these_names != names:
+            raise InputError(f"check_inputs[{index}] has inputs {these_names}; example_inputs has {names}")
+        for name, example, tensor in zip(names, tensors, these):
+            dynamic = axes.get(name, {})
+            fixed = [axis for axis in range(example.dim()) if axis not in dynamic]
+            if tensor.dim() != example.dim() or any(tensor.shape[axis] != example.shape[axis] for axis in fixed):
+                raise InputError(
+                    f"check_inputs[{index}][{name!r}] has shape {tuple(tensor.shape)} where example_inputs has "
+                    f"{tuple(example.shape)}, and only dims {sorted(dynamic)} of it are dynamic: name the others "
+                    "in dynamic_dims, or keep their size"
+                )
+        variants.append(these)
+    return variants
 
 
 def _axis_names(axes: DynamicAxes) -> list[str]:
@@ -407,14 +457,14 @@ def _resized(
 
 
 def _max_error(
-    output_name: str, actual: np.ndarray, expected: torch.Tensor, shapes: str, atol: float, rtol: float
+    output_name: str, actual: np.ndarray, expected: torch.Tensor, shapes: str, atol: float, rtol: float, advice: str = ""
 ) -> float:
     want = expected.detach().cpu().to(torch.float64).numpy()
     got = np.asarray(actual, dtype=np.float64)
     if got.shape != want.shape:
         raise ExportError(
             f"output {output_name!r} has shape {got.shape} in ONNX Runtime but {want.shape} in PyTorch "
-            f"at input shapes {shapes}; a dynamic axis was probably exported as a constant."
+            f"at input shapes {shapes}; a dynamic axis was probably exported as a constant.{advice}"
         )
     error = np.abs(got - want)
     error[np.isnan(got) & np.isnan(want)] = 0.0
@@ -425,7 +475,7 @@ def _max_error(
             f"max abs error {max_error:.3g} exceeds atol + rtol*|ref| (atol={atol:g}, rtol={rtol:g}). "
             "Look for an op whose ONNX translation differs (re-export with verify=False and compare "
             "layer outputs), a model captured in training mode (dropout), or loosen atol/rtol if the "
-            "gap is expected, e.g. from reduced precision."
+            f"gap is expected, e.g. from reduced precision.{advice}"
         )
     return max_error
 

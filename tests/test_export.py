@@ -172,6 +172,57 @@ def test_an_input_of_another_length_gets_a_dim_zero_of_its_own(tmp_path):
     assert list(result.max_errors) == ["ids=9, offsets=3", "ids=10, offsets=3", "ids=9, offsets=2"]  # each axis checked on its own
 
 
+class CsrBags(nn.Module):
+    """Mean bags whose offsets end with the number of ids (include_last_offset): their sizes are tied."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bags = nn.EmbeddingBag(30, 4, mode="mean", include_last_offset=True, padding_idx=0)
+
+    def forward(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return self.bags(ids, offsets)
+
+
+CSR_EXAMPLE = (torch.tensor([1, 0, 4, 7, 9, 2]), torch.tensor([0, 2, 2, 6]))
+CSR_OTHER = (torch.tensor([5, 6, 0, 0, 8, 1, 3, 2, 9]), torch.tensor([0, 3, 4, 4, 9, 9]))  # 9 ids in 5 bags
+
+
+def test_inputs_with_tied_sizes_are_checked_at_the_check_inputs_given(tmp_path):
+    result = to_onnx(CsrBags().eval(), CSR_EXAMPLE, tmp_path / "bags.onnx", check_inputs=[CSR_OTHER])
+    assert list(result.max_errors) == ["ids=6, offsets=4", "ids=9, offsets=6"]
+    assert max(result.max_errors.values()) < 1e-6
+
+
+def test_resizing_inputs_with_tied_sizes_fails_the_check_with_advice_to_pass_check_inputs(tmp_path):
+    # ids resized alone leave the last offset short of the number of ids: PyTorch leaves the extra id
+    # out of the last bag where the CSR form reads it in; the error says what to do instead
+    with pytest.raises(ExportError, match=r"at input shapes ids=7, offsets=4: .*pass check_inputs=\[\.\.\.\] with valid inputs of other sizes"):
+        to_onnx(CsrBags().eval(), CSR_EXAMPLE, tmp_path / "bags.onnx")
+    assert not (tmp_path / "bags.onnx").exists()
+
+
+def test_a_model_that_fails_on_the_check_s_resized_inputs_is_an_export_error(tmp_path):
+    bags = nn.EmbeddingBag(30, 4, mode="sum", include_last_offset=True).eval()  # offsets [0, 6] grown to [0, 6, 0]
+    with pytest.raises(ExportError, match=r"the model fails in PyTorch at the check's input shapes input=6, offsets=3: .*pass check_inputs="):
+        to_onnx(bags, (CSR_EXAMPLE[0], torch.tensor([0, 6])), tmp_path / "bags.onnx")
+
+
+@pytest.mark.parametrize(
+    ("check_inputs", "message"),
+    [
+        ([{"ids": CSR_OTHER[0], "offsets": CSR_OTHER[1]}, CSR_OTHER[:1]], r"check_inputs\[1\] has inputs \['ids'\]; example_inputs has \['ids', 'offsets'\]"),
+        ([(CSR_OTHER[0][None], CSR_OTHER[1])], r"check_inputs\[0\]\['ids'\] has shape \(1, 9\) where example_inputs has \(6,\), and only dims \[0\] of it are dynamic"),
+        ([], "check_inputs must be a non-empty list of inputs"),
+        (CSR_OTHER, "check_inputs must be a non-empty list of inputs"),
+    ],
+    ids=["other-inputs", "static-dim", "empty", "one-set-not-in-a-list"],
+)
+def test_check_inputs_must_be_the_example_s_inputs_at_other_dynamic_sizes(tmp_path, check_inputs, message):
+    with pytest.raises(InputError, match=message):
+        to_onnx(CsrBags().eval(), CSR_EXAMPLE, tmp_path / "bags.onnx", check_inputs=check_inputs)
+    assert not list(tmp_path.iterdir())  # refused before the export
+
+
 def test_disagreeing_onnx_runtime_raises_with_max_error(tmp_path, monkeypatch):
     real_run = ort.InferenceSession.run
 
