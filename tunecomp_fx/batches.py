@@ -96,7 +96,9 @@ class ContinuedData:
     """The batches a run over `data` sees from its batch `start` on (DataCursor's endless passes), so
     that a second run continues the first one's data instead of repeating it: the sequential
     pipelines' second fine-tune sees the batches the uncompressed run sees in its second half. A
-    DataLoader's shuffle generator is put back, at every iteration, to its state when this was made."""
+    DataLoader's shuffle generator is put back, at every iteration, to its state when this was made
+    (make it where the first run starts); a loader without one shuffles from torch's global RNG,
+    which training draws on too, so its batches cannot be replayed."""
 
     def __init__(self, data: Iterable[Any], start: int) -> None:
         if isinstance(start, bool) or not isinstance(start, int) or start < 0:
