@@ -8,12 +8,14 @@ for Rotten Tomatoes sentiment. At each ratio, every method gets the same S steps
   c_ft      compress the pretrained model, fine-tune the compact model S
   joint     tunecomp_fx.compress(..., data=train, training=S steps), the default TrainingConfig
   joint[...] joint with one of minilm_sentiment.py's ablations (--ablations), at every ratio
-all with compress_embeddings=True. Test accuracy, parameters, MACs per text, and (the first seed's
-models) ONNX Runtime latency of joint's compact models against ft's (1 thread, interleaved), and of
-ft exported with onnxscript's embedding_bag translation instead of tunecomp's.
+all with compress_embeddings=True (--table-lr-scale F: the table's factors, lowrank.words.*, train at F x
+the learning rate in c_ft, ft_c_ft's second fine-tune and joint). Test accuracy, parameters, MACs per
+text, and (the first seed's models) ONNX Runtime latency of joint's compact models against ft's (1
+thread, interleaved), and of ft exported with onnxscript's embedding_bag translation instead of
+tunecomp's.
 
     python benchmarks/embedding_bags.py [--seeds 0 1 2 3] [--ratios 0.5 0.7 0.9] [--steps 480] [--lr 3e-3]
-        [--ablations T=0.1 ...] [-o benchmarks/results/embedding_bags]
+        [--ablations T=0.1 ...] [--table-lr-scale 0.1] [-o benchmarks/results/embedding_bags]
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ METHODS = ("ft_svd", "ft_c_ft", "c_ft", "joint")
 # ft exported with onnxscript's embedding_bag translation (a Loop over the bags) instead of tunecomp's
 ONNXSCRIPT_FT = "ft (onnxscript's embedding_bag)"
 ONNXSCRIPT_BAGS = {torch.ops.aten.embedding_bag.padding_idx: aten_embedding_bag_padding_idx}
+TABLE_FACTORS = "lowrank.words.*"  # the word table's factors, as prepare and compress name them
 
 
 class BagClassifier(nn.Module):
@@ -62,13 +65,15 @@ class BagClassifier(nn.Module):
 
 
 def run_seed(
-    seed: int, ratios: list[float], steps: int, lr: float, ablations: list[str]
+    seed: int, ratios: list[float], steps: int, lr: float, ablations: list[str], table_lr_scale: float = 1.0
 ) -> tuple[dict[str, dict[str, Any]], dict[str, nn.Module], dict[str, torch.Tensor]]:
     task = sentiment_task(batch_size=16, seed=seed, max_length=32)
     embeddings = task.model.bert.embeddings.word_embeddings
     torch.manual_seed(seed)
     model = BagClassifier(embeddings.weight.detach().clone(), embeddings.padding_idx).eval()
     recipe = TrainingConfig(steps=steps, lr=lr, seed=seed)
+    scaled = {TABLE_FACTORS: table_lr_scale} if table_lr_scale != 1.0 else {}
+    compact_recipe = dataclasses.replace(recipe, lr_scale=scaled)  # for the models with factors
     texts = len(task.example["input_ids"])
 
     def trained(fn: Any, *args: Any, **options: Any) -> nn.Module:
@@ -79,7 +84,7 @@ def run_seed(
         return compress(trained_model, task.example, ratio, calib=task.calibration, compress_embeddings=True)
 
     def joint(ratio: float, **options: Any) -> nn.Module:
-        training = dataclasses.replace(recipe, **{key: value for key, value in options.items() if key in TRAINING_OPTIONS})
+        training = dataclasses.replace(compact_recipe, **{key: value for key, value in options.items() if key in TRAINING_OPTIONS})
         compression = {key: value for key, value in options.items() if key not in TRAINING_OPTIONS}
         return trained(
             compress, model, task.example, ratio, calib=task.calibration, data=task.train, training=training, progress=True,
@@ -88,6 +93,7 @@ def run_seed(
 
     models = {"ft": trained(finetune, copy.deepcopy(model), task.train, recipe, desc="ft")}
     half = dataclasses.replace(recipe, steps=steps // 2)
+    compact_half = dataclasses.replace(compact_recipe, steps=half.steps)
     task.train.generator.manual_seed(seed)
     second_half = ContinuedData(task.train, start=half.steps)  # not the first half's batches again
     ft_half = trained(finetune, copy.deepcopy(model), task.train, half, desc="ft S/2")
@@ -95,8 +101,8 @@ def run_seed(
         models[f"joint@{ratio}"] = joint(ratio)
         for name in ablations:
             models[f"joint[{name}]@{ratio}"] = joint(ratio, **ABLATIONS[name])
-        models[f"c_ft@{ratio}"] = trained(finetune, squeeze(model, ratio), task.train, recipe, desc=f"c_ft {ratio}")
-        models[f"ft_c_ft@{ratio}"] = trained(finetune, squeeze(ft_half, ratio), second_half, half, desc=f"ft_c_ft {ratio}")
+        models[f"c_ft@{ratio}"] = trained(finetune, squeeze(model, ratio), task.train, compact_recipe, desc=f"c_ft {ratio}")
+        models[f"ft_c_ft@{ratio}"] = trained(finetune, squeeze(ft_half, ratio), second_half, compact_half, desc=f"ft_c_ft {ratio}")
         models[f"ft_svd@{ratio}"] = squeeze(models["ft"], ratio)
     rows = {}
     for label, trained_model in models.items():
@@ -116,13 +122,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--ablations", nargs="*", default=[], choices=list(ABLATIONS), help="extra joint runs, one option changed each")
+    parser.add_argument(
+        "--table-lr-scale", type=float, default=1.0, help="the table factors' learning rate over --lr in every method that trains them"
+    )
     parser.add_argument("-o", "--output", default="benchmarks/results/embedding_bags")
     args = parser.parse_args(argv)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     by_seed, latency = {}, {}
     for seed in args.seeds:
-        rows, models, example = run_seed(seed, args.ratios, args.steps, args.lr, args.ablations)
+        rows, models, example = run_seed(seed, args.ratios, args.steps, args.lr, args.ablations, args.table_lr_scale)
         by_seed[seed] = rows
         if not latency:
             timed = {label: model for label, model in models.items() if label == "ft" or label.startswith("joint@")}
@@ -138,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     command = f"python benchmarks/embedding_bags.py --seeds {' '.join(map(str, seeds))} --ratios {' '.join(map(str, args.ratios))} --steps {args.steps} --lr {args.lr}"
     if args.ablations:
         command += " --ablations " + " ".join(args.ablations)
+    if args.table_lr_scale != 1.0:
+        command += f" --table-lr-scale {args.table_lr_scale:g}"
     first = by_seed[seeds[0]]
     lines = [
         f"# compress_embeddings on a bag-of-words model (MiniLM's word table in an nn.EmbeddingBag; Rotten Tomatoes, {args.steps} steps)", "",

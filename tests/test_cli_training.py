@@ -63,6 +63,10 @@ BAD_ARGUMENTS = {
                             "rank_slack must be a number >= 0, or None for the run's default; got -1.0"),
     "rank slack for union": (["cli_models:two_layer", "--method", "union", "--data", "digits", "--steps", "2", "--rank-slack", "0.5"], 1,
                              "method='union' trains a fixed-rank core between fixed bases and prunes no ranks; rank_slack must be 0"),
+    "lr scale not a pair": (["cli_models:two_layer", "--data", "digits", "--steps", "2", "--lr-scale", "lowrank.*"], 2,
+                            "argument --lr-scale: 'lowrank.*' is not PATTERN=FACTOR (e.g. 'lowrank.words.*=0.1')"),
+    "lr scale of nothing": (["cli_models:two_layer", "--data", "digits", "--steps", "2", "--lr-scale", "encoder.*=0.1"], 1,
+                            "lr_scale patterns ['encoder.*'] match no trainable parameter of the model"),
     "negative distill weight": (["cli_models:two_layer", "--data", "digits", "--steps", "2", "--distill-weight", "-0.5"], 1,
                                 "distill_weight must be >= 0; got -0.5"),
     "eval every without eval data": (["cli_models:two_layer", "--data", "digits", "--steps", "2", "--eval-every", "1"], 1,
@@ -153,7 +157,8 @@ def test_union_trains_on_a_users_loader(runs) -> None:
 
 def test_training_options_reach_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(TESTS)
-    options = ["--rank-slack", "0", "--distill-weight", "0.25", "--train-teachers", "--prune-neurons", "0.25", "--width-slack", "1"]
+    options = ["--rank-slack", "0", "--distill-weight", "0.25", "--train-teachers", "--prune-neurons", "0.25", "--width-slack", "1",
+               "--lr-scale", "lowrank.*.up.*=0.5", "--lr-scale", "lowrank.*=2"]  # fmt: skip
     assert main(["compress", "cli_models:two_layer", "--ratio", "0.5", "--data", "digits", "--steps", "2", *options, "-o", str(tmp_path)]) == 0
     config = json.loads((tmp_path / "config.json").read_text())
     assert (config["rank_slack"], config["prune_neurons"], config["width_slack"]) == (0.0, 0.25, 1.0)
@@ -163,6 +168,7 @@ def test_training_options_reach_the_run(tmp_path: Path, monkeypatch: pytest.Monk
     assert report["totals"]["kept_fraction"] <= 0.5
     training = report["training"]
     assert training["config"]["distill_weight"] == 0.25 and training["config"]["train_teachers"] is True
+    assert training["config"]["lr_scale"] == [["lowrank.*.up.*", 0.5], ["lowrank.*", 2.0]]
     # No slack: the students start at their budget instead of above it.
     assert training["history"][0]["kept"] <= 0.5
 

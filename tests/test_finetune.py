@@ -88,3 +88,15 @@ def test_a_second_run_on_continued_data_sees_the_batches_of_the_first_runs_rest(
 def test_continued_data_needs_a_batch_count(start: object) -> None:
     with pytest.raises(InputError, match=f"start must be a batch count >= 0; got {start!r}"):
         ContinuedData(_loader(), start)  # type: ignore[arg-type]
+
+
+def test_lr_scale_sets_the_step_of_the_parameters_it_names() -> None:
+    # AdamW's first step moves each weight by lr * g / (|g| + eps), that is by lr where the gradient is
+    # not tiny: the median move of a parameter is its learning rate.
+    model = fresh("mlp")
+    start = copy.deepcopy(model)
+    config = TrainingConfig(steps=1, lr=1e-2, warmup=0, lr_decay="constant", weight_decay=0.0, lr_scale={"0.*": 0.1, "4.bias": 3.0})
+    finetune(model, _loader(), config, progress=False)
+    starts = dict(start.named_parameters())
+    moves = {name: float((p - starts[name]).detach().abs().median()) for name, p in model.named_parameters()}
+    assert moves == pytest.approx({"0.weight": 1e-3, "0.bias": 1e-3, "2.weight": 1e-2, "2.bias": 1e-2, "4.weight": 1e-2, "4.bias": 3e-2}, rel=1e-3)

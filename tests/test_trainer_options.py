@@ -1,8 +1,10 @@
 """JointTrainer options: gradient accumulation, epochs, logit distillation, the students' own task
-loss, pruning longer than the blend, element-wise hard-shrink, trainable teachers, periodic evaluation and the progress bar."""
+loss, pruning longer than the blend, element-wise hard-shrink, trainable teachers, learning rates per
+parameter (lr_scale), periodic evaluation and the progress bar."""
 
 from __future__ import annotations
 
+import json
 import sys
 
 from typing import Any
@@ -220,3 +222,34 @@ def test_bf16_autocast_path_runs_on_cpu() -> None:
     assert len(autocast_in_training_steps) == trainer.total_steps and all(autocast_in_training_steps)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in trainer.history)
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # autocast, not a cast
+
+
+def test_lr_scale_holds_back_the_students_it_names_through_the_whole_run() -> None:
+    trainer = _trainer(lr_scale=(("lowrank.0.*", 1e-6),))
+    named = dict(trainer.model.named_parameters())
+    before = {name: p.detach().clone() for name, p in named.items() if p.requires_grad}
+    trainer.fit()
+    moved = {name: float((named[name] - start).abs().max()) for name, start in before.items()}
+    assert all(moved[name] < 1e-6 for name in moved if name.startswith("lowrank.0.")), moved  # 10 steps at lr 1e-9
+    assert all(moved[name] > 1e-4 for name in moved if not name.startswith("lowrank.0.")), moved
+
+
+def test_lr_scale_is_checked() -> None:
+    assert TrainingConfig(lr_scale={"a*": 2}).lr_scale == TrainingConfig(lr_scale=[["a*", 2.0]]).lr_scale == (("a*", 2.0),)
+    saved = TrainingConfig(lr_scale={"a*": 2, "b": 0.5})
+    assert TrainingConfig.from_dict(json.loads(json.dumps(saved.to_dict()))) == saved  # a checkpoint's config resumes
+    for bad, message in [
+        ({"a*": 0}, "lr_scale factors must be finite numbers > 0; got 0 for 'a*'"),
+        ({"a*": float("nan")}, "lr_scale factors must be finite numbers > 0; got nan"),
+        ({"a*": True}, "lr_scale factors must be finite numbers > 0; got True"),
+        ("a*=0.1", "lr_scale takes (pattern, factor) pairs or a {pattern: factor} mapping"),
+        ([("a*",)], "got the item ('a*',)"),
+        (0.1, "got 0.1"),
+    ]:
+        with pytest.raises(ConfigError) as caught:
+            TrainingConfig(lr_scale=bad)  # type: ignore[arg-type]
+        assert message in str(caught.value)
+    # the teachers are frozen: a pattern that names them alone names no trainable parameter
+    with pytest.raises(ConfigError, match=r"lr_scale patterns \['0\.\*', 'nope'\] match no trainable parameter of the model; its trainable "
+                       r"parameters are 4\.weight, 4\.bias, lowrank\.0\.down\.weight"):
+        _trainer(lr_scale={"lowrank.2.*": 0.5, "0.*": 0.1, "nope": 2.0}).fit()

@@ -28,7 +28,7 @@ BATCH_SIZE = 32  # of a named data set
 EVALUATIONS = 10  # evaluations per run when --eval-data is given without --eval-every
 # The training options, all None unless given, so that any of them without --data is an error.
 TRAINING_OPTIONS = (
-    "steps", "epochs", "lr", "blend", "blend_mix", "blend_steps", "distill_weight", "train_teachers", "rank_slack",
+    "steps", "epochs", "lr", "lr_scale", "blend", "blend_mix", "blend_steps", "distill_weight", "train_teachers", "rank_slack",
     "width_slack", "batch_size", "eval_data", "eval_every", "loss", "metric",
 )  # fmt: skip
 _NOT_IN_TRAINING_CONFIG = ("rank_slack", "width_slack", "batch_size", "eval_data", "eval_every", "loss", "metric")
@@ -119,6 +119,17 @@ def _steps_or_fraction(text: str) -> int | float:
     raise argparse.ArgumentTypeError(f"{text!r} is neither a step count (e.g. 200) nor a fraction of the run (e.g. 0.5)")
 
 
+def _lr_scale(text: str) -> tuple[str, float]:
+    """'lowrank.words.*=0.1' -> ("lowrank.words.*", 0.1); TrainingConfig checks the factor."""
+    pattern, equals, factor = text.rpartition("=")
+    try:
+        if equals and pattern:
+            return pattern, float(factor)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"{text!r} is not PATTERN=FACTOR (e.g. 'lowrank.words.*=0.1')")
+
+
 def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = TrainingConfig()
     group = parser.add_argument_group("joint training (with --data; without it, compress is training-free)")
@@ -142,6 +153,11 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--epochs", type=float, metavar="E", help="passes over the training data (or --steps)")
     group.add_argument("--batch-size", type=int, help=f"batch size of a named data set (default {BATCH_SIZE})")
     group.add_argument("--lr", type=float, help=f"peak AdamW learning rate (default {defaults.lr:g})")
+    group.add_argument(
+        "--lr-scale", type=_lr_scale, action="append", metavar="PATTERN=FACTOR",
+        help="train the parameters whose names match the fnmatch PATTERN at FACTOR x --lr (repeatable; the first match "
+        "wins), e.g. 'lowrank.words.*=0.1' for an embedding table's factors",
+    )  # fmt: skip
     group.add_argument("--blend", choices=BLENDS, help=f"schedule of the teacher-to-student blend (default {defaults.blend})")
     group.add_argument(
         "--blend-mix", choices=MIXES, help=f"the student's blend weight: 1 - alpha or sqrt(1 - alpha^2) (default {defaults.blend_mix})"

@@ -21,7 +21,15 @@ from tunecomp_fx.inputs import call_model
 from tunecomp_fx.mode import set_training_mode
 from tunecomp_fx.progress import progress_bar
 from tunecomp_fx.batches import DataCursor, split_batch
-from tunecomp_fx.train import TrainingConfig, accuracy, autocast, build_optimizer, checked_loss, prediction
+from tunecomp_fx.train import (
+    TrainingConfig,
+    accuracy,
+    autocast,
+    build_optimizer,
+    checked_loss,
+    prediction,
+    set_learning_rate,
+)
 
 
 def finetune(
@@ -47,8 +55,7 @@ def finetune(
     cursor = DataCursor(data)
     set_training_mode(model, True)
     for step in progress_bar(range(config.steps), enabled=progress, desc=desc):
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * schedules.lr_factor(step)
+        set_learning_rate(optimizer, config.lr * schedules.lr_factor(step))
         for _ in range(config.accumulate):
             inputs, targets = split_batch(cursor.next(), device)
             with autocast(config, device):

@@ -22,6 +22,7 @@ import os
 import random
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,25 @@ UNION_CALIBRATION_BATCHES = 8  # training batches method="union" calibrates on w
 TRAINING_KEY = "tunecomp_training"  # compact GraphModule.meta key: training config and history
 
 
+def _lr_scale_pairs(lr_scale: Any) -> tuple[tuple[str, float], ...]:
+    """lr_scale as (pattern, factor) pairs, from pairs or a mapping (a saved config's lists too)."""
+    items = lr_scale.items() if isinstance(lr_scale, Mapping) else lr_scale
+    usage = 'lr_scale takes (pattern, factor) pairs or a {pattern: factor} mapping, e.g. {"lowrank.words.*": 0.1}'
+    if isinstance(items, str):
+        raise ConfigError(f"{usage}; got the string {items!r}")
+    try:
+        pairs = [tuple(item) for item in items]
+    except TypeError:
+        raise ConfigError(f"{usage}; got {lr_scale!r}") from None
+    for pair in pairs:
+        if len(pair) != 2 or not isinstance(pair[0], str) or not pair[0]:
+            raise ConfigError(f"{usage}; got the item {pair!r}")
+        factor = pair[1]
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < math.inf:
+            raise ConfigError(f"lr_scale factors must be finite numbers > 0; got {factor!r} for {pair[0]!r}")
+    return tuple((pattern, float(factor)) for pattern, factor in pairs)
+
+
 @dataclass(frozen=True)
 class TrainingConfig:
     """How the joint run optimizes (everything that decides its result).
@@ -66,6 +86,11 @@ class TrainingConfig:
     steps / epochs: length of the run in optimizer steps, or in passes over the data (one of them).
     lr, weight_decay: AdamW (no decay on biases and norms); warmup: steps (int) or fraction of the
         run (float); lr_decay: "cosine", "linear" or "constant" after warm-up.
+    lr_scale: (pattern, factor) pairs: a trainable parameter whose name matches the fnmatch pattern
+        (the first that does) trains at factor x the learning rate, e.g. (("lowrank.words.*", 0.1),)
+        for an embedding table's factors (names as `prepare` gives them: `lowrank.<site>.up.weight`;
+        a mapping {pattern: factor} is taken too). A pattern that matches no trainable parameter is
+        an error.
     accumulate: micro-batches per optimizer step; max_grad_norm: clipping (None: no clipping).
     blend: "sin" (alpha = 1 - sin(pi t / 2T)), "linear" or "cosine"; blend_steps: T, in steps (int)
         or as a fraction of the run (float); None (the default) takes the fraction the compression
@@ -99,6 +124,7 @@ class TrainingConfig:
     steps: int | None = None
     epochs: float | None = None
     lr: float = 1e-4
+    lr_scale: tuple[tuple[str, float], ...] = ()
     weight_decay: float = 0.01
     warmup: int | float = 0.05
     lr_decay: str = "cosine"
@@ -135,6 +161,7 @@ class TrainingConfig:
                 raise ConfigError(f"{name}={value} as a float is a fraction of the run and must be <= 1")
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0; got {self.lr}")
+        object.__setattr__(self, "lr_scale", _lr_scale_pairs(self.lr_scale))
         if self.accumulate < 1:
             raise ConfigError(f"accumulate must be >= 1; got {self.accumulate}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
@@ -349,13 +376,35 @@ def autocast(config: TrainingConfig, device: torch.device) -> contextlib.Abstrac
 
 
 def build_optimizer(model: nn.Module, config: TrainingConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters, without weight decay on biases and norms."""
+    """AdamW over the trainable parameters, without weight decay on biases and norms, each group at
+    its `lr_scale` factor (kept in the group as "lr_scale"; `set_learning_rate` applies it)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for _, p in named if p.dim() >= 2], "weight_decay": config.weight_decay},
-        {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
+    patterns = [pattern for pattern, _ in config.lr_scale]
+    unmatched = [pattern for pattern in patterns if not any(fnmatch(name, pattern) for name, _ in named)]
+    if unmatched:
+        shown = ", ".join(name for name, _ in named[:8]) + (", ..." if len(named) > 8 else "")
+        raise ConfigError(
+            f"lr_scale patterns {unmatched} match no trainable parameter of the model; its trainable parameters "
+            f"are {shown} (a prepared model's students are lowrank.<site>.down/up.weight)"
+        )
+    groups: dict[tuple[int, bool], list[nn.Parameter]] = {}
+    for name, parameter in named:
+        scale_index = next((i + 1 for i, pattern in enumerate(patterns) if fnmatch(name, pattern)), 0)
+        groups.setdefault((scale_index, parameter.dim() < 2), []).append(parameter)
+    factors = (1.0, *(factor for _, factor in config.lr_scale))
+    return torch.optim.AdamW(
+        [
+            {"params": groups[key], "weight_decay": 0.0 if key[1] else config.weight_decay, "lr_scale": factors[key[0]]}
+            for key in sorted(groups)  # without lr_scale: the decayed group, then the rest, as checkpoints hold them
+        ],
+        lr=config.lr,
+    )
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group at `lr` times its lr_scale (1 in a checkpoint saved before lr_scale existed)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 class JointTrainer:
@@ -467,8 +516,7 @@ class JointTrainer:
         bar = progress_bar(total=self.total_steps, initial=hook.step_count, enabled=self.progress, desc="joint")
         while hook.step_count < self.total_steps:
             step = hook.step_count
-            for group in optimizer.param_groups:
-                group["lr"] = config.lr * hook.schedules.lr_factor(step)
+            set_learning_rate(optimizer, config.lr * hook.schedules.lr_factor(step))
             loss_sum = torch.zeros((), device=self.device)
             for micro in range(config.accumulate):
                 inputs, targets = split_batch(cursor.next(), self.device)
