@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 from tests.joint_task import digits_task, fresh
 from tunecomp_fx import TrainingConfig, compress
@@ -59,9 +59,18 @@ def test_finetune_shows_no_progress_bar_outside_a_terminal(capsys: pytest.Captur
     assert capsys.readouterr().err == ""  # a log or CI output gets no carriage-return noise
 
 
-def test_a_second_run_on_continued_data_sees_the_batches_of_the_first_runs_rest() -> None:
-    # 30 samples in batches of 4: 7 batches a pass, so the 12 steps cross a pass; targets name the samples
-    loader = DataLoader(TensorDataset(torch.randn(30, 3), torch.arange(30)), batch_size=4, shuffle=True, drop_last=True, generator=torch.Generator())
+def _samples_loader(generator_of: str) -> tuple[DataLoader, torch.Generator]:
+    """30 samples in batches of 4 (7 a pass), the targets naming the samples, shuffled by a generator
+    given to the loader or to its sampler."""
+    samples, generator = TensorDataset(torch.randn(30, 3), torch.arange(30)), torch.Generator()
+    if generator_of == "loader":
+        return DataLoader(samples, batch_size=4, shuffle=True, drop_last=True, generator=generator), generator
+    return DataLoader(samples, batch_size=4, sampler=RandomSampler(samples, generator=generator), drop_last=True), generator
+
+
+@pytest.mark.parametrize("generator_of", ["loader", "sampler"])
+def test_a_second_run_on_continued_data_sees_the_batches_of_the_first_runs_rest(generator_of: str) -> None:
+    loader, generator = _samples_loader(generator_of)  # the 12 steps below cross a pass
 
     def seen(data: object, steps: int) -> list[list[int]]:
         batches: list[list[int]] = []
@@ -73,15 +82,23 @@ def test_a_second_run_on_continued_data_sees_the_batches_of_the_first_runs_rest(
         finetune(torch.nn.Linear(3, 2), data, TrainingConfig(steps=steps, lr=1e-3), loss_fn=recording_loss, progress=False)
         return batches
 
-    loader.generator.manual_seed(5)
+    generator.manual_seed(5)
     whole = seen(loader, 12)
-    loader.generator.manual_seed(5)
+    generator.manual_seed(5)
     rest = ContinuedData(loader, start=5)
     assert seen(loader, 5) == whole[:5]
     assert seen(rest, 7) == whole[5:]
     assert seen(rest, 7) == whole[5:]  # every pass over it starts at the same batch
-    loader.generator.manual_seed(5)
+    generator.manual_seed(5)
     assert seen(loader, 7) != whole[5:]  # the loader itself would repeat the first run's batches
+
+
+def test_continued_data_refuses_a_loader_that_shuffles_from_the_global_rng() -> None:
+    samples = TensorDataset(torch.randn(30, 3), torch.arange(30))
+    with pytest.raises(InputError, match=r"the data's RandomSampler draws its order from torch's global random state.*give the loader a generator"):
+        ContinuedData(DataLoader(samples, batch_size=4, shuffle=True), start=5)
+    in_order = ContinuedData(DataLoader(samples, batch_size=4), start=7)  # no shuffle: nothing to replay
+    assert next(iter(in_order))[1].tolist() == [28, 29]
 
 
 @pytest.mark.parametrize("start", [-1, 1.5, True])

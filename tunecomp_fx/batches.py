@@ -8,6 +8,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 
 from tunecomp_fx.errors import InputError
 from tunecomp_fx.inputs import Inputs, normalize_inputs
@@ -96,26 +97,43 @@ class ContinuedData:
     """The batches a run over `data` sees from its batch `start` on (DataCursor's endless passes), so
     that a second run continues the first one's data instead of repeating it: the sequential
     pipelines' second fine-tune sees the batches the uncompressed run sees in its second half. A
-    DataLoader's shuffle generator is put back, at every iteration, to its state when this was made
-    (make it where the first run starts); a loader without one shuffles from torch's global RNG,
-    which training draws on too, so its batches cannot be replayed."""
+    DataLoader's generators (its own and its sampler's) are put back, at every iteration, to their
+    state when this was made (make it where the first run starts). A DataLoader that shuffles from
+    torch's global RNG, which training draws on too, cannot be replayed: an InputError."""
 
     def __init__(self, data: Iterable[Any], start: int) -> None:
         if isinstance(start, bool) or not isinstance(start, int) or start < 0:
             raise InputError(f"start must be a batch count >= 0; got {start!r}")
         self.data = data
         self.start = start
-        generator = getattr(data, "generator", None)
-        self._generator_state = None if generator is None else generator.get_state()
+        self._generator_states = [(generator, generator.get_state()) for generator in _shuffle_generators(data)]
 
     def __iter__(self) -> Iterator[Any]:
-        if self._generator_state is not None:
-            self.data.generator.set_state(self._generator_state)  # type: ignore[attr-defined]
+        for generator, state in self._generator_states:
+            generator.set_state(state)
         cursor = DataCursor(self.data)
         for _ in range(self.start):
             cursor.next()
         while True:
             yield cursor.next()
+
+
+def _shuffle_generators(data: Iterable[Any]) -> list[torch.Generator]:
+    """The generators that decide the order (and workers' seeds) of a DataLoader's batches."""
+    if not isinstance(data, DataLoader):
+        generator = getattr(data, "generator", None)
+        return [] if generator is None else [generator]
+    sampler = getattr(data.batch_sampler, "sampler", data.sampler)
+    if getattr(sampler, "generator", False) is None:  # a random sampler without a generator of its own
+        raise InputError(
+            f"the data's {type(sampler).__name__} draws its order from torch's global random state, which training "
+            "draws on too, so a second run cannot be given the rest of its batches: give the loader a generator, "
+            "e.g. DataLoader(dataset, shuffle=True, generator=torch.Generator().manual_seed(0))"
+        )
+    generators = [data.generator]
+    if getattr(sampler, "generator", None) is not data.generator:  # shuffle=True hands the loader's to its sampler
+        generators.append(sampler.generator)
+    return [generator for generator in generators if generator is not None]
 
 
 def to_device(value: Any, device: torch.device) -> Any:
