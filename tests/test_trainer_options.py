@@ -253,3 +253,5 @@ def test_lr_scale_is_checked() -> None:
     with pytest.raises(ConfigError, match=r"lr_scale patterns \['0\.\*', 'nope'\] match no trainable parameter of the model; its trainable "
                        r"parameters are 4\.weight, 4\.bias, lowrank\.0\.down\.weight"):
         _trainer(lr_scale={"lowrank.2.*": 0.5, "0.*": 0.1, "nope": 2.0}).fit()
+    with pytest.raises(ConfigError, match=r"lr_scale patterns \['lowrank\.\*\.up\.\*'\] match only parameters an earlier pattern already takes"):
+        _trainer(lr_scale={"lowrank.*": 2.0, "lowrank.*.up.*": 0.5}).fit()

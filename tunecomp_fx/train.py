@@ -89,8 +89,8 @@ class TrainingConfig:
     lr_scale: (pattern, factor) pairs: a trainable parameter whose name matches the fnmatch pattern
         (the first that does) trains at factor x the learning rate, e.g. (("lowrank.words.*", 0.1),)
         for an embedding table's factors (names as `prepare` gives them: `lowrank.<site>.up.weight`;
-        a mapping {pattern: factor} is taken too). A pattern that matches no trainable parameter is
-        an error.
+        a mapping {pattern: factor} is taken too). A pattern that matches no trainable parameter, or
+        only ones an earlier pattern takes, is an error.
     accumulate: micro-batches per optimizer step; max_grad_norm: clipping (None: no clipping).
     blend: "sin" (alpha = 1 - sin(pi t / 2T)), "linear" or "cosine"; blend_steps: T, in steps (int)
         or as a fraction of the run (float); None (the default) takes the fraction the compression
@@ -391,6 +391,12 @@ def build_optimizer(model: nn.Module, config: TrainingConfig) -> torch.optim.Ada
     for name, parameter in named:
         scale_index = next((i + 1 for i, pattern in enumerate(patterns) if fnmatch(name, pattern)), 0)
         groups.setdefault((scale_index, parameter.dim() < 2), []).append(parameter)
+    shadowed = [pattern for i, pattern in enumerate(patterns) if not any(key[0] == i + 1 for key in groups)]
+    if shadowed:
+        raise ConfigError(
+            f"lr_scale patterns {shadowed} match only parameters an earlier pattern already takes (the first match wins): "
+            "put the narrower pattern first, or drop it"
+        )
     factors = (1.0, *(factor for _, factor in config.lr_scale))
     return torch.optim.AdamW(
         [
