@@ -72,7 +72,7 @@ def run_seed(
     torch.manual_seed(seed)
     model = BagClassifier(embeddings.weight.detach().clone(), embeddings.padding_idx).eval()
     recipe = TrainingConfig(steps=steps, lr=lr, seed=seed)
-    scaled = {TABLE_FACTORS: table_lr_scale} if table_lr_scale != 1.0 else {}
+    scaled = {TABLE_FACTORS: table_lr_scale} if table_lr_scale != 1.0 else {}  # 1: the optimizer of the runs before the option
     compact_recipe = dataclasses.replace(recipe, lr_scale=scaled)  # for the models with factors
     texts = len(task.example["input_ids"])
 

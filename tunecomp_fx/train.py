@@ -380,21 +380,21 @@ def build_optimizer(model: nn.Module, config: TrainingConfig) -> torch.optim.Ada
     its `lr_scale` factor (kept in the group as "lr_scale"; `set_learning_rate` applies it)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     patterns = [pattern for pattern, _ in config.lr_scale]
-    unmatched = [pattern for pattern in patterns if not any(fnmatch(name, pattern) for name, _ in named)]
+    groups: dict[tuple[int, bool], list[nn.Parameter]] = {}
+    for name, parameter in named:
+        scale_index = next((i + 1 for i, pattern in enumerate(patterns) if fnmatch(name, pattern)), 0)
+        groups.setdefault((scale_index, parameter.dim() < 2), []).append(parameter)
+    idle = [pattern for i, pattern in enumerate(patterns) if not any(key[0] == i + 1 for key in groups)]
+    unmatched = [pattern for pattern in idle if not any(fnmatch(name, pattern) for name, _ in named)]
     if unmatched:
         shown = ", ".join(name for name, _ in named[:8]) + (", ..." if len(named) > 8 else "")
         raise ConfigError(
             f"lr_scale patterns {unmatched} match no trainable parameter of the model; its trainable parameters "
             f"are {shown} (a prepared model's students are lowrank.<site>.down/up.weight)"
         )
-    groups: dict[tuple[int, bool], list[nn.Parameter]] = {}
-    for name, parameter in named:
-        scale_index = next((i + 1 for i, pattern in enumerate(patterns) if fnmatch(name, pattern)), 0)
-        groups.setdefault((scale_index, parameter.dim() < 2), []).append(parameter)
-    shadowed = [pattern for i, pattern in enumerate(patterns) if not any(key[0] == i + 1 for key in groups)]
-    if shadowed:
+    if idle:
         raise ConfigError(
-            f"lr_scale patterns {shadowed} match only parameters an earlier pattern already takes (the first match wins): "
+            f"lr_scale patterns {idle} match only parameters an earlier pattern already takes (the first match wins): "
             "put the narrower pattern first, or drop it"
         )
     factors = (1.0, *(factor for _, factor in config.lr_scale))
