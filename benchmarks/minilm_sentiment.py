@@ -68,6 +68,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "T=0.1": {"blend_steps": 0.1},
     "T=0.1,prune_steps=0.5": {"blend_steps": 0.1, "prune_steps": 0.5},
     "student_loss=1": {"student_loss": 1.0},
+    "lr_decay=cosine_after_blend": {"lr_decay": "cosine_after_blend"},
     "distill=0,T=0.25": {"distill_weight": 0.0, "blend_steps": 0.25},
     "prune_neurons=0.3": {"prune_neurons": 0.3},
     "prune_neurons=0.5": {"prune_neurons": 0.5},

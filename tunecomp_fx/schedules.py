@@ -11,7 +11,10 @@ distributed rank compute the same values from the step alone).
 - pruning progress: the same curve over its own length (by default the blend's), on which the
   students shrink from their slack rank to the budget; with a longer one they go on shrinking
   after the teachers have left.
-- learning rate: linear warm-up, then cosine or linear decay to 0 (or constant).
+- learning rate: linear warm-up, then cosine or linear decay to 0 (or constant); or
+  "cosine_after_blend": held at its peak through the blend, then a cosine to 0 over the steps the
+  students train alone, so the compact model gets a whole decay of its own, as it does when it is
+  fine-tuned after compression.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 from tunecomp_fx.errors import ConfigError
 
 BLENDS = ("sin", "linear", "cosine")
-LR_DECAYS = ("cosine", "linear", "constant")
+LR_DECAYS = ("cosine", "linear", "constant", "cosine_after_blend")
 MIXES = ("convex", "power")
 DEFAULT_MIX = "convex"
 
@@ -98,8 +101,11 @@ class Schedules:
             return (step + 1) / (self.warmup_steps + 1)
         if self.lr_decay == "constant":
             return 1.0
-        span = max(self.total - self.warmup_steps, 1)
-        x = min((step - self.warmup_steps) / span, 1.0)
+        start = max(self.warmup_steps, self.blend_steps) if self.lr_decay == "cosine_after_blend" else self.warmup_steps
+        if step < start:
+            return 1.0
+        span = max(self.total - start, 1)
+        x = min((step - start) / span, 1.0)
         if self.lr_decay == "linear":
             return 1.0 - x
         return 0.5 * (1.0 + math.cos(math.pi * x))

@@ -85,7 +85,8 @@ class TrainingConfig:
 
     steps / epochs: length of the run in optimizer steps, or in passes over the data (one of them).
     lr, weight_decay: AdamW (no decay on biases and norms); warmup: steps (int) or fraction of the
-        run (float); lr_decay: "cosine", "linear" or "constant" after warm-up.
+        run (float); lr_decay: "cosine", "linear" or "constant" after warm-up, or "cosine_after_blend"
+        (the peak held through the blend, then a cosine over the steps the students train alone).
     lr_scale: (pattern, factor) pairs: a trainable parameter whose name matches the fnmatch pattern
         (the first that does) trains at factor x the learning rate, e.g. (("lowrank.words.*", 0.1),)
         for an embedding table's factors (names as `prepare` gives them: `lowrank.<site>.up.weight`;
