@@ -23,7 +23,8 @@ from tunecomp_fx.export.artifacts import load_compact, load_inputs
 from tunecomp_fx.progress import progress_bar
 from tunecomp_fx.train import DEFAULT_RANK_SLACK, TRAINING_KEY
 
-DIGITS_RUN = ["cli_models:two_layer", "--ratio", "0.5", "--data", "digits", "--eval-data", "digits", "--steps", "3", "--blend-mix", "power"]
+DIGITS_RUN = ["cli_models:two_layer", "--ratio", "0.5", "--data", "digits", "--eval-data", "digits", "--steps", "3", "--blend-mix", "power",
+             "--lr-decay", "cosine_after_blend"]  # fmt: skip
 UNION_RUN = ["cli_models:two_layer", "--ratio", "0.5", "--method", "union", "--data", "cli_models:digits_batches", "--steps", "2"]
 
 # (arguments after `compress`, exit code, text of the one line expected on stderr)
@@ -51,6 +52,8 @@ BAD_ARGUMENTS = {
                         "the model predicts 2 classes but --data digits has 10: build it with 10 outputs"),
     "blend steps not a number": (["cli_models:two_layer", "--data", "digits", "--steps", "2", "--blend-steps", "half"], 2,
                                  "argument --blend-steps: 'half' is neither a step count"),
+    "lr decay not a choice": (["cli_models:two_layer", "--data", "digits", "--steps", "2", "--lr-decay", "step"], 2,
+                              "argument --lr-decay: invalid choice: 'step' (choose from 'cosine', 'linear', 'constant', 'cosine_after_blend')"),
     "blend mix not a choice": (["cli_models:two_layer", "--data", "digits", "--steps", "2", "--blend-mix", "sum"], 2,
                                "argument --blend-mix: invalid choice: 'sum' (choose from 'convex', 'power')"),
     "rank slack without data": (["cli_models:two_layer", "--rank-slack", "0.5"], 1,
@@ -122,6 +125,7 @@ def test_compress_with_data_trains_and_writes_history_and_plots(runs) -> None:
     report = json.loads((output / "report.json").read_text())
     training = report["training"]
     assert training["config"]["steps"] == 3 and training["config"]["blend_mix"] == "power" and training["metric"] == "accuracy"
+    assert training["config"]["lr_decay"] == "cosine_after_blend"
     assert training["data"].startswith("digits (8x8 digits (scikit-learn), train split, 1,258 examples)")
     assert "validation split, 180 examples" in training["eval_data"]
     history = training["history"]

@@ -19,7 +19,7 @@ from tunecomp_fx.errors import CalibrationError, ConfigError, InputError, Tuneco
 from tunecomp_fx.inputs import Inputs
 from tunecomp_fx.loss_spec import LOSS_HELP, METRICS, Objective, objective
 from tunecomp_fx.model_spec import SPEC_HELP, LoadedModel, load_model, parse_shape
-from tunecomp_fx.schedules import BLENDS, MIXES
+from tunecomp_fx.schedules import BLENDS, LR_DECAYS, MIXES
 from tunecomp_fx.train import DEFAULT_RANK_SLACK, TRAINING_KEY, TrainingConfig
 
 PROG = "tunecomp-fx"
@@ -28,7 +28,7 @@ BATCH_SIZE = 32  # of a named data set
 EVALUATIONS = 10  # evaluations per run when --eval-data is given without --eval-every
 # The training options, all None unless given, so that any of them without --data is an error.
 TRAINING_OPTIONS = (
-    "steps", "epochs", "lr", "lr_scale", "blend", "blend_mix", "blend_steps", "distill_weight", "train_teachers", "rank_slack",
+    "steps", "epochs", "lr", "lr_scale", "lr_decay", "blend", "blend_mix", "blend_steps", "distill_weight", "train_teachers", "rank_slack",
     "width_slack", "batch_size", "eval_data", "eval_every", "loss", "metric",
 )  # fmt: skip
 _NOT_IN_TRAINING_CONFIG = ("rank_slack", "width_slack", "batch_size", "eval_data", "eval_every", "loss", "metric")
@@ -157,6 +157,11 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
         "--lr-scale", type=_lr_scale, action="append", metavar="PATTERN=FACTOR",
         help="train the parameters whose names match the fnmatch PATTERN at FACTOR x --lr (repeatable; the first match "
         "wins), e.g. 'lowrank.words.*=0.1' for an embedding table's factors",
+    )  # fmt: skip
+    group.add_argument(
+        "--lr-decay", choices=LR_DECAYS,
+        help=f"after the warm-up (default {defaults.lr_decay}); cosine_after_blend holds the peak through the blend, "
+        "then decays over the steps the students train alone",
     )  # fmt: skip
     group.add_argument("--blend", choices=BLENDS, help=f"schedule of the teacher-to-student blend (default {defaults.blend})")
     group.add_argument(
