@@ -60,6 +60,25 @@ def test_schedule_plot_with_synthetic_schedules(tmp_path: Path) -> None:
         plot_schedules(steps, alpha, beta[:3], tmp_path / "bad.png")
 
 
+def test_schedule_plot_draws_the_learning_rate_in_a_panel_below_the_distillation_weight(tmp_path: Path) -> None:
+    schedules = tunecomp_fx.TrainingConfig(steps=200, warmup=10, blend_steps=100, lr_decay="cosine_after_blend").schedules(200)
+    steps = list(range(201))
+    path = plot_schedules(
+        steps, [schedules.alpha(t) for t in steps], [schedules.beta(t) for t in steps], tmp_path / "schedules.png",
+        distill_weight=[schedules.distill(t) for t in steps], lr_factor=[schedules.lr_factor(t) for t in steps],
+    )  # fmt: skip
+    _assert_real_png(path, 600, 500)
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("RGB")).astype(int)
+    rows = {
+        colour: (np.abs(pixels - np.array(rgb)).sum(axis=-1) < 40).nonzero()[0]
+        for colour, rgb in {"green": (44, 160, 44), "purple": (148, 103, 189)}.items()
+    }
+    assert len(rows["purple"]) > 200 and rows["purple"].min() > rows["green"].max()
+    with pytest.raises(tunecomp_fx.InputError, match="learning rate \\(x peak\\) has 2 values for 201 steps"):
+        plot_schedules(steps, steps, steps, tmp_path / "bad.png", lr_factor=[1.0, 1.0])
+
+
 def test_training_curve_plot_with_synthetic_history(tmp_path: Path) -> None:
     history = [{"step": s, "loss": 2.0 * math.exp(-s / 60) + 0.1, "eval": (0.5 + s / 400 if s % 50 == 0 else None)} for s in range(201)]
     _assert_real_png(plot_training_curves(history, tmp_path / "training.png"), 600, 500)

@@ -67,27 +67,34 @@ def plot_schedules(
     path: str | Path,
     *,
     distill_weight: Sequence[float] | None = None,
+    lr_factor: Sequence[float] | None = None,
 ) -> Path:
-    """The blend weights alpha (teacher) and beta (student), and the distillation weight, per step."""
-    series = {"alpha (teacher)": alpha, "beta (student)": beta}
-    if distill_weight is not None:
-        series["distillation weight"] = distill_weight
-    for label, values in series.items():
+    """The blend weights alpha (teacher) and beta (student) per step, and, each in a panel of its own,
+    the distillation weight and the learning rate (as a multiple of the peak)."""
+    # (label, values, line style, colour): drawn on the blend's axes the distillation weight (w * alpha)
+    # would hide under alpha when w = 1, so each gets its own panel.
+    extra = [
+        (label, values, style, colour)
+        for label, values, style, colour in (
+            ("distillation weight", distill_weight, ":", "tab:green"),
+            ("learning rate (x peak)", lr_factor, "-.", "tab:purple"),
+        )
+        if values is not None
+    ]
+    for label, values in [("alpha (teacher)", alpha), ("beta (student)", beta)] + [(e[0], e[1]) for e in extra]:
         if len(values) != len(steps):
             raise InputError(f"{label} has {len(values)} values for {len(steps)} steps; give one value per step")
     if not steps:
         raise InputError("no steps to plot")
-    # The distillation weight is w * alpha: drawn on the blend's axes it would hide under alpha when w = 1.
-    panels = 2 if distill_weight is not None else 1
-    figure = Figure(figsize=(7.0, 2.5 + 1.5 * panels), dpi=_DPI)
-    axes = figure.subplots(panels, 1, sharex=True, squeeze=False)[:, 0]
+    figure = Figure(figsize=(7.0, 2.5 + 1.5 * (1 + len(extra))), dpi=_DPI)
+    axes = figure.subplots(1 + len(extra), 1, sharex=True, squeeze=False)[:, 0]
     axes[0].plot(steps, alpha, "-", linewidth=2, label="alpha (teacher)")
     axes[0].plot(steps, beta, "--", linewidth=2, label="beta (student)")
     axes[0].set_ylabel("blend weight")
-    axes[0].set_title("Blend and distillation schedules")
-    if distill_weight is not None:
-        axes[1].plot(steps, distill_weight, ":", linewidth=2, color="tab:green", label="distillation weight")
-        axes[1].set_ylabel("distillation weight")
+    axes[0].set_title("Training schedules")
+    for panel, (label, values, style, colour) in zip(axes[1:], extra):
+        panel.plot(steps, values, style, linewidth=2, color=colour, label=label)
+        panel.set_ylabel(label)
     for panel in axes:
         panel.grid(alpha=0.3)
         panel.legend()
@@ -135,7 +142,7 @@ def plot_joint_training(training: Mapping[str, Any], folder: str | Path) -> tupl
     return (
         plot_schedules(
             steps, [schedules.alpha(t) for t in steps], [schedules.beta(t) for t in steps], folder / "schedules.png",
-            distill_weight=[schedules.distill(t) for t in steps],
+            distill_weight=[schedules.distill(t) for t in steps], lr_factor=[schedules.lr_factor(t) for t in steps],
         ),
         plot_training_curves(history, folder / "training.png", metric=training.get("metric", "eval")),
     )
