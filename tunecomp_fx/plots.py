@@ -71,8 +71,8 @@ def plot_schedules(
 ) -> Path:
     """The blend weights alpha (teacher) and beta (student) per step, and, each in a panel of its own,
     the distillation weight and the learning rate (as a multiple of the peak)."""
-    # (label, values, line style, colour): drawn on the blend's axes the distillation weight (w * alpha)
-    # would hide under alpha when w = 1, so each gets its own panel.
+    # Panels below the blend's, as (label, values, line style, colour): on the blend's axes the
+    # distillation weight (w * alpha) would hide under alpha when w = 1.
     extra = [
         (label, values, style, colour)
         for label, values, style, colour in (
@@ -81,7 +81,7 @@ def plot_schedules(
         )
         if values is not None
     ]
-    for label, values in [("alpha (teacher)", alpha), ("beta (student)", beta)] + [(e[0], e[1]) for e in extra]:
+    for label, values, *_ in [("alpha (teacher)", alpha), ("beta (student)", beta), *extra]:
         if len(values) != len(steps):
             raise InputError(f"{label} has {len(values)} values for {len(steps)} steps; give one value per step")
     if not steps:
