@@ -73,14 +73,11 @@ def plot_schedules(
     the distillation weight and the learning rate (as a multiple of the peak)."""
     # Panels below the blend's, as (label, values, line style, colour): on the blend's axes the
     # distillation weight (w * alpha) would hide under alpha when w = 1.
-    extra = [
-        (label, values, style, colour)
-        for label, values, style, colour in (
-            ("distillation weight", distill_weight, ":", "tab:green"),
-            ("learning rate (x peak)", lr_factor, "-.", "tab:purple"),
-        )
-        if values is not None
-    ]
+    candidates = (
+        ("distillation weight", distill_weight, ":", "tab:green"),
+        ("learning rate (x peak)", lr_factor, "-.", "tab:purple"),
+    )
+    extra = [panel for panel in candidates if panel[1] is not None]
     for label, values, *_ in [("alpha (teacher)", alpha), ("beta (student)", beta), *extra]:
         if len(values) != len(steps):
             raise InputError(f"{label} has {len(values)} values for {len(steps)} steps; give one value per step")
