@@ -1,6 +1,8 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   - the main job: joint fine-tuning + compression of MiniLM on Rotten Tomatoes, ONNX model in out/demo
-#   make test   - the test suite (one BLAS thread: threaded kernels stall when the cores are busy)
+#   make test   - the test suite on a worker per core, at most 2 (each holds models in memory),
+#                 a whole test file to each so that module fixtures build once, and one BLAS
+#                 thread apiece: threaded kernels stall when the cores are busy
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -20,4 +22,4 @@ demo: $(STAMP)
 	$(PY) -m tunecomp_fx.demo
 
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto --maxprocesses 2 --dist loadfile
