@@ -5,6 +5,8 @@ difference against a reference method (same seed, same batches).
     python benchmarks/seed_summary.py OUTPUT.md RUN_FOLDER [RUN_FOLDER ...] [--reference ft_c_ft ...]
 
 Each --reference (a row label; give it again for another column) adds a column of paired differences.
+A row label that two runs give for one seed (the uncompressed model, run beside several methods) must
+have one accuracy in both; two different ones stop the summary, which would otherwise keep either.
 
 A run folder holds a results.json; a run without a "seed" in its recipe is seed 0. Labels name a
 joint run by what differs from one fixed configuration, the convex blend mix with rank_slack=0.25,
@@ -13,11 +15,15 @@ under those defaults, joint[blend_mix=power] before the mix changed (a recipe wi
 predates the option and ran "power"), joint[rank_slack=0.5] after the slack changed (a run without
 default_rank_slack predates that and ran 0.25); an ablation made under another default gets that
 default added to its label (joint[T=0.25,blend_mix=power]), so that it is not taken for the same
-ablation under the fixed configuration. The fixed configuration blends over half the run; a run whose
-recipe leaves blend_steps to the ratio (None: min(ratio, 0.5)) is labelled T=0.3 at ratio 0.3, the same
-label as that ablation under the fixed blend. The ft_c_ft rows of a run made before its second
-fine-tune continued the data (no "ft_c_ft_second_half" in results.json: it saw the first half's
-batches again) are labelled ft_c_ft[repeated batches].
+ablation under the fixed configuration. The fixed configuration's learning rate follows a cosine
+after the warm-up: the default joint run since lr_decay's default changed is
+joint[lr_decay=cosine_after_blend,rank_slack=0.5], as that ablation made before was, and the
+ablation lr_decay=cosine made since is joint[rank_slack=0.5], as the default run made before was.
+The fixed configuration blends over half the run; a run whose recipe leaves blend_steps to the
+ratio (None: min(ratio, 0.5)) is labelled T=0.3 at ratio 0.3, the same label as that ablation under
+the fixed blend. The ft_c_ft rows of a run made before its second fine-tune continued the data (no
+"ft_c_ft_second_half" in results.json: it saw the first half's batches again) are labelled
+ft_c_ft[repeated batches].
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from typing import Any
 RECIPE_KEYS = ("max_length", "batch_size", "steps", "lr")  # what makes runs comparable
 FIXED_RANK_SLACK = 0.25  # the rank_slack of the configuration labels are relative to
 FIXED_BLEND_STEPS = 0.5  # and its blend length, as a fraction of the run
+FIXED_LR_DECAY = "cosine"  # and its learning rate schedule
 
 
 def label(method: str, run: dict[str, Any], ratio: float) -> str:
@@ -47,14 +54,18 @@ def label(method: str, run: dict[str, Any], ratio: float) -> str:
     slack = run.get("default_rank_slack", FIXED_RANK_SLACK)
     blend = run["recipe"].get("blend_steps", FIXED_BLEND_STEPS)
     blend = min(ratio, FIXED_BLEND_STEPS) if blend is None else blend  # TrainingConfig.for_ratio's rule
-    defaults = [f"T={blend:g}"] if blend != FIXED_BLEND_STEPS else []
+    decay = run["recipe"].get("lr_decay", FIXED_LR_DECAY)
+    # lr_decay first: the default joint run after it changed reads as the lr_decay ablation made before
+    defaults = [f"lr_decay={decay}"] if decay != FIXED_LR_DECAY else []
+    defaults += [f"T={blend:g}"] if blend != FIXED_BLEND_STEPS else []
     defaults += [f"blend_mix={mix}"] if mix == "power" else []
     defaults += [f"rank_slack={slack:g}"] if slack != FIXED_RANK_SLACK else []
-    if method == "joint":
-        return f"joint[{','.join(defaults) or 'blend_mix=convex'}]"
-    changed = method[len("joint[") : -1]
-    inherited = [d for d in defaults if d.partition("=")[0] not in changed]  # an ablation's own option wins
-    return f"joint[{','.join([changed, *inherited])}]"
+    changed = method[len("joint[") : -1].split(",") if method != "joint" else []
+    own = {option.partition("=")[0] for option in changed}
+    inherited = [d for d in defaults if d.partition("=")[0] not in own]  # an ablation's own option wins
+    # an ablation back to the fixed configuration's schedule reads as the runs made under it
+    named = [option for option in changed if option != f"lr_decay={FIXED_LR_DECAY}"] + inherited
+    return f"joint[{','.join(named) or 'blend_mix=convex'}]"
 
 
 def seed_cells(values: list[float]) -> str:
@@ -87,10 +98,20 @@ def main() -> int:
     if len(recipes) > 1:
         raise SystemExit(f"the runs differ in {RECIPE_KEYS}: {sorted(recipes)}; their accuracies are not comparable")
     accuracy: dict[tuple[str, float], dict[int, float]] = defaultdict(dict)
+    source: dict[tuple[str, float, int], str] = {}  # the command behind each cell
     for run in runs:
         seed = run["recipe"].get("seed", 0)
         for row in run["rows"]:
-            accuracy[(label(row["method"], run, row["ratio"]), row["ratio"])][seed] = 100 * row["accuracy"]
+            key = (label(row["method"], run, row["ratio"]), row["ratio"])
+            value = 100 * row["accuracy"]
+            # one configuration run twice on a seed (the uncompressed model in several runs) must agree
+            if accuracy[key].get(seed, value) != value:
+                raise SystemExit(
+                    f"{key[0]} at {key[1]}, seed {seed}, differs between two runs ({source[(*key, seed)]}; {run['command']}): "
+                    "they are not the same configuration; give one of them"
+                )
+            source[(*key, seed)] = run["command"]
+            accuracy[key][seed] = value
     seeds = sorted({seed for by_seed in accuracy.values() for seed in by_seed})
     lines = [
         f"Command: `python {shlex.join(sys.argv)}`",

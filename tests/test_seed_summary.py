@@ -14,14 +14,15 @@ PROFILE = {"max_length": 64, "batch_size": 32, "steps": 600, "lr": 1e-4}
 
 
 def write_run(
-    folder: Path, seed: int, accuracies: dict[str, float], profile: dict[str, Any] = PROFILE, continued: bool = True
+    folder: Path, seed: int, accuracies: dict[str, float], profile: dict[str, Any] = PROFILE, continued: bool = True, lr_decay: str = "cosine"
 ) -> Path:
     """A run folder as benchmarks/minilm_sentiment.py writes it, reduced to what the summary reads;
-    `continued=False`: as it wrote them before ft_c_ft's second half continued the data."""
+    `continued=False`: as it wrote them before ft_c_ft's second half continued the data; `lr_decay`:
+    the default joint run's."""
     run = {
         "command": f"python benchmarks/minilm_sentiment.py --seed {seed}",
         "profile": profile,
-        "recipe": {"seed": seed, "blend_mix": "convex", "blend_steps": 0.5},
+        "recipe": {"seed": seed, "blend_mix": "convex", "blend_steps": 0.5, "lr_decay": lr_decay},
         **({"ft_c_ft_second_half": "continued"} if continued else {}),
         "rows": [{"method": method, "ratio": 0.5, "accuracy": accuracy} for method, accuracy in accuracies.items()],
     }
@@ -89,3 +90,26 @@ def test_runs_of_different_recipes_are_refused(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "the runs differ in ('max_length', 'batch_size', 'steps', 'lr')" in result.stderr
     assert not (tmp_path / "summary.md").exists()
+
+
+def test_joint_runs_line_up_across_the_change_of_the_default_learning_rate_schedule(tmp_path: Path) -> None:
+    runs = [  # seed 0 before lr_decay's default became cosine_after_blend, seed 1 after
+        write_run(tmp_path / "s0", 0, {"joint": 0.80, "joint[lr_decay=cosine_after_blend]": 0.82}),
+        write_run(tmp_path / "s1", 1, {"joint": 0.83, "joint[lr_decay=cosine]": 0.81}, lr_decay="cosine_after_blend"),
+    ]
+    output = tmp_path / "summary.md"
+    assert summarize(output, *runs, "--reference", "joint[blend_mix=convex]").returncode == 0
+    table = rows(output.read_text())
+    assert set(table) == {"method", "joint[blend_mix=convex]", "joint[lr_decay=cosine_after_blend]"}
+    assert table["joint[blend_mix=convex]"][1:4] == ["80.00", "81.00", "80.50"]
+    assert table["joint[lr_decay=cosine_after_blend]"][1:] == ["82.00", "83.00", "82.50", "+2.00 ± 0.00"]
+
+
+def test_one_configuration_with_two_different_results_on_a_seed_is_refused(tmp_path: Path) -> None:
+    same = [write_run(tmp_path / "a", 0, {"ft": 0.84, "c_ft": 0.80}), write_run(tmp_path / "b", 0, {"ft": 0.84, "ft_c_ft": 0.79})]
+    assert summarize(tmp_path / "same.md", *same).returncode == 0  # the uncompressed model in two runs, agreeing
+    # the default joint run with the cosine, and a run labelled alike that did not reproduce it
+    differ = [write_run(tmp_path / "c", 0, {"joint": 0.80}), write_run(tmp_path / "d", 0, {"joint[lr_decay=cosine]": 0.81}, lr_decay="cosine_after_blend")]
+    result = summarize(tmp_path / "differ.md", *differ)
+    assert result.returncode != 0 and not (tmp_path / "differ.md").exists()
+    assert "joint[blend_mix=convex] at 0.5, seed 0, differs between two runs" in result.stderr
