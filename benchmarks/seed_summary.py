@@ -16,9 +16,10 @@ predates the option and ran "power"), joint[rank_slack=0.5] after the slack chan
 default_rank_slack predates that and ran 0.25); an ablation made under another default gets that
 default added to its label (joint[T=0.25,blend_mix=power]), so that it is not taken for the same
 ablation under the fixed configuration. The fixed configuration's learning rate follows a cosine
-after the warm-up: the default joint run since lr_decay's default changed is
-joint[lr_decay=cosine_after_blend,rank_slack=0.5], as that ablation made before was, and the
-ablation lr_decay=cosine made since is joint[rank_slack=0.5], as the default run made before was.
+after the warm-up: a run made where lr_decay defaulted to "cosine_after_blend" (the quick runs of
+summary_quick_lr_decay.md) labels its default joint run joint[lr_decay=cosine_after_blend,...], as
+the ablation of that name is labelled under the cosine, and its ablation lr_decay=cosine as the
+cosine's default run.
 The fixed configuration blends over half the run; a run whose recipe leaves blend_steps to the
 ratio (None: min(ratio, 0.5)) is labelled T=0.3 at ratio 0.3, the same label as that ablation under
 the fixed blend. The ft_c_ft rows of a run made before its second fine-tune continued the data (no
@@ -55,7 +56,7 @@ def label(method: str, run: dict[str, Any], ratio: float) -> str:
     blend = run["recipe"].get("blend_steps", FIXED_BLEND_STEPS)
     blend = min(ratio, FIXED_BLEND_STEPS) if blend is None else blend  # TrainingConfig.for_ratio's rule
     decay = run["recipe"].get("lr_decay", FIXED_LR_DECAY)
-    # lr_decay first: the default joint run after it changed reads as the lr_decay ablation made before
+    # lr_decay first: a default joint run under another schedule reads as that lr_decay ablation does
     defaults = [f"lr_decay={decay}"] if decay != FIXED_LR_DECAY else []
     defaults += [f"T={blend:g}"] if blend != FIXED_BLEND_STEPS else []
     defaults += [f"blend_mix={mix}"] if mix == "power" else []

@@ -92,8 +92,8 @@ def test_runs_of_different_recipes_are_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "summary.md").exists()
 
 
-def test_joint_runs_line_up_across_the_change_of_the_default_learning_rate_schedule(tmp_path: Path) -> None:
-    runs = [  # seed 0 before lr_decay's default became cosine_after_blend, seed 1 after
+def test_joint_runs_line_up_across_runs_made_under_different_default_learning_rate_schedules(tmp_path: Path) -> None:
+    runs = [  # seed 0 where lr_decay defaults to the cosine, seed 1 where it defaults to cosine_after_blend
         write_run(tmp_path / "s0", 0, {"joint": 0.80, "joint[lr_decay=cosine_after_blend]": 0.82}),
         write_run(tmp_path / "s1", 1, {"joint": 0.83, "joint[lr_decay=cosine]": 0.81}, lr_decay="cosine_after_blend"),
     ]
