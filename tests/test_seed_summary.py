@@ -14,7 +14,12 @@ PROFILE = {"max_length": 64, "batch_size": 32, "steps": 600, "lr": 1e-4}
 
 
 def write_run(
-    folder: Path, seed: int, accuracies: dict[str, float], profile: dict[str, Any] = PROFILE, continued: bool = True, lr_decay: str = "cosine"
+    folder: Path,
+    seed: int,
+    accuracies: dict[str, float],
+    profile: dict[str, Any] = PROFILE,
+    continued: bool = True,
+    lr_decay: str = "cosine",
 ) -> Path:
     """A run folder as benchmarks/minilm_sentiment.py writes it, reduced to what the summary reads;
     `continued=False`: as it wrote them before ft_c_ft's second half continued the data; `lr_decay`:
@@ -109,7 +114,10 @@ def test_one_configuration_with_two_different_results_on_a_seed_is_refused(tmp_p
     same = [write_run(tmp_path / "a", 0, {"ft": 0.84, "c_ft": 0.80}), write_run(tmp_path / "b", 0, {"ft": 0.84, "ft_c_ft": 0.79})]
     assert summarize(tmp_path / "same.md", *same).returncode == 0  # the uncompressed model in two runs, agreeing
     # the default joint run with the cosine, and a run labelled alike that did not reproduce it
-    differ = [write_run(tmp_path / "c", 0, {"joint": 0.80}), write_run(tmp_path / "d", 0, {"joint[lr_decay=cosine]": 0.81}, lr_decay="cosine_after_blend")]
+    differ = [
+        write_run(tmp_path / "c", 0, {"joint": 0.80}),
+        write_run(tmp_path / "d", 0, {"joint[lr_decay=cosine]": 0.81}, lr_decay="cosine_after_blend"),
+    ]
     result = summarize(tmp_path / "differ.md", *differ)
     assert result.returncode != 0 and not (tmp_path / "differ.md").exists()
     assert "joint[blend_mix=convex] at 0.5, seed 0, differs between two runs" in result.stderr
