@@ -5,6 +5,9 @@ difference against a reference method (same seed, same batches).
     python benchmarks/seed_summary.py OUTPUT.md RUN_FOLDER [RUN_FOLDER ...] [--reference ft_c_ft ...]
 
 Each --reference (a row label; give it again for another column) adds a column of paired differences.
+Runs of different recipes (max_length, batch_size, steps or lr) are refused, unless --across-recipes
+is given: then every row label ends with the recipe values its run does not share with all the others
+(`joint[rank_slack=0.5] @ lr=0.0002`), and methods pair across recipes on the same seed.
 A row label that two runs give for one seed (the uncompressed model, run beside several methods) must
 have one accuracy in both; two different ones stop the summary, which would otherwise keep either.
 
@@ -16,8 +19,9 @@ predates the option and ran "power"), joint[rank_slack=0.5] after the slack chan
 default_rank_slack predates that and ran 0.25); an ablation made under another default gets that
 default added to its label (joint[T=0.25,blend_mix=power]), so that it is not taken for the same
 ablation under the fixed configuration. The fixed configuration's learning rate follows a cosine
-after the warm-up: a run made where lr_decay defaulted to "cosine_after_blend" (the quick runs of
-summary_quick_lr_decay.md) labels its default joint run joint[lr_decay=cosine_after_blend,...], as
+after the warm-up: a run made where lr_decay defaults to "cosine_after_blend" (today's default since
+2026-12-07, and the quick runs of summary_quick_lr_decay.md) labels its default joint run
+joint[lr_decay=cosine_after_blend,...], as
 the ablation of that name is labelled under the cosine, and its ablation lr_decay=cosine as the
 cosine's default run.
 The fixed configuration blends over half the run; a run whose recipe leaves blend_steps to the
@@ -92,18 +96,26 @@ def main() -> int:
     )
     parser.add_argument("--methods", nargs="+", help="the rows to show, by label (default: all)")
     parser.add_argument("--note", help="a paragraph appended to the summary (how the runs were made)")
+    parser.add_argument(
+        "--across-recipes", action="store_true", help="take runs of different recipes, each row labelled with its recipe's own values"
+    )
     args = parser.parse_args()
     references: list[str] = args.reference or ["ft_c_ft"]
     runs = [json.loads((folder / "results.json").read_text()) for folder in args.runs]
     recipes = {tuple(run["profile"][key] for key in RECIPE_KEYS) for run in runs}
-    if len(recipes) > 1:
-        raise SystemExit(f"the runs differ in {RECIPE_KEYS}: {sorted(recipes)}; their accuracies are not comparable")
+    if len(recipes) > 1 and not args.across_recipes:
+        raise SystemExit(
+            f"the runs differ in {RECIPE_KEYS}: {sorted(recipes)}; their accuracies are not comparable "
+            "(--across-recipes labels each row with its recipe)"
+        )
+    differing = [key for key in RECIPE_KEYS if len({run["profile"][key] for run in runs}) > 1]
     accuracy: dict[tuple[str, float], dict[int, float]] = defaultdict(dict)
     source: dict[tuple[str, float, int], str] = {}  # the command behind each cell
     for run in runs:
         seed = run["recipe"].get("seed", 0)
         for row in run["rows"]:
-            key = (label(row["method"], run, row["ratio"]), row["ratio"])
+            recipe = ", ".join(f"{key}={run['profile'][key]:g}" for key in differing)
+            key = (label(row["method"], run, row["ratio"]) + (f" @ {recipe}" if recipe else ""), row["ratio"])
             value = 100 * row["accuracy"]
             # one configuration run twice on a seed (the uncompressed model in several runs) must agree
             if accuracy[key].get(seed, value) != value:

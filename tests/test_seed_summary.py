@@ -97,6 +97,19 @@ def test_runs_of_different_recipes_are_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "summary.md").exists()
 
 
+def test_runs_of_different_learning_rates_pair_by_seed_when_asked_with_the_recipe_in_the_labels(tmp_path: Path) -> None:
+    runs = [
+        write_run(tmp_path / f"{lr}_{seed}", seed, {"ft": accuracy}, profile={**PROFILE, "lr": lr})
+        for lr, seed, accuracy in ((1e-4, 0, 0.80), (1e-4, 1, 0.81), (2e-4, 0, 0.79), (2e-4, 1, 0.79))
+    ]
+    output = tmp_path / "summary.md"
+    result = summarize(output, *runs, "--across-recipes", "--reference", "ft @ lr=0.0002")
+    assert result.returncode == 0, result.stderr
+    table = rows(output.read_text())
+    assert set(table) == {"method", "ft @ lr=0.0001", "ft @ lr=0.0002"}  # only what differs: lr
+    assert table["ft @ lr=0.0001"][1:] == ["80.00", "81.00", "80.50", "+1.50 ± 0.50"]
+
+
 def test_joint_runs_line_up_across_runs_made_under_different_default_learning_rate_schedules(tmp_path: Path) -> None:
     runs = [  # seed 0 where lr_decay defaults to the cosine, seed 1 where it defaults to cosine_after_blend
         write_run(tmp_path / "s0", 0, {"joint": 0.80, "joint[lr_decay=cosine_after_blend]": 0.82}),
