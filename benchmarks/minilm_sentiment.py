@@ -68,7 +68,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "T=0.1": {"blend_steps": 0.1},
     "T=0.1,prune_steps=0.5": {"blend_steps": 0.1, "prune_steps": 0.5},
     "student_loss=1": {"student_loss": 1.0},
-    "lr_decay=cosine_after_blend": {"lr_decay": "cosine_after_blend"},
+    "lr_decay=cosine": {"lr_decay": "cosine"},
     "distill=0,T=0.25": {"distill_weight": 0.0, "blend_steps": 0.25},
     "prune_neurons=0.3": {"prune_neurons": 0.3},
     "prune_neurons=0.5": {"prune_neurons": 0.5},
@@ -94,8 +94,8 @@ METHODS = ("ft", "joint", "ft_c_ft", "ft_svd", "c_ft", "union")
 UNION_LR_FACTOR = 3.0
 PROFILES = {
     "quick": {
-        "max_length": 32, "batch_size": 16, "steps": 240, "lr": 2e-4, "repeats": 5, "ablation_ratios": (0.5,),
-        "ablations": ("blend_mix=power", "distill=0", "blend=linear", "init=svd"),
+        "max_length": 32, "batch_size": 16, "steps": 240, "lr": 1e-4, "repeats": 5, "ablation_ratios": (0.5,),
+        "ablations": ("blend_mix=power", "distill=0", "blend=linear", "init=svd", "lr_decay=cosine"),
     },
     "full": {
         "max_length": 64, "batch_size": 32, "steps": 600, "lr": 1e-4, "repeats": 10, "ablation_ratios": (0.7,),
@@ -111,6 +111,7 @@ def main() -> int:
     parser.add_argument("--ablations", nargs="*", default=None, help=f"subset of {list(ABLATIONS)} (default: the profile's)")
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS, help="a subset, to split a run over processes")
     parser.add_argument("--steps", type=int, help="override the profile's S")
+    parser.add_argument("--lr", type=float, help="override the profile's peak learning rate")
     parser.add_argument("--ablation-ratios", type=float, nargs="*", help="override the profile's ablation ratios")
     parser.add_argument(
         "--form", choices=[name for name, options in ABLATIONS.items() if set(options) <= STRUCTURE_OPTIONS],
@@ -124,6 +125,8 @@ def main() -> int:
     profile = dict(PROFILES["quick" if args.quick else "full"])
     if args.steps:
         profile["steps"] = args.steps
+    if args.lr:
+        profile["lr"] = args.lr
     if args.ablation_ratios is not None:
         profile["ablation_ratios"] = tuple(args.ablation_ratios)
     output = Path(args.output)

@@ -24,7 +24,7 @@ from tunecomp_fx.progress import progress_bar
 from tunecomp_fx.train import DEFAULT_RANK_SLACK, TRAINING_KEY
 
 DIGITS_RUN = ["cli_models:two_layer", "--ratio", "0.5", "--data", "digits", "--eval-data", "digits", "--steps", "3", "--blend-mix", "power",
-             "--lr-decay", "cosine_after_blend"]  # fmt: skip
+             "--lr-decay", "cosine"]  # fmt: skip
 UNION_RUN = ["cli_models:two_layer", "--ratio", "0.5", "--method", "union", "--data", "cli_models:digits_batches", "--steps", "2"]
 
 # (arguments after `compress`, exit code, text of the one line expected on stderr)
@@ -125,7 +125,7 @@ def test_compress_with_data_trains_and_writes_history_and_plots(runs) -> None:
     report = json.loads((output / "report.json").read_text())
     training = report["training"]
     assert training["config"]["steps"] == 3 and training["config"]["blend_mix"] == "power" and training["metric"] == "accuracy"
-    assert training["config"]["lr_decay"] == "cosine_after_blend"
+    assert training["config"]["lr_decay"] == "cosine"
     assert training["data"].startswith("digits (8x8 digits (scikit-learn), train split, 1,258 examples)")
     assert "validation split, 180 examples" in training["eval_data"]
     history = training["history"]

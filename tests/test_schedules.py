@@ -66,7 +66,7 @@ def test_distillation_weight_decays_to_zero_with_the_blend() -> None:
 
 
 def test_learning_rate_warms_up_then_decays() -> None:
-    schedules = TrainingConfig(steps=100, warmup=10, blend_steps=0.5).schedules(100)
+    schedules = TrainingConfig(steps=100, warmup=10, blend_steps=0.5, lr_decay="cosine").schedules(100)
     factors = [schedules.lr_factor(t) for t in range(100)]
     assert factors[:10] == sorted(factors[:10]) and factors[0] < 0.2
     assert factors[10] == 1.0
@@ -76,9 +76,9 @@ def test_learning_rate_warms_up_then_decays() -> None:
     assert {constant.lr_factor(t) for t in range(100)} == {1.0}
 
 
-def test_cosine_after_blend_holds_the_peak_through_the_blend_then_decays_over_the_rest() -> None:
-    held = TrainingConfig(steps=100, warmup=10, blend_steps=40, lr_decay="cosine_after_blend").schedules(100)
-    plain = TrainingConfig(steps=100, warmup=10, blend_steps=40).schedules(100)
+def test_the_default_learning_rate_holds_the_peak_through_the_blend_then_decays_over_the_rest() -> None:
+    held = TrainingConfig(steps=100, warmup=10, blend_steps=40).schedules(100)
+    plain = TrainingConfig(steps=100, warmup=10, blend_steps=40, lr_decay="cosine").schedules(100)
     factors = [held.lr_factor(t) for t in range(100)]
     assert factors[:10] == [plain.lr_factor(t) for t in range(10)]
     assert factors[10:41] == [1.0] * 31
@@ -86,7 +86,7 @@ def test_cosine_after_blend_holds_the_peak_through_the_blend_then_decays_over_th
     # the cosine over the 60 steps after the blend: halfway down at step 70
     assert factors[70] == pytest.approx(0.5) and factors[-1] < 0.01
     # without a blend (a fine-tune) it is the plain cosine
-    no_blend = TrainingConfig(steps=100, warmup=10, blend_steps=0, lr_decay="cosine_after_blend").schedules(100)
+    no_blend = TrainingConfig(steps=100, warmup=10, blend_steps=0).schedules(100)
     assert [no_blend.lr_factor(t) for t in range(100)] == [plain.lr_factor(t) for t in range(100)]
 
 

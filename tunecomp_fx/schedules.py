@@ -11,10 +11,10 @@ distributed rank compute the same values from the step alone).
 - pruning progress: the same curve over its own length (by default the blend's), on which the
   students shrink from their slack rank to the budget; with a longer one they go on shrinking
   after the teachers have left.
-- learning rate: linear warm-up, then cosine or linear decay to 0 (or constant); or
-  "cosine_after_blend": held at its peak through the blend, then a cosine to 0 over the steps the
-  students train alone, so the compact model gets a whole decay of its own, as it does when it is
-  fine-tuned after compression.
+- learning rate: linear warm-up, then "cosine_after_blend" (TrainingConfig's default): held at its
+  peak through the blend, then a cosine to 0 over the steps the students train alone, so the compact
+  model gets a whole decay of its own, as it does when it is fine-tuned after compression; or a
+  cosine or linear decay to 0 over the whole run (or constant).
 """
 
 from __future__ import annotations

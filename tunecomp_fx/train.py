@@ -85,8 +85,10 @@ class TrainingConfig:
 
     steps / epochs: length of the run in optimizer steps, or in passes over the data (one of them).
     lr, weight_decay: AdamW (no decay on biases and norms); warmup: steps (int) or fraction of the
-        run (float); lr_decay: "cosine", "linear" or "constant" after warm-up, or "cosine_after_blend"
-        (the peak held through the blend, then a cosine over the steps the students train alone).
+        run (float); lr_decay: "cosine_after_blend" (the default: the peak held through the blend,
+        then a cosine over the steps the students train alone, so the compact model gets a decay of
+        its own; at lr 1e-4 it ties or beats the cosine in both MiniLM profiles, at 2e-4 on batches
+        of 16 it loses, benchmarks/README.md), or "cosine", "linear" or "constant" over the whole run.
     lr_scale: (pattern, factor) pairs: a trainable parameter whose name matches the fnmatch pattern
         (the first that does) trains at factor x the learning rate, e.g. (("lowrank.words.*", 0.1),)
         for an embedding table's factors (names as `prepare` gives them: `lowrank.<site>.up.weight`;
@@ -128,7 +130,7 @@ class TrainingConfig:
     lr_scale: tuple[tuple[str, float], ...] = ()
     weight_decay: float = 0.01
     warmup: int | float = 0.05
-    lr_decay: str = "cosine"
+    lr_decay: str = "cosine_after_blend"
     accumulate: int = 1
     max_grad_norm: float | None = 1.0
     blend: str = "sin"
