@@ -1,6 +1,7 @@
 """What compress_embeddings buys on MiniLM: the demo's joint run (Rotten Tomatoes, 240 steps of batch
-16, 32 tokens; the demo's recipe until 2026-12-07, lr 2e-4 and the cosine over the whole run) with the linear layers alone compressed, with the word embedding table (30522 x 384,
-half the model's parameters) compressed too at the same ratio, with it at the ratio that keeps as
+16, 32 tokens; the demo's recipe until 2026-12-07, lr 2e-4 and the cosine over the whole run) with
+the linear layers alone compressed, with the word embedding table (30522 x 384, half the model's
+parameters) compressed too at the same ratio, with it at the ratio that keeps as
 many parameters as the first, and both forms at the same ratio with each student pruned to its own
 allocated rank (rank_selection="site"; the default "global" moves ranks between the linear sites,
 the tables keep their own schedule). Test accuracy, parameters, MACs and ONNX Runtime latency against the

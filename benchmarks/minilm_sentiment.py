@@ -123,9 +123,9 @@ def main() -> int:
     parser.add_argument("--output", default="benchmarks/results/minilm_sentiment")
     args = parser.parse_args()
     profile = dict(PROFILES["quick" if args.quick else "full"])
-    if args.steps:
+    if args.steps is not None:
         profile["steps"] = args.steps
-    if args.lr:
+    if args.lr is not None:
         profile["lr"] = args.lr
     if args.ablation_ratios is not None:
         profile["ablation_ratios"] = tuple(args.ablation_ratios)

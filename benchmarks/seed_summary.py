@@ -21,9 +21,8 @@ default added to its label (joint[T=0.25,blend_mix=power]), so that it is not ta
 ablation under the fixed configuration. The fixed configuration's learning rate follows a cosine
 after the warm-up: a run made where lr_decay defaults to "cosine_after_blend" (today's default since
 2026-12-07, and the quick runs of summary_quick_lr_decay.md) labels its default joint run
-joint[lr_decay=cosine_after_blend,...], as
-the ablation of that name is labelled under the cosine, and its ablation lr_decay=cosine as the
-cosine's default run.
+joint[lr_decay=cosine_after_blend,...], as the ablation of that name is labelled under the cosine,
+and its ablation lr_decay=cosine as the cosine's default run.
 The fixed configuration blends over half the run; a run whose recipe leaves blend_steps to the
 ratio (None: min(ratio, 0.5)) is labelled T=0.3 at ratio 0.3, the same label as that ablation under
 the fixed blend. The ft_c_ft rows of a run made before its second fine-tune continued the data (no
@@ -113,8 +112,8 @@ def main() -> int:
     source: dict[tuple[str, float, int], str] = {}  # the command behind each cell
     for run in runs:
         seed = run["recipe"].get("seed", 0)
+        recipe = ", ".join(f"{key}={run['profile'][key]:g}" for key in differing)
         for row in run["rows"]:
-            recipe = ", ".join(f"{key}={run['profile'][key]:g}" for key in differing)
             key = (label(row["method"], run, row["ratio"]) + (f" @ {recipe}" if recipe else ""), row["ratio"])
             value = 100 * row["accuracy"]
             # one configuration run twice on a seed (the uncompressed model in several runs) must agree
