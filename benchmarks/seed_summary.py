@@ -101,13 +101,13 @@ def main() -> int:
     args = parser.parse_args()
     references: list[str] = args.reference or ["ft_c_ft"]
     runs = [json.loads((folder / "results.json").read_text()) for folder in args.runs]
-    recipes = {tuple(run["profile"][key] for key in RECIPE_KEYS) for run in runs}
-    if len(recipes) > 1 and not args.across_recipes:
+    differing = [key for key in RECIPE_KEYS if len({run["profile"][key] for run in runs}) > 1]
+    if differing and not args.across_recipes:
+        recipes = sorted({tuple(run["profile"][key] for key in RECIPE_KEYS) for run in runs})
         raise SystemExit(
-            f"the runs differ in {RECIPE_KEYS}: {sorted(recipes)}; their accuracies are not comparable "
+            f"the runs differ in {RECIPE_KEYS}: {recipes}; their accuracies are not comparable "
             "(--across-recipes labels each row with its recipe)"
         )
-    differing = [key for key in RECIPE_KEYS if len({run["profile"][key] for run in runs}) > 1]
     accuracy: dict[tuple[str, float], dict[int, float]] = defaultdict(dict)
     source: dict[tuple[str, float, int], str] = {}  # the command behind each cell
     for run in runs:
