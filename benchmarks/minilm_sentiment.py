@@ -112,6 +112,11 @@ def main() -> int:
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS, help="a subset, to split a run over processes")
     parser.add_argument("--steps", type=int, help="override the profile's S")
     parser.add_argument("--lr", type=float, help="override the profile's peak learning rate")
+    parser.add_argument(
+        "--lr-hold", type=float, metavar="F",
+        help="hold the peak learning rate for this fraction of every method's run, fine-tunes included "
+        "(TrainingConfig.lr_hold; default: through the blend, no hold in a fine-tune); rows are labelled [lr_hold=F]",
+    )  # fmt: skip
     parser.add_argument("--ablation-ratios", type=float, nargs="*", help="override the profile's ablation ratios")
     parser.add_argument(
         "--form", choices=[name for name, options in ABLATIONS.items() if set(options) <= STRUCTURE_OPTIONS],
@@ -137,7 +142,7 @@ def main() -> int:
     task.example = {name: value.to(args.device) for name, value in task.example.items()}
     task.calibration = [{name: value.to(args.device) for name, value in batch.items()} for batch in task.calibration]
     steps = profile["steps"]
-    recipe = TrainingConfig(steps=steps, lr=profile["lr"], seed=args.seed)
+    recipe = TrainingConfig(steps=steps, lr=profile["lr"], lr_hold=args.lr_hold, seed=args.seed)
     half = dataclasses.replace(recipe, steps=steps // 2)
     results: dict[str, Any] = {
         "command": " ".join(["python", *sys.argv]),
@@ -173,8 +178,12 @@ def main() -> int:
 
     form = ABLATIONS[args.form] if args.form else {}
 
-    def named(method: str) -> str:
-        return f"{method}[{args.form}]" if args.form else method
+    def named(method: str, ablation: str | None = None) -> str:
+        """The row label: `method` with what this run changes for it in brackets. The form does not
+        change ft; an ablation row names its ablation, not the form (as the stored runs do)."""
+        changed = [ablation] if ablation else [args.form] if args.form and method != "ft" else []
+        changed += [f"lr_hold={args.lr_hold:g}"] if args.lr_hold is not None else []
+        return f"{method}[{','.join(changed)}]" if changed else method
 
     def squeeze(model: torch.nn.Module, ratio: float) -> torch.nn.Module:
         return compress(model, task.example, ratio, calib=task.calibration, **form)
@@ -193,7 +202,7 @@ def main() -> int:
     methods = set(args.methods)
     if methods & {"ft", "ft_svd"}:
         ft, seconds = timed(finetune, copy.deepcopy(task.model), task.train, recipe, desc="ft")
-        record("ft", 0.0, ft, seconds)
+        record(named("ft"), 0.0, ft, seconds)
     if "ft_c_ft" in methods:
         task.train.generator.manual_seed(args.seed)
         second_half = ContinuedData(task.train, start=half.steps)  # not the first half's batches again
@@ -222,7 +231,7 @@ def main() -> int:
     for ratio in profile["ablation_ratios"]:
         for name in args.ablations if args.ablations is not None else profile["ablations"]:
             model, more = timed(joint, ratio, **ABLATIONS[name])
-            record(f"joint[{name}]", ratio, model, more)
+            record(named("joint", name), ratio, model, more)
             write_table(results, output)
     write_table(results, output)
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -117,3 +118,14 @@ def test_lr_scale_sets_the_step_of_the_parameters_it_names() -> None:
     starts = dict(start.named_parameters())
     moves = {name: float((p - starts[name]).detach().abs().median()) for name, p in model.named_parameters()}
     assert moves == pytest.approx({"0.weight": 1e-3, "0.bias": 1e-3, "2.weight": 1e-2, "2.bias": 1e-2, "4.weight": 1e-2, "4.bias": 3e-2}, rel=1e-3)
+
+
+def test_finetune_holds_the_peak_for_lr_hold_before_the_decay(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = fresh("mlp")  # trained on the digits first: before the learning rates are recorded
+    rates: list[float] = []
+    module = sys.modules[finetune.__module__]
+    original = module.set_learning_rate
+    monkeypatch.setattr(module, "set_learning_rate", lambda optimizer, lr: (rates.append(lr), original(optimizer, lr)))
+    finetune(model, _loader(), TrainingConfig(steps=8, lr=1e-2, warmup=0, lr_hold=0.5), progress=False)
+    assert rates[:5] == [1e-2] * 5  # steps 0-4: the hold covers the first half, the cosine starts at 1e-2
+    assert rates[4] > rates[5] > rates[6] > rates[7] > 0

@@ -90,6 +90,27 @@ def test_the_default_learning_rate_holds_the_peak_through_the_blend_then_decays_
     assert [no_blend.lr_factor(t) for t in range(100)] == [plain.lr_factor(t) for t in range(100)]
 
 
+@pytest.mark.parametrize("lr_decay", ["cosine", "linear", "cosine_after_blend"])
+def test_lr_hold_holds_the_peak_for_its_length_whatever_the_blend(lr_decay: str) -> None:
+    held = TrainingConfig(steps=100, warmup=10, blend_steps=20, lr_decay=lr_decay, lr_hold=0.5).schedules(100)
+    factors = [held.lr_factor(t) for t in range(100)]
+    assert factors[10:51] == [1.0] * 41
+    assert all(a > b for a, b in zip(factors[50:], factors[51:]))
+    # a fine-tune (no blend) holding as long as a blend gets the default joint run's schedule exactly
+    fine_tune = TrainingConfig(steps=100, warmup=10, blend_steps=0, lr_decay=lr_decay, lr_hold=40).schedules(100)
+    joint = TrainingConfig(steps=100, warmup=10, blend_steps=40).schedules(100)
+    if lr_decay != "linear":
+        assert [fine_tune.lr_factor(t) for t in range(100)] == [joint.lr_factor(t) for t in range(100)]
+
+
+def test_lr_hold_0_makes_the_default_schedule_the_plain_cosine_and_a_hold_past_the_run_is_refused() -> None:
+    unheld = TrainingConfig(steps=100, warmup=10, blend_steps=40, lr_hold=0).schedules(100)
+    plain = TrainingConfig(steps=100, warmup=10, blend_steps=40, lr_decay="cosine").schedules(100)
+    assert [unheld.lr_factor(t) for t in range(100)] == [plain.lr_factor(t) for t in range(100)]
+    with pytest.raises(ConfigError, match="lr_hold=120 ends at step 120, after the run's 100 steps"):
+        TrainingConfig(steps=100, blend_steps=10, lr_hold=120).schedules(100)
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
@@ -97,6 +118,8 @@ def test_the_default_learning_rate_holds_the_peak_through_the_blend_then_decays_
         ({"steps": 0}, "positive int"),
         ({"blend": "exp"}, "blend='exp'"),
         ({"blend_steps": 1.5}, "fraction of the run"),
+        ({"lr_hold": -1}, "lr_hold must be a step count"),
+        ({"lr_hold": 1.5}, "lr_hold=1.5 as a float is a fraction of the run"),
         ({"rank_selection": "random"}, "rank_selection"),
         ({"lr": 0.0}, "lr must be > 0"),
         ({"accumulate": 0}, "accumulate"),

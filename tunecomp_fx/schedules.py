@@ -11,10 +11,10 @@ distributed rank compute the same values from the step alone).
 - pruning progress: the same curve over its own length (by default the blend's), on which the
   students shrink from their slack rank to the budget; with a longer one they go on shrinking
   after the teachers have left.
-- learning rate: linear warm-up, then "cosine_after_blend" (TrainingConfig's default): held at its
-  peak through the blend, then a cosine to 0 over the steps the students train alone, so the compact
-  model gets a whole decay of its own, as it does when it is fine-tuned after compression; or a
-  cosine or linear decay to 0 over the whole run (or constant).
+- learning rate: linear warm-up, then held at its peak for hold_steps, then a cosine or linear decay
+  to 0 over the rest of the run (or constant). Under "cosine_after_blend" (TrainingConfig's default)
+  the hold lasts the blend, so the compact model gets a whole decay of its own, as it does when it
+  is fine-tuned after compression.
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ class Schedules:
     prune_steps: int
     mix: str
     warmup_steps: int
+    hold_steps: int
     lr_decay: str
     distill_weight: float
 
@@ -101,7 +102,7 @@ class Schedules:
             return (step + 1) / (self.warmup_steps + 1)
         if self.lr_decay == "constant":
             return 1.0
-        start = max(self.warmup_steps, self.blend_steps) if self.lr_decay == "cosine_after_blend" else self.warmup_steps
+        start = max(self.warmup_steps, self.hold_steps)
         if step < start:
             return 1.0
         span = max(self.total - start, 1)

@@ -88,7 +88,11 @@ class TrainingConfig:
         run (float); lr_decay: "cosine_after_blend" (the default: the peak held through the blend,
         then a cosine over the steps the students train alone, so the compact model gets a decay of
         its own; at lr 1e-4 it ties or beats the cosine in both MiniLM profiles, at 2e-4 on batches
-        of 16 it loses, benchmarks/README.md), or "cosine", "linear" or "constant" over the whole run.
+        of 16 it loses, benchmarks/README.md), or "cosine", "linear" or "constant" over the whole run;
+        lr_hold: how long the peak is held after the warm-up before the decay starts, in steps (int)
+        or as a fraction of the run (float); None (the default): the blend's length under
+        "cosine_after_blend", no hold otherwise. It applies to `finetune` too, which has no blend, so
+        a fine-tune can get the default joint run's learning rate schedule.
     lr_scale: (pattern, factor) pairs: a trainable parameter whose name matches the fnmatch pattern
         (the first that does) trains at factor x the learning rate, e.g. (("lowrank.words.*", 0.1),)
         for an embedding table's factors (names as `prepare` gives them: `lowrank.<site>.up.weight`;
@@ -131,6 +135,7 @@ class TrainingConfig:
     weight_decay: float = 0.01
     warmup: int | float = 0.05
     lr_decay: str = "cosine_after_blend"
+    lr_hold: int | float | None = None
     accumulate: int = 1
     max_grad_norm: float | None = 1.0
     blend: str = "sin"
@@ -154,7 +159,7 @@ class TrainingConfig:
             raise ConfigError(f"steps must be a positive int; got {self.steps!r}")
         if self.epochs is not None and not self.epochs > 0:
             raise ConfigError(f"epochs must be > 0; got {self.epochs!r}")
-        for name in ("warmup", "blend_steps", "prune_steps"):
+        for name in ("warmup", "lr_hold", "blend_steps", "prune_steps"):
             value = getattr(self, name)
             if value is None and name != "warmup":
                 continue
@@ -192,6 +197,10 @@ class TrainingConfig:
         blend_steps = steps_of(self.blend_steps, total)
         prune_steps = blend_steps if self.prune_steps is None else steps_of(self.prune_steps, total)
         warmup_steps = steps_of(self.warmup, total)
+        if self.lr_hold is not None:
+            hold_steps = steps_of(self.lr_hold, total)
+        else:
+            hold_steps = blend_steps if self.lr_decay == "cosine_after_blend" else 0
         if blend_steps > total:
             raise ConfigError(
                 f"blend_steps={self.blend_steps} ends at step {blend_steps}, after the run's {total} steps; "
@@ -204,8 +213,14 @@ class TrainingConfig:
             )
         if warmup_steps >= total:
             raise ConfigError(f"warmup={self.warmup} covers the whole run of {total} steps")
+        if hold_steps > total:
+            raise ConfigError(
+                f"lr_hold={self.lr_hold} ends at step {hold_steps}, after the run's {total} steps "
+                "(use a fraction <= 1 or fewer steps; lr_decay='constant' never decays)"
+            )
         return Schedules(
-            total, self.blend, blend_steps, prune_steps, self.blend_mix, warmup_steps, self.lr_decay, self.distill_weight
+            total, self.blend, blend_steps, prune_steps, self.blend_mix, warmup_steps, hold_steps, self.lr_decay,
+            self.distill_weight,
         )
 
     def to_dict(self) -> dict[str, Any]:
