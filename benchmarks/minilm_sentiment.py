@@ -40,6 +40,7 @@ import torch
 
 from tunecomp_fx import TrainingConfig, compress, get_report
 from tunecomp_fx.batches import ContinuedData
+from tunecomp_fx.errors import ConfigError
 from tunecomp_fx.finetune import evaluate, finetune
 from tunecomp_fx.metrics import count_macs, count_parameters
 from tunecomp_fx.sentiment import onnx_latency, sentiment_task
@@ -108,7 +109,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the 2-core CPU profile")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.7, 0.3], help="in the order run")
-    parser.add_argument("--ablations", nargs="*", default=None, help=f"subset of {list(ABLATIONS)} (default: the profile's)")
+    parser.add_argument(
+        "--ablations", nargs="*", choices=list(ABLATIONS), metavar="NAME", help=f"subset of {list(ABLATIONS)} (default: the profile's)"
+    )
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS, help="a subset, to split a run over processes")
     parser.add_argument("--steps", type=int, help="override the profile's S")
     parser.add_argument("--lr", type=float, help="override the profile's peak learning rate")
@@ -134,6 +137,11 @@ def main() -> int:
         profile["lr"] = args.lr
     if args.ablation_ratios is not None:
         profile["ablation_ratios"] = tuple(args.ablation_ratios)
+    steps = profile["steps"]
+    try:  # before the model loads: a bad option is one line, not a traceback minutes in
+        recipe = TrainingConfig(steps=steps, lr=profile["lr"], lr_hold=args.lr_hold, seed=args.seed)
+    except ConfigError as error:
+        parser.error(str(error))
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(torch.get_num_threads())
@@ -141,8 +149,6 @@ def main() -> int:
     task.model.to(args.device)
     task.example = {name: value.to(args.device) for name, value in task.example.items()}
     task.calibration = [{name: value.to(args.device) for name, value in batch.items()} for batch in task.calibration]
-    steps = profile["steps"]
-    recipe = TrainingConfig(steps=steps, lr=profile["lr"], lr_hold=args.lr_hold, seed=args.seed)
     half = dataclasses.replace(recipe, steps=steps // 2)
     results: dict[str, Any] = {
         "command": " ".join(["python", *sys.argv]),
