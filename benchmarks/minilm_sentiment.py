@@ -117,7 +117,7 @@ def main() -> int:
     parser.add_argument("--lr", type=float, help="override the profile's peak learning rate")
     parser.add_argument(
         "--lr-hold", type=float, metavar="F",
-        help="hold the peak learning rate for this fraction of every method's run, fine-tunes included "
+        help="hold the peak learning rate until this fraction of every method's run, fine-tunes included "
         "(TrainingConfig.lr_hold; default: through the blend, no hold in a fine-tune); rows are labelled [lr_hold=F]",
     )  # fmt: skip
     parser.add_argument("--ablation-ratios", type=float, nargs="*", help="override the profile's ablation ratios")

@@ -89,9 +89,9 @@ class TrainingConfig:
         then a cosine over the steps the students train alone, so the compact model gets a decay of
         its own; at lr 1e-4 it ties or beats the cosine in both MiniLM profiles, at 2e-4 on batches
         of 16 it loses, benchmarks/README.md), or "cosine", "linear" or "constant" over the whole run;
-        lr_hold: how long the peak is held after the warm-up before the decay starts, in steps (int)
-        or as a fraction of the run (float); None (the default): the blend's length under
-        "cosine_after_blend", no hold otherwise. It applies to `finetune` too, which has no blend, so
+        lr_hold: until when the peak is held before the decay starts, a step (int) or a fraction of
+        the run (float), counted from the start (the warm-up inside it); None (the default): the
+        end of the blend under "cosine_after_blend", no hold otherwise. It applies to `finetune` too, which has no blend, so
         a fine-tune can get the default joint run's learning rate schedule.
     lr_scale: (pattern, factor) pairs: a trainable parameter whose name matches the fnmatch pattern
         (the first that does) trains at factor x the learning rate, e.g. (("lowrank.words.*", 0.1),)
