@@ -127,5 +127,5 @@ def test_finetune_holds_the_peak_for_lr_hold_before_the_decay(monkeypatch: pytes
     original = module.set_learning_rate
     monkeypatch.setattr(module, "set_learning_rate", lambda optimizer, lr: (rates.append(lr), original(optimizer, lr)))
     finetune(model, _loader(), TrainingConfig(steps=8, lr=1e-2, warmup=0, lr_hold=0.5), progress=False)
-    assert rates[:5] == [1e-2] * 5  # steps 0-4: the hold covers the first half, the cosine starts at 1e-2
+    assert rates[:5] == [1e-2] * 5  # steps 0-3 held (the first half), then the cosine, from the peak at step 4
     assert rates[4] > rates[5] > rates[6] > rates[7] > 0

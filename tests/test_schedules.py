@@ -91,7 +91,7 @@ def test_the_default_learning_rate_holds_the_peak_through_the_blend_then_decays_
 
 
 @pytest.mark.parametrize("lr_decay", ["cosine", "linear", "cosine_after_blend"])
-def test_lr_hold_holds_the_peak_for_its_length_whatever_the_blend(lr_decay: str) -> None:
+def test_lr_hold_holds_the_peak_until_its_step_under_every_decay(lr_decay: str) -> None:
     held = TrainingConfig(steps=100, warmup=10, blend_steps=20, lr_decay=lr_decay, lr_hold=0.5).schedules(100)
     factors = [held.lr_factor(t) for t in range(100)]
     assert factors[10:51] == [1.0] * 41
