@@ -91,8 +91,8 @@ class TrainingConfig:
         of 16 it loses, benchmarks/README.md), or "cosine", "linear" or "constant" over the whole run;
         lr_hold: until when the peak is held before the decay starts, a step (int) or a fraction of
         the run (float), counted from the start (the warm-up inside it); None (the default): the
-        end of the blend under "cosine_after_blend", no hold otherwise. It applies to `finetune` too, which has no blend, so
-        a fine-tune can get the default joint run's learning rate schedule.
+        end of the blend under "cosine_after_blend", no hold otherwise. It applies to `finetune`
+        too, which has no blend, so a fine-tune can get the default joint run's learning rate.
     lr_scale: (pattern, factor) pairs: a trainable parameter whose name matches the fnmatch pattern
         (the first that does) trains at factor x the learning rate, e.g. (("lowrank.words.*", 0.1),)
         for an embedding table's factors (names as `prepare` gives them: `lowrank.<site>.up.weight`;
