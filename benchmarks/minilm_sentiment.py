@@ -17,7 +17,7 @@ uses the joint driver's optimizer and schedules):
   joint[...]  ablation variants (one option changed), at the ablation ratios
 --form NAME compresses every method's model with that ablation's compression options (e.g. the width
 pruning prune_neurons=0.5,prune_heads=0.5), so that the sequential pipelines get the same structure as
-joint[NAME]; their rows are then labelled ft_c_ft[NAME] and so on.
+joint[NAME]; their rows are then labelled ft_c_ft[NAME] and so on, an ablation's joint[NAME,ABLATION].
 Test accuracy on the full test split; parameters and MACs from the compression report (MACs for
 one text of max_length tokens); ONNX Runtime latency (1 thread, interleaved) at batch 1 and 32.
 
@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import json
 import sys
 import time
@@ -103,6 +104,16 @@ PROFILES = {
         "ablations": tuple(ABLATIONS),
     },
 }
+
+
+def row_label(method: str, ablation: str | None = None, *, form: str | None, lr_hold: float | None) -> str:
+    """`method` with what the run changes for it in brackets, in the order applied: the form (which
+    does not change ft), the ablation, the held peak. Runs before 2026-12-07 left the form out of an
+    ablation's label (seedN_ratio0.4_tables_allocation_global: joint[allocation=global])."""
+    changed = [form] if form and method != "ft" else []
+    changed += [ablation] if ablation and ablation != form else []
+    changed += [f"lr_hold={lr_hold:g}"] if lr_hold is not None else []
+    return f"{method}[{','.join(changed)}]" if changed else method
 
 
 def main() -> int:
@@ -183,13 +194,7 @@ def main() -> int:
         return value, time.perf_counter() - start
 
     form = ABLATIONS[args.form] if args.form else {}
-
-    def named(method: str, ablation: str | None = None) -> str:
-        """The row label: `method` with what this run changes for it in brackets. The form does not
-        change ft; an ablation row names its ablation, not the form (as the stored runs do)."""
-        changed = [ablation] if ablation else [args.form] if args.form and method != "ft" else []
-        changed += [f"lr_hold={args.lr_hold:g}"] if args.lr_hold is not None else []
-        return f"{method}[{','.join(changed)}]" if changed else method
+    named = functools.partial(row_label, form=args.form, lr_hold=args.lr_hold)
 
     def squeeze(model: torch.nn.Module, ratio: float) -> torch.nn.Module:
         return compress(model, task.example, ratio, calib=task.calibration, **form)
