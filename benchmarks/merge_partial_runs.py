@@ -1,6 +1,7 @@
 """Merge runs of benchmarks/minilm_sentiment.py split over processes (same profile, e.g. with
 --methods or --ablations subsets) into one results.json / results.md / accuracy_vs_params.png.
-A later part's row of the same method and ratio wins.
+A later part's row of the same method and ratio wins. Parts of different profiles, seeds or training
+recipes are refused.
 
     python benchmarks/merge_partial_runs.py OUTPUT PART_FOLDER [PART_FOLDER ...] [--note TEXT]
 """
@@ -17,13 +18,26 @@ sys.path.insert(0, str(Path(__file__).parent))
 from minilm_sentiment import write_table  # noqa: E402
 
 
-RECIPE_KEYS = ("max_length", "batch_size", "steps", "lr")  # what makes rows comparable
+RECIPE_KEYS = ("max_length", "batch_size", "steps", "lr")  # the profile's part of what makes rows comparable
+HARNESS_KEYS = ("default_rank_slack", "ft_c_ft_second_half")  # fixed by the harness's version, not by its options
+
+
+def run_conditions(part: dict[str, Any]) -> dict[str, Any]:
+    """What two parts must share for their rows to sit in one table: the profile's recipe, the training
+    recipe (the seed, the schedule, lr_hold) and what the harness's version fixed."""
+    return {
+        **{key: part["profile"][key] for key in RECIPE_KEYS},
+        **part.get("recipe", {}),
+        **{key: part.get(key) for key in HARNESS_KEYS},
+    }
 
 
 def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    recipes = {tuple(p["profile"][key] for key in RECIPE_KEYS) for p in parts}
-    if len(recipes) > 1:
-        raise SystemExit(f"the parts differ in {RECIPE_KEYS}: {sorted(recipes)}; their rows are not comparable")
+    conditions = [run_conditions(p) for p in parts]
+    differing = sorted({key for c in conditions for key in {*c, *conditions[0]} if c.get(key) != conditions[0].get(key)})
+    if differing:
+        values = "; ".join(f"{key}: {', '.join(repr(c.get(key)) for c in conditions)}" for key in differing)
+        raise SystemExit(f"the parts differ in {values} (in the order given); their rows are not comparable")
     merged = dict(parts[0])
     merged["profile"] = {key: parts[0]["profile"][key] for key in RECIPE_KEYS}  # the parts' run lists differ
     merged["command"] = " ; ".join(dict.fromkeys(c for p in parts for c in p["command"].split(" ; ")))
