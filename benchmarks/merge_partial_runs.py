@@ -34,7 +34,7 @@ def run_conditions(part: dict[str, Any]) -> dict[str, Any]:
 
 def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
     conditions = [run_conditions(p) for p in parts]
-    differing = sorted({key for c in conditions for key in {*c, *conditions[0]} if c.get(key) != conditions[0].get(key)})
+    differing = sorted(key for key in set().union(*conditions) if len({repr(c.get(key)) for c in conditions}) > 1)
     if differing:
         values = "; ".join(f"{key}: {', '.join(repr(c.get(key)) for c in conditions)}" for key in differing)
         raise SystemExit(f"the parts differ in {values} (in the order given); their rows are not comparable")
