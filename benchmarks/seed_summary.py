@@ -45,6 +45,7 @@ RECIPE_KEYS = ("max_length", "batch_size", "steps", "lr")  # what makes runs com
 FIXED_RANK_SLACK = 0.25  # the rank_slack of the configuration labels are relative to
 FIXED_BLEND_STEPS = 0.5  # and its blend length, as a fraction of the run
 FIXED_LR_DECAY = "cosine"  # and its learning rate schedule
+LEVEL = 1e-6  # accuracies in percent: one text of a test set is far more than this
 
 
 def label(method: str, run: dict[str, Any], ratio: float) -> str:
@@ -77,11 +78,15 @@ def seed_cells(values: list[float]) -> str:
     return f"{' / '.join(f'{value:.2f}' for value in values)} | {statistics.mean(values):.2f}"
 
 
-def mean_and_error(values: list[float]) -> str:
-    """Mean, and its standard error when there are two or more values."""
-    if len(values) < 2:
-        return f"{statistics.mean(values):+.2f}" if values else ""
-    return f"{statistics.mean(values):+.2f} ± {statistics.stdev(values) / len(values) ** 0.5:.2f}"
+def mean_and_error(differences: list[float]) -> str:
+    """Mean of paired differences (a row minus its reference), and with two or more their standard
+    error and how many are above zero (ahead) and at zero (level: as many texts right)."""
+    if len(differences) < 2:
+        return f"{statistics.mean(differences):+.2f}" if differences else ""
+    ahead = sum(difference > LEVEL for difference in differences)
+    level = sum(abs(difference) <= LEVEL for difference in differences)
+    count = f"{ahead} of {len(differences)} ahead" + (f", {level} level" if level else "")
+    return f"{statistics.mean(differences):+.2f} ± {statistics.stdev(differences) / len(differences) ** 0.5:.2f} ({count})"
 
 
 def main() -> int:
@@ -131,7 +136,8 @@ def main() -> int:
         f"Runs: {', '.join(run['command'] for run in runs)}",
         "",
         f"Test accuracy (%) per seed; mean over the seeds; paired difference against {' and '.join(references)} at "
-        "the same ratio (or uncompressed) and seed: mean ± standard error over the seeds both have.",
+        "the same ratio (or uncompressed) and seed: mean ± standard error over the seeds both have (how many "
+        "of them ahead, and level).",
         "",
         f"| method | ratio | {' | '.join(f'seed {s}' for s in seeds)} | mean | "
         + " | ".join(f"minus {reference}" for reference in references)

@@ -57,9 +57,9 @@ def test_one_column_of_paired_differences_per_reference(tmp_path: Path) -> None:
     table = rows(output.read_text())
     assert table["method"][-2:] == ["minus c_ft", "minus joint[blend_mix=convex]"]
     # seeds 0 and 1, mean, then the differences: mean ± standard error of the per-seed differences
-    assert table["joint[T=0.1]"] == ["0.5", "81.00", "83.00", "82.00", "+1.00 ± 0.00", "+3.50 ± 0.50"]
-    assert table["joint[blend_mix=convex]"] == ["0.5", "78.00", "79.00", "78.50", "-2.50 ± 0.50", ""]
-    assert table["c_ft"][-2:] == ["", "+2.50 ± 0.50"]
+    assert table["joint[T=0.1]"] == ["0.5", "81.00", "83.00", "82.00", "+1.00 ± 0.00 (2 of 2 ahead)", "+3.50 ± 0.50 (2 of 2 ahead)"]
+    assert table["joint[blend_mix=convex]"] == ["0.5", "78.00", "79.00", "78.50", "-2.50 ± 0.50 (0 of 2 ahead)", ""]
+    assert table["c_ft"][-2:] == ["", "+2.50 ± 0.50 (2 of 2 ahead)"]
 
 
 def test_the_reference_defaults_to_fine_tune_compress_fine_tune(tmp_path: Path) -> None:
@@ -107,7 +107,7 @@ def test_runs_of_different_learning_rates_pair_by_seed_when_asked_with_the_recip
     assert result.returncode == 0, result.stderr
     table = rows(output.read_text())
     assert set(table) == {"method", "ft @ lr=0.0001", "ft @ lr=0.0002"}  # only what differs: lr
-    assert table["ft @ lr=0.0001"][1:] == ["80.00", "81.00", "80.50", "+1.50 ± 0.50"]
+    assert table["ft @ lr=0.0001"][1:] == ["80.00", "81.00", "80.50", "+1.50 ± 0.50 (2 of 2 ahead)"]
 
 
 def test_joint_runs_line_up_across_runs_made_under_different_default_learning_rate_schedules(tmp_path: Path) -> None:
@@ -120,7 +120,7 @@ def test_joint_runs_line_up_across_runs_made_under_different_default_learning_ra
     table = rows(output.read_text())
     assert set(table) == {"method", "joint[blend_mix=convex]", "joint[lr_decay=cosine_after_blend]"}
     assert table["joint[blend_mix=convex]"][1:4] == ["80.00", "81.00", "80.50"]
-    assert table["joint[lr_decay=cosine_after_blend]"][1:] == ["82.00", "83.00", "82.50", "+2.00 ± 0.00"]
+    assert table["joint[lr_decay=cosine_after_blend]"][1:] == ["82.00", "83.00", "82.50", "+2.00 ± 0.00 (2 of 2 ahead)"]
 
 
 def test_one_configuration_with_two_different_results_on_a_seed_is_refused(tmp_path: Path) -> None:
@@ -134,3 +134,16 @@ def test_one_configuration_with_two_different_results_on_a_seed_is_refused(tmp_p
     result = summarize(tmp_path / "differ.md", *differ)
     assert result.returncode != 0 and not (tmp_path / "differ.md").exists()
     assert "joint[blend_mix=convex] at 0.5, seed 0, differs between two runs" in result.stderr
+
+
+def test_paired_differences_count_the_seeds_ahead_and_level(tmp_path: Path) -> None:
+    # 1,275 test texts: accuracies as the harness writes them, k / 1275
+    runs = [
+        write_run(tmp_path / f"s{seed}", seed, {"c_ft": c_ft / 1275, "joint": joint / 1275})
+        for seed, (c_ft, joint) in enumerate(((1070, 1074), (1070, 1070), (1075, 1071)))
+    ]
+    output = tmp_path / "summary.md"
+    assert summarize(output, *runs, "--reference", "c_ft").returncode == 0
+    difference = rows(output.read_text())["joint[blend_mix=convex]"][-1]
+    assert difference.endswith("(1 of 3 ahead, 1 level)"), difference
+    assert difference.startswith("+0.00 ± 0.")
