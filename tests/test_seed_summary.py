@@ -4,10 +4,13 @@ labels of joint runs, and the refusal to mix runs of different recipes."""
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 SCRIPT = Path(__file__).parent.parent / "benchmarks" / "seed_summary.py"
 PROFILE = {"max_length": 64, "batch_size": 32, "steps": 600, "lr": 1e-4}
@@ -147,3 +150,29 @@ def test_paired_differences_count_the_seeds_ahead_and_level(tmp_path: Path) -> N
     difference = rows(output.read_text())["joint[blend_mix=convex]"][-1]
     assert difference.endswith("(1 of 3 ahead, 1 level)"), difference
     assert difference.startswith("+0.00 ± 0.")
+
+
+REPOSITORY = SCRIPT.parent.parent
+STORED_SUMMARIES = sorted(
+    path
+    for path in (REPOSITORY / "benchmarks" / "results").rglob("summary*.md")
+    if path.read_text().startswith("Command: `python benchmarks/seed_summary.py ")
+)
+
+
+def test_stored_summaries_are_found() -> None:
+    assert len(STORED_SUMMARIES) >= 50  # the glob below must not go silently empty
+
+
+@pytest.mark.parametrize("stored", STORED_SUMMARIES, ids=lambda path: str(path.relative_to(REPOSITORY / "benchmarks" / "results")))
+def test_each_stored_summary_is_what_its_own_command_writes_today(stored: Path, tmp_path: Path) -> None:
+    # a summary whose command writes another table (a label or a rule changed since) cannot be reproduced
+    first_line, _, body = stored.read_text().partition("\n")
+    arguments = shlex.split(first_line.removeprefix("Command: `python ").removesuffix("`"))
+    assert arguments[:2] == ["benchmarks/seed_summary.py", str(stored.relative_to(REPOSITORY))]
+    output = tmp_path / "summary.md"
+    result = subprocess.run(
+        [sys.executable, *arguments[:1], str(output), *arguments[2:]], capture_output=True, text=True, cwd=REPOSITORY
+    )
+    assert result.returncode == 0, result.stderr
+    assert output.read_text().partition("\n")[2] == body
