@@ -1,5 +1,6 @@
 """benchmarks/seed_summary.py on hand-made run folders: paired differences per reference column, the
-labels of joint runs, and the refusal to mix runs of different recipes."""
+labels of joint runs, and the refusal to mix runs of different recipes; and every summary stored under
+benchmarks/results is what its own command writes today."""
 
 from __future__ import annotations
 
