@@ -40,8 +40,8 @@ def write_run(
     return folder
 
 
-def summarize(*arguments: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, arguments)], capture_output=True, text=True)
+def summarize(*arguments: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, arguments)], capture_output=True, text=True, cwd=cwd)
 
 
 def rows(markdown: str) -> dict[str, list[str]]:
@@ -172,8 +172,6 @@ def test_each_stored_summary_is_what_its_own_command_writes_today(stored: Path, 
     arguments = shlex.split(first_line.removeprefix("Command: `python ").removesuffix("`"))
     assert arguments[:2] == ["benchmarks/seed_summary.py", str(stored.relative_to(REPOSITORY))]
     output = tmp_path / "summary.md"
-    result = subprocess.run(
-        [sys.executable, *arguments[:1], str(output), *arguments[2:]], capture_output=True, text=True, cwd=REPOSITORY
-    )
+    result = summarize(output, *arguments[2:], cwd=REPOSITORY)  # the run folders are relative to the repository
     assert result.returncode == 0, result.stderr
     assert output.read_text().partition("\n")[2] == body
