@@ -8,6 +8,9 @@ uses the joint driver's optimizer and schedules):
   ft_c_ft     fine-tune S/2, compress, fine-tune the compact model S/2 on the batches ft sees in its
               second half (the issue's "strongest sequential"; on MiniLM c_ft and ft_svd are as
               strong or stronger at 0.3 and 0.5)
+  ft_joint    fine-tune S/2 (ft_c_ft's first half), then joint on that fine-tuned model for S/2 on the
+              same second-half batches: its teachers, calibration and width importances are the
+              fine-tuned model's
   c_ft        compress the pretrained model, fine-tune the compact model S
   joint       tunecomp_fx.compress(..., data=train, steps=S) with the default TrainingConfig
   union       tunecomp_fx.compress(..., method="union", data=train, steps=S): core-only training
@@ -92,7 +95,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 }
 TRAINING_OPTIONS = {field.name for field in dataclasses.fields(TrainingConfig)}
 STRUCTURE_OPTIONS = {"init", "allocation", "prune_neurons", "prune_heads", "rank_multiple", "compress_embeddings"}  # what --form may set
-METHODS = ("ft", "joint", "ft_c_ft", "ft_svd", "c_ft", "union")
+METHODS = ("ft", "joint", "ft_c_ft", "ft_joint", "ft_svd", "c_ft", "union")
 UNION_LR_FACTOR = 3.0
 PROFILES = {
     "quick": {
@@ -199,22 +202,25 @@ def main() -> int:
     def squeeze(model: torch.nn.Module, ratio: float) -> torch.nn.Module:
         return compress(model, task.example, ratio, calib=task.calibration, **form)
 
-    def joint(ratio: float, **options: Any) -> torch.nn.Module:
+    def joint(
+        ratio: float, start: torch.nn.Module = task.model, data: Any = task.train, schedule: TrainingConfig = recipe,
+        **options: Any,
+    ) -> torch.nn.Module:
         options = {**form, **options}
         training = {k: v for k, v in options.items() if k in TRAINING_OPTIONS}
         compression = {k: v for k, v in options.items() if k not in training}
         if compression.get("method") != "union":  # union calibrates on labelled training batches
             compression["calib"] = task.calibration
         return compress(
-            task.model, task.example, ratio, data=task.train, progress=True, device=args.device,
-            training=dataclasses.replace(recipe, **training), **compression,
+            start, task.example, ratio, data=data, progress=True, device=args.device,
+            training=dataclasses.replace(schedule, **training), **compression,
         )
 
     methods = set(args.methods)
     if methods & {"ft", "ft_svd"}:
         ft, seconds = timed(finetune, copy.deepcopy(task.model), task.train, recipe, desc="ft")
         record(named("ft"), 0.0, ft, seconds)
-    if "ft_c_ft" in methods:
+    if methods & {"ft_c_ft", "ft_joint"}:
         task.train.generator.manual_seed(args.seed)
         second_half = ContinuedData(task.train, start=half.steps)  # not the first half's batches again
         ft_half, half_seconds = timed(finetune, copy.deepcopy(task.model), task.train, half, desc="ft S/2")
@@ -226,6 +232,9 @@ def main() -> int:
         if "ft_c_ft" in methods:
             compact[f"ft_c_ft@{ratio}"], more = timed(finetune, squeeze(ft_half, ratio), second_half, half, desc=f"ft_c_ft {ratio}")
             record(named("ft_c_ft"), ratio, compact[f"ft_c_ft@{ratio}"], half_seconds + more)
+        if "ft_joint" in methods:
+            compact[f"ft_joint@{ratio}"], more = timed(joint, ratio, start=ft_half, data=second_half, schedule=half)
+            record(named("ft_joint"), ratio, compact[f"ft_joint@{ratio}"], half_seconds + more)
         if "ft" in methods:  # latency right after each ratio, so that a run cut short has it for the ratios done
             latency = onnx_latency({"ft": ft, **compact}, task.example, output / "onnx", baseline="ft", repeats=profile["repeats"])
             results.setdefault("latency", {}).update({f"{label}|{ratio}": t for label, t in latency.items()})

@@ -30,6 +30,7 @@ def harness() -> ModuleType:
         ("c_ft", None, None, 0.5, "c_ft[lr_hold=0.5]"),
         ("ft", None, "prune_heads=0.5", None, "ft"),  # the form compresses, ft compresses nothing
         ("ft_c_ft", None, "prune_heads=0.5", None, "ft_c_ft[prune_heads=0.5]"),
+        ("ft_joint", None, "prune_heads=0.5", 0.5, "ft_joint[prune_heads=0.5,lr_hold=0.5]"),
         ("joint", "T=0.25", None, None, "joint[T=0.25]"),
         # the form applies to an ablation's run too, so its label says so
         ("joint", "allocation=global", "compress_embeddings", None, "joint[compress_embeddings,allocation=global]"),
